@@ -1,0 +1,57 @@
+"""The three kinds of error kvmmem raises.
+
+* :class:`KernelError` - a modelled kernel call failed the way the kernel
+  fails it.  It carries the errno *name* (``"EINVAL"``, ``"EEXIST"``, ...)
+  exactly as the kernel would return it, and the call changed nothing.
+* :class:`InputError` - the user handed kvmmem something it cannot use (a
+  bad scenario file, CLI argument or API argument of the wrong type).  The
+  message names what is wrong and where.
+* :class:`ValidationError` - an invariant of DESIGN.md does not hold.  Raised
+  only by ``validate_*`` functions, never by the fast paths.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class KvmmemError(Exception):
+    """Base of every error kvmmem raises on purpose."""
+
+
+class KernelError(KvmmemError):
+    """A modelled kernel operation failed with ``errno`` (its name).
+
+    The operation left the model unchanged.  ``str()`` reads like
+    ``munmap(0x7f0000001000, 0x1000): EINVAL (address not page aligned)``.
+    """
+
+    def __init__(self, errno: str, call: str, reason: str = "") -> None:
+        if not hasattr(_errno, errno):
+            raise ValueError(f"unknown errno name {errno!r}")
+        self.errno = errno
+        self.call = call
+        self.reason = reason
+        text = f"{call}: {errno}"
+        if reason:
+            text += f" ({reason})"
+        super().__init__(text)
+
+    @property
+    def errno_value(self) -> int:
+        """The numeric errno on Linux (``EINVAL`` -> 22)."""
+        value: int = getattr(_errno, self.errno)
+        return value
+
+
+class InputError(KvmmemError):
+    """Bad input from a user: file, CLI argument or API argument."""
+
+
+class ValidationError(KvmmemError):
+    """An invariant failed; ``invariant`` names it, ``detail`` says how."""
+
+    def __init__(self, invariant: str, detail: str) -> None:
+        self.invariant = invariant
+        self.detail = detail
+        super().__init__(f"{invariant}: {detail}")

@@ -1,0 +1,92 @@
+"""Synchronisation points: how one kernel code path serves many drivers.
+
+Every kernel operation kvmmem models (an mm change with its notifier calls, a
+stage-2 fault, a memslot update, a prefault) is written once, as a generator
+that *yields* a :class:`Sync` at each of the kernel's real synchronisation
+points: taking or dropping a lock (``mmap_lock``, ``mmu_lock``,
+``slots_lock``, ...) and the named points between which another CPU may act
+(``notifier_start`` done, PTE changed, sequence sampled, ...).
+
+* A sequential run drives the generator to completion with :func:`drive`:
+  nothing contends, every acquire succeeds at once.
+* The explorer (``kvmmem.explore``) resumes several such generators in an
+  order it chooses, blocking a thread whose ``ACQUIRE`` cannot be granted.
+
+The generator's return value is the operation's result; a failing operation
+raises from inside the generator (``KernelError``) after releasing whatever it
+took, so a driver sees either a result or an error and never a half-done
+change.  Yielded objects are shared constants (see :func:`acquire`), so the
+sequential fast path allocates nothing per pause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class SyncKind(Enum):
+    ACQUIRE = "acquire"
+    RELEASE = "release"
+    POINT = "point"
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """One pause: ``kind`` of thing at lock or point ``name``.
+
+    ``shared`` marks a read-side acquire/release (``mmap_read_lock``,
+    ``read_lock(&kvm->mmu_lock)``, SRCU read side)."""
+
+    kind: SyncKind
+    name: str
+    shared: bool = False
+
+    def __str__(self) -> str:
+        mode = " (read)" if self.shared else ""
+        return f"{self.kind.value} {self.name}{mode}"
+
+
+Op = Generator[Sync, None, T]
+"""A kernel operation: yields :class:`Sync` pauses, returns its result."""
+
+_cache: dict[tuple[SyncKind, str, bool], Sync] = {}
+
+
+def _sync(kind: SyncKind, name: str, shared: bool) -> Sync:
+    key = (kind, name, shared)
+    s = _cache.get(key)
+    if s is None:
+        s = _cache[key] = Sync(kind, name, shared)
+    return s
+
+
+def acquire(lock: str, shared: bool = False) -> Sync:
+    """The pause before taking ``lock`` (write side unless ``shared``)."""
+    return _sync(SyncKind.ACQUIRE, lock, shared)
+
+
+def release(lock: str, shared: bool = False) -> Sync:
+    """The pause after dropping ``lock``."""
+    return _sync(SyncKind.RELEASE, lock, shared)
+
+
+def point(name: str) -> Sync:
+    """A named point where another CPU may act (no lock involved)."""
+    return _sync(SyncKind.POINT, name, False)
+
+
+def drive(op: Op[T]) -> T:
+    """Run ``op`` to completion with no other thread: the sequential driver.
+
+    Returns what the operation returns; exceptions raised inside propagate."""
+    try:
+        while True:
+            next(op)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result

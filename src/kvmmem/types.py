@@ -1,0 +1,155 @@
+"""Addresses, frame numbers and sizes as distinct types.
+
+The four address spaces KVM juggles never mix implicitly: a guest physical
+address (:data:`Gpa`), a guest frame number (:data:`Gfn`), a host virtual
+address (:data:`Hva`) and a host physical frame number (:data:`Pfn`).  They are
+``typing.NewType`` over ``int``: free at run time (the fault path stays lean),
+while ``mypy --strict`` refuses an ``Hva`` where a ``Gpa`` belongs.  Every
+change of kind goes through a named conversion here (``gpa_to_gfn``,
+``gfn_to_gpa``, ...), the way rust-vmm's ``GuestAddress`` does.
+
+Sizes follow the scenario contract (SCENARIOS.md): an integer, hex
+(``0x1000``) or a power-of-two suffix (``4K``, ``2M``, ``1G``, ``1T``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NewType
+
+from kvmmem.errors import InputError
+
+Gpa = NewType("Gpa", int)
+"""Guest physical address."""
+Gfn = NewType("Gfn", int)
+"""Guest frame number: ``gpa >> PAGE_SHIFT``."""
+Hva = NewType("Hva", int)
+"""Host (userspace) virtual address."""
+Vpn = NewType("Vpn", int)
+"""Host virtual page number: ``hva >> PAGE_SHIFT``."""
+Pfn = NewType("Pfn", int)
+"""Host physical frame number."""
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = ~(PAGE_SIZE - 1)
+PMD_SHIFT = 21
+PMD_SIZE = 1 << PMD_SHIFT
+PUD_SHIFT = 30
+PUD_SIZE = 1 << PUD_SHIFT
+PAGES_PER_PMD = PMD_SIZE // PAGE_SIZE
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+# --- conversions (each names the kernel helper it mirrors) -------------------
+
+
+def gpa_to_gfn(gpa: Gpa) -> Gfn:
+    """``gpa_to_gfn()``: the frame holding ``gpa``."""
+    return Gfn(gpa >> PAGE_SHIFT)
+
+
+def gfn_to_gpa(gfn: Gfn) -> Gpa:
+    """``gfn_to_gpa()``: the first address of frame ``gfn``."""
+    return Gpa(gfn << PAGE_SHIFT)
+
+
+def hva_to_vpn(hva: Hva) -> Vpn:
+    """The host virtual page holding ``hva``."""
+    return Vpn(hva >> PAGE_SHIFT)
+
+
+def vpn_to_hva(vpn: Vpn) -> Hva:
+    """The first address of host virtual page ``vpn``."""
+    return Hva(vpn << PAGE_SHIFT)
+
+
+def pfn_to_phys(pfn: Pfn) -> int:
+    """``PFN_PHYS()``: the host physical address of frame ``pfn``."""
+    return pfn << PAGE_SHIFT
+
+
+def phys_to_pfn(phys: int) -> Pfn:
+    """``PHYS_PFN()``: the host physical frame holding ``phys``."""
+    return Pfn(phys >> PAGE_SHIFT)
+
+
+# --- alignment -----------------------------------------------------------------
+
+
+def is_power_of_two(n: int) -> bool:
+    """True for 1, 2, 4, ...; false for zero and negatives."""
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def align_down(value: int, alignment: int) -> int:
+    """``ALIGN_DOWN()``: the largest multiple of ``alignment`` <= ``value``.
+
+    ``alignment`` must be a power of two (as in the kernel macro)."""
+    return value & ~(alignment - 1)
+
+
+def align_up(value: int, alignment: int) -> int:
+    """``ALIGN()``: the smallest multiple of ``alignment`` >= ``value``."""
+    return (value + alignment - 1) & ~(alignment - 1)
+
+
+def is_aligned(value: int, alignment: int) -> bool:
+    """``IS_ALIGNED()``."""
+    return value & (alignment - 1) == 0
+
+
+def page_aligned(value: int) -> bool:
+    """``PAGE_ALIGNED()``."""
+    return value & (PAGE_SIZE - 1) == 0
+
+
+def pages(size: int) -> int:
+    """Number of 4 KiB pages in ``size`` bytes (rounded up)."""
+    return (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+# --- size parsing ----------------------------------------------------------------
+
+_SUFFIX = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([KMGT]?)(?:i?[bB])?\s*$")
+
+
+def parse_size(text: int | str, what: str = "size") -> int:
+    """Parse ``2M``, ``0x1000``, ``4096`` or an int into a byte count.
+
+    Suffixes are powers of two (``K`` = 1024) as SCENARIOS.md fixes; a hex
+    number may carry a suffix too (``0x2M`` = 4 MiB).  Returns a non-negative
+    int; raises :class:`InputError` naming ``what`` for anything else
+    (negative, fractional, bool, unknown suffix).
+    """
+    if isinstance(text, bool):
+        raise InputError(f"{what}: expected a size, got a boolean {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise InputError(f"{what}: a size cannot be negative ({text})")
+        return text
+    if not isinstance(text, str):
+        raise InputError(f"{what}: expected a size, got {type(text).__name__} {text!r}")
+    m = _SIZE_RE.match(text.upper().replace("0X", "0x"))
+    if m is None:
+        raise InputError(
+            f"{what}: {text!r} is not a size (use an integer, hex like 0x1000, "
+            "or a K/M/G/T suffix like 2M)"
+        )
+    number, suffix = m.group(1), m.group(2)
+    base = int(number, 16) if number.lower().startswith("0x") else int(number, 10)
+    return base * _SUFFIX[suffix]
+
+
+def format_size(size: int) -> str:
+    """Inverse of :func:`parse_size` for display: ``2M``, ``4K``, ``0x1234``."""
+    for suffix in ("T", "G", "M", "K"):
+        unit = _SUFFIX[suffix]
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return hex(size) if size >= 16 else str(size)
