@@ -1,0 +1,107 @@
+"""Counters and the event log of a VM.
+
+Counter names are those of KVM's binary stats (``KVM_GET_STATS_FD``; see
+kvm-on-this-host.md §3.7) where the kernel has one, so a model run and a real
+run can be read side by side: ``pf_taken``, ``pf_fixed``, ``pf_emulate``,
+``pf_spurious``, ``pf_fast``, ``mmio_exits``, ``exits``, ``pages_4k``,
+``pages_2m``, ``pages_1g``, ``remote_tlb_flush``,
+``remote_tlb_flush_requests``, ``mmu_shadow_zapped``.  kvmmem adds a few of
+its own (``pf_retry``, ``pf_efault``, ``prefault_pages``,
+``notifier_invalidations``, ``premapped_pages``).
+
+The event log uses the kernel's tracepoint names (``kvm_mmu_spte_requested``,
+``kvm_mmu_set_spte``, ``kvm_unmap_hva_range``, ``kvm_mmio``,
+``kvm_set_user_memory_region``, ``kvm_age_hva``, ``kvm_userspace_exit``,
+``kvm_tlb_flush``...).  Recording is off unless a log is attached, so the
+fault path pays one attribute test when nobody listens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+COUNTERS: tuple[str, ...] = (
+    "exits",
+    "pf_taken",
+    "pf_fixed",
+    "pf_emulate",
+    "pf_spurious",
+    "pf_fast",
+    "pf_retry",
+    "pf_efault",
+    "mmio_exits",
+    "pages_4k",
+    "pages_2m",
+    "pages_1g",
+    "remote_tlb_flush",
+    "remote_tlb_flush_requests",
+    "mmu_shadow_zapped",
+    "notifier_invalidations",
+    "prefault_pages",
+    "premapped_pages",
+    "memslot_updates",
+)
+
+
+@dataclass(slots=True)
+class Stats:
+    """The VM's counters; ``as_dict()`` gives them by name."""
+
+    exits: int = 0
+    pf_taken: int = 0
+    pf_fixed: int = 0
+    pf_emulate: int = 0
+    pf_spurious: int = 0
+    pf_fast: int = 0
+    pf_retry: int = 0
+    pf_efault: int = 0
+    mmio_exits: int = 0
+    pages_4k: int = 0
+    pages_2m: int = 0
+    pages_1g: int = 0
+    remote_tlb_flush: int = 0
+    remote_tlb_flush_requests: int = 0
+    mmu_shadow_zapped: int = 0
+    notifier_invalidations: int = 0
+    prefault_pages: int = 0
+    premapped_pages: int = 0
+    memslot_updates: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Every counter by name, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One tracepoint hit: ``seq`` orders events, ``thread`` names the actor
+    (``"main"`` in a sequential run, a scenario thread name under explore)."""
+
+    seq: int
+    name: str
+    thread: str
+    args: dict[str, Any]
+
+    def format(self) -> str:
+        """``kvm_unmap_hva_range: start=0x7f00.. end=0x7f00..`` style text."""
+        parts = []
+        for key, value in self.args.items():
+            if isinstance(value, int) and not isinstance(value, bool) and key != "level":
+                parts.append(f"{key}={value:#x}")
+            else:
+                parts.append(f"{key}={value}")
+        return f"{self.name}: " + " ".join(parts)
+
+
+@dataclass(slots=True)
+class EventLog:
+    """An append-only list of :class:`Event`; ``thread`` is set by the driver."""
+
+    events: list[Event] = field(default_factory=list)
+    thread: str = "main"
+    step: int = -1
+
+    def emit(self, name: str, **args: Any) -> None:
+        """Record tracepoint ``name`` with ``args``."""
+        self.events.append(Event(len(self.events), name, self.thread, args))
