@@ -1,0 +1,362 @@
+"""Typed, frozen objects for scenario files, format version 1 (SCENARIOS.md).
+
+:func:`kvmmem.scenario.loader.load_scenario` turns a YAML file into a
+:class:`Scenario`; every value here has already been validated (sizes parsed,
+protections turned into ``PROT_*`` bits, mapping names resolved), so the
+runner, the explorer and the real-KVM driver can trust the object and never
+re-check the file.  Nothing here runs anything.
+
+The objects follow the file one to one:
+
+* :class:`Scenario` - the top level (``kvmmem``, ``name``, ``arch``, ...).
+* :class:`Mapping` - a host mapping: a ``memory`` entry (and the fields of a
+  :class:`HostMmap` step).
+* :class:`HvaRef` - ``{memory: NAME, offset: N}``, a host virtual address
+  named through a mapping (``at`` of a mapping).
+* one :class:`Step` subclass per step kind; each carries its source ``line``,
+  its ``index`` in its list, the ``thread`` it belongs to (``None`` for
+  ``steps``) and ``expect`` (a subset of the outcome keys, or ``None``).
+  Top-level ``memslots`` entries are :class:`SetMemslot` objects too.
+
+Extensions beyond SCENARIOS.md (all optional; files without them mean exactly
+what the contract says):
+
+* ``clear_dirty_log: {slot, first_page, num_pages}`` - a step issuing
+  KVM_CLEAR_DIRTY_LOG (``first_page`` defaults to 0).
+* ``ipa_bits`` (top level, 32..52) - the guest physical address size asked for
+  at VM creation (arm64 ``KVM_VM_TYPE_ARM_IPA_SIZE``); ``None`` means the
+  architecture's default.
+* ``path: native | emulated`` on ``guest_read`` / ``guest_write`` /
+  ``guest_exec`` - whether the access takes KVM's real fault path or the
+  instruction emulator (on real KVM the guest mode decides it; see
+  kvm-on-this-host.md); ``None`` leaves it to the runner.
+* ``vcpu`` on ``prefault`` (default 0): the vCPU whose ioctl pre-faults.
+* ``advice`` of ``host_madvise`` takes ``dontneed``, ``remove``,
+  ``hugepage`` and ``nohugepage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+# --- vocabularies shared with the loader ---------------------------------------
+
+FORMAT_VERSION = 1
+
+PROT_NONE = 0
+PROT_READ = 1
+PROT_WRITE = 2
+PROT_EXEC = 4
+
+ARCHES = ("x86", "arm64", "riscv")
+GRANULES: dict[str, int] = {"4K": 4 << 10, "16K": 16 << 10, "64K": 64 << 10}
+MAPPING_KINDS = (
+    "anon",
+    "memfd",
+    "file",
+    "file-shared",
+    "hugetlb",
+    "thp",
+    "device",
+    "device-lazy",
+)
+ACCESS_SIZES = (1, 2, 4, 8)
+ADVICES = ("dontneed", "remove", "hugepage", "nohugepage")
+GUEST_PATHS = ("native", "emulated")
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+MEMSLOT_FLAGS: dict[str, int] = {
+    "log_dirty": KVM_MEM_LOG_DIRTY_PAGES,
+    "readonly": KVM_MEM_READONLY,
+}
+
+RESULTS = ("ok", "mmio", "fault", "error", "signal")
+RESULT_KEYS: dict[str, tuple[str, ...]] = {
+    "ok": ("value", "dirty"),
+    "mmio": ("gpa", "len", "is_write", "data"),
+    "fault": ("gpa", "size", "flags"),
+    "error": ("errno",),
+    "signal": ("signal",),
+}
+"""The extra keys an outcome with each ``result`` may carry (SCENARIOS.md, Outcomes)."""
+EXPECT_KEYS = (
+    "result",
+    "value",
+    "errno",
+    "gpa",
+    "len",
+    "is_write",
+    "data",
+    "size",
+    "flags",
+    "dirty",
+    "signal",
+)
+
+
+def prot_letters(prot: int) -> str:
+    """``PROT_*`` bits as the file writes them: ``"rw"``, ``"rx"``, ``"none"``."""
+    text = "".join(c for bit, c in ((PROT_READ, "r"), (PROT_WRITE, "w"), (PROT_EXEC, "x"))
+                   if prot & bit)
+    return text or "none"
+
+
+# --- host mappings ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HvaRef:
+    """``{memory: NAME, offset: N}``: ``offset`` bytes into the range ``memory`` was given."""
+
+    memory: str
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One host mapping (a ``memory`` entry or what a ``host_mmap`` step creates).
+
+    ``prot`` holds ``PROT_*`` bits; ``fill`` is the byte the host writes to
+    every byte right after mmap (``None``: the mapping is left untouched);
+    ``at`` places it with MAP_FIXED.
+    """
+
+    name: str
+    size: int
+    kind: str
+    prot: int
+    fill: int | None = None
+    at: HvaRef | None = None
+    line: int = 0
+
+
+# --- steps -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """Fields every step carries.  ``op`` (a class attribute) is the step's YAML name.
+
+    ``index`` is the position in ``steps`` (or in the thread's list, or in
+    ``memslots``), ``line`` the 1-based source line, ``thread`` the thread's
+    name (``None`` for sequential steps and top-level memslots), ``expect``
+    the expected outcome keys (``None`` when the step has none).
+    """
+
+    op: ClassVar[str] = ""
+    index: int
+    line: int
+    expect: dict[str, object] | None = None
+    thread: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestRead(Step):
+    """``guest_read``: the guest loads ``size`` bytes at ``gpa`` on ``vcpu``."""
+
+    op: ClassVar[str] = "guest_read"
+    gpa: int = 0
+    size: int
+    vcpu: int = 0
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestWrite(Step):
+    """``guest_write``: the guest stores ``value`` (little-endian, ``size`` bytes) at ``gpa``."""
+
+    op: ClassVar[str] = "guest_write"
+    gpa: int = 0
+    size: int
+    value: int
+    vcpu: int = 0
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestExec(Step):
+    """``guest_exec``: an instruction fetch at ``gpa`` on ``vcpu``."""
+
+    op: ClassVar[str] = "guest_exec"
+    gpa: int = 0
+    vcpu: int = 0
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostRead(Step):
+    """``host_read``: a userspace load of ``size`` bytes at ``memory`` + ``offset``."""
+
+    op: ClassVar[str] = "host_read"
+    memory: str
+    offset: int = 0
+    size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostWrite(Step):
+    """``host_write``: a userspace store of ``value`` (``size`` bytes) at memory + offset."""
+
+    op: ClassVar[str] = "host_write"
+    memory: str
+    offset: int = 0
+    size: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostMmap(Step):
+    """``host_mmap``: create the mapping ``name`` (the fields of :class:`Mapping`)."""
+
+    op: ClassVar[str] = "host_mmap"
+    name: str
+    size: int
+    kind: str
+    prot: int
+    fill: int | None = None
+    at: HvaRef | None = None
+
+    @property
+    def mapping(self) -> Mapping:
+        """The :class:`Mapping` this step creates."""
+        return Mapping(self.name, self.size, self.kind, self.prot, self.fill, self.at, self.line)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostMunmap(Step):
+    """``host_munmap``: unmap ``size`` bytes (``None``: the mapping's whole range)."""
+
+    op: ClassVar[str] = "host_munmap"
+    memory: str
+    offset: int = 0
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostMprotect(Step):
+    """``host_mprotect``: change ``size`` bytes at ``memory`` + ``offset`` to ``prot`` bits."""
+
+    op: ClassVar[str] = "host_mprotect"
+    memory: str
+    offset: int = 0
+    size: int
+    prot: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostMadvise(Step):
+    """``host_madvise``: madvise(``advice``) on ``size`` bytes at ``memory`` + ``offset``."""
+
+    op: ClassVar[str] = "host_madvise"
+    memory: str
+    offset: int = 0
+    size: int
+    advice: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetMemslot(Step):
+    """``set_memslot`` (KVM_SET_USER_MEMORY_REGION); also a top-level ``memslots`` entry.
+
+    The host address is ``memory`` + ``offset`` when ``memory`` is given
+    (then ``hva`` is ``None``), else the raw ``hva`` (default 0).  ``size`` 0
+    deletes the slot.  ``flags`` are names from :data:`MEMSLOT_FLAGS`.
+    """
+
+    op: ClassVar[str] = "set_memslot"
+    slot: int
+    gpa: int = 0
+    size: int
+    memory: str | None = None
+    offset: int = 0
+    hva: int | None = None
+    flags: tuple[str, ...] = ()
+
+    @property
+    def flag_bits(self) -> int:
+        """``flags`` as the uapi bit mask (KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY)."""
+        bits = 0
+        for name in self.flags:
+            bits |= MEMSLOT_FLAGS[name]
+        return bits
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prefault(Step):
+    """``prefault``: KVM_PRE_FAULT_MEMORY of ``size`` bytes at ``gpa`` on ``vcpu``."""
+
+    op: ClassVar[str] = "prefault"
+    gpa: int = 0
+    size: int
+    vcpu: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetDirtyLog(Step):
+    """``get_dirty_log``: KVM_GET_DIRTY_LOG of ``slot`` (reports and clears)."""
+
+    op: ClassVar[str] = "get_dirty_log"
+    slot: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClearDirtyLog(Step):
+    """``clear_dirty_log`` (extension): KVM_CLEAR_DIRTY_LOG of ``num_pages`` from ``first_page``."""
+
+    op: ClassVar[str] = "clear_dirty_log"
+    slot: int
+    first_page: int = 0
+    num_pages: int
+
+
+STEP_TYPES: dict[str, type[Step]] = {
+    cls.op: cls
+    for cls in (GuestRead, GuestWrite, GuestExec, HostRead, HostWrite, HostMmap, HostMunmap,
+                HostMprotect, HostMadvise, SetMemslot, Prefault, GetDirtyLog, ClearDirtyLog)
+}
+"""Step kind name -> class, in the order SCENARIOS.md lists them."""
+
+GUEST_STEPS = ("guest_read", "guest_write", "guest_exec")
+
+
+# --- the scenario --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A validated scenario file.
+
+    Exactly one of ``steps`` (sequential) and ``threads`` (concurrent; thread
+    name -> its steps, in file order) is set.  ``memory`` is ordered as in the
+    file (mappings are made in that order), ``granule`` is in bytes,
+    ``variant`` is a key of :data:`kvmmem.variants.VARIANTS`.
+    """
+
+    name: str
+    description: str = ""
+    arches: tuple[str, ...] = ("x86",)
+    variant: str = "upstream"
+    granule: int = 4 << 10
+    vcpus: int = 1
+    memory: dict[str, Mapping] = field(default_factory=dict)
+    memslots: tuple[SetMemslot, ...] = ()
+    steps: tuple[Step, ...] | None = None
+    threads: dict[str, tuple[Step, ...]] | None = None
+    ipa_bits: int | None = None
+    source: str = "<string>"
+
+    @property
+    def is_concurrent(self) -> bool:
+        """True when the scenario has ``threads`` (for ``kvmmem explore``)."""
+        return self.threads is not None
+
+    def all_steps(self) -> Iterator[Step]:
+        """Every step: ``steps`` in order, or each thread's steps, thread by thread."""
+        if self.steps is not None:
+            yield from self.steps
+        if self.threads is not None:
+            for steps in self.threads.values():
+                yield from steps
