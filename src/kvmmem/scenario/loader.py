@@ -171,9 +171,10 @@ def load_scenario_text(text: str | bytes, filename: str = "<string>") -> Scenari
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = raw.count(b"\n", 0, exc.start) + 1
+            column = exc.start - raw.rfind(b"\n", 0, exc.start)
             raise InputError(
                 f"{filename}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
-                f"at offset {exc.start})"
+                f"in column {column})"
             ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -199,7 +200,9 @@ def _compose(text: str, filename: str) -> Node | None:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = exc.problem or exc.context or "malformed YAML"
-        if exc.problem and exc.context:
+        if exc.problem and exc.context and exc.problem.startswith("but "):
+            problem = f"{exc.context}, {exc.problem}"
+        elif exc.problem and exc.context:
             where = ""
             if exc.context_mark is not None and exc.context_mark.line + 1 != line:
                 where = f" on line {exc.context_mark.line + 1}"
@@ -209,7 +212,8 @@ def _compose(text: str, filename: str) -> Node | None:
         position = exc.position if isinstance(exc.position, int) else 0
         line = text.count("\n", 0, position) + 1
         char = exc.character
-        shown = f"#x{ord(char):04x}" if isinstance(char, str) else repr(char)
+        code = ord(char) if isinstance(char, str) and len(char) == 1 else char
+        shown = f"#x{code:04x}" if isinstance(code, int) else repr(code)
         raise InputError(
             f"{filename}:{line}: character {shown} is not allowed in a YAML file"
         ) from None
@@ -430,7 +434,7 @@ class _Checker:
     def bounded_unsigned(self, node: Node, path: str, high: int) -> int:
         value = self.integer(node, path)
         if value < 0:
-            raise self.err(node, path, f"{_show(node)} cannot be negative")
+            raise self.err(node, path, f"{_show(node)} is negative (expected 0..{high:#x})")
         if value > high:
             raise self.err(node, path, f"{_show(node)} is too large (at most {high:#x})")
         return value
@@ -440,7 +444,8 @@ class _Checker:
         if isinstance(node, ScalarNode) and node.tag == _INT:
             value = self.integer(node, path)
             if value < 0:
-                raise self.err(node, path, f"{_show(node)} cannot be negative")
+                raise self.err(node, path, f"{_show(node)} is negative (a size or address "
+                                           "is 0 .. 2^64 - 1)")
         elif isinstance(node, ScalarNode) and node.tag == _STR:
             text = str(node.value)
             value = -1
@@ -524,7 +529,7 @@ class _Checker:
     def vcpu(self, node: Node, path: str) -> int:
         value = self.integer(node, path)
         if value < 0:
-            raise self.err(node, path, f"{_show(node)} cannot be negative")
+            raise self.err(node, path, f"{_show(node)} is negative (vCPUs count from 0)")
         if self.vcpus is not None and value >= self.vcpus:
             raise self.err(node, path, f"{_show(node)} is out of range (the scenario has "
                                        f"vcpus: {self.vcpus})")
@@ -815,7 +820,8 @@ class _Checker:
     def memslot_args(self, rec: dict[str, tuple[Any, Node]], path: str) -> dict[str, Any] | None:
         """Cross-field checks of a memslot; the SetMemslot keyword arguments, or None."""
         if "memory" in rec and "hva" in rec:
-            later = max(rec["memory"][1], rec["hva"][1], key=lambda n: _line(n))
+            later = max(rec["memory"][1], rec["hva"][1],
+                        key=lambda n: (n.start_mark.line, n.start_mark.column))
             key = "hva" if later is rec["hva"][1] else "memory"
             self.err(later, _join(path, key), "give memory (+ offset) or hva, not both")
             return None
