@@ -1,0 +1,128 @@
+"""What every architecture's KVM MMU provides, and the pieces they share.
+
+An :class:`ArchKvm` is the per-architecture half of KVM's MMU
+(``arch/*/kvm/mmu.c``): the stage-2 fault handler, the notifier zap
+(``kvm_unmap_gfn_range``), the memslot hooks (``kvm_arch_prepare_memory_region``,
+``kvm_arch_commit_memory_region``, ``kvm_arch_flush_shadow_memslot``),
+dirty-log write protection and ``KVM_PRE_FAULT_MEMORY``.  ``kvm/arm64.py``,
+``kvm/x86.py`` and ``kvm/riscv.py`` implement it; ``make_arch_kvm`` picks one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmmem.errors import KernelError
+from kvmmem.sync import Op, acquire, release
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, align_down
+
+if TYPE_CHECKING:
+    from kvmmem.kvm.memslot import MemorySlot
+    from kvmmem.kvm.vcpu import Access, FaultResult, Vcpu
+    from kvmmem.kvm.vm import Vm
+
+
+def fault_supports_stage2_huge_mapping(slot: MemorySlot, hva: int, map_size: int) -> bool:
+    """``fault_supports_stage2_huge_mapping`` (arm64; riscv's
+    ``fault_supports_gstage_huge_mapping`` is the same rule): a block of
+    ``map_size`` is allowed only if gpa and hva are congruent modulo the
+    block and the block around ``hva`` lies inside the slot."""
+    if map_size == PAGE_SIZE:
+        return True
+    gpa_start = slot.base_gfn << PAGE_SHIFT
+    uaddr_start = slot.userspace_addr
+    uaddr_end = uaddr_start + (slot.npages << PAGE_SHIFT)
+    if (gpa_start & (map_size - 1)) != (uaddr_start & (map_size - 1)):
+        return False
+    block = align_down(hva, map_size)
+    return block >= uaddr_start and block + map_size <= uaddr_end
+
+
+def memslot_is_logging(slot: MemorySlot) -> bool:
+    """``memslot_is_logging`` (arm64/riscv): a dirty bitmap and not read-only."""
+    return slot.dirty_bitmap is not None and not slot.readonly
+
+
+class ArchKvm:
+    """Base class: the behaviour shared by all architectures."""
+
+    name = "?"
+    max_user_slots = 32767
+    nr_address_spaces = 1
+
+    # --- faults ------------------------------------------------------------
+
+    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
+        """The stage-2 fault handler for an access that missed in the walk."""
+        raise NotImplementedError
+
+    # --- notifier zap ------------------------------------------------------
+
+    def unmap_gfn_range(self, vm: Vm, slot: MemorySlot, start: int, end: int) -> bool:
+        """``kvm_unmap_gfn_range``: zap leaves for gfns ``[start, end)``;
+        returns whether a TLB flush is needed."""
+        return vm.zap_gfn_range(start, end)
+
+    # --- memslot hooks -------------------------------------------------------
+
+    def prepare_memory_region(
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
+    ) -> Op[None]:
+        """``kvm_arch_prepare_memory_region``; raises KernelError to refuse."""
+        return
+        yield  # pragma: no cover
+
+    def commit_memory_region(
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
+    ) -> None:
+        """``kvm_arch_commit_memory_region``: dirty-log write protection on
+        enable (``kvm_mmu_wp_memory_region`` and, on x86, eager splitting);
+        nothing needs undoing on disable here, later faults may map blocks."""
+        if new is None or change == "delete":
+            return
+        old_log = old is not None and old.dirty_bitmap is not None
+        new_log = new.dirty_bitmap is not None
+        if new_log and not old_log and not new.readonly:
+            self.enable_dirty_logging(vm, new)
+        elif old_log and not new_log:
+            self.disable_dirty_logging(vm, new)
+
+    def enable_dirty_logging(self, vm: Vm, slot: MemorySlot) -> None:
+        """Write-protect the slot (``kvm_mmu_wp_memory_region``)."""
+        gpa = slot.base_gfn << PAGE_SHIFT
+        if vm.stage2.wrprotect_range(gpa, slot.npages << PAGE_SHIFT):
+            vm.flush_remote_tlbs(zap=False)
+
+    def disable_dirty_logging(self, vm: Vm, slot: MemorySlot) -> None:
+        """Nothing to undo: the next faults may install blocks again."""
+
+    def flush_shadow_memslot(self, vm: Vm, slot: MemorySlot) -> Op[None]:
+        """``kvm_arch_flush_shadow_memslot``: zap the slot's gfn range."""
+        yield acquire("mmu_lock")
+        if vm.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages):
+            vm.flush_remote_tlbs()
+        yield release("mmu_lock")
+
+    # --- prefault ------------------------------------------------------------
+
+    def pre_fault_memory(self, vm: Vm, vcpu: Vcpu, gpa: int) -> Op[int]:
+        """``kvm_arch_vcpu_pre_fault_memory`` for one page: bytes mapped from
+        ``gpa`` (> 0) or raises KernelError.  Default: EOPNOTSUPP."""
+        raise KernelError("EOPNOTSUPP", "KVM_PRE_FAULT_MEMORY",
+                          f"{self.name} has no kvm_arch_vcpu_pre_fault_memory")
+        yield  # pragma: no cover
+
+
+def make_arch_kvm(arch: str) -> ArchKvm:
+    """The :class:`ArchKvm` for ``arch`` (``x86``, ``arm64``, ``riscv``)."""
+    if arch == "x86":
+        from kvmmem.kvm.x86 import X86Kvm
+
+        return X86Kvm()
+    if arch == "arm64":
+        from kvmmem.kvm.arm64 import Arm64Kvm
+
+        return Arm64Kvm()
+    from kvmmem.kvm.riscv import RiscvKvm
+
+    return RiscvKvm()

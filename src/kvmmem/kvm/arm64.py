@@ -1,0 +1,216 @@
+"""arm64 KVM MMU: ``kvm_handle_guest_abort``, ``user_mem_abort`` and the
+memslot hooks of arch/arm64/kvm/mmu.c (kernel-semantics.md §2, §3.2).
+
+The ``linux-5.4`` variant switches in what virt/kvm/arm/mmu.c did in 2019:
+the VMA walk in ``kvm_arch_prepare_memory_region`` (EPERM for a writable
+slot over a VMA without VM_WRITE, EINVAL for dirty logging over VM_PFNMAP,
+the ``>=`` IPA check) and ``kvm_phys_addr_ioremap`` premapping VM_PFNMAP
+ranges as 4K Device pages outside the notifier protocol; and, in
+``user_mem_abort``, 4K mappings forced for VM_PFNMAP.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmmem.errors import KernelError
+from kvmmem.host.vma import VM_MIXEDMAP, VM_PFNMAP, VM_WRITE
+from kvmmem.kvm.arch_common import (
+    ArchKvm,
+    fault_supports_stage2_huge_mapping,
+    memslot_is_logging,
+)
+from kvmmem.kvm.faultin import (
+    KVM_PFN_ERR_HWPOISON,
+    is_error_noslot_pfn,
+    kvm_faultin_pfn,
+    kvm_release_faultin_page,
+)
+from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
+from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
+from kvmmem.sync import Op, acquire, release
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
+
+if TYPE_CHECKING:
+    from kvmmem.host.vma import Vma
+    from kvmmem.kvm.memslot import MemorySlot
+    from kvmmem.kvm.vcpu import Vcpu
+    from kvmmem.kvm.vm import Vm
+
+PREFETCH_ABORT = FaultResult(Fault.ABORT, abort="prefetch abort")
+ADDRESS_SIZE_FAULT = FaultResult(Fault.ABORT, abort="address size fault")
+
+
+def get_vma_page_shift(vma: Vma, hva: int) -> int:
+    """``get_vma_page_shift``: hugetlb -> the hstate's shift; VM_PFNMAP -> the
+    largest of PUD/PMD whose block around ``hva`` is congruent with the
+    physical address guessed from ``vm_pgoff`` and inside the VMA; else 4K."""
+    if vma.flags & VM_PFNMAP:
+        pa = (vma.pgoff << PAGE_SHIFT) + (hva - vma.start)
+        for size, shift in ((PUD_SIZE, 30), (PMD_SIZE, 21)):
+            if ((hva ^ pa) & (size - 1)) == 0 and align_down(hva, size) >= vma.start \
+                    and align_down(hva, size) + size <= vma.end:
+                return shift
+        return PAGE_SHIFT
+    return vma.page_shift
+
+
+class Arm64Kvm(ArchKvm):
+    """The arm64 stage-2 MMU."""
+
+    name = "arm64"
+    max_user_slots = 32767
+
+    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
+        """``kvm_handle_guest_abort``."""
+        if gpa >> vm.stage2.ipa_bits:
+            return ADDRESS_SIZE_FAULT
+        gfn = gpa >> PAGE_SHIFT
+        slot = vm.gfn_to_memslot(gfn)
+        write = access is Access.WRITE
+        if slot is None or slot.invalid or (write and slot.readonly):
+            # The I/O branch: io_mem_abort with a valid syndrome (plain LDR/STR).
+            if access is Access.EXEC:
+                return PREFETCH_ABORT
+            return MMIO
+        return (yield from self.user_mem_abort(vm, slot, gpa, access))
+
+    def user_mem_abort(self, vm: Vm, slot: MemorySlot, gpa: int, access: Access
+                       ) -> Op[FaultResult]:
+        """``user_mem_abort``: size, pfn, attributes, retry check, install."""
+        mm = vm.mm
+        variant = vm.variant
+        gfn = gpa >> PAGE_SHIFT
+        write = access is Access.WRITE
+        exec_fault = access is Access.EXEC
+        hva = vm.gfn_to_hva(slot, gfn)
+        logging = memslot_is_logging(slot)
+        force_pte = logging
+
+        yield acquire("mmap_lock", shared=True)
+        vma = mm.vma_lookup(hva)
+        if vma is None:
+            yield release("mmap_lock", shared=True)
+            return EFAULT
+        if force_pte:
+            vma_shift = PAGE_SHIFT
+        elif variant.arm64_pfnmap_force_pte and vma.flags & VM_PFNMAP:
+            vma_shift = PAGE_SHIFT
+            force_pte = True
+        else:
+            vma_shift = get_vma_page_shift(vma, hva)
+        size = 1 << vma_shift
+        if size == PUD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PUD_SIZE):
+            size = PMD_SIZE
+        if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE):
+            size = PAGE_SIZE
+        vm_flags = vma.flags
+        mmu_seq = vm.mmu_invalidate_seq
+        yield release("mmap_lock", shared=True)
+
+        fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
+        if fin.pfn == KVM_PFN_ERR_HWPOISON:
+            return FaultResult(Fault.ERRNO, errno="EINTR")
+        if is_error_noslot_pfn(fin.pfn):
+            return EFAULT
+        writable = fin.map_writable
+        device = bool(vm_flags & (VM_PFNMAP | VM_MIXEDMAP)) and not mm.physmem.pfn_valid(fin.pfn)
+        if not device and logging and not write:
+            writable = False
+        if exec_fault and device:
+            kvm_release_faultin_page(mm, fin)
+            return PREFETCH_ABORT
+
+        yield acquire("mmu_lock", shared=True)
+        if variant.invalidate_retry and mmu_invalidate_retry(vm, mmu_seq):
+            yield release("mmu_lock", shared=True)
+            kvm_release_faultin_page(mm, fin)
+            return RETRY
+        if size == PAGE_SIZE and not force_pte and not device:
+            # transparent_hugepage_adjust: a THP behind the hva allows a PMD block.
+            if fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
+                    and mm.host_mapping_size(hva) >= PMD_SIZE:
+                size = PMD_SIZE
+        vm.install(slot, gpa, fin.pfn, size, write=writable, execute=exec_fault,
+                   device=device, access=access)
+        yield release("mmu_lock", shared=True)
+        kvm_release_faultin_page(mm, fin)
+        if writable:
+            vm.mark_page_dirty(slot, gfn)
+        return RESUME
+
+    # --- memslot hooks -------------------------------------------------------
+
+    def prepare_memory_region(
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
+    ) -> Op[None]:
+        """``kvm_arch_prepare_memory_region``: the IPA check and the VMA walk.
+
+        Upstream the walk only rejects VM_PFNMAP with dirty logging; under
+        ``linux-5.4`` it also rejects a writable slot over a VMA without
+        VM_WRITE (removed in v5.5) and premaps VM_PFNMAP ranges
+        (``kvm_phys_addr_ioremap``, removed by fd6f17bade21 in v5.14)."""
+        if new is None or change == "delete":
+            return
+        yield from prepare_vma_walk(vm, new, change, premap=vm.variant.prepare_walks_vmas,
+                                    check_write=vm.variant.prepare_walks_vmas)
+
+
+def prepare_vma_walk(vm: Vm, new: MemorySlot, change: str, *, premap: bool,
+                     check_write: bool) -> Op[None]:
+    """The prepare-time VMA walk shared by arm64 and riscv (v5.4 arm code,
+    copied into riscv): IPA check, per-VMA EPERM / EINVAL checks and, when
+    ``premap``, the 4K Device premap of VM_PFNMAP ranges."""
+    end_gfn = new.base_gfn + new.npages
+    limit = 1 << (vm.stage2.ipa_bits - PAGE_SHIFT)
+    if (end_gfn >= limit) if vm.variant.ipa_limit_off_by_one or vm.arch_name == "riscv" \
+            else (end_gfn > limit):
+        raise KernelError("EFAULT", "KVM_SET_USER_MEMORY_REGION",
+                          "slot ends beyond the VM's IPA space")
+    writable = not new.readonly
+    hva = new.userspace_addr
+    reg_end = hva + (new.npages << PAGE_SHIFT)
+    premapped: list[tuple[int, int]] = []
+    yield acquire("mmap_lock", shared=True)
+    try:
+        while hva < reg_end:
+            vma = vm.mm.find_vma(hva)
+            if vma is None or vma.start >= reg_end:
+                break
+            if check_write and writable and not vma.flags & VM_WRITE:
+                raise KernelError("EPERM", "KVM_SET_USER_MEMORY_REGION",
+                                  f"writable slot over a VMA without VM_WRITE at {vma.start:#x}")
+            vm_start = max(hva, vma.start)
+            vm_end = min(reg_end, vma.end)
+            if vma.flags & VM_PFNMAP:
+                if new.dirty_bitmap is not None or new.log_dirty:
+                    raise KernelError("EINVAL", "KVM_SET_USER_MEMORY_REGION",
+                                      "dirty logging requested over a VM_PFNMAP VMA")
+                if premap:
+                    gpa = (new.base_gfn << PAGE_SHIFT) + (vm_start - new.userspace_addr)
+                    pa = (vma.pgoff << PAGE_SHIFT) + (vm_start - vma.start)
+                    premapped.append((gpa, vm_end - vm_start))
+                    kvm_phys_addr_ioremap(vm, new, gpa, pa, vm_end - vm_start, writable)
+            hva = vm_end
+    except KernelError:
+        if premapped and change != "flags_only":
+            # On error the whole region's I/O mappings are undone.
+            vm.zap_gfn_range(new.base_gfn, new.base_gfn + new.npages)
+        raise
+    finally:
+        yield release("mmap_lock", shared=True)
+
+
+def kvm_phys_addr_ioremap(vm: Vm, slot: MemorySlot, gpa: int, pa: int, size: int,
+                          writable: bool) -> None:
+    """v5.4 ``kvm_phys_addr_ioremap``: 4K Device stage-2 PTEs for
+    ``[gpa, gpa+size)`` -> ``pa``, writable if the slot is, installed under
+    mmu_lock but outside the invalidation protocol; -EFAULT if a valid PTE
+    is already there (``KVM_S2PTE_FLAG_IS_IOMAP``)."""
+    for off in range(0, size, PAGE_SIZE):
+        if vm.stage2.walk(gpa + off) is not None:
+            raise KernelError("EFAULT", "KVM_SET_USER_MEMORY_REGION",
+                              f"ioremap: gpa {gpa + off:#x} is already mapped")
+        vm.install(slot, gpa + off, (pa + off) >> PAGE_SHIFT, PAGE_SIZE, write=writable,
+                   execute=False, device=True, access=None)
+        vm.stats.premapped_pages += 1

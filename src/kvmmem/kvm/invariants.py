@@ -1,0 +1,212 @@
+"""The invariants of DESIGN.md as ``validate_*`` functions over a VM.
+
+They live apart from the fast paths, walk the whole state, and raise one
+:class:`~kvmmem.errors.ValidationError` naming the invariant and the entry
+that breaks it.  ``validate_vm`` runs every per-step invariant;
+``validate_path_independence`` replays the final state in a fresh VM and is
+meant for the end of a run (DESIGN.md invariant 4).
+
+Exemption, as in the kernel's own reasoning (kernel-semantics.md §4.5): while
+an invalidation covering a gfn is in progress (between
+``invalidate_range_start`` and ``_end``), the host PTE may already have
+changed while a racing fault still holds the old pfn; a stale entry is only
+an error once no invalidation covers it.  Slots being deleted or moved
+(``KVM_MEMSLOT_INVALID``) are skipped the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmmem.errors import KernelError, ValidationError
+from kvmmem.host.vma import VM_WRITE
+from kvmmem.kvm.arch_common import memslot_is_logging
+from kvmmem.kvm.mmu_notifier import INVALID_GPA
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from kvmmem.kvm.memslot import MemorySlot
+    from kvmmem.kvm.vm import Vm
+
+INVARIANTS = (
+    "no-stale-translation",
+    "permission-containment",
+    "memory-type",
+    "path-independence",
+    "coherence",
+    "dirty-log-completeness",
+    "break-before-make",
+)
+
+
+def _invalidation_covers(vm: Vm, gfn: int) -> bool:
+    if not vm.mmu_invalidate_in_progress:
+        return False
+    start = vm.mmu_invalidate_range_start
+    if start == INVALID_GPA:
+        return True
+    return start <= gfn < vm.mmu_invalidate_range_end
+
+
+def _slot_of(vm: Vm, gfn: int) -> MemorySlot | None:
+    return vm.memslots.gfn_to_memslot(gfn, 0, include_invalid=True)
+
+
+def _for_each_mapped_page(vm: Vm) -> list[tuple[int, int, bool, bool, str]]:
+    """(gfn, pfn, writable, device, source) for every stage-2 page and TLB entry."""
+    out: list[tuple[int, int, bool, bool, str]] = []
+    for leaf in vm.stage2.for_each_leaf():
+        for i in range(leaf.size >> PAGE_SHIFT):
+            out.append(((leaf.gpa >> PAGE_SHIFT) + i, leaf.pfn + i, leaf.writable,
+                        leaf.device, "stage-2"))
+    for vcpu in vm.vcpus:
+        for gfn, entry in vcpu.tlb.items():
+            out.append((gfn, entry.pfn, entry.writable, False, f"vcpu{vcpu.index} TLB"))
+    return out
+
+
+def validate_no_stale_translation(vm: Vm) -> None:
+    """Invariant 1: every valid stage-2 leaf and TLB entry maps its gfn to the
+    pfn the host page table maps the slot's hva to; no freed frame is mapped."""
+    mm = vm.mm
+    pm = mm.physmem
+    for gfn, pfn, _w, _d, source in _for_each_mapped_page(vm):
+        if _invalidation_covers(vm, gfn):
+            continue
+        slot = _slot_of(vm, gfn)
+        if slot is not None and slot.invalid:
+            continue
+        if slot is None:
+            raise ValidationError("no-stale-translation",
+                                  f"{source}: gfn {gfn:#x} -> pfn {pfn:#x} but no memslot "
+                                  "covers the gfn")
+        hva = vm.gfn_to_hva(slot, gfn)
+        pte = mm.host_pte(hva)
+        if pte is None or pte.pfn != pfn:
+            host = "nothing" if pte is None else f"pfn {pte.pfn:#x}"
+            freed = " (a freed frame)" if pm.pfn_valid(pfn) and pm.is_free(pfn) else ""
+            raise ValidationError("no-stale-translation",
+                                  f"{source}: gfn {gfn:#x} -> pfn {pfn:#x}{freed}, but the host "
+                                  f"maps hva {hva:#x} to {host}")
+
+
+def validate_permission_containment(vm: Vm) -> None:
+    """Invariant 2: a writable entry needs a writable slot, a VMA with
+    VM_WRITE, a writable host PTE and, under dirty logging, a dirty bit."""
+    mm = vm.mm
+    for gfn, _pfn, writable, _d, source in _for_each_mapped_page(vm):
+        if not writable or _invalidation_covers(vm, gfn):
+            continue
+        slot = _slot_of(vm, gfn)
+        if slot is None or slot.invalid:
+            continue
+        where = f"{source}: writable gfn {gfn:#x}"
+        if slot.readonly:
+            raise ValidationError("permission-containment", f"{where} in read-only slot {slot.id}")
+        hva = vm.gfn_to_hva(slot, gfn)
+        vma = mm.vma_lookup(hva)
+        if vma is None or not vma.flags & VM_WRITE:
+            raise ValidationError("permission-containment",
+                                  f"{where}, but the VMA at hva {hva:#x} does not allow writes")
+        pte = mm.host_pte(hva)
+        if pte is None or not pte.writable:
+            raise ValidationError("permission-containment",
+                                  f"{where}, but the host PTE at hva {hva:#x} is read-only "
+                                  "(copy-on-write or read-only page)")
+        logging = memslot_is_logging(slot)
+        if logging and source == "stage-2" and slot.dirty_bitmap is not None \
+                and not slot.dirty_bitmap[gfn - slot.base_gfn]:
+            raise ValidationError("dirty-log-completeness",
+                                  f"{where} in logged slot {slot.id} is not marked dirty: a "
+                                  "write through it would be missed")
+
+
+def validate_memory_type(vm: Vm) -> None:
+    """Invariant 3: frames without struct page are mapped device/uncached,
+    RAM normal cacheable (riscv G-stage has no attribute bits: its PMAs decide)."""
+    if vm.arch_name == "riscv":
+        return
+    pm = vm.mm.physmem
+    for leaf in vm.stage2.for_each_leaf():
+        is_ram = pm.pfn_valid(leaf.pfn)
+        if is_ram and leaf.device:
+            raise ValidationError("memory-type", f"gpa {leaf.gpa:#x}: RAM pfn {leaf.pfn:#x} "
+                                  "mapped with a device memory type")
+        if not is_ram and not leaf.device:
+            raise ValidationError("memory-type", f"gpa {leaf.gpa:#x}: device pfn "
+                                  f"{leaf.pfn:#x} mapped as normal cacheable memory")
+
+
+def validate_break_before_make(vm: Vm) -> None:
+    """Invariant 7 (arm64): no valid-to-valid change of output or size without
+    an invalid entry and a TLB invalidation in between."""
+    if vm.arch_name == "arm64":
+        vm.stage2.validate_bbm()
+
+
+def validate_vm(vm: Vm) -> None:
+    """Every per-step invariant (1, 2, 3, 6, 7); raises ValidationError."""
+    validate_no_stale_translation(vm)
+    validate_permission_containment(vm)
+    validate_memory_type(vm)
+    validate_break_before_make(vm)
+
+
+def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0) -> None:
+    """Invariant 5, after a guest write of ``value`` that completed: host
+    userspace reads the same bytes at the slot's hva (through the host page
+    table, without faulting anything in)."""
+    slot = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    if slot is None:
+        return
+    got = 0
+    for i in range(size):
+        g = gpa + i
+        s = vm.gfn_to_memslot(g >> PAGE_SHIFT)
+        if s is None:
+            return  # part of the access was MMIO
+        hva = vm.gfn_to_hva(s, g >> PAGE_SHIFT) + (g & (PAGE_SIZE - 1))
+        pte = vm.mm.host_pte(hva)
+        if pte is None:
+            raise ValidationError("coherence", f"guest wrote gpa {g:#x} but hva {hva:#x} has "
+                                  "no host page: the write is lost")
+        got |= vm.mm.physmem.read_int(pte.pfn, hva & (PAGE_SIZE - 1), 1) << (8 * i)
+    if got != value & ((1 << (8 * size)) - 1):
+        raise ValidationError("coherence", f"guest wrote {value:#x} at gpa {gpa:#x} (vcpu "
+                              f"{vcpu}) but host userspace reads {got:#x} at the same hva")
+
+
+def validate_path_independence(vm: Vm) -> None:
+    """Invariant 4: the final state, replayed in a fresh VM over a copy of the
+    host, can be created and maps every present page the same way."""
+    from kvmmem.kvm.vm import Vm as VmClass
+
+    mm_copy = vm.mm.clone()
+    fresh = VmClass(vm.arch_name, variant=vm.variant, mm=mm_copy, vcpus=1)
+    for slot in sorted(vm.memslots.all_slots(), key=lambda s: (s.as_id, s.id)):
+        if slot.invalid:
+            continue
+        try:
+            fresh.set_user_memory_region(slot.id | (slot.as_id << 16), slot.base_gfn << PAGE_SHIFT,
+                                         slot.npages << PAGE_SHIFT, slot.userspace_addr,
+                                         slot.flags)
+        except KernelError as err:
+            raise ValidationError(
+                "path-independence",
+                f"this state cannot be reached from scratch: re-creating slot {slot.id} "
+                f"(gpa {slot.base_gfn << PAGE_SHIFT:#x}, hva {slot.userspace_addr:#x}) over the "
+                f"current host mappings fails with {err.errno}") from None
+    from kvmmem.kvm.vcpu import Access
+
+    for leaf in vm.stage2.for_each_leaf():
+        if _invalidation_covers(vm, leaf.gpa >> PAGE_SHIFT):
+            continue
+        r = fresh.guest_access(leaf.gpa, 1, Access.READ)
+        got = fresh.stage2_lookup(leaf.gpa)
+        if r.result != "ok" or got is None or got[0] != leaf.pfn:
+            now = r.result if got is None else f"pfn {got[0]:#x}"
+            raise ValidationError(
+                "path-independence",
+                f"gpa {leaf.gpa:#x} maps pfn {leaf.pfn:#x} here, but faulting it in from "
+                f"scratch gives {now}")
+    fresh.close()

@@ -1,0 +1,1202 @@
+"""Memslots: ``KVM_SET_USER_MEMORY_REGION(2)`` and the memslot sets.
+
+Mirrors the memslot half of ``virt/kvm/kvm_main.c`` (kernel-semantics.md §1):
+
+* :class:`KvmUserspaceMemoryRegion` is ``struct kvm_userspace_memory_region2``
+  (the v1 ioctl is the same struct with the v2-only fields zero).
+* :class:`MemorySlot` is ``struct kvm_memory_slot``; :class:`MemslotSet` is
+  ``struct kvm_memslots`` (one address space: id hash, gfn tree, hva interval
+  tree, generation).
+* :class:`VmMemslots` is the memslot state of ``struct kvm``: for every address
+  space an *active* and an *inactive* set, ``nr_memslot_pages``,
+  ``nr_memslots_dirty_logging``.  As in the kernel (since the scalable memslot
+  rework, v5.17) an update edits the inactive set, swaps it active
+  (:func:`kvm_swap_active_memslots`) and then repeats the edit on the other
+  set, so one update costs O(log n) whatever the number of slots; nothing is
+  ever copied wholesale.  Slot objects are shared by both sets and never
+  changed once published (a change installs a new object), so a reader that
+  holds a slot keeps a consistent view.
+* :func:`kvm_set_memory_region` is written once, as an :data:`~kvmmem.sync.Op`
+  that yields at ``slots_lock``, ``slots_arch_lock``, the publication of a new
+  set (``memslots_frozen``: waits for MMU-notifier invalidations, the
+  ``mn_active_invalidate_count`` wait), ``synchronize_srcu`` (an exclusive
+  ``srcu`` acquire/release: vCPUs hold ``srcu`` shared while they read the
+  memslots) and the point ``memslot_invalid_published`` (the INVALID copy of a
+  slot being deleted or moved is active, its stage-2 mappings not yet zapped).
+  :meth:`VmMemslots.set_user_memory_region` drives it sequentially.
+
+Validation follows ``kvm_set_memory_region`` rule by rule (kernel-semantics.md
+§1.5); the first failing rule wins and raises
+``KernelError(errno, "KVM_SET_USER_MEMORY_REGION", reason)``.  A failing call
+changes nothing, with the one exception the kernel has too (§10.3 I5): when the
+arch prepare hook fails a DELETE or MOVE, the INVALID slot has already been
+published and the old range zapped (``flush_shadow_memslot`` ran), and the
+restore is one more swap, so the address space's generation has moved by
+``2 * nr_as_ids`` and the stage-2 mappings are gone (they are re-faulted).
+
+What the VM layer supplies (:class:`MemslotHooks`): the arch prepare/commit
+hooks, the stage-2 flush on DELETE/MOVE and ``kvm_arch_memslots_updated``.
+:class:`ArchMemslotHooks` implements the per-architecture *decisions* of those
+hooks (x86 zap-all quirk, when dirty logging write-protects/splits or lets huge
+pages come back, the IPA/GPA range checks) and leaves the stage-2 work to
+overridable no-op methods; :class:`NoopMemslotHooks` does nothing at all.
+
+Not modelled: memory allocation failure (``ENOMEM``), ``-EIO`` for a dead VM
+or a caller from another mm (the VM layer's ioctl entry), 32-bit hosts
+(``memory_size`` always fits an ``unsigned long``), the dirty ring, guest_memfd
+files (``KVM_MEM_GUEST_MEMFD`` is rejected unless
+``MemslotLimits.guest_memfd``; then binding is delegated to
+:meth:`MemslotHooks.gmem_bind`), the v5.4 memslot rules (509/512 slots, array
+copy per update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from sortedcontainers import SortedList
+
+from kvmmem.errors import InputError, KernelError, ValidationError
+from kvmmem.sync import Op, acquire, point, release
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva
+from kvmmem.variants import UPSTREAM, Variant
+
+CALL = "KVM_SET_USER_MEMORY_REGION"
+
+# --- include/uapi/linux/kvm.h ---------------------------------------------------------
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
+# include/linux/kvm_host.h: kernel-internal flag of the transient copy of a slot
+# being deleted or moved.
+KVM_MEMSLOT_INVALID = 1 << 16
+# virt/kvm/kvm_main.c: the only flags the v1 ioctl accepts.
+KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+
+# --- include/linux/kvm_host.h ---------------------------------------------------------
+KVM_MEM_SLOTS_NUM = 32767  # SHRT_MAX
+KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
+# virt/kvm/kvm_main.c: dirty-bitmap indices are unsigned int.
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+ULONG_MAX = U64_MAX  # 64-bit hosts only
+BITS_PER_LONG = 64
+
+LOCK_SLOTS = "slots_lock"
+LOCK_SLOTS_ARCH = "slots_arch_lock"
+LOCK_SRCU = "srcu"
+LOCK_MEMSLOTS_FROZEN = "memslots_frozen"
+POINT_INVALID_PUBLISHED = "memslot_invalid_published"
+
+
+class KvmMrChange(IntEnum):
+    """``enum kvm_mr_change`` (include/linux/kvm_host.h), same order."""
+
+    CREATE = 0
+    DELETE = 1
+    MOVE = 2
+    FLAGS_ONLY = 3
+
+
+# --- per-architecture limits -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemslotLimits:
+    """The per-architecture constants ``kvm_set_memory_region`` consults.
+
+    ``user_mem_slots`` is ``KVM_USER_MEM_SLOTS`` (= ``KVM_CAP_NR_MEMSLOTS``):
+    ``KVM_MEM_SLOTS_NUM`` minus the arch's internal slots (x86: 3 -> 32764;
+    arm64/riscv: 0 -> 32767).  ``nr_as_ids`` is ``kvm_arch_nr_memslot_as_ids``
+    (x86 2 with SMM, else 1).  ``task_size_max`` is the bound ``access_ok``
+    checks ``userspace_addr + memory_size`` against; ``tbi`` selects arm64's
+    ``untagged_addr`` (top byte ignored).  ``readonly_mem`` is
+    ``kvm_arch_has_readonly_mem``; ``guest_memfd`` is ``CONFIG_KVM_GUEST_MEMFD``.
+    """
+
+    arch: str
+    user_mem_slots: int
+    nr_as_ids: int
+    task_size_max: int
+    tbi: bool = False
+    readonly_mem: bool = True
+    guest_memfd: bool = False
+
+    @property
+    def nr_memslots(self) -> int:
+        """``KVM_CAP_NR_MEMSLOTS``."""
+        return self.user_mem_slots
+
+
+# x86: TASK_SIZE_MAX with 4-level paging is (1 << 47) - PAGE_SIZE, and
+# USER_PTR_MAX == TASK_SIZE_MAX, so a slot may end exactly there (this host:
+# "a last page ending above TASK_SIZE_MAX (0x7ffffffff000) gives EINVAL").
+X86_TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE
+# arm64: TASK_SIZE_64 = 1 << VA_BITS (48 with 4K pages).
+ARM64_TASK_SIZE_MAX = 1 << 48
+# riscv: TASK_SIZE_64 = PGDIR_SIZE * PTRS_PER_PGD / 2; 1 << 47 for Sv48.
+RISCV_TASK_SIZE_MAX = 1 << 47
+
+_ARCH_DEFAULTS: dict[str, tuple[int, int, int, bool]] = {
+    # arch: (KVM_USER_MEM_SLOTS, nr_as_ids, TASK_SIZE_MAX, TBI)
+    "x86": (KVM_MEM_SLOTS_NUM - 3, 2, X86_TASK_SIZE_MAX, False),
+    "arm64": (KVM_MEM_SLOTS_NUM, 1, ARM64_TASK_SIZE_MAX, True),
+    "riscv": (KVM_MEM_SLOTS_NUM, 1, RISCV_TASK_SIZE_MAX, False),
+}
+
+
+def memslot_limits(
+    arch: str,
+    *,
+    nr_as_ids: int | None = None,
+    task_size_max: int | None = None,
+    readonly_mem: bool = True,
+    guest_memfd: bool = False,
+) -> MemslotLimits:
+    """The limits of ``arch`` ("x86", "arm64", "riscv"), with optional overrides.
+
+    ``nr_as_ids=1`` on x86 is a VM without SMM (or this host: MULTI_ADDRESS_SPACE
+    is 0).  Raises :class:`InputError` for an unknown arch."""
+    try:
+        slots, as_ids, task_size, tbi = _ARCH_DEFAULTS[arch]
+    except KeyError:
+        raise InputError(f"unknown architecture {arch!r} (known: x86, arm64, riscv)") from None
+    return MemslotLimits(
+        arch=arch,
+        user_mem_slots=slots,
+        nr_as_ids=as_ids if nr_as_ids is None else nr_as_ids,
+        task_size_max=task_size if task_size_max is None else task_size_max,
+        tbi=tbi,
+        readonly_mem=readonly_mem,
+        guest_memfd=guest_memfd,
+    )
+
+
+def untagged_addr(limits: MemslotLimits, addr: int) -> int:
+    """``untagged_addr()``: arm64 sign-extends bit 55 over the top byte (TBI);
+    x86 without LAM and riscv without pointer masking return ``addr``."""
+    if not limits.tbi:
+        return addr
+    if addr & (1 << 55):
+        return addr | (0xFF << 56)
+    return addr & ((1 << 56) - 1)
+
+
+def access_ok(limits: MemslotLimits, addr: int, size: int) -> bool:
+    """``access_ok(addr, size)``: the range lies below the user address limit
+    (x86 ``valid_user_address(addr + size)`` without wrap; the generic
+    ``size <= TASK_SIZE_MAX && addr <= TASK_SIZE_MAX - size``)."""
+    return addr + size <= limits.task_size_max
+
+
+# --- the request -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KvmUserspaceMemoryRegion:
+    """``struct kvm_userspace_memory_region2`` (v1 = the first five fields).
+
+    ``slot`` carries the address space in bits 16-31 and the slot id in bits
+    0-15.  ``pad1``/``pad2`` are not checked by the kernel (this host accepts
+    non-zero padding) and are not modelled.  Field widths are those of the
+    UAPI (u32 slot/flags/guest_memfd, u64 otherwise); a value that does not fit
+    raises :class:`InputError`."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd_offset: int = 0
+    guest_memfd: int = 0
+
+    def __post_init__(self) -> None:
+        for name, limit in (
+            ("slot", U32_MAX),
+            ("flags", U32_MAX),
+            ("guest_phys_addr", U64_MAX),
+            ("memory_size", U64_MAX),
+            ("userspace_addr", U64_MAX),
+            ("guest_memfd_offset", U64_MAX),
+            ("guest_memfd", U32_MAX),
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= limit:
+                raise InputError(
+                    f"kvm_userspace_memory_region2.{name}: {value!r} is not a "
+                    f"u{limit.bit_length()}"
+                )
+
+    @property
+    def as_id(self) -> int:
+        """``slot >> 16``."""
+        return self.slot >> 16
+
+    @property
+    def id(self) -> int:
+        """``(u16)slot``."""
+        return self.slot & 0xFFFF
+
+
+def region(
+    slot: int,
+    guest_phys_addr: int,
+    memory_size: int,
+    userspace_addr: int,
+    flags: int = 0,
+    *,
+    as_id: int = 0,
+    guest_memfd: int = 0,
+    guest_memfd_offset: int = 0,
+) -> KvmUserspaceMemoryRegion:
+    """Shorthand for a request: ``region(1, gpa, size, hva, flags, as_id=1)``."""
+    return KvmUserspaceMemoryRegion(
+        (as_id << 16) | slot, flags, guest_phys_addr, memory_size, userspace_addr,
+        guest_memfd_offset, guest_memfd,
+    )
+
+
+# --- the slot ----------------------------------------------------------------------------
+
+DirtyBitmap = npt.NDArray[np.bool_]
+
+
+@dataclass(slots=True, eq=False)
+class MemorySlot:
+    """``struct kvm_memory_slot``.
+
+    Identity matters (``eq=False``): the kernel swaps whole slot objects, and
+    the INVALID copy of a slot is a different object with the same geometry.
+    A published slot's geometry and flags never change.  ``dirty_bitmap`` is
+    one bool per page (``None`` unless LOG_DIRTY_PAGES and a bitmap is in
+    use); ``arch`` is the arch-private ``struct kvm_arch_memory_slot``;
+    ``gmem`` is the (fd, offset) guest_memfd binding, if any."""
+
+    id: int
+    as_id: int
+    base_gfn: Gfn
+    npages: int
+    userspace_addr: Hva
+    flags: int
+    dirty_bitmap: DirtyBitmap | None = None
+    arch: dict[str, Any] = field(default_factory=dict)
+    gmem: tuple[int, int] | None = None
+
+    @property
+    def end_gfn(self) -> Gfn:
+        """First gfn after the slot."""
+        return Gfn(self.base_gfn + self.npages)
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+        return self.npages << PAGE_SHIFT
+
+    @property
+    def hva_end(self) -> Hva:
+        """First hva after the slot."""
+        return Hva(self.userspace_addr + (self.npages << PAGE_SHIFT))
+
+    @property
+    def invalid(self) -> bool:
+        """``KVM_MEMSLOT_INVALID`` set (slot being deleted or moved)."""
+        return bool(self.flags & KVM_MEMSLOT_INVALID)
+
+    @property
+    def readonly(self) -> bool:
+        """``memslot_is_readonly()``."""
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def logging(self) -> bool:
+        """``kvm_slot_dirty_track_enabled()``: LOG_DIRTY_PAGES set."""
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    def contains_gfn(self, gfn: int) -> bool:
+        """``base_gfn <= gfn < base_gfn + npages``."""
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def gfn_to_hva(self, gfn: int) -> Hva:
+        """``__gfn_to_hva_memslot()``: linear translation, no checks."""
+        return Hva(self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT))
+
+    def hva_to_gfn(self, hva: int) -> Gfn:
+        """``hva_to_gfn_memslot()``: the gfn ``hva`` backs (hva in the slot)."""
+        return Gfn(self.base_gfn + ((hva - self.userspace_addr) >> PAGE_SHIFT))
+
+    def __repr__(self) -> str:
+        names = [n for bit, n in ((KVM_MEM_LOG_DIRTY_PAGES, "LOG_DIRTY"),
+                                   (KVM_MEM_READONLY, "READONLY"),
+                                   (KVM_MEM_GUEST_MEMFD, "GUEST_MEMFD"),
+                                   (KVM_MEMSLOT_INVALID, "INVALID")) if self.flags & bit]
+        return (f"MemorySlot(as={self.as_id} id={self.id} "
+                f"gpa={self.base_gfn << PAGE_SHIFT:#x}-{self.end_gfn << PAGE_SHIFT:#x} "
+                f"hva={self.userspace_addr:#x} {'|'.join(names) or '-'})")
+
+
+def kvm_dirty_bitmap_bytes(slot: MemorySlot) -> int:
+    """``kvm_dirty_bitmap_bytes()``: bytes of one bitmap half (whole longs)."""
+    return ((slot.npages + BITS_PER_LONG - 1) // BITS_PER_LONG) * (BITS_PER_LONG // 8)
+
+
+def mark_page_dirty_in_slot(slot: MemorySlot | None, gfn: int) -> None:
+    """``mark_page_dirty_in_slot()`` (bitmap mode): set ``gfn``'s bit when the
+    slot logs dirty pages and has a bitmap."""
+    if slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and slot.dirty_bitmap is not None:
+        slot.dirty_bitmap[gfn - slot.base_gfn] = True
+
+
+def kvm_copy_memslot(src: MemorySlot) -> MemorySlot:
+    """``kvm_copy_memslot()``: a new slot object with ``src``'s fields; the
+    dirty bitmap is shared, ``arch`` copied by value (a struct copy)."""
+    return MemorySlot(src.id, src.as_id, src.base_gfn, src.npages, src.userspace_addr,
+                      src.flags, src.dirty_bitmap, dict(src.arch), src.gmem)
+
+
+# --- one memslot set ---------------------------------------------------------------------
+
+
+class MemslotSet:
+    """``struct kvm_memslots``: the slots of one address space, as one of the
+    two copies (``node_idx``) the kernel keeps.
+
+    Indexes: slot id -> slot (the kernel's ``id_hash``); base gfn, sorted (the
+    ``gfn_tree``): :meth:`search_memslots` is O(log n); userspace range (the
+    ``hva_tree`` interval tree): :meth:`for_each_memslot_in_hva_range` is
+    O(c log n + k) with c the number of distinct power-of-two slot sizes
+    (slots are bucketed by size class so that only starts within one class
+    length before the range can intersect it)."""
+
+    __slots__ = ("_by_base", "_by_id", "_gfn_starts", "_hva", "as_id", "generation",
+                 "node_idx")
+
+    def __init__(self, as_id: int, node_idx: int) -> None:
+        self.as_id = as_id
+        self.node_idx = node_idx
+        # kvm_create_vm(): address space i starts at generation i.
+        self.generation = as_id
+        self._by_id: dict[int, MemorySlot] = {}
+        self._by_base: dict[int, MemorySlot] = {}
+        self._gfn_starts = SortedList()
+        self._hva: dict[int, Any] = {}  # size class -> SortedList of (uaddr << 16 | id)
+
+    # --- lookups -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def id_to_memslot(self, id: int) -> MemorySlot | None:
+        """``id_to_memslot()``: the slot with this id, or ``None``."""
+        return self._by_id.get(id)
+
+    def search_memslots(self, gfn: int) -> MemorySlot | None:
+        """``search_memslots()`` / ``__gfn_to_memslot()``: the slot whose gfn
+        range holds ``gfn`` (INVALID slots included, as in the kernel), or
+        ``None``.  O(log n)."""
+        starts = self._gfn_starts
+        i = starts.bisect_right(gfn)
+        if not i:
+            return None
+        slot = self._by_base[starts[i - 1]]
+        if gfn < slot.base_gfn + slot.npages:
+            return slot
+        return None
+
+    gfn_to_memslot = search_memslots
+
+    def for_each_memslot(self) -> Iterator[MemorySlot]:
+        """``kvm_for_each_memslot()``: every slot, in gfn order."""
+        by_base = self._by_base
+        for base in self._gfn_starts:
+            yield by_base[base]
+
+    def for_each_memslot_in_gfn_range(self, start: int, end: int) -> Iterator[MemorySlot]:
+        """``kvm_for_each_memslot_in_gfn_range()``: slots intersecting
+        ``[start, end)``, in gfn order.  O(log n + k)."""
+        if start >= end:
+            return
+        starts = self._gfn_starts
+        by_base = self._by_base
+        i = starts.bisect_right(start)
+        if i:
+            first = by_base[starts[i - 1]]
+            if first.base_gfn + first.npages > start:
+                i -= 1
+        for base in starts.islice(i):
+            if base >= end:
+                return
+            yield by_base[base]
+
+    def for_each_memslot_in_hva_range(self, start: int, end: int) -> list[MemorySlot]:
+        """``kvm_for_each_memslot_in_hva_range()``: slots whose userspace range
+        intersects ``[start, end)``, in address order (ties by id)."""
+        if start >= end:
+            return []
+        keys: list[int] = []
+        by_id = self._by_id
+        for cls, lst in self._hva.items():
+            # A slot of this class is shorter than 2 ** (cls + 1) pages.
+            lo = start - (2 << (cls + PAGE_SHIFT)) + 1
+            lo_key = lo << 16 if lo > 0 else 0
+            for key in lst.irange(lo_key, ((end - 1) << 16) | 0xFFFF):
+                slot = by_id[key & 0xFFFF]
+                if slot.userspace_addr + (slot.npages << PAGE_SHIFT) > start:
+                    keys.append(key)
+        if len(self._hva) > 1:
+            keys.sort()
+        return [by_id[k & 0xFFFF] for k in keys]
+
+    # --- updates (only through kvm_replace_memslot) -------------------------------------
+
+    def _insert(self, slot: MemorySlot) -> None:
+        self._by_id[slot.id] = slot
+        self._by_base[slot.base_gfn] = slot
+        self._gfn_starts.add(slot.base_gfn)
+        cls = slot.npages.bit_length() - 1
+        lst = self._hva.get(cls)
+        if lst is None:
+            lst = self._hva[cls] = SortedList()
+        lst.add((slot.userspace_addr << 16) | slot.id)
+
+    def _erase(self, slot: MemorySlot) -> None:
+        del self._by_id[slot.id]
+        del self._by_base[slot.base_gfn]
+        self._gfn_starts.remove(slot.base_gfn)
+        cls = slot.npages.bit_length() - 1
+        lst = self._hva[cls]
+        lst.remove((slot.userspace_addr << 16) | slot.id)
+        if not lst:
+            del self._hva[cls]
+
+
+def kvm_replace_memslot(slots: MemslotSet, old: MemorySlot | None,
+                        new: MemorySlot | None) -> None:
+    """``kvm_replace_memslot()`` on one set: ``old`` -> ``new`` (either may be
+    ``None`` for an insert or a removal).  A replacement with the same geometry
+    (INVALID copy, FLAGS_ONLY, restore) swaps the object in O(1); otherwise
+    O(log n)."""
+    if old is not None and new is not None and old.base_gfn == new.base_gfn \
+            and old.npages == new.npages and old.userspace_addr == new.userspace_addr:
+        slots._by_id[new.id] = new
+        slots._by_base[new.base_gfn] = new
+        return
+    if old is not None:
+        slots._erase(old)
+    if new is not None:
+        slots._insert(new)
+
+
+# --- hooks the VM layer implements ------------------------------------------------------
+
+
+class MemslotHooks(Protocol):
+    """What the VM (arch code) provides to the memslot layer.
+
+    Each ``Op`` may yield (take ``mmu_lock``, ``mmap_lock``, ...).  A hook that
+    fails raises :class:`KernelError` (only ``prepare_memory_region`` and
+    ``gmem_bind`` may fail, as in the kernel)."""
+
+    def prepare_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
+                              change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_prepare_memory_region()``: may reject the change."""
+        ...
+
+    def commit_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
+                             change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_commit_memory_region()``: dirty-logging enable/disable
+        effects (write-protect, split, recover huge pages) happen here."""
+        ...
+
+    def flush_shadow_memslot(self, slot: MemorySlot) -> Op[None]:
+        """``kvm_arch_flush_shadow_memslot()``: zap ``slot`` (DELETE/MOVE)."""
+        ...
+
+    def memslots_updated(self, gen: int) -> Op[None]:
+        """``kvm_arch_memslots_updated()``: a set with generation ``gen`` is
+        about to become current (x86 MMIO SPTE generation wrap)."""
+        ...
+
+    def gmem_bind(self, slot: MemorySlot, fd: int, offset: int) -> None:
+        """``kvm_gmem_bind()``: bind ``slot`` to guest_memfd ``fd`` at ``offset``."""
+        ...
+
+    def gmem_unbind(self, slot: MemorySlot) -> None:
+        """``kvm_gmem_unbind()``."""
+        ...
+
+
+def _nothing() -> Op[None]:
+    return
+    yield  # pragma: no cover
+
+
+class NoopMemslotHooks:
+    """Hooks that accept everything and touch no stage-2 state."""
+
+    def prepare_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
+                              change: KvmMrChange) -> Op[None]:
+        """Accepts every change."""
+        return _nothing()
+
+    def commit_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
+                             change: KvmMrChange) -> Op[None]:
+        """Does nothing."""
+        return _nothing()
+
+    def flush_shadow_memslot(self, slot: MemorySlot) -> Op[None]:
+        """Does nothing."""
+        return _nothing()
+
+    def memslots_updated(self, gen: int) -> Op[None]:
+        """Does nothing."""
+        return _nothing()
+
+    def gmem_bind(self, slot: MemorySlot, fd: int, offset: int) -> None:
+        """Records the binding in ``slot.gmem``."""
+        slot.gmem = (fd, offset)
+
+    def gmem_unbind(self, slot: MemorySlot) -> None:
+        """Drops the binding."""
+        slot.gmem = None
+
+
+# Page-table levels for write_protect_memslot (x86 PG_LEVEL_4K / PG_LEVEL_2M).
+PG_LEVEL_4K = 1
+PG_LEVEL_2M = 2
+
+
+class ArchMemslotHooks(NoopMemslotHooks):
+    """The architectures' memslot hooks, decisions included; stage-2 work left
+    to the overridable no-op methods below (the VM subclasses this).
+
+    * prepare: x86 rejects a MOVE with an external page-track user and a last
+      gfn above ``kvm_mmu_max_gfn()`` (``EINVAL``); arm64 a slot ending above
+      the IPA size (``EFAULT``; ``>=`` in the linux-5.4 variant); riscv a slot
+      ending at or above the G-stage GPA size (``EFAULT``, ``>=`` still).
+      Then arm64/riscv call :meth:`prepare_vma_walk` (the VMA walk lives in
+      the VM).  x86 gives CREATE/MOVE fresh arch metadata and copies ``old``'s
+      on FLAGS_ONLY.
+    * flush (DELETE/MOVE): x86 with ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` (default
+      VM type, quirk on by default) zaps *everything* (``kvm_mmu_zap_all_fast``),
+      without it only the slot; arm64/riscv unmap the slot's range.
+    * commit (``kvm_mmu_slot_apply_flags`` on x86): x86 acts only on FLAGS_ONLY
+      of a writable slot: enabling logging splits (``eager_page_split``),
+      write-protects (4K, or 2M + D-bit clear with PML) and flushes; disabling
+      recovers huge pages.  arm64 write-protects and splits whenever the new
+      slot logs (CREATE and MOVE included); riscv likewise.  Manual protect
+      with ``KVM_DIRTY_LOG_INITIALLY_SET`` skips the write protection.
+
+    ``phys_bits``: x86 max GPA bits (52 with shadow paging, MAXPHYADDR with
+    TDP), arm64 IPA bits (``KVM_VM_TYPE_ARM_IPA_SIZE``, default 40), riscv
+    G-stage GPA bits (Sv39x4 41, Sv48x4 50, Sv57x4 59)."""
+
+    def __init__(
+        self,
+        arch: str,
+        variant: Variant = UPSTREAM,
+        *,
+        phys_bits: int | None = None,
+        slot_zap_all: bool = True,
+        eager_page_split: bool = True,
+        pml: bool = False,
+        external_page_track: bool = False,
+    ) -> None:
+        if arch not in _ARCH_DEFAULTS:
+            raise InputError(f"unknown architecture {arch!r} (known: x86, arm64, riscv)")
+        self.arch = arch
+        self.variant = variant
+        self.phys_bits = phys_bits if phys_bits is not None else \
+            {"x86": 52, "arm64": 40, "riscv": 50}[arch]
+        self.slot_zap_all = slot_zap_all
+        self.eager_page_split = eager_page_split
+        self.pml = pml
+        self.external_page_track = external_page_track
+        self.manual_protect_init_set = False
+
+    # --- state the VM may override ------------------------------------------------------
+
+    def kvm_dirty_log_manual_protect_and_init_set(self) -> bool:
+        """``kvm_dirty_log_manual_protect_and_init_set()``."""
+        return self.manual_protect_init_set
+
+    # --- stage-2 primitives (no-ops; the VM implements them) ---------------------------
+
+    def prepare_vma_walk(self, old: MemorySlot | None, new: MemorySlot,
+                         change: KvmMrChange) -> Op[None]:
+        """arm64/riscv prepare's VMA walk (may raise ``EPERM``/``EINVAL``)."""
+        return _nothing()
+
+    def zap_all(self) -> Op[None]:
+        """x86 ``kvm_mmu_zap_all_fast()``: obsolete every root."""
+        return _nothing()
+
+    def zap_memslot(self, slot: MemorySlot) -> Op[None]:
+        """Zap ``slot``'s range: x86 ``kvm_mmu_zap_memslot``, arm64
+        ``unmap_stage2_range``, riscv ``kvm_riscv_gstage_unmap_range`` (with
+        their TLB flushes)."""
+        return _nothing()
+
+    def write_protect_memslot(self, slot: MemorySlot, min_level: int) -> Op[None]:
+        """Remove write access from ``slot``'s leaves of ``min_level`` and up:
+        x86 ``kvm_mmu_slot_remove_write_access``, arm64
+        ``kvm_mmu_wp_memory_region``, riscv ``mmu_wp_memory_region`` (arm64 and
+        riscv flush TLBs inside)."""
+        return _nothing()
+
+    def clear_dirty_memslot(self, slot: MemorySlot) -> Op[None]:
+        """x86 with PML: ``kvm_mmu_slot_leaf_clear_dirty``."""
+        return _nothing()
+
+    def split_memslot(self, slot: MemorySlot) -> Op[None]:
+        """Eager split of huge leaves: x86 ``kvm_mmu_slot_try_split_huge_pages``,
+        arm64 ``kvm_mmu_split_memory_region`` (a no-op unless the VM set an
+        eager-split chunk size), riscv ``mmu_split_memory_region``."""
+        return _nothing()
+
+    def recover_huge_pages(self, slot: MemorySlot) -> Op[None]:
+        """x86 ``kvm_mmu_recover_huge_pages``: let huge mappings come back."""
+        return _nothing()
+
+    def flush_remote_tlbs_memslot(self, slot: MemorySlot) -> Op[None]:
+        """``kvm_flush_remote_tlbs_memslot()``."""
+        return _nothing()
+
+    # --- the hooks -----------------------------------------------------------------------
+
+    def prepare_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
+                              change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_prepare_memory_region()`` of ``self.arch``."""
+        if change == KvmMrChange.DELETE or new is None:
+            return
+        if self.arch == "x86":
+            if change == KvmMrChange.MOVE and self.external_page_track:
+                raise KernelError("EINVAL", CALL, "x86: MOVE with an external page-track user")
+            if change in (KvmMrChange.CREATE, KvmMrChange.MOVE):
+                if new.base_gfn + new.npages - 1 > (1 << (self.phys_bits - PAGE_SHIFT)) - 1:
+                    raise KernelError("EINVAL", CALL, "x86: last gfn above kvm_mmu_max_gfn()")
+                new.arch = {}  # kvm_alloc_memslot_metadata
+            elif old is not None:
+                new.arch = dict(old.arch)
+            return
+        limit = 1 << (self.phys_bits - PAGE_SHIFT)
+        end = new.base_gfn + new.npages
+        if self.arch == "riscv" or self.variant.ipa_limit_off_by_one:
+            if end >= limit:
+                raise KernelError("EFAULT", CALL, f"{self.arch}: slot reaches the GPA size")
+        elif end > limit:
+            raise KernelError("EFAULT", CALL, "arm64: slot beyond the IPA size")
+        yield from self.prepare_vma_walk(old, new, change)
+
+    def flush_shadow_memslot(self, slot: MemorySlot) -> Op[None]:
+        """``kvm_arch_flush_shadow_memslot()`` of ``self.arch``."""
+        if self.arch == "x86" and self.slot_zap_all:
+            yield from self.zap_all()
+        else:
+            yield from self.zap_memslot(slot)
+
+    def commit_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
+                             change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_commit_memory_region()`` of ``self.arch``."""
+        new_flags = new.flags if new is not None else 0
+        logging = bool(new_flags & KVM_MEM_LOG_DIRTY_PAGES)
+        if self.arch == "x86":
+            # kvm_mmu_slot_apply_flags
+            if change != KvmMrChange.FLAGS_ONLY or new_flags & KVM_MEM_READONLY or new is None:
+                return
+            if not logging:
+                yield from self.recover_huge_pages(new)
+                return
+            if self.kvm_dirty_log_manual_protect_and_init_set():
+                return
+            if self.eager_page_split:
+                yield from self.split_memslot(new)
+            if self.pml:
+                yield from self.clear_dirty_memslot(new)
+                yield from self.write_protect_memslot(new, PG_LEVEL_2M)
+            else:
+                yield from self.write_protect_memslot(new, PG_LEVEL_4K)
+            yield from self.flush_remote_tlbs_memslot(new)
+            return
+        if new is None or not logging or change == KvmMrChange.DELETE:
+            return
+        if self.kvm_dirty_log_manual_protect_and_init_set():
+            return
+        yield from self.write_protect_memslot(new, PG_LEVEL_4K)
+        if self.arch == "arm64" or self.eager_page_split:
+            yield from self.split_memslot(new)
+
+
+# --- the VM-wide memslot state ----------------------------------------------------------
+
+
+class VmMemslots:
+    """The memslot part of ``struct kvm``: per address space two
+    :class:`MemslotSet` s (active and inactive), ``nr_memslot_pages``,
+    ``nr_memslots_dirty_logging``, the dirty-bitmap options and the hooks.
+
+    ``use_dirty_bitmap`` is ``kvm_use_dirty_bitmap()`` (false for a dirty-ring
+    VM without ``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP``);
+    ``manual_protect_init_set`` is manual protect with
+    ``KVM_DIRTY_LOG_INITIALLY_SET`` (new bitmaps start all set)."""
+
+    def __init__(self, limits: MemslotLimits | str, hooks: MemslotHooks | None = None) -> None:
+        self.limits = memslot_limits(limits) if isinstance(limits, str) else limits
+        self.hooks: MemslotHooks = hooks if hooks is not None else NoopMemslotHooks()
+        self.nr_memslot_pages = 0
+        self.nr_memslots_dirty_logging = 0
+        self.use_dirty_bitmap = True
+        self.manual_protect_init_set = False
+        self._sets = [(MemslotSet(i, 0), MemslotSet(i, 1)) for i in range(self.limits.nr_as_ids)]
+        self._active = [pair[0] for pair in self._sets]
+
+    # --- readers -------------------------------------------------------------------------
+
+    def memslots(self, as_id: int = 0) -> MemslotSet:
+        """``__kvm_memslots()``: the active set of ``as_id`` (what SRCU readers see)."""
+        return self._active[as_id]
+
+    def inactive_memslots(self, as_id: int = 0) -> MemslotSet:
+        """``kvm_get_inactive_memslots()``."""
+        active = self._active[as_id]
+        return self._sets[as_id][active.node_idx ^ 1]
+
+    def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
+        """``gfn_to_memslot()``: the active slot holding ``gfn`` (may be INVALID)."""
+        return self._active[as_id].search_memslots(gfn)
+
+    def id_to_memslot(self, id: int, as_id: int = 0) -> MemorySlot | None:
+        """``id_to_memslot(__kvm_memslots(kvm, as_id), id)``."""
+        return self._active[as_id]._by_id.get(id)
+
+    def generation(self, as_id: int = 0) -> int:
+        """The active set's generation (``kvm_memslots(kvm)->generation``)."""
+        return self._active[as_id].generation
+
+    def for_each_memslot(self) -> Iterator[MemorySlot]:
+        """Every active slot, address space by address space, in gfn order."""
+        for slots in self._active:
+            yield from slots.for_each_memslot()
+
+    def gfn_ranges_for_hva(self, start: int, end: int) -> list[tuple[MemorySlot, Gfn, Gfn]]:
+        """What ``kvm_handle_hva_range()`` hands its handler for ``[start, end)``:
+        for every address space and every active slot whose userspace range
+        intersects it, ``(slot, gfn_start, gfn_end)``."""
+        out: list[tuple[MemorySlot, Gfn, Gfn]] = []
+        for slots in self._active:
+            for slot in slots.for_each_memslot_in_hva_range(start, end):
+                hva_start = max(start, slot.userspace_addr)
+                hva_end = min(end, slot.userspace_addr + (slot.npages << PAGE_SHIFT))
+                out.append((slot, slot.hva_to_gfn(hva_start),
+                            slot.hva_to_gfn(hva_end + PAGE_SIZE - 1)))
+        return out
+
+    # --- the ioctl -----------------------------------------------------------------------
+
+    def set_user_memory_region_op(self, mem: KvmUserspaceMemoryRegion,
+                                  v2: bool = False) -> Op[None]:
+        """The ioctl as an :data:`Op` (see :func:`kvm_vm_ioctl_set_memory_region`)."""
+        return kvm_vm_ioctl_set_memory_region(self, mem, v2)
+
+    def set_user_memory_region(self, mem: KvmUserspaceMemoryRegion, v2: bool = False) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (``v2``: ``..._REGION2``), run to
+        completion.  Returns nothing; raises :class:`KernelError`."""
+        op = kvm_vm_ioctl_set_memory_region(self, mem, v2)
+        try:
+            while True:
+                next(op)
+        except StopIteration:
+            return
+
+    def set_internal_memslot(self, mem: KvmUserspaceMemoryRegion) -> None:
+        """``kvm_set_internal_memslot()`` run to completion (x86 private slots)."""
+        op = kvm_set_internal_memslot(self, mem)
+        try:
+            while True:
+                next(op)
+        except StopIteration:
+            return
+
+
+def kvm_vm_ioctl_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion,
+                                   v2: bool = False) -> Op[None]:
+    """``kvm_vm_ioctl(KVM_SET_USER_MEMORY_REGION[2])`` +
+    ``kvm_vm_ioctl_set_memory_region()``.
+
+    The v1 ioctl rejects flags outside LOG_DIRTY_PAGES|READONLY and ignores the
+    v2-only fields; a slot id at or above ``KVM_USER_MEM_SLOTS`` is ``EINVAL``
+    (internal slots are not the user's); then ``slots_lock`` is taken around
+    :func:`kvm_set_memory_region`.  Returns nothing; raises :class:`KernelError`."""
+    if not v2:
+        if mem.flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
+            raise KernelError("EINVAL", CALL, f"flags {mem.flags:#x} not allowed by the v1 ioctl")
+        if mem.guest_memfd or mem.guest_memfd_offset:
+            mem = KvmUserspaceMemoryRegion(mem.slot, mem.flags, mem.guest_phys_addr,
+                                           mem.memory_size, mem.userspace_addr)
+    if (mem.slot & 0xFFFF) >= kvm.limits.user_mem_slots:
+        raise KernelError("EINVAL", CALL,
+                          f"slot id {mem.slot & 0xFFFF} >= KVM_USER_MEM_SLOTS "
+                          f"({kvm.limits.user_mem_slots})")
+    yield acquire(LOCK_SLOTS)
+    try:
+        yield from kvm_set_memory_region(kvm, mem)
+    except KernelError:
+        yield release(LOCK_SLOTS)
+        raise
+    yield release(LOCK_SLOTS)
+
+
+def kvm_set_internal_memslot(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[None]:
+    """``kvm_set_internal_memslot()``: for the arch's private slots (id at or
+    above ``KVM_USER_MEM_SLOTS``, no flags); takes ``slots_lock`` as x86's
+    ``x86_set_memory_region`` does.  Raises :class:`KernelError`."""
+    if (mem.slot & 0xFFFF) < kvm.limits.user_mem_slots:
+        raise KernelError("EINVAL", CALL, "internal memslot with a user slot id")
+    if mem.flags:
+        raise KernelError("EINVAL", CALL, "internal memslot with flags")
+    yield acquire(LOCK_SLOTS)
+    try:
+        yield from kvm_set_memory_region(kvm, mem)
+    except KernelError:
+        yield release(LOCK_SLOTS)
+        raise
+    yield release(LOCK_SLOTS)
+
+
+def check_memory_region_flags(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> bool:
+    """``check_memory_region_flags()``: True if ``mem.flags`` is acceptable.
+
+    LOG_DIRTY_PAGES always (but not with GUEST_MEMFD); GUEST_MEMFD with
+    guest_memfd support; READONLY if the arch has read-only memory and the
+    request is not GUEST_MEMFD."""
+    flags = mem.flags
+    valid = KVM_MEM_LOG_DIRTY_PAGES
+    if kvm.limits.guest_memfd:
+        valid |= KVM_MEM_GUEST_MEMFD
+    if flags & KVM_MEM_GUEST_MEMFD:
+        valid &= ~KVM_MEM_LOG_DIRTY_PAGES
+    elif kvm.limits.readonly_mem:
+        valid |= KVM_MEM_READONLY
+    return not flags & ~valid
+
+
+def kvm_check_memslot_overlap(slots: MemslotSet, id: int, start: int, end: int) -> bool:
+    """``kvm_check_memslot_overlap()``: does a slot other than ``id`` intersect
+    ``[start, end)`` (gpa space only)?"""
+    return any(slot.id != id for slot in slots.for_each_memslot_in_gfn_range(start, end))
+
+
+def kvm_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[None]:
+    """``kvm_set_memory_region()``: validate in the kernel's order (first
+    failing rule wins; kernel-semantics.md §1.5), classify the change, then run
+    :func:`kvm_set_memslot`.  Caller holds ``slots_lock``.
+
+    Returns nothing (also for an identical request: no-op, no generation
+    change); raises :class:`KernelError`."""
+    limits = kvm.limits
+    # rule 1
+    if not check_memory_region_flags(kvm, mem):
+        raise KernelError("EINVAL", CALL, f"invalid flags {mem.flags:#x}")
+    # rule 2
+    as_id = mem.slot >> 16
+    id = mem.slot & 0xFFFF
+    size = mem.memory_size
+    gpa = mem.guest_phys_addr
+    uaddr = mem.userspace_addr
+    # rule 3 (the unsigned-long truncation cannot happen on a 64-bit host)
+    if size & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", CALL, "memory_size not page aligned")
+    # rule 4
+    if gpa & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", CALL, "guest_phys_addr not page aligned")
+    # rule 5
+    if uaddr & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", CALL, "userspace_addr not page aligned")
+    if uaddr != untagged_addr(limits, uaddr):
+        raise KernelError("EINVAL", CALL, "userspace_addr is tagged")
+    if uaddr + size > limits.task_size_max:
+        raise KernelError("EINVAL", CALL, "userspace range fails access_ok()")
+    # rule 6
+    if mem.flags & KVM_MEM_GUEST_MEMFD and (
+            mem.guest_memfd_offset & (PAGE_SIZE - 1)
+            or mem.guest_memfd_offset + size > U64_MAX):
+        raise KernelError("EINVAL", CALL, "guest_memfd_offset misaligned or wraps")
+    # rule 7
+    if as_id >= limits.nr_as_ids or id >= KVM_MEM_SLOTS_NUM:
+        raise KernelError("EINVAL", CALL, f"as_id {as_id} / slot id {id} out of range")
+    # rule 8
+    if gpa + size > U64_MAX:
+        raise KernelError("EINVAL", CALL, "guest_phys_addr + memory_size wraps")
+    npages = size >> PAGE_SHIFT
+    # rule 9
+    if id < limits.user_mem_slots and npages > KVM_MEM_MAX_NR_PAGES:
+        raise KernelError("EINVAL", CALL, "more than KVM_MEM_MAX_NR_PAGES pages")
+    # rule 10
+    slots = kvm._active[as_id]
+    old = slots._by_id.get(id)
+    if not size:
+        # rule 11
+        if old is None or not old.npages:
+            raise KernelError("EINVAL", CALL, f"delete of slot {id}, which does not exist")
+        # rule 12 (an accounting bug; WARN in the kernel)
+        if kvm.nr_memslot_pages < old.npages:
+            raise KernelError("EIO", CALL, "nr_memslot_pages underflow")
+        # rule 13
+        yield from kvm_set_memslot(kvm, old, None, KvmMrChange.DELETE)
+        return
+    base_gfn = gpa >> PAGE_SHIFT
+    if old is None or not old.npages:
+        # rules 14, 15
+        change = KvmMrChange.CREATE
+        if kvm.nr_memslot_pages + npages > ULONG_MAX:
+            raise KernelError("EINVAL", CALL, "nr_memslot_pages would overflow")
+    else:
+        # rule 16
+        if mem.flags & KVM_MEM_GUEST_MEMFD:
+            raise KernelError("EINVAL", CALL, "guest_memfd slots cannot be modified")
+        # rule 17
+        if uaddr != old.userspace_addr or npages != old.npages \
+                or (mem.flags ^ old.flags) & KVM_MEM_READONLY:
+            raise KernelError("EINVAL", CALL,
+                              "userspace_addr, size or READONLY of a slot cannot change")
+        # rule 18
+        if base_gfn != old.base_gfn:
+            change = KvmMrChange.MOVE
+        elif mem.flags != old.flags:
+            change = KvmMrChange.FLAGS_ONLY
+        else:
+            return
+    # rule 19
+    if change != KvmMrChange.FLAGS_ONLY and \
+            kvm_check_memslot_overlap(slots, id, base_gfn, base_gfn + npages):
+        raise KernelError("EEXIST", CALL, "guest physical range overlaps another slot")
+    # rule 20 (kzalloc cannot fail here)
+    new = MemorySlot(id, as_id, Gfn(base_gfn), npages, Hva(uaddr), mem.flags)
+    # rule 21
+    gmem = bool(mem.flags & KVM_MEM_GUEST_MEMFD)
+    if gmem:
+        kvm.hooks.gmem_bind(new, mem.guest_memfd, mem.guest_memfd_offset)
+    # rule 22
+    try:
+        yield from kvm_set_memslot(kvm, old, new, change)
+    except KernelError:
+        if gmem:
+            kvm.hooks.gmem_unbind(new)
+        raise
+
+
+def kvm_set_memslot(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
+                    change: KvmMrChange) -> Op[None]:
+    """``kvm_set_memslot()``: invalidate (DELETE/MOVE), prepare, install, commit.
+
+    Takes ``slots_arch_lock`` (released by each swap).  If prepare fails, a
+    DELETE/MOVE restores ``old`` with one more swap; the zap stays (I5).
+    Raises the prepare hook's :class:`KernelError`."""
+    yield acquire(LOCK_SLOTS_ARCH)
+    invalid: MemorySlot | None = None
+    if change == KvmMrChange.DELETE or change == KvmMrChange.MOVE:
+        assert old is not None
+        invalid = kvm_copy_memslot(old)
+        invalid.flags |= KVM_MEMSLOT_INVALID
+        yield from kvm_invalidate_memslot(kvm, old, invalid)
+    try:
+        yield from kvm_prepare_memory_region(kvm, old, new, change)
+    except KernelError:
+        if invalid is not None:
+            yield from kvm_activate_memslot(kvm, invalid, old)
+        else:
+            yield release(LOCK_SLOTS_ARCH)
+        raise
+    as_id = old.as_id if old is not None else new.as_id  # type: ignore[union-attr]
+    inactive = kvm.inactive_memslots(as_id)
+    if change == KvmMrChange.CREATE:
+        # kvm_create_memslot
+        kvm_replace_memslot(inactive, None, new)
+        yield from kvm_activate_memslot(kvm, None, new, as_id)
+    elif change == KvmMrChange.DELETE:
+        # kvm_delete_memslot
+        kvm_replace_memslot(inactive, old, None)
+        yield from kvm_activate_memslot(kvm, invalid, None, as_id)
+    elif change == KvmMrChange.MOVE:
+        # kvm_move_memslot
+        kvm_replace_memslot(inactive, old, new)
+        yield from kvm_activate_memslot(kvm, invalid, new, as_id)
+    else:
+        # kvm_update_flags_memslot
+        kvm_replace_memslot(inactive, old, new)
+        yield from kvm_activate_memslot(kvm, old, new, as_id)
+    yield from kvm_commit_memory_region(kvm, old, new, change)
+
+
+def kvm_invalidate_memslot(kvm: VmMemslots, old: MemorySlot, invalid: MemorySlot) -> Op[None]:
+    """``kvm_invalidate_memslot()``: publish the INVALID copy of ``old`` (new
+    faults see no usable slot), zap ``old`` (``flush_shadow_memslot``), retake
+    ``slots_arch_lock`` and copy the arch data back into ``old``.
+
+    Yields ``point("memslot_invalid_published")`` once the INVALID slot is the
+    active one and before the zap."""
+    kvm_replace_memslot(kvm.inactive_memslots(old.as_id), old, invalid)
+    # Swap without propagating: the INVALID slot is only ever in the active set.
+    yield from kvm_swap_active_memslots(kvm, old.as_id)
+    yield point(POINT_INVALID_PUBLISHED)
+    yield from kvm.hooks.flush_shadow_memslot(old)
+    yield acquire(LOCK_SLOTS_ARCH)
+    old.arch = invalid.arch
+
+
+def kvm_activate_memslot(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
+                         as_id: int | None = None) -> Op[None]:
+    """``kvm_activate_memslot()``: swap the sets, then repeat ``old`` -> ``new``
+    on the now-inactive set."""
+    if as_id is None:
+        as_id = old.as_id if old is not None else new.as_id  # type: ignore[union-attr]
+    yield from kvm_swap_active_memslots(kvm, as_id)
+    kvm_replace_memslot(kvm.inactive_memslots(as_id), old, new)
+
+
+def kvm_swap_active_memslots(kvm: VmMemslots, as_id: int) -> Op[None]:
+    """``kvm_swap_active_memslots()``: publish the inactive set of ``as_id``.
+
+    The new set first carries the old generation with
+    ``KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS``; it is published once no MMU-notifier
+    invalidation is active (exclusive ``memslots_frozen``), ``slots_arch_lock``
+    is dropped, readers are waited for (``synchronize_srcu_expedited``: an
+    exclusive ``srcu`` acquire/release), ``kvm_arch_memslots_updated`` runs,
+    and the generation becomes old + ``nr_as_ids``."""
+    slots = kvm.inactive_memslots(as_id)
+    gen = kvm._active[as_id].generation
+    slots.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+    yield acquire(LOCK_MEMSLOTS_FROZEN)
+    kvm._active[as_id] = slots
+    yield release(LOCK_MEMSLOTS_FROZEN)
+    yield release(LOCK_SLOTS_ARCH)
+    yield acquire(LOCK_SRCU)
+    yield release(LOCK_SRCU)
+    gen = (slots.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + kvm.limits.nr_as_ids
+    yield from kvm.hooks.memslots_updated(gen)
+    slots.generation = gen
+
+
+def kvm_alloc_dirty_bitmap(slot: MemorySlot) -> DirtyBitmap:
+    """``kvm_alloc_dirty_bitmap()``: a cleared bitmap, one bit per page (the
+    kernel's second, scratch half is ``KVM_GET_DIRTY_LOG``'s business)."""
+    return np.zeros(slot.npages, dtype=np.bool_)
+
+
+def kvm_prepare_memory_region(kvm: VmMemslots, old: MemorySlot | None,
+                              new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
+    """``kvm_prepare_memory_region()``: settle ``new``'s dirty bitmap, then the
+    arch prepare hook.
+
+    Not for DELETE: no LOG_DIRTY_PAGES -> no bitmap; ``old`` has a bitmap ->
+    reuse it (a MOVE of a logged slot keeps its bits); else, if the VM uses
+    bitmaps, allocate one (all set with manual protect + INITIALLY_SET).  A
+    freshly allocated bitmap is dropped again if the hook fails."""
+    if change != KvmMrChange.DELETE and new is not None:
+        if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            new.dirty_bitmap = None
+        elif old is not None and old.dirty_bitmap is not None:
+            new.dirty_bitmap = old.dirty_bitmap
+        elif kvm.use_dirty_bitmap:
+            bitmap = kvm_alloc_dirty_bitmap(new)
+            if kvm.manual_protect_init_set:
+                bitmap[:] = True
+            new.dirty_bitmap = bitmap
+    try:
+        yield from kvm.hooks.prepare_memory_region(old, new, change)
+    except KernelError:
+        if new is not None and new.dirty_bitmap is not None and \
+                (old is None or old.dirty_bitmap is None):
+            new.dirty_bitmap = None
+        raise
+
+
+def kvm_commit_memory_region(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
+                             change: KvmMrChange) -> Op[None]:
+    """``kvm_commit_memory_region()``: account pages and logging slots, run the
+    arch commit hook, free what the old slot no longer shares (its dirty bitmap
+    when logging was turned off)."""
+    if change == KvmMrChange.DELETE:
+        assert old is not None
+        kvm.nr_memslot_pages -= old.npages
+    elif change == KvmMrChange.CREATE:
+        assert new is not None
+        kvm.nr_memslot_pages += new.npages
+    old_flags = old.flags if old is not None else 0
+    new_flags = new.flags if new is not None else 0
+    if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+        kvm.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
+    yield from kvm.hooks.commit_memory_region(old, new, change)
+    if change == KvmMrChange.DELETE:
+        # kvm_free_memslot: the bitmap goes with the slot.
+        assert old is not None
+        if old.gmem is not None:
+            kvm.hooks.gmem_unbind(old)
+        old.dirty_bitmap = None
+    elif change != KvmMrChange.CREATE:
+        assert old is not None and new is not None
+        if old.dirty_bitmap is not None and new.dirty_bitmap is None:
+            old.dirty_bitmap = None
+
+
+# --- consistency checks (never called by the fast paths) --------------------------------
+
+
+def validate_memslot_set(slots: MemslotSet) -> None:
+    """Check one set's indexes against each other: ids, sorted and
+    non-overlapping gfn ranges, the hva index.  Raises :class:`ValidationError`."""
+    inv = "memslot-set"
+    if len(slots._by_id) != len(slots._by_base) or len(slots._by_id) != len(slots._gfn_starts):
+        raise ValidationError(inv, f"as {slots.as_id}: index sizes differ")
+    prev_end = -1
+    for base in slots._gfn_starts:
+        slot = slots._by_base[base]
+        if slots._by_id.get(slot.id) is not slot:
+            raise ValidationError(inv, f"{slot!r} not in the id index")
+        if slot.as_id != slots.as_id or slot.base_gfn != base or slot.npages <= 0:
+            raise ValidationError(inv, f"{slot!r} misfiled")
+        if base < prev_end:
+            raise ValidationError(inv, f"{slot!r} overlaps the previous slot")
+        prev_end = slot.base_gfn + slot.npages
+    keys = sorted(k for lst in slots._hva.values() for k in lst)
+    want = sorted((s.userspace_addr << 16) | s.id for s in slots._by_id.values())
+    if keys != want:
+        raise ValidationError(inv, f"as {slots.as_id}: hva index out of date")
+
+
+def validate_memslots(kvm: VmMemslots) -> None:
+    """Check every set, that active and inactive hold the same slots outside
+    an update, that no generation is marked in progress, and the page and
+    logging counters.  Raises :class:`ValidationError`."""
+    pages = 0
+    logging = 0
+    for as_id, pair in enumerate(kvm._sets):
+        for slots in pair:
+            validate_memslot_set(slots)
+        active = kvm._active[as_id]
+        inactive = kvm.inactive_memslots(as_id)
+        if list(active.for_each_memslot()) != list(inactive.for_each_memslot()):
+            raise ValidationError("memslot-sets", f"as {as_id}: active and inactive differ")
+        if active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+            raise ValidationError("memslot-generation", f"as {as_id}: update in progress")
+        for slot in active.for_each_memslot():
+            if slot.invalid:
+                raise ValidationError("memslot-sets", f"{slot!r} left INVALID")
+            pages += slot.npages
+            logging += bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES)
+            bitmap = slot.dirty_bitmap
+            if bitmap is not None and (not slot.logging or len(bitmap) != slot.npages):
+                raise ValidationError("memslot-dirty-bitmap", f"{slot!r}: stray bitmap")
+    if pages != kvm.nr_memslot_pages:
+        raise ValidationError("memslot-accounting",
+                              f"nr_memslot_pages {kvm.nr_memslot_pages} != {pages}")
+    if logging != kvm.nr_memslots_dirty_logging:
+        raise ValidationError("memslot-accounting",
+                              f"nr_memslots_dirty_logging {kvm.nr_memslots_dirty_logging} "
+                              f"!= {logging}")

@@ -1,0 +1,117 @@
+"""RISC-V KVM MMU: ``gstage_page_fault`` and ``kvm_riscv_mmu_map`` of
+arch/riscv/kvm/vcpu_exit.c and arch/riscv/kvm/mmu.c (kernel-semantics.md
+§2.4, §3.4).
+
+``kvm_arch_prepare_memory_region`` keeps, upstream, the checks RISC-V copied
+from the 2019 arm code: the ``>=`` IPA check, EPERM for a writable slot over
+a VMA without VM_WRITE and EINVAL for dirty logging over VM_PFNMAP.  The
+premapping of VM_PFNMAP ranges (``kvm_riscv_gstage_ioremap``) existed from
+v5.16 until 8c5fa3764fac removed it for v6.18; the ``linux-5.4`` variant
+switches it back on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmmem.host.vma import VM_PFNMAP
+from kvmmem.kvm.arch_common import (
+    ArchKvm,
+    fault_supports_stage2_huge_mapping,
+    memslot_is_logging,
+)
+from kvmmem.kvm.arm64 import prepare_vma_walk
+from kvmmem.kvm.faultin import (
+    KVM_PFN_ERR_HWPOISON,
+    is_error_noslot_pfn,
+    kvm_faultin_pfn,
+    kvm_release_faultin_page,
+)
+from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
+from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
+from kvmmem.sync import Op, acquire, release
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+
+if TYPE_CHECKING:
+    from kvmmem.kvm.memslot import MemorySlot
+    from kvmmem.kvm.vcpu import Vcpu
+    from kvmmem.kvm.vm import Vm
+
+EOPNOTSUPP = FaultResult(Fault.ERRNO, errno="EOPNOTSUPP")
+
+
+class RiscvKvm(ArchKvm):
+    """The RISC-V G-stage MMU."""
+
+    name = "riscv"
+    max_user_slots = 32767
+
+    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
+        """``gstage_page_fault``."""
+        gfn = gpa >> PAGE_SHIFT
+        slot = vm.gfn_to_memslot(gfn)
+        write = access is Access.WRITE
+        if slot is None or slot.invalid or (write and slot.readonly):
+            # Loads and stores are emulated as MMIO; an instruction fetch cannot be.
+            if access is Access.EXEC:
+                return EOPNOTSUPP
+            return MMIO
+        return (yield from self.kvm_riscv_mmu_map(vm, slot, gpa, write))
+
+    def kvm_riscv_mmu_map(self, vm: Vm, slot: MemorySlot, gpa: int, write: bool
+                          ) -> Op[FaultResult]:
+        """``kvm_riscv_mmu_map``: size from the VMA, pfn, retry check, map RWX."""
+        mm = vm.mm
+        variant = vm.variant
+        gfn = gpa >> PAGE_SHIFT
+        hva = vm.gfn_to_hva(slot, gfn)
+        logging = memslot_is_logging(slot)
+        yield acquire("mmap_lock", shared=True)
+        vma = mm.vma_lookup(hva)
+        if vma is None:
+            yield release("mmap_lock", shared=True)
+            return EFAULT
+        size = 1 << vma.page_shift
+        if logging or vma.flags & VM_PFNMAP:
+            size = PAGE_SIZE
+        if size != PAGE_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
+            size = PAGE_SIZE
+        mmu_seq = vm.mmu_invalidate_seq
+        is_pfnmap = bool(vma.flags & VM_PFNMAP)
+        yield release("mmap_lock", shared=True)
+
+        fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
+        if fin.pfn == KVM_PFN_ERR_HWPOISON:
+            return FaultResult(Fault.ERRNO, errno="EINTR")
+        if is_error_noslot_pfn(fin.pfn):
+            return EFAULT
+        writable = fin.map_writable
+        if logging and not write:
+            writable = False
+        yield acquire("mmu_lock")
+        if variant.invalidate_retry and mmu_invalidate_retry(vm, mmu_seq):
+            yield release("mmu_lock")
+            kvm_release_faultin_page(mm, fin)
+            return RETRY
+        if size == PAGE_SIZE and not logging and not is_pfnmap \
+                and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
+                and mm.host_mapping_size(hva) >= PMD_SIZE:
+            size = PMD_SIZE  # THP support (ed7ae7a34bea, late 2025)
+        # No memory-type attribute is derived in the fault path: always RWX-capable.
+        vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True,
+                   device=not mm.physmem.pfn_valid(fin.pfn), access=None)
+        yield release("mmu_lock")
+        kvm_release_faultin_page(mm, fin)
+        if writable:
+            vm.mark_page_dirty(slot, gfn)
+        return RESUME
+
+    def prepare_memory_region(
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
+    ) -> Op[None]:
+        """``kvm_arch_prepare_memory_region`` (riscv): IPA check, EPERM and
+        EINVAL checks always; the PFNMAP premap only under ``linux-5.4``."""
+        if new is None or change == "delete":
+            return
+        yield from prepare_vma_walk(vm, new, change, premap=vm.variant.prepare_walks_vmas,
+                                    check_write=True)

@@ -1,0 +1,264 @@
+"""vCPUs: a guest access goes TLB -> stage-2 walk -> fault -> resolver ->
+install -> access, or ends in an exit.
+
+An access is split at 4 KiB page boundaries into fragments, as the hardware
+faults page by page and KVM's emulator completes a page-crossing access
+fragment by fragment (``emulator_read_write_onepage``): the part inside a
+memslot is performed, only the part outside exits as MMIO
+(kvm-on-this-host.md §3.3).  Contiguous MMIO fragments form one exit.
+
+Two paths, chosen per vCPU (kvm-on-this-host.md §0, §6):
+
+* ``native`` - the access takes the stage-2 MMU path: TLB, walk, and on a
+  miss the architecture's fault handler;
+* ``emulated`` (x86) - every access goes through KVM's instruction emulator:
+  ``kvm_vcpu_read_guest``/``kvm_vcpu_write_guest`` -> memslot -> hva ->
+  ``copy_from_user``/``copy_to_user``; any access that cannot be completed
+  becomes an MMIO exit, never EFAULT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from kvmmem.host.mm import HostSignal
+from kvmmem.sync import Op
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
+
+if TYPE_CHECKING:
+    from kvmmem.kvm.vm import Vm
+
+MAX_FAULT_RETRIES = 64
+"""A fault that keeps asking to retry (an invalidation that never ends in a
+sequential run) is reported instead of spinning forever."""
+
+
+class Access(Enum):
+    """The kind of guest access."""
+
+    READ = "read"
+    WRITE = "write"
+    EXEC = "exec"
+
+
+class Fault(Enum):
+    """What a stage-2 fault handler decided."""
+
+    RESUME = "resume"  # mapping installed (or nothing to do): re-execute
+    RETRY = "retry"  # stale: an invalidation raced; re-execute and re-fault
+    MMIO = "mmio"  # exit to userspace with KVM_EXIT_MMIO
+    EMULATE = "emulate"  # x86 RET_PF_EMULATE: run the access through the emulator
+    EFAULT = "efault"  # KVM_RUN fails with EFAULT
+    ERRNO = "errno"  # KVM_RUN fails with another errno (ENOSYS, EOPNOTSUPP, ENOEXEC...)
+    ABORT = "abort"  # an exception is injected into the guest
+
+
+@dataclass(slots=True)
+class FaultResult:
+    """A fault handler's decision; ``errno`` for ERRNO, ``abort`` names the
+    injected exception for ABORT."""
+
+    kind: Fault
+    errno: str = ""
+    abort: str = ""
+
+
+RESUME = FaultResult(Fault.RESUME)
+RETRY = FaultResult(Fault.RETRY)
+MMIO = FaultResult(Fault.MMIO)
+EMULATE = FaultResult(Fault.EMULATE)
+EFAULT = FaultResult(Fault.EFAULT)
+
+
+@dataclass(slots=True)
+class AccessResult:
+    """The outcome of one guest access, in the SCENARIOS.md vocabulary.
+
+    ``result`` is ``ok`` (with ``value`` for reads), ``mmio`` (``gpa``,
+    ``length``, ``is_write``, ``data``), ``fault`` (KVM_RUN -> EFAULT),
+    ``error`` (KVM_RUN -> another ``errno``) or ``abort`` (an exception was
+    injected into the guest, named by ``abort``; an extension of the
+    contract)."""
+
+    result: str
+    value: int | None = None
+    gpa: int = 0
+    length: int = 0
+    is_write: bool = False
+    data: int = 0
+    errno: str = ""
+    abort: str = ""
+
+    def to_outcome(self) -> dict[str, Any]:
+        """The outcome keys of SCENARIOS.md (without ``step``/``op``)."""
+        out: dict[str, Any] = {"result": self.result}
+        if self.result == "ok":
+            if self.value is not None:
+                out["value"] = self.value
+        elif self.result == "mmio":
+            out.update(gpa=self.gpa, len=self.length, is_write=self.is_write)
+            if self.is_write:
+                out["data"] = self.data
+            elif self.value is not None:
+                out["value"] = self.value
+        elif self.result == "fault":
+            out["gpa"] = self.gpa
+            out["size"] = self.length
+        elif self.result == "error":
+            out["errno"] = self.errno
+        elif self.result == "abort":
+            out["abort"] = self.abort
+        return out
+
+
+@dataclass(slots=True)
+class TlbEntry:
+    """One cached gfn -> pfn translation with its permissions."""
+
+    pfn: int
+    writable: bool
+    executable: bool
+
+
+@dataclass
+class Vcpu:
+    """A vCPU: its TLB and which access path it uses."""
+
+    vm: Vm
+    index: int
+    path: str = "native"
+    tlb: dict[int, TlbEntry] = field(default_factory=dict)
+
+    # --- TLB ---------------------------------------------------------------
+
+    def tlb_flush(self) -> None:
+        """Drop every cached translation."""
+        self.tlb.clear()
+
+    def tlb_flush_gfn_range(self, start: int, end: int) -> None:
+        """Drop cached translations for gfns in ``[start, end)``."""
+        tlb = self.tlb
+        if end - start > len(tlb):
+            for gfn in [g for g in tlb if start <= g < end]:
+                del tlb[gfn]
+        else:
+            for gfn in range(start, end):
+                tlb.pop(gfn, None)
+
+    def _translate(self, gpa: int, access: Access) -> TlbEntry | None:
+        """The TLB, then a stage-2 walk: a translation allowing ``access``, or None."""
+        gfn = gpa >> PAGE_SHIFT
+        entry = self.tlb.get(gfn)
+        if entry is None:
+            leaf = self.vm.stage2_lookup(gpa)
+            if leaf is None:
+                return None
+            entry = TlbEntry(leaf[0], leaf[1], leaf[2])
+            self.tlb[gfn] = entry
+        if access is Access.WRITE and not entry.writable:
+            return None
+        if access is Access.EXEC and not entry.executable:
+            return None
+        return entry
+
+    # --- accesses ----------------------------------------------------------
+
+    def access(self, gpa: int, size: int, access: Access, value: int = 0) -> AccessResult:
+        """A guest access run to completion (the sequential driver)."""
+        op = self.access_op(gpa, size, access, value)
+        try:
+            while True:
+                next(op)
+        except StopIteration as stop:
+            result: AccessResult = stop.value
+            return result
+
+    def access_op(self, gpa: int, size: int, access: Access, value: int = 0) -> Op[AccessResult]:
+        """One guest load, store or instruction fetch of ``size`` bytes at ``gpa``."""
+        vm = self.vm
+        got = 0
+        mmio_gpa = -1
+        mmio_len = 0
+        mmio_data = 0
+        done = 0
+        while done < size:
+            frag_gpa = gpa + done
+            frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
+            frag_val = (value >> (8 * done)) & ((1 << (8 * frag_len)) - 1)
+            r = yield from self._fragment_op(frag_gpa, frag_len, access, frag_val)
+            if r.result == "ok":
+                if r.value is not None:
+                    got |= r.value << (8 * done)
+            elif r.result == "mmio":
+                if mmio_gpa < 0:
+                    mmio_gpa = frag_gpa
+                mmio_len += frag_len
+                mmio_data |= frag_val << (8 * (frag_gpa - mmio_gpa))
+            else:
+                return r
+            done += frag_len
+        if mmio_gpa >= 0:
+            vm.stats.mmio_exits += 1
+            vm.stats.exits += 1
+            is_write = access is Access.WRITE
+            if vm.log is not None:
+                vm.log.emit("kvm_mmio", type="write" if is_write else "unsatisfied-read",
+                            len=mmio_len, gpa=mmio_gpa, val=mmio_data if is_write else 0)
+            # The MMIO read is answered with zero bytes: the value holds the RAM part.
+            return AccessResult("mmio", value=got if access is not Access.WRITE else None,
+                                gpa=mmio_gpa, length=mmio_len, is_write=is_write,
+                                data=mmio_data)
+        if access is Access.READ:
+            return AccessResult("ok", value=got)
+        return AccessResult("ok")
+
+    def _fragment_op(self, gpa: int, size: int, access: Access, value: int) -> Op[AccessResult]:
+        vm = self.vm
+        if self.path == "emulated":
+            return self._emulated(gpa, size, access, value)
+        for _ in range(MAX_FAULT_RETRIES):
+            entry = self._translate(gpa, access)
+            if entry is not None:
+                return vm.touch_frame(entry.pfn, gpa, size, access, value)
+            vm.stats.pf_taken += 1
+            decision = yield from vm.arch.handle_fault(vm, self, gpa, access)
+            kind = decision.kind
+            if kind is Fault.RESUME:
+                continue
+            if kind is Fault.RETRY:
+                vm.stats.pf_retry += 1
+                continue
+            if kind is Fault.MMIO:
+                vm.stats.pf_emulate += 1
+                return AccessResult("mmio")
+            if kind is Fault.EMULATE:
+                vm.stats.pf_emulate += 1
+                return self._emulated(gpa, size, access, value)
+            if kind is Fault.EFAULT:
+                vm.stats.pf_efault += 1
+                if vm.log is not None:
+                    vm.log.emit("kvm_userspace_exit", reason="error", errno=14)
+                return AccessResult("fault", gpa=gpa, length=size)
+            if kind is Fault.ERRNO:
+                return AccessResult("error", errno=decision.errno)
+            return AccessResult("abort", abort=decision.abort)
+        return AccessResult("error", errno="EAGAIN")
+
+    def _emulated(self, gpa: int, size: int, access: Access, value: int) -> AccessResult:
+        """``kvm_vcpu_read_guest``/``kvm_vcpu_write_guest`` through the hva, as
+        the x86 emulator does: anything it cannot complete is MMIO."""
+        vm = self.vm
+        slot = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        if slot is None or slot.invalid or (access is Access.WRITE and slot.readonly):
+            return AccessResult("mmio")
+        hva = Hva(slot.userspace_addr + (gpa - (slot.base_gfn << PAGE_SHIFT)))
+        try:
+            if access is Access.WRITE:
+                vm.mm.host_write(hva, size, value)
+                vm.mark_page_dirty(slot, gpa >> PAGE_SHIFT)
+                return AccessResult("ok")
+            return AccessResult("ok", value=vm.mm.host_read(hva, size))
+        except HostSignal:
+            return AccessResult("mmio")

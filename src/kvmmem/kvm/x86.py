@@ -1,0 +1,162 @@
+"""x86 KVM MMU (TDP, EPT format): ``kvm_tdp_page_fault``, ``make_spte``,
+``kvm_mmu_hugepage_adjust``, ``KVM_PRE_FAULT_MEMORY`` and the memslot hooks
+of arch/x86/kvm/mmu/mmu.c and arch/x86/kvm/x86.c (kernel-semantics.md §3.3,
+§5.3, §6.2).
+
+Deleting or moving a memslot zaps every mapping of the VM
+(``KVM_X86_QUIRK_SLOT_ZAP_ALL``, on by default, ``kvm_mmu_zap_all_fast``),
+as the real KVM on these machines shows (kvm-on-this-host.md §3.5).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmmem.errors import KernelError
+from kvmmem.kvm.arch_common import ArchKvm
+from kvmmem.kvm.faultin import (
+    KVM_PFN_ERR_HWPOISON,
+    KVM_PFN_ERR_RO_FAULT,
+    is_error_noslot_pfn,
+    kvm_faultin_pfn,
+    kvm_release_faultin_page,
+)
+from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
+from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
+from kvmmem.kvm.vcpu import EFAULT, EMULATE, RESUME, RETRY, Access, Fault, FaultResult
+from kvmmem.sync import Op, acquire, release
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE
+
+if TYPE_CHECKING:
+    from kvmmem.kvm.memslot import MemorySlot
+    from kvmmem.kvm.vcpu import Vcpu
+    from kvmmem.kvm.vm import Vm
+
+INVALID_OPCODE = FaultResult(Fault.ABORT, abort="#UD")
+
+
+def lpage_disallowed(slot: MemorySlot, gfn: int, size: int) -> bool:
+    """``lpage_info[level].disallow_lpage`` as ``kvm_alloc_memslot_metadata``
+    builds it: the huge frame around ``gfn`` is disallowed when it sticks out
+    of the slot, or when gpa and hva are not congruent below ``size``."""
+    npages = size >> PAGE_SHIFT
+    if (slot.base_gfn ^ (slot.userspace_addr >> PAGE_SHIFT)) & (npages - 1):
+        return True
+    frame = gfn & ~(npages - 1)
+    return frame < slot.base_gfn or frame + npages > slot.base_gfn + slot.npages
+
+
+class X86Kvm(ArchKvm):
+    """x86 with the TDP MMU (EPT entries)."""
+
+    name = "x86"
+    max_user_slots = 32764
+    nr_address_spaces = 2
+    max_level_size = PUD_SIZE
+
+    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
+        """``kvm_mmu_page_fault`` -> ``kvm_tdp_page_fault`` for a guest access."""
+        return (yield from self.tdp_page_fault(vm, gpa, access, prefetch=False))
+
+    def tdp_page_fault(self, vm: Vm, gpa: int, access: Access, *, prefetch: bool
+                       ) -> Op[FaultResult]:
+        """``kvm_tdp_mmu_page_fault``: faultin, stale check, map.
+
+        ``fast_page_fault`` is not modelled: a write to a leaf write-protected
+        for dirty logging takes this full path and ends in the same mapping."""
+        mm = vm.mm
+        variant = vm.variant
+        gfn = gpa >> PAGE_SHIFT
+        write = access is Access.WRITE
+        slot = vm.gfn_to_memslot(gfn)
+        mmu_seq = vm.mmu_invalidate_seq
+        if slot is None:
+            # kvm_handle_noslot_fault: MMIO (emulated); no instruction to fetch -> #UD at CPL3.
+            if access is Access.EXEC:
+                return INVALID_OPCODE
+            return EMULATE
+        if slot.invalid:
+            if prefetch:
+                raise KernelError("EAGAIN", "KVM_PRE_FAULT_MEMORY",
+                                  "the memslot is being deleted or moved")
+            return RETRY
+        if variant.invalidate_retry and vm.mmu_invalidate_in_progress \
+                and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn):
+            return RETRY  # the lockless mmu_invalidate_retry_gfn_unsafe pre-check
+        fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
+        if fin.pfn == KVM_PFN_ERR_RO_FAULT:
+            return EMULATE
+        if fin.pfn == KVM_PFN_ERR_HWPOISON:
+            return FaultResult(Fault.ERRNO, errno="EINTR")
+        if is_error_noslot_pfn(fin.pfn):
+            return EFAULT
+        yield acquire("mmu_lock", shared=True)
+        if variant.invalidate_retry and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn):
+            yield release("mmu_lock", shared=True)
+            kvm_release_faultin_page(mm, fin)
+            return RETRY
+        size = self.hugepage_adjust(vm, slot, gfn, fin.hva)
+        device = not mm.physmem.pfn_valid(fin.pfn)
+        vm.install(slot, gpa, fin.pfn, size, write=fin.map_writable, execute=True,
+                   device=device, access=None if prefetch else access)
+        yield release("mmu_lock", shared=True)
+        kvm_release_faultin_page(mm, fin)
+        if fin.map_writable:
+            # make_spte: a writable SPTE in a logged slot is logged right away.
+            vm.mark_page_dirty(slot, gfn)
+        return RESUME
+
+    def hugepage_adjust(self, vm: Vm, slot: MemorySlot, gfn: int, hva: int) -> int:
+        """``kvm_mmu_hugepage_adjust``: 4K under dirty tracking; otherwise the
+        largest level allowed by ``lpage_info`` and the host mapping
+        (``host_pfn_mapping_level``)."""
+        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            return PAGE_SIZE
+        host = vm.mm.host_mapping_size(hva)
+        for size in (PUD_SIZE, PMD_SIZE):
+            if size <= self.max_level_size and host >= size \
+                    and not lpage_disallowed(slot, gfn, size):
+                return size
+        return PAGE_SIZE
+
+    # --- memslot hooks -------------------------------------------------------
+
+    def flush_shadow_memslot(self, vm: Vm, slot: MemorySlot) -> Op[None]:
+        """``kvm_arch_flush_shadow_memslot`` with KVM_X86_QUIRK_SLOT_ZAP_ALL:
+        ``kvm_mmu_zap_all_fast`` drops every mapping of the VM."""
+        yield acquire("mmu_lock")
+        if vm.stage2.unmap_all():
+            vm.stats.mmu_shadow_zapped += 1
+            vm.flush_remote_tlbs()
+        yield release("mmu_lock")
+
+    def enable_dirty_logging(self, vm: Vm, slot: MemorySlot) -> None:
+        """``kvm_mmu_slot_apply_flags`` on enable: eager split to 4K
+        (``eager_page_split``) and write-protect the slot."""
+        gpa = slot.base_gfn << PAGE_SHIFT
+        vm.stage2.split_range(gpa, slot.npages << PAGE_SHIFT)
+        super().enable_dirty_logging(vm, slot)
+
+    # --- KVM_PRE_FAULT_MEMORY ------------------------------------------------
+
+    def pre_fault_memory(self, vm: Vm, vcpu: Vcpu, gpa: int) -> Op[int]:
+        """``kvm_arch_vcpu_pre_fault_memory`` -> ``kvm_tdp_map_page``: the
+        fault path with ``prefetch`` and a read error code; returns the bytes
+        from ``gpa`` to the end of the mapping that now covers it."""
+        for _ in range(64):
+            r = yield from self.tdp_page_fault(vm, gpa, Access.READ, prefetch=True)
+            if r.kind is Fault.RETRY:
+                continue
+            if r.kind is Fault.RESUME:
+                leaf = vm.stage2.walk(gpa)
+                size = leaf.size if leaf is not None else PAGE_SIZE
+                return size - (gpa & (size - 1))
+            if r.kind is Fault.EFAULT:
+                raise KernelError("EFAULT", "KVM_PRE_FAULT_MEMORY",
+                                  f"gpa {gpa:#x}: the host memory cannot be faulted in")
+            if r.kind is Fault.ERRNO:
+                raise KernelError(r.errno, "KVM_PRE_FAULT_MEMORY", f"gpa {gpa:#x}")
+            # RET_PF_EMULATE: no memslot (MMIO) -> ENOENT
+            raise KernelError("ENOENT", "KVM_PRE_FAULT_MEMORY",
+                              f"gpa {gpa:#x} is not covered by a memslot")
+        raise KernelError("EINTR", "KVM_PRE_FAULT_MEMORY", "retried too often")
