@@ -1,0 +1,195 @@
+"""What KVM uses to turn an hva into a pfn: ``mm/gup.c`` and the PFNMAP lookup.
+
+* :func:`get_user_page_fast_only` - ``get_user_page_fast_only()``: a lockless
+  walk that succeeds only if the page is present (and writable for a write);
+  special PTEs (zero page, PFNMAP) are refused, like ``gup_fast_pte_range``.
+* :func:`get_user_pages_op` - ``get_user_pages_unlocked()`` for one page: takes
+  ``mmap_lock`` for read, checks the VMA (``check_vma_flags``: VM_IO/VM_PFNMAP
+  and missing rights are EFAULT), faults the page in (``faultin_page``: the
+  zero page for a read of untouched private anonymous memory, a COW break with
+  MMU_NOTIFY_CLEAR for FOLL_WRITE) and takes a reference.
+* :func:`follow_pfnmap` - ``follow_pfnmap_start()``: the pfn and write bit of a
+  VM_IO/VM_PFNMAP PTE, no reference (KVM's ``hva_to_pfn_remapped``).
+* :func:`fixup_user_fault_op` - ``fixup_user_fault()``: run the VMA's fault
+  handler (a device-lazy driver inserts its pfn); the caller holds mmap_lock.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmmem.errors import InputError, KernelError
+from kvmmem.host.pagetable import (
+    PFN_SHIFT,
+    PTE_MIGRATION,
+    PTE_PRESENT,
+    PTE_PROTNONE,
+    PTE_SPECIAL,
+    PTE_WRITE,
+)
+from kvmmem.host.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
+from kvmmem.sync import Op, acquire, drive, release
+from kvmmem.types import PAGE_SHIFT, Pfn
+
+if TYPE_CHECKING:
+    from kvmmem.host.mm import Mm
+
+_LOCK = "mmap_lock"
+
+
+def _addr(hva: object, call: str) -> int:
+    if not isinstance(hva, int) or isinstance(hva, bool):
+        raise InputError(f"{call}: hva must be an int, got {hva!r}")
+    return hva & ((1 << 64) - 1)
+
+
+def _write(write: object, call: str) -> bool:
+    if not isinstance(write, bool):
+        raise InputError(f"{call}: write must be a bool, got {write!r}")
+    return write
+
+
+def get_user_page_fast_only(mm: Mm, hva: int, write: bool) -> Pfn | None:
+    """``get_user_page_fast_only(hva, FOLL_WRITE if write)``: lockless, never faults.
+
+    Returns the pfn with a reference taken, or None when the PTE is not
+    present, not writable for a write, special (zero page, PFNMAP), PROT_NONE,
+    a migration entry, or the page is poisoned."""
+    a = _addr(hva, "get_user_page_fast_only")
+    w = _write(write, "get_user_page_fast_only")
+    e, huge = mm.pt.entry(a)
+    if not e & PTE_PRESENT or e & (PTE_SPECIAL | PTE_PROTNONE | PTE_MIGRATION):
+        return None
+    if w and not e & PTE_WRITE:
+        return None
+    pfn = e >> PFN_SHIFT
+    if huge:
+        pfn += (a >> PAGE_SHIFT) & 511
+    pm = mm.physmem
+    if pm.is_hwpoison(pfn) or pm.page_count(pfn) <= 0:
+        return None
+    pm.get_page(pfn)
+    return Pfn(pfn)
+
+
+def get_user_pages_op(mm: Mm, hva: int, write: bool) -> Op[Pfn]:
+    """``get_user_pages_unlocked(hva, 1, FOLL_HWPOISON | (FOLL_WRITE if write))``.
+
+    Returns the pfn with a reference taken.  Raises KernelError EFAULT (no
+    VMA, VM_IO/VM_PFNMAP, the VMA lacks the right, the fault ends in SIGBUS or
+    SIGSEGV), EHWPOISON (poisoned page), ENOMEM (fault OOM)."""
+    a = _addr(hva, "get_user_pages")
+    w = _write(write, "get_user_pages")
+    call = f"get_user_pages({a:#x}, write={w})"
+    pm = mm.physmem
+    yield acquire(_LOCK, shared=True)
+    err: KernelError | None = None
+    result = -1
+    for _ in range(64):
+        vma = mm.vma_lookup(a)
+        if vma is None:
+            err = KernelError("EFAULT", call, "no VMA")
+            break
+        if vma.flags & (VM_IO | VM_PFNMAP):
+            err = KernelError("EFAULT", call, "VM_IO | VM_PFNMAP (check_vma_flags)")
+            break
+        if not vma.flags & (VM_WRITE if w else VM_READ):
+            err = KernelError("EFAULT", call, "VMA lacks the access right (check_vma_flags)")
+            break
+        pfn = mm._present_pfn(a, w)
+        if pfn >= 0:
+            if pm.is_hwpoison(pfn):
+                err = KernelError("EHWPOISON", call, "page is poisoned")
+                break
+            pm.get_page(pfn)
+            result = pfn
+            break
+        from kvmmem.host.mm import (
+            VM_FAULT_HWPOISON,
+            VM_FAULT_OOM,
+            VM_FAULT_SIGBUS,
+            VM_FAULT_SIGSEGV,
+        )
+
+        code = yield from mm.handle_mm_fault_op(vma, a, w)
+        if code & VM_FAULT_HWPOISON:
+            err = KernelError("EHWPOISON", call, "page is poisoned")
+            break
+        if code & VM_FAULT_OOM:
+            err = KernelError("ENOMEM", call, "fault out of memory")
+            break
+        if code & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV):
+            err = KernelError("EFAULT", call, "the fault would signal (vm_fault_to_errno)")
+            break
+    yield release(_LOCK, shared=True)
+    if err is not None:
+        raise err
+    if result < 0:  # pragma: no cover - a fault that never resolves
+        raise KernelError("EFAULT", call, "fault did not resolve")
+    return Pfn(result)
+
+
+def get_user_pages(mm: Mm, hva: int, write: bool) -> Pfn:
+    """Sequential :func:`get_user_pages_op`."""
+    return drive(get_user_pages_op(mm, hva, write))
+
+
+def follow_pfnmap(mm: Mm, hva: int) -> tuple[Pfn, bool] | None:
+    """``follow_pfnmap_start()``: ``(pfn, pte writable)`` of a VM_IO/VM_PFNMAP mapping.
+
+    Returns None if no PTE is present (the caller then uses
+    ``fixup_user_fault``).  Like the kernel's walk, a PROT_NONE entry counts as
+    present (not writable).  Raises KernelError EINVAL when ``hva`` is not in a
+    VM_IO/VM_PFNMAP VMA.  Takes no reference; the caller holds mmap_lock."""
+    a = _addr(hva, "follow_pfnmap")
+    vma = mm.vma_lookup(a)
+    if vma is None or not vma.flags & (VM_IO | VM_PFNMAP):
+        raise KernelError("EINVAL", f"follow_pfnmap({a:#x})", "not a VM_IO/VM_PFNMAP mapping")
+    e, huge = mm.pt.entry(a)
+    if not e & PTE_PRESENT or e & PTE_MIGRATION:
+        return None
+    pfn = e >> PFN_SHIFT
+    if huge:
+        pfn += (a >> PAGE_SHIFT) & 511
+    return Pfn(pfn), bool(e & PTE_WRITE)
+
+
+def fixup_user_fault_op(mm: Mm, hva: int, write: bool) -> Op[None]:
+    """``fixup_user_fault(mm, hva, FAULT_FLAG_WRITE if write)``: run the fault handler.
+
+    For a device-lazy VMA the driver inserts its pfn read-only on a read and
+    writable on a write (upgrading a read-only entry, like ``pfn_mkwrite``).
+    The caller holds mmap_lock (read).  Raises KernelError EFAULT (no VMA, the
+    VMA lacks the right, the fault ends in SIGBUS/SIGSEGV), EHWPOISON, ENOMEM."""
+    a = _addr(hva, "fixup_user_fault")
+    w = _write(write, "fixup_user_fault")
+    call = f"fixup_user_fault({a:#x}, write={w})"
+    from kvmmem.host.mm import (
+        VM_FAULT_HWPOISON,
+        VM_FAULT_OOM,
+        VM_FAULT_RETRY,
+        VM_FAULT_SIGBUS,
+        VM_FAULT_SIGSEGV,
+    )
+
+    for _ in range(64):
+        vma = mm.vma_lookup(a)
+        if vma is None:
+            raise KernelError("EFAULT", call, "no VMA")
+        if not vma.flags & (VM_WRITE if w else VM_READ):
+            raise KernelError("EFAULT", call, "VMA lacks the access right (vma_permits_fault)")
+        code = yield from mm.handle_mm_fault_op(vma, a, w)
+        if code & VM_FAULT_HWPOISON:
+            raise KernelError("EHWPOISON", call, "page is poisoned")
+        if code & VM_FAULT_OOM:
+            raise KernelError("ENOMEM", call, "fault out of memory")
+        if code & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV):
+            raise KernelError("EFAULT", call, "the fault would signal")
+        if not code & VM_FAULT_RETRY:
+            return
+    raise KernelError("EFAULT", call, "fault did not resolve")  # pragma: no cover
+
+
+def fixup_user_fault(mm: Mm, hva: int, write: bool) -> None:
+    """Sequential :func:`fixup_user_fault_op`."""
+    drive(fixup_user_fault_op(mm, hva, write))
