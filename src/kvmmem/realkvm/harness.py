@@ -1,0 +1,565 @@
+"""A real VM driven one scenario step at a time: :class:`RealVm`.
+
+:class:`RealVm` creates a VM on ``/dev/kvm``, places its own memory (guest code
+and page tables, one memslot) and the doorbell where the scenario will never
+put anything, and offers one method per scenario step
+(``set_memslot``, ``guest_read``, ``guest_write``, ``guest_exec``, ``prefault``,
+``get_dirty_log``, ``clear_dirty_log``).  Each returns the step's outcome as a
+dict in the SCENARIOS.md vocabulary:
+
+* ``{"result": "ok"}`` (+ ``value`` for reads, ``dirty`` for get_dirty_log);
+* ``{"result": "mmio", "gpa", "len", "is_write", "data"}`` - the access left the
+  VM as ``KVM_EXIT_MMIO``; a read is answered with zero bytes and ``value``
+  holds what the guest finally loaded.  If the access needed more than one
+  MMIO exit (a page-crossing access whose two parts both exit), the later ones
+  are listed under ``more_mmio``;
+* ``{"result": "fault"}`` - ``KVM_RUN`` failed with EFAULT; ``gpa``, ``size``,
+  ``flags`` only when the kernel reports them (``KVM_EXIT_MEMORY_FAULT``);
+* ``{"result": "error", "errno": NAME}`` - an ioctl failed.
+
+Extensions, where the contract has no word for what real KVM did:
+``{"result": "abort", "abort": "UD"}`` (an instruction fetch KVM could not
+emulate: ``#UD`` is injected into a CPL>0 guest), ``{"result": "timeout",
+"seconds": S}`` (the guest did not come back and was stopped by the
+watchdog), ``{"result": "exit", "exit_reason": NAME}`` (any other exit, e.g.
+``KVM_EXIT_SHUTDOWN``).
+
+Harness placement: give :class:`RealVm` every guest physical range and slot
+id the scenario will use (``reserved_gpas``, ``reserved_slots``); it takes the
+highest free slot id and a free 4 MiB window (2 MiB of harness memory, then
+2 MiB with no memslot for the doorbell) and raises :class:`HarnessConflict`
+with a clear message when the scenario leaves no room.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvmmem.realkvm import libc
+from kvmmem.realkvm.guest import (
+    LOWER_HALF,
+    PATHS,
+    RFLAGS_DEFAULT,
+    RFLAGS_TF,
+    PageTables,
+    assemble,
+    long_mode_sregs,
+)
+from kvmmem.realkvm.kvm import Kvm, KvmUnsupported, VcpuFd, VmFd
+from kvmmem.realkvm.stats import StatsFd
+from kvmmem.realkvm.structs import (
+    EXIT_REASONS,
+    GPR_NAMES,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_SHUTDOWN,
+    kvm_regs,
+)
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, GiB, MiB
+
+Outcome = dict[str, Any]
+
+HARNESS_SLOT_SIZE = PMD_SIZE
+"""The harness memslot: guest code (first page), then the page tables."""
+HARNESS_WINDOW = 2 * PMD_SIZE
+"""The guest physical window the harness claims: its slot, then a 2 MiB hole."""
+DOORBELL_OFFSET = PMD_SIZE + 0x1000
+PROBE_OFFSET = PMD_SIZE + 0x3000
+DEFAULT_TIMEOUT = 2.0
+MAX_EXITS = 64
+"""MMIO exits answered inside one access before it is reported as a runaway."""
+_VA_LIMIT = 1 << 48
+
+
+class HarnessConflict(KvmUnsupported):
+    """The scenario's guest physical ranges or slot ids leave the harness no room."""
+
+
+@dataclass(frozen=True, slots=True)
+class HarnessLayout:
+    """Where the harness lives: ``slot`` covers ``[gpa, gpa + 2 MiB)``; ``doorbell`` and
+    ``probe`` are addresses in the following 2 MiB, which no memslot covers."""
+
+    slot: int
+    gpa: int
+    doorbell: int
+    probe: int
+
+
+def choose_layout(reserved_gpas: Iterable[tuple[int, int]], reserved_slots: Iterable[int],
+                  max_slots: int, phys_bits: int) -> HarnessLayout:
+    """Pick the harness slot id (the highest id below ``max_slots`` the scenario does not
+    use) and window (the highest 4 MiB-aligned window below min(512 GiB, 2^phys_bits)
+    that no reserved range touches, counting each range out to 2 MiB boundaries; then
+    the rest of the guest-addressable space).
+
+    Raises :class:`HarnessConflict` when no id or window is free."""
+    used = set(reserved_slots)
+    slot = next((s for s in range(max_slots - 1, -1, -1) if s not in used), None)
+    if slot is None:
+        raise HarnessConflict(
+            f"the scenario uses every memslot id 0..{max_slots - 1}; the real-KVM harness "
+            f"needs one id of its own for its code and page tables")
+    spans = sorted((r_gpa // PMD_SIZE * PMD_SIZE,
+                    -(-(r_gpa + r_size) // PMD_SIZE) * PMD_SIZE)
+                   for r_gpa, r_size in reserved_gpas if r_size > 0)
+    limit = min(1 << phys_bits, 1 << 47)
+    for top in (min(512 * GiB, limit), limit):
+        gpa = _highest_gap(spans, top)
+        if gpa is not None:
+            return HarnessLayout(slot, gpa, gpa + DOORBELL_OFFSET, gpa + PROBE_OFFSET)
+    raise HarnessConflict(
+        f"the scenario's guest physical ranges leave no free {HARNESS_WINDOW // MiB} MiB "
+        f"window below 2^{min(phys_bits, 47)} for the real-KVM harness (code, page tables "
+        f"and a doorbell address outside every memslot)")
+
+
+def _highest_gap(spans: list[tuple[int, int]], top: int) -> int | None:
+    """The highest ``HARNESS_WINDOW``-aligned start ``g`` with ``[g, g+window)`` below
+    ``top`` and disjoint from every span (``spans`` sorted, 2 MiB-aligned)."""
+    candidate = (top - HARNESS_WINDOW) // HARNESS_WINDOW * HARNESS_WINDOW
+    for start, end in reversed(spans):
+        if candidate < 0:
+            return None
+        if start >= candidate + HARNESS_WINDOW:
+            continue
+        if end <= candidate:
+            return candidate
+        candidate = (start - HARNESS_WINDOW) // HARNESS_WINDOW * HARNESS_WINDOW
+    return candidate if candidate >= 0 else None
+
+
+@dataclass(slots=True)
+class _Vcpu:
+    fd: VcpuFd
+    path: str = ""
+    stale: bool = True
+    """True when the vCPU's state must be rewritten (new, or after a shutdown)."""
+    pending: bool = False
+    """True when an exit may still await completion (flushed with immediate_exit)."""
+
+
+@dataclass(slots=True)
+class _Slot:
+    gpa: int
+    size: int
+    flags: int
+
+
+class RealVm:
+    """A VM on this host's KVM with the kvmmem guest harness.
+
+    ``reserved_gpas``: every ``(gpa, size)`` a scenario will use (slots, accesses);
+    ``reserved_slots``: every slot id it will use; ``path``: the default guest path
+    (``native`` or ``emulated``); ``timeout``: seconds one guest step may run;
+    ``kvm``: an open :class:`Kvm` to share (else one is opened and owned).
+
+    Raises :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without a usable /dev/kvm,
+    :class:`HarnessConflict` when the scenario leaves no room.  Use as a context
+    manager (or call :meth:`close`): every fd and mapping is released, also when the
+    constructor fails half-way."""
+
+    layout: HarnessLayout
+    vm: VmFd
+
+    def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
+                 reserved_slots: Iterable[int] = (), path: str = "native",
+                 timeout: float = DEFAULT_TIMEOUT, kvm: Kvm | None = None) -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+        self.reserved_gpas = tuple(reserved_gpas)
+        self.reserved_slots = tuple(reserved_slots)
+        self.path = path
+        self.timeout = timeout
+        self.vcpus: list[_Vcpu] = []
+        self.slots: dict[int, _Slot] = {}
+        self._own_kvm = kvm is None
+        self.kvm: Kvm | None = None
+        self._vm: VmFd | None = None
+        self._mem = 0
+        self._entries: dict[str, int] = {}
+        self._vm_stats: StatsFd | None = None
+        self._phys_bits = 36
+        self._alias: dict[int, int] = {}
+        self._doorbell_va = 0
+        self._probe_va = 0
+        try:
+            self.kvm = Kvm() if kvm is None else kvm
+            self._setup(self.kvm)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, kvm: Kvm) -> None:
+        self._vm = self.vm = kvm.create_vm()
+        for ioctl in ("KVM_SET_USER_MEMORY_REGION", "KVM_SET_CPUID2"):
+            self.vm.require(ioctl)
+        self._phys_bits = kvm.phys_bits()
+        self.layout = choose_layout(self.reserved_gpas, self.reserved_slots,
+                                    self.vm.max_memslots() or 32, self._phys_bits)
+        addr, err = libc.mmap(0, HARNESS_SLOT_SIZE, libc.PROT_READ | libc.PROT_WRITE,
+                              libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
+        if err:
+            raise OSError(err, f"harness memory: {libc.errno_name(err)}")
+        self._mem = addr
+        code, self._entries = assemble(self.layout.gpa)
+        ctypes.memmove(addr, code, len(code))
+        self._tables = PageTables(self.layout.gpa + PAGE_SIZE, addr + PAGE_SIZE,
+                                  HARNESS_SLOT_SIZE - PAGE_SIZE)
+        self._tables.map_gib(self.layout.gpa // GiB)
+        self._tables.map_gib(self.layout.doorbell // GiB)
+        self._doorbell_va = self.layout.doorbell
+        self._probe_va = self.layout.probe
+        err_name = self.vm.set_user_memory_region(self.layout.slot, 0, self.layout.gpa,
+                                                  HARNESS_SLOT_SIZE, addr)
+        if err_name is not None:
+            raise OSError(getattr(errno, err_name, 0),
+                          f"harness memslot {self.layout.slot}: {err_name}")
+
+    # --- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the vCPUs, the VM, the harness memory and (if owned) /dev/kvm.
+        Idempotent; safe after a failed construction."""
+        if self._vm_stats is not None:
+            self._vm_stats.close()
+            self._vm_stats = None
+        for v in self.vcpus:
+            v.fd.close()
+        self.vcpus.clear()
+        if self._vm is not None:
+            self._vm.close()
+            self._vm = None
+        if self._mem:
+            libc.munmap(self._mem, HARNESS_SLOT_SIZE)
+            self._mem = 0
+        if self._own_kvm and self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self) -> RealVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- vCPUs ----------------------------------------------------------------------
+
+    def _vcpu(self, index: int, path: str | None) -> _Vcpu:
+        """vCPU ``index`` (created on first use) set up for ``path``."""
+        path = path or self.path
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+        while len(self.vcpus) <= index:
+            fd = self.vm.create_vcpu(len(self.vcpus))
+            assert self.kvm is not None
+            fd.set_cpuid2(self.kvm.supported_cpuid())
+            self.vcpus.append(_Vcpu(fd))
+        v = self.vcpus[index]
+        if v.pending:
+            # Let KVM finish (or drop) a half-done exit before the registers change.
+            v.fd.run.immediate_exit = 1
+            v.fd.kvm_run()
+            v.fd.run.immediate_exit = 0
+            v.pending = False
+        if v.stale or v.path != path:
+            v.fd.set_sregs(long_mode_sregs(v.fd.get_sregs(), self._tables.cr3, path))
+            v.path = path
+            v.stale = False
+        return v
+
+    def _va(self, gpa: int, size: int) -> int | None:
+        """The guest virtual address through which the guest reaches
+        ``[gpa, gpa + size)``, mapping it first; ``None`` when it cannot be reached
+        (beyond MAXPHYADDR, or straddling 2^47).
+
+        Below 2^47 the map is the identity.  Each GiB above gets an alias GiB in the lower
+        half that no reserved range uses (a PVM guest's CPL3 cannot touch the upper
+        half)."""
+        end = gpa + max(size, 1)
+        if gpa < 0 or end > min(1 << 48, 1 << self._phys_bits):
+            return None
+        first, last = gpa // GiB, (end - 1) // GiB
+        if end <= LOWER_HALF:
+            for gib in range(first, last + 1):
+                self._tables.map_gib(gib)
+            return gpa
+        if gpa < LOWER_HALF:
+            return None
+        base = self._alias.get(first)
+        if base is None or any(self._alias.get(first + i) != base + i
+                               for i in range(last - first + 1)):
+            base = self._alloc_alias(last - first + 1)
+            for i in range(last - first + 1):
+                self._alias[first + i] = base + i
+                self._tables.map_gib(base + i, first + i)
+        return base * GiB + gpa % GiB
+
+    def _alloc_alias(self, count: int) -> int:
+        """``count`` consecutive free lower-half virtual GiBs (highest first)."""
+        spans = sorted((g // GiB, -(-(g + s) // GiB)) for g, s in self.reserved_gpas if s > 0)
+        gib = LOWER_HALF // GiB - count
+        while gib >= 0:
+            clash = next(((a, b) for a, b in spans if a < gib + count and b > gib), None)
+            if clash is not None:
+                gib = clash[0] - count
+                continue
+            taken = [g for g in range(gib, gib + count) if self._tables.is_mapped(g)]
+            if taken:
+                gib = taken[0] - count
+                continue
+            return gib
+        raise HarnessConflict("no free lower-half GiB left to alias an upper-half gpa")
+
+    # --- guest steps ----------------------------------------------------------------
+
+    def guest_read(self, gpa: int, size: int, vcpu: int = 0,
+                   path: str | None = None) -> Outcome:
+        """The guest loads ``size`` (1, 2, 4, 8) bytes at ``gpa``; the outcome has the
+        little-endian ``value`` when it completed."""
+        return self._access(f"read{size}", gpa, size, 0, vcpu, path, is_read=True)
+
+    def guest_write(self, gpa: int, size: int, value: int, vcpu: int = 0,
+                    path: str | None = None) -> Outcome:
+        """The guest stores the low ``size`` bytes of ``value`` at ``gpa``."""
+        return self._access(f"write{size}", gpa, size, value & ((1 << 8 * size) - 1), vcpu,
+                            path, is_read=False)
+
+    def _unreachable(self, gpa: int, size: int) -> Outcome:
+        return {"result": "unsupported",
+                "reason": f"[{gpa:#x}, {gpa + size:#x}) cannot be reached through the "
+                          f"guest's page tables (MAXPHYADDR {self._phys_bits}, or it "
+                          f"straddles 2^47)"}
+
+    def _access(self, routine: str, gpa: int, size: int, value: int, vcpu: int,
+                path: str | None, is_read: bool) -> Outcome:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
+        va = self._va(gpa, size)
+        if va is None:
+            return self._unreachable(gpa, size)
+        v = self._vcpu(vcpu, path)
+        regs = kvm_regs(rip=self._entries[routine], rsi=va, rax=value,
+                        rdi=self._doorbell_va, rflags=RFLAGS_DEFAULT)
+        out = self._run(v, regs)
+        if is_read and "_doorbell" in out:
+            out["value"] = out.pop("_doorbell") & ((1 << 8 * size) - 1)
+        out.pop("_doorbell", None)
+        return out
+
+    def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome:
+        """An instruction fetch at ``gpa``: the guest jumps there with the trap flag set,
+        so exactly one instruction runs (every general register points into the
+        harness's MMIO hole, so its memory operands exit as MMIO, answered with zeros).
+
+        ``ok`` when the fetch succeeded (the single-step trap or the instruction's own
+        exception then ends the guest); ``fault`` on EFAULT; ``abort`` ``UD`` when KVM
+        could not fetch the instruction (it counts ``insn_emulation_fail``)."""
+        va = self._va(gpa, 1)
+        if va is None:
+            return self._unreachable(gpa, 1)
+        v = self._vcpu(vcpu, path)
+        regs = kvm_regs(**dict.fromkeys(GPR_NAMES, self._probe_va))
+        regs.rip = va
+        regs.rflags = RFLAGS_DEFAULT | RFLAGS_TF
+        with v.fd.stats() as stats:
+            before = stats.read()
+            out = self._run(v, regs, until_doorbell=False)
+            after = stats.read()
+        failed = after.get("insn_emulation_fail", 0) > before.get("insn_emulation_fail", 0)
+        if out["result"] == "exit" and out.get("exit_reason") in (
+                "KVM_EXIT_SHUTDOWN", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_DEBUG"):
+            return {"result": "abort", "abort": "UD"} if failed else {"result": "ok"}
+        if out["result"] == "mmio":
+            return {"result": "ok"}
+        return out
+
+    def _run(self, v: _Vcpu, regs: kvm_regs, until_doorbell: bool = True) -> Outcome:
+        """Enter the guest at ``regs`` and drive it until the doorbell (or, with
+        ``until_doorbell`` False, until it stops on its own): returns the outcome, with
+        the doorbell's data under ``_doorbell`` when it rang."""
+        fd = v.fd
+        run = fd.run
+        mmio = run.exit.mmio
+        doorbell = self.layout.doorbell
+        fd.set_regs(regs)
+        exits: list[Outcome] = []
+        out: Outcome | None = None
+        with fd.watchdog(self.timeout) as alarm:
+            for _ in range(MAX_EXITS):
+                run.exit_reason = 0
+                err = fd.kvm_run()
+                if err:
+                    v.pending = True
+                    if err == errno.EINTR:
+                        if alarm.fired:
+                            out = {"result": "timeout", "seconds": self.timeout}
+                            v.stale = True
+                            break
+                        continue
+                    if err == errno.EFAULT:
+                        out = {"result": "fault"}
+                        if run.exit_reason == KVM_EXIT_MEMORY_FAULT:
+                            fault = run.exit.memory_fault
+                            out.update(gpa=fault.gpa, size=fault.size, flags=fault.flags)
+                    else:
+                        out = {"result": "error", "errno": libc.errno_name(err)}
+                    break
+                reason = run.exit_reason
+                if reason == KVM_EXIT_MMIO:
+                    length = mmio.len
+                    data = int.from_bytes(bytes(mmio.data)[:length], "little")
+                    if (until_doorbell and mmio.phys_addr == doorbell and mmio.is_write
+                            and length == 8):
+                        # The routine is done; the pending write completion is harmless
+                        # (KVM_SET_REGS replaces the registers before the next entry).
+                        out = {"result": "ok", "_doorbell": data}
+                        break
+                    v.pending = True
+                    exit_out: Outcome = {"result": "mmio", "gpa": mmio.phys_addr,
+                                         "len": length, "is_write": bool(mmio.is_write)}
+                    if mmio.is_write:
+                        exit_out["data"] = data
+                    else:
+                        ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
+                    exits.append(exit_out)
+                    if not until_doorbell and len(exits) >= MAX_EXITS // 2:
+                        break
+                    continue
+                v.pending = True
+                name = EXIT_REASONS.get(reason, str(reason))
+                out = {"result": "exit", "exit_reason": name}
+                if reason == KVM_EXIT_INTERNAL_ERROR:
+                    out["suberror"] = run.exit.internal.suberror
+                if reason == KVM_EXIT_SHUTDOWN:
+                    v.stale = True
+                break
+            else:
+                out = {"result": "timeout", "seconds": self.timeout,
+                       "reason": f"more than {MAX_EXITS} exits"}
+                v.stale = True
+        assert out is not None
+        if exits and out["result"] in ("ok", "exit"):
+            first = exits[0]
+            if "_doorbell" in out:
+                first["_doorbell"] = out["_doorbell"]
+            if len(exits) > 1:
+                first["more_mmio"] = exits[1:]
+            return first
+        return out
+
+    # --- VM steps ---------------------------------------------------------------------
+
+    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
+                    flags: int = 0) -> Outcome:
+        """``KVM_SET_USER_MEMORY_REGION`` (``size`` 0 deletes): ``{"result": "ok"}`` or
+        ``{"result": "error", "errno": NAME}``.  Raises :class:`HarnessConflict` when the
+        request touches the harness's slot id or window (the scenario did not declare
+        it)."""
+        lay = self.layout
+        if slot == lay.slot:
+            raise HarnessConflict(f"memslot {slot} is the harness's own; declare every slot "
+                                  f"id in reserved_slots")
+        if size and gpa < lay.gpa + HARNESS_WINDOW and gpa + size > lay.gpa:
+            raise HarnessConflict(
+                f"memslot [{gpa:#x}, {gpa + size:#x}) overlaps the harness window at "
+                f"{lay.gpa:#x}; declare every range in reserved_gpas")
+        err = self.vm.set_user_memory_region(slot, flags, gpa, size, hva)
+        if err is not None:
+            return {"result": "error", "errno": err}
+        if size:
+            self.slots[slot] = _Slot(gpa, size, flags)
+        else:
+            self.slots.pop(slot, None)
+        return {"result": "ok"}
+
+    def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome:
+        """``KVM_PRE_FAULT_MEMORY`` on vCPU ``vcpu`` until the whole range is done:
+        ``ok`` or ``error`` with the errno name (EOPNOTSUPP where KVM lacks it)."""
+        v = self._vcpu(vcpu, None)
+        while size > 0:
+            err, gpa, size = v.fd.pre_fault_memory(gpa, size)
+            if err == "EINTR":
+                continue
+            if err is not None:
+                return {"result": "error", "errno": err}
+        return {"result": "ok"}
+
+    def get_dirty_log(self, slot: int) -> Outcome:
+        """``KVM_GET_DIRTY_LOG``: ``ok`` with ``dirty`` (sorted absolute gfns; the call
+        clears them) or ``error`` (ENOENT for a slot without dirty logging or none)."""
+        info = self.slots.get(slot)
+        npages = info.size >> PAGE_SHIFT if info is not None else 64
+        log = self.vm.get_dirty_log(slot, npages)
+        if log.errno is not None:
+            return {"result": "error", "errno": log.errno}
+        base = (info.gpa >> PAGE_SHIFT) if info is not None else 0
+        return {"result": "ok", "dirty": [base + p for p in log.pages]}
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome:
+        """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
+        err = self.vm.clear_dirty_log(slot, first_page, num_pages)
+        return {"result": "ok"} if err is None else {"result": "error", "errno": err}
+
+    # --- measurements and diagnostics -------------------------------------------------
+
+    def stats(self, vcpu: int = 0) -> dict[str, int]:
+        """The VM's binary stats merged with vCPU ``vcpu``'s (created if needed)."""
+        if self._vm_stats is None:
+            self._vm_stats = self.vm.stats()
+        out = self._vm_stats.read()
+        v = self._vcpu(vcpu, None)
+        with v.fd.stats() as s:
+            out.update(s.read())
+        return out
+
+    def touch(self, gpa: int, count: int, stride: int = PAGE_SIZE, write: bool = True,
+              vcpu: int = 0, path: str | None = None) -> tuple[Outcome, float]:
+        """One guest routine that reads or writes one byte every ``stride`` bytes,
+        ``count`` times from ``gpa``: ``(outcome, seconds inside KVM_RUN loop)``."""
+        va = self._va(gpa, count * stride)
+        if va is None:
+            return self._unreachable(gpa, count * stride), 0.0
+        v = self._vcpu(vcpu, path)
+        regs = kvm_regs(rip=self._entries["touch_write" if write else "touch_read"],
+                        rsi=va, rcx=count, rdx=stride, rdi=self._doorbell_va,
+                        rflags=RFLAGS_DEFAULT)
+        start = time.perf_counter()
+        out = self._run(v, regs)
+        elapsed = time.perf_counter() - start
+        out.pop("_doorbell", None)
+        return out, elapsed
+
+    def mmio_round_trips(self, count: int, vcpu: int = 0,
+                         path: str | None = None) -> tuple[int, float]:
+        """Run a guest loop whose every iteration is an MMIO write exit, re-entering
+        after each: ``(exits seen, seconds)``."""
+        v = self._vcpu(vcpu, path)
+        fd, run = v.fd, v.fd.run
+        fd.set_regs(kvm_regs(rip=self._entries["mmio_loop"], rcx=count,
+                             rbx=self._probe_va, rdi=self._doorbell_va,
+                             rflags=RFLAGS_DEFAULT))
+        seen = 0
+        probe = self.layout.probe
+        with fd.watchdog(max(self.timeout, count * 1e-3)):
+            start = time.perf_counter()
+            while True:
+                if fd.kvm_run() or run.exit_reason != KVM_EXIT_MMIO:
+                    break
+                if run.exit.mmio.phys_addr != probe:
+                    break
+                seen += 1
+            elapsed = time.perf_counter() - start
+        v.pending = True
+        return seen, elapsed
+
+    def spin(self, vcpu: int = 0, path: str | None = None) -> Outcome:
+        """Enter a guest that loops forever; the watchdog stops it (``timeout``)."""
+        v = self._vcpu(vcpu, path)
+        return self._run(v, kvm_regs(rip=self._entries["spin"], rflags=RFLAGS_DEFAULT))
