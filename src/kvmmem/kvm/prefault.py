@@ -1,0 +1,55 @@
+"""``KVM_PRE_FAULT_MEMORY``: the generic loop of ``kvm_vcpu_pre_fault_memory``
+(virt/kvm/kvm_main.c; kernel-semantics.md §5) over the architecture's
+``kvm_arch_vcpu_pre_fault_memory``, which on x86 is the ordinary fault path
+with ``prefetch`` set: one fault-in path for faults and prefaults.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmmem.errors import KernelError
+from kvmmem.sync import Op, drive
+from kvmmem.types import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from kvmmem.kvm.vcpu import Vcpu
+    from kvmmem.kvm.vm import Vm
+
+CALL = "KVM_PRE_FAULT_MEMORY"
+U64 = (1 << 64) - 1
+
+
+def kvm_vcpu_pre_fault_memory_op(vm: Vm, vcpu: Vcpu, gpa: int, size: int,
+                                 flags: int = 0) -> Op[int]:
+    """One ``KVM_PRE_FAULT_MEMORY`` ioctl: returns the bytes of the range left
+    (``range.size`` as written back), having made progress; raises
+    KernelError when no page was processed (EINVAL, ENOENT, EAGAIN, EFAULT,
+    EOPNOTSUPP...), leaving the range as it was."""
+    if not vm.variant.has_pre_fault_memory:
+        raise KernelError("EINVAL", CALL, "no such vCPU ioctl before v6.10")
+    if flags:
+        raise KernelError("EINVAL", CALL, "flags must be 0")
+    if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", CALL, "gpa and size must be page aligned")
+    if (gpa + size) & U64 <= gpa:
+        raise KernelError("EINVAL", CALL, "empty or wrapping range")
+    done = 0
+    while size > 0:
+        try:
+            mapped = yield from vm.arch.pre_fault_memory(vm, vcpu, gpa)
+        except KernelError:
+            if done:
+                return size
+            raise
+        mapped = min(mapped, size)
+        vm.stats.prefault_pages += mapped // PAGE_SIZE
+        gpa += mapped
+        size -= mapped
+        done += mapped
+    return 0
+
+
+def kvm_vcpu_pre_fault_memory(vm: Vm, vcpu: Vcpu, gpa: int, size: int, flags: int = 0) -> int:
+    """:func:`kvm_vcpu_pre_fault_memory_op` run to completion."""
+    return drive(kvm_vcpu_pre_fault_memory_op(vm, vcpu, gpa, size, flags))

@@ -1,0 +1,289 @@
+"""The sequential runner: one scenario, one architecture, one variant.
+
+It builds a fresh host address space and VM, makes the ``memory`` mappings
+and ``memslots`` in order, then runs every step to completion (the
+sequential driver of "one code path, many drivers"), producing one outcome
+per step in the SCENARIOS.md vocabulary.  After every step it checks the
+invariants (``kvmmem.kvm.invariants``); the first violation stops the run.
+At the end it checks path independence on the final state.
+
+Outcome extensions (keys SCENARIOS.md does not fix; tools may ignore them):
+``abort`` (an exception injected into the guest, e.g. an arm64 prefetch
+abort for an instruction fetch from device memory), ``remaining`` on a
+``prefault`` outcome (bytes of the range left unprocessed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmmem.errors import InputError, KernelError, ValidationError
+from kvmmem.host import HostSignal, Mm
+from kvmmem.host.file import File
+from kvmmem.kvm.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log
+from kvmmem.kvm.invariants import validate_coherence, validate_path_independence, validate_vm
+from kvmmem.kvm.prefault import kvm_vcpu_pre_fault_memory
+from kvmmem.kvm.stats import EventLog
+from kvmmem.kvm.vcpu import Access
+from kvmmem.kvm.vm import Vm
+from kvmmem.scenario.model import (
+    MEMSLOT_FLAGS,
+    ClearDirtyLog,
+    GetDirtyLog,
+    GuestExec,
+    GuestRead,
+    GuestWrite,
+    HostMadvise,
+    HostMmap,
+    HostMprotect,
+    HostMunmap,
+    HostRead,
+    HostWrite,
+    Mapping,
+    Prefault,
+    Scenario,
+    SetMemslot,
+    Step,
+)
+
+EXEC_FETCH_SIZE = 4
+
+
+@dataclass
+class Mismatch:
+    """A failed expectation: step index, what was expected and what happened."""
+
+    step: int
+    op: str
+    line: int
+    expected: dict[str, Any]
+    actual: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    """What one run produced: outcomes, failed expectations, violations, the VM."""
+
+    scenario: str
+    arch: str
+    variant: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    setup: list[dict[str, Any]] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    violations: list[dict[str, Any]] = field(default_factory=list)
+    vm: Vm | None = None
+    events: EventLog | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """SCENARIOS.md: 3 a violation, 1 a failed expectation, else 0."""
+        if self.violations:
+            return 3
+        if self.mismatches:
+            return 1
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``kvmmem run --json`` object."""
+        return {"scenario": self.scenario, "arch": self.arch, "variant": self.variant,
+                "steps": self.steps, "violations": self.violations}
+
+
+def expectation_holds(expect: dict[str, Any] | None, outcome: dict[str, Any]) -> bool:
+    """Every key of ``expect`` is in ``outcome`` with an equal value."""
+    if not expect:
+        return True
+    return all(key in outcome and outcome[key] == value for key, value in expect.items())
+
+
+class Runner:
+    """Runs the steps of one scenario on a fresh VM (``arch``, ``variant``)."""
+
+    def __init__(self, scenario: Scenario, arch: str, variant: str | None = None, *,
+                 trace: bool = False, check: bool = True) -> None:
+        self.scenario = scenario
+        self.arch = arch
+        self.variant = variant or scenario.variant
+        self.mm = Mm()
+        self.vm = Vm(arch, variant=self.variant, mm=self.mm, vcpus=scenario.vcpus,
+                     granule=scenario.granule, ipa_bits=scenario.ipa_bits)
+        self.check = check
+        if trace:
+            self.vm.log = EventLog()
+        self.ranges: dict[str, tuple[int, int]] = {}
+        self.files: dict[str, File] = {}
+
+    # --- host mappings -------------------------------------------------------
+
+    def hva(self, memory: str, offset: int) -> int:
+        """The address ``offset`` bytes into mapping ``memory``."""
+        return self.ranges[memory][0] + offset
+
+    def mmap(self, m: Mapping | HostMmap) -> None:
+        """Make a host mapping (a ``memory`` entry or a ``host_mmap`` step)."""
+        mm = self.mm
+        addr = None
+        if m.at is not None:
+            addr = self.hva(m.at.memory, m.at.offset)
+        kind = m.kind
+        file: File | None = None
+        if kind == "device":
+            file = mm.open_device(m.name, m.size // 4096, lazy=False)
+        elif kind == "device-lazy":
+            file = mm.open_device(m.name, m.size // 4096, lazy=True)
+        elif kind in ("file", "file-shared"):
+            file = mm.open_file(m.name, m.size)
+        elif kind == "memfd":
+            file = mm.memfd_create(m.name, m.size)
+        fill = m.fill
+        prot = m.prot
+        if fill is not None and not prot & 2:
+            # userspace fills through a writable mapping, then drops the write permission
+            hva = mm.mmap(m.size, prot | 2, kind, addr=addr, fixed=addr is not None,
+                          file=file, fill=fill)
+            mm.mprotect(hva, m.size, prot)
+        else:
+            hva = mm.mmap(m.size, prot, kind, addr=addr, fixed=addr is not None, file=file,
+                          fill=fill)
+        self.ranges[m.name] = (hva, m.size)
+        if file is not None:
+            self.files[m.name] = file
+
+    # --- steps ---------------------------------------------------------------
+
+    def do(self, step: Step) -> dict[str, Any]:
+        """Run one step; returns its outcome (without ``step``/``op``)."""
+        vm, mm = self.vm, self.mm
+        try:
+            if isinstance(step, GuestRead | GuestWrite | GuestExec):
+                return self.guest(step)
+            if isinstance(step, HostRead):
+                return {"result": "ok", "value": mm.host_read(self.hva(step.memory, step.offset),
+                                                               step.size)}
+            if isinstance(step, HostWrite):
+                mm.host_write(self.hva(step.memory, step.offset), step.size, step.value)
+                return {"result": "ok"}
+            if isinstance(step, HostMmap):
+                self.mmap(step)
+            elif isinstance(step, HostMunmap):
+                size = step.size if step.size is not None else self.ranges[step.memory][1]
+                mm.munmap(self.hva(step.memory, step.offset), size)
+            elif isinstance(step, HostMprotect):
+                mm.mprotect(self.hva(step.memory, step.offset), step.size, step.prot)
+            elif isinstance(step, HostMadvise):
+                mm.madvise(self.hva(step.memory, step.offset), step.size, step.advice)
+            elif isinstance(step, SetMemslot):
+                self.set_memslot(step)
+            elif isinstance(step, Prefault):
+                left = kvm_vcpu_pre_fault_memory(vm, vm.vcpus[step.vcpu], step.gpa, step.size)
+                return {"result": "ok", "remaining": left}
+            elif isinstance(step, GetDirtyLog):
+                return {"result": "ok", "dirty": kvm_get_dirty_log(vm, step.slot)}
+            elif isinstance(step, ClearDirtyLog):
+                kvm_clear_dirty_log(vm, step.slot, step.first_page, step.num_pages)
+            else:  # pragma: no cover - the loader knows every step kind
+                raise InputError(f"step {step.index}: unknown step {step.op!r}")
+            return {"result": "ok"}
+        except KernelError as err:
+            return {"result": "error", "errno": err.errno}
+        except HostSignal as sig:
+            return {"result": "signal", "signal": sig.signal}
+
+    def set_memslot(self, step: SetMemslot) -> None:
+        """KVM_SET_USER_MEMORY_REGION from a ``set_memslot`` step or ``memslots`` entry."""
+        if step.hva is not None:
+            hva = step.hva
+        elif step.memory is not None:
+            hva = self.hva(step.memory, step.offset)
+        else:
+            hva = 0
+        flags = 0
+        for name in step.flags:
+            flags |= MEMSLOT_FLAGS[name]
+        self.vm.set_user_memory_region(step.slot, step.gpa, step.size, hva, flags)
+
+    def guest(self, step: GuestRead | GuestWrite | GuestExec) -> dict[str, Any]:
+        """A guest access on the step's vCPU (and path, when the step names one)."""
+        vcpu = self.vm.vcpus[step.vcpu]
+        saved = vcpu.path
+        if step.path is not None:
+            vcpu.path = step.path
+        try:
+            if isinstance(step, GuestRead):
+                r = vcpu.access(step.gpa, step.size, Access.READ)
+            elif isinstance(step, GuestWrite):
+                r = vcpu.access(step.gpa, step.size, Access.WRITE, step.value)
+                if r.result == "ok" and self.check:
+                    validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu)
+            else:
+                r = vcpu.access(step.gpa, EXEC_FETCH_SIZE, Access.EXEC)
+        finally:
+            vcpu.path = saved
+        return r.to_outcome()
+
+    # --- the run -------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Set up, run every step, check invariants; returns the :class:`RunResult`."""
+        scn = self.scenario
+        result = RunResult(scn.name, self.arch, self.vm.variant.name, vm=self.vm,
+                           events=self.vm.log)
+        for mapping in scn.memory.values():
+            try:
+                self.mmap(mapping)
+            except KernelError as err:
+                raise InputError(f"{scn.source}:{mapping.line}: memory.{mapping.name}: the host "
+                                 f"refused the mapping with {err.errno} ({err.reason})") from None
+        for slot in scn.memslots:
+            outcome = {"step": slot.index, "op": "set_memslot", **self.do(slot)}
+            result.setup.append(outcome)
+            self._expect(result, slot, outcome)
+        for step in scn.steps or ():
+            if self.vm.log is not None:
+                self.vm.log.step = step.index
+            outcome = {"step": step.index, "op": step.op}
+            try:
+                outcome.update(self.do(step))
+            except ValidationError as err:
+                outcome.update({"result": "violation"})
+                result.steps.append(outcome)
+                result.violations.append({"invariant": err.invariant, "step": step.index,
+                                          "detail": err.detail})
+                return result
+            result.steps.append(outcome)
+            self._expect(result, step, outcome)
+            if self.check and not self._check(result, step.index):
+                return result
+        if self.check:
+            try:
+                validate_path_independence(self.vm)
+            except ValidationError as err:
+                last = len(scn.steps or ()) - 1
+                result.violations.append({"invariant": err.invariant, "step": last,
+                                          "detail": err.detail})
+        return result
+
+    def _check(self, result: RunResult, index: int) -> bool:
+        try:
+            validate_vm(self.vm)
+        except ValidationError as err:
+            result.violations.append({"invariant": err.invariant, "step": index,
+                                      "detail": err.detail})
+            return False
+        return True
+
+    @staticmethod
+    def _expect(result: RunResult, step: Step, outcome: dict[str, Any]) -> None:
+        if not expectation_holds(step.expect, outcome):
+            result.mismatches.append(Mismatch(step.index, step.op, step.line,
+                                              dict(step.expect or {}), outcome))
+
+
+def run_scenario(scenario: Scenario, arch: str, variant: str | None = None, *,
+                 trace: bool = False, check: bool = True) -> RunResult:
+    """Run ``scenario`` on ``arch`` with ``variant`` (default: the file's)."""
+    if scenario.steps is None:
+        raise InputError(f"{scenario.source}: {scenario.name} has threads, not steps: "
+                         "run it with `kvmmem explore`")
+    return Runner(scenario, arch, variant, trace=trace, check=check).run()
