@@ -454,12 +454,13 @@ class Mm:
     def host_pte(self, hva: int) -> HostPte | None:
         """The host page-table entry mapping ``hva`` (None when none is present).
 
-        Migration entries are not present; PROT_NONE entries are, with
-        ``protnone`` set."""
+        For a 2 MiB leaf ``pfn`` is the huge page's first frame (``pmd_pfn``);
+        ``HostPte.pfn_at(hva)`` is the frame behind ``hva``.  Migration entries
+        are not present; PROT_NONE entries are, with ``protnone`` set."""
         e, huge = self.pt.entry(_ulong(hva, "host_pte: hva"))
         if not e or e & PTE_MIGRATION:
             return None
-        return decode(e, hva, huge)
+        return decode(e, huge)
 
     def host_mapping_size(self, hva: int) -> int:
         """``host_pfn_mapping_level`` as bytes: 2 MiB for a huge leaf, 4096 for a PTE, 0 if none."""
@@ -1969,6 +1970,8 @@ class Mm:
         if len(self._vmas) >= self.max_map_count - 3:
             raise KernelError("ENOMEM", "mremap", "max_map_count reached")
         new_pgoff = vma.pgoff_of(old_addr)
+        if vma.is_anonymous() and not vma.anon_vma:
+            new_pgoff = new_addr >> PAGE_SHIFT  # copy_vma: never faulted, so it may merge
         new = Vma(new_addr, new_addr + new_len, vma.flags, vma.kind, vma.file, new_pgoff,
                   vma.anon_vma)
         if vma.resv:

@@ -51,8 +51,9 @@ Table = array  # array('q') of PTRS_PER_PTE entries
 class HostPte:
     """What the host page table holds for one address (``pte_t`` / ``pmd_t`` decoded).
 
-    ``pfn`` is the 4 KiB frame mapping the address (for a 2 MiB leaf: the
-    subpage), ``huge_size`` the leaf size (4096 or 2 MiB)."""
+    ``pfn`` is the leaf's frame (``pte_pfn`` / ``pmd_pfn``: for a 2 MiB leaf the
+    first frame of the huge page), ``huge_size`` the leaf size (4096 or 2 MiB);
+    :meth:`pfn_at` gives the 4 KiB frame behind one address."""
 
     pfn: Pfn
     writable: bool
@@ -62,14 +63,16 @@ class HostPte:
     special: bool
     protnone: bool
 
+    def pfn_at(self, hva: int) -> Pfn:
+        """The 4 KiB frame mapping ``hva`` (an address inside this leaf)."""
+        return Pfn(self.pfn + ((hva & (self.huge_size - 1)) >> PAGE_SHIFT))
 
-def decode(entry: int, hva: int, huge: bool) -> HostPte | None:
-    """The :class:`HostPte` of ``entry`` as seen at ``hva``; None if not present."""
+
+def decode(entry: int, huge: bool) -> HostPte | None:
+    """The :class:`HostPte` of ``entry`` (a PTE, or a PMD leaf if ``huge``); None if not present."""
     if not entry & PTE_PRESENT:
         return None
     pfn = entry >> PFN_SHIFT
-    if huge:
-        pfn += (hva & (PMD_SIZE - 1)) >> PAGE_SHIFT
     return HostPte(
         pfn=Pfn(pfn),
         writable=bool(entry & PTE_WRITE),
