@@ -52,6 +52,7 @@ copy per update).
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -59,7 +60,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from sortedcontainers import SortedList
 
 from kvmmem.errors import InputError, KernelError, ValidationError
 from kvmmem.sync import Op, acquire, point, release
@@ -199,7 +199,7 @@ def access_ok(limits: MemslotLimits, addr: int, size: int) -> bool:
 # --- the request -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KvmUserspaceMemoryRegion:
     """``struct kvm_userspace_memory_region2`` (v1 = the first five fields).
 
@@ -207,7 +207,7 @@ class KvmUserspaceMemoryRegion:
     0-15.  ``pad1``/``pad2`` are not checked by the kernel (this host accepts
     non-zero padding) and are not modelled.  Field widths are those of the
     UAPI (u32 slot/flags/guest_memfd, u64 otherwise); a value that does not fit
-    raises :class:`InputError`."""
+    raises :class:`InputError`.  Treat it as immutable."""
 
     slot: int
     flags: int
@@ -218,6 +218,15 @@ class KvmUserspaceMemoryRegion:
     guest_memfd: int = 0
 
     def __post_init__(self) -> None:
+        slot, flags, gpa = self.slot, self.flags, self.guest_phys_addr
+        size, uaddr = self.memory_size, self.userspace_addr
+        off, fd = self.guest_memfd_offset, self.guest_memfd
+        if (type(slot) is int and type(flags) is int and type(gpa) is int
+                and type(size) is int and type(uaddr) is int and type(off) is int
+                and type(fd) is int and 0 <= slot <= U32_MAX and 0 <= flags <= U32_MAX
+                and 0 <= gpa <= U64_MAX and 0 <= size <= U64_MAX and 0 <= uaddr <= U64_MAX
+                and 0 <= off <= U64_MAX and 0 <= fd <= U32_MAX):
+            return
         for name, limit in (
             ("slot", U32_MAX),
             ("flags", U32_MAX),
@@ -360,7 +369,127 @@ def kvm_copy_memslot(src: MemorySlot) -> MemorySlot:
                       src.flags, src.dirty_bitmap, dict(src.arch), src.gmem)
 
 
+# --- sorted integer keys ------------------------------------------------------------------
+
+
+class SortedInts:
+    """A sorted set of ints in chunks of at most ``2 * load`` (the layout of
+    ``sortedcontainers.SortedList``, reduced to what the memslot indexes need:
+    add, remove, predecessor, ordered iteration).  Every operation is a couple
+    of C-level bisects on lists no longer than ``2 * load``: O(log n) plus a
+    bounded memmove, whatever the number of keys."""
+
+    __slots__ = ("_len", "_lists", "_load", "_maxes")
+
+    def __init__(self, load: int = 256) -> None:
+        self._lists: list[list[int]] = []
+        self._maxes: list[int] = []
+        self._load = load
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[int]:
+        for lst in self._lists:
+            yield from lst
+
+    def add(self, x: int) -> None:
+        """Insert ``x`` (not already present)."""
+        maxes = self._maxes
+        self._len += 1
+        if not maxes:
+            self._lists.append([x])
+            maxes.append(x)
+            return
+        pos = bisect_left(maxes, x)
+        if pos == len(maxes):
+            pos -= 1
+            lst = self._lists[pos]
+            lst.append(x)
+            maxes[pos] = x
+        else:
+            lst = self._lists[pos]
+            insort(lst, x)
+        if len(lst) > self._load << 1:
+            half = lst[self._load:]
+            del lst[self._load:]
+            maxes[pos] = lst[-1]
+            self._lists.insert(pos + 1, half)
+            maxes.insert(pos + 1, half[-1])
+
+    def remove(self, x: int) -> None:
+        """Remove ``x``; raises ``KeyError`` if absent."""
+        maxes = self._maxes
+        pos = bisect_left(maxes, x)
+        if pos == len(maxes):
+            raise KeyError(x)
+        lst = self._lists[pos]
+        i = bisect_left(lst, x)
+        if lst[i] != x:
+            raise KeyError(x)
+        del lst[i]
+        self._len -= 1
+        if lst:
+            maxes[pos] = lst[-1]
+        else:
+            del self._lists[pos]
+            del maxes[pos]
+
+    def floor(self, x: int) -> int | None:
+        """The largest key ``<= x``, or ``None``."""
+        maxes = self._maxes
+        pos = bisect_right(maxes, x)
+        if pos < len(maxes):
+            lst = self._lists[pos]
+            i = bisect_right(lst, x)
+            if i:
+                return lst[i - 1]
+        if pos:
+            return maxes[pos - 1]
+        return None
+
+    def irange(self, lo: int, hi: int) -> Iterator[int]:
+        """Keys ``k`` with ``lo <= k <= hi``, ascending."""
+        maxes = self._maxes
+        pos = bisect_left(maxes, lo)
+        lists = self._lists
+        first = True
+        while pos < len(lists):
+            lst = lists[pos]
+            i = bisect_left(lst, lo) if first else 0
+            first = False
+            for k in lst[i:] if i else lst:
+                if k > hi:
+                    return
+                yield k
+            pos += 1
+
+
 # --- one memslot set ---------------------------------------------------------------------
+
+
+class MemslotKeys:
+    """The sorted keys of the two sets of one address space.
+
+    The kernel threads every slot into one rb-tree node per set
+    (``gfn_node[node_idx]``, ``hva_node[node_idx]``).  Here both sets share one
+    sorted list of base gfns and one of userspace starts, holding the union of
+    their keys; each set keeps its own dicts and skips keys that are not its
+    own.  Outside an update the sets are equal; during one they differ by the
+    one slot being changed, so a lookup skips at most a couple of keys, and a
+    slot's keys are sorted in once, when the first set gets it, and sorted out
+    once, when the last set drops it."""
+
+    __slots__ = ("gfn", "hva")
+
+    def __init__(self) -> None:
+        self.gfn = SortedInts()
+        self.hva: dict[int, SortedInts] = {}  # size class -> keys (uaddr << 16 | id)
+
+
+def _size_class(npages: int) -> int:
+    return npages.bit_length() - 1
 
 
 class MemslotSet:
@@ -372,20 +501,31 @@ class MemslotSet:
     ``hva_tree`` interval tree): :meth:`for_each_memslot_in_hva_range` is
     O(c log n + k) with c the number of distinct power-of-two slot sizes
     (slots are bucketed by size class so that only starts within one class
-    length before the range can intersect it)."""
+    length before the range can intersect it).  The sorted keys live in a
+    :class:`MemslotKeys` shared with the sibling set."""
 
-    __slots__ = ("_by_base", "_by_id", "_gfn_starts", "_hva", "as_id", "generation",
+    __slots__ = ("_by_base", "_by_id", "_keys", "_sibling", "as_id", "generation",
                  "node_idx")
 
-    def __init__(self, as_id: int, node_idx: int) -> None:
+    def __init__(self, as_id: int, node_idx: int, keys: MemslotKeys | None = None) -> None:
         self.as_id = as_id
         self.node_idx = node_idx
         # kvm_create_vm(): address space i starts at generation i.
         self.generation = as_id
         self._by_id: dict[int, MemorySlot] = {}
         self._by_base: dict[int, MemorySlot] = {}
-        self._gfn_starts = SortedList()
-        self._hva: dict[int, Any] = {}  # size class -> SortedList of (uaddr << 16 | id)
+        self._keys = keys if keys is not None else MemslotKeys()
+        self._sibling: MemslotSet | None = None
+
+    @staticmethod
+    def pair(as_id: int) -> tuple[MemslotSet, MemslotSet]:
+        """The two sets of address space ``as_id`` (``node_idx`` 0 and 1)."""
+        keys = MemslotKeys()
+        a = MemslotSet(as_id, 0, keys)
+        b = MemslotSet(as_id, 1, keys)
+        a._sibling = b
+        b._sibling = a
+        return a, b
 
     # --- lookups -----------------------------------------------------------------------
 
@@ -396,16 +536,24 @@ class MemslotSet:
         """``id_to_memslot()``: the slot with this id, or ``None``."""
         return self._by_id.get(id)
 
+    def _floor_base(self, gfn: int) -> int | None:
+        """This set's largest base gfn ``<= gfn``."""
+        keys = self._keys.gfn
+        by_base = self._by_base
+        base = keys.floor(gfn)
+        while base is not None and base not in by_base:
+            base = keys.floor(base - 1) if base else None
+        return base
+
     def search_memslots(self, gfn: int) -> MemorySlot | None:
         """``search_memslots()`` / ``__gfn_to_memslot()``: the slot whose gfn
         range holds ``gfn`` (INVALID slots included, as in the kernel), or
         ``None``.  O(log n)."""
-        starts = self._gfn_starts
-        i = starts.bisect_right(gfn)
-        if not i:
+        base = self._floor_base(gfn)
+        if base is None:
             return None
-        slot = self._by_base[starts[i - 1]]
-        if gfn < slot.base_gfn + slot.npages:
+        slot = self._by_base[base]
+        if gfn < base + slot.npages:
             return slot
         return None
 
@@ -414,111 +562,125 @@ class MemslotSet:
     def for_each_memslot(self) -> Iterator[MemorySlot]:
         """``kvm_for_each_memslot()``: every slot, in gfn order."""
         by_base = self._by_base
-        for base in self._gfn_starts:
-            yield by_base[base]
+        for base in self._keys.gfn:
+            slot = by_base.get(base)
+            if slot is not None:
+                yield slot
 
     def for_each_memslot_in_gfn_range(self, start: int, end: int) -> Iterator[MemorySlot]:
         """``kvm_for_each_memslot_in_gfn_range()``: slots intersecting
         ``[start, end)``, in gfn order.  O(log n + k)."""
         if start >= end:
             return
-        starts = self._gfn_starts
         by_base = self._by_base
-        i = starts.bisect_right(start)
-        if i:
-            first = by_base[starts[i - 1]]
-            if first.base_gfn + first.npages > start:
-                i -= 1
-        for base in starts.islice(i):
-            if base >= end:
-                return
-            yield by_base[base]
+        lo = self._floor_base(start)
+        if lo is None or lo + by_base[lo].npages <= start:
+            lo = start
+        for base in self._keys.gfn.irange(lo, end - 1):
+            slot = by_base.get(base)
+            if slot is not None:
+                yield slot
 
     def for_each_memslot_in_hva_range(self, start: int, end: int) -> list[MemorySlot]:
         """``kvm_for_each_memslot_in_hva_range()``: slots whose userspace range
         intersects ``[start, end)``, in address order (ties by id)."""
         if start >= end:
             return []
-        keys: list[int] = []
+        found: list[tuple[int, MemorySlot]] = []
         by_id = self._by_id
-        for cls, lst in self._hva.items():
+        classes = self._keys.hva
+        for cls, keys in classes.items():
             # A slot of this class is shorter than 2 ** (cls + 1) pages.
             lo = start - (2 << (cls + PAGE_SHIFT)) + 1
-            lo_key = lo << 16 if lo > 0 else 0
-            for key in lst.irange(lo_key, ((end - 1) << 16) | 0xFFFF):
-                slot = by_id[key & 0xFFFF]
+            for key in keys.irange(lo << 16 if lo > 0 else 0, ((end - 1) << 16) | 0xFFFF):
+                slot = by_id.get(key & 0xFFFF)
+                if slot is None or slot.userspace_addr != key >> 16 \
+                        or _size_class(slot.npages) != cls:
+                    continue  # the sibling's key
                 if slot.userspace_addr + (slot.npages << PAGE_SHIFT) > start:
-                    keys.append(key)
-        if len(self._hva) > 1:
-            keys.sort()
-        return [by_id[k & 0xFFFF] for k in keys]
-
-    # --- updates (only through kvm_replace_memslot) -------------------------------------
-
-    def _insert(self, slot: MemorySlot) -> None:
-        self._by_id[slot.id] = slot
-        self._by_base[slot.base_gfn] = slot
-        self._gfn_starts.add(slot.base_gfn)
-        cls = slot.npages.bit_length() - 1
-        lst = self._hva.get(cls)
-        if lst is None:
-            lst = self._hva[cls] = SortedList()
-        lst.add((slot.userspace_addr << 16) | slot.id)
-
-    def _erase(self, slot: MemorySlot) -> None:
-        del self._by_id[slot.id]
-        del self._by_base[slot.base_gfn]
-        self._gfn_starts.remove(slot.base_gfn)
-        cls = slot.npages.bit_length() - 1
-        lst = self._hva[cls]
-        lst.remove((slot.userspace_addr << 16) | slot.id)
-        if not lst:
-            del self._hva[cls]
-
+                    found.append((key, slot))
+        if len(classes) > 1:
+            found.sort(key=lambda ks: ks[0])
+        return [slot for _, slot in found]
 
 def kvm_replace_memslot(slots: MemslotSet, old: MemorySlot | None,
                         new: MemorySlot | None) -> None:
     """``kvm_replace_memslot()`` on one set: ``old`` -> ``new`` (either may be
-    ``None`` for an insert or a removal).  A replacement with the same geometry
-    (INVALID copy, FLAGS_ONLY, restore) swaps the object in O(1); otherwise
-    O(log n)."""
-    if old is not None and new is not None and old.base_gfn == new.base_gfn \
-            and old.npages == new.npages and old.userspace_addr == new.userspace_addr:
-        slots._by_id[new.id] = new
-        slots._by_base[new.base_gfn] = new
-        return
+    ``None`` for an insert or a removal).
+
+    A replacement with the same geometry (INVALID copy, FLAGS_ONLY, restore)
+    swaps the object in O(1).  Otherwise ``old``'s keys leave the shared key
+    lists unless the sibling set still holds them, and ``new``'s enter them
+    unless the sibling already did: O(log n)."""
+    by_id = slots._by_id
+    by_base = slots._by_base
     if old is not None:
-        slots._erase(old)
+        if new is not None and old.base_gfn == new.base_gfn and old.npages == new.npages \
+                and old.userspace_addr == new.userspace_addr:
+            by_id[new.id] = new
+            by_base[new.base_gfn] = new
+            return
+        del by_id[old.id]
+        del by_base[old.base_gfn]
+        keys = slots._keys
+        other = slots._sibling
+        twin = other._by_id.get(old.id) if other is not None else None
+        if other is None or old.base_gfn not in other._by_base:
+            keys.gfn.remove(old.base_gfn)
+        if twin is None or twin.userspace_addr != old.userspace_addr \
+                or twin.npages.bit_length() != old.npages.bit_length():
+            cls = old.npages.bit_length() - 1
+            lst = keys.hva[cls]
+            lst.remove((old.userspace_addr << 16) | old.id)
+            if not lst:
+                del keys.hva[cls]
     if new is not None:
-        slots._insert(new)
+        by_id[new.id] = new
+        by_base[new.base_gfn] = new
+        keys = slots._keys
+        other = slots._sibling
+        twin = other._by_id.get(new.id) if other is not None else None
+        if other is None or new.base_gfn not in other._by_base:
+            keys.gfn.add(new.base_gfn)
+        if twin is None or twin.userspace_addr != new.userspace_addr \
+                or twin.npages.bit_length() != new.npages.bit_length():
+            cls = new.npages.bit_length() - 1
+            lst2 = keys.hva.get(cls)
+            if lst2 is None:
+                lst2 = keys.hva[cls] = SortedInts()
+            lst2.add((new.userspace_addr << 16) | new.id)
 
 
 # --- hooks the VM layer implements ------------------------------------------------------
+
+HookOp = Op[None] | None
+"""What a hook returns: an :data:`Op` to run, or ``None`` when it has nothing to do
+(saves a generator on the fast path)."""
 
 
 class MemslotHooks(Protocol):
     """What the VM (arch code) provides to the memslot layer.
 
-    Each ``Op`` may yield (take ``mmu_lock``, ``mmap_lock``, ...).  A hook that
-    fails raises :class:`KernelError` (only ``prepare_memory_region`` and
-    ``gmem_bind`` may fail, as in the kernel)."""
+    Each hook returns an :data:`Op` (which may yield: take ``mmu_lock``,
+    ``mmap_lock``, ...) or ``None``.  Only ``prepare_memory_region`` and
+    ``gmem_bind`` may fail (raise :class:`KernelError`), as in the kernel."""
 
     def prepare_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
-                              change: KvmMrChange) -> Op[None]:
+                              change: KvmMrChange) -> HookOp:
         """``kvm_arch_prepare_memory_region()``: may reject the change."""
         ...
 
     def commit_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
-                             change: KvmMrChange) -> Op[None]:
+                             change: KvmMrChange) -> HookOp:
         """``kvm_arch_commit_memory_region()``: dirty-logging enable/disable
         effects (write-protect, split, recover huge pages) happen here."""
         ...
 
-    def flush_shadow_memslot(self, slot: MemorySlot) -> Op[None]:
+    def flush_shadow_memslot(self, slot: MemorySlot) -> HookOp:
         """``kvm_arch_flush_shadow_memslot()``: zap ``slot`` (DELETE/MOVE)."""
         ...
 
-    def memslots_updated(self, gen: int) -> Op[None]:
+    def memslots_updated(self, gen: int) -> HookOp:
         """``kvm_arch_memslots_updated()``: a set with generation ``gen`` is
         about to become current (x86 MMIO SPTE generation wrap)."""
         ...
@@ -541,22 +703,22 @@ class NoopMemslotHooks:
     """Hooks that accept everything and touch no stage-2 state."""
 
     def prepare_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
-                              change: KvmMrChange) -> Op[None]:
+                              change: KvmMrChange) -> HookOp:
         """Accepts every change."""
-        return _nothing()
+        return None
 
     def commit_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
-                             change: KvmMrChange) -> Op[None]:
+                             change: KvmMrChange) -> HookOp:
         """Does nothing."""
-        return _nothing()
+        return None
 
-    def flush_shadow_memslot(self, slot: MemorySlot) -> Op[None]:
+    def flush_shadow_memslot(self, slot: MemorySlot) -> HookOp:
         """Does nothing."""
-        return _nothing()
+        return None
 
-    def memslots_updated(self, gen: int) -> Op[None]:
+    def memslots_updated(self, gen: int) -> HookOp:
         """Does nothing."""
-        return _nothing()
+        return None
 
     def gmem_bind(self, slot: MemorySlot, fd: int, offset: int) -> None:
         """Records the binding in ``slot.gmem``."""
@@ -753,7 +915,7 @@ class VmMemslots:
         self.nr_memslots_dirty_logging = 0
         self.use_dirty_bitmap = True
         self.manual_protect_init_set = False
-        self._sets = [(MemslotSet(i, 0), MemslotSet(i, 1)) for i in range(self.limits.nr_as_ids)]
+        self._sets = [MemslotSet.pair(i) for i in range(self.limits.nr_as_ids)]
         self._active = [pair[0] for pair in self._sets]
 
     # --- readers -------------------------------------------------------------------------
@@ -807,66 +969,71 @@ class VmMemslots:
     def set_user_memory_region(self, mem: KvmUserspaceMemoryRegion, v2: bool = False) -> None:
         """``KVM_SET_USER_MEMORY_REGION`` (``v2``: ``..._REGION2``), run to
         completion.  Returns nothing; raises :class:`KernelError`."""
-        op = kvm_vm_ioctl_set_memory_region(self, mem, v2)
-        try:
-            while True:
-                next(op)
-        except StopIteration:
-            return
+        for _ in kvm_vm_ioctl_set_memory_region(self, mem, v2):
+            pass
 
     def set_internal_memslot(self, mem: KvmUserspaceMemoryRegion) -> None:
         """``kvm_set_internal_memslot()`` run to completion (x86 private slots)."""
-        op = kvm_set_internal_memslot(self, mem)
-        try:
-            while True:
-                next(op)
-        except StopIteration:
-            return
+        for _ in kvm_set_internal_memslot(self, mem):
+            pass
+
+
+# Pauses, built once (sync.acquire() looks them up on every call).
+_ACQUIRE_SLOTS = acquire(LOCK_SLOTS)
+_RELEASE_SLOTS = release(LOCK_SLOTS)
+_ACQUIRE_SLOTS_ARCH = acquire(LOCK_SLOTS_ARCH)
+_RELEASE_SLOTS_ARCH = release(LOCK_SLOTS_ARCH)
+_ACQUIRE_FROZEN = acquire(LOCK_MEMSLOTS_FROZEN)
+_RELEASE_FROZEN = release(LOCK_MEMSLOTS_FROZEN)
+_ACQUIRE_SRCU = acquire(LOCK_SRCU)
+_RELEASE_SRCU = release(LOCK_SRCU)
+_INVALID_PUBLISHED = point(POINT_INVALID_PUBLISHED)
+
+_CREATE = KvmMrChange.CREATE
+_DELETE = KvmMrChange.DELETE
+_MOVE = KvmMrChange.MOVE
+_FLAGS_ONLY = KvmMrChange.FLAGS_ONLY
+
+
+def _failed(err: KernelError) -> Op[None]:
+    """An op that fails with ``err`` when driven (checks made before any lock)."""
+    raise err
+    yield  # pragma: no cover
 
 
 def kvm_vm_ioctl_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion,
                                    v2: bool = False) -> Op[None]:
     """``kvm_vm_ioctl(KVM_SET_USER_MEMORY_REGION[2])`` +
-    ``kvm_vm_ioctl_set_memory_region()``.
+    ``kvm_vm_ioctl_set_memory_region()``: the op of one ioctl.
 
-    The v1 ioctl rejects flags outside LOG_DIRTY_PAGES|READONLY and ignores the
-    v2-only fields; a slot id at or above ``KVM_USER_MEM_SLOTS`` is ``EINVAL``
-    (internal slots are not the user's); then ``slots_lock`` is taken around
-    :func:`kvm_set_memory_region`.  Returns nothing; raises :class:`KernelError`."""
+    Before any lock: the v1 ioctl rejects flags outside
+    LOG_DIRTY_PAGES|READONLY (and sees the v2-only fields as zero); a slot id
+    at or above ``KVM_USER_MEM_SLOTS`` is ``EINVAL`` (internal slots are not
+    the user's).  Then :func:`kvm_set_memory_region` under ``slots_lock``.
+    The returned op returns nothing; it raises :class:`KernelError`."""
     if not v2:
         if mem.flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
-            raise KernelError("EINVAL", CALL, f"flags {mem.flags:#x} not allowed by the v1 ioctl")
+            return _failed(KernelError("EINVAL", CALL,
+                                       f"flags {mem.flags:#x} not allowed by the v1 ioctl"))
         if mem.guest_memfd or mem.guest_memfd_offset:
             mem = KvmUserspaceMemoryRegion(mem.slot, mem.flags, mem.guest_phys_addr,
                                            mem.memory_size, mem.userspace_addr)
     if (mem.slot & 0xFFFF) >= kvm.limits.user_mem_slots:
-        raise KernelError("EINVAL", CALL,
-                          f"slot id {mem.slot & 0xFFFF} >= KVM_USER_MEM_SLOTS "
-                          f"({kvm.limits.user_mem_slots})")
-    yield acquire(LOCK_SLOTS)
-    try:
-        yield from kvm_set_memory_region(kvm, mem)
-    except KernelError:
-        yield release(LOCK_SLOTS)
-        raise
-    yield release(LOCK_SLOTS)
+        return _failed(KernelError("EINVAL", CALL,
+                                   f"slot id {mem.slot & 0xFFFF} >= KVM_USER_MEM_SLOTS "
+                                   f"({kvm.limits.user_mem_slots})"))
+    return kvm_set_memory_region(kvm, mem)
 
 
 def kvm_set_internal_memslot(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[None]:
     """``kvm_set_internal_memslot()``: for the arch's private slots (id at or
-    above ``KVM_USER_MEM_SLOTS``, no flags); takes ``slots_lock`` as x86's
-    ``x86_set_memory_region`` does.  Raises :class:`KernelError`."""
+    above ``KVM_USER_MEM_SLOTS``, no flags), under ``slots_lock`` as x86's
+    ``x86_set_memory_region`` holds it.  The op raises :class:`KernelError`."""
     if (mem.slot & 0xFFFF) < kvm.limits.user_mem_slots:
-        raise KernelError("EINVAL", CALL, "internal memslot with a user slot id")
+        return _failed(KernelError("EINVAL", CALL, "internal memslot with a user slot id"))
     if mem.flags:
-        raise KernelError("EINVAL", CALL, "internal memslot with flags")
-    yield acquire(LOCK_SLOTS)
-    try:
-        yield from kvm_set_memory_region(kvm, mem)
-    except KernelError:
-        yield release(LOCK_SLOTS)
-        raise
-    yield release(LOCK_SLOTS)
+        return _failed(KernelError("EINVAL", CALL, "internal memslot with flags"))
+    return kvm_set_memory_region(kvm, mem)
 
 
 def check_memory_region_flags(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> bool:
@@ -888,17 +1055,71 @@ def check_memory_region_flags(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) ->
 
 def kvm_check_memslot_overlap(slots: MemslotSet, id: int, start: int, end: int) -> bool:
     """``kvm_check_memslot_overlap()``: does a slot other than ``id`` intersect
-    ``[start, end)`` (gpa space only)?"""
-    return any(slot.id != id for slot in slots.for_each_memslot_in_gfn_range(start, end))
+    ``[start, end)`` (gpa space only)?
+
+    Same answer as the kernel's walk over ``kvm_for_each_memslot_in_gfn_range``,
+    in two lookups: slots are disjoint and sorted, so only the last slot
+    starting below ``end`` - or, if that is ``id`` itself (a MOVE), the one
+    before it - can reach into the range."""
+    by_base = slots._by_base
+    base = slots._floor_base(end - 1)
+    if base is None:
+        return False
+    slot = by_base[base]
+    if base + slot.npages <= start:
+        return False
+    if slot.id != id:
+        return True
+    if not base:
+        return False
+    base = slots._floor_base(base - 1)
+    return base is not None and base + by_base[base].npages > start
 
 
 def kvm_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[None]:
-    """``kvm_set_memory_region()``: validate in the kernel's order (first
-    failing rule wins; kernel-semantics.md §1.5), classify the change, then run
-    :func:`kvm_set_memslot`.  Caller holds ``slots_lock``.
+    """``kvm_set_memory_region()``: validate (:func:`kvm_check_memory_region`),
+    bind guest_memfd if asked, run :func:`kvm_set_memslot`.
 
-    Returns nothing (also for an identical request: no-op, no generation
-    change); raises :class:`KernelError`."""
+    Both kernel callers hold ``kvm->slots_lock`` around this function (the
+    ioctl takes it, x86's internal-slot callers assert it); here the op takes
+    and drops it itself.  Returns nothing (an identical request is a no-op
+    that leaves the generation alone); raises :class:`KernelError`."""
+    yield _ACQUIRE_SLOTS
+    try:
+        plan = kvm_check_memory_region(kvm, mem)
+        if plan is not None:
+            old, new, change = plan
+            # rule 21
+            gmem = new is not None and bool(mem.flags & KVM_MEM_GUEST_MEMFD)
+            if gmem:
+                assert new is not None
+                kvm.hooks.gmem_bind(new, mem.guest_memfd, mem.guest_memfd_offset)
+            # rule 22
+            try:
+                yield from kvm_set_memslot(kvm, old, new, change)
+            except KernelError:
+                if gmem:
+                    assert new is not None
+                    kvm.hooks.gmem_unbind(new)
+                raise
+    except KernelError:
+        yield _RELEASE_SLOTS
+        raise
+    yield _RELEASE_SLOTS
+
+
+MemslotPlan = tuple["MemorySlot | None", "MemorySlot | None", KvmMrChange]
+
+
+def kvm_check_memory_region(kvm: VmMemslots,
+                            mem: KvmUserspaceMemoryRegion) -> MemslotPlan | None:
+    """The checks of ``kvm_set_memory_region()`` in the kernel's order, first
+    failing rule wins (kernel-semantics.md §1.5 rules 1-20; the comments number
+    them).  Caller holds ``slots_lock``.
+
+    Returns ``(old, new, change)`` - ``new`` a fresh, unpublished slot (``None``
+    for DELETE) - or ``None`` for an identical request; raises
+    :class:`KernelError`."""
     limits = kvm.limits
     # rule 1
     if not check_memory_region_flags(kvm, mem):
@@ -918,7 +1139,7 @@ def kvm_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[
     # rule 5
     if uaddr & (PAGE_SIZE - 1):
         raise KernelError("EINVAL", CALL, "userspace_addr not page aligned")
-    if uaddr != untagged_addr(limits, uaddr):
+    if limits.tbi and uaddr != untagged_addr(limits, uaddr):
         raise KernelError("EINVAL", CALL, "userspace_addr is tagged")
     if uaddr + size > limits.task_size_max:
         raise KernelError("EINVAL", CALL, "userspace range fails access_ok()")
@@ -948,12 +1169,11 @@ def kvm_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[
         if kvm.nr_memslot_pages < old.npages:
             raise KernelError("EIO", CALL, "nr_memslot_pages underflow")
         # rule 13
-        yield from kvm_set_memslot(kvm, old, None, KvmMrChange.DELETE)
-        return
+        return old, None, _DELETE
     base_gfn = gpa >> PAGE_SHIFT
     if old is None or not old.npages:
         # rules 14, 15
-        change = KvmMrChange.CREATE
+        change = _CREATE
         if kvm.nr_memslot_pages + npages > ULONG_MAX:
             raise KernelError("EINVAL", CALL, "nr_memslot_pages would overflow")
     else:
@@ -967,97 +1187,95 @@ def kvm_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[
                               "userspace_addr, size or READONLY of a slot cannot change")
         # rule 18
         if base_gfn != old.base_gfn:
-            change = KvmMrChange.MOVE
+            change = _MOVE
         elif mem.flags != old.flags:
-            change = KvmMrChange.FLAGS_ONLY
+            change = _FLAGS_ONLY
         else:
-            return
+            return None
     # rule 19
-    if change != KvmMrChange.FLAGS_ONLY and \
+    if change is not _FLAGS_ONLY and \
             kvm_check_memslot_overlap(slots, id, base_gfn, base_gfn + npages):
         raise KernelError("EEXIST", CALL, "guest physical range overlaps another slot")
     # rule 20 (kzalloc cannot fail here)
-    new = MemorySlot(id, as_id, Gfn(base_gfn), npages, Hva(uaddr), mem.flags)
-    # rule 21
-    gmem = bool(mem.flags & KVM_MEM_GUEST_MEMFD)
-    if gmem:
-        kvm.hooks.gmem_bind(new, mem.guest_memfd, mem.guest_memfd_offset)
-    # rule 22
-    try:
-        yield from kvm_set_memslot(kvm, old, new, change)
-    except KernelError:
-        if gmem:
-            kvm.hooks.gmem_unbind(new)
-        raise
+    # (plain ints for the Gfn/Hva fields: NewType calls cost a function call)
+    new = MemorySlot(id, as_id, base_gfn, npages, uaddr, mem.flags)  # type: ignore[arg-type]
+    return old, new, change
 
 
 def kvm_set_memslot(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
                     change: KvmMrChange) -> Op[None]:
     """``kvm_set_memslot()``: invalidate (DELETE/MOVE), prepare, install, commit.
 
-    Takes ``slots_arch_lock`` (released by each swap).  If prepare fails, a
-    DELETE/MOVE restores ``old`` with one more swap; the zap stays (I5).
-    Raises the prepare hook's :class:`KernelError`."""
-    yield acquire(LOCK_SLOTS_ARCH)
+    The kernel's steps are inlined (each swap is one nested op; the numbers of
+    generator levels is what a memslot update costs here):
+
+    * ``kvm_invalidate_memslot()`` (DELETE/MOVE): put an INVALID copy of
+      ``old`` in the inactive set and swap it active - never propagated, the
+      INVALID slot only ever lives in the active set; yield
+      ``point("memslot_invalid_published")``; zap ``old``
+      (``flush_shadow_memslot``); retake ``slots_arch_lock``; copy the arch
+      data back into ``old``.
+    * ``kvm_prepare_memory_region()``: :func:`kvm_prepare_dirty_bitmap`, then
+      the arch prepare hook.  If it fails: drop a fresh bitmap; DELETE/MOVE
+      restore ``old`` with one more swap (``kvm_activate_memslot(invalid,
+      old)``; the zap stays, I5), else drop ``slots_arch_lock``; re-raise.
+    * ``kvm_{create,delete,move,update_flags}_memslot()``: edit the inactive
+      set, then ``kvm_activate_memslot()``: swap, and repeat the edit on the
+      set that just became inactive, where DELETE/MOVE find the INVALID slot.
+    * ``kvm_commit_memory_region()``: :func:`kvm_commit_accounting`, the arch
+      commit hook, :func:`kvm_commit_free`.
+
+    Takes ``slots_arch_lock`` (each swap releases it).  Raises the prepare
+    hook's :class:`KernelError`."""
+    yield _ACQUIRE_SLOTS_ARCH
+    slot = old if old is not None else new
+    assert slot is not None
+    as_id = slot.as_id
+    pair = kvm._sets[as_id]
+    active = kvm._active
+    hooks = kvm.hooks
     invalid: MemorySlot | None = None
-    if change == KvmMrChange.DELETE or change == KvmMrChange.MOVE:
+    if change is _DELETE or change is _MOVE:
         assert old is not None
+        # kvm_invalidate_memslot()
         invalid = kvm_copy_memslot(old)
         invalid.flags |= KVM_MEMSLOT_INVALID
-        yield from kvm_invalidate_memslot(kvm, old, invalid)
-    try:
-        yield from kvm_prepare_memory_region(kvm, old, new, change)
-    except KernelError:
-        if invalid is not None:
-            yield from kvm_activate_memslot(kvm, invalid, old)
-        else:
-            yield release(LOCK_SLOTS_ARCH)
-        raise
-    as_id = old.as_id if old is not None else new.as_id  # type: ignore[union-attr]
-    inactive = kvm.inactive_memslots(as_id)
-    if change == KvmMrChange.CREATE:
-        # kvm_create_memslot
-        kvm_replace_memslot(inactive, None, new)
-        yield from kvm_activate_memslot(kvm, None, new, as_id)
-    elif change == KvmMrChange.DELETE:
-        # kvm_delete_memslot
-        kvm_replace_memslot(inactive, old, None)
-        yield from kvm_activate_memslot(kvm, invalid, None, as_id)
-    elif change == KvmMrChange.MOVE:
-        # kvm_move_memslot
-        kvm_replace_memslot(inactive, old, new)
-        yield from kvm_activate_memslot(kvm, invalid, new, as_id)
-    else:
-        # kvm_update_flags_memslot
-        kvm_replace_memslot(inactive, old, new)
-        yield from kvm_activate_memslot(kvm, old, new, as_id)
-    yield from kvm_commit_memory_region(kvm, old, new, change)
-
-
-def kvm_invalidate_memslot(kvm: VmMemslots, old: MemorySlot, invalid: MemorySlot) -> Op[None]:
-    """``kvm_invalidate_memslot()``: publish the INVALID copy of ``old`` (new
-    faults see no usable slot), zap ``old`` (``flush_shadow_memslot``), retake
-    ``slots_arch_lock`` and copy the arch data back into ``old``.
-
-    Yields ``point("memslot_invalid_published")`` once the INVALID slot is the
-    active one and before the zap."""
-    kvm_replace_memslot(kvm.inactive_memslots(old.as_id), old, invalid)
-    # Swap without propagating: the INVALID slot is only ever in the active set.
-    yield from kvm_swap_active_memslots(kvm, old.as_id)
-    yield point(POINT_INVALID_PUBLISHED)
-    yield from kvm.hooks.flush_shadow_memslot(old)
-    yield acquire(LOCK_SLOTS_ARCH)
-    old.arch = invalid.arch
-
-
-def kvm_activate_memslot(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
-                         as_id: int | None = None) -> Op[None]:
-    """``kvm_activate_memslot()``: swap the sets, then repeat ``old`` -> ``new``
-    on the now-inactive set."""
-    if as_id is None:
-        as_id = old.as_id if old is not None else new.as_id  # type: ignore[union-attr]
+        kvm_replace_memslot(pair[active[as_id].node_idx ^ 1], old, invalid)
+        yield from kvm_swap_active_memslots(kvm, as_id)
+        yield _INVALID_PUBLISHED
+        flush = hooks.flush_shadow_memslot(old)
+        if flush is not None:
+            yield from flush
+        yield _ACQUIRE_SLOTS_ARCH
+        old.arch = invalid.arch
+    # kvm_prepare_memory_region()
+    fresh_bitmap = kvm_prepare_dirty_bitmap(kvm, old, new, change)
+    prepare = hooks.prepare_memory_region(old, new, change)
+    if prepare is not None:
+        try:
+            yield from prepare
+        except KernelError:
+            if fresh_bitmap:
+                assert new is not None
+                new.dirty_bitmap = None
+            if invalid is not None:
+                # kvm_activate_memslot(kvm, invalid_slot, old)
+                yield from kvm_swap_active_memslots(kvm, as_id)
+                kvm_replace_memslot(pair[active[as_id].node_idx ^ 1], invalid, old)
+            else:
+                yield _RELEASE_SLOTS_ARCH
+            raise
+    # kvm_{create,delete,move,update_flags}_memslot() + kvm_activate_memslot()
+    kvm_replace_memslot(pair[active[as_id].node_idx ^ 1], old, new)
     yield from kvm_swap_active_memslots(kvm, as_id)
-    kvm_replace_memslot(kvm.inactive_memslots(as_id), old, new)
+    kvm_replace_memslot(pair[active[as_id].node_idx ^ 1],
+                        old if invalid is None else invalid, new)
+    # kvm_commit_memory_region()
+    kvm_commit_accounting(kvm, old, new, change)
+    commit = hooks.commit_memory_region(old, new, change)
+    if commit is not None:
+        yield from commit
+    kvm_commit_free(kvm, old, new, change)
 
 
 def kvm_swap_active_memslots(kvm: VmMemslots, as_id: int) -> Op[None]:
@@ -1069,17 +1287,19 @@ def kvm_swap_active_memslots(kvm: VmMemslots, as_id: int) -> Op[None]:
     is dropped, readers are waited for (``synchronize_srcu_expedited``: an
     exclusive ``srcu`` acquire/release), ``kvm_arch_memslots_updated`` runs,
     and the generation becomes old + ``nr_as_ids``."""
-    slots = kvm.inactive_memslots(as_id)
-    gen = kvm._active[as_id].generation
-    slots.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
-    yield acquire(LOCK_MEMSLOTS_FROZEN)
+    active = kvm._active[as_id]
+    slots = kvm._sets[as_id][active.node_idx ^ 1]
+    slots.generation = active.generation | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+    yield _ACQUIRE_FROZEN
     kvm._active[as_id] = slots
-    yield release(LOCK_MEMSLOTS_FROZEN)
-    yield release(LOCK_SLOTS_ARCH)
-    yield acquire(LOCK_SRCU)
-    yield release(LOCK_SRCU)
+    yield _RELEASE_FROZEN
+    yield _RELEASE_SLOTS_ARCH
+    yield _ACQUIRE_SRCU
+    yield _RELEASE_SRCU
     gen = (slots.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + kvm.limits.nr_as_ids
-    yield from kvm.hooks.memslots_updated(gen)
+    updated = kvm.hooks.memslots_updated(gen)
+    if updated is not None:
+        yield from updated
     slots.generation = gen
 
 
@@ -1089,60 +1309,63 @@ def kvm_alloc_dirty_bitmap(slot: MemorySlot) -> DirtyBitmap:
     return np.zeros(slot.npages, dtype=np.bool_)
 
 
-def kvm_prepare_memory_region(kvm: VmMemslots, old: MemorySlot | None,
-                              new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
-    """``kvm_prepare_memory_region()``: settle ``new``'s dirty bitmap, then the
-    arch prepare hook.
+def kvm_prepare_dirty_bitmap(kvm: VmMemslots, old: MemorySlot | None,
+                             new: MemorySlot | None, change: KvmMrChange) -> bool:
+    """The generic half of ``kvm_prepare_memory_region()``: settle ``new``'s
+    dirty bitmap.  Returns True if it allocated a fresh one (dropped again if
+    the arch prepare hook fails).
 
     Not for DELETE: no LOG_DIRTY_PAGES -> no bitmap; ``old`` has a bitmap ->
-    reuse it (a MOVE of a logged slot keeps its bits); else, if the VM uses
-    bitmaps, allocate one (all set with manual protect + INITIALLY_SET).  A
-    freshly allocated bitmap is dropped again if the hook fails."""
-    if change != KvmMrChange.DELETE and new is not None:
-        if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            new.dirty_bitmap = None
-        elif old is not None and old.dirty_bitmap is not None:
-            new.dirty_bitmap = old.dirty_bitmap
-        elif kvm.use_dirty_bitmap:
-            bitmap = kvm_alloc_dirty_bitmap(new)
-            if kvm.manual_protect_init_set:
-                bitmap[:] = True
-            new.dirty_bitmap = bitmap
-    try:
-        yield from kvm.hooks.prepare_memory_region(old, new, change)
-    except KernelError:
-        if new is not None and new.dirty_bitmap is not None and \
-                (old is None or old.dirty_bitmap is None):
-            new.dirty_bitmap = None
-        raise
+    reuse it (in practice a MOVE of a logged slot keeps its bits); else, if
+    the VM uses bitmaps, allocate one (all set with manual protect +
+    ``KVM_DIRTY_LOG_INITIALLY_SET``)."""
+    if change is _DELETE or new is None:
+        return False
+    if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        new.dirty_bitmap = None
+    elif old is not None and old.dirty_bitmap is not None:
+        new.dirty_bitmap = old.dirty_bitmap
+    elif kvm.use_dirty_bitmap:
+        bitmap = kvm_alloc_dirty_bitmap(new)
+        if kvm.manual_protect_init_set:
+            bitmap[:] = True
+        new.dirty_bitmap = bitmap
+        return True
+    return False
 
 
-def kvm_commit_memory_region(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
-                             change: KvmMrChange) -> Op[None]:
-    """``kvm_commit_memory_region()``: account pages and logging slots, run the
-    arch commit hook, free what the old slot no longer shares (its dirty bitmap
-    when logging was turned off)."""
-    if change == KvmMrChange.DELETE:
-        assert old is not None
-        kvm.nr_memslot_pages -= old.npages
-    elif change == KvmMrChange.CREATE:
-        assert new is not None
-        kvm.nr_memslot_pages += new.npages
-    old_flags = old.flags if old is not None else 0
-    new_flags = new.flags if new is not None else 0
+def kvm_commit_accounting(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
+                          change: KvmMrChange) -> None:
+    """``kvm_commit_memory_region()`` before the arch hook: ``nr_memslot_pages``
+    (+ on CREATE, - on DELETE) and ``nr_memslots_dirty_logging`` (when
+    LOG_DIRTY_PAGES toggles)."""
+    old_flags = 0
+    new_flags = 0
+    if old is not None:
+        old_flags = old.flags
+        if change is _DELETE:
+            kvm.nr_memslot_pages -= old.npages
+    if new is not None:
+        new_flags = new.flags
+        if change is _CREATE:
+            kvm.nr_memslot_pages += new.npages
     if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
         kvm.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
-    yield from kvm.hooks.commit_memory_region(old, new, change)
-    if change == KvmMrChange.DELETE:
-        # kvm_free_memslot: the bitmap goes with the slot.
-        assert old is not None
+
+
+def kvm_commit_free(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | None,
+                    change: KvmMrChange) -> None:
+    """``kvm_commit_memory_region()`` after the arch hook: DELETE frees ``old``
+    (``kvm_free_memslot``: bitmap, guest_memfd binding); MOVE/FLAGS_ONLY free
+    ``old``'s bitmap when ``new`` does not share it (logging turned off)."""
+    if old is None:
+        return
+    if change is _DELETE:
         if old.gmem is not None:
             kvm.hooks.gmem_unbind(old)
         old.dirty_bitmap = None
-    elif change != KvmMrChange.CREATE:
-        assert old is not None and new is not None
-        if old.dirty_bitmap is not None and new.dirty_bitmap is None:
-            old.dirty_bitmap = None
+    elif old.dirty_bitmap is not None and new is not None and new.dirty_bitmap is None:
+        old.dirty_bitmap = None
 
 
 # --- consistency checks (never called by the fast paths) --------------------------------
@@ -1150,24 +1373,41 @@ def kvm_commit_memory_region(kvm: VmMemslots, old: MemorySlot | None, new: Memor
 
 def validate_memslot_set(slots: MemslotSet) -> None:
     """Check one set's indexes against each other: ids, sorted and
-    non-overlapping gfn ranges, the hva index.  Raises :class:`ValidationError`."""
+    non-overlapping gfn ranges, its keys present in the shared key lists.
+    Raises :class:`ValidationError`."""
     inv = "memslot-set"
-    if len(slots._by_id) != len(slots._by_base) or len(slots._by_id) != len(slots._gfn_starts):
+    if len(slots._by_id) != len(slots._by_base):
         raise ValidationError(inv, f"as {slots.as_id}: index sizes differ")
     prev_end = -1
-    for base in slots._gfn_starts:
-        slot = slots._by_base[base]
+    seen = 0
+    for slot in slots.for_each_memslot():
+        seen += 1
         if slots._by_id.get(slot.id) is not slot:
             raise ValidationError(inv, f"{slot!r} not in the id index")
-        if slot.as_id != slots.as_id or slot.base_gfn != base or slot.npages <= 0:
+        if slot.as_id != slots.as_id or slot.npages <= 0:
             raise ValidationError(inv, f"{slot!r} misfiled")
-        if base < prev_end:
+        if slot.base_gfn < prev_end:
             raise ValidationError(inv, f"{slot!r} overlaps the previous slot")
         prev_end = slot.base_gfn + slot.npages
-    keys = sorted(k for lst in slots._hva.values() for k in lst)
-    want = sorted((s.userspace_addr << 16) | s.id for s in slots._by_id.values())
-    if keys != want:
-        raise ValidationError(inv, f"as {slots.as_id}: hva index out of date")
+        hva = slots._keys.hva.get(_size_class(slot.npages))
+        key = (slot.userspace_addr << 16) | slot.id
+        if hva is None or key not in list(hva.irange(key, key)):
+            raise ValidationError(inv, f"{slot!r} missing from the hva keys")
+    if seen != len(slots._by_id):
+        raise ValidationError(inv, f"as {slots.as_id}: gfn keys miss slots")
+
+
+def validate_memslot_keys(a: MemslotSet, b: MemslotSet) -> None:
+    """The shared keys of a pair of sets are exactly the union of their keys.
+    Raises :class:`ValidationError`."""
+    keys = a._keys
+    gfn = sorted(set(a._by_base) | set(b._by_base))
+    if list(keys.gfn) != gfn or len(keys.gfn) != len(gfn):
+        raise ValidationError("memslot-keys", f"as {a.as_id}: stale gfn keys")
+    hva = sorted({(s.userspace_addr << 16) | s.id for st in (a, b) for s in st._by_id.values()})
+    have = sorted(k for lst in keys.hva.values() for k in lst)
+    if have != hva:
+        raise ValidationError("memslot-keys", f"as {a.as_id}: stale hva keys")
 
 
 def validate_memslots(kvm: VmMemslots) -> None:
@@ -1179,6 +1419,7 @@ def validate_memslots(kvm: VmMemslots) -> None:
     for as_id, pair in enumerate(kvm._sets):
         for slots in pair:
             validate_memslot_set(slots)
+        validate_memslot_keys(*pair)
         active = kvm._active[as_id]
         inactive = kvm.inactive_memslots(as_id)
         if list(active.for_each_memslot()) != list(inactive.for_each_memslot()):
