@@ -941,22 +941,38 @@ class VmMemslots:
         """The active set's generation (``kvm_memslots(kvm)->generation``)."""
         return self._active[as_id].generation
 
-    def for_each_memslot(self) -> Iterator[MemorySlot]:
-        """Every active slot, address space by address space, in gfn order."""
+    def for_each_memslot(self, as_id: int | None = None) -> Iterator[MemorySlot]:
+        """The active slots of ``as_id`` (default: of every address space, one
+        after the other), in gfn order."""
+        if as_id is not None:
+            yield from self._active[as_id].for_each_memslot()
+            return
         for slots in self._active:
             yield from slots.for_each_memslot()
+
+    def all_slots(self) -> list[MemorySlot]:
+        """Every active slot of every address space (as ``for_each_memslot()``)."""
+        return list(self.for_each_memslot())
+
+    def slots_for_hva_range(self, start: int, end: int) -> list[MemorySlot]:
+        """The active slots, address space by address space, whose userspace
+        range intersects ``[start, end)`` (``kvm_for_each_memslot_in_hva_range``
+        over every address space, as ``kvm_handle_hva_range`` walks them)."""
+        out: list[MemorySlot] = []
+        for slots in self._active:
+            out.extend(slots.for_each_memslot_in_hva_range(start, end))
+        return out
 
     def gfn_ranges_for_hva(self, start: int, end: int) -> list[tuple[MemorySlot, Gfn, Gfn]]:
         """What ``kvm_handle_hva_range()`` hands its handler for ``[start, end)``:
         for every address space and every active slot whose userspace range
         intersects it, ``(slot, gfn_start, gfn_end)``."""
         out: list[tuple[MemorySlot, Gfn, Gfn]] = []
-        for slots in self._active:
-            for slot in slots.for_each_memslot_in_hva_range(start, end):
-                hva_start = max(start, slot.userspace_addr)
-                hva_end = min(end, slot.userspace_addr + (slot.npages << PAGE_SHIFT))
-                out.append((slot, slot.hva_to_gfn(hva_start),
-                            slot.hva_to_gfn(hva_end + PAGE_SIZE - 1)))
+        for slot in self.slots_for_hva_range(start, end):
+            hva_start = max(start, slot.userspace_addr)
+            hva_end = min(end, slot.userspace_addr + (slot.npages << PAGE_SHIFT))
+            out.append((slot, slot.hva_to_gfn(hva_start),
+                        slot.hva_to_gfn(hva_end + PAGE_SIZE - 1)))
         return out
 
     # --- the ioctl -----------------------------------------------------------------------
@@ -965,6 +981,8 @@ class VmMemslots:
                                   v2: bool = False) -> Op[None]:
         """The ioctl as an :data:`Op` (see :func:`kvm_vm_ioctl_set_memory_region`)."""
         return kvm_vm_ioctl_set_memory_region(self, mem, v2)
+
+    set_memory_region_op = set_user_memory_region_op
 
     def set_user_memory_region(self, mem: KvmUserspaceMemoryRegion, v2: bool = False) -> None:
         """``KVM_SET_USER_MEMORY_REGION`` (``v2``: ``..._REGION2``), run to
@@ -1441,3 +1459,8 @@ def validate_memslots(kvm: VmMemslots) -> None:
         raise ValidationError("memslot-accounting",
                               f"nr_memslots_dirty_logging {kvm.nr_memslots_dirty_logging} "
                               f"!= {logging}")
+
+
+# Names the VM layer was first written against.
+Memslots = VmMemslots
+MemoryRegion = KvmUserspaceMemoryRegion
