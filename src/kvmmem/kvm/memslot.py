@@ -929,9 +929,17 @@ class VmMemslots:
         active = self._active[as_id]
         return self._sets[as_id][active.node_idx ^ 1]
 
-    def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
-        """``gfn_to_memslot()``: the active slot holding ``gfn`` (may be INVALID)."""
-        return self._active[as_id].search_memslots(gfn)
+    def gfn_to_memslot(self, gfn: int, as_id: int = 0, *,
+                       include_invalid: bool = True) -> MemorySlot | None:
+        """``gfn_to_memslot()``: the active slot holding ``gfn``, or ``None``.
+
+        Like the kernel's lookup it also finds a slot marked INVALID (being
+        deleted or moved; ``__gfn_to_hva_many`` is what refuses it), unless
+        ``include_invalid`` is false."""
+        slot = self._active[as_id].search_memslots(gfn)
+        if slot is not None and not include_invalid and slot.flags & KVM_MEMSLOT_INVALID:
+            return None
+        return slot
 
     def id_to_memslot(self, id: int, as_id: int = 0) -> MemorySlot | None:
         """``id_to_memslot(__kvm_memslots(kvm, as_id), id)``."""
