@@ -74,7 +74,9 @@ PROBE_OFFSET = PMD_SIZE + 0x3000
 DEFAULT_TIMEOUT = 2.0
 MAX_EXITS = 64
 """MMIO exits answered inside one access before it is reported as a runaway."""
-_VA_LIMIT = 1 << 48
+EXEC_POISON = 0xA000_0000_0000_0000
+"""Register value during ``guest_exec``: non-canonical, and so are its sums and scaled
+sums (x2, x4, x8), so a memory operand built from registers raises #GP/#SS."""
 
 
 class HarnessConflict(KvmUnsupported):
@@ -354,18 +356,21 @@ class RealVm:
         return out
 
     def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome:
-        """An instruction fetch at ``gpa``: the guest jumps there with the trap flag set,
-        so exactly one instruction runs (every general register points into the
-        harness's MMIO hole, so its memory operands exit as MMIO, answered with zeros).
+        """An instruction fetch at ``gpa``: the guest jumps there with the trap flag set
+        and every general register holding a non-canonical address, so the fetched
+        instruction either faults on its memory operand or single-steps, and the
+        resulting guest exception ends the run (a CPL3 PVM guest, or a guest without
+        an IDT, triple-faults: ``KVM_EXIT_SHUTDOWN``).  Whatever the bytes at ``gpa``
+        are, at most about one instruction runs (RIP-relative operands aside).
 
-        ``ok`` when the fetch succeeded (the single-step trap or the instruction's own
-        exception then ends the guest); ``fault`` on EFAULT; ``abort`` ``UD`` when KVM
-        could not fetch the instruction (it counts ``insn_emulation_fail``)."""
+        ``ok`` when the fetch succeeded; ``fault`` on EFAULT; ``abort`` ``UD`` when KVM
+        could not fetch the instruction for emulation (``insn_emulation_fail`` rose:
+        ``handle_emulation_failure`` injects #UD)."""
         va = self._va(gpa, 1)
         if va is None:
             return self._unreachable(gpa, 1)
         v = self._vcpu(vcpu, path)
-        regs = kvm_regs(**dict.fromkeys(GPR_NAMES, self._probe_va))
+        regs = kvm_regs(**dict.fromkeys(GPR_NAMES, EXEC_POISON))
         regs.rip = va
         regs.rflags = RFLAGS_DEFAULT | RFLAGS_TF
         with v.fd.stats() as stats:
@@ -429,8 +434,6 @@ class RealVm:
                     else:
                         ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
                     exits.append(exit_out)
-                    if not until_doorbell and len(exits) >= MAX_EXITS // 2:
-                        break
                     continue
                 v.pending = True
                 name = EXIT_REASONS.get(reason, str(reason))
@@ -444,7 +447,8 @@ class RealVm:
                 out = {"result": "timeout", "seconds": self.timeout,
                        "reason": f"more than {MAX_EXITS} exits"}
                 v.stale = True
-        assert out is not None
+        if out is None:  # pragma: no cover - the loop always sets it
+            raise RuntimeError("guest run ended without an outcome")
         if exits and out["result"] in ("ok", "exit"):
             first = exits[0]
             if "_doorbell" in out:

@@ -21,6 +21,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import platform
 import signal
 import threading
 from collections.abc import Iterator
@@ -407,10 +408,14 @@ class VcpuFd(_Fd):
 
 def probe_kvm(path: str = KVM_DEV) -> str | None:
     """Whether this host can run kvmmem's real-KVM backend: ``None`` when ``path`` opens,
-    speaks API 12 and can create a VM with one vCPU; else a one-line reason."""
+    speaks API 12 and can create a VM with one vCPU on an x86-64 host; else a one-line
+    reason (e.g. ``"/dev/kvm: cannot open /dev/kvm: No such file or directory"``)."""
+    machine = platform.machine()
+    if machine not in ("x86_64", "AMD64"):
+        return f"/dev/kvm: kvmmem's real-KVM guest is x86-64 and this host is {machine}"
     try:
         with Kvm(path) as kvm, kvm.create_vm() as vm:
             vm.create_vcpu(0)
     except (KvmUnavailable, OSError) as exc:
-        return str(exc)
+        return f"{path}: {exc}"
     return None

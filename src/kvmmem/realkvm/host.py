@@ -1,0 +1,359 @@
+"""Real host mappings for real-KVM scenario runs: :class:`HostMemory`.
+
+Every mapping kind of SCENARIOS.md is made for real with libc calls
+(``mmap``/``munmap``/``mprotect``/``madvise``):
+
+* ``anon`` - private anonymous; ``thp`` - the same, 2 MiB aligned, with
+  ``MADV_HUGEPAGE``; ``hugetlb`` - ``MAP_HUGETLB`` (only when the host's hugetlb
+  pool has enough free 2 MiB pages: kvmmem never changes ``vm.nr_hugepages``);
+* ``memfd`` - ``MAP_SHARED`` of a memfd; ``file``/``file-shared`` -
+  ``MAP_PRIVATE``/``MAP_SHARED`` of an unlinked temporary file (nothing is left
+  on disk);
+* ``device`` - a real ``VM_PFNMAP|VM_IO`` mapping whose frames are present from
+  mmap on: one perf-event user page (``perf_event_open`` of a disabled
+  software dummy event, the only such source kvm-on-this-host.md §3.6 found)
+  per 4 KiB page, placed side by side; writable ones are made writable at once
+  (a host store triggers the driver's ``pfn_mkwrite``).
+* ``device-lazy`` - no source here; :class:`MappingUnsupported` says why.
+
+Mappings live in an arena reserved (``PROT_NONE``, ``MAP_NORESERVE``) far from
+the addresses the kernel hands out on its own, so a range a scenario unmaps is
+never reused behind its back, and closing releases the whole arena at once.
+
+Host loads and stores never touch the memory directly: a load is
+``write(pipe, addr, n)`` and a store is ``read(pipe, addr, n)``, so an
+inaccessible address gives EFAULT instead of killing the process
+(kvm-on-this-host.md §7).  EFAULT becomes ``{"result": "signal", "signal":
+"SIGSEGV"}``, or ``SIGBUS`` when a VMA with the needed permission covers the
+address (a beyond-EOF page, a driver that refuses the fault).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from kvmmem.realkvm import libc
+from kvmmem.types import PAGE_SIZE, PMD_SIZE, align_up
+
+Outcome = dict[str, Any]
+
+ARENA_HINT = 0x1000_0000_0000
+"""Where the mapping arena is placed (16 TiB): far below the top-down area the
+kernel allocates from, so nothing else lands in a hole a scenario makes."""
+ARENA_SIZE = 1 << 40
+GUARD = PMD_SIZE
+"""Unmapped (PROT_NONE) gap between two arena allocations, so VMAs never merge."""
+MAX_DEVICE_SIZE = 64 << 20
+"""A device mapping takes one perf event per page; larger ones are refused."""
+
+KINDS = ("anon", "memfd", "file", "file-shared", "hugetlb", "thp", "device", "device-lazy")
+ADVICE = {
+    "dontneed": libc.MADV_DONTNEED,
+    "remove": libc.MADV_REMOVE,
+    "hugepage": libc.MADV_HUGEPAGE,
+    "nohugepage": libc.MADV_NOHUGEPAGE,
+}
+
+
+class MappingUnsupported(RuntimeError):
+    """This host cannot make the mapping kind asked for; ``str()`` says why."""
+
+
+@dataclass(slots=True)
+class HostMapping:
+    """A mapping made by :meth:`HostMemory.mmap`: its name keeps denoting
+    ``[hva, hva + size)`` after it is unmapped or replaced (SCENARIOS.md)."""
+
+    name: str
+    kind: str
+    hva: int
+    size: int
+    prot: int
+
+
+def _meminfo(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key == field:
+                return int(rest.split()[0])
+    return 0
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "never"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if start >= 0 < end else "never"
+
+
+def hugetlb_free_bytes() -> int:
+    """Bytes of free 2 MiB hugetlb pages in the host pool (0 without a pool)."""
+    if _meminfo("Hugepagesize") != PMD_SIZE >> 10:
+        return 0
+    return _meminfo("HugePages_Free") * PMD_SIZE
+
+
+def vma_covers(addr: int, size: int, perm: str) -> bool:
+    """Whether VMAs with permission ``perm`` (``"r"`` or ``"w"``) cover
+    ``[addr, addr + size)`` in /proc/self/maps."""
+    need = addr
+    end = addr + size
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo_text, hi_text = span.split("-")
+            lo, hi = int(lo_text, 16), int(hi_text, 16)
+            if lo <= need < hi:
+                if perm not in perms:
+                    return False
+                need = hi
+                if need >= end:
+                    return True
+    return False
+
+
+class HostMemory:
+    """The host side of a real-KVM scenario run: named mappings, host operations and
+    safe host loads/stores.  Use as a context manager (or :meth:`close`): every
+    mapping, fd and the pipe are released on every path."""
+
+    def __init__(self, arena_size: int = ARENA_SIZE) -> None:
+        self.mappings: dict[str, HostMapping] = {}
+        self._arena = 0
+        self._arena_size = arena_size
+        self._pipe: tuple[int, int] | None = None
+        try:
+            addr, err = libc.mmap(
+                ARENA_HINT, arena_size, libc.PROT_NONE,
+                libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
+                | libc.MAP_FIXED_NOREPLACE)
+            if err:
+                addr, err = libc.mmap(0, arena_size, libc.PROT_NONE,
+                                      libc.MAP_PRIVATE | libc.MAP_ANONYMOUS
+                                      | libc.MAP_NORESERVE)
+            if err:
+                raise OSError(err, f"cannot reserve the mapping arena: {libc.errno_name(err)}")
+            self._arena = addr
+            self._next = align_up(addr, PMD_SIZE)
+            self._pipe = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Unmap the whole arena (every mapping made here) and close the pipe.
+        Idempotent."""
+        if self._arena:
+            libc.munmap(self._arena, self._arena_size)
+            self._arena = 0
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+        self.mappings.clear()
+
+    def __enter__(self) -> HostMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- addresses ------------------------------------------------------------------
+
+    def hva(self, name: str, offset: int = 0) -> int:
+        """The host address ``offset`` bytes into mapping ``name``.  Raises ``KeyError``."""
+        return self.mappings[name].hva + offset
+
+    def _place(self, size: int) -> int:
+        base = self._next
+        end = base + align_up(size, PMD_SIZE)
+        if end + GUARD > self._arena + self._arena_size:
+            raise MappingUnsupported(f"the {self._arena_size >> 30} GiB mapping arena is full")
+        self._next = end + GUARD
+        return base
+
+    # --- mmap -------------------------------------------------------------------------
+
+    def mmap(self, name: str, size: int, kind: str, prot: int, fill: int | None = None,
+             at: int | None = None) -> Outcome:
+        """Create mapping ``name`` (SCENARIOS.md mapping keys; ``at`` is a host address for
+        MAP_FIXED).  Returns ``{"result": "ok"}`` or ``{"result": "error", "errno": N}``;
+        raises :class:`MappingUnsupported` for a kind this host cannot make and
+        ``ValueError`` for an unknown kind."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown mapping kind {kind!r}")
+        if size <= 0 or size % PAGE_SIZE:
+            return {"result": "error", "errno": "EINVAL"}
+        self._check_supported(kind, size)
+        hva = at if at is not None else self._place(size)
+        map_prot = prot | libc.PROT_WRITE if fill is not None else prot
+        if kind == "device":
+            err = self._map_device(hva, size, map_prot)
+        else:
+            err = self._map_plain(hva, size, kind, map_prot)
+        # The name denotes the range even when the mmap failed (SCENARIOS.md).
+        self.mappings[name] = HostMapping(name, kind, hva, size, prot)
+        if err:
+            return {"result": "error", "errno": libc.errno_name(err)}
+        if fill is not None:
+            self._fill(hva, size, kind, fill)
+            if map_prot != prot:
+                libc.mprotect(hva, size, prot)
+        return {"result": "ok"}
+
+    def _check_supported(self, kind: str, size: int) -> None:
+        if kind == "hugetlb":
+            if size % PMD_SIZE:
+                raise MappingUnsupported("a hugetlb mapping must be a multiple of 2 MiB")
+            free = hugetlb_free_bytes()
+            if free < size:
+                raise MappingUnsupported(
+                    f"hugetlb needs {size >> 21} free 2 MiB pages and the host pool has "
+                    f"{free >> 21} (HugePages_Free); kvmmem does not change vm.nr_hugepages")
+        elif kind == "thp" and _thp_mode() == "never":
+            raise MappingUnsupported("transparent huge pages are disabled on this host "
+                                     "(/sys/kernel/mm/transparent_hugepage/enabled)")
+        elif kind == "device" and size > MAX_DEVICE_SIZE:
+            raise MappingUnsupported(
+                f"a device mapping is built from one perf-event page per 4 KiB; "
+                f"{size >> 20} MiB is more than the {MAX_DEVICE_SIZE >> 20} MiB kvmmem makes")
+        elif kind == "device-lazy":
+            raise MappingUnsupported(
+                "no VM_PFNMAP source on this host inserts frames lazily on first touch "
+                "(perf rings map every page at mmap time; vvar cannot be placed; no "
+                "dma-buf, vfio or uio device)")
+
+    def _map_plain(self, hva: int, size: int, kind: str, prot: int) -> int:
+        flags = libc.MAP_FIXED
+        fd = -1
+        try:
+            if kind in ("anon", "thp"):
+                flags |= libc.MAP_PRIVATE | libc.MAP_ANONYMOUS
+            elif kind == "hugetlb":
+                flags |= libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_HUGETLB
+            elif kind == "memfd":
+                fd = os.memfd_create("kvmmem", os.MFD_CLOEXEC)
+                os.ftruncate(fd, size)
+                flags |= libc.MAP_SHARED
+            else:
+                with tempfile.TemporaryFile() as tmp:  # unlinked at once: nothing on disk
+                    fd = os.dup(tmp.fileno())
+                os.ftruncate(fd, size)
+                flags |= libc.MAP_SHARED if kind == "file-shared" else libc.MAP_PRIVATE
+            _, err = libc.mmap(hva, size, prot, flags, fd, 0)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        finally:
+            if fd >= 0:
+                os.close(fd)  # the mapping keeps the file
+        if not err and kind == "thp":
+            err = libc.madvise(hva, size, libc.MADV_HUGEPAGE)
+        return err
+
+    def _map_device(self, hva: int, size: int, prot: int) -> int:
+        """One perf user page per 4 KiB page, each MAP_SHARED|MAP_FIXED in place."""
+        for off in range(0, size, PAGE_SIZE):
+            fd, err = libc.perf_event_open_dummy()
+            if err:
+                raise MappingUnsupported(
+                    f"perf_event_open (the VM_PFNMAP source) failed: {libc.errno_name(err)}")
+            try:
+                _, err = libc.mmap(hva + off, PAGE_SIZE, prot, libc.MAP_SHARED | libc.MAP_FIXED,
+                                   fd, 0)
+            finally:
+                os.close(fd)
+            if err:
+                return err
+            if prot & libc.PROT_WRITE:
+                # Frames are present from mmap on; make the PTE writable now, as
+                # remap_pfn_range of a writable device mapping would (pfn_mkwrite).
+                value = self.host_read(hva + off, 8)
+                if value["result"] == "ok":
+                    self.host_write(hva + off, 8, value["value"])
+        return 0
+
+    def _fill(self, hva: int, size: int, kind: str, byte: int) -> None:
+        if kind != "device":
+            libc.memset(hva, byte, size)
+            return
+        page = bytes([byte]) * PAGE_SIZE
+        for off in range(0, size, PAGE_SIZE):
+            self._store(hva + off, page)
+
+    # --- host operations ----------------------------------------------------------------
+
+    def munmap(self, hva: int, size: int) -> Outcome:
+        """``munmap(2)``: ``ok`` or ``error`` with the errno name."""
+        return _outcome(libc.munmap(hva, size))
+
+    def mprotect(self, hva: int, size: int, prot: int) -> Outcome:
+        """``mprotect(2)``: ``ok`` or ``error``."""
+        return _outcome(libc.mprotect(hva, size, prot))
+
+    def madvise(self, hva: int, size: int, advice: str) -> Outcome:
+        """``madvise(2)`` with ``advice`` one of ``dontneed``, ``remove``, ``hugepage``,
+        ``nohugepage``: ``ok`` or ``error``.  Raises ``ValueError`` for another name."""
+        if advice not in ADVICE:
+            raise ValueError(f"unknown madvise advice {advice!r}")
+        return _outcome(libc.madvise(hva, size, ADVICE[advice]))
+
+    # --- loads and stores ---------------------------------------------------------------
+
+    def host_read(self, hva: int, size: int) -> Outcome:
+        """A userspace load of ``size`` bytes at ``hva``: ``ok`` with the little-endian
+        ``value``, or ``signal`` (SIGSEGV / SIGBUS) where the load would fault."""
+        data = self._load(hva, size)
+        if data is None:
+            return self._signal(hva, size, "r")
+        return {"result": "ok", "value": int.from_bytes(data, "little")}
+
+    def host_write(self, hva: int, size: int, value: int) -> Outcome:
+        """A userspace store of the low ``size`` bytes of ``value`` at ``hva``: ``ok`` or
+        ``signal``."""
+        data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+        if not self._store(hva, data):
+            return self._signal(hva, size, "w")
+        return {"result": "ok"}
+
+    def _pipe_fds(self) -> tuple[int, int]:
+        if self._pipe is None:
+            raise ValueError("HostMemory is closed")
+        return self._pipe
+
+    def _load(self, hva: int, size: int) -> bytes | None:
+        """``size`` bytes at ``hva`` read by the kernel (``write(pipe, hva)``), or None."""
+        rd, wr = self._pipe_fds()
+        n, err = libc.write_from(wr, hva, size)
+        data = os.read(rd, n) if n else b""
+        return None if err or n < size else data
+
+    def _store(self, hva: int, data: bytes) -> bool:
+        """Store ``data`` at ``hva`` through the kernel (``read(pipe, hva)``)."""
+        rd, wr = self._pipe_fds()
+        os.write(wr, data)
+        n, err = libc.read_into(rd, hva, len(data))
+        if err or n < len(data):
+            try:
+                while os.read(rd, PAGE_SIZE):
+                    pass
+            except BlockingIOError:
+                pass
+            return False
+        return True
+
+    @staticmethod
+    def _signal(hva: int, size: int, perm: str) -> Outcome:
+        signal = "SIGBUS" if vma_covers(hva, size, perm) else "SIGSEGV"
+        return {"result": "signal", "signal": signal}
+
+
+def _outcome(err: int) -> Outcome:
+    return {"result": "ok"} if err == 0 else {"result": "error", "errno": libc.errno_name(err)}
