@@ -232,6 +232,9 @@ def _line(node: Node) -> int:
 
 
 def _join(path: str, key: str) -> str:
+    """``path.key``; a key that is empty or has surrounding blanks is quoted."""
+    if not key or key.strip() != key:
+        key = repr(key)
     return f"{path}.{key}" if path else key
 
 
@@ -303,6 +306,7 @@ class _Checker:
         first; the message still names the mapping's first line."""
         mark = node.end_mark if at_end else node.start_mark
         text = f"{path}: {message}" if path else message
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
         self.errors.append((int(mark.line), int(mark.column), len(self.errors), _line(node), text))
         return _Bad()
 
@@ -625,7 +629,7 @@ class _Checker:
         }
         for key, knode, vnode in self.entries(root, ""):
             if key not in _TOP_KEYS:
-                self.err(knode, key,
+                self.err(knode, _join("", key),
                          f"unknown key{_hint(key, _TOP_KEYS)} (known keys: {_listing(_TOP_KEYS)})")
             elif key in scalar_fields:
                 try:
