@@ -110,6 +110,7 @@ DEFAULT_MAX_MAP_COUNT = 65530
 """``sysctl_max_map_count`` default."""
 
 _ULONG = (1 << 64) - 1
+_MAX_LFS_FILESIZE = (1 << 63) - 1
 _PAGE_MASK = ~(PAGE_SIZE - 1)
 _HPAGE_MASK = ~(PMD_SIZE - 1)
 
@@ -1233,11 +1234,18 @@ class Mm:
             flags |= VM_IO | VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP
             if file is not None and (pgoff + (length >> PAGE_SHIFT)) > file.npages():
                 raise KernelError("EINVAL", call, "beyond the device region")
-        replaced = self.vmas_in(start, start + length)
-        if len(self._vmas) - len(replaced) + 2 > self.max_map_count:
+        if kind not in (VmaKind.ANON, VmaKind.THP) and (length > _MAX_LFS_FILESIZE or
+                                 pgoff > (_MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
+            raise KernelError("EOVERFLOW", call, "offset + length beyond the largest file")
+        if len(self._vmas) > self.max_map_count:
             raise KernelError("ENOMEM", call, "max_map_count reached")
+        replaced = self.vmas_in(start, start + length)
         if replaced:
             self._check_splits(replaced, start, start + length, call)
+            if (replaced[0].start < start < replaced[0].end and
+                    replaced[-1].start < start + length < replaced[-1].end
+                    and len(self._vmas) >= self.max_map_count):
+                raise KernelError("ENOMEM", call, "max_map_count reached")
         if hugetlb and not noreserve:
             # hugetlb_reserve_pages: the last check, so nothing needs undoing after it
             need = length >> 21

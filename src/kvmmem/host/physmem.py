@@ -535,13 +535,17 @@ class PhysMem:
         if not (RAM_BASE_PFN <= pfn < RAM_BASE_PFN + self._top):
             raise InputError(f"pfn {pfn:#x} is neither RAM nor device memory")
         buf = self._content.get(pfn)
+        n = len(chunk)
+        if n == PAGE_SIZE:
+            raw = bytes(chunk)
+            if raw.count(raw[0]) == n:
+                self._fill[pfn - RAM_BASE_PFN] = raw[0]
+                if buf is not None:
+                    del self._content[pfn]
+                return
         if buf is None:
             i = pfn - RAM_BASE_PFN
             raw = bytes(chunk)
-            n = len(raw)
-            if n == PAGE_SIZE and raw.count(raw[0]) == n:
-                self._fill[i] = raw[0]
-                return
             b = self._fill[i]
             if raw.count(b) == n:
                 return
