@@ -513,3 +513,21 @@ def test_good_examples_survive_a_yaml_round_trip() -> None:
         again = load_scenario_text(yaml.safe_dump(PARSED_GOOD[name], sort_keys=False))
         assert original.name == again.name and original.memory.keys() == again.memory.keys()
         assert [s.op for s in original.all_steps()] == [s.op for s in again.all_steps()]
+
+
+def test_alias_bombs_are_not_expanded() -> None:
+    """Aliases are followed as a graph (each node visited once), so a "billion laughs"
+    file is rejected at once by the schema instead of being expanded."""
+    lines = ["kvmmem: 1", "name: lol", 'x0: &a0 ["lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
+    lines += ["steps: *a11"]
+    with pytest.raises(InputError) as info:
+        load_scenario_text("\n".join(lines) + "\n", "lol.yaml")
+    assert str(info.value).startswith("lol.yaml:3: x0: unknown key")
+    text = "\n".join([*lines[:2], "memory: {ram: {size: 4K, kind: anon, prot: rw}}",
+                      "steps:", "  - host_read: {memory: ram, size: 8}",
+                      "  - &r {host_read: {memory: ram, size: 8}}", "  - *r"]) + "\n"
+    got = load_scenario_text(text)
+    assert got.steps is not None and got.steps[1] == HostRead(index=1, line=6, memory="ram",
+                                                              size=8)
+    assert got.steps[2] == HostRead(index=2, line=6, memory="ram", size=8)
