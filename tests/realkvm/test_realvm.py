@@ -226,3 +226,47 @@ def test_many_vms_keep_fds_and_rss_flat(kvm: Kvm) -> None:
     print(f"fds {fds} -> {open_fds()}, rss {rss >> 10} KiB -> {rss_bytes() >> 10} KiB")
     assert open_fds() == fds
     assert rss_bytes() - rss < 4 << 20
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_upper_half_gpa_is_reached_through_an_alias(kvm: Kvm, host: HostMemory,
+                                                    path: str) -> None:
+    """A slot above 2^47 (inside MAXPHYADDR 48): the guest reaches it through a
+    lower-half alias GiB of its page tables, and the slot serves it like any other."""
+    gpa = (1 << 47) + (5 << 30)
+    with RealVm([(gpa, M)], [0], kvm=kvm) as vm:
+        hva = _slot(host, vm, gpa=gpa, fill=0x66)
+        assert vm.guest_read(gpa + 8, 2, path=path) == {"result": "ok", "value": 0x6666}
+        assert vm.guest_write(gpa + 16, 4, 0x01020304, path=path) == {"result": "ok"}
+        assert host.host_read(hva + 16, 4) == {"result": "ok", "value": 0x01020304}
+        assert vm.guest_read(gpa + M, 4, path=path)["result"] == "mmio"
+        beyond = vm.guest_read(1 << 48, 4, path=path)
+        assert beyond["result"] == "unsupported" and "MAXPHYADDR" in beyond["reason"]
+
+
+def test_vcpus_share_the_slots(host: HostMemory, vm: RealVm) -> None:
+    """Every vCPU of a VM sees the same memslots (kvm_vcpu_memslots of address space 0);
+    the vCPUs may run on different paths."""
+    _slot(host, vm)
+    assert vm.guest_write(G, 4, 0xAABBCCDD, vcpu=0) == {"result": "ok"}
+    assert vm.guest_read(G, 4, vcpu=1, path="emulated") == {"result": "ok",
+                                                            "value": 0xAABBCCDD}
+    assert vm.guest_read(G, 4, vcpu=1) == {"result": "ok", "value": 0xAABBCCDD}
+
+
+def _anon_huge_kib(hva: int) -> int:
+    with open("/proc/self/smaps") as f:
+        text = f.read()
+    block = text[text.index(f"{hva:x}-"):].split("VmFlags:")[0]
+    return int(block.split("AnonHugePages:")[1].split()[0])
+
+
+def test_thp_backed_slot_gets_a_2m_spte(host: HostMemory, vm: RealVm) -> None:
+    """A THP-backed slot: kvm_mmu_hugepage_adjust maps the guest's 2 MiB page with a
+    level-2 SPTE (pages_2m), when the host really got a huge page."""
+    hva = _slot(host, vm, kind="thp", fill=0x77)
+    if _anon_huge_kib(hva) < 2048:
+        pytest.skip("the host did not back the THP mapping with a huge page this time")
+    before = vm.stats()["pages_2m"]
+    assert vm.guest_read(G + 0x1234, 1) == {"result": "ok", "value": 0x77}
+    assert vm.stats()["pages_2m"] == before + 1

@@ -50,7 +50,7 @@ from kvmmem.realkvm.guest import (
     assemble,
     long_mode_sregs,
 )
-from kvmmem.realkvm.kvm import Kvm, KvmUnsupported, VcpuFd, VmFd
+from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
 from kvmmem.realkvm.stats import StatsFd
 from kvmmem.realkvm.structs import (
     EXIT_REASONS,
@@ -259,9 +259,12 @@ class RealVm:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, not {path!r}")
         while len(self.vcpus) <= index:
-            fd = self.vm.create_vcpu(len(self.vcpus))
-            assert self.kvm is not None
-            fd.set_cpuid2(self.kvm.supported_cpuid())
+            try:
+                fd = self.vm.create_vcpu(len(self.vcpus))
+            except KvmIoctlError as exc:
+                raise KvmUnsupported(f"this host's KVM cannot create vCPU {len(self.vcpus)}: "
+                                     f"{exc.errno_name}") from None
+            fd.set_cpuid2(self.vm.kvm.supported_cpuid())
             self.vcpus.append(_Vcpu(fd))
         v = self.vcpus[index]
         if v.pending:

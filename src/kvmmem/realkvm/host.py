@@ -45,6 +45,7 @@ ARENA_HINT = 0x1000_0000_0000
 """Where the mapping arena is placed (16 TiB): far below the top-down area the
 kernel allocates from, so nothing else lands in a hole a scenario makes."""
 ARENA_SIZE = 1 << 40
+ARENA_TRIES = 16
 GUARD = PMD_SIZE
 """Unmapped (PROT_NONE) gap between two arena allocations, so VMAs never merge."""
 MAX_DEVICE_SIZE = 64 << 20
@@ -131,14 +132,15 @@ class HostMemory:
         self._arena_size = arena_size
         self._pipe: tuple[int, int] | None = None
         try:
-            addr, err = libc.mmap(
-                ARENA_HINT, arena_size, libc.PROT_NONE,
-                libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
-                | libc.MAP_FIXED_NOREPLACE)
+            flags = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
+            addr, err = 0, errno.EEXIST
+            for k in range(ARENA_TRIES):  # another HostMemory may hold the first hint
+                addr, err = libc.mmap(ARENA_HINT + k * arena_size, arena_size,
+                                      libc.PROT_NONE, flags | libc.MAP_FIXED_NOREPLACE)
+                if not err:
+                    break
             if err:
-                addr, err = libc.mmap(0, arena_size, libc.PROT_NONE,
-                                      libc.MAP_PRIVATE | libc.MAP_ANONYMOUS
-                                      | libc.MAP_NORESERVE)
+                addr, err = libc.mmap(0, arena_size, libc.PROT_NONE, flags)
             if err:
                 raise OSError(err, f"cannot reserve the mapping arena: {libc.errno_name(err)}")
             self._arena = addr

@@ -363,7 +363,7 @@ class VcpuFd(_Fd):
         _Alarm.run = self.run
         _Alarm.fired = False
         self.run.immediate_exit = 0
-        signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3), 0.05)
         try:
             yield _Alarm()
         finally:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessConflict, RealVm
+from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, RealVm
 from kvmmem.realkvm.host import HostMemory, MappingUnsupported
-from kvmmem.realkvm.kvm import Kvm
+from kvmmem.realkvm.kvm import Kvm, KvmUnsupported
 from kvmmem.scenario.model import (
     ClearDirtyLog,
     GetDirtyLog,
@@ -120,7 +120,7 @@ def run_scenario(scenario: Scenario, path: str = "native", timeout: float = DEFA
                 out.steps.append({"step": step.index, "op": step.op, **outcome})
                 if outcome["result"] == "unsupported":
                     raise _Unsupported(outcome.get("reason", ""))
-    except (MappingUnsupported, HarnessConflict, _Unsupported) as exc:
+    except (MappingUnsupported, KvmUnsupported, _Unsupported) as exc:
         out.supported, out.reason = False, str(exc)
     return out
 
