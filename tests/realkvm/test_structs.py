@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import pathlib
 
 import pytest
 from iced_x86 import Decoder, Formatter, FormatterSyntax
 
-from kvmmem.realkvm import ioctls, structs
+from kvmmem.realkvm import ioctls, probe_kvm, structs
 from kvmmem.realkvm.guest import ROUTINE_STRIDE, ROUTINES, assemble
 from kvmmem.realkvm.harness import (
     HARNESS_WINDOW,
@@ -109,3 +110,13 @@ def test_layout_reports_no_room() -> None:
         choose_layout([], range(8), 8, 48)
     with pytest.raises(HarnessConflict, match="no free 4 MiB window"):
         choose_layout([(0, 1 << 47)], [], 8, 48)
+
+
+def test_probe_says_why_in_one_line(tmp_path: pathlib.Path) -> None:
+    """Without a usable /dev/kvm the probe gives a one-line reason (commands print it and
+    exit 4), for a missing node and for a file that is not KVM."""
+    missing = probe_kvm(str(tmp_path / "kvm"))
+    assert missing is not None and "cannot open" in missing and "\n" not in missing
+    (tmp_path / "notkvm").write_bytes(b"")
+    wrong = probe_kvm(str(tmp_path / "notkvm"))
+    assert wrong is not None and "KVM_GET_API_VERSION: ENOTTY" in wrong

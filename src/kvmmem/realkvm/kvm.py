@@ -64,6 +64,9 @@ class KvmIoctlError(OSError):
         super().__init__(code, f"{ioctl}: {libc.errno_name(code)} ({os.strerror(code)})")
         self.ioctl = ioctl
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
     @property
     def errno_name(self) -> str:
         """The errno's name, e.g. ``"EINVAL"``."""
