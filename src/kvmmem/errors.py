@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import errno as _errno
 
+_LINUX_ONLY = {"EHWPOISON": 133}
+"""Linux errnos Python's errno module lacks (include/uapi/asm-generic/errno.h)."""
+
 
 class KvmmemError(Exception):
     """Base of every error kvmmem raises on purpose."""
@@ -27,7 +30,7 @@ class KernelError(KvmmemError):
     """
 
     def __init__(self, errno: str, call: str, reason: str = "") -> None:
-        if not hasattr(_errno, errno):
+        if not hasattr(_errno, errno) and errno not in _LINUX_ONLY:
             raise ValueError(f"unknown errno name {errno!r}")
         self.errno = errno
         self.call = call
@@ -40,7 +43,7 @@ class KernelError(KvmmemError):
     @property
     def errno_value(self) -> int:
         """The numeric errno on Linux (``EINVAL`` -> 22)."""
-        value: int = getattr(_errno, self.errno)
+        value: int = getattr(_errno, self.errno, 0) or _LINUX_ONLY[self.errno]
         return value
 
 
