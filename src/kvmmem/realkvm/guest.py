@@ -198,6 +198,8 @@ class PageTables:
     next_page: int = 1
     pdpts: dict[int, int] = field(default_factory=dict)
     pds: dict[int, int] = field(default_factory=dict)
+    targets: dict[int, int] = field(default_factory=dict)
+    """Virtual GiB -> the guest physical GiB it maps."""
 
     def __post_init__(self) -> None:
         ctypes.memset(self.base_hva, 0, PAGE_SIZE)
@@ -240,6 +242,7 @@ class PageTables:
             self._set(pd, i, (pa_gib * GiB + i * (2 << 20)) | PDE_2M_FLAGS)
         self._set(self.pdpts[pml4_index], va_gib & 0x1FF, (self.base_gpa + pd) | TABLE_FLAGS)
         self.pds[va_gib] = pd
+        self.targets[va_gib] = pa_gib
 
 
 # --- segment state ----------------------------------------------------------------------

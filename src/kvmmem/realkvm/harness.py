@@ -22,7 +22,12 @@ Extensions, where the contract has no word for what real KVM did:
 emulate: ``#UD`` is injected into a CPL>0 guest), ``{"result": "timeout",
 "seconds": S}`` (the guest did not come back and was stopped by the
 watchdog), ``{"result": "exit", "exit_reason": NAME}`` (any other exit, e.g.
-``KVM_EXIT_SHUTDOWN``).
+``KVM_EXIT_SHUTDOWN``), ``{"result": "unsupported", "reason": TEXT}`` (a gpa the
+guest's page tables cannot reach: beyond MAXPHYADDR, or straddling 2^47).
+
+Guest virtual = guest physical below 2^47.  A GiB above 2^47 is reached through
+an alias GiB in the lower half that no reserved range uses (a CPL3 PVM guest
+cannot touch the upper half).
 
 Harness placement: give :class:`RealVm` every guest physical range and slot
 id the scenario will use (``reserved_gpas``, ``reserved_slots``); it takes the
@@ -282,7 +287,8 @@ class RealVm:
     def _va(self, gpa: int, size: int) -> int | None:
         """The guest virtual address through which the guest reaches
         ``[gpa, gpa + size)``, mapping it first; ``None`` when it cannot be reached
-        (beyond MAXPHYADDR, or straddling 2^47).
+        (beyond MAXPHYADDR, straddling 2^47, or in a GiB an undeclared range let the
+        harness use as an alias).
 
         Below 2^47 the map is the identity.  Each GiB above gets an alias GiB in the lower
         half that no reserved range uses (a PVM guest's CPL3 cannot touch the upper
@@ -292,6 +298,8 @@ class RealVm:
             return None
         first, last = gpa // GiB, (end - 1) // GiB
         if end <= LOWER_HALF:
+            if any(self._tables.targets.get(g, g) != g for g in range(first, last + 1)):
+                return None  # that virtual GiB already aliases an upper-half GiB
             for gib in range(first, last + 1):
                 self._tables.map_gib(gib)
             return gpa
