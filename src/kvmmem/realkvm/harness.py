@@ -376,7 +376,9 @@ class RealVm:
 
         ``ok`` when the fetch succeeded; ``fault`` on EFAULT; ``abort`` ``UD`` when KVM
         could not fetch the instruction for emulation (``insn_emulation_fail`` rose:
-        ``handle_emulation_failure`` injects #UD)."""
+        ``handle_emulation_failure`` injects #UD, which ends this guest too); an
+        ``exit`` outcome for anything else (``KVM_EXIT_INTERNAL_ERROR`` where KVM
+        reports the emulation failure to userspace instead, as upstream does at CPL0)."""
         va = self._va(gpa, 1)
         if va is None:
             return self._unreachable(gpa, 1)
@@ -389,8 +391,7 @@ class RealVm:
             out = self._run(v, regs, until_doorbell=False)
             after = stats.read()
         failed = after.get("insn_emulation_fail", 0) > before.get("insn_emulation_fail", 0)
-        if out["result"] == "exit" and out.get("exit_reason") in (
-                "KVM_EXIT_SHUTDOWN", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_DEBUG"):
+        if out["result"] == "exit" and out.get("exit_reason") == "KVM_EXIT_SHUTDOWN":
             return {"result": "abort", "abort": "UD"} if failed else {"result": "ok"}
         if out["result"] == "mmio":
             return {"result": "ok"}
