@@ -19,7 +19,7 @@ from kvmmem.types import (
 @pytest.mark.parametrize(
     ("text", "value"),
     [("2M", 0x200000), ("0x1000", 4096), (4096, 4096), ("4K", 4096), ("1G", 1 << 30),
-     ("1T", 1 << 40), ("0", 0), ("16KiB", 16384), ("0x2M", 0x400000)],
+     ("1T", 1 << 40), ("0", 0), ("16KiB", 16384), ("0x2M", 0x200000)],
 )
 def test_parse_size(text: str | int, value: int) -> None:
     assert parse_size(text) == value

@@ -1,10 +1,18 @@
-"""The ``kvmmem`` command line."""
+"""The ``kvmmem`` command line.
+
+Exit status (SCENARIOS.md): 0 all held; 1 an expectation failed; 2 bad input
+(the message says what and where); 3 an invariant was violated; 4 skipped.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from kvmmem import __version__
 from kvmmem.errors import InputError, KernelError
@@ -12,8 +20,29 @@ from kvmmem.errors import InputError, KernelError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="kvmmem: an executable model of how Linux KVM maps guest memory onto host memory.",
 )
+
+SHOWS = ("stage2", "maps", "stats")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"kvmmem: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _split(value: str | None, known: tuple[str, ...] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        _fail(f"--{what}: empty list")
+    if known is not None:
+        for item in items:
+            if item not in known:
+                _fail(f"--{what}: unknown {what} {item!r} (known: {', '.join(known)})")
+    return items
 
 
 @app.callback()
@@ -27,8 +56,45 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="scenario file (YAML, format v1)")],
+    arch: Annotated[str | None, typer.Option(help="x86, arm64 or riscv (default: the file's)")]
+    = None,
+    variant: Annotated[str | None, typer.Option(help="behaviour set (default: the file's)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON outcome")] = False,
+    show: Annotated[str | None, typer.Option(help="also show: stage2, maps, stats (comma list)")]
+    = None,
+) -> None:
+    """Run a scenario on the model, step by step, checking every invariant."""
+    from kvmmem.kvm.vm import ARCHES
+    from kvmmem.report.text import print_run
+    from kvmmem.scenario.loader import load_scenario
+    from kvmmem.scenario.runner import run_scenario
+    from kvmmem.variants import get_variant
+
+    arches = _split(arch, ARCHES, "arch")
+    shows = _split(show, SHOWS, "show") or []
+    if variant is not None:
+        get_variant(variant)
+    scenario = load_scenario(file)
+    if scenario.steps is None:
+        _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
+    status = 0
+    console = Console(highlight=False)
+    for a in arches or list(scenario.arches):
+        result = run_scenario(scenario, a, variant)
+        if as_json:
+            typer.echo(json.dumps(result.to_json()))
+        else:
+            print_run(console, result, shows)
+        status = max(status, result.exit_status)  # 3 (violation) > 1 (expectation) > 0
+    raise typer.Exit(status)
+
+
 def main() -> None:
-    """Console entry point: turns kvmmem's own errors into one line, exit 2."""
+    """Console entry point: kvmmem's own errors become one line and exit 2."""
     try:
         app()
     except (InputError, KernelError) as exc:

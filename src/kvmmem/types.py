@@ -116,14 +116,14 @@ def pages(size: int) -> int:
 # --- size parsing ----------------------------------------------------------------
 
 _SUFFIX = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
-_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([KMGT]?)(?:i?[bB])?\s*$")
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([KMGT]?)(?:[iI]?[bB])?\s*$")
 
 
 def parse_size(text: int | str, what: str = "size") -> int:
     """Parse ``2M``, ``0x1000``, ``4096`` or an int into a byte count.
 
     Suffixes are powers of two (``K`` = 1024) as SCENARIOS.md fixes; a hex
-    number may carry a suffix too (``0x2M`` = 4 MiB).  Returns a non-negative
+    number may carry a suffix too (``0x2M`` = 2 MiB).  Returns a non-negative
     int; raises :class:`InputError` naming ``what`` for anything else
     (negative, fractional, bool, unknown suffix).
     """

@@ -1096,6 +1096,8 @@ class _Checker:
             "flags": self.u64,
             "dirty": self.gfn_list,
             "signal": self.signal_name,
+            "abort": self.string,
+            "remaining": self.u64,
         }
         if not isinstance(node, MappingNode):
             raise self.err(node, path, f"expected a mapping of outcome keys "

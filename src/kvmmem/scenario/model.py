@@ -73,13 +73,14 @@ MEMSLOT_FLAGS: dict[str, int] = {
     "readonly": KVM_MEM_READONLY,
 }
 
-RESULTS = ("ok", "mmio", "fault", "error", "signal")
+RESULTS = ("ok", "mmio", "fault", "error", "signal", "abort")
 RESULT_KEYS: dict[str, tuple[str, ...]] = {
-    "ok": ("value", "dirty"),
-    "mmio": ("gpa", "len", "is_write", "data"),
+    "ok": ("value", "dirty", "remaining"),
+    "mmio": ("gpa", "len", "is_write", "data", "value"),
     "fault": ("gpa", "size", "flags"),
     "error": ("errno",),
     "signal": ("signal",),
+    "abort": ("abort",),
 }
 """The extra keys an outcome with each ``result`` may carry (SCENARIOS.md, Outcomes)."""
 EXPECT_KEYS = (
@@ -94,6 +95,8 @@ EXPECT_KEYS = (
     "flags",
     "dirty",
     "signal",
+    "abort",
+    "remaining",
 )
 
 

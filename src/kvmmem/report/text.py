@@ -1,0 +1,112 @@
+"""Text reports of a run: the step table, memory maps in QEMU ``info mtree``
+style with /proc/PID/maps flags, decoded stage-2 entries and counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from kvmmem.scenario.runner import RunResult
+
+_STYLE = {"ok": "green", "mmio": "cyan", "fault": "red", "error": "yellow", "signal": "magenta",
+          "abort": "red", "violation": "bold red"}
+
+
+def _details(outcome: dict[str, Any]) -> str:
+    parts = []
+    for key, value in outcome.items():
+        if key in ("step", "op", "result"):
+            continue
+        if isinstance(value, bool):
+            parts.append(f"{key}={'yes' if value else 'no'}")
+        elif isinstance(value, int):
+            parts.append(f"{key}={value:#x}")
+        elif isinstance(value, list):
+            parts.append(f"{key}=[{', '.join(hex(v) for v in value)}]")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def steps_table(result: RunResult) -> Table:
+    """One row per step: index, op, result, details, and a failed expectation."""
+    table = Table(title=f"{result.scenario}  arch={result.arch}  variant={result.variant}",
+                  title_justify="left", expand=False)
+    table.add_column("#", justify="right")
+    table.add_column("step")
+    table.add_column("result")
+    table.add_column("details")
+    table.add_column("expected", style="bold red")
+    failed = {m.step: m for m in result.mismatches}
+    for outcome in result.setup + result.steps:
+        idx = outcome["step"]
+        res = outcome["result"]
+        mismatch = failed.get(idx) if outcome in result.steps else None
+        expected = ""
+        if mismatch is not None:
+            expected = "expected " + " ".join(f"{k}={v}" for k, v in mismatch.expected.items())
+        label = outcome["op"] if outcome in result.steps else f"setup {outcome['op']}"
+        table.add_row(str(idx), label, Text(res, style=_STYLE.get(res, "")), _details(outcome),
+                      expected)
+    return table
+
+
+def maps_text(result: RunResult) -> str:
+    """The guest physical map (memslots, marked KVM) and the host VMAs, mtree style."""
+    vm = result.vm
+    assert vm is not None
+    lines = ["address-space: guest physical memory"]
+    for slot in vm.memslots.all_slots():
+        gpa = slot.base_gfn << 12
+        end = gpa + (slot.npages << 12) - 1
+        flags = ",".join(f for f, on in (("readonly", slot.readonly),
+                                         ("log_dirty", slot.dirty_bitmap is not None)) if on)
+        lines.append(f"  {gpa:016x}-{end:016x} (prio 0, ram): slot{slot.id} KVM "
+                     f"hva {slot.userspace_addr:#x}{' ' + flags if flags else ''}")
+    lines.append("")
+    lines.append("host mappings (/proc/PID/maps):")
+    for vma in vm.mm.for_each_vma():
+        flags = " ".join(vma.vm_flags_names())
+        lines.append(f"  {vma.start:012x}-{vma.end:012x} {vma.maps_perms()} "
+                     f"{vma.pgoff << 12:08x} {vma.maps_name():<24} [{flags}]")
+    return "\n".join(lines)
+
+
+def stage2_text(result: RunResult) -> str:
+    """Every stage-2 leaf as the hardware holds it, with decoded fields."""
+    vm = result.vm
+    assert vm is not None
+    lines = [f"stage-2 ({vm.arch_name}) leaves:"]
+    for leaf in vm.stage2.for_each_leaf():
+        lines.append(f"  gpa {leaf.gpa:#014x} size {leaf.size:#x} -> pfn {leaf.pfn:#x}  "
+                     f"{vm.stage2.describe(leaf.raw, leaf.level)}")
+    if len(lines) == 1:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+def stats_text(result: RunResult) -> str:
+    """The VM counters and the stage-2 engine counters."""
+    vm = result.vm
+    assert vm is not None
+    lines = ["counters:"]
+    for name, value in vm.stats_dict().items():
+        lines.append(f"  {name:<28} {value}")
+    return "\n".join(lines)
+
+
+def print_run(console: Console, result: RunResult, show: list[str]) -> None:
+    """The human report of one run."""
+    console.print(steps_table(result))
+    for m in result.mismatches:
+        console.print(f"[bold red]step {m.step} ({m.op}, line {m.line}): expected {m.expected}, "
+                      f"got {m.actual}[/]")
+    for v in result.violations:
+        console.print(f"[bold red]invariant {v['invariant']} violated after step {v['step']}: "
+                      f"{v['detail']}[/]")
+    for what in show:
+        text = {"stage2": stage2_text, "maps": maps_text, "stats": stats_text}[what](result)
+        console.print(text, highlight=False, markup=False)
