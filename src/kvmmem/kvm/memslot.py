@@ -1276,21 +1276,21 @@ def kvm_set_memslot(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | N
         old.arch = invalid.arch
     # kvm_prepare_memory_region()
     fresh_bitmap = kvm_prepare_dirty_bitmap(kvm, old, new, change)
-    prepare = hooks.prepare_memory_region(old, new, change)
-    if prepare is not None:
-        try:
+    try:
+        prepare = hooks.prepare_memory_region(old, new, change)
+        if prepare is not None:
             yield from prepare
-        except KernelError:
-            if fresh_bitmap:
-                assert new is not None
-                new.dirty_bitmap = None
-            if invalid is not None:
-                # kvm_activate_memslot(kvm, invalid_slot, old)
-                yield from kvm_swap_active_memslots(kvm, as_id)
-                kvm_replace_memslot(pair[active[as_id].node_idx ^ 1], invalid, old)
-            else:
-                yield _RELEASE_SLOTS_ARCH
-            raise
+    except KernelError:
+        if fresh_bitmap:
+            assert new is not None
+            new.dirty_bitmap = None
+        if invalid is not None:
+            # kvm_activate_memslot(kvm, invalid_slot, old)
+            yield from kvm_swap_active_memslots(kvm, as_id)
+            kvm_replace_memslot(pair[active[as_id].node_idx ^ 1], invalid, old)
+        else:
+            yield _RELEASE_SLOTS_ARCH
+        raise
     # kvm_{create,delete,move,update_flags}_memslot() + kvm_activate_memslot()
     kvm_replace_memslot(pair[active[as_id].node_idx ^ 1], old, new)
     yield from kvm_swap_active_memslots(kvm, as_id)
