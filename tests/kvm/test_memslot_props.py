@@ -162,8 +162,8 @@ def _check(kvm: VmMemslots, model: Model, probes: list[int]) -> None:
         edges = [g for (a, _), (b, n, _, _) in model.slots.items() if a == as_id
                  for g in (b - 1, b, b + n - 1, b + n)]
         for gfn in probes + edges:
-            slot = kvm.gfn_to_memslot(gfn, as_id)
-            assert (slot.id if slot else None) == model.slot_at(as_id, gfn)
+            found = kvm.gfn_to_memslot(gfn, as_id)
+            assert (found.id if found else None) == model.slot_at(as_id, gfn)
         for k in probes:
             start = HVA + k * P - P // 2
             for end in (start + 1, start + 3 * P):
