@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.sync import Op, acquire, release
+from kvmmem.sync import Op
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, align_down
 
 if TYPE_CHECKING:
@@ -63,45 +63,15 @@ class ArchKvm:
         returns whether a TLB flush is needed."""
         return vm.zap_gfn_range(start, end)
 
-    # --- memslot hooks -------------------------------------------------------
+    # --- memslot hooks ---------------------------------------------------------
 
-    def prepare_memory_region(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
+    def prepare_vma_walk(
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: str
     ) -> Op[None]:
-        """``kvm_arch_prepare_memory_region``; raises KernelError to refuse."""
+        """The VMA walk of ``kvm_arch_prepare_memory_region`` (arm64, riscv);
+        x86 has none.  Raises KernelError to refuse the change."""
         return
         yield  # pragma: no cover
-
-    def commit_memory_region(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
-    ) -> None:
-        """``kvm_arch_commit_memory_region``: dirty-log write protection on
-        enable (``kvm_mmu_wp_memory_region`` and, on x86, eager splitting);
-        nothing needs undoing on disable here, later faults may map blocks."""
-        if new is None or change == "delete":
-            return
-        old_log = old is not None and old.dirty_bitmap is not None
-        new_log = new.dirty_bitmap is not None
-        if new_log and not old_log and not new.readonly:
-            self.enable_dirty_logging(vm, new)
-        elif old_log and not new_log:
-            self.disable_dirty_logging(vm, new)
-
-    def enable_dirty_logging(self, vm: Vm, slot: MemorySlot) -> None:
-        """Write-protect the slot (``kvm_mmu_wp_memory_region``)."""
-        gpa = slot.base_gfn << PAGE_SHIFT
-        if vm.stage2.wrprotect_range(gpa, slot.npages << PAGE_SHIFT):
-            vm.flush_remote_tlbs(zap=False)
-
-    def disable_dirty_logging(self, vm: Vm, slot: MemorySlot) -> None:
-        """Nothing to undo: the next faults may install blocks again."""
-
-    def flush_shadow_memslot(self, vm: Vm, slot: MemorySlot) -> Op[None]:
-        """``kvm_arch_flush_shadow_memslot``: zap the slot's gfn range."""
-        yield acquire("mmu_lock")
-        if vm.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages):
-            vm.flush_remote_tlbs()
-        yield release("mmu_lock")
 
     # --- prefault ------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from kvmmem.kvm.faultin import (
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
@@ -141,32 +142,25 @@ class Arm64Kvm(ArchKvm):
 
     # --- memslot hooks -------------------------------------------------------
 
-    def prepare_memory_region(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
+    def prepare_vma_walk(
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: str
     ) -> Op[None]:
-        """``kvm_arch_prepare_memory_region``: the IPA check and the VMA walk.
+        """The VMA walk of ``kvm_arch_prepare_memory_region``.
 
-        Upstream the walk only rejects VM_PFNMAP with dirty logging; under
+        Upstream it only rejects VM_PFNMAP with dirty logging; under
         ``linux-5.4`` it also rejects a writable slot over a VMA without
         VM_WRITE (removed in v5.5) and premaps VM_PFNMAP ranges
         (``kvm_phys_addr_ioremap``, removed by fd6f17bade21 in v5.14)."""
-        if new is None or change == "delete":
-            return
         yield from prepare_vma_walk(vm, new, change, premap=vm.variant.prepare_walks_vmas,
                                     check_write=vm.variant.prepare_walks_vmas)
 
 
-def prepare_vma_walk(vm: Vm, new: MemorySlot, change: str, *, premap: bool,
+def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, premap: bool,
                      check_write: bool) -> Op[None]:
     """The prepare-time VMA walk shared by arm64 and riscv (v5.4 arm code,
-    copied into riscv): IPA check, per-VMA EPERM / EINVAL checks and, when
-    ``premap``, the 4K Device premap of VM_PFNMAP ranges."""
-    end_gfn = new.base_gfn + new.npages
-    limit = 1 << (vm.stage2.ipa_bits - PAGE_SHIFT)
-    if (end_gfn >= limit) if vm.variant.ipa_limit_off_by_one or vm.arch_name == "riscv" \
-            else (end_gfn > limit):
-        raise KernelError("EFAULT", "KVM_SET_USER_MEMORY_REGION",
-                          "slot ends beyond the VM's IPA space")
+    copied into riscv): per-VMA EPERM / EINVAL checks and, when ``premap``,
+    the 4K Device premap of VM_PFNMAP ranges.  (The IPA-range check before
+    it is the memslot layer's, ``ArchMemslotHooks.prepare_memory_region``.)"""
     writable = not new.readonly
     hva = new.userspace_addr
     reg_end = hva + (new.npages << PAGE_SHIFT)
@@ -183,7 +177,7 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: str, *, premap: bool,
             vm_start = max(hva, vma.start)
             vm_end = min(reg_end, vma.end)
             if vma.flags & VM_PFNMAP:
-                if new.dirty_bitmap is not None or new.log_dirty:
+                if new.flags & KVM_MEM_LOG_DIRTY_PAGES:
                     raise KernelError("EINVAL", "KVM_SET_USER_MEMORY_REGION",
                                       "dirty logging requested over a VM_PFNMAP VMA")
                 if premap:
@@ -193,7 +187,7 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: str, *, premap: bool,
                     kvm_phys_addr_ioremap(vm, new, gpa, pa, vm_end - vm_start, writable)
             hva = vm_end
     except KernelError:
-        if premapped and change != "flags_only":
+        if premapped and change != KvmMrChange.FLAGS_ONLY:
             # On error the whole region's I/O mappings are undone.
             vm.zap_gfn_range(new.base_gfn, new.base_gfn + new.npages)
         raise

@@ -106,12 +106,10 @@ class RiscvKvm(ArchKvm):
             vm.mark_page_dirty(slot, gfn)
         return RESUME
 
-    def prepare_memory_region(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot | None, change: str
+    def prepare_vma_walk(
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: str
     ) -> Op[None]:
-        """``kvm_arch_prepare_memory_region`` (riscv): IPA check, EPERM and
-        EINVAL checks always; the PFNMAP premap only under ``linux-5.4``."""
-        if new is None or change == "delete":
-            return
+        """The VMA walk of ``kvm_arch_prepare_memory_region`` (riscv): the EPERM
+        and EINVAL checks always; the PFNMAP premap only under ``linux-5.4``."""
         yield from prepare_vma_walk(vm, new, change, premap=vm.variant.prepare_walks_vmas,
                                     check_write=True)

@@ -183,12 +183,14 @@ class Vcpu:
         mmio_len = 0
         mmio_data = 0
         done = 0
+        ram_part = False
         while done < size:
             frag_gpa = gpa + done
             frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
             frag_val = (value >> (8 * done)) & ((1 << (8 * frag_len)) - 1)
             r = yield from self._fragment_op(frag_gpa, frag_len, access, frag_val)
             if r.result == "ok":
+                ram_part = True
                 if r.value is not None:
                     got |= r.value << (8 * done)
             elif r.result == "mmio":
@@ -207,7 +209,7 @@ class Vcpu:
                 vm.log.emit("kvm_mmio", type="write" if is_write else "unsatisfied-read",
                             len=mmio_len, gpa=mmio_gpa, val=mmio_data if is_write else 0)
             # The MMIO read is answered with zero bytes: the value holds the RAM part.
-            return AccessResult("mmio", value=got if access is not Access.WRITE else None,
+            return AccessResult("mmio", value=got if ram_part and access is Access.READ else None,
                                 gpa=mmio_gpa, length=mmio_len, is_write=is_write,
                                 data=mmio_data)
         if access is Access.READ:

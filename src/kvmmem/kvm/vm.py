@@ -18,17 +18,18 @@ from typing import TYPE_CHECKING
 from kvmmem.arch import make_stage2
 from kvmmem.errors import InputError
 from kvmmem.host import Mm
+from kvmmem.arch.pgtable import Perm, Tlbi
 from kvmmem.kvm.memslot import (
-    KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEM_READONLY,
-    Memslots,
+    ArchMemslotHooks,
+    KvmMrChange,
+    KvmUserspaceMemoryRegion,
     MemorySlot,
-    MemoryRegion,
+    VmMemslots,
 )
 from kvmmem.kvm.mmu_notifier import INVALID_GPA, KvmMmuNotifier
 from kvmmem.kvm.stats import EventLog, Stats
 from kvmmem.kvm.vcpu import Access, AccessResult, Vcpu
-from kvmmem.sync import Op, drive
+from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 from kvmmem.variants import UPSTREAM, Variant, get_variant
 
@@ -72,9 +73,11 @@ class Vm:
         self.mm = mm if mm is not None else Mm()
         self.arch: ArchKvm = make_arch_kvm(arch)
         self.stage2 = make_stage2(arch, ipa_bits=ipa_bits)
+        self.stage2.tlbi_listeners.append(self._on_tlbi)
+        self.zapping = False
         self.stats = Stats()
         self.log: EventLog | None = None
-        self.memslots = Memslots(arch, hooks=self.arch.memslot_hooks(self))
+        self.memslots = VmMemslots(arch, hooks=VmMemslotHooks(self))
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = INVALID_GPA
@@ -105,13 +108,12 @@ class Vm:
     ) -> Op[None]:
         """The memslot update as an operation (pauses at slots_lock, the
         INVALID-slot publication, SRCU synchronisation and mmu_lock)."""
-        region = MemoryRegion(slot=slot, flags=flags, guest_phys_addr=gpa,
-                              memory_size=size, userspace_addr=hva)
+        region = KvmUserspaceMemoryRegion(slot, flags, gpa, size, hva)
         if self.log is not None:
             self.log.emit("kvm_set_user_memory_region", slot=slot, flags=flags, gpa=gpa,
                           size=size, hva=hva)
         self.stats.memslot_updates += 1
-        yield from self.memslots.set_memory_region_op(region)
+        yield from self.memslots.set_user_memory_region_op(region)
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
         """``gfn_to_memslot``: the slot of the active set covering ``gfn``, or None."""
@@ -124,15 +126,8 @@ class Vm:
     def gfn_ranges_for_hva(self, start: int, end: int) -> list[tuple[MemorySlot, int, int]]:
         """``kvm_handle_hva_range``'s slot walk: each slot whose hva range
         meets ``[start, end)``, with the clipped gfn range ``[gfn_start, gfn_end)``."""
-        out: list[tuple[MemorySlot, int, int]] = []
-        for slot in self.memslots.slots_for_hva_range(start, end):
-            uaddr = slot.userspace_addr
-            s = max(start, uaddr)
-            e = min(end, uaddr + (slot.npages << PAGE_SHIFT))
-            gfn_start = slot.base_gfn + ((s - uaddr) >> PAGE_SHIFT)
-            gfn_end = slot.base_gfn + ((e + PAGE_SIZE - 1 - uaddr) >> PAGE_SHIFT)
-            out.append((slot, gfn_start, gfn_end))
-        return out
+        return [(slot, int(a), int(b))
+                for slot, a, b in self.memslots.gfn_ranges_for_hva(start, end)]
 
     @staticmethod
     def gfn_to_hva(slot: MemorySlot, gfn: int) -> Hva:
@@ -145,8 +140,10 @@ class Vm:
         """The hardware walk: ``(pfn, writable, executable)`` of the leaf
         mapping ``gpa``, or None when the walk faults (no valid leaf, or the
         access flag is clear on arm64)."""
+        if gpa >> self.stage2.ipa_bits:
+            return None
         leaf = self.stage2.walk(gpa)
-        if leaf is None or not leaf.valid_for_access:
+        if leaf is None or not leaf.accessible:
             return None
         return leaf.pfn, leaf.perm.write, leaf.perm.execute
 
@@ -157,11 +154,22 @@ class Vm:
         a premap, which count no ``pf_fixed``)."""
         base_gpa = gpa & ~(size - 1)
         base_pfn = pfn - ((gpa - base_gpa) >> PAGE_SHIFT)
+        if self.arch_name == "arm64":
+            # A permission fault on a leaf of the same size and output relaxes
+            # it (kvm_pgtable_stage2_relax_perms); map() would return -EAGAIN.
+            old = self.stage2.walk(gpa)
+            if old is not None and old.size == size and old.pfn == pfn \
+                    and old.device == device:
+                self.stage2.relax_perms(base_gpa, Perm(True, write or old.perm.write,
+                                                       execute or old.perm.execute))
+                if access is not None:
+                    self.stats.pf_fixed += 1
+                return
         if self.log is not None:
             self.log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn,
                           level=size.bit_length() - 1)
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
-                        device=device)
+                        device=device, prefetch=access is None and self.arch_name == "x86")
         if self.log is not None:
             self.log.emit("kvm_mmu_set_spte", gfn=base_gpa >> PAGE_SHIFT, pfn=base_pfn,
                           level=size.bit_length() - 1,
@@ -196,13 +204,38 @@ class Vm:
         for vcpu in self.vcpus:
             vcpu.tlb_flush()
 
+    def _on_tlbi(self, tlbi: Tlbi) -> None:
+        """A TLB invalidation the stage-2 code issued itself (arm64 break-before-
+        make and per-entry unmap): the vCPUs drop the matching translations,
+        except, under ``no-tlb-flush``, those a zap asked for."""
+        if self.zapping and not self.variant.zap_flushes_tlb:
+            return
+        if tlbi.size == 0:
+            for vcpu in self.vcpus:
+                vcpu.tlb_flush()
+            return
+        start = tlbi.gpa >> PAGE_SHIFT
+        end = (tlbi.gpa + tlbi.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        for vcpu in self.vcpus:
+            vcpu.tlb_flush_gfn_range(start, end)
+
     def zap_gfn_range(self, start: int, end: int) -> bool:
-        """Remove every stage-2 leaf for gfns ``[start, end)``; True if any was removed."""
-        return self.stage2.unmap_range(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+        """Remove every stage-2 leaf for gfns ``[start, end)``; True if the
+        caller must still flush TLBs (x86, riscv; arm64 invalidates per entry)."""
+        self.zapping = True
+        try:
+            return self.stage2.unmap_range(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+        finally:
+            self.zapping = False
 
     def zap_all(self) -> None:
         """``kvm_arch_flush_shadow_all``: drop every stage-2 mapping and flush."""
-        if self.stage2.unmap_all():
+        self.zapping = True
+        try:
+            flush = self.stage2.unmap_all()
+        finally:
+            self.zapping = False
+        if flush:
             self.flush_remote_tlbs()
 
     def stage2_test_young(self, gfn_start: int, gfn_end: int, clear: bool) -> bool:
@@ -210,6 +243,20 @@ class Vm:
         return self.stage2.test_clear_young(
             gfn_start << PAGE_SHIFT, (gfn_end - gfn_start) << PAGE_SHIFT, clear
         )
+
+    def stats_dict(self) -> dict[str, int]:
+        """The VM counters, the live leaf counts by size and the stage-2 engine's counters."""
+        out = self.stats.as_dict()
+        sizes = {4096: "pages_4k", 1 << 21: "pages_2m", 1 << 30: "pages_1g"}
+        for key in sizes.values():
+            out[key] = 0
+        for leaf in self.stage2.for_each_leaf():
+            key = sizes.get(leaf.size)
+            if key is not None:
+                out[key] += 1
+        for name, value in self.stage2.counters.as_dict().items():
+            out[f"stage2_{name}"] = value
+        return out
 
     # --- dirty logging ---------------------------------------------------------
 
@@ -224,3 +271,66 @@ class Vm:
                      vcpu: int = 0) -> AccessResult:
         """One guest access on vCPU ``vcpu``, run to completion."""
         return self.vcpus[vcpu].access(gpa, size, access, value)
+
+
+class VmMemslotHooks(ArchMemslotHooks):
+    """The memslot layer's hooks, doing their stage-2 work on this VM.
+
+    The decisions (which architecture zaps what, when logging write-protects
+    or splits) are :class:`~kvmmem.kvm.memslot.ArchMemslotHooks`'; this class
+    supplies the primitives on the VM's stage-2 table and vCPU TLBs."""
+
+    def __init__(self, vm: Vm) -> None:
+        super().__init__(vm.arch_name, vm.variant, phys_bits=vm.stage2.ipa_bits
+                         if vm.arch_name != "x86" else None)
+        self.vm = vm
+
+    def prepare_vma_walk(self, old: MemorySlot | None, new: MemorySlot,
+                         change: KvmMrChange) -> Op[None]:
+        """arm64/riscv: the architecture's VMA walk (EPERM, EINVAL, 5.4 premap)."""
+        return self.vm.arch.prepare_vma_walk(self.vm, old, new, change)
+
+    def zap_all(self) -> Op[None]:
+        """``kvm_mmu_zap_all_fast``: every mapping of the VM."""
+        vm = self.vm
+        yield acquire("mmu_lock")
+        vm.zap_all()
+        vm.stats.mmu_shadow_zapped += 1
+        yield release("mmu_lock")
+
+    def zap_memslot(self, slot: MemorySlot) -> Op[None]:
+        """The slot's gfn range, with its TLB flush."""
+        vm = self.vm
+        yield acquire("mmu_lock")
+        if vm.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages):
+            vm.flush_remote_tlbs()
+        yield release("mmu_lock")
+
+    def write_protect_memslot(self, slot: MemorySlot, min_level: int) -> Op[None]:
+        """Remove write access from the slot's leaves, then flush."""
+        vm = self.vm
+        yield acquire("mmu_lock")
+        if vm.stage2.wrprotect_range(slot.base_gfn << PAGE_SHIFT, slot.npages << PAGE_SHIFT):
+            vm.flush_remote_tlbs(zap=False)
+        else:
+            for vcpu in vm.vcpus:
+                vcpu.tlb_flush_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages)
+        yield release("mmu_lock")
+
+    def split_memslot(self, slot: MemorySlot) -> Op[None]:
+        """Eager split of the slot's huge leaves into 4K."""
+        vm = self.vm
+        yield acquire("mmu_lock")
+        vm.stage2.split_range(slot.base_gfn << PAGE_SHIFT, slot.npages << PAGE_SHIFT)
+        yield release("mmu_lock")
+
+    def recover_huge_pages(self, slot: MemorySlot) -> Op[None]:
+        """``kvm_mmu_recover_huge_pages``: drop the slot's 4K leaves so the
+        next faults can map huge pages again."""
+        yield from self.zap_memslot(slot)
+
+    def flush_remote_tlbs_memslot(self, slot: MemorySlot) -> Op[None]:
+        """``kvm_flush_remote_tlbs_memslot``."""
+        self.vm.flush_remote_tlbs(zap=False)
+        return
+        yield  # pragma: no cover

@@ -119,24 +119,6 @@ class X86Kvm(ArchKvm):
                 return size
         return PAGE_SIZE
 
-    # --- memslot hooks -------------------------------------------------------
-
-    def flush_shadow_memslot(self, vm: Vm, slot: MemorySlot) -> Op[None]:
-        """``kvm_arch_flush_shadow_memslot`` with KVM_X86_QUIRK_SLOT_ZAP_ALL:
-        ``kvm_mmu_zap_all_fast`` drops every mapping of the VM."""
-        yield acquire("mmu_lock")
-        if vm.stage2.unmap_all():
-            vm.stats.mmu_shadow_zapped += 1
-            vm.flush_remote_tlbs()
-        yield release("mmu_lock")
-
-    def enable_dirty_logging(self, vm: Vm, slot: MemorySlot) -> None:
-        """``kvm_mmu_slot_apply_flags`` on enable: eager split to 4K
-        (``eager_page_split``) and write-protect the slot."""
-        gpa = slot.base_gfn << PAGE_SHIFT
-        vm.stage2.split_range(gpa, slot.npages << PAGE_SHIFT)
-        super().enable_dirty_logging(vm, slot)
-
     # --- KVM_PRE_FAULT_MEMORY ------------------------------------------------
 
     def pre_fault_memory(self, vm: Vm, vcpu: Vcpu, gpa: int) -> Op[int]:
