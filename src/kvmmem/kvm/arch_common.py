@@ -17,7 +17,7 @@ from kvmmem.sync import Op
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, align_down
 
 if TYPE_CHECKING:
-    from kvmmem.kvm.memslot import MemorySlot
+    from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
     from kvmmem.kvm.vcpu import Access, FaultResult, Vcpu
     from kvmmem.kvm.vm import Vm
 
@@ -66,7 +66,7 @@ class ArchKvm:
     # --- memslot hooks ---------------------------------------------------------
 
     def prepare_vma_walk(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: str
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region`` (arm64, riscv);
         x86 has none.  Raises KernelError to refuse the change."""

@@ -127,11 +127,11 @@ class Arm64Kvm(ArchKvm):
             yield release("mmu_lock", shared=True)
             kvm_release_faultin_page(mm, fin)
             return RETRY
-        if size == PAGE_SIZE and not force_pte and not device:
-            # transparent_hugepage_adjust: a THP behind the hva allows a PMD block.
-            if fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
-                    and mm.host_mapping_size(hva) >= PMD_SIZE:
-                size = PMD_SIZE
+        # transparent_hugepage_adjust: a THP behind the hva allows a PMD block.
+        if size == PAGE_SIZE and not force_pte and not device \
+                and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
+                and mm.host_mapping_size(hva) >= PMD_SIZE:
+            size = PMD_SIZE
         vm.install(slot, gpa, fin.pfn, size, write=writable, execute=exec_fault,
                    device=device, access=access)
         yield release("mmu_lock", shared=True)
@@ -143,7 +143,7 @@ class Arm64Kvm(ArchKvm):
     # --- memslot hooks -------------------------------------------------------
 
     def prepare_vma_walk(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: str
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region``.
 
@@ -162,7 +162,7 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, prem
     the 4K Device premap of VM_PFNMAP ranges.  (The IPA-range check before
     it is the memslot layer's, ``ArchMemslotHooks.prepare_memory_region``.)"""
     writable = not new.readonly
-    hva = new.userspace_addr
+    hva: int = new.userspace_addr
     reg_end = hva + (new.npages << PAGE_SHIFT)
     premapped: list[tuple[int, int]] = []
     yield acquire("mmap_lock", shared=True)

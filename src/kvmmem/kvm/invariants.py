@@ -16,9 +16,8 @@ an error once no invalidation covers it.  Slots being deleted or moved
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import copy
+from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError, ValidationError
 from kvmmem.host import Mm, MmuNotifierSubscriptions

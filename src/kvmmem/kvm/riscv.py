@@ -33,7 +33,7 @@ from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 
 if TYPE_CHECKING:
-    from kvmmem.kvm.memslot import MemorySlot
+    from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
     from kvmmem.kvm.vcpu import Vcpu
     from kvmmem.kvm.vm import Vm
 
@@ -107,7 +107,7 @@ class RiscvKvm(ArchKvm):
         return RESUME
 
     def prepare_vma_walk(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: str
+        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region`` (riscv): the EPERM
         and EINVAL checks always; the PFNMAP premap only under ``linux-5.4``."""

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kvmmem.arch import make_stage2
+from kvmmem.arch.pgtable import Perm, Tlbi
 from kvmmem.errors import InputError
 from kvmmem.host import Mm
-from kvmmem.arch.pgtable import Perm, Tlbi
 from kvmmem.kvm.memslot import (
     ArchMemslotHooks,
     KvmMrChange,
@@ -251,9 +251,9 @@ class Vm:
         for key in sizes.values():
             out[key] = 0
         for leaf in self.stage2.for_each_leaf():
-            key = sizes.get(leaf.size)
-            if key is not None:
-                out[key] += 1
+            size_key = sizes.get(leaf.size)
+            if size_key is not None:
+                out[size_key] += 1
         for name, value in self.stage2.counters.as_dict().items():
             out[f"stage2_{name}"] = value
         return out

@@ -82,7 +82,7 @@ def stage2_text(result: RunResult) -> str:
     lines = [f"stage-2 ({vm.arch_name}) leaves:"]
     for leaf in vm.stage2.for_each_leaf():
         lines.append(f"  gpa {leaf.gpa:#014x} size {leaf.size:#x} -> pfn {leaf.pfn:#x}  "
-                     f"{vm.stage2.describe(leaf.raw, leaf.level)}")
+                     f"{vm.stage2.describe_entry(leaf.raw, leaf.level)}")
     if len(lines) == 1:
         lines.append("  (none)")
     return "\n".join(lines)
@@ -109,4 +109,4 @@ def print_run(console: Console, result: RunResult, show: list[str]) -> None:
                       f"{v['detail']}[/]")
     for what in show:
         text = {"stage2": stage2_text, "maps": maps_text, "stats": stats_text}[what](result)
-        console.print(text, highlight=False, markup=False)
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
