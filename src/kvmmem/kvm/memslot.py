@@ -1275,7 +1275,7 @@ def kvm_set_memslot(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | N
         yield _ACQUIRE_SLOTS_ARCH
         old.arch = invalid.arch
     # kvm_prepare_memory_region()
-    fresh_bitmap = kvm_prepare_dirty_bitmap(kvm, old, new, change)
+    fresh_bitmap = change is not _DELETE and kvm_prepare_dirty_bitmap(kvm, old, new, change)
     try:
         prepare = hooks.prepare_memory_region(old, new, change)
         if prepare is not None:
