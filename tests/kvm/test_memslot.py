@@ -1048,3 +1048,18 @@ def test_validate_catches_broken_sets() -> None:
     kvm_replace_memslot(a, None, MemorySlot(1, 0, 2, 4, HVA, 0))  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         validate_memslot_set(a)
+
+
+def test_names_the_vm_layer_uses() -> None:
+    """The VM (kvm/vm.py) drives memslots through Memslots / MemoryRegion /
+    set_memory_region_op and reads all_slots, for_each_memslot(as_id),
+    slots_for_hva_range and gfn_to_memslot(include_invalid=)."""
+    from kvmmem.kvm.memslot import MemoryRegion, Memslots
+
+    kvm = Memslots("arm64", hooks=NoopMemslotHooks())
+    drive(kvm.set_memory_region_op(MemoryRegion(slot=1, flags=0, guest_phys_addr=0,
+                                                memory_size=2 * P, userspace_addr=HVA)))
+    slot = kvm.id_to_memslot(1)
+    assert kvm.all_slots() == [slot] and list(kvm.for_each_memslot(0)) == [slot]
+    assert kvm.slots_for_hva_range(HVA + P, HVA + 2 * P) == [slot]
+    assert kvm.gfn_to_memslot(1, 0, include_invalid=False) is slot

@@ -451,19 +451,21 @@ class SortedInts:
 
     def irange(self, lo: int, hi: int) -> Iterator[int]:
         """Keys ``k`` with ``lo <= k <= hi``, ascending."""
-        maxes = self._maxes
-        pos = bisect_left(maxes, lo)
         lists = self._lists
-        first = True
-        while pos < len(lists):
-            lst = lists[pos]
-            i = bisect_left(lst, lo) if first else 0
-            first = False
-            for k in lst[i:] if i else lst:
+        pos = bisect_left(self._maxes, lo)
+        if pos == len(lists):
+            return
+        lst = lists[pos]
+        for j in range(bisect_left(lst, lo), len(lst)):
+            k = lst[j]
+            if k > hi:
+                return
+            yield k
+        for lst in lists[pos + 1:]:
+            for k in lst:
                 if k > hi:
                     return
                 yield k
-            pos += 1
 
 
 # --- one memslot set ---------------------------------------------------------------------
@@ -1232,8 +1234,8 @@ def kvm_set_memslot(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | N
                     change: KvmMrChange) -> Op[None]:
     """``kvm_set_memslot()``: invalidate (DELETE/MOVE), prepare, install, commit.
 
-    The kernel's steps are inlined (each swap is one nested op; the numbers of
-    generator levels is what a memslot update costs here):
+    The kernel's steps are inlined (only each swap is a nested op: the number
+    of generator levels is what a memslot update costs here):
 
     * ``kvm_invalidate_memslot()`` (DELETE/MOVE): put an INVALID copy of
       ``old`` in the inactive set and swap it active - never propagated, the
