@@ -85,7 +85,16 @@ def get_user_pages_op(mm: Mm, hva: int, write: bool) -> Op[Pfn]:
     yield acquire(_LOCK, shared=True)
     err: KernelError | None = None
     result = -1
-    for _ in range(64):
+    from kvmmem.host.mm import (
+        VM_FAULT_HWPOISON,
+        VM_FAULT_OOM,
+        VM_FAULT_RETRY,
+        VM_FAULT_SIGBUS,
+        VM_FAULT_SIGSEGV,
+    )
+
+    tries = 0
+    while tries < 64:
         vma = mm.vma_lookup(a)
         if vma is None:
             err = KernelError("EFAULT", call, "no VMA")
@@ -104,13 +113,6 @@ def get_user_pages_op(mm: Mm, hva: int, write: bool) -> Op[Pfn]:
             pm.get_page(pfn)
             result = pfn
             break
-        from kvmmem.host.mm import (
-            VM_FAULT_HWPOISON,
-            VM_FAULT_OOM,
-            VM_FAULT_SIGBUS,
-            VM_FAULT_SIGSEGV,
-        )
-
         code = yield from mm.handle_mm_fault_op(vma, a, w)
         if code & VM_FAULT_HWPOISON:
             err = KernelError("EHWPOISON", call, "page is poisoned")
@@ -121,6 +123,8 @@ def get_user_pages_op(mm: Mm, hva: int, write: bool) -> Op[Pfn]:
         if code & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV):
             err = KernelError("EFAULT", call, "the fault would signal (vm_fault_to_errno)")
             break
+        if not code & VM_FAULT_RETRY:
+            tries += 1
     yield release(_LOCK, shared=True)
     if err is not None:
         raise err
@@ -172,7 +176,7 @@ def fixup_user_fault_op(mm: Mm, hva: int, write: bool) -> Op[None]:
         VM_FAULT_SIGSEGV,
     )
 
-    for _ in range(64):
+    while True:
         vma = mm.vma_lookup(a)
         if vma is None:
             raise KernelError("EFAULT", call, "no VMA")
@@ -187,7 +191,6 @@ def fixup_user_fault_op(mm: Mm, hva: int, write: bool) -> Op[None]:
             raise KernelError("EFAULT", call, "the fault would signal")
         if not code & VM_FAULT_RETRY:
             return
-    raise KernelError("EFAULT", call, "fault did not resolve")  # pragma: no cover
 
 
 def fixup_user_fault(mm: Mm, hva: int, write: bool) -> None:

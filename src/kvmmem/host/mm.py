@@ -892,7 +892,8 @@ class Mm:
         Returns the 4 KiB pfn to use, or the signal name (``"SIGSEGV"``,
         ``"SIGBUS"``).  The caller holds ``mmap_lock`` for read."""
         pm = self.physmem
-        for _ in range(64):
+        tries = 0
+        while tries < 64:  # a fault that resolves must not loop; RETRY (migration) waits
             vma = self.vma_lookup(addr)
             if vma is None or not self._access_ok(vma, write):
                 return "SIGSEGV"
@@ -907,6 +908,8 @@ class Mm:
                 return "SIGBUS"
             if code & VM_FAULT_SIGSEGV:
                 return "SIGSEGV"
+            if not code & VM_FAULT_RETRY:
+                tries += 1
         raise RuntimeError(f"fault at {addr:#x} did not resolve")  # pragma: no cover
 
     def _access_op(self, hva: int, size: int, write: bool) -> Op[list[tuple[int, int, int]]]:

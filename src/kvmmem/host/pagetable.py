@@ -127,7 +127,10 @@ class PageTable:
         return any(i in self.pmd for i in range(lo, lo + 512))
 
     def snapshot(self) -> tuple[object, ...]:
-        """A comparable picture: every slot with its non-zero entries."""
+        """A comparable picture: every huge leaf and every non-empty PTE table.
+
+        Empty PTE tables are left out: the kernel, too, leaves one behind after
+        a fault that failed (``__pte_alloc`` ran before the handler said SIGBUS)."""
         out: list[object] = []
         for idx in sorted(self.pmd):
             slot = self.pmd[idx]
@@ -135,6 +138,7 @@ class PageTable:
                 out.append((idx, "huge", slot))
             else:
                 arr = np.frombuffer(slot, dtype=np.int64)
-                nz = np.nonzero(arr)[0]
-                out.append((idx, "table", tuple(zip(nz.tolist(), arr[nz].tolist(), strict=True))))
+                nz = np.flatnonzero(arr)
+                if nz.size:
+                    out.append((idx, "table", nz.tobytes() + arr[nz].tobytes()))
         return tuple(out)
