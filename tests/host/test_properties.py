@@ -137,7 +137,6 @@ def _run_interleaved(threads: list[Op[Any]], rng: random.Random) -> list[object]
     readers = 0
     writer = False
     pending: list[Sync | None] = [None] * len(threads)
-    holding: list[list[Sync]] = [[] for _ in threads]
     results: list[object] = [None] * len(threads)
     live = list(range(len(threads)))
 
@@ -152,12 +151,11 @@ def _run_interleaved(threads: list[Op[Any]], rng: random.Random) -> list[object]
         assert runnable, "deadlock"
         i = rng.choice(runnable)
         s = pending[i]
-        if s is not None and s.name == "mmap_lock":
-            if s.kind is SyncKind.ACQUIRE:
-                if s.shared:
-                    readers += 1
-                else:
-                    writer = True
+        if s is not None and s.name == "mmap_lock" and s.kind is SyncKind.ACQUIRE:
+            if s.shared:
+                readers += 1
+            else:
+                writer = True
         try:
             nxt = threads[i].send(None)
         except StopIteration as stop:
@@ -174,7 +172,6 @@ def _run_interleaved(threads: list[Op[Any]], rng: random.Random) -> list[object]
             else:
                 writer = False
         pending[i] = nxt
-        holding[i].append(nxt)
     return results
 
 
