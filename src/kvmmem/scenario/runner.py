@@ -8,6 +8,7 @@ invariants (``kvmmem.kvm.invariants``); the first violation stops the run.
 At the end it checks path independence on the final state.
 
 Outcome extensions (keys SCENARIOS.md does not fix; tools may ignore them):
+``setup`` in the run object (the outcomes of the top-level ``memslots``),
 ``abort`` (an exception injected into the guest, e.g. an arm64 prefetch
 abort for an instruction fetch from device memory), ``remaining`` on a
 ``prefault`` outcome (bytes of the range left unprocessed).
@@ -87,7 +88,7 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         """The ``kvmmem run --json`` object."""
         return {"scenario": self.scenario, "arch": self.arch, "variant": self.variant,
-                "steps": self.steps, "violations": self.violations}
+                "steps": self.steps, "violations": self.violations, "setup": self.setup}
 
 
 def expectation_holds(expect: dict[str, Any] | None, outcome: dict[str, Any]) -> bool:
