@@ -92,7 +92,7 @@ def memslot_ops(present: int, repeats: int) -> dict[str, float]:
 
 def run(quick: bool = False) -> dict[str, float]:
     """Measure every figure; ``quick`` uses fewer repeats (same slot counts)."""
-    repeats = 400 if quick else 4000
+    repeats = 1000 if quick else 4000
     out: dict[str, float] = {}
     with _progress(len(PRESENT)) as tick:
         for present in PRESENT:
