@@ -143,6 +143,12 @@ MADVICE: dict[str, int] = {
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 _MMAP_LOCK = "mmap_lock"
+_LOCK_W = acquire(_MMAP_LOCK)
+_UNLOCK_W = release(_MMAP_LOCK)
+_LOCK_R = acquire(_MMAP_LOCK, shared=True)
+_UNLOCK_R = release(_MMAP_LOCK, shared=True)
+_PTE_CHANGED = point("pte_changed")
+_MIGRATION_WAIT = point("migration_entry_wait")
 
 
 class HostSignal(KvmmemError):
@@ -214,6 +220,7 @@ class Mm:
         self._vmas: Any = SortedDict()  # start -> Vma
         self._anon_vma_seq = 0
         self._ino_seq = 0
+        self._vmacache: Vma | None = None  # last VMA found (vmacache); None on any unlink
         self.closed = False
         self.stats: dict[str, int] = {
             "faults": 0,
@@ -303,11 +310,15 @@ class Mm:
 
     def vma_lookup(self, hva: int) -> Vma | None:
         """``vma_lookup()``: the VMA containing ``hva``, or None."""
+        c = self._vmacache
+        if c is not None and c.start <= hva < c.end:
+            return c
         vmas = self._vmas
         i = vmas.bisect_right(hva)
         if i:
             vma: Vma = vmas.peekitem(i - 1)[1]
             if vma.end > hva:
+                self._vmacache = vma
                 return vma
         return None
 
@@ -361,6 +372,7 @@ class Mm:
             vma.file.mappings.append((self, vma))
 
     def _unlink(self, vma: Vma) -> None:
+        self._vmacache = None
         del self._vmas[vma.start]
         if vma.file is not None:
             maps = vma.file.mappings
@@ -445,7 +457,7 @@ class Mm:
         return rng
 
     def _notify_end_op(self, rng: MmuNotifierRange) -> Op[None]:
-        yield point("pte_changed")
+        yield _PTE_CHANGED
         yield from self.notifiers.invalidate_range_end(rng)
 
     # ==================================================================================
@@ -632,7 +644,7 @@ class Mm:
         if not e:
             return self._do_fault_none(vma, hva, write, slot, i)
         if e & PTE_MIGRATION:
-            yield point("migration_entry_wait")
+            yield _MIGRATION_WAIT
             return VM_FAULT_RETRY
         if write and not e & _W:
             return (yield from self._do_wp_page_op(vma, hva, slot, i, e))
@@ -754,7 +766,7 @@ class Mm:
         pm = self.physmem
         idx = hva >> 21
         if leaf & PTE_MIGRATION:
-            yield point("migration_entry_wait")
+            yield _MIGRATION_WAIT
             return VM_FAULT_RETRY
         if not write or leaf & _W:
             self.pt.pmd[idx] = leaf | _Y | (_D if write else 0)
@@ -825,7 +837,7 @@ class Mm:
             self.pt.pmd[idx] = (head << PFN_SHIFT) | bits
             return VM_FAULT_OK
         if leaf & PTE_MIGRATION:
-            yield point("migration_entry_wait")
+            yield _MIGRATION_WAIT
             return VM_FAULT_RETRY
         if write and not leaf & _W:
             head = leaf >> PFN_SHIFT
@@ -890,19 +902,22 @@ class Mm:
         """A user access at ``addr``: ``do_user_addr_fault`` until the PTE allows it.
 
         Returns the 4 KiB pfn to use, or the signal name (``"SIGSEGV"``,
-        ``"SIGBUS"``).  The caller holds ``mmap_lock`` for read."""
+        ``"SIGBUS"``).  The caller holds ``mmap_lock`` for read (so the VMA
+        stays; the PTE may change under a concurrent zap, hence the re-check)."""
         pm = self.physmem
+        vma = self.vma_lookup(addr)
+        if vma is None or not self._access_ok(vma, write):
+            return "SIGSEGV"
         tries = 0
-        while tries < 64:  # a fault that resolves must not loop; RETRY (migration) waits
-            vma = self.vma_lookup(addr)
-            if vma is None or not self._access_ok(vma, write):
-                return "SIGSEGV"
+        while True:
             pfn = self._present_pfn(addr, write)
             if pfn >= 0:
                 if pm.is_hwpoison(pfn):
                     return "SIGBUS"
                 self._touch(addr, write)
                 return pfn
+            if tries >= 64:  # pragma: no cover - a fault that never resolves
+                raise RuntimeError(f"fault at {addr:#x} did not resolve")
             code = yield from self.handle_mm_fault_op(vma, addr, write)
             if code & (VM_FAULT_SIGBUS | VM_FAULT_HWPOISON | VM_FAULT_OOM):
                 return "SIGBUS"
@@ -910,12 +925,16 @@ class Mm:
                 return "SIGSEGV"
             if not code & VM_FAULT_RETRY:
                 tries += 1
-        raise RuntimeError(f"fault at {addr:#x} did not resolve")  # pragma: no cover
 
     def _access_op(self, hva: int, size: int, write: bool) -> Op[list[tuple[int, int, int]]]:
         """Fault in every page an access touches; returns ``(pfn, offset, n)`` chunks.
 
         Raises HostSignal (lock still held by the caller)."""
+        if (hva & (PAGE_SIZE - 1)) + size <= PAGE_SIZE:
+            r = yield from self.fault_in_op(hva, write)
+            if isinstance(r, str):
+                raise HostSignal(r, hva)
+            return [(r, hva & (PAGE_SIZE - 1), size)]
         chunks: list[tuple[int, int]] = []
         addr, left = hva, size
         while left:
@@ -952,11 +971,11 @@ class Mm:
         SIGSEGV (no VMA, no access right) or SIGBUS (beyond EOF, empty hugetlb
         pool, device without handler, poisoned page)."""
         hva, size = self._check_access(hva, size, "host_read")
-        yield acquire(_MMAP_LOCK, shared=True)
+        yield _LOCK_R
         try:
             chunks = yield from self._access_op(hva, size, False)
         except HostSignal:
-            yield release(_MMAP_LOCK, shared=True)
+            yield _UNLOCK_R
             raise
         pm = self.physmem
         if len(chunks) == 1:
@@ -965,7 +984,7 @@ class Mm:
         else:
             data = b"".join(pm.read(pfn, off, n) for pfn, off, n in chunks)
             value = int.from_bytes(data, "little")
-        yield release(_MMAP_LOCK, shared=True)
+        yield _UNLOCK_R
         return value
 
     def host_write_op(self, hva: int, size: int, value: int) -> Op[None]:
@@ -980,11 +999,11 @@ class Mm:
         if not -(1 << (8 * size - 1)) <= value < (1 << (8 * size)):
             raise InputError(f"host_write: value {value:#x} does not fit in {size} bytes")
         value &= (1 << (8 * size)) - 1
-        yield acquire(_MMAP_LOCK, shared=True)
+        yield _LOCK_R
         try:
             chunks = yield from self._access_op(hva, size, True)
         except HostSignal:
-            yield release(_MMAP_LOCK, shared=True)
+            yield _UNLOCK_R
             raise
         pm = self.physmem
         if len(chunks) == 1:
@@ -996,7 +1015,7 @@ class Mm:
             for pfn, off, n in chunks:
                 pm.write(pfn, off, data[pos : pos + n])
                 pos += n
-        yield release(_MMAP_LOCK, shared=True)
+        yield _UNLOCK_R
 
     def host_read(self, hva: int, size: int) -> int:
         """Sequential :meth:`host_read_op`."""
@@ -1121,12 +1140,12 @@ class Mm:
             if hugetlb and a % PMD_SIZE:
                 raise KernelError("EINVAL", call, "hugetlb address not 2M aligned")
 
-        yield acquire(_MMAP_LOCK)
+        yield _LOCK_W
         try:
             start, flags = self._mmap_checks(vkind, file, length, prot, a, fixed, noreplace,
                                              noreserve, pgoff, call)
         except KernelError:
-            yield release(_MMAP_LOCK)
+            yield _UNLOCK_W
             raise
         end = start + length
 
@@ -1155,7 +1174,7 @@ class Mm:
         if vkind is VmaKind.DEVICE:
             self._remap_pfn_range(vma)
         vma = self._merge_around(vma)
-        yield release(_MMAP_LOCK)
+        yield _UNLOCK_W
 
         if populate or fill is not None:
             yield from self._populate_op(start, end, fill)
@@ -1312,7 +1331,7 @@ class Mm:
 
         Fresh private-anonymous and shmem ranges are populated in bulk; the
         rest page by page through the fault path."""
-        yield acquire(_MMAP_LOCK, shared=True)
+        yield _LOCK_R
         addr = start
         pm = self.physmem
         while addr < end:
@@ -1341,7 +1360,7 @@ class Mm:
                         pm.fill(r, fill)
                 addr = (addr & ~(step - 1)) + step
             addr = stop
-        yield release(_MMAP_LOCK, shared=True)
+        yield _UNLOCK_R
 
     def _bulk_populate(self, vma: Vma, start: int, end: int, write: bool,
                        fill: int | None) -> bool:
@@ -1422,7 +1441,7 @@ class Mm:
         if length == 0:
             raise KernelError("EINVAL", call, "length 0")
         end = start + length
-        yield acquire(_MMAP_LOCK)
+        yield _LOCK_W
         vmas = self.vmas_in(start, end)
         if vmas:
             try:
@@ -1431,10 +1450,10 @@ class Mm:
                         and len(self._vmas) >= self.max_map_count):
                     raise KernelError("ENOMEM", call, "max_map_count reached")
             except KernelError:
-                yield release(_MMAP_LOCK)
+                yield _UNLOCK_W
                 raise
             yield from self._detach_range_op(start, end, vmas)
-        yield release(_MMAP_LOCK)
+        yield _UNLOCK_W
 
     def munmap(self, addr: int, length: int) -> None:
         """Sequential :meth:`munmap_op`."""
@@ -1468,7 +1487,7 @@ class Mm:
             raise KernelError("EINVAL", call, "no stack VMA to grow")
         if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
             raise KernelError("EINVAL", call, "unknown prot bits")
-        yield acquire(_MMAP_LOCK)
+        yield _LOCK_W
         err: KernelError | None = None
         first = self.find_vma(start)
         if first is None or first.start >= end or first.start > start:
@@ -1493,7 +1512,7 @@ class Mm:
                 break
             yield from self._mprotect_fixup_op(vma, nstart, tmp, newflags)
             nstart = tmp
-        yield release(_MMAP_LOCK)
+        yield _UNLOCK_W
         if err is not None:
             raise err
 
@@ -1868,7 +1887,7 @@ class Mm:
                 raise KernelError("EINVAL", call, "new range outside the address space")
             if addr + old_len > new_addr and new_addr + new_len > addr:
                 raise KernelError("EINVAL", call, "old and new ranges overlap")
-        yield acquire(_MMAP_LOCK)
+        yield _LOCK_W
         try:
             vma = self.vma_lookup(addr)
             if vma is None:
@@ -1888,9 +1907,9 @@ class Mm:
             result = yield from self._mremap_locked_op(vma, addr, old_len, new_len, maymove,
                                                        fixed, new_addr, call)
         except KernelError:
-            yield release(_MMAP_LOCK)
+            yield _UNLOCK_W
             raise
-        yield release(_MMAP_LOCK)
+        yield _UNLOCK_W
         return Hva(result)
 
     def mremap(self, old_addr: int, old_len: int, new_len: int, *, maymove: bool = False,
@@ -2042,14 +2061,14 @@ class Mm:
         MMU_NOTIFY_CLEAR over the 2 MiB; nothing happens if ``hva`` is not
         THP-mapped.  Raises KernelError EINVAL for a hugetlb mapping."""
         a = _ulong(hva, "split_huge_pmd: hva")
-        yield acquire(_MMAP_LOCK, shared=True)
+        yield _LOCK_R
         vma = self.vma_lookup(a)
         if vma is not None and vma.is_hugetlb():
-            yield release(_MMAP_LOCK, shared=True)
+            yield _UNLOCK_R
             raise KernelError("EINVAL", f"split_huge_pmd({a:#x})", "hugetlb pages do not split")
         if isinstance(self.pt.pmd.get(a >> 21), int):
             yield from self._split_huge_pmd_op(a >> 21)
-        yield release(_MMAP_LOCK, shared=True)
+        yield _UNLOCK_R
 
     def split_huge_pmd(self, hva: int) -> None:
         """Sequential :meth:`split_huge_pmd_op`."""
@@ -2070,7 +2089,7 @@ class Mm:
         a = _ulong(hva, "migrate: hva")
         call = f"migrate({a:#x})"
         pm = self.physmem
-        yield acquire(_MMAP_LOCK, shared=True)
+        yield _LOCK_R
         vma = self.vma_lookup(a)
         e, huge = self.pt.entry(a)
         err: KernelError | None = None
@@ -2078,7 +2097,7 @@ class Mm:
             err = KernelError("EFAULT", call, "no migratable page mapped there")
         elif not huge and pm.is_compound(e >> PFN_SHIFT):
             err = KernelError("EBUSY", call, "PTE-mapped THP (split folios are not migrated)")
-        yield release(_MMAP_LOCK, shared=True)
+        yield _UNLOCK_R
         if err is not None:
             raise err
         old = e >> PFN_SHIFT
@@ -2271,7 +2290,7 @@ class Mm:
         subs = self.notifiers.clear()
         for sub in subs:
             sub.release()
-        yield acquire(_MMAP_LOCK)
+        yield _LOCK_W
         for vma in list(self._vmas.values()):
             self._unlink(vma)
             if vma.resv:
@@ -2281,7 +2300,7 @@ class Mm:
         self._release(puts)
         self.pt.pmd.clear()
         self.closed = True
-        yield release(_MMAP_LOCK)
+        yield _UNLOCK_W
 
     def close(self) -> None:
         """Sequential :meth:`close_op`."""

@@ -24,10 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from kvmmem.sync import Op, point
 from kvmmem.types import Hva
+
+_START = point("mmu_notifier_start")
+_END = point("mmu_notifier_end")
 
 
 class NotifierEvent(Enum):
@@ -125,7 +128,7 @@ class MmuNotifierSubscriptions:
 
         Yields ``point("mmu_notifier_start")`` first so another thread can run
         just before the invalidation begins."""
-        yield point("mmu_notifier_start")
+        yield _START
         for sub in list(self._subs):
             yield from sub.invalidate_range_start(rng)
 
@@ -133,7 +136,7 @@ class MmuNotifierSubscriptions:
         """``mmu_notifier_invalidate_range_end``: each subscriber's end, in order."""
         for sub in list(self._subs):
             yield from sub.invalidate_range_end(rng)
-        yield point("mmu_notifier_end")
+        yield _END
 
     def clear_flush_young(self, start: Hva, end: Hva) -> bool:
         """``mmu_notifier_clear_flush_young``: OR of every subscriber's answer."""
@@ -201,7 +204,5 @@ class RecordingNotifier:
         out: list[tuple[int, int, NotifierEvent]] = []
         for e in self.log:
             if e[0] == "start":
-                s, t, ev = e[1], e[2], e[3]
-                assert isinstance(s, int) and isinstance(t, int) and isinstance(ev, NotifierEvent)
-                out.append((s, t, ev))
+                out.append(cast(tuple[int, int, NotifierEvent], e[1:4]))
         return out
