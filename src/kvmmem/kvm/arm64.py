@@ -166,6 +166,7 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, prem
     reg_end = hva + (new.npages << PAGE_SHIFT)
     premapped: list[tuple[int, int]] = []
     yield acquire("mmap_lock", shared=True)
+    failed: KernelError | None = None
     try:
         while hva < reg_end:
             vma = vm.mm.find_vma(hva)
@@ -186,13 +187,14 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, prem
                     premapped.append((gpa, vm_end - vm_start))
                     kvm_phys_addr_ioremap(vm, new, gpa, pa, vm_end - vm_start, writable)
             hva = vm_end
-    except KernelError:
+    except KernelError as err:
+        failed = err
         if premapped and change != KvmMrChange.FLAGS_ONLY:
             # On error the whole region's I/O mappings are undone.
             vm.zap_gfn_range(new.base_gfn, new.base_gfn + new.npages)
-        raise
-    finally:
-        yield release("mmap_lock", shared=True)
+    yield release("mmap_lock", shared=True)
+    if failed is not None:
+        raise failed
 
 
 def kvm_phys_addr_ioremap(vm: Vm, slot: MemorySlot, gpa: int, pa: int, size: int,

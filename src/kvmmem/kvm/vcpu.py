@@ -24,7 +24,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from kvmmem.host.mm import HostSignal
-from kvmmem.sync import Op
+from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
@@ -64,6 +64,9 @@ class FaultResult:
     errno: str = ""
     abort: str = ""
 
+
+_SRCU_READ_LOCK = acquire("srcu", shared=True)
+_SRCU_READ_UNLOCK = release("srcu", shared=True)
 
 RESUME = FaultResult(Fault.RESUME)
 RETRY = FaultResult(Fault.RETRY)
@@ -225,7 +228,10 @@ class Vcpu:
             if entry is not None:
                 return vm.touch_frame(entry.pfn, gpa, size, access, value)
             vm.stats.pf_taken += 1
+            # The fault reads the memslots under SRCU (kvm_vcpu_srcu_read_lock in the run loop).
+            yield _SRCU_READ_LOCK
             decision = yield from vm.arch.handle_fault(vm, self, gpa, access)
+            yield _SRCU_READ_UNLOCK
             kind = decision.kind
             if kind is Fault.RESUME:
                 continue
