@@ -168,9 +168,10 @@ class Vcpu:
 
     # --- accesses ----------------------------------------------------------
 
-    def access(self, gpa: int, size: int, access: Access, value: int = 0) -> AccessResult:
+    def access(self, gpa: int, size: int, access: Access, value: int = 0,
+               path: str | None = None) -> AccessResult:
         """A guest access run to completion (the sequential driver)."""
-        op = self.access_op(gpa, size, access, value)
+        op = self.access_op(gpa, size, access, value, path=path)
         try:
             while True:
                 next(op)
@@ -178,9 +179,12 @@ class Vcpu:
             result: AccessResult = stop.value
             return result
 
-    def access_op(self, gpa: int, size: int, access: Access, value: int = 0) -> Op[AccessResult]:
-        """One guest load, store or instruction fetch of ``size`` bytes at ``gpa``."""
+    def access_op(self, gpa: int, size: int, access: Access, value: int = 0,
+                  path: str | None = None) -> Op[AccessResult]:
+        """One guest load, store or instruction fetch of ``size`` bytes at ``gpa``
+        on ``path`` (``native`` or ``emulated``; default: the vCPU's)."""
         vm = self.vm
+        emulated = (path or self.path) == "emulated"
         got = 0
         mmio_gpa = -1
         mmio_len = 0
@@ -191,7 +195,7 @@ class Vcpu:
             frag_gpa = gpa + done
             frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
             frag_val = (value >> (8 * done)) & ((1 << (8 * frag_len)) - 1)
-            r = yield from self._fragment_op(frag_gpa, frag_len, access, frag_val)
+            r = yield from self._fragment_op(frag_gpa, frag_len, access, frag_val, emulated)
             if r.result == "ok":
                 ram_part = True
                 if r.value is not None:
@@ -219,9 +223,10 @@ class Vcpu:
             return AccessResult("ok", value=got)
         return AccessResult("ok")
 
-    def _fragment_op(self, gpa: int, size: int, access: Access, value: int) -> Op[AccessResult]:
+    def _fragment_op(self, gpa: int, size: int, access: Access, value: int,
+                     emulated: bool) -> Op[AccessResult]:
         vm = self.vm
-        if self.path == "emulated":
+        if emulated:
             return self._emulated(gpa, size, access, value)
         for _ in range(MAX_FAULT_RETRIES):
             entry = self._translate(gpa, access)

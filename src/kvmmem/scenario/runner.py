@@ -24,7 +24,7 @@ from kvmmem.host import HostSignal, Mm
 from kvmmem.host.file import File
 from kvmmem.kvm.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log
 from kvmmem.kvm.invariants import validate_coherence, validate_path_independence, validate_vm
-from kvmmem.kvm.prefault import kvm_vcpu_pre_fault_memory
+from kvmmem.kvm.prefault import kvm_vcpu_pre_fault_memory_op
 from kvmmem.kvm.stats import EventLog
 from kvmmem.kvm.vcpu import Access
 from kvmmem.kvm.vm import Vm
@@ -47,6 +47,7 @@ from kvmmem.scenario.model import (
     SetMemslot,
     Step,
 )
+from kvmmem.sync import Op, drive
 
 EXEC_FETCH_SIZE = 4
 
@@ -123,6 +124,10 @@ class Runner:
 
     def mmap(self, m: Mapping | HostMmap) -> None:
         """Make a host mapping (a ``memory`` entry or a ``host_mmap`` step)."""
+        drive(self.mmap_op(m))
+
+    def mmap_op(self, m: Mapping | HostMmap) -> Op[None]:
+        """The host mapping as an operation (pauses inside mmap)."""
         mm = self.mm
         addr = None
         if m.at is not None:
@@ -141,12 +146,12 @@ class Runner:
         prot = m.prot
         if fill is not None and not prot & 2:
             # userspace fills through a writable mapping, then drops the write permission
-            hva = mm.mmap(m.size, prot | 2, kind, addr=addr, fixed=addr is not None,
-                          file=file, fill=fill)
-            mm.mprotect(hva, m.size, prot)
+            hva = yield from mm.mmap_op(m.size, prot | 2, kind, addr=addr, fixed=addr is not None,
+                                        file=file, fill=fill)
+            yield from mm.mprotect_op(hva, m.size, prot)
         else:
-            hva = mm.mmap(m.size, prot, kind, addr=addr, fixed=addr is not None, file=file,
-                          fill=fill)
+            hva = yield from mm.mmap_op(m.size, prot, kind, addr=addr, fixed=addr is not None,
+                                        file=file, fill=fill)
         self.ranges[m.name] = (hva, m.size)
         if file is not None:
             self.files[m.name] = file
@@ -154,44 +159,53 @@ class Runner:
     # --- steps ---------------------------------------------------------------
 
     def do(self, step: Step) -> dict[str, Any]:
-        """Run one step; returns its outcome (without ``step``/``op``)."""
-        vm, mm = self.vm, self.mm
+        """Run one step to completion; returns its outcome (without ``step``/``op``)."""
+        return drive(self.step_op(step))
+
+    def step_op(self, step: Step) -> Op[dict[str, Any]]:
+        """One step as an operation: it pauses at the kernel's synchronisation
+        points (the explorer interleaves these); returns the step's outcome."""
         try:
-            if isinstance(step, GuestRead | GuestWrite | GuestExec):
-                return self.guest(step)
-            if isinstance(step, HostRead):
-                return {"result": "ok", "value": mm.host_read(self.hva(step.memory, step.offset),
-                                                               step.size)}
-            if isinstance(step, HostWrite):
-                mm.host_write(self.hva(step.memory, step.offset), step.size, step.value)
-                return {"result": "ok"}
-            if isinstance(step, HostMmap):
-                self.mmap(step)
-            elif isinstance(step, HostMunmap):
-                size = step.size if step.size is not None else self.ranges[step.memory][1]
-                mm.munmap(self.hva(step.memory, step.offset), size)
-            elif isinstance(step, HostMprotect):
-                mm.mprotect(self.hva(step.memory, step.offset), step.size, step.prot)
-            elif isinstance(step, HostMadvise):
-                mm.madvise(self.hva(step.memory, step.offset), step.size, step.advice)
-            elif isinstance(step, SetMemslot):
-                self.set_memslot(step)
-            elif isinstance(step, Prefault):
-                left = kvm_vcpu_pre_fault_memory(vm, vm.vcpus[step.vcpu], step.gpa, step.size)
-                return {"result": "ok", "remaining": left}
-            elif isinstance(step, GetDirtyLog):
-                return {"result": "ok", "dirty": kvm_get_dirty_log(vm, step.slot)}
-            elif isinstance(step, ClearDirtyLog):
-                kvm_clear_dirty_log(vm, step.slot, step.first_page, step.num_pages)
-            else:  # pragma: no cover - the loader knows every step kind
-                raise InputError(f"step {step.index}: unknown step {step.op!r}")
-            return {"result": "ok"}
+            return (yield from self._step_op(step))
         except KernelError as err:
             return {"result": "error", "errno": err.errno}
         except HostSignal as sig:
             return {"result": "signal", "signal": sig.signal}
 
-    def set_memslot(self, step: SetMemslot) -> None:
+    def _step_op(self, step: Step) -> Op[dict[str, Any]]:
+        vm, mm = self.vm, self.mm
+        if isinstance(step, GuestRead | GuestWrite | GuestExec):
+            return (yield from self.guest_op(step))
+        if isinstance(step, HostRead):
+            value = yield from mm.host_read_op(self.hva(step.memory, step.offset), step.size)
+            return {"result": "ok", "value": value}
+        if isinstance(step, HostWrite):
+            yield from mm.host_write_op(self.hva(step.memory, step.offset), step.size,
+                                        step.value)
+        elif isinstance(step, HostMmap):
+            yield from self.mmap_op(step)
+        elif isinstance(step, HostMunmap):
+            size = step.size if step.size is not None else self.ranges[step.memory][1]
+            yield from mm.munmap_op(self.hva(step.memory, step.offset), size)
+        elif isinstance(step, HostMprotect):
+            yield from mm.mprotect_op(self.hva(step.memory, step.offset), step.size, step.prot)
+        elif isinstance(step, HostMadvise):
+            yield from mm.madvise_op(self.hva(step.memory, step.offset), step.size, step.advice)
+        elif isinstance(step, SetMemslot):
+            yield from self.set_memslot_op(step)
+        elif isinstance(step, Prefault):
+            left = yield from kvm_vcpu_pre_fault_memory_op(vm, vm.vcpus[step.vcpu], step.gpa,
+                                                           step.size)
+            return {"result": "ok", "remaining": left}
+        elif isinstance(step, GetDirtyLog):
+            return {"result": "ok", "dirty": kvm_get_dirty_log(vm, step.slot)}
+        elif isinstance(step, ClearDirtyLog):
+            kvm_clear_dirty_log(vm, step.slot, step.first_page, step.num_pages)
+        else:  # pragma: no cover - the loader knows every step kind
+            raise InputError(f"step {step.index}: unknown step {step.op!r}")
+        return {"result": "ok"}
+
+    def set_memslot_op(self, step: SetMemslot) -> Op[None]:
         """KVM_SET_USER_MEMORY_REGION from a ``set_memslot`` step or ``memslots`` entry."""
         if step.hva is not None:
             hva = step.hva
@@ -202,25 +216,21 @@ class Runner:
         flags = 0
         for name in step.flags:
             flags |= MEMSLOT_FLAGS[name]
-        self.vm.set_user_memory_region(step.slot, step.gpa, step.size, hva, flags)
+        yield from self.vm.set_user_memory_region_op(step.slot, step.gpa, step.size, hva, flags)
 
-    def guest(self, step: GuestRead | GuestWrite | GuestExec) -> dict[str, Any]:
+    def guest_op(self, step: GuestRead | GuestWrite | GuestExec) -> Op[dict[str, Any]]:
         """A guest access on the step's vCPU (and path, when the step names one)."""
         vcpu = self.vm.vcpus[step.vcpu]
-        saved = vcpu.path
-        if step.path is not None:
-            vcpu.path = step.path
-        try:
-            if isinstance(step, GuestRead):
-                r = vcpu.access(step.gpa, step.size, Access.READ)
-            elif isinstance(step, GuestWrite):
-                r = vcpu.access(step.gpa, step.size, Access.WRITE, step.value)
-                if r.result == "ok" and self.check:
-                    validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu)
-            else:
-                r = vcpu.access(step.gpa, EXEC_FETCH_SIZE, Access.EXEC)
-        finally:
-            vcpu.path = saved
+        path = step.path if step.path is not None else vcpu.path
+        if isinstance(step, GuestRead):
+            r = yield from vcpu.access_op(step.gpa, step.size, Access.READ, path=path)
+        elif isinstance(step, GuestWrite):
+            r = yield from vcpu.access_op(step.gpa, step.size, Access.WRITE, step.value,
+                                          path=path)
+            if r.result == "ok" and self.check:
+                validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu)
+        else:
+            r = yield from vcpu.access_op(step.gpa, EXEC_FETCH_SIZE, Access.EXEC, path=path)
         return r.to_outcome()
 
     # --- the run -------------------------------------------------------------
