@@ -99,7 +99,8 @@ class RiscvKvm(ArchKvm):
             size = PMD_SIZE  # THP support (ed7ae7a34bea, late 2025)
         # No memory-type attribute is derived in the fault path: always RWX-capable.
         vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True,
-                   device=not mm.physmem.pfn_valid(fin.pfn), access=None)
+                   device=not mm.physmem.pfn_valid(fin.pfn),
+                   access=Access.WRITE if write else Access.READ)
         yield release("mmu_lock")
         kvm_release_faultin_page(mm, fin)
         if writable:

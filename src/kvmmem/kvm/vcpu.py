@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from kvmmem.errors import InputError
 from kvmmem.host.mm import HostSignal
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
@@ -185,6 +186,9 @@ class Vcpu:
         on ``path`` (``native`` or ``emulated``; default: the vCPU's)."""
         vm = self.vm
         emulated = (path or self.path) == "emulated"
+        if emulated and vm.arch_name != "x86":
+            raise InputError(f"path: the emulated access path is x86's instruction emulator; "
+                             f"{vm.arch_name} has none (use path: native)")
         got = 0
         mmio_gpa = -1
         mmio_len = 0
