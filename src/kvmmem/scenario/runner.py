@@ -238,6 +238,7 @@ class Runner:
     def run(self) -> RunResult:
         """Set up, run every step, check invariants; returns the :class:`RunResult`."""
         scn = self.scenario
+        self.check_arch_support()
         result = RunResult(scn.name, self.arch, self.vm.variant.name, vm=self.vm,
                            events=self.vm.log)
         for mapping in scn.memory.values():
@@ -274,6 +275,16 @@ class Runner:
                 result.violations.append({"invariant": err.invariant, "step": last,
                                           "detail": err.detail})
         return result
+
+    def check_arch_support(self) -> None:
+        """Refuse, before anything runs, what this architecture cannot do."""
+        if self.arch == "x86":
+            return
+        for step in self.scenario.all_steps():
+            if isinstance(step, GuestRead | GuestWrite | GuestExec) and step.path == "emulated":
+                raise InputError(f"{self.scenario.source}:{step.line}: {step.op}.path: the "
+                                 f"emulated path is x86's instruction emulator; {self.arch} "
+                                 "has none")
 
     def _check(self, result: RunResult, index: int) -> bool:
         try:
