@@ -281,3 +281,21 @@ def test_mremap_unfaulted_anon_merges_at_destination(mm: Mm) -> None:
     mm.mmap(32 * P, PROT_READ, "anon", addr=BASE, fixed=True)
     mm.mremap(BASE + 4 * P, 4 * P, 4 * P, maymove=True, fixed_addr=BASE + 20 * P)
     assert bounds(mm) == [(0, 4), (8, 32)]
+
+
+def test_mremap_fixed_move_spans_vmas_and_gaps(mm: Mm) -> None:
+    """remap_move() (v6.17, "permit mremap() move of multiple VMAs"): a MREMAP_FIXED move
+    without resize takes every VMA in the range, keeping the gaps; only the pieces'
+    targets are unmapped first; the range must start inside a VMA (else EFAULT)."""
+    mm.mmap(2 * P, RW, "anon", addr=BASE, fixed=True, fill=1)
+    mm.mmap(P, PROT_READ, "anon", addr=BASE + 2 * P, fixed=True)
+    mm.mmap(P, RW, "memfd", addr=BASE + 4 * P, fixed=True, fill=3)
+    mm.mmap(8 * P, PROT_READ, "anon", addr=BASE + 32 * P, fixed=True)  # target area
+    assert mm.mremap(BASE, 6 * P, 6 * P, maymove=True, fixed_addr=BASE + 33 * P) == BASE + 33 * P
+    # the moved, never-faulted read-only page merges with the old area's page after it
+    assert bounds(mm) == [(32, 33), (33, 35), (35, 37), (37, 38), (38, 40)]
+    assert mm.host_read(BASE + 33 * P, 1) == 1 and mm.host_read(BASE + 37 * P, 1) == 3
+    assert mm.vma_lookup(BASE + 36 * P).maps_perms() == "r--p"  # type: ignore[union-attr]
+    with pytest.raises(KernelError) as e:
+        mm.mremap(BASE + 31 * P, 2 * P, 2 * P, maymove=True, fixed_addr=BASE)
+    assert e.value.errno == "EFAULT"

@@ -1856,15 +1856,18 @@ class Mm:
         self, old_addr: int, old_len: int, new_len: int, *, maymove: bool = False,
         fixed_addr: int | None = None,
     ) -> Op[Hva]:
-        """``mremap(2)``: shrink in place, grow in place, or move (MREMAP_MAYMOVE,
-        MREMAP_FIXED when ``fixed_addr`` is given).  Returns the new address.
+        """``mremap(2)`` (``do_mremap``, v6.17+): shrink in place, grow in place, or move
+        (MREMAP_MAYMOVE; MREMAP_FIXED when ``fixed_addr`` is given).  Returns the address.
 
         A move notifies MMU_NOTIFY_UNMAP on the old range while the PTEs move
-        (``move_page_tables``) and again when the old range is unmapped.
-        Raises KernelError EINVAL (unaligned, new_len 0, FIXED without MAYMOVE,
-        overlapping ranges, hugetlb growth), EFAULT (no VMA at old_addr, a
-        grow/move range spanning several VMAs, growing VM_PFNMAP/VM_DONTEXPAND),
-        ENOMEM (cannot grow in place and may not move)."""
+        (``move_page_tables``) and again when the old range is unmapped.  A
+        MREMAP_FIXED move without resize may span several VMAs and the gaps
+        between them (``remap_move``, v6.17), as long as the range starts in a
+        VMA.  Raises KernelError EINVAL (unaligned, new_len 0, FIXED without
+        MAYMOVE, overlapping ranges, hugetlb misuse, duplicating a private
+        mapping), EFAULT (no VMA at old_addr, a grown or resized-and-moved range
+        spanning several VMAs, growing VM_PFNMAP/VM_DONTEXPAND), ENOMEM (cannot
+        grow in place and may not move; no room)."""
         addr = _ulong(old_addr, "mremap: old_addr")
         old_len = _ulong(old_len, "mremap: old_len")
         new_len = _ulong(new_len, "mremap: new_len")
@@ -1872,40 +1875,39 @@ class Mm:
         fixed = fixed_addr is not None
         new_addr = 0 if fixed_addr is None else _ulong(fixed_addr, "mremap: fixed_addr")
         call = f"mremap({addr:#x}, {old_len:#x}, {new_len:#x})"
-        if addr & (PAGE_SIZE - 1):
-            raise KernelError("EINVAL", call, "old address not page aligned")
-        if fixed and not maymove:
-            raise KernelError("EINVAL", call, "MREMAP_FIXED without MREMAP_MAYMOVE")
+        # check_mremap_params
         old_len = _page_align(old_len)
         new_len = _page_align(new_len)
+        if addr & (PAGE_SIZE - 1):
+            raise KernelError("EINVAL", call, "old address not page aligned")
         if not new_len:
             raise KernelError("EINVAL", call, "new length 0")
+        if new_len > TASK_SIZE:
+            raise KernelError("EINVAL", call, "new length beyond TASK_SIZE")
         if fixed:
+            if new_addr > TASK_SIZE - new_len:
+                raise KernelError("EINVAL", call, "new range outside the address space")
             if new_addr & (PAGE_SIZE - 1):
                 raise KernelError("EINVAL", call, "new address not page aligned")
-            if new_len > TASK_SIZE or new_addr > TASK_SIZE - new_len:
-                raise KernelError("EINVAL", call, "new range outside the address space")
+            if not maymove:
+                raise KernelError("EINVAL", call, "MREMAP_FIXED without MREMAP_MAYMOVE")
             if addr + old_len > new_addr and new_addr + new_len > addr:
                 raise KernelError("EINVAL", call, "old and new ranges overlap")
         yield _LOCK_W
         try:
-            vma = self.vma_lookup(addr)
-            if vma is None:
-                raise KernelError("EFAULT", call, "no VMA at the old address")
-            if vma.is_hugetlb():
-                if addr % PMD_SIZE or (fixed and new_addr % PMD_SIZE):
-                    raise KernelError("EINVAL", call, "hugetlb address not 2M aligned")
-                old_len = (old_len + PMD_SIZE - 1) & _HPAGE_MASK
-                new_len = (new_len + PMD_SIZE - 1) & _HPAGE_MASK
-                if new_len > old_len:
-                    raise KernelError("EINVAL", call, "hugetlb mappings cannot grow")
-            if old_len == 0:
-                if not vma.flags & VM_MAYSHARE:
-                    raise KernelError("EINVAL", call, "old_len 0 needs a shared mapping")
-                if not maymove:
-                    raise KernelError("ENOMEM", call, "old_len 0 without MREMAP_MAYMOVE")
-            result = yield from self._mremap_locked_op(vma, addr, old_len, new_len, maymove,
-                                                       fixed, new_addr, call)
+            if len(self._vmas) + 4 > self.max_map_count:
+                raise KernelError("ENOMEM", call, "max_map_count headroom")
+            if fixed and old_len == new_len:
+                result = yield from self._remap_move_op(addr, old_len, new_addr, call)
+            else:
+                vma, old_len, new_len = self._check_prep_vma(
+                    self.vma_lookup(addr), addr, old_len, new_len, fixed, new_addr, call)
+                if fixed:
+                    result = yield from self._mremap_to_op(addr, old_len, new_len, new_addr,
+                                                           call)
+                else:
+                    result = yield from self._mremap_at_op(vma, addr, old_len, new_len,
+                                                           maymove, call)
         except KernelError:
             yield _UNLOCK_W
             raise
@@ -1918,87 +1920,105 @@ class Mm:
         return drive(self.mremap_op(old_addr, old_len, new_len, maymove=maymove,
                                     fixed_addr=fixed_addr))
 
-    def _resize_checks(self, addr: int, old_len: int, new_len: int, call: str) -> Vma:
-        """``vma_to_resize`` / ``check_prep_vma``."""
-        vma = self.vma_lookup(addr)
+    def _check_prep_vma(self, vma: Vma | None, addr: int, old_len: int, new_len: int,
+                        fixed: bool, new_addr: int, call: str) -> tuple[Vma, int, int]:
+        """``check_prep_vma``: per-VMA checks; returns the VMA and the (hugetlb-aligned)
+        lengths."""
         if vma is None:
             raise KernelError("EFAULT", call, "no VMA at the old address")
-        if old_len > vma.end - addr:
+        if vma.is_hugetlb():  # align_hugetlb
+            old_len = (old_len + PMD_SIZE - 1) & _HPAGE_MASK
+            new_len = (new_len + PMD_SIZE - 1) & _HPAGE_MASK
+            if addr % PMD_SIZE or (fixed and new_addr % PMD_SIZE) or new_len > old_len:
+                raise KernelError("EINVAL", call, "hugetlb: unaligned or growing")
+        if not (new_len > old_len or fixed):
+            return vma, old_len, new_len  # shrink / no-op in place: no more checks
+        if not old_len and not vma.flags & (VM_SHARED | VM_MAYSHARE):
+            raise KernelError("EINVAL", call, "duplicating a private mapping")
+        span = new_len if old_len > new_len else old_len
+        if span > vma.end - addr:
             raise KernelError("EFAULT", call, "old range spans several VMAs")
-        if new_len > old_len and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
+        if new_len != span and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
             raise KernelError("EFAULT", call, "VM_DONTEXPAND/VM_PFNMAP cannot grow")
-        return vma
+        return vma, old_len, new_len
 
-    def _mremap_locked_op(self, vma: Vma, addr: int, old_len: int, new_len: int,
-                          maymove: bool, fixed: bool, new_addr: int, call: str) -> Op[int]:
-        if old_len == 0:
-            # duplicate a shared mapping (old_len 0): a new VMA on the same pages
-            if fixed:
-                target = new_addr
-            else:
-                got = self.get_unmapped_area(new_len)
-                if got is None:
-                    raise KernelError("ENOMEM", call, "no free range")
-                target = got
-            if fixed and self.vmas_in(target, target + new_len):
-                olds = self.vmas_in(target, target + new_len)
-                self._check_splits(olds, target, target + new_len, call)
-                yield from self._detach_range_op(target, target + new_len, olds)
-            dup = Vma(target, target + new_len, vma.flags, vma.kind, vma.file,
-                      vma.pgoff_of(addr))
-            self._link(dup)
-            self._merge_around(dup)
-            return target
-        if fixed:
-            v = self._resize_checks(addr, min(old_len, new_len), new_len, call)
-            olds = self.vmas_in(new_addr, new_addr + new_len)
-            if olds:
-                self._check_splits(olds, new_addr, new_addr + new_len, call)
-            if old_len > new_len:
-                tail = self.vmas_in(addr + new_len, addr + old_len)
-                if tail:
-                    self._check_splits(tail, addr + new_len, addr + old_len, call)
-            if olds:
-                yield from self._detach_range_op(new_addr, new_addr + new_len, olds)
-            if old_len > new_len:
-                tail = self.vmas_in(addr + new_len, addr + old_len)
-                if tail:
-                    yield from self._detach_range_op(addr + new_len, addr + old_len, tail)
-                old_len = new_len
-            v = self._resize_checks(addr, old_len, new_len, call)
-            yield from self._move_vma_op(v, addr, old_len, new_len, new_addr)
-            return new_addr
-        if old_len >= new_len:
-            if old_len > new_len:
-                tail = self.vmas_in(addr + new_len, addr + old_len)
-                if tail:
-                    self._check_splits(tail, addr + new_len, addr + old_len, call)
-                    yield from self._detach_range_op(addr + new_len, addr + old_len, tail)
+    def _munmap_locked_op(self, start: int, length: int, call: str) -> Op[None]:
+        """``do_munmap`` with mmap_lock held (the checks of munmap, then the unmap)."""
+        vmas = self.vmas_in(start, start + length)
+        if not vmas:
+            return
+        self._check_splits(vmas, start, start + length, call)
+        yield from self._detach_range_op(start, start + length, vmas)
+
+    def _mremap_at_op(self, vma: Vma, addr: int, old_len: int, new_len: int,
+                      maymove: bool, call: str) -> Op[int]:
+        """``mremap_at``: no resize, shrink in place, or ``expand_vma``."""
+        if old_len == new_len:
             return addr
-        v = self._resize_checks(addr, old_len, new_len, call)
-        delta_end = addr + new_len
-        if (old_len == v.end - addr and delta_end <= TASK_SIZE
-                and not self.vmas_in(v.end, delta_end)):
-            # vma_expandable: grow in place
-            v.end = Hva(delta_end)
-            self._merge_around(v)
+        if old_len > new_len:
+            yield from self._munmap_locked_op(addr + new_len, old_len - new_len, call)
+            return addr
+        delta_end = vma.end + (new_len - old_len)
+        if (vma.end - addr == old_len and delta_end <= TASK_SIZE
+                and not self.vmas_in(vma.end, delta_end)):
+            vma.end = Hva(delta_end)  # vma_merge_extend
+            self._merge_around(vma)
             return addr
         if not maymove:
             raise KernelError("ENOMEM", call, "cannot grow in place without MREMAP_MAYMOVE")
         align = PAGE_SIZE
-        if v.is_anonymous() and new_len % PMD_SIZE == 0 and self.thp != "never":
+        if vma.is_anonymous() and new_len % PMD_SIZE == 0 and self.thp != "never":
             align = PMD_SIZE
         got = self.get_unmapped_area(new_len, align=align)
         if got is None:
             raise KernelError("ENOMEM", call, "no free range to move to")
-        yield from self._move_vma_op(v, addr, old_len, new_len, got)
+        yield from self._move_vma_op(vma, addr, old_len, new_len, got, call)
         return got
 
+    def _mremap_to_op(self, addr: int, old_len: int, new_len: int, new_addr: int,
+                      call: str) -> Op[int]:
+        """``mremap_to``: unmap the target, shrink the source if asked, move."""
+        yield from self._munmap_locked_op(new_addr, new_len, call)
+        if self.vma_lookup(addr) is None:
+            raise KernelError("EFAULT", call, "source gone")
+        if old_len > new_len:
+            yield from self._munmap_locked_op(addr + new_len, old_len - new_len, call)
+            old_len = new_len
+        vma = self.vma_lookup(addr)
+        if vma is None:
+            raise KernelError("EFAULT", call, "source gone")
+        yield from self._move_vma_op(vma, addr, old_len, new_len, new_addr, call)
+        return new_addr
+
+    def _remap_move_op(self, start: int, length: int, new_addr: int, call: str) -> Op[int]:
+        """``remap_move``: a MREMAP_FIXED move without resize, across every VMA in the
+        range, keeping the gaps between them; the range must start inside a VMA."""
+        end = start + length
+        pieces = [(v.start, v.end) for v in self.vmas_in(start, end)]
+        if not pieces or pieces[0][0] > start:
+            raise KernelError("EFAULT", call, "no VMA at the old address")
+        result = -1
+        target = new_addr
+        last_end = 0
+        for i, (vs, ve) in enumerate(pieces):
+            sub = max(vs, start)
+            sub_len = min(end, ve) - sub
+            offset = vs - last_end if i else 0
+            last_end = ve
+            dest = target + offset
+            vma = self.vma_lookup(sub)
+            self._check_prep_vma(vma, sub, sub_len, sub_len, True, dest, call)
+            got = yield from self._mremap_to_op(sub, sub_len, sub_len, dest, call)
+            if result < 0:
+                result = got
+            target = got + sub_len
+        return result
+
     def _move_vma_op(self, vma: Vma, old_addr: int, old_len: int, new_len: int,
-                     new_addr: int) -> Op[None]:
+                     new_addr: int, call: str = "mremap") -> Op[None]:
         """``move_vma``: ``copy_vma`` at the new place, ``move_page_tables``, unmap the old."""
-        if len(self._vmas) >= self.max_map_count - 3:
-            raise KernelError("ENOMEM", "mremap", "max_map_count reached")
+        if len(self._vmas) + 2 > self.max_map_count:
+            raise KernelError("ENOMEM", call, "max_map_count headroom")
         new_pgoff = vma.pgoff_of(old_addr)
         if vma.is_anonymous() and not vma.anon_vma:
             new_pgoff = new_addr >> PAGE_SHIFT  # copy_vma: never faulted, so it may merge
@@ -2012,12 +2032,13 @@ class Mm:
                 del vma.resv[k]
             new.resv = dict.fromkeys(moved)
         self._link(new)
-        # move_page_tables: PTEs travel with MMU_NOTIFY_UNMAP on the old range
-        rng = yield from self._notify_op(old_addr, old_addr + old_len, NotifierEvent.UNMAP)
-        yield from self._move_ptes_op(old_addr, new_addr, old_len)
-        yield from self._notify_end_op(rng)
+        if old_len:
+            # move_page_tables: PTEs travel under MMU_NOTIFY_UNMAP of the old range
+            rng = yield from self._notify_op(old_addr, old_addr + old_len, NotifierEvent.UNMAP)
+            yield from self._move_ptes_op(old_addr, new_addr, old_len)
+            yield from self._notify_end_op(rng)
         self._merge_around(new)
-        olds = self.vmas_in(old_addr, old_addr + old_len)
+        olds = self.vmas_in(old_addr, old_addr + old_len) if old_len else []
         if olds:
             yield from self._detach_range_op(old_addr, old_addr + old_len, olds)
 
