@@ -24,7 +24,7 @@ app = typer.Typer(
     help="kvmmem: an executable model of how Linux KVM maps guest memory onto host memory.",
 )
 
-SHOWS = ("stage2", "maps", "stats")
+SHOWS = ("stage2", "maps", "stats", "events")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -64,12 +64,18 @@ def run(
     variant: Annotated[str | None, typer.Option(help="behaviour set (default: the file's)")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON outcome")] = False,
-    show: Annotated[str | None, typer.Option(help="also show: stage2, maps, stats (comma list)")]
+    show: Annotated[str | None, typer.Option(
+        help="also show: stage2, maps, stats, events (comma list)")] = None,
+    trace: Annotated[Path | None, typer.Option(
+        help="write the event log as Chrome trace-event JSON (open it in Perfetto)")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="draw the final guest physical map (slots, backings, stage-2 sizes) to a PNG")]
     = None,
 ) -> None:
     """Run a scenario on the model, step by step, checking every invariant."""
     from kvmmem.kvm.vm import ARCHES
     from kvmmem.report.text import print_run
+    from kvmmem.report.trace import events_text, run_traced, write_chrome_trace
     from kvmmem.scenario.loader import load_scenario
     from kvmmem.scenario.runner import run_scenario
     from kvmmem.variants import get_variant
@@ -83,13 +89,30 @@ def run(
         _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
     status = 0
     console = Console(highlight=False)
+    results = []
     for a in arches or list(scenario.arches):
-        result = run_scenario(scenario, a, variant)
+        if trace is not None or "events" in shows:
+            result = run_traced(scenario, a, variant)
+        else:
+            result = run_scenario(scenario, a, variant)
+        results.append(result)
         if as_json:
             typer.echo(json.dumps(result.to_json()))
         else:
-            print_run(console, result, shows)
+            print_run(console, result, [s for s in shows if s != "events"])
+            if "events" in shows:
+                console.print(events_text(result), highlight=False, markup=False,
+                              soft_wrap=True)
         status = max(status, result.exit_status)  # 3 (violation) > 1 (expectation) > 0
+    try:
+        if trace is not None:
+            write_chrome_trace(trace, scenario, results)
+        if plot is not None:
+            from kvmmem.report.plot import plot_guest_map
+
+            plot_guest_map(results, plot)
+    except OSError as err:
+        _fail(f"cannot write {err.filename}: {err.strerror}")
     raise typer.Exit(status)
 
 
