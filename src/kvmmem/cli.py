@@ -116,6 +116,43 @@ def run(
     raise typer.Exit(status)
 
 
+@app.command()
+def compare(
+    file: Annotated[Path, typer.Argument(help="scenario file (YAML, format v1)")],
+    arch: Annotated[str | None, typer.Option(
+        help="architectures, comma list (default: the file's)")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="variants, comma list, e.g. upstream,linux-5.4 (default: the file's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")]
+    = False,
+) -> None:
+    """Run one scenario on several architectures and variants; one table, a
+    column per run, cells differing from the first column marked.
+
+    Exit status: 3 if any run violated an invariant; 1 if a run the file
+    claims (one of its architectures, its variant) failed an expectation;
+    else 0 (differences alone are what compare is for)."""
+    from kvmmem.kvm.vm import ARCHES
+    from kvmmem.report.compare import compare_runs, comparison_table
+    from kvmmem.scenario.loader import load_scenario
+    from kvmmem.variants import VARIANTS
+
+    arches = _split(arch, ARCHES, "arch")
+    variants = _split(variant, tuple(VARIANTS), "variant")
+    scenario = load_scenario(file)
+    if scenario.steps is None:
+        _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
+    cmp = compare_runs(scenario, arches or list(scenario.arches),
+                       variants or [scenario.variant])
+    if as_json:
+        typer.echo(json.dumps(cmp.to_json()))
+    else:
+        # Piped output is not cut at 80 columns: a comparison is wide.
+        width = None if sys.stdout.isatty() else 240
+        Console(highlight=False, width=width).print(comparison_table(cmp))
+    raise typer.Exit(cmp.exit_status)
+
+
 def main() -> None:
     """Console entry point: kvmmem's own errors become one line and exit 2."""
     try:

@@ -210,12 +210,16 @@ def compare_runs(scenario: Scenario, arches: list[str], variants: list[str]) -> 
 def comparison_table(cmp: Comparison) -> Table:
     """The rich table: a column per run, differing cells highlighted and
     starred, cells that miss the file's expectation struck in red."""
+    caption = "*: differs from the first column; ✗: misses the file's expectation"
+    if not all(c.claimed for c in cmp.columns):
+        caption += ("; (unclaimed): an arch/variant the file does not name, whose "
+                    "expectations do not set the exit status")
     table = Table(title=f"{cmp.scenario.name}: {len(cmp.columns)} runs, "
-                        f"{cmp.differences} cells differ from the first column (*)",
-                  title_justify="left")
+                        f"{cmp.differences} cells differ from the first column",
+                  title_justify="left", caption=caption, caption_justify="left")
     table.add_column("", no_wrap=True)
     for c in cmp.columns:
-        header = c.label + ("" if c.claimed else "\n(unclaimed)")
+        header = f"{c.arch}\n{c.variant}" + ("" if c.claimed else "\n(unclaimed)")
         table.add_column(header)
     last_kind = ""
     for row in cmp.rows:
