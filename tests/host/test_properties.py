@@ -205,3 +205,47 @@ def test_interleaved_operations_stay_consistent(seed: int) -> None:
             mm.physmem.put_page(r)  # the GUP reference, as kvm_release_page_clean
     validate_mm(mm, extra_files=(w.file, w.disk))
     assert w.rec.active == 0
+
+
+def _highest_gap(mm: Mm, length: int, align: int) -> int | None:
+    """Reference: scan every gap below mmap_base from the top (unmapped_area_topdown)."""
+    from kvmmem.host.mm import MMAP_MIN_ADDR
+
+    high = mm.mmap_base
+    for vma in reversed(list(mm.for_each_vma())):
+        if vma.start >= high:
+            high = min(high, vma.start)
+            continue
+        low = max(vma.end, MMAP_MIN_ADDR)
+        if vma.end <= high and high - low >= length:
+            addr = (high - length) & ~(align - 1)
+            if addr >= low:
+                return addr
+        high = min(high, vma.start)
+    low = MMAP_MIN_ADDR
+    if high - low >= length:
+        addr = (high - length) & ~(align - 1)
+        if addr >= low:
+            return addr
+    return None
+
+
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 40), st.integers(0, 200),
+                          st.booleans()), min_size=1, max_size=60))
+def test_free_area_cache_finds_the_highest_gap(steps: list[tuple[bool, int, int, bool]]) -> None:
+    """get_unmapped_area(): the model's free_area_cache/cached_hole_size search returns
+    what a full top-down scan of the gaps (the maple-tree search) returns."""
+    mm = Mm(PhysMem(), mmap_base=0x40000000)
+    for is_map, n, where, huge in steps:
+        length = n * P * (512 if huge else 1)
+        if is_map:
+            align = M if huge else P
+            expect = _highest_gap(mm, length, align)
+            got = mm.get_unmapped_area(length, align=align)
+            assert got == expect
+            if got is not None:
+                mm.mmap(length, PROT_READ if n % 2 else PROT_NONE, "anon", addr=got, fixed=True)
+        else:
+            mm.munmap(0x40000000 - (where + 1) * 16 * P, n * P)

@@ -221,6 +221,8 @@ class Mm:
         self._anon_vma_seq = 0
         self._ino_seq = 0
         self._vmacache: Vma | None = None  # last VMA found (vmacache); None on any unlink
+        self._free_area_cache = mmap_base
+        self._cached_hole_size = 0
         self.closed = False
         self.stats: dict[str, int] = {
             "faults": 0,
@@ -1034,11 +1036,32 @@ class Mm:
     # ==================================================================================
 
     def _unmapped_area_topdown(self, length: int, align: int) -> int | None:
-        """``unmapped_area_topdown``: the highest free gap below mmap_base fitting ``length``."""
-        high = self.mmap_base
+        """``unmapped_area_topdown``: the highest free gap below mmap_base fitting ``length``.
+
+        The kernel finds it in O(log n) with the maple tree's gap tracking; the
+        model keeps the pre-v3.x ``free_area_cache`` / ``cached_hole_size`` pair
+        (search downward from the last allocation unless a skipped hole could
+        fit), which yields the same address."""
+        start = self._free_area_cache
+        if length <= self._cached_hole_size or start > self.mmap_base:
+            start = self.mmap_base
+            self._cached_hole_size = 0
+        got = self._scan_down(start, length, align)
+        if got is None and start != self.mmap_base:
+            self._cached_hole_size = 0
+            got = self._scan_down(self.mmap_base, length, align)
+        if got is not None:
+            self._free_area_cache = got
+        return got
+
+    def _scan_down(self, start: int, length: int, align: int) -> int | None:
+        """Walk the gaps from the one holding ``start`` downward; first fit wins."""
         vmas = self._vmas
-        i = vmas.bisect_left(high)
-        # a VMA may straddle mmap_base
+        i = vmas.bisect_left(start)
+        high = self.mmap_base
+        if i < len(vmas):
+            high = min(high, vmas.peekitem(i)[1].start)
+        # a VMA may straddle the start point
         if i and vmas.peekitem(i - 1)[1].end > high:
             high = vmas.peekitem(i - 1)[1].start
             i -= 1
@@ -1048,11 +1071,22 @@ class Mm:
             if high - low >= length:
                 addr = (high - length) & ~(align - 1)
                 if addr >= low:
+                    # alignment may leave free space above the new mapping
+                    left = high - (addr + length)
+                    self._cached_hole_size = max(self._cached_hole_size, left)
                     return addr
+            if high > low:
+                self._cached_hole_size = max(self._cached_hole_size, high - low)
             if not i:
                 return None
             high = vmas.peekitem(i - 1)[1].start
             i -= 1
+
+    def _area_freed(self, end: int) -> None:
+        """``arch_unmap_area_topdown``: a gap now ends at (or after) ``end``."""
+        if end > self._free_area_cache:
+            nxt = self.find_vma(end)
+            self._free_area_cache = min(self.mmap_base, nxt.start if nxt else self.mmap_base)
 
     def get_unmapped_area(
         self, length: int, *, hint: int = 0, align: int = PAGE_SIZE
@@ -1320,6 +1354,7 @@ class Mm:
             if vma.resv:
                 self.physmem.hugetlb_unreserve(len(vma.resv))
                 vma.resv = {}
+        self._area_freed(end)
         rng = yield from self._notify_op(start, end, NotifierEvent.UNMAP)
         puts = yield from self._zap_op(start, end)
         yield from self._notify_end_op(rng)
@@ -2317,6 +2352,8 @@ class Mm:
             if vma.resv:
                 self.physmem.hugetlb_unreserve(len(vma.resv))
                 vma.resv = {}
+        self._free_area_cache = self.mmap_base
+        self._cached_hole_size = 0
         puts = yield from self._zap_op(0, TASK_SIZE)
         self._release(puts)
         self.pt.pmd.clear()
