@@ -169,7 +169,7 @@ def test_guest_exec(host: HostMemory, vm: RealVm) -> None:
     cannot fetch and injects #UD (handle_emulation_failure, CPL3)."""
     _slot(host, vm)
     assert vm.guest_exec(G + 0x100) == {"result": "ok"}
-    assert vm.guest_exec(G + 8 * M) == {"result": "abort", "abort": "UD"}
+    assert vm.guest_exec(G + 8 * M) == {"result": "abort", "abort": "#UD"}
     assert vm.guest_read(G, 4) == {"result": "ok", "value": 0}
 
 

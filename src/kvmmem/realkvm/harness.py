@@ -18,7 +18,7 @@ dict in the SCENARIOS.md vocabulary:
 * ``{"result": "error", "errno": NAME}`` - an ioctl failed.
 
 Extensions, where the contract has no word for what real KVM did:
-``{"result": "abort", "abort": "UD"}`` (an instruction fetch KVM could not
+``{"result": "abort", "abort": "#UD"}`` (an instruction fetch KVM could not
 emulate: ``#UD`` is injected into a CPL>0 guest), ``{"result": "timeout",
 "seconds": S}`` (the guest did not come back and was stopped by the
 watchdog), ``{"result": "exit", "exit_reason": NAME}`` (any other exit, e.g.
@@ -374,7 +374,7 @@ class RealVm:
         an IDT, triple-faults: ``KVM_EXIT_SHUTDOWN``).  Whatever the bytes at ``gpa``
         are, at most about one instruction runs (RIP-relative operands aside).
 
-        ``ok`` when the fetch succeeded; ``fault`` on EFAULT; ``abort`` ``UD`` when KVM
+        ``ok`` when the fetch succeeded; ``fault`` on EFAULT; ``abort`` ``#UD`` when KVM
         could not fetch the instruction for emulation (``insn_emulation_fail`` rose:
         ``handle_emulation_failure`` injects #UD, which ends this guest too); an
         ``exit`` outcome for anything else (``KVM_EXIT_INTERNAL_ERROR`` where KVM
@@ -392,7 +392,7 @@ class RealVm:
             after = stats.read()
         failed = after.get("insn_emulation_fail", 0) > before.get("insn_emulation_fail", 0)
         if out["result"] == "exit" and out.get("exit_reason") == "KVM_EXIT_SHUTDOWN":
-            return {"result": "abort", "abort": "UD"} if failed else {"result": "ok"}
+            return {"result": "abort", "abort": "#UD"} if failed else {"result": "ok"}
         if out["result"] == "mmio":
             return {"result": "ok"}
         return out

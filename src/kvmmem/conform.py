@@ -1,0 +1,294 @@
+"""Conformance: the same scenario on the model and on this host's real KVM.
+
+:func:`conform_scenario` runs a sequential scenario twice - on the model
+(:func:`kvmmem.scenario.runner.Runner`, x86, the scenario's variant) and on
+``/dev/kvm`` (:func:`kvmmem.realkvm.runner.run_scenario`) - and compares the
+outcomes step by step.  The verdict is ``agree``, ``differ`` or
+``unsupported`` (SCENARIOS.md, ``kvmmem conform``); :func:`tap_lines` renders a
+list of verdicts as a kselftest-style TAP report and :func:`exit_status` gives
+the command's exit status.
+
+What is compared (:func:`compare_outcomes`) and why:
+
+* ``result`` always.
+* Every other key of the outcome that *both* sides report (``value``,
+  ``dirty``, ``errno``, ``gpa``, ``len``, ``is_write``, ``data``, ``signal``,
+  ``abort``, ``exit_reason``, ...).  A key only one side reports is not a
+  difference: this host's KVM never produces ``KVM_EXIT_MEMORY_FAULT``
+  (kvm-on-this-host.md §0, §3.4), so a real ``fault`` carries no ``gpa``,
+  ``size`` or ``flags`` while the model's (upstream VMX) does; the model's
+  ``prefault`` outcome carries ``remaining``; the real harness lists the
+  later exits of an access that needed more than one under ``more_mmio``.
+* One normalisation makes a missing key comparable: an MMIO read whose every
+  byte exited has no ``value`` in the model's outcome, while the real guest
+  loaded the zero bytes the read was answered with; the model's outcome then
+  counts as ``value: 0``.
+* ``step`` and ``op`` are the same on both sides by construction.
+
+What makes a scenario ``unsupported`` (with the reason): it does not name x86
+(this host is x86), its variant is not ``upstream`` (the real kernel is
+upstream), it is concurrent (real runs are sequential), or the real run found
+something this host cannot do (a mapping kind without a source here, a
+hugetlb pool that is too small, a gpa the harness cannot reach).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvmmem.scenario.model import Scenario
+from kvmmem.scenario.runner import Runner, RunResult
+
+if TYPE_CHECKING:
+    from kvmmem.realkvm import Kvm, RealRun
+
+Outcome = dict[str, Any]
+
+HOST_ARCH = "x86"
+"""The architecture of this host's KVM (kvm-on-this-host.md §0)."""
+REAL_VARIANT = "upstream"
+"""The behaviour set the real kernel stands for."""
+PATHS = ("native", "emulated")
+VERDICTS = ("agree", "differ", "unsupported")
+
+EXIT_AGREE = 0
+EXIT_DIFFER = 1
+EXIT_BAD_INPUT = 2
+EXIT_VIOLATION = 3
+EXIT_SKIPPED = 4
+
+_IDENTITY_KEYS = ("step", "op")
+
+
+def _body(outcome: Outcome | None) -> Outcome:
+    """``outcome`` without its ``step``/``op`` keys (``{}`` for a missing one)."""
+    if outcome is None:
+        return {}
+    return {k: v for k, v in outcome.items() if k not in _IDENTITY_KEYS}
+
+
+def normalise_model(outcome: Outcome) -> Outcome:
+    """The model's outcome with the one normalisation of the module docstring: an MMIO
+    read without ``value`` gets ``value`` 0.  Returns a new dict."""
+    out = dict(outcome)
+    if out.get("result") == "mmio" and out.get("is_write") is False and "value" not in out:
+        out["value"] = 0
+    return out
+
+
+def outcome_differences(model: Outcome | None, kvm: Outcome | None) -> list[str]:
+    """The keys on which ``model`` and ``kvm`` disagree (``result`` first, then every key
+    both report, in the model's order); ``["result"]`` when either is missing (a run
+    that stopped early).  Empty when they agree."""
+    if model is None or kvm is None:
+        return ["result"]
+    m, k = normalise_model(_body(model)), _body(kvm)
+    if m.get("result") != k.get("result"):
+        return ["result"]
+    return [key for key in m if key != "result" and key in k and m[key] != k[key]]
+
+
+def compare_outcomes(model: Outcome | None, kvm: Outcome | None) -> bool:
+    """Whether two outcomes of the same step agree (module docstring)."""
+    return not outcome_differences(model, kvm)
+
+
+@dataclass(slots=True)
+class StepComparison:
+    """One step on both sides: ``model`` and ``kvm`` outcomes (``None`` where that side
+    stopped before the step), ``agree``."""
+
+    step: int
+    op: str
+    model: Outcome | None
+    kvm: Outcome | None
+    agree: bool
+    where: str = ""
+    """How reports name it: ``step I``, ``memslots[I]``, ``memory.NAME``."""
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"step": I, "model": OUTCOME, "kvm": OUTCOME, "op": NAME, "agree": B}``."""
+        return {"step": self.step, "model": _body(self.model) if self.model else None,
+                "kvm": _body(self.kvm) if self.kvm else None, "op": self.op,
+                "agree": self.agree}
+
+
+@dataclass(slots=True)
+class Conformance:
+    """The verdict on one scenario: ``verdict`` (``agree``/``differ``/``unsupported``),
+    ``reason`` (why unsupported, or a one-line summary of what differed), the step
+    comparisons (``steps``), the setup comparisons (``setup``: one per top-level
+    memslot, plus any host mapping the real host refused), the model's invariant
+    violations."""
+
+    scenario: str
+    source: str
+    path: str
+    verdict: str
+    reason: str = ""
+    steps: list[StepComparison] = field(default_factory=list)
+    setup: list[StepComparison] = field(default_factory=list)
+    violations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def differences(self) -> list[StepComparison]:
+        """The setup entries and steps that disagree, in order."""
+        return [c for c in (*self.setup, *self.steps) if not c.agree]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``kvmmem conform --json`` entry (SCENARIOS.md keys first; ``source``,
+        ``path``, ``setup``, ``violations`` are extensions)."""
+        return {"scenario": self.scenario, "verdict": self.verdict,
+                "steps": [s.to_json() for s in self.steps], "reason": self.reason,
+                "source": self.source, "path": self.path,
+                "setup": [s.to_json() for s in self.setup], "violations": self.violations}
+
+
+def unsupported_reason(scenario: Scenario) -> str | None:
+    """Why the scenario cannot be compared on this host before anything runs, or
+    ``None``: another architecture, a variant other than upstream, threads."""
+    if HOST_ARCH not in scenario.arches:
+        return f"arch {', '.join(scenario.arches)} only: this host is {HOST_ARCH}"
+    if scenario.variant != REAL_VARIANT:
+        return f"variant {scenario.variant}: the real kernel is {REAL_VARIANT}"
+    if scenario.is_concurrent:
+        return "the scenario has threads; real-KVM runs are sequential (use kvmmem explore)"
+    return None
+
+
+def run_model(scenario: Scenario, path: str = "native") -> RunResult:
+    """The model side: ``scenario`` on x86 with its own variant, every vCPU's default
+    path set to ``path`` (a step's own ``path`` wins, as on the real side).
+
+    Raises :class:`~kvmmem.errors.InputError` where the model refuses the scenario's
+    setup (e.g. a host mapping it cannot make)."""
+    runner = Runner(scenario, HOST_ARCH, scenario.variant)
+    for vcpu in runner.vm.vcpus:
+        vcpu.path = path
+    return runner.run()
+
+
+def _compare_setup(model: RunResult, real: RealRun) -> list[StepComparison]:
+    out: list[StepComparison] = []
+    real_slots = [s for s in real.setup if "memslot" in s]
+    for entry in real.setup:
+        if "memory" in entry and entry.get("result") != "ok":
+            # The model made every mapping (it raises otherwise); the real host refused.
+            out.append(StepComparison(-1, "host_mmap", {"result": "ok"},
+                                      {k: v for k, v in entry.items() if k != "memory"},
+                                      False, f"memory.{entry['memory']}"))
+    for i, m in enumerate(model.setup):
+        k = real_slots[i] if i < len(real_slots) else None
+        kb = {key: v for key, v in k.items() if key != "memslot"} if k is not None else None
+        out.append(StepComparison(m["step"], "set_memslot", m, kb, compare_outcomes(m, kb),
+                                  f"memslots[{m['step']}]"))
+    return out
+
+
+def compare_runs(scenario: Scenario, model: RunResult, real: RealRun) -> Conformance:
+    """The verdict from a finished model run and real run of ``scenario``."""
+    result = Conformance(scenario.name, scenario.source, real.path, "agree",
+                         violations=list(model.violations))
+    if not real.supported:
+        result.verdict, result.reason = "unsupported", real.reason
+        return result
+    result.setup = _compare_setup(model, real)
+    by_index_m = {s["step"]: s for s in model.steps}
+    by_index_k = {s["step"]: s for s in real.steps}
+    for step in scenario.steps or ():
+        m, k = by_index_m.get(step.index), by_index_k.get(step.index)
+        if m is None and k is None:
+            continue
+        result.steps.append(StepComparison(step.index, step.op, m, k, compare_outcomes(m, k),
+                                           f"step {step.index}"))
+    diffs = result.differences
+    if diffs:
+        result.verdict = "differ"
+        first = diffs[0]
+        keys = ", ".join(outcome_differences(first.model, first.kvm))
+        result.reason = (f"{len(diffs)} difference{'s' if len(diffs) > 1 else ''}; first: "
+                         f"{first.where} ({first.op}) differs in {keys}")
+    if model.violations:
+        v = model.violations[0]
+        note = f"model invariant {v['invariant']} violated at step {v['step']}"
+        result.reason = f"{result.reason}; {note}" if result.reason else note
+    return result
+
+
+def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None = None,
+                     timeout: float | None = None) -> Conformance:
+    """Run ``scenario`` on the model and on real KVM (guest accesses on ``path``) and
+    compare them step by step.  ``kvm``: an open :class:`~kvmmem.realkvm.Kvm` to share.
+
+    Raises :class:`~kvmmem.errors.InputError` where the model refuses the scenario,
+    :class:`~kvmmem.realkvm.KvmUnavailable` without a usable /dev/kvm, ``ValueError``
+    for an unknown ``path``."""
+    from kvmmem.realkvm import run_scenario as run_real
+    from kvmmem.realkvm.harness import DEFAULT_TIMEOUT
+
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    reason = unsupported_reason(scenario)
+    if reason is not None:
+        return Conformance(scenario.name, scenario.source, path, "unsupported", reason)
+    model = run_model(scenario, path)
+    real = run_real(scenario, path, timeout=timeout or DEFAULT_TIMEOUT, kvm=kvm)
+    return compare_runs(scenario, model, real)
+
+
+# --- reports ---------------------------------------------------------------------------
+
+
+def _compact(outcome: Outcome | None) -> str:
+    if outcome is None:
+        return "(not run)"
+    return json.dumps(_body(outcome), separators=(", ", ": "))
+
+
+def tap_lines(results: Sequence[Conformance]) -> list[str]:
+    """A kselftest-style TAP 13 report: header, plan, one ``ok``/``not ok`` line per
+    scenario (``# SKIP reason`` for unsupported ones), a ``# step I: model {...} kvm
+    {...}`` line per difference, and a ``# Totals`` line."""
+    lines = ["TAP version 13", f"1..{len(results)}"]
+    for n, r in enumerate(results, 1):
+        if r.verdict == "unsupported":
+            lines.append(f"ok {n} - {r.scenario} # SKIP {r.reason}")
+            continue
+        lines.append(f"{'ok' if r.verdict == 'agree' else 'not ok'} {n} - {r.scenario}")
+        for c in r.differences:
+            lines.append(f"# {c.where}: model {_compact(c.model)} kvm {_compact(c.kvm)}")
+        for v in r.violations:
+            lines.append(f"# model invariant {v['invariant']} violated at step {v['step']}: "
+                         f"{v['detail']}")
+    counts = verdict_counts(results)
+    lines.append(f"# Totals: pass:{counts['agree']} fail:{counts['differ']} xfail:0 xpass:0 "
+                 f"skip:{counts['unsupported']} error:0")
+    return lines
+
+
+def verdict_counts(results: Iterable[Conformance]) -> dict[str, int]:
+    """How many results have each verdict."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for r in results:
+        counts[r.verdict] += 1
+    return counts
+
+
+def exit_status(results: Sequence[Conformance]) -> int:
+    """SCENARIOS.md: 3 when the model violated an invariant, 1 when a scenario differs,
+    4 when nothing could be compared (every scenario unsupported), else 0."""
+    if any(r.violations for r in results):
+        return EXIT_VIOLATION
+    if any(r.verdict == "differ" for r in results):
+        return EXIT_DIFFER
+    if results and all(r.verdict == "unsupported" for r in results):
+        return EXIT_SKIPPED
+    return EXIT_AGREE
+
+
+def to_json(results: Sequence[Conformance]) -> dict[str, Any]:
+    """The ``kvmmem conform --json`` object: ``{"results": [...]}``."""
+    return {"results": [r.to_json() for r in results]}
