@@ -392,12 +392,23 @@ class PhysMem:
             np.add.at(ref, idx, 1)
             raise InputError(f"put_page: pfn {bad:#x} refcount underflow")
         zero = idx[vals == 0]
-        if zero.size:
-            seen: dict[int, None] = {}
-            for i in zero.tolist():
-                if i not in seen:
-                    seen[i] = None
-                    self._free_folio(i + RAM_BASE_PFN)
+        if not zero.size:
+            return
+        _, first = np.unique(zero, return_index=True)
+        zero = zero[np.sort(first)]  # each folio once, in the order given
+        fz = flags[zero]
+        small = zero[(fz & PG_HEAD) == 0]
+        keep = (small != self.zero_pfn - RAM_BASE_PFN)
+        if not keep.all():
+            self._ref[self.zero_pfn - RAM_BASE_PFN] = 1
+            small = small[keep]
+        if small.size:
+            np.frombuffer(self._gen, dtype=np.uint32)[small] += 1
+            np.frombuffer(self._map, dtype=np.int32)[small] = 0
+            flags[small] = PG_FREE
+            self._free.extend((small + RAM_BASE_PFN).tolist())
+        for i in zero[(fz & PG_HEAD) != 0].tolist():
+            self._free_folio(i + RAM_BASE_PFN)
 
     def get_pages(self, pfns: npt.NDArray[np.int64], n: int = 1) -> None:
         """Take ``n`` references on the folio of each pfn (vectorised ``get_page``)."""
