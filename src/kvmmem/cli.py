@@ -153,6 +153,56 @@ def compare(
     raise typer.Exit(cmp.exit_status)
 
 
+@app.command()
+def conform(
+    files: Annotated[list[Path], typer.Argument(help="scenario files (YAML, format v1)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdicts as JSON")]
+    = False,
+    path: Annotated[str, typer.Option(
+        help="guest access path for steps naming none: native (KVM's fault path) or "
+             "emulated (KVM's instruction emulator)")] = "native",
+) -> None:
+    """Run each scenario on the model and on this host's /dev/kvm and compare the
+    outcomes step by step: a TAP report (or --json) with a verdict per scenario.
+
+    Exit status: 0 all agree (unsupported ones skipped); 1 a difference; 2 bad
+    input; 3 the model violated an invariant; 4 skipped (no usable /dev/kvm, or
+    nothing this host can run)."""
+    from kvmmem import conform as cf
+    from kvmmem.realkvm import EXIT_UNAVAILABLE, Kvm, probe_kvm
+    from kvmmem.scenario.loader import load_scenario
+
+    if path not in cf.PATHS:
+        _fail(f"--path: unknown path {path!r} (known: {', '.join(cf.PATHS)})")
+    try:
+        scenarios = [load_scenario(f) for f in files]
+    except InputError as exc:
+        _fail(str(exc))
+    reason = probe_kvm()
+    if reason is not None:
+        typer.echo(f"kvmmem conform: skipped: no usable /dev/kvm: {reason}")
+        raise typer.Exit(EXIT_UNAVAILABLE)
+    results: list[cf.Conformance] = []
+    if not as_json:
+        for line in cf.tap_header(len(scenarios)):
+            typer.echo(line)
+    with Kvm() as kvm:
+        for number, scenario in enumerate(scenarios, 1):
+            try:
+                result = cf.conform_scenario(scenario, path, kvm=kvm)
+            except InputError as exc:
+                _fail(str(exc))
+            results.append(result)
+            if not as_json:
+                for line in cf.tap_result(number, result):
+                    typer.echo(line)
+    if as_json:
+        typer.echo(json.dumps(cf.to_json(results)))
+    else:
+        typer.echo(cf.tap_totals(results))
+    raise typer.Exit(cf.exit_status(results))
+
+
 def main() -> None:
     """Console entry point: kvmmem's own errors become one line and exit 2."""
     try:
