@@ -20,10 +20,10 @@ def test_thp_write_fault_maps_pmd(mm: Mm) -> None:
     mm.host_write(a + 5 * P, 8, 0x1234)
     assert mm.host_mapping_size(a + 100 * P) == M
     pte = mm.host_pte(a + 5 * P)
-    assert pte is not None and pte.huge_size == M and pte.pfn % 512 == 0
-    assert pte.pfn_at(a + 5 * P) == pte.pfn + 5
+    assert pte is not None and pte.huge_size == M and pte.leaf_pfn % 512 == 0
+    assert pte.pfn == pte.leaf_pfn + 5  # the subpage behind the address
     assert mm.physmem.page_count(pte.pfn) == 1
-    assert mm.physmem.page_mapcount(pte.pfn + 7) == 1
+    assert mm.physmem.page_mapcount(pte.leaf_pfn + 7) == 1
     assert mm.host_read(a + 5 * P, 8) == 0x1234
     assert mm.host_mapping_size(a + M) == 0  # the next 2M is untouched
 

@@ -469,13 +469,13 @@ class Mm:
     def host_pte(self, hva: int) -> HostPte | None:
         """The host page-table entry mapping ``hva`` (None when none is present).
 
-        For a 2 MiB leaf ``pfn`` is the huge page's first frame (``pmd_pfn``);
-        ``HostPte.pfn_at(hva)`` is the frame behind ``hva``.  Migration entries
-        are not present; PROT_NONE entries are, with ``protnone`` set."""
+        ``pfn`` is the 4 KiB frame behind ``hva`` (the subpage inside a 2 MiB
+        leaf; ``leaf_pfn`` is the leaf's first frame).  Migration entries are not
+        present; PROT_NONE entries are, with ``protnone`` set."""
         e, huge = self.pt.entry(_ulong(hva, "host_pte: hva"))
         if not e or e & PTE_MIGRATION:
             return None
-        return decode(e, huge)
+        return decode(e, hva, huge)
 
     def host_mapping_size(self, hva: int) -> int:
         """``host_pfn_mapping_level`` as bytes: 2 MiB for a huge leaf, 4096 for a PTE, 0 if none."""

@@ -51,9 +51,9 @@ Table = array  # array('q') of PTRS_PER_PTE entries
 class HostPte:
     """What the host page table holds for one address (``pte_t`` / ``pmd_t`` decoded).
 
-    ``pfn`` is the leaf's frame (``pte_pfn`` / ``pmd_pfn``: for a 2 MiB leaf the
-    first frame of the huge page), ``huge_size`` the leaf size (4096 or 2 MiB);
-    :meth:`pfn_at` gives the 4 KiB frame behind one address."""
+    ``pfn`` is the 4 KiB frame behind the address (what GUP returns; inside a
+    2 MiB leaf the subpage), ``huge_size`` the leaf size (4096 or 2 MiB) and
+    :attr:`leaf_pfn` the leaf's own frame (``pte_pfn`` / ``pmd_pfn``)."""
 
     pfn: Pfn
     writable: bool
@@ -63,16 +63,20 @@ class HostPte:
     special: bool
     protnone: bool
 
-    def pfn_at(self, hva: int) -> Pfn:
-        """The 4 KiB frame mapping ``hva`` (an address inside this leaf)."""
-        return Pfn(self.pfn + ((hva & (self.huge_size - 1)) >> PAGE_SHIFT))
+    @property
+    def leaf_pfn(self) -> Pfn:
+        """The first frame of the leaf (``pmd_pfn`` for a 2 MiB mapping)."""
+        return Pfn(self.pfn & ~((self.huge_size >> PAGE_SHIFT) - 1))
 
 
-def decode(entry: int, huge: bool) -> HostPte | None:
-    """The :class:`HostPte` of ``entry`` (a PTE, or a PMD leaf if ``huge``); None if not present."""
+def decode(entry: int, hva: int, huge: bool) -> HostPte | None:
+    """The :class:`HostPte` of ``entry`` (a PTE, or a PMD leaf if ``huge``) seen at ``hva``;
+    None if not present."""
     if not entry & PTE_PRESENT:
         return None
     pfn = entry >> PFN_SHIFT
+    if huge:
+        pfn += (hva & (PMD_SIZE - 1)) >> PAGE_SHIFT
     return HostPte(
         pfn=Pfn(pfn),
         writable=bool(entry & PTE_WRITE),
