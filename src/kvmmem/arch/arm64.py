@@ -201,7 +201,7 @@ class Arm64Stage2(Stage2):
         self._write(slot, idx, self._EMPTY, self._table_pte(child), gpa, d)
         return child
 
-    def _map_over_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
+    def _replace_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
         # stage2_map_walk_table_pre: break the table entry (range TLBI), free
         # the unlinked table, then the block.
         self._break(slot, idx, old, gpa, d)

@@ -107,6 +107,10 @@ class MemAttr(Enum):
     DEVICE = "device"
     """Device memory: arm64 Device-nGnRE, EPT UC, riscv PBMT=IO."""
 
+    # members are singletons: identity hashing (C level) keeps the encoding
+    # cache lookup in map() cheap; Enum's own __hash__ is Python code
+    __hash__ = object.__hash__
+
 
 class Perm(NamedTuple):
     """Stage-2 permissions."""
@@ -668,7 +672,12 @@ class Stage2:
         return child
 
     def _map_over_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
-        """A block replaces the table ``old`` (collapse at map time)."""
+        """``map`` found the table ``old`` where the block goes."""
+        self._replace_table(slot, idx, old, new, d, gpa)
+
+    def _replace_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
+        """The block ``new`` replaces the table ``old`` and everything below it
+        (default, x86: in place, then flush the block's range)."""
         self._write(slot, idx, old, new, gpa, d)
         self._free_subtree(self._slot_of(old), d + 1)
         self._tlbi(TlbiKind.ADDR, gpa & ~(self._size[d] - 1), self._size[d])
@@ -1057,7 +1066,7 @@ class Stage2:
             flags |= pte & ad
         new = ref | flags | self._type_bits[d] | (pa0 >> self._RSH)
         before = self.counters.entries_written
-        self._map_over_table(slot, idx, old, new, d, base)
+        self._replace_table(slot, idx, old, new, d, base)
         return self.counters.entries_written - before
 
     # --- flushes a caller requests ----------------------------------------------------

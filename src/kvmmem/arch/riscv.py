@@ -133,21 +133,6 @@ class RiscvGstage(Stage2):
 
     # --- kvm_riscv_gstage_map_page ------------------------------------------------
 
-    def _map_pte(self, gpa: int, new: int, target: int) -> None:
-        # A leaf already maps gpa at a *smaller* level whose frame, aligned to
-        # the requested size, is the one being mapped: the kernel only updates
-        # that small leaf's protection (kvm_riscv_gstage_update_pte_prot).
-        slot, idx, d, pte = self._find(gpa)
-        if pte & self._V and d > target and not self._is_table(pte, d):
-            size = self._size[target]
-            if self._pa_of(pte) & ~(size - 1) == self._pa_of(new):
-                small = (new & ~self._OAM) | (pte & self._OAM)
-                if small != pte:
-                    self._write(slot, idx, pte, small, gpa, d)
-                    self._tlbi(TlbiKind.ADDR, gpa & ~(self._size[d] - 1), self._size[d])
-                return
-        super()._map_pte(gpa, new, target)
-
     def _map_into_block(self, slot: int, idx: int, pte: int, d: int, gpa: int) -> int:
         # kvm_riscv_gstage_split_huge(..., flush=true)
         child = self._split_table(pte, d, gpa)
@@ -156,8 +141,25 @@ class RiscvGstage(Stage2):
         return child
 
     def _map_over_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
+        # kvm_riscv_gstage_map_page looks up the leaf mapping gpa first
+        # (kvm_riscv_gstage_get_leaf).  A leaf at a smaller level whose frame,
+        # aligned to the requested size, is the one being mapped only gets the
+        # new protection (kvm_riscv_gstage_update_pte_prot); otherwise
         # kvm_riscv_gstage_set_pte overwrites the table pointer and flushes the
-        # leaf; the kernel does not free the old table (it leaks); the model
+        # leaf.
+        lslot, lidx, ld, pte = self._find(gpa)
+        if pte & self._V and ld > d and not self._is_table(pte, ld):
+            size = self._size[d]
+            if self._pa_of(pte) & ~(size - 1) == self._pa_of(new):
+                small = (new & ~self._OAM) | (pte & self._OAM)
+                if small != pte:
+                    self._write(lslot, lidx, pte, small, gpa, ld)
+                    self._tlbi(TlbiKind.ADDR, gpa & ~(self._size[ld] - 1), self._size[ld])
+                return
+        self._replace_table(slot, idx, old, new, d, gpa)
+
+    def _replace_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
+        # The kernel does not free the overwritten table (it leaks); the model
         # frees it so that the accounting stays meaningful.
         self._write(slot, idx, old, new, gpa, d)
         self._free_subtree(self._slot_of(old), d + 1)
