@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import pytest
 
-from kvmmem.arch import PERM_R, PERM_RW, PERM_RWX, Arm64Stage2, PteWrite, Tlbi, TlbiKind, X86Tdp
+from kvmmem.arch import (
+    PERM_R,
+    PERM_RW,
+    PERM_RWX,
+    Arm64Stage2,
+    PteWrite,
+    Tlbi,
+    TlbiKind,
+    X86Tdp,
+    make_stage2,
+)
 from kvmmem.arch.validate import validate_bbm
 from kvmmem.errors import ValidationError
 
@@ -106,8 +116,7 @@ def test_engine_sequences_pass_and_are_checked_incrementally() -> None:
 def test_no_tlb_flush_mutation_is_caught() -> None:
     """The ``no-tlb-flush`` variant: the engine clears entries without
     invalidating; re-mapping the address violates break-before-make."""
-    s2 = Arm64Stage2()
-    s2.record_history()
+    s2 = make_stage2("arm64", record_history=True)
     s2.map(0, 0x10, K4, PERM_RW)
     s2.skip_tlbi = True
     s2.unmap_range(0, K4)

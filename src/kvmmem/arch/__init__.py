@@ -120,7 +120,9 @@ def make_stage2(arch: str, *, granule: int = 4096, ipa_bits: int | None = None,
     41 for Sv39x4).  ``levels``: override (arm64 2-4, x86 4/5, riscv 3/4/5).
     ``options`` go to the class (arm64 ``fwb``; x86 ``suppress_ve``,
     ``ignore_guest_pat``, ``max_huge_level``; riscv ``mode``, ``svpbmt``,
-    ``svadu``).  Raises InputError for an unknown architecture or geometry.
+    ``svadu``; all: ``record_history=True`` records every entry write and TLBI
+    from the start, which ``validate_bbm`` needs).  Raises InputError for an
+    unknown architecture or geometry.
     """
     info = ARCHES.get(arch)
     if info is None:

@@ -120,7 +120,8 @@ class Arm64Stage2(Stage2):
     BREAK_BEFORE_MAKE = True
 
     def __init__(self, *, granule: int = 4096, ipa_bits: int | None = None,
-                 levels: int | None = None, fwb: bool = False) -> None:
+                 levels: int | None = None, fwb: bool = False,
+                 record_history: bool = False) -> None:
         if granule not in (4096, 16384, 65536):
             raise InputError(f"granule: {granule} is not 4K, 16K or 64K")
         page_shift = granule.bit_length() - 1
@@ -147,7 +148,8 @@ class Arm64Stage2(Stage2):
             leaf_depths=leaf_depths, valid_mask=KVM_PTE_VALID, table_mask=KVM_PTE_TYPE,
             table_value=KVM_PTE_TYPE, oa_mask=oa_mask, oa_rshift=0, empty=0,
             table_bits=KVM_PTE_VALID | KVM_PTE_TYPE, young_bit=AF, dirty_bit=0,
-            write_bit=S2AP_W, type_bits=type_bits, type_mask=KVM_PTE_TYPE, max_pa_bits=48)
+            write_bit=S2AP_W, type_bits=type_bits, type_mask=KVM_PTE_TYPE, max_pa_bits=48,
+            record_history=record_history)
 
     # --- format --------------------------------------------------------------------
 

@@ -293,6 +293,7 @@ class Stage2:
         type_bits: list[int],
         type_mask: int,
         max_pa_bits: int,
+        record_history: bool = False,
     ) -> None:
         if granule not in (4096, 16384, 65536):
             raise InputError(f"granule: {granule} is not 4K, 16K or 64K")
@@ -356,6 +357,8 @@ class Stage2:
             self._nvalid.append(0)
         self.counters.tables_allocated += self.root_pages
         self.counters.table_bytes += self.root_pages * granule
+        if record_history:
+            self.record_history()
 
     # --- format hooks (subclasses) -------------------------------------------
 

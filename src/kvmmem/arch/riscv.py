@@ -66,7 +66,8 @@ class RiscvGstage(Stage2):
 
     def __init__(self, *, mode: str | None = None, levels: int | None = None,
                  ipa_bits: int | None = None, svpbmt: bool = True, svadu: bool = False,
-                 granule: int = 4096) -> None:
+                 granule: int = 4096,
+                 record_history: bool = False) -> None:
         if granule != 4096:
             raise InputError(f"granule: the G-stage uses 4K pages, not {granule}")
         if mode is not None:
@@ -91,7 +92,8 @@ class RiscvGstage(Stage2):
             leaf_depths=leaf_depths, valid_mask=_PAGE_PRESENT, table_mask=_PAGE_LEAF,
             table_value=0, oa_mask=_PAGE_PFN_MASK, oa_rshift=PAGE_SHIFT - _PAGE_PFN_SHIFT,
             empty=0, table_bits=_PAGE_TABLE, young_bit=_PAGE_ACCESSED, dirty_bit=_PAGE_DIRTY,
-            write_bit=_PAGE_WRITE, type_bits=[0] * n, type_mask=0, max_pa_bits=56)
+            write_bit=_PAGE_WRITE, type_bits=[0] * n, type_mask=0, max_pa_bits=56,
+            record_history=record_history)
 
     def _encode_leaf(self, prot: Perm, attr: MemAttr, depth: int, prefetch: bool,
                      host_writable: bool | None) -> int:

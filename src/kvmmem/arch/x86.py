@@ -83,13 +83,18 @@ class X86Tdp(Stage2):
 
     def __init__(self, *, levels: int | None = None, ipa_bits: int | None = None,
                  suppress_ve: bool = True, ignore_guest_pat: bool = True,
-                 max_huge_level: int = PG_LEVEL_1G, granule: int = 4096) -> None:
+                 max_huge_level: int = PG_LEVEL_1G, granule: int = 4096,
+                 record_history: bool = False) -> None:
         if granule != 4096:
             raise InputError(f"granule: x86 EPT uses 4K pages, not {granule}")
         n = 4 if levels is None else levels
         if n not in (4, 5):
             raise InputError(f"levels: EPT has 4 or 5 levels, not {n}")
-        ipa = (48 if n == 4 else 57) if ipa_bits is None else ipa_bits
+        top = 48 if n == 4 else 57
+        ipa = top if ipa_bits is None else ipa_bits
+        if not top - 9 < ipa <= top:
+            raise InputError(f"ipa_bits: {n}-level EPT translates {top - 8}..{top} bits, "
+                             f"not {ipa}")
         if max_huge_level not in (PG_LEVEL_2M, PG_LEVEL_1G):
             raise InputError(f"max_huge_level: {max_huge_level} is not 2 or 3")
         self.suppress_ve = suppress_ve
@@ -106,7 +111,8 @@ class X86Tdp(Stage2):
             table_value=0, oa_mask=PT64_BASE_ADDR_MASK, oa_rshift=0, empty=sve,
             table_bits=table_bits, young_bit=VMX_EPT_ACCESS_BIT, dirty_bit=VMX_EPT_DIRTY_BIT,
             write_bit=VMX_EPT_WRITABLE_MASK, type_bits=type_bits, type_mask=PT_PAGE_SIZE_MASK,
-            max_pa_bits=52)
+            max_pa_bits=52,
+            record_history=record_history)
 
     def get_mt_mask(self, attr: MemAttr) -> int:
         """``vmx_get_mt_mask``: UC for host MMIO (no IPAT), WB (+ IPAT unless
