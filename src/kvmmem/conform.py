@@ -242,30 +242,58 @@ def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None =
 # --- reports ---------------------------------------------------------------------------
 
 
+_HEX_KEYS = ("gpa", "data", "value")
+
+
 def _compact(outcome: Outcome | None) -> str:
+    """One outcome on one line, JSON-like, addresses and data in hex."""
     if outcome is None:
         return "(not run)"
-    return json.dumps(_body(outcome), separators=(", ", ": "))
+    parts = []
+    for key, value in _body(outcome).items():
+        if key in _HEX_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            text = hex(value)
+        else:
+            text = json.dumps(value)
+        parts.append(f'"{key}": {text}')
+    return "{" + ", ".join(parts) + "}"
+
+
+def tap_header(count: int) -> list[str]:
+    """The TAP 13 header and plan for ``count`` scenarios."""
+    return ["TAP version 13", f"1..{count}"]
+
+
+def tap_result(number: int, result: Conformance) -> list[str]:
+    """The TAP lines of one scenario: ``ok N - name`` (``# SKIP reason`` when
+    unsupported) or ``not ok N - name`` followed by one ``# step I: model {...} kvm
+    {...}`` line per difference and a line per model invariant violation."""
+    if result.verdict == "unsupported":
+        return [f"ok {number} - {result.scenario} # SKIP {result.reason}"]
+    lines = [f"{'ok' if result.verdict == 'agree' else 'not ok'} {number} - {result.scenario}"]
+    for c in result.differences:
+        lines.append(f"# {c.where}: model {_compact(c.model)} kvm {_compact(c.kvm)}")
+    for v in result.violations:
+        lines.append(f"# model invariant {v['invariant']} violated at step {v['step']}: "
+                     f"{v['detail']}")
+    return lines
+
+
+def tap_totals(results: Iterable[Conformance]) -> str:
+    """The closing kselftest ``# Totals`` line (agree = pass, differ = fail,
+    unsupported = skip)."""
+    counts = verdict_counts(results)
+    return (f"# Totals: pass:{counts['agree']} fail:{counts['differ']} xfail:0 xpass:0 "
+            f"skip:{counts['unsupported']} error:0")
 
 
 def tap_lines(results: Sequence[Conformance]) -> list[str]:
-    """A kselftest-style TAP 13 report: header, plan, one ``ok``/``not ok`` line per
-    scenario (``# SKIP reason`` for unsupported ones), a ``# step I: model {...} kvm
-    {...}`` line per difference, and a ``# Totals`` line."""
-    lines = ["TAP version 13", f"1..{len(results)}"]
+    """A whole kselftest-style TAP 13 report: :func:`tap_header`, :func:`tap_result`
+    per scenario, :func:`tap_totals`."""
+    lines = tap_header(len(results))
     for n, r in enumerate(results, 1):
-        if r.verdict == "unsupported":
-            lines.append(f"ok {n} - {r.scenario} # SKIP {r.reason}")
-            continue
-        lines.append(f"{'ok' if r.verdict == 'agree' else 'not ok'} {n} - {r.scenario}")
-        for c in r.differences:
-            lines.append(f"# {c.where}: model {_compact(c.model)} kvm {_compact(c.kvm)}")
-        for v in r.violations:
-            lines.append(f"# model invariant {v['invariant']} violated at step {v['step']}: "
-                         f"{v['detail']}")
-    counts = verdict_counts(results)
-    lines.append(f"# Totals: pass:{counts['agree']} fail:{counts['differ']} xfail:0 xpass:0 "
-                 f"skip:{counts['unsupported']} error:0")
+        lines.extend(tap_result(n, r))
+    lines.append(tap_totals(results))
     return lines
 
 

@@ -22,7 +22,7 @@ Registers a routine uses: ``rsi`` address, ``rax`` value, ``rdi`` doorbell,
 ``rcx`` count, ``rdx`` stride, ``rbx`` a second MMIO address.
 
 Guest page tables identity-map guest physical memory with 2 MiB pages
-(``PDE = gpa | P | RW | U | PS``), one page directory per GiB that a scenario
+(``PDE = gpa | P | RW | U | A | D | PS``), one page directory per GiB that a scenario
 touches, so THP/hugetlb-backed slots can get 2 MiB SPTEs.  Guest virtual
 address = guest physical address below 2^47; a GiB above it is reached through
 an alias GiB of the lower half (a PVM guest's user mode cannot touch the upper
@@ -59,9 +59,16 @@ RFLAGS_TF = 0x100
 PTE_P = 1 << 0
 PTE_RW = 1 << 1
 PTE_US = 1 << 2
+PTE_A = 1 << 5
+PTE_D = 1 << 6
 PTE_PS = 1 << 7
-TABLE_FLAGS = PTE_P | PTE_RW | PTE_US
-PDE_2M_FLAGS = PTE_P | PTE_RW | PTE_US | PTE_PS
+TABLE_FLAGS = PTE_P | PTE_RW | PTE_US | PTE_A
+PDE_2M_FLAGS = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS
+"""Leaf entries are created accessed and dirty: with shadow paging KVM write-protects
+the SPTE of a clean guest PTE so that it can set D on the first write
+(``FNAME(protect_clean_gpte)``), which a TDP (EPT/NPT) host never does.  Pre-set A/D
+bits make a read fault map as a TDP host would (a writable SPTE where the host page is
+writable, marked dirty in a dirty-logged slot: ``make_spte``)."""
 
 ROUTINE_STRIDE = 0x80
 """Bytes reserved per routine in the code page."""

@@ -111,6 +111,7 @@ def run_scenario(scenario: Scenario, path: str = "native", timeout: float = DEFA
     try:
         with HostMemory() as host, RealVm(ranges, slots, path=path, timeout=timeout,
                                           kvm=kvm) as vm:
+            _check_capabilities(scenario, vm)
             for mapping in scenario.memory.values():
                 out.setup.append({"memory": mapping.name, **_mmap(host, mapping)})
             for slot in scenario.memslots:
@@ -123,6 +124,18 @@ def run_scenario(scenario: Scenario, path: str = "native", timeout: float = DEFA
     except (MappingUnsupported, KvmUnsupported, _Unsupported) as exc:
         out.supported, out.reason = False, str(exc)
     return out
+
+
+def _check_capabilities(scenario: Scenario, vm: RealVm) -> None:
+    """Raise :class:`_Unsupported` when a step needs an ioctl this host's KVM lacks:
+    ``prefault`` needs KVM_PRE_FAULT_MEMORY, which upstream x86 offers only with TDP
+    (``kvm_arch_vcpu_pre_fault_memory`` refuses a shadow-paging MMU with EOPNOTSUPP;
+    kvm-on-this-host.md §0: capability 0 here), so the model's upstream outcome has no
+    real counterpart."""
+    if any(isinstance(step, Prefault) for step in scenario.all_steps()) \
+            and not vm.vm.supports("KVM_PRE_FAULT_MEMORY"):
+        raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this host's KVM "
+                           "uses shadow paging (KVM_CAP_PRE_FAULT_MEMORY is 0)")
 
 
 def _mmap(host: HostMemory, mapping: Mapping) -> Outcome:

@@ -1,0 +1,92 @@
+"""Every bundled scenario naming x86 (with steps) goes through ``kvmmem conform`` on both
+guest paths and agrees with this host's real KVM (kvm-on-this-host.md), or is
+unsupported for a reason listed, with its justification, in ``ALLOWED_UNSUPPORTED``.
+
+Where the model is wrong the scenario is listed in ``MODEL_FINDINGS`` (xfail strict,
+naming the KVM_FINDINGS entry): it XPASSes, and so fails, once the lead fixes the model;
+then drop the entry.  Skipped with the reason where /dev/kvm is unusable.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kvmmem.conform import conform_scenario, tap_lines
+from kvmmem.errors import InputError
+from kvmmem.realkvm import Kvm
+from kvmmem.scenario.loader import load_scenario
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+
+ALLOWED_UNSUPPORTED: dict[str, str] = {
+    r"no VM_PFNMAP source on this host inserts frames lazily":
+        "device-lazy: no driver on this host inserts VM_PFNMAP frames on first touch "
+        "(perf rings map every page at mmap; no dma-buf, vfio, uio; kvm-on-this-host.md "
+        "§3.6)",
+    r"hugetlb needs \d+ free 2 MiB pages and the host pool has":
+        "hugetlb pool empty: the tests never change vm.nr_hugepages (BRIEF: leave the "
+        "machine unchanged)",
+    r"transparent huge pages are disabled on this host":
+        "THP set to never on this host",
+    r"KVM_PRE_FAULT_MEMORY needs a TDP \(EPT/NPT\) MMU":
+        "prefault: upstream x86 offers KVM_PRE_FAULT_MEMORY only with TDP "
+        "(KVM_CAP_PRE_FAULT_MEMORY = tdp_enabled); this host's KVM uses shadow paging",
+    r"^variant [\w.-]+: the real kernel is upstream$":
+        "a scenario about another kernel's behaviour (variant) has no real counterpart",
+    r"cannot be reached through the guest's page tables":
+        "a gpa beyond this host's MAXPHYADDR (or straddling 2^47) cannot be reached by "
+        "the guest",
+}
+"""Reasons an x86 scenario may be unsupported on this host (regex -> justification)."""
+
+MODEL_FINDINGS: dict[tuple[str, str], str] = {
+    ("row-no-slot-exec-x86.yaml", "native"): "KVM_FINDINGS #4",
+    ("row-no-slot-exec-x86.yaml", "emulated"): "KVM_FINDINGS #4",
+}
+"""(file, path) -> the finding that explains a difference (the model is wrong)."""
+
+
+def _x86_files() -> list[str]:
+    names = []
+    for path in sorted(SCENARIOS.glob("*.yaml")):
+        try:
+            scenario = load_scenario(path)
+        except InputError:
+            names.append(path.name)  # fails in the test, with the loader's message
+            continue
+        if "x86" in scenario.arches and scenario.steps is not None:
+            names.append(path.name)
+    return names
+
+
+CASES = [
+    pytest.param(name, path, id=f"{name}-{path}",
+                 marks=[pytest.mark.xfail(strict=True, reason=MODEL_FINDINGS[(name, path)])]
+                 if (name, path) in MODEL_FINDINGS else [])
+    for name in _x86_files() for path in ("native", "emulated")
+]
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(("name", "path"), CASES)
+def test_bundled_scenario_conforms(kvm: Kvm, name: str, path: str) -> None:
+    """kvmmem conform (SCENARIOS.md): the model's x86 upstream outcomes equal real
+    KVM's, step by step, on the native path (KVM's fault path) and the emulated one."""
+    result = conform_scenario(load_scenario(SCENARIOS / name), path, kvm=kvm)
+    if result.verdict == "unsupported":
+        allowed = [why for pattern, why in ALLOWED_UNSUPPORTED.items()
+                   if re.search(pattern, result.reason)]
+        assert allowed, f"unsupported for a reason not in ALLOWED_UNSUPPORTED: {result.reason}"
+        return
+    assert result.violations == []
+    assert result.verdict == "agree", "\n".join(tap_lines([result]))
+
+
+def test_every_finding_names_a_bundled_file() -> None:
+    """MODEL_FINDINGS only lists scenarios that exist (a renamed file must not silently
+    drop its xfail)."""
+    files = set(_x86_files())
+    assert {name for name, _ in MODEL_FINDINGS} <= files
