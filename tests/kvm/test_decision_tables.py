@@ -89,9 +89,10 @@ def leaf_at(vm: Vm, gpa: int) -> Leaf:
 
 
 def host_frame(vm: Vm, hva: int) -> int:
+    """The 4 KiB frame the host page table maps ``hva`` to (inside a 2M leaf: the subpage)."""
     pte = vm.mm.host_pte(hva)
     assert pte is not None
-    return int(pte.pfn_at(hva))
+    return int(pte.pfn)
 
 
 def is_ud(out: dict[str, Any]) -> bool:
@@ -659,7 +660,7 @@ def test_row_log_dirty_write_pfnmap_after_remap(arch: str) -> None:
     validate_vm(vm)
 
 
-@pytest.mark.parametrize("arch", xfail_on(("arm64", "riscv"), 1))
+@pytest.mark.parametrize("arch", ARCHES)
 def test_row_log_dirty_readonly_slot_logging_inactive(arch: str) -> None:
     """§3.5.2 LOG_DIRTY+READONLY / any: arm64/RISC-V ``memslot_is_logging`` is false
     (read-only), so huge mappings stay allowed (2M block over hugetlb); x86's dirty-track
@@ -691,7 +692,7 @@ HUGE_KINDS = ["thp", "hugetlb"]
 
 
 @pytest.mark.parametrize("kind", HUGE_KINDS)
-@pytest.mark.parametrize("arch", xfail_on(ARCHES, 1))
+@pytest.mark.parametrize("arch", ARCHES)
 def test_huge_aligned_backing_maps_2m_leaf(arch: str, kind: str) -> None:
     """§6: 2M-aligned slot and hva over a 2M host leaf -> one 2M stage-2 block (arm64
     hugetlb ``get_vma_page_shift`` / THP ``transparent_hugepage_adjust``; x86
