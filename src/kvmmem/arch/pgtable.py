@@ -67,6 +67,10 @@ Per-architecture behaviour (class flags and hooks)
 * a valid entry changed to another valid entry: arm64 always goes
   valid -> invalid -> TLBI -> valid (break-before-make); x86 and riscv
   replace it in place and flush afterwards;
+* a permission-only change through ``map``: arm64 writes nothing (-EAGAIN,
+  use ``relax_perms``); riscv, mapping a block where a smaller leaf of the
+  same (aligned) frame exists, only re-protects that leaf
+  (``kvm_riscv_gstage_update_pte_prot``);
 * unmapping: arm64 frees tables left empty (``stage2_unmap_walker``); x86
   zaps leaves only (``tdp_mmu_zap_leafs``), riscv too and it skips a leaf
   the range only partly covers (``kvm_riscv_gstage_unmap_range`` WARNs).
