@@ -78,6 +78,12 @@ MREMAP_FIXED = 2
 
 _MAP_FAILED = (1 << 64) - 1
 
+# /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PRESENT = 1 << 63
+PM_SWAP = 1 << 62
+PM_FILE = 1 << 61
+PM_MMAP_EXCLUSIVE = 1 << 56
+
 # Far below mmap_base (~0x7fxx_xxxx_xxxx with ASLR) and far above brk: see the module doc.
 _WINDOW_HINTS = (0x3A5A_0000_0000, 0x2A5A_0000_0000, 0x1A5A_0000_0000, 0x4A5A_0000_0000)
 
@@ -191,7 +197,9 @@ class PageView:
 
 
 _HEADER = re.compile(
-    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][ps]) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)\s*(.*)$"
+    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][ps]) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)"
+    r"[ \t]*(.*)$",
+    re.MULTILINE,
 )
 
 
@@ -203,22 +211,20 @@ def read_smaps(lo: int, hi: int) -> list[MapsEntry]:
     with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
         text = f.read()
     out: list[MapsEntry] = []
-    cur: list[object] | None = None
-    for line in text.splitlines():
-        m = _HEADER.match(line)
-        if m is not None:
-            start, end = int(m.group(1), 16), int(m.group(2), 16)
-            if end <= lo or start >= hi:
-                cur = None
-                continue
-            offset = int(m.group(4), 16)
-            cs = max(start, lo)
-            offset += cs - start if m.group(7) else 0
-            cur = [cs, min(end, hi), m.group(3), offset, int(m.group(6)), m.group(7), ()]
-            out.append(cur)  # type: ignore[arg-type]
-        elif cur is not None and line.startswith("VmFlags:"):
-            cur[6] = tuple(line.split()[1:])
-    return [MapsEntry(*e) for e in out]  # type: ignore[arg-type]
+    for m in _HEADER.finditer(text):
+        start, end = int(m.group(1), 16), int(m.group(2), 16)
+        if end <= lo:
+            continue
+        if start >= hi:
+            break  # smaps lists the VMAs in address order
+        cs = max(start, lo)
+        offset = int(m.group(4), 16) + (cs - start if m.group(7) else 0)
+        at = text.find("\nVmFlags:", m.end())
+        nxt = text.find("\n", at + 1)
+        flags = tuple(text[at + 9 : nxt if nxt >= 0 else None].split()) if at >= 0 else ()
+        out.append(MapsEntry(cs, min(end, hi), m.group(3), offset, int(m.group(6)),
+                             m.group(7), flags))
+    return out
 
 
 class RealMm:
@@ -509,10 +515,11 @@ class RealMm:
             return ("memfd" if shared else "memfd-private"), label
         return ("file-shared" if shared else "file"), label
 
-    def pages(self) -> list[PageView | None]:
-        """Per page of the window: what smaps shows there (None: no VMA)."""
+    def pages(self, entries: list[MapsEntry] | None = None) -> list[PageView | None]:
+        """Per page of the window: what smaps shows there (None: no VMA).  ``entries``:
+        a :meth:`maps` result to use instead of reading smaps again."""
         out: list[PageView | None] = [None] * self.npages
-        for e in self.maps():
+        for e in self.maps() if entries is None else entries:
             kind, label = self.classify(e)
             first = (e.start - self.base) // PAGE_SIZE
             for i in range((e.end - e.start) // PAGE_SIZE):
@@ -520,10 +527,43 @@ class RealMm:
                 out[first + i] = PageView(e.perms, kind, label, fpage, e.vmflags)
         return out
 
-    def vma_bounds(self) -> list[tuple[int, int]]:
+    def page_states(self) -> list[str]:
+        """Per page of the window, what backs it according to /proc/self/pagemap
+        (``pte_to_pagemap_entry`` in fs/proc/task_mmu.c):
+
+        * ``"anon"`` - present, an anonymous page (not PM_FILE) mapped once
+          (PM_MMAP_EXCLUSIVE): a private page of this process;
+        * ``"zero"`` - present, no struct page behind it as far as pagemap goes
+          (neither PM_FILE nor PM_MMAP_EXCLUSIVE): the shared zero page;
+        * ``"file"`` - present, a page-cache or shmem page (PM_FILE);
+        * ``"-"``    - not present (nothing, or swapped out: the test host has no swap).
+
+        Page-cache pages may be mapped by fault-around (``filemap_map_pages``) beyond the
+        faulting page, so ``"file"`` vs ``"-"`` depends on the page cache; callers compare
+        ``"anon"`` and ``"zero"`` only.
+        """
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.pread(fd, 8 * self.npages, (self.base // PAGE_SIZE) * 8)
+        finally:
+            os.close(fd)
+        out: list[str] = []
+        for i in range(self.npages):
+            e = int.from_bytes(raw[8 * i : 8 * i + 8], "little")
+            if not e & PM_PRESENT:
+                out.append("-")
+            elif e & PM_FILE:
+                out.append("file")
+            elif e & PM_MMAP_EXCLUSIVE:
+                out.append("anon")
+            else:
+                out.append("zero")
+        return out
+
+    def vma_bounds(self, entries: list[MapsEntry] | None = None) -> list[tuple[int, int]]:
         """``[(first page, end page), ...]`` of the VMAs in the window (clipped)."""
         return [
             ((e.start - self.base) // PAGE_SIZE, (e.end - self.base) // PAGE_SIZE)
-            for e in self.maps()
+            for e in (self.maps() if entries is None else entries)
         ]
 

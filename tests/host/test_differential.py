@@ -67,7 +67,7 @@ except ImportError as exc:  # pragma: no cover - only until kvmmem.host.Mm lands
     MODEL_MISSING = f"kvmmem.host model not importable yet: {exc}"
 
 P = PAGE_SIZE
-NPAGES = 48
+NPAGES = 32
 """Scratch window size in pages; pages 0 and NPAGES-1 are guards no operation targets."""
 INNER_END = NPAGES - 1
 """Operations create, destroy and change mappings only in pages [1, INNER_END)."""
@@ -106,9 +106,10 @@ def _has_pku() -> bool:
 
 
 PROTS: tuple[int, ...] = (
-    PROT_NONE, PROT_READ, PROT_READ | PROT_WRITE, PROT_WRITE, PROT_READ | PROT_EXEC,
-    PROT_READ | PROT_WRITE | PROT_EXEC, PROT_WRITE | PROT_EXEC,
+    PROT_READ | PROT_WRITE, PROT_READ, PROT_NONE, PROT_READ | PROT_WRITE, PROT_WRITE,
+    PROT_READ | PROT_EXEC, PROT_READ | PROT_WRITE | PROT_EXEC, PROT_WRITE | PROT_EXEC,
 ) + (() if REASON is not None or _has_pku() else (PROT_EXEC,))
+"""Protections drawn (read-write twice as often: loads and stores then hit)."""
 
 
 def prot_str(prot: int) -> str:
@@ -139,6 +140,8 @@ class Pair:
                 mf = self.mm.open_file(spec.label, size, writable=spec.writable, fill=spec.fill)
             self.mfiles[spec.label] = mf
             self.label_of[id(mf)] = spec.label
+        self.hot: list[tuple[int, int]] = []
+        """(first page, npages) of every mapping an mmap / mremap created, latest last."""
 
     def addr(self, page: int, misalign: int = 0) -> int:
         return self.base + page * P + misalign
@@ -192,8 +195,8 @@ class Pair:
         flags = tuple(n for n in vma.vm_flags_names() if n not in IGNORED_VMFLAGS)
         return PageView(vma.maps_perms(), kind, label, fpage, flags)
 
-    def real_pages(self) -> list[PageView | None]:
-        out = self.real.pages()
+    def real_pages(self, entries: list[realmm.MapsEntry]) -> list[PageView | None]:
+        out = self.real.pages(entries)
         return [
             None if v is None else replace(
                 v, vmflags=tuple(n for n in v.vmflags if n not in IGNORED_VMFLAGS))
@@ -217,21 +220,42 @@ class Pair:
         pte = self.mm.host_pte(hva)
         if pte is None:
             raise AssertionError(f"model: host_read({self.where(hva)}) worked but left no PTE")
-        pfn = pte.pfn + ((hva & (pte.huge_size - 1)) >> 12)
-        return bytes(self.mm.physmem.read(pfn, 0, P))
+        return bytes(self.mm.physmem.read(pte.pfn, 0, P))  # pfn: the 4K frame behind hva
 
-    def compare_state(self) -> list[str]:
-        """Disagreements in the per-page smaps view and the VMA boundaries."""
+    def compare_state(self, vmas: bool = True) -> list[str]:
+        """Disagreements in the per-page smaps view and the VMA boundaries (only if
+        ``vmas``: a user load or store changes no VMA) and in what backs each page."""
         diffs: list[str] = []
-        real, model = self.real_pages(), self.model_pages()
+        entries = self.real.maps() if vmas else []
+        real = self.real_pages(entries) if vmas else []
+        model = self.model_pages() if vmas else []
         for i, (r, m) in enumerate(zip(real, model, strict=True)):
             if r != m:
                 diffs.append(f"page p{i}: real {_view(r)}\n{'':>14}model {_view(m)}")
-        if not diffs:
-            rb, mb = self.real.vma_bounds(), self.model_bounds()
+        if vmas and not diffs:
+            rb, mb = self.real.vma_bounds(entries), self.model_bounds()
             if rb != mb:
                 diffs.append(f"VMA boundaries (pages): real {rb}\n{'':>14}model {mb}")
+        if not diffs:
+            rs, ms = self.real.page_states(), self.model_page_states()
+            for i, (r1, m1) in enumerate(zip(rs, ms, strict=True)):
+                if _anon_or_zero(r1) != _anon_or_zero(m1):
+                    diffs.append(f"page p{i} is backed by: real {r1}, model {m1}")
         return diffs
+
+    def model_page_states(self) -> list[str]:
+        """Per page: ``anon`` / ``zero`` / ``file`` / ``-`` as :meth:`RealMm.page_states`."""
+        pm = self.mm.physmem
+        out: list[str] = []
+        for i in range(NPAGES):
+            hva = self.addr(i)
+            pte = self.mm.host_pte(hva)
+            if pte is None:
+                out.append("-")
+                continue
+            pfn = pte.pfn
+            out.append("zero" if pfn == pm.zero_pfn else "anon" if pm.is_anon(pfn) else "file")
+        return out
 
     def compare_content(self) -> list[str]:
         """Disagreements in the content (or fault) of every page of the window."""
@@ -244,6 +268,11 @@ class Pair:
                 diffs.append(f"content of p{i}: real {_content(r)}, model {_content(m)}"
                              + _first_diff(r, m))
         return diffs
+
+
+def _anon_or_zero(state: str) -> str:
+    """Page-cache presence depends on fault-around and the page cache: not compared."""
+    return state if state in ("anon", "zero") else "-"
 
 
 def _view(v: PageView | None) -> str:
@@ -312,11 +341,25 @@ class Mmap:
             fill=self.fill))
 
 
+def _hot_range(p: Pair, op: Munmap | Mprotect | Madvise) -> Munmap | Mprotect | Madvise:
+    """With ``op.hot`` set: the range moved into the latest mapping an mmap / mremap
+    created (start ``page % npages`` into it; the length clipped to its end unless 0)."""
+    if op.hot is None or not p.hot:
+        return replace(op, hot=None)
+    first, n = p.hot[-1]
+    start = first + op.hot % n
+    length = op.length if op.length == 0 else min(op.length, (first + n - start) * P)
+    return replace(op, page=start, length=length, hot=None)
+
+
 @dataclass(frozen=True)
 class Munmap:
+    """munmap; ``hot``: see :func:`_hot_range`."""
+
     page: int
     length: int
     misalign: int = 0
+    hot: int | None = None
 
     def __str__(self) -> str:
         return f"munmap(p{self.page}{_mis(self.misalign)}, {self.length:#x})"
@@ -330,10 +373,13 @@ class Munmap:
 
 @dataclass(frozen=True)
 class Mprotect:
+    """mprotect; ``hot``: see :func:`_hot_range`."""
+
     page: int
     length: int
     prot: int
     misalign: int = 0
+    hot: int | None = None
 
     def __str__(self) -> str:
         return (f"mprotect(p{self.page}{_mis(self.misalign)}, {self.length:#x}, "
@@ -350,10 +396,13 @@ class Mprotect:
 
 @dataclass(frozen=True)
 class Madvise:
+    """madvise; ``hot``: see :func:`_hot_range`."""
+
     page: int
     length: int
     advice: str
     misalign: int = 0
+    hot: int | None = None
 
     def __str__(self) -> str:
         return f"madvise(p{self.page}{_mis(self.misalign)}, {self.length:#x}, {self.advice})"
@@ -379,6 +428,20 @@ class Mremap:
     mode: str = "inplace"
     target: int | None = None
     misalign: int = 0
+    hot: bool = False
+
+    def resolve(self, p: Pair) -> Mremap:
+        """With ``hot``: the whole latest mapping an mmap / mremap created is the source
+        (new length clipped so that it cannot leave the window or grow with MAYMOVE)."""
+        if not self.hot or not p.hot:
+            return replace(self, hot=False)
+        first, n = p.hot[-1]
+        new = self.new_length
+        if self.mode == "inplace":
+            new = min(new, (NPAGES - first - (1 if self.misalign else 0)) * P)
+        elif self.mode == "maymove":
+            new = min(new, n * P)
+        return Mremap(first, n * P, new, self.mode, self.target, self.misalign)
 
     def __str__(self) -> str:
         t = "" if self.target is None else f", to p{self.target}"
@@ -401,11 +464,25 @@ class Mremap:
             fixed_addr=t))
 
 
+def _hot_page(p: Pair, page: int, hot: int | None) -> int:
+    if hot is None or not p.hot:
+        return page
+    first, n = p.hot[-1]
+    return first + hot % n
+
+
 @dataclass(frozen=True)
 class Load:
+    """A user load; with ``hot`` set, of page ``hot % npages`` of the latest mapping
+    an mmap or mremap created (``page`` when there is none)."""
+
     page: int
     offset: int
     size: int
+    hot: int | None = None
+
+    def resolve(self, p: Pair) -> Load:
+        return Load(_hot_page(p, self.page, self.hot), self.offset, self.size)
 
     def __str__(self) -> str:
         return f"load{self.size * 8}(p{self.page}+{self.offset:#x})"
@@ -426,10 +503,16 @@ class Load:
 
 @dataclass(frozen=True)
 class Store:
+    """A user store; ``hot`` as for :class:`Load`."""
+
     page: int
     offset: int
     size: int
     value: int
+    hot: int | None = None
+
+    def resolve(self, p: Pair) -> Store:
+        return Store(_hot_page(p, self.page, self.hot), self.offset, self.size, self.value)
 
     def __str__(self) -> str:
         return f"store{self.size * 8}(p{self.page}+{self.offset:#x}, {self.value:#x})"
@@ -476,7 +559,8 @@ def _same(real: str, model: str) -> bool:
 
 # --- strategies ---------------------------------------------------------------------------
 
-_MISALIGN = st.sampled_from((0,) * 14 + (0x10, 0x800))
+_MISALIGN = st.sampled_from((0,) * 30 + (0x10, 0x800))
+_HOT = st.sampled_from((None, 0, 1, 2, 3))
 _SLACK = st.sampled_from((0,) * 10 + (1, P // 2, P - 1))
 
 
@@ -525,63 +609,72 @@ def mmaps(draw: st.DrawFn) -> Mmap:
 @st.composite
 def munmaps(draw: st.DrawFn) -> Munmap:
     page, n = draw(_range())
-    return Munmap(page, draw(_length(n)), draw(_MISALIGN))
+    return Munmap(page, draw(_length(n)), draw(_MISALIGN), draw(_HOT))
 
 
 @st.composite
 def mprotects(draw: st.DrawFn) -> Mprotect:
     page, n = draw(_range())
-    return Mprotect(page, draw(_length(n)), draw(st.sampled_from(PROTS)), draw(_MISALIGN))
+    prot = draw(st.sampled_from(PROTS))
+    return Mprotect(page, draw(_length(n)), prot, draw(_MISALIGN), draw(_HOT))
 
 
 @st.composite
 def madvises(draw: st.DrawFn) -> Madvise:
     page, n = draw(_range())
     advice = draw(st.sampled_from(("dontneed", "remove", "hugepage", "nohugepage")))
-    return Madvise(page, draw(_length(n)), advice, draw(_MISALIGN))
+    return Madvise(page, draw(_length(n)), advice, draw(_MISALIGN), draw(_HOT))
 
 
 @st.composite
 def mremaps(draw: st.DrawFn) -> Mremap:
     page, old_n = draw(_range())
     old_len = old_n * P - draw(_SLACK)
-    mode = draw(st.sampled_from(("inplace", "fixed", "maymove", "fixed-only")))
+    mode = draw(st.sampled_from(("inplace", "fixed", "maymove", "fixed", "inplace",
+                                 "fixed-only")))
     target = None
+    misalign = draw(_MISALIGN)
     if mode == "inplace":
         # may reach the guard page at the end of the window (then ENOMEM), never beyond
-        new_n = draw(st.integers(0, NPAGES - page))
+        new_n = draw(st.integers(1, NPAGES - page - (1 if misalign else 0)))
     elif mode == "maymove":
-        new_n = draw(st.integers(0, old_n))
+        new_n = draw(st.integers(1, old_n))
     else:
         target, new_n = draw(_range())
-    new_len = max(new_n * P - draw(_SLACK), 0)
-    return Mremap(page, old_len, new_len, mode, target, draw(_MISALIGN))
+    new_len = 0 if draw(st.integers(0, 24)) == 24 else new_n * P - draw(_SLACK)
+    hot = draw(st.integers(0, 2)) != 0
+    return Mremap(page, old_len, new_len, mode, target, misalign, hot)
 
 
 @st.composite
-def _access(draw: st.DrawFn) -> tuple[int, int, int]:
+def _access(draw: st.DrawFn) -> tuple[int, int, int, int | None]:
     page = draw(st.integers(0, NPAGES - 1))
     size = draw(st.sampled_from((8, 4, 2, 1)))
     base = draw(st.sampled_from((0, 8, 0x800, P - 8)))
-    return page, base + draw(st.integers(0, 8 // size - 1)) * size, size
+    hot = draw(st.sampled_from((0, 1, 2, 3, 4, 5, None)))
+    return page, base + draw(st.integers(0, 8 // size - 1)) * size, size, hot
 
 
 @st.composite
 def loads(draw: st.DrawFn) -> Load:
-    return Load(*draw(_access()))
+    page, offset, size, hot = draw(_access())
+    return Load(page, offset, size, hot)
 
 
 @st.composite
 def stores(draw: st.DrawFn) -> Store:
-    page, offset, size = draw(_access())
-    return Store(page, offset, size, draw(st.integers(0, (1 << (8 * size)) - 1)))
+    page, offset, size, hot = draw(_access())
+    return Store(page, offset, size, draw(st.integers(0, (1 << (8 * size)) - 1)), hot)
 
 
 OPS: st.SearchStrategy[Op] = st.one_of(
     mmaps(), mmaps(), mmaps(), munmaps(), mprotects(), mprotects(), madvises(),
     mremaps(), mremaps(), loads(), loads(), stores(), stores(), stores(), st.just(Check()),
 )
-SEQUENCES = st.lists(OPS, min_size=1, max_size=25)
+# Four lists joined: about 20 operations on average (one st.lists averages about 6), and
+# each part still shrinks to nothing.
+SEQUENCES = st.tuples(*[st.lists(OPS, max_size=12)] * 4).map(
+    lambda parts: [op for part in parts for op in part]).filter(bool)
 
 
 # --- the differential run -------------------------------------------------------------------
@@ -606,13 +699,20 @@ def run_differential(ops: list[Op]) -> None:
 
         try:
             for n, op in enumerate([*ops, Check()], start=1):
+                if isinstance(op, Load | Store | Mremap):
+                    op = op.resolve(pair)
+                elif isinstance(op, Munmap | Mprotect | Madvise):
+                    op = _hot_range(pair, op)
                 r = op.real(pair)
                 m = op.model(pair)
+                if r.startswith("ok @") and _same(r, m) and isinstance(op, Mmap | Mremap):
+                    npages = -(-(op.length if isinstance(op, Mmap) else op.new_length) // P)
+                    pair.hot.append((int(r[5:].split("+")[0]), npages))
                 final = " (final)" if n > len(ops) else ""
                 trace.append(f"  #{n:<3} {op!s:<58} real: {r:<12} model: {m}{final}")
                 if not _same(r, m):
                     fail(f"at op #{n}: outcome", [f"outcome: real {r}, model {m}"])
-                diffs = pair.compare_state()
+                diffs = pair.compare_state(vmas=not isinstance(op, Load | Store))
                 if diffs:
                     fail(f"after op #{n}: smaps view", diffs)
                 if isinstance(op, Check):
