@@ -313,7 +313,8 @@ def test_step_table_matches_scenarios_md() -> None:
         "host_munmap", "host_mprotect", "host_madvise", "set_memslot", "prefault",
         "get_dirty_log", "clear_dirty_log"]
     assert set(EXPECT_KEYS) == {"result", "value", "errno", "gpa", "len", "is_write", "data",
-                                "size", "flags", "dirty", "signal", "abort", "remaining"}
+                                "size", "flags", "dirty", "signal", "abort", "remaining",
+                                "exit_reason", "suberror"}
     assert {k for keys in RESULT_KEYS.values() for k in keys} | {"result"} == set(EXPECT_KEYS)
 
 

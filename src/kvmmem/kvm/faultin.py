@@ -151,9 +151,12 @@ def hva_to_pfn(mm: Mm, variant: Variant, hva: Hva, write: bool, want_writable: b
     return Faultin(KVM_PFN_ERR_FAULT, False, False, hva)
 
 
-def hva_to_pfn_remapped(mm: Mm, variant: Variant, hva: Hva, write: bool) -> Op[Faultin | None]:
+def hva_to_pfn_remapped(mm: Mm, variant: Variant, hva: Hva, write: bool,
+                        want_writable: bool = True) -> Op[Faultin | None]:
     """``hva_to_pfn_remapped()``: read the PFNMAP PTE, asking the driver's fault
-    handler (``fixup_user_fault``) to populate it when absent.
+    handler (``fixup_user_fault``) to populate it when absent.  A read-only
+    slot never gets a writable mapping (``kvm_follow_pfn`` drops
+    ``map_writable`` for it).
 
     Returns None for -EAGAIN (the caller looks the VMA up again)."""
     entry = mm.follow_pfnmap(hva)
@@ -170,10 +173,10 @@ def hva_to_pfn_remapped(mm: Mm, variant: Variant, hva: Hva, write: bool) -> Op[F
     pfn, pte_writable = entry
     if variant.remapped_always_writable:
         # v5.4 follow_pfn() knew nothing of the PTE's write bit (fixed by bd2fae8da794).
-        return Faultin(pfn, True, False, hva)
+        return Faultin(pfn, want_writable, False, hva)
     if write and not pte_writable:
         return Faultin(KVM_PFN_ERR_RO_FAULT, False, False, hva)
-    return Faultin(Pfn(pfn), pte_writable, False, hva)
+    return Faultin(Pfn(pfn), pte_writable and want_writable, False, hva)
 
 
 def kvm_release_faultin_page(mm: Mm, fin: Faultin) -> None:

@@ -97,9 +97,9 @@ class RiscvKvm(ArchKvm):
                 and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
                 and mm.host_mapping_size(hva) >= PMD_SIZE:
             size = PMD_SIZE  # THP support (ed7ae7a34bea, late 2025)
-        # No memory-type attribute is derived in the fault path: always RWX-capable.
-        vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True,
-                   device=not mm.physmem.pfn_valid(fin.pfn),
+        # kvm_riscv_gstage_map_page derives no memory type (no pgprot_noncached):
+        # PBMT stays 0 and the platform's PMAs decide, device frames included.
+        vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True, device=False,
                    access=Access.WRITE if write else Access.READ)
         yield release("mmu_lock")
         kvm_release_faultin_page(mm, fin)

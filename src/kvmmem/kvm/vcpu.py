@@ -82,9 +82,10 @@ class AccessResult:
 
     ``result`` is ``ok`` (with ``value`` for reads), ``mmio`` (``gpa``,
     ``length``, ``is_write``, ``data``), ``fault`` (KVM_RUN -> EFAULT),
-    ``error`` (KVM_RUN -> another ``errno``) or ``abort`` (an exception was
-    injected into the guest, named by ``abort``; an extension of the
-    contract)."""
+    ``error`` (KVM_RUN -> another ``errno``), ``abort`` (an exception was
+    injected into the guest, named by ``abort``) or ``exit`` (another exit
+    to userspace, ``exit_reason`` and ``suberror``); the last two extend the
+    contract."""
 
     result: str
     value: int | None = None
@@ -94,6 +95,8 @@ class AccessResult:
     data: int = 0
     errno: str = ""
     abort: str = ""
+    exit_reason: str = ""
+    suberror: int = 0
 
     def to_outcome(self) -> dict[str, Any]:
         """The outcome keys of SCENARIOS.md (without ``step``/``op``)."""
@@ -114,6 +117,9 @@ class AccessResult:
             out["errno"] = self.errno
         elif self.result == "abort":
             out["abort"] = self.abort
+        elif self.result == "exit":
+            out["exit_reason"] = self.exit_reason
+            out["suberror"] = self.suberror
         return out
 
 
@@ -213,10 +219,14 @@ class Vcpu:
                 if r.value is not None:
                     got |= r.value << (8 * done)
             elif r.result == "mmio":
+                # The exit carries the first MMIO fragment only; later ones are
+                # later exits (emulator_read_write_onepage queues one per page).
                 if mmio_gpa < 0:
-                    mmio_gpa = frag_gpa
-                mmio_len += frag_len
-                mmio_data |= frag_val << (8 * (frag_gpa - mmio_gpa))
+                    mmio_gpa, mmio_len, mmio_data = frag_gpa, frag_len, frag_val
+                if vm.arch_name == "x86":
+                    # RET_PF_EMULATE: the emulator completes the rest of the
+                    # instruction through the hva (x86_emulate_instruction).
+                    emulated = True
             else:
                 return r
             done += frag_len
@@ -244,6 +254,9 @@ class Vcpu:
             entry = self._translate(gpa, access)
             if entry is not None:
                 return vm.touch_frame(entry.pfn, gpa, size, access, value)
+            # A translation that faults is not kept: an EPT violation / stage-2
+            # abort invalidates what the TLB cached for the faulting address.
+            self.tlb.pop(gpa >> PAGE_SHIFT, None)
             vm.stats.pf_taken += 1
             # The fault reads the memslots under SRCU (kvm_vcpu_srcu_read_lock in the run loop).
             yield _SRCU_READ_LOCK
@@ -277,6 +290,10 @@ class Vcpu:
         vm = self.vm
         slot = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
         if slot is None or slot.invalid or (access is Access.WRITE and slot.readonly):
+            if access is Access.EXEC:
+                # The emulator cannot fetch an instruction from MMIO: emulation
+                # fails, KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_EMULATION at CPL0.
+                return AccessResult("exit", exit_reason="KVM_EXIT_INTERNAL_ERROR", suberror=1)
             return AccessResult("mmio")
         hva = Hva(slot.userspace_addr + (gpa - (slot.base_gfn << PAGE_SHIFT)))
         try:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from kvmmem.kvm.arch_common import ArchKvm
 
 ARCHES = ("x86", "arm64", "riscv")
+_PG_LEVEL = {PAGE_SIZE: 1, 1 << 21: 2, 1 << 30: 3}
+"""Sizes as the tracepoints print levels (PG_LEVEL_4K = 1, PG_LEVEL_2M, PG_LEVEL_1G)."""
 
 
 class Vm:
@@ -165,14 +167,14 @@ class Vm:
                 if access is not None:
                     self.stats.pf_fixed += 1
                 return
+        level = _PG_LEVEL.get(size, 0)
         if self.log is not None:
-            self.log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn,
-                          level=size.bit_length() - 1)
+            self.log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn, level=level)
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
                         device=device, prefetch=access is None and self.arch_name == "x86")
         if self.log is not None:
             self.log.emit("kvm_mmu_set_spte", gfn=base_gpa >> PAGE_SHIFT, pfn=base_pfn,
-                          level=size.bit_length() - 1,
+                          level=level,
                           perm=("r" + ("w" if write else "-") + ("x" if execute else "-")))
         if access is not None:
             self.stats.pf_fixed += 1

@@ -95,7 +95,8 @@ _SCALAR_TAGS = _STRINGISH | {_INT, _FLOAT, _BOOL, _NULL}
 _TOP_KEYS = ("kvmmem", "name", "description", "arch", "variant", "granule", "vcpus",
              "ipa_bits", "memory", "memslots", "steps", "threads")
 _MAPPING_KEYS = ("size", "kind", "prot", "fill", "at")
-_ERRNO_NAMES = frozenset(_errno.errorcode.values())
+_ERRNO_NAMES = frozenset(n for n in dir(_errno) if n.startswith("E") and n.isupper())
+"""Every errno name, aliases included (EOPNOTSUPP as well as ENOTSUP)."""
 _SIGNAL_NAMES = frozenset(_signal.Signals.__members__)
 _INT_RE = re.compile(r"([-+]?)(0b[01_]*|0x[0-9a-fA-F_]*|[0-9][0-9_]*)")
 
@@ -1098,6 +1099,8 @@ class _Checker:
             "signal": self.signal_name,
             "abort": self.string,
             "remaining": self.u64,
+            "exit_reason": self.string,
+            "suberror": self.u64,
         }
         if not isinstance(node, MappingNode):
             raise self.err(node, path, f"expected a mapping of outcome keys "

@@ -73,7 +73,7 @@ MEMSLOT_FLAGS: dict[str, int] = {
     "readonly": KVM_MEM_READONLY,
 }
 
-RESULTS = ("ok", "mmio", "fault", "error", "signal", "abort")
+RESULTS = ("ok", "mmio", "fault", "error", "signal", "abort", "exit")
 RESULT_KEYS: dict[str, tuple[str, ...]] = {
     "ok": ("value", "dirty", "remaining"),
     "mmio": ("gpa", "len", "is_write", "data", "value"),
@@ -81,6 +81,7 @@ RESULT_KEYS: dict[str, tuple[str, ...]] = {
     "error": ("errno",),
     "signal": ("signal",),
     "abort": ("abort",),
+    "exit": ("exit_reason", "suberror"),
 }
 """The extra keys an outcome with each ``result`` may carry (SCENARIOS.md, Outcomes)."""
 EXPECT_KEYS = (
@@ -97,6 +98,8 @@ EXPECT_KEYS = (
     "signal",
     "abort",
     "remaining",
+    "exit_reason",
+    "suberror",
 )
 
 
