@@ -167,7 +167,6 @@ def test_row_no_slot_instruction_fetch(arch: str) -> None:
     assert vm.stage2.walk(NOSLOT) is None
 
 
-@pytest.mark.xfail(strict=True, reason="KVM_FINDINGS #4")
 def test_row_no_slot_instruction_fetch_x86_emulated_path() -> None:
     """§3.5.1 "instruction fetch", x86 at CPL0 (the emulated path): emulation failure
     -> KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_EMULATION (§3.3.4;
@@ -176,7 +175,8 @@ def test_row_no_slot_instruction_fetch_x86_emulated_path() -> None:
     vm = Vm("x86")
     vm.vcpus[0].path = "emulated"
     out = access(vm, NOSLOT, 4, EXEC)
-    assert out["result"] == "exit" and out["exit_reason"] == "KVM_EXIT_INTERNAL_ERROR", out
+    # suberror 1 = KVM_INTERNAL_ERROR_EMULATION
+    assert out == {"result": "exit", "exit_reason": "KVM_EXIT_INTERNAL_ERROR", "suberror": 1}
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -289,7 +289,7 @@ def test_row_in_slot_read_page_absent_writenotify_file_maps_readonly(arch: str) 
     assert leaf.pfn == host_frame(vm, hva)
 
 
-@pytest.mark.parametrize("arch", xfail_on(("x86",), 3))
+@pytest.mark.parametrize("arch", ARCHES)
 def test_row_in_slot_write_after_read_fault_upgrades_in_place(arch: str) -> None:
     """§3.5.2 none / write / page present read-only in a writable shared VMA (the
     write-notify file of the previous row): the write fault's FOLL_WRITE GUP runs
@@ -438,7 +438,7 @@ def test_row_in_slot_pfnmap_present_readonly_pte_maps_readonly(arch: str) -> Non
     assert leaf.pfn == host_frame(vm, hva)
 
 
-@pytest.mark.parametrize("arch", xfail_on(("riscv",), 2))
+@pytest.mark.parametrize("arch", ARCHES)
 def test_row_in_slot_pfnmap_present_riscv_maps_without_memory_type(arch: str) -> None:
     """§3.5.2 / §3.4 step 9 memory type of a fault-time VM_PFNMAP mapping: arm64
     Device-nGnRE (``s2_force_noncacheable``), x86 UC; RISC-V
@@ -622,7 +622,7 @@ def test_row_log_dirty_read_writable_page(arch: str) -> None:
     validate_vm(vm)
 
 
-@pytest.mark.parametrize("arch", xfail_on(("x86",), 3))
+@pytest.mark.parametrize("arch", ARCHES)
 def test_row_log_dirty_write_writable_page_maps_rw_and_marks_dirty(arch: str) -> None:
     """§3.5.2 LOG_DIRTY / write / "writable page" -> map RW 4K and
     ``mark_page_dirty_in_slot``; after KVM_GET_DIRTY_LOG the page is write-protected

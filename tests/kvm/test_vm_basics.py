@@ -36,11 +36,6 @@ LOG = KVM_MEM_LOG_DIRTY_PAGES
 READ, WRITE = Access.READ, Access.WRITE
 
 
-def xfail_on(arches: tuple[str, ...], n: int) -> list[Any]:
-    mark = pytest.mark.xfail(strict=True, reason=f"KVM_FINDINGS #{n}")
-    return [pytest.param(a, marks=mark) if a in arches else a for a in ARCHES]
-
-
 def access(vm: Vm, gpa: int, size: int, kind: Access, value: int = 0) -> dict[str, Any]:
     out = vm.guest_access(gpa, size, kind, value).to_outcome()
     validate_vm(vm)
@@ -410,7 +405,7 @@ def test_clear_dirty_log_errnos_in_kernel_order(arch: str) -> None:
         kvm_clear_dirty_log(vm, *args)
 
 
-@pytest.mark.parametrize("arch", xfail_on(("x86",), 3))
+@pytest.mark.parametrize("arch", ARCHES)
 def test_clear_dirty_log_clears_and_reprotects_only_the_window(arch: str) -> None:
     """KVM_CLEAR_DIRTY_LOG clears the requested bits and write-protects exactly the pages
     that were requested and dirty; pages outside the window stay dirty and writable, a
