@@ -5,6 +5,45 @@ Public API (the contract in HOST_API.md)::
     from kvmmem.host import (Mm, PhysMem, File, Vma, VmaKind, HostSignal, NotifierEvent,
                              MmuNotifierRange, MmuNotifier, PROT_NONE, PROT_READ,
                              PROT_WRITE, PROT_EXEC)
+
+Modules, after the kernel files they mirror: ``physmem`` (struct page, the page
+allocator), ``file`` (the page cache, ``mm/filemap.c``, ``mm/shmem.c``), ``vma``
+(``struct vm_area_struct``, VM_* flags, smaps), ``pagetable`` (PTE tables and PMD
+leaves), ``mm`` (``mm/mmap.c``, ``mm/vma.c``, ``mm/mprotect.c``, ``mm/mremap.c``,
+``mm/madvise.c``, ``mm/memory.c``, ``mm/huge_memory.c``, ``mm/hugetlb.c``,
+``mm/migrate.c``), ``gup`` (``mm/gup.c``), ``notifier``
+(``include/linux/mmu_notifier.h``), ``validate`` (consistency checks).
+
+Behaviour follows this host's kernel (6.18, x86-64, THP ``madvise``,
+``use_zero_page=1``, no hugetlb pool); the differential test in
+``tests/host/test_differential.py`` checks it against the real mm.
+
+What the model leaves out or simplifies (by design, so far):
+
+* one process per Mm and no fork: anonymous pages are always exclusive (COW only
+  from the zero page, the huge zero page and page-cache pages of private file
+  mappings); no KSM, swap, writeback, reclaim (MADV_PAGEOUT changes nothing),
+  khugepaged collapse or deferred THP splitting (a partly unmapped THP stays
+  allocated until its last PTE goes); no userfaultfd, mlock, mseal, protection
+  keys (PROT_EXEC-only memory is readable, as on x86 without PKU) or soft-dirty;
+  no MAP_SHARED anonymous memory, no MREMAP_DONTUNMAP;
+* VMA merging follows ``vma_merge``'s rules (equal flags, same file, contiguous
+  pgoff, compatible anon_vma, never VM_SPECIAL) at the edges of the range an
+  operation changed; anon_vma chains, ``anon_name`` and uffd contexts are not
+  modelled;
+* page tables: one PTE table per 2 MiB; ``free_pgtables`` frees a table when no
+  VMA overlaps its 2 MiB, MADV_DONTNEED frees tables it emptied entirely
+  (``CONFIG_PT_RECLAIM``); mprotect's notifier range starts at the first 1 GiB
+  region holding a table, as ``change_pud_range`` does;
+* placement: fixed ``mmap_base`` (no randomisation), 2 MiB alignment for
+  anonymous mappings whose length is a multiple of 2 MiB;
+* hugetlb: 2 MiB pages only, reservations per page index, no PMD sharing;
+* migration: order-0 pages and PMD-mapped folios (a PTE-mapped THP is EBUSY);
+* hwpoison only marks a frame (accesses SIGBUS, GUP EHWPOISON), nothing is unmapped;
+* device memory: ``remap_pfn_range`` maps 4 KiB PTEs (no huge PFNMAP) and sets
+  ``vm_pgoff`` to the base pfn; device-lazy VMAs keep the file offset;
+* content: a frame is one fill byte until a non-uniform store makes its 4 KiB
+  bytearray.
 """
 
 from kvmmem.host.file import File, FileKind
