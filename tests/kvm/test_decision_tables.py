@@ -542,7 +542,7 @@ def test_row_in_slot_pfnmap_cacheable() -> None:
 
 @pytest.mark.parametrize("kind", [
     "anon", "memfd",
-    pytest.param("device", marks=pytest.mark.xfail(strict=True, reason="KVM_FINDINGS #5")),
+    "device",
 ])
 @pytest.mark.parametrize("arch", ARCHES)
 def test_row_readonly_slot_read_maps_readonly(arch: str, kind: str) -> None:

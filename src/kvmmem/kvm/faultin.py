@@ -144,7 +144,7 @@ def hva_to_pfn(mm: Mm, variant: Variant, hva: Hva, write: bool, want_writable: b
         if vma is None or not vma.flags & (VM_IO | VM_PFNMAP):
             yield release("mmap_lock", shared=True)
             return Faultin(KVM_PFN_ERR_FAULT, False, False, hva)
-        result = yield from hva_to_pfn_remapped(mm, variant, hva, write)
+        result = yield from hva_to_pfn_remapped(mm, variant, hva, write, want_writable)
         yield release("mmap_lock", shared=True)
         if result is not None:
             return result
