@@ -28,6 +28,10 @@ def kvm_vcpu_pre_fault_memory_op(vm: Vm, vcpu: Vcpu, gpa: int, size: int,
     EOPNOTSUPP...), leaving the range as it was."""
     if not vm.variant.has_pre_fault_memory:
         raise KernelError("EINVAL", CALL, "no such vCPU ioctl before v6.10")
+    if not vm.arch.has_pre_fault_memory:
+        # Without CONFIG_KVM_GENERIC_PRE_FAULT_MEMORY kvm_vcpu_ioctl has no case
+        # for it and kvm_arch_vcpu_ioctl's default answers -EINVAL.
+        raise KernelError("EINVAL", CALL, f"{vm.arch_name} does not implement it")
     if flags:
         raise KernelError("EINVAL", CALL, "flags must be 0")
     if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1):

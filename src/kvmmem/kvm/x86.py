@@ -52,6 +52,7 @@ class X86Kvm(ArchKvm):
     name = "x86"
     max_user_slots = 32764
     nr_address_spaces = 2
+    has_pre_fault_memory = True
     max_level_size = PUD_SIZE
 
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
