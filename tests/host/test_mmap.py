@@ -285,3 +285,18 @@ def test_max_map_count(mm: Mm) -> None:
     with pytest.raises(KernelError) as e:
         small.munmap(0x50000000 + P, P)
     assert e.value.errno == "ENOMEM"
+
+
+def test_fill_beyond_eof_signals_after_the_mapping(mm: Mm) -> None:
+    """A userspace memset over a file mapping longer than the file gets SIGBUS at the
+    first page past EOF; the mapping exists and the pages before it were written.
+    MAP_POPULATE instead stops quietly (populate_vma_page_range)."""
+    from kvmmem.host import HostSignal
+
+    f = mm.open_file("/short", P)
+    with pytest.raises(HostSignal) as e:
+        mm.mmap(3 * P, RW, "file-shared", file=f, addr=0x40000000, fixed=True, fill=0x33)
+    assert (e.value.signal, e.value.addr) == ("SIGBUS", 0x40000000 + P)
+    assert mm.host_read(0x40000000, 1) == 0x33
+    a = mm.mmap(3 * P, RW, "file-shared", file=f, populate=True)
+    assert mm.host_pte(a) is not None and mm.host_pte(a + P) is None

@@ -1122,7 +1122,9 @@ class Mm:
         ``length``).  ``fixed`` is MAP_FIXED (replaces what was there, notifying
         MMU_NOTIFY_UNMAP for the range), ``noreplace`` MAP_FIXED_NOREPLACE.
         ``fill`` makes userspace store that byte everywhere right after the
-        mmap (the mapping must be writable); ``populate`` is MAP_POPULATE;
+        mmap (the mapping must be writable; a store beyond EOF raises HostSignal
+        SIGBUS after the mapping was made, as the process would get it);
+        ``populate`` is MAP_POPULATE (stops silently where a fault would fail);
         ``noreserve`` MAP_NORESERVE.
 
         Raises KernelError: EINVAL (length 0, unaligned offset or fixed
@@ -1385,7 +1387,10 @@ class Mm:
             while addr < stop:
                 r = yield from self.fault_in_op(addr, write)
                 if isinstance(r, str):
-                    break  # populate stops silently; a fill store would signal
+                    if fill is not None:  # the userspace store gets the signal
+                        yield _UNLOCK_R
+                        raise HostSignal(r, addr)
+                    break  # populate_vma_page_range stops silently
                 if fill is not None:
                     if step == PMD_SIZE:
                         head = r & ~(PAGES_PER_PMD - 1)
