@@ -159,3 +159,14 @@ def test_hugetlb_pool_exhaustion_sigbus() -> None:
     assert e.value.signal == "SIGBUS"
     mm.munmap(a, M)
     mm.host_write(a + M, 1, 1)
+
+
+def test_mremap_moves_thp_whole_only_when_aligned(mm: Mm) -> None:
+    """move_page_tables() -> move_huge_pmd(): a 2M-aligned THP moving to a 2M-aligned
+    place keeps its PMD; to an unaligned place it is split first (checked on this host
+    with AnonHugePages)."""
+    a = mm.mmap(2 * M, RW, "thp", fill=1)
+    t = mm.mremap(a, M, M, maymove=True, fixed_addr=0x40000000)
+    assert mm.host_mapping_size(t) == M and mm.host_read(t + 5, 1) == 1
+    u = mm.mremap(t, M, M, maymove=True, fixed_addr=0x50000000 + P)
+    assert mm.host_mapping_size(u) == P and mm.host_read(u + M - 1, 1) == 1
