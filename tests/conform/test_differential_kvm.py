@@ -16,11 +16,11 @@ boundary.
 
 100 sequences per run; ``pytest tests/conform --long`` (or KVMMEM_LONG=1) runs 1000.
 A disagreement fails with the shrunk scenario and the TAP lines of the difference;
-every one found is written down in /work/notes/KVM_FINDINGS.md.  A difference of
-exactly the shape of an open finding (findings.py: #3, #8, #9) is counted
-(``--hypothesis-show-statistics``) instead; the steps after it are not judged, since
-the two sides then continue from different states.  Each open finding has its own
-strict-xfail regression test in test_findings.py.
+every one found is written down in /work/notes/KVM_FINDINGS.md (#3, #8, #9 came from
+here; all fixed).  While a finding is open, a difference of exactly its shape
+(findings.py) is counted (``hypothesis.event``) instead of failing; the steps after it
+are not judged, since the two sides then continue from different states.  Each finding
+has its own regression scenario in test_findings.py.
 """
 
 from __future__ import annotations
