@@ -1,0 +1,693 @@
+"""One execution: a scenario's threads interleaved at their real synchronisation points.
+
+This is the *execution* part of the explorer (STYLE.md, loom/shuttle: the
+execution, the scheduler, the runner).  :class:`Execution` builds a fresh
+:class:`~kvmmem.scenario.runner.Runner`, makes the ``memory`` mappings and
+the top-level ``memslots`` sequentially (exactly as ``kvmmem run`` does),
+then turns every scenario thread into a generator that runs
+``runner.step_op(step)`` for its steps in order - the same kernel code the
+sequential runner drives, paused wherever it yields a :class:`~kvmmem.sync.Sync`
+(DESIGN.md, "One code path, many drivers").  Each thread also pauses before
+each of its steps, so a vCPU whose access hits in its TLB (no pause inside)
+still interleaves between two accesses.
+
+Scheduling semantics
+--------------------
+* A thread sits at a pause.  At an ``ACQUIRE`` pause it is runnable only when
+  the lock can be granted (reader/writer semantics: any number of shared
+  holders, or one exclusive holder); running it grants the lock, then resumes
+  the code up to its next pause.  A ``RELEASE`` is yielded *after* the code
+  dropped the lock, so the lock table drops it as soon as the pause is seen.
+* ``srcu`` follows the same rules: vCPU faults hold it shared, and
+  ``synchronize_srcu`` is an exclusive acquire + release, which waits for the
+  readers; new readers are not held back by a waiting writer (SRCU readers
+  never are).
+* A vCPU whose fault was answered ``RETRY`` while the condition that caused
+  it persists (an invalidation in progress covering the gfn, a memslot being
+  deleted) would only spin: it is not runnable until that condition changes
+  (the invalidation sequence, count, range or a memslot set), unless no
+  other thread can run.  Retries caused by a sequence change that is already
+  over are ordinary transitions.
+* A transition is one thread's run from one pause to the next; after every
+  transition the invariants are checked (:meth:`Execution.check`).  No
+  runnable thread while some are unfinished is a ``deadlock`` violation; an
+  unexpected exception inside the model a ``model-exception`` one.
+
+Checks while an operation is half done
+--------------------------------------
+``validate_vm`` is meant for states between complete steps; checking after
+every transition also sees two windows the kernel itself has and that are
+not bugs, which :meth:`Execution.check` exempts (by validating a copy of the
+VM in which the window is closed):
+
+* a memslot update in flight: stage-2 entries premapped by
+  ``kvm_arch_prepare_memory_region`` (linux-5.4) before the new slot is
+  published have no memslot yet; and dirty logging counts from the end of
+  the ioctl that enables it, not from the swap (the write-protection comes
+  in the commit hook, after the swap);
+* a guest write fault between installing its writable entry and marking the
+  page dirty (the model marks it after dropping ``mmu_lock``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmmem.errors import InputError, KernelError, ValidationError
+from kvmmem.kvm.invariants import validate_path_independence, validate_vm
+from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
+from kvmmem.kvm.stats import EventLog
+from kvmmem.scenario.model import (
+    MEMSLOT_FLAGS,
+    STEP_TYPES,
+    GuestExec,
+    GuestRead,
+    GuestWrite,
+    HostMadvise,
+    HostMmap,
+    HostMprotect,
+    HostMunmap,
+    Scenario,
+    SetMemslot,
+    Step,
+)
+from kvmmem.scenario.runner import EXEC_FETCH_SIZE, Runner
+from kvmmem.sync import Sync, SyncKind, acquire, point
+from kvmmem.types import PAGE_SHIFT
+
+from .fingerprint import Canon, StatePickler
+
+STEP_BEGIN = point("step")
+"""The pause every thread makes before each of its steps."""
+
+_SRCU_READ_LOCK = acquire("srcu", shared=True)
+_MMU_LOCK = "mmu_lock"
+_MMAP_LOCK = "mmap_lock"
+
+# --- the lock table ----------------------------------------------------------------
+
+
+class LockTable:
+    """Reader/writer locks by name: ``owner`` (exclusive holder) and ``readers``
+    (shared holders with their nesting counts), in grant order."""
+
+    __slots__ = ("owner", "readers")
+
+    def __init__(self) -> None:
+        self.owner: dict[str, int] = {}
+        self.readers: dict[str, dict[int, int]] = {}
+
+    def can_grant(self, sync: Sync) -> bool:
+        """Whether the ``ACQUIRE`` pause ``sync`` could take its lock now."""
+        if sync.name in self.owner:
+            return False
+        return sync.shared or not self.readers.get(sync.name)
+
+    def grant(self, sync: Sync, tid: int) -> None:
+        """Take the lock of ``sync`` for thread ``tid`` (caller checked :meth:`can_grant`)."""
+        if sync.shared:
+            holders = self.readers.setdefault(sync.name, {})
+            holders[tid] = holders.get(tid, 0) + 1
+        else:
+            self.owner[sync.name] = tid
+
+    def release(self, sync: Sync, tid: int) -> str | None:
+        """Drop the lock of the ``RELEASE`` pause ``sync``; returns an error
+        text when ``tid`` did not hold it that way, else None."""
+        if sync.shared:
+            holders = self.readers.get(sync.name)
+            if not holders or tid not in holders:
+                return f"released {sync.name} (read) without holding it"
+            holders[tid] -= 1
+            if not holders[tid]:
+                del holders[tid]
+                if not holders:
+                    del self.readers[sync.name]
+            return None
+        if self.owner.get(sync.name) != tid:
+            return f"released {sync.name} without holding it"
+        del self.owner[sync.name]
+        return None
+
+    def held_by(self, tid: int) -> list[str]:
+        """The locks thread ``tid`` holds, as ``name`` or ``name (read)``."""
+        out = [name for name, owner in self.owner.items() if owner == tid]
+        out += [f"{name} (read)" for name, holders in self.readers.items() if tid in holders]
+        return out
+
+    def canonical(self) -> tuple[Any, ...]:
+        """A hashable, order-independent view (for fingerprints)."""
+        return (tuple(sorted(self.owner.items())),
+                tuple(sorted((n, tuple(sorted(h.items()))) for n, h in self.readers.items())))
+
+
+# --- transitions and their footprints ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LockOp:
+    """A lock taken (``acquire``) or dropped by a transition."""
+
+    name: str
+    shared: bool
+    acquire: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """What one transition did to shared state: whether it changed any
+    shared data at all (``writes``) and which locks it took or dropped."""
+
+    writes: bool
+    locks: tuple[LockOp, ...]
+
+    def independent(self, other: Footprint) -> bool:
+        """Two transitions of different threads commute: neither changed shared
+        data (each read everything, so each would see the same state in the
+        other order) and their lock operations commute (different locks, or
+        both on the shared side)."""
+        if self.writes or other.writes:
+            return False
+        for a in self.locks:
+            for b in other.locks:
+                if a.name == b.name and not (a.shared and b.shared):
+                    return False
+        return True
+
+
+@dataclass(slots=True)
+class TraceEvent:
+    """One transition of the failing execution: its number (1-based), thread and text lines."""
+
+    number: int
+    thread: int
+    lines: list[str]
+
+
+@dataclass(slots=True)
+class Violation:
+    """An invariant that broke: ``after`` is the number of the transition after
+    which it was seen (0: in the setup), ``thread`` who ran it (None for the
+    end-of-run checks and deadlocks)."""
+
+    invariant: str
+    detail: str
+    after: int
+    thread: int | None
+    state: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The SCENARIOS.md ``violations`` entry (``step``: the transition number)."""
+        return {"invariant": self.invariant, "step": self.after, "detail": self.detail}
+
+
+# --- threads -----------------------------------------------------------------------------
+
+
+def _thread_body(runner: Runner, steps: tuple[Step, ...], tid: int,
+                 sink: Callable[[int, Step, dict[str, Any]], None]) -> Generator[Sync, None, None]:
+    """A scenario thread: pause before each step, run it, hand its outcome to ``sink``."""
+    for step in steps:
+        yield STEP_BEGIN
+        sink(tid, step, (yield from runner.step_op(step)))
+
+
+@dataclass(slots=True)
+class ThreadState:
+    """One scenario thread inside an execution."""
+
+    name: str
+    steps: tuple[Step, ...]
+    gen: Generator[Sync, None, None]
+    pending: Sync | None = STEP_BEGIN
+    """The pause the thread sits at; None once it finished."""
+    step: int = -1
+    """Index of the step it is in (-1 before the first)."""
+    blocked: tuple[Any, ...] | None = None
+    """The retry condition it spins on (see the module docstring), or None."""
+
+    @property
+    def done(self) -> bool:
+        """The thread ran all its steps."""
+        return self.pending is None
+
+    def current(self) -> Step | None:
+        """The step the thread is inside (None before its first or when done)."""
+        if self.pending is None or self.pending is STEP_BEGIN or self.step < 0:
+            return None
+        return self.steps[self.step]
+
+
+class Execution:
+    """A fresh model with the scenario's setup done and its threads at their
+    first pause.  ``trace`` records a :class:`TraceEvent` per transition and
+    the VM's tracepoints (for the printed counterexample)."""
+
+    def __init__(self, scenario: Scenario, arch: str, variant: str, *, trace: bool = False,
+                 opaque: dict[int, int] | None = None) -> None:
+        if scenario.threads is None:
+            raise InputError(f"{scenario.source}: {scenario.name} has steps, not threads: "
+                             "run it with `kvmmem run`")
+        self.scenario = scenario
+        self.runner = runner = Runner(scenario, arch, variant, trace=trace)
+        self.vm = runner.vm
+        for mapping in scenario.memory.values():
+            try:
+                runner.mmap(mapping)
+            except KernelError as err:
+                raise InputError(f"{scenario.source}:{mapping.line}: memory.{mapping.name}: the "
+                                 f"host refused the mapping with {err.errno} ({err.reason})"
+                                 ) from None
+        self.setup: list[dict[str, Any]] = []
+        for slot in scenario.memslots:
+            self.setup.append({"step": slot.index, "op": "set_memslot", **runner.do(slot)})
+        self.locks = LockTable()
+        self.threads: list[ThreadState] = []
+        for tid, (name, steps) in enumerate(scenario.threads.items()):
+            gen = _thread_body(runner, steps, tid, self._record)
+            next(gen)  # to the pause before its first step (nothing runs before it)
+            self.threads.append(ThreadState(name, steps, gen))
+        self.outcomes: list[list[dict[str, Any]]] = [[] for _ in self.threads]
+        self.trace: list[TraceEvent] | None = [] if trace else None
+        self.transitions = 0
+        self.last: int | None = None
+        """The thread that ran the latest transition."""
+        self.violation: Violation | None = None
+        self._opaque = opaque if opaque is not None else opaque_objects(scenario)
+        self._opaque_self = dict(self._opaque)
+        self._opaque_self[id(self)] = len(self._opaque)
+        self._done_steps: list[tuple[Step, dict[str, Any]]] = []
+        self._pickler = _state_pickler(type(self), self.vm)
+        try:
+            validate_vm(self.vm)
+        except ValidationError as err:
+            self.violation = Violation(err.invariant, err.detail, 0, None, self.state_lines())
+
+    # --- scheduling ------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """Every thread ran all its steps."""
+        return all(t.pending is None for t in self.threads)
+
+    def enabled(self) -> list[int]:
+        """The threads that can run now, in thread order (see the module docstring)."""
+        can: list[int] = []
+        spinning: list[int] = []
+        key: tuple[Any, ...] | None = None
+        for tid, th in enumerate(self.threads):
+            sync = th.pending
+            if sync is None:
+                continue
+            if sync.kind is SyncKind.ACQUIRE and not self.locks.can_grant(sync):
+                continue
+            if th.blocked is not None:
+                if key is None:
+                    key = self.retry_key()
+                if th.blocked == key:
+                    spinning.append(tid)
+                    continue
+            can.append(tid)
+        return can or spinning
+
+    def step(self, tid: int) -> Footprint | None:
+        """Run one transition of thread ``tid`` (which must be enabled).
+
+        Returns the lock part of its footprint (``writes`` is filled by the
+        caller, who fingerprints states) or None when it broke something:
+        then :attr:`violation` says what."""
+        th = self.threads[tid]
+        sync = th.pending
+        assert sync is not None
+        self.transitions += 1
+        self.last = tid
+        ops: list[LockOp] = []
+        lines: list[str] | None = [] if self.trace is not None else None
+        if sync is STEP_BEGIN:
+            th.step += 1
+            if lines is not None:
+                lines.append(describe_step(th.steps[th.step]))
+        elif sync.kind is SyncKind.ACQUIRE:
+            self.locks.grant(sync, tid)
+            ops.append(LockOp(sync.name, sync.shared, True))
+            if lines is not None:
+                lines.append(f"got {sync.name}{' (read)' if sync.shared else ''}")
+        log = self.vm.log
+        mark = 0
+        if log is not None:
+            log.thread = th.name
+            mark = len(log.events)
+        retries = self.vm.stats.pf_retry
+        th.blocked = None
+        self._done_steps.clear()
+        failed: Violation | None = None
+        try:
+            nxt: Sync | None = th.gen.send(None)
+        except StopIteration:
+            nxt = None
+        except ValidationError as err:
+            nxt = None
+            failed = Violation(err.invariant, err.detail, self.transitions, tid)
+        except InputError:
+            raise
+        except Exception as exc:  # a model bug that this interleaving exposes
+            nxt = None
+            failed = Violation("model-exception", f"{type(exc).__name__}: {exc}",
+                               self.transitions, tid)
+        th.pending = nxt
+        if nxt is not None and nxt.kind is SyncKind.RELEASE:
+            ops.append(LockOp(nxt.name, nxt.shared, False))
+            error = self.locks.release(nxt, tid)
+            if error is not None and failed is None:
+                failed = Violation("lock-protocol", f"{th.name}: {error}", self.transitions, tid)
+        if nxt is _SRCU_READ_LOCK and self.vm.stats.pf_retry != retries \
+                and self._would_retry_again(th):
+            th.blocked = self.retry_key()
+        if lines is not None and self.trace is not None:
+            if log is not None:
+                lines.extend(e.format() for e in log.events[mark:])
+            for step, outcome in self._done_steps:
+                lines.append(f"= {step.op}: {describe_outcome(outcome)}")
+            if failed is not None:
+                lines.append(f"!! {failed.invariant}")
+            elif nxt is not None and nxt is not STEP_BEGIN:
+                lines.append(describe_pause(nxt))
+            self.trace.append(TraceEvent(self.transitions, tid, lines))
+        if failed is not None:
+            failed.state = self.state_lines()
+            self.violation = failed
+            return None
+        return Footprint(False, tuple(ops))
+
+    def _record(self, tid: int, step: Step, outcome: dict[str, Any]) -> None:
+        out = {"step": step.index, "op": step.op, **outcome}
+        self.outcomes[tid].append(out)
+        self._done_steps.append((step, out))
+
+    # --- the spin rule -----------------------------------------------------------------
+
+    def retry_key(self) -> tuple[Any, ...]:
+        """What a retrying fault waits on: the invalidation sequence, count and
+        range, and each address space's active memslot set and generation."""
+        vm = self.vm
+        slots = vm.memslots
+        sets = tuple((slots.memslots(a).node_idx, slots.generation(a))
+                     for a in range(slots.limits.nr_as_ids))
+        return (vm.mmu_invalidate_in_progress, vm.mmu_invalidate_seq,
+                vm.mmu_invalidate_range_start, vm.mmu_invalidate_range_end, sets)
+
+    def _would_retry_again(self, th: ThreadState) -> bool:
+        """Whether every gfn of the thread's access would be answered RETRY again
+        in the current state (so re-running the fault can only spin)."""
+        step = th.current()
+        if not isinstance(step, GuestRead | GuestWrite | GuestExec):
+            return False
+        size = EXEC_FETCH_SIZE if isinstance(step, GuestExec) else step.size
+        vm = self.vm
+        retry = vm.variant.invalidate_retry
+        for gfn in range(step.gpa >> PAGE_SHIFT, ((step.gpa + size - 1) >> PAGE_SHIFT) + 1):
+            slot = vm.gfn_to_memslot(gfn)
+            if slot is None:
+                return False
+            if vm.arch_name == "x86":
+                if slot.invalid:
+                    continue
+                if retry and vm.mmu_invalidate_in_progress \
+                        and mmu_invalidate_retry_gfn(vm, vm.mmu_invalidate_seq, gfn):
+                    continue
+                return False
+            if slot.invalid or not (retry and vm.mmu_invalidate_in_progress):
+                return False
+        return True
+
+    # --- checks ------------------------------------------------------------------------
+
+    def check(self) -> bool:
+        """The per-step invariants on the current state; False (and
+        :attr:`violation` set) when one breaks."""
+        try:
+            validate_vm(self.vm)
+            return True
+        except ValidationError as err:
+            first = err
+        windows = self._windows()
+        if windows is not None:
+            try:
+                validate_vm(_close_windows(self.vm, windows))
+                return True
+            except ValidationError as err:
+                first = err
+        self.violation = Violation(first.invariant, first.detail, self.transitions, self.last,
+                                   self.state_lines())
+        return False
+
+    def check_end(self) -> bool:
+        """The end-of-run invariant (path independence); False on a violation."""
+        try:
+            validate_path_independence(self.vm)
+            return True
+        except ValidationError as err:
+            self.violation = Violation(err.invariant, err.detail, self.transitions, None,
+                                       self.state_lines())
+            return False
+
+    def deadlock(self) -> None:
+        """Record a deadlock: nothing can run but some threads are unfinished."""
+        waiting = []
+        for tid, th in enumerate(self.threads):
+            if th.pending is None:
+                continue
+            held = ", ".join(self.locks.held_by(tid)) or "nothing"
+            waiting.append(f"{th.name} waits at '{th.pending}' holding {held}")
+        self.violation = Violation("deadlock", "; ".join(waiting), self.transitions, None,
+                                   self.state_lines())
+
+    def _windows(self) -> Windows | None:
+        """The exempt windows open now (see the module docstring), or None."""
+        w = Windows()
+        for tid, th in enumerate(self.threads):
+            step = th.current()
+            if isinstance(step, SetMemslot):
+                start = step.gpa >> PAGE_SHIFT
+                w.premap.append((start, start + (step.size >> PAGE_SHIFT)))
+                old = self.vm.memslots.id_to_memslot(step.slot & 0xFFFF, step.slot >> 16)
+                if old is not None:
+                    w.logging.append((int(old.base_gfn), int(old.base_gfn + old.npages)))
+                if "log_dirty" in step.flags:
+                    w.logging.append((start, start + (step.size >> PAGE_SHIFT)))
+            elif isinstance(step, GuestWrite) and th.pending is not None \
+                    and th.pending.kind is SyncKind.RELEASE and th.pending.name == _MMU_LOCK:
+                w.dirty.append((step.gpa >> PAGE_SHIFT,
+                                ((step.gpa + step.size - 1) >> PAGE_SHIFT) + 1))
+            elif isinstance(step, HostMunmap | HostMprotect | HostMmap | HostMadvise) \
+                    and self.locks.owner.get(_MMAP_LOCK) == tid:
+                w.mm_change.append(self._hva_range(step))
+        return w if w else None
+
+    def _hva_range(self, step: HostMunmap | HostMprotect | HostMmap | HostMadvise
+                   ) -> tuple[int, int]:
+        """The host address range an mm-changing step works on."""
+        runner = self.runner
+        if isinstance(step, HostMmap):
+            if step.at is None:
+                return (0, 0)
+            start = runner.hva(step.at.memory, step.at.offset)
+            return (start, start + step.size)
+        if isinstance(step, HostMunmap):
+            size = step.size if step.size is not None else runner.ranges[step.memory][1]
+            start = runner.hva(step.memory, step.offset)
+            return (start, start + size)
+        start = runner.hva(step.memory, step.offset)
+        return (start, start + step.size)
+
+    # --- fingerprints --------------------------------------------------------------------
+
+    def fingerprint(self) -> tuple[bytes, bytes]:
+        """``(data, full)`` digests of the current state: ``data`` covers the
+        host and the VM (the shared data), ``full`` adds the lock table and
+        every thread (where it is paused, its locals, its retry wait)."""
+        rest = (self.locks.canonical(),
+                tuple((th.step, str(th.pending), th.blocked,
+                       th.gen if th.pending is not None else None) for th in self.threads))
+        try:
+            return self._pickler.digests((self.runner,), rest)
+        except Exception:  # an object pickle cannot encode: the slower generic walk
+            canon = Canon(self._opaque_self)
+            canon.walk(self.runner)
+            data_end = canon.mark()
+            canon.walk(rest)
+            return canon.digest(0, data_end), canon.digest()
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def state_lines(self) -> list[str]:
+        """The state a violation is seen in, for people: memslots, stage-2
+        leaves, TLB entries, the host page table over every slot, the
+        invalidation state, locks and where each thread is."""
+        vm = self.vm
+        mm = vm.mm
+        out: list[str] = []
+        for slot in vm.memslots.all_slots():
+            flags = [n for n, bit in MEMSLOT_FLAGS.items() if slot.flags & bit]
+            if slot.invalid:
+                flags.append("INVALID")
+            out.append(f"memslot {slot.id}: gpa {slot.base_gfn << PAGE_SHIFT:#x}+"
+                       f"{slot.npages << PAGE_SHIFT:#x} -> hva {slot.userspace_addr:#x}"
+                       + (f" [{', '.join(flags)}]" if flags else ""))
+            for i in range(min(slot.npages, 16)):
+                hva = slot.userspace_addr + (i << PAGE_SHIFT)
+                pte = mm.host_pte(hva)
+                text = "none" if pte is None else \
+                    f"pfn {pte.pfn:#x}{' w' if pte.writable else ' ro'}"
+                out.append(f"  host pte hva {hva:#x}: {text}")
+        leaves = list(vm.stage2.for_each_leaf())
+        if not leaves:
+            out.append("stage-2: empty")
+        for leaf in leaves:
+            perm = ("r" + ("w" if leaf.perm.write else "-") + ("x" if leaf.perm.execute else "-"))
+            kind = "device" if leaf.device else "normal"
+            out.append(f"stage-2: gpa {leaf.gpa:#x} -> pfn {leaf.pfn:#x} {perm} "
+                       f"{leaf.size // 1024}K {kind}")
+        for vcpu in vm.vcpus:
+            for gfn, entry in vcpu.tlb.items():
+                out.append(f"vcpu{vcpu.index} TLB: gfn {gfn:#x} -> pfn {entry.pfn:#x}"
+                           f"{' w' if entry.writable else ''}")
+        rng = ""
+        if vm.mmu_invalidate_in_progress and vm.mmu_invalidate_range_start >= 0:
+            rng = (f" range [{vm.mmu_invalidate_range_start:#x}, "
+                   f"{vm.mmu_invalidate_range_end:#x})")
+        out.append(f"mmu_invalidate_seq {vm.mmu_invalidate_seq}, in_progress "
+                   f"{vm.mmu_invalidate_in_progress}{rng}")
+        for tid, th in enumerate(self.threads):
+            held = self.locks.held_by(tid)
+            where = "done" if th.pending is None else \
+                f"step {th.step} at '{th.pending}'" if th.step >= 0 else "not started"
+            out.append(f"thread {th.name}: {where}"
+                       + (f", holds {', '.join(held)}" if held else ""))
+        return out
+
+
+_PICKLERS: dict[tuple[type, ...], StatePickler] = {}
+
+
+def _state_pickler(execution: type, vm: Any) -> StatePickler:
+    """The :class:`StatePickler` for executions of this kind (cached): the
+    scenario, its steps and the execution are opaque; the VM, the mm and the
+    stage-2 table lose their counters and logs."""
+    skipping = (type(vm), type(vm.mm), type(vm.stage2))
+    key = (execution, *skipping)
+    pickler = _PICKLERS.get(key)
+    if pickler is None:
+        opaque: dict[type, Any] = {Scenario: lambda s: "scenario", execution: lambda e: "execution"}
+        for cls in STEP_TYPES.values():
+            opaque[cls] = lambda st: (st.thread, st.index, st.op)
+        pickler = _PICKLERS[key] = StatePickler(opaque, skipping)
+    return pickler
+
+
+def opaque_objects(scenario: Scenario) -> dict[int, int]:
+    """The scenario, its steps and mappings (constant for every execution):
+    encoded by number in fingerprints."""
+    objs: list[object] = [scenario, *scenario.memory.values(), *scenario.memslots]
+    for steps in (scenario.threads or {}).values():
+        objs.append(steps)
+        objs.extend(steps)
+    return {id(o): i for i, o in enumerate(objs)}
+
+
+@dataclass(slots=True)
+class Windows:
+    """Exempt windows open in a state: gfn ranges of memslot updates in flight
+    (``premap``: entries no slot covers yet; ``logging``: slots whose dirty
+    logging is being switched), of guest writes between install and
+    mark_page_dirty (``dirty``), and host ranges of mm changes in flight
+    (``mm_change``: the thread holds mmap_lock for write)."""
+
+    premap: list[tuple[int, int]] = field(default_factory=list)
+    logging: list[tuple[int, int]] = field(default_factory=list)
+    dirty: list[tuple[int, int]] = field(default_factory=list)
+    mm_change: list[tuple[int, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.premap or self.logging or self.dirty or self.mm_change)
+
+
+def _close_windows(vm: Any, w: Windows) -> Any:
+    """A copy of ``vm`` with the exempt windows closed: no stage-2 or TLB entry
+    for a gfn of an in-flight memslot update that no slot covers yet, nor for
+    a gfn whose host address an mm change in flight works on (its VMAs may
+    already say what its PTEs will only say after the invalidation; the
+    entries are checked again once it drops mmap_lock); every page of a slot
+    whose logging is being switched, and of a guest write between install and
+    mark_page_dirty, marked dirty."""
+    clone = copy.deepcopy(vm)
+
+    def drop(start: int, end: int) -> None:
+        clone.zap_gfn_range(start, end)
+        for vcpu in clone.vcpus:
+            vcpu.tlb_flush_gfn_range(start, end)
+
+    for start, end in w.premap:
+        for gfn in range(start, end):
+            if clone.memslots.gfn_to_memslot(gfn) is None:
+                drop(gfn, gfn + 1)
+    for hva_start, hva_end in w.mm_change:
+        if hva_end > hva_start:
+            for _slot, start, end in clone.gfn_ranges_for_hva(hva_start, hva_end):
+                drop(start, end)
+    for start, end in w.logging + w.dirty:
+        for gfn in range(start, end):
+            slot = clone.memslots.gfn_to_memslot(gfn)
+            if slot is not None and slot.dirty_bitmap is not None:
+                slot.dirty_bitmap[gfn - slot.base_gfn] = True
+    return clone
+
+
+# --- text for traces ---------------------------------------------------------------------
+
+
+def describe_step(step: Step) -> str:
+    """A step as one line: ``guest_read gpa=0x0 size=4``."""
+    skip = {"index", "line", "expect", "thread"}
+    parts = [step.op]
+    for name in getattr(type(step), "__slots__", ()):
+        if name in skip:
+            continue
+        value = getattr(step, name)
+        if value is None or value == () or (name in ("vcpu", "offset") and value == 0):
+            continue
+        if name == "prot":
+            from kvmmem.scenario.model import prot_letters
+
+            value = prot_letters(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and name != "slot":
+            value = hex(value)
+        elif isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+def describe_outcome(outcome: dict[str, Any]) -> str:
+    """An outcome as one line: ``ok value=0x5a5a5a5a``."""
+    parts = [str(outcome.get("result"))]
+    for key, value in outcome.items():
+        if key in ("step", "op", "result"):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = hex(value)
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def describe_pause(sync: Sync) -> str:
+    """The pause a thread stopped at, for the trace."""
+    if sync.kind is SyncKind.ACQUIRE:
+        return f"wants {sync.name}{' (read)' if sync.shared else ''}"
+    if sync.kind is SyncKind.RELEASE:
+        return f"dropped {sync.name}{' (read)' if sync.shared else ''}"
+    return f"at {sync.name}"
+

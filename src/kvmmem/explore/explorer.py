@@ -1,0 +1,252 @@
+"""``kvmmem explore``: search a concurrent scenario, report, replay.
+
+:func:`explore` partitions the search (:func:`~kvmmem.explore.search.partition`),
+runs the tasks here, on local worker processes or on a Dask cluster
+(:mod:`kvmmem.explore.parallel`), combines them in task order and, when an
+invariant broke, replays the failing schedule twice with tracing on: the
+printed trace comes from that replay, and the two replays and the search
+must agree (the determinism check).  :func:`replay` runs one schedule from a
+token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmmem.errors import InputError
+from kvmmem.kvm.vm import ARCHES
+from kvmmem.scenario.model import Scenario
+from kvmmem.variants import get_variant
+
+from .execution import Execution, TraceEvent, Violation
+from .search import Combined, SearchParams
+from .token import Token, scenario_digest
+
+Progress = Callable[[int, int], None]
+"""Called with (tasks done, tasks) as a search advances."""
+
+
+class NondeterminismError(RuntimeError):
+    """Replaying a schedule did not reproduce what the search saw: a model bug
+    (hidden state, iteration over an unordered collection of objects...)."""
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """One schedule run with tracing: its transitions, the violation (if any),
+    the full schedule and every thread's step outcomes."""
+
+    threads: list[str]
+    trace: list[TraceEvent]
+    violation: Violation | None
+    schedule: list[int]
+    outcomes: list[list[dict[str, Any]]]
+
+    def signature(self) -> tuple[Any, ...]:
+        """What two replays of one schedule must share."""
+        v = self.violation
+        return (tuple((e.number, e.thread, tuple(e.lines)) for e in self.trace),
+                None if v is None else (v.invariant, v.detail, v.after, tuple(v.state)),
+                tuple(self.schedule), repr(self.outcomes))
+
+
+@dataclass(slots=True)
+class ExploreResult:
+    """The answer for one scenario, architecture and variant."""
+
+    scenario: str
+    arch: str
+    variant: str
+    strategy: str
+    verdict: str
+    executions: int
+    steps: int
+    max_preemptions: int
+    distinct_states: int
+    seconds: float
+    threads: list[str]
+    outcomes: dict[str, list[list[str]]] = field(default_factory=dict)
+    violation: Violation | None = None
+    token: str | None = None
+    trace: list[TraceEvent] = field(default_factory=list)
+    tasks: int = 0
+    replay_file: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """SCENARIOS.md: 3 a violation, else 0 (exhausted or budget)."""
+        return 3 if self.verdict == "violation" else 0
+
+    @property
+    def rate(self) -> float:
+        """Executions per second."""
+        return self.executions / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``kvmmem explore --json`` object of SCENARIOS.md ("Exploration
+        output") plus metrics, per-step outcomes and the trace."""
+        out: dict[str, Any] = {
+            "scenario": self.scenario, "arch": self.arch, "variant": self.variant,
+            "verdict": self.verdict, "executions": self.executions,
+            "violations": [] if self.violation is None else [self.violation.to_json()],
+            "strategy": self.strategy, "steps": self.steps,
+            "preemptions": self.max_preemptions, "distinct_states": self.distinct_states,
+            "seconds": round(self.seconds, 3), "outcomes": self.outcomes,
+        }
+        if self.violation is not None:
+            out["schedule"] = self.token
+            out["state"] = self.violation.state
+            out["trace"] = [{"event": e.number, "thread": self.threads[e.thread],
+                             "lines": e.lines} for e in self.trace]
+            if self.replay_file is not None:
+                out["replay_file"] = self.replay_file
+        return out
+
+
+def check_target(scenario: Scenario, arch: str, variant: str) -> None:
+    """Raise InputError unless the scenario has threads and arch/variant exist."""
+    if scenario.threads is None:
+        raise InputError(f"{scenario.source}: {scenario.name} has steps, not threads: "
+                         "run it with `kvmmem run`")
+    if arch not in ARCHES:
+        raise InputError(f"--arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
+    get_variant(variant)
+
+
+def explore(scenario: Scenario, arch: str, variant: str | None = None,
+            params: SearchParams | None = None, *, workers: int = 1,
+            dask: Any = None, progress: Progress | None = None) -> ExploreResult:
+    """Search ``scenario`` on ``arch`` under ``variant`` (default: the file's).
+
+    ``workers`` local processes (1: in this process) or, when ``dask`` is a
+    scheduler address or a ``distributed.Client``, that cluster.  Returns the
+    :class:`ExploreResult`; raises InputError for bad input and
+    :class:`NondeterminismError` if the counterexample does not replay."""
+    from .parallel import run_tasks
+
+    params = params or SearchParams()
+    params.check()
+    variant = variant or scenario.variant
+    check_target(scenario, arch, variant)
+    if workers < 1:
+        raise InputError("--workers: must be >= 1")
+    start = time.perf_counter()
+    combined = run_tasks(scenario, arch, variant, params, workers=workers, dask=dask,
+                         progress=progress)
+    seconds = time.perf_counter() - start
+    return _result(scenario, arch, variant, params, combined, seconds)
+
+
+def _result(scenario: Scenario, arch: str, variant: str, params: SearchParams,
+            combined: Combined, seconds: float) -> ExploreResult:
+    threads = list((scenario.threads or {}).keys())
+    outcomes: dict[str, list[list[str]]] = {}
+    for tid, name in enumerate(threads):
+        steps = (scenario.threads or {})[name]
+        outcomes[name] = [combined.outcomes.get((tid, i), []) for i in range(len(steps))]
+    result = ExploreResult(scenario.name, arch, variant, params.strategy, combined.verdict,
+                           combined.executions, combined.steps, combined.max_preemptions,
+                           len(combined.states), seconds, threads, outcomes,
+                           tasks=combined.tasks)
+    found = combined.found
+    if found is not None:
+        token = Token(scenario.name, scenario_digest(scenario), arch, variant,
+                      tuple(found.choices))
+        first = replay(scenario, token)
+        second = replay(scenario, token)
+        if first.signature() != second.signature():
+            raise NondeterminismError(f"{scenario.name} ({arch}, {variant}): two replays of "
+                                      f"{token.encode()} differ")
+        v = first.violation
+        if v is None or (v.invariant, v.detail) != (found.violation.invariant,
+                                                    found.violation.detail) \
+                or first.schedule != found.schedule:
+            raise NondeterminismError(f"{scenario.name} ({arch}, {variant}): the replay of "
+                                      f"{token.encode()} does not reproduce "
+                                      f"{found.violation.invariant}")
+        result.violation = v
+        result.trace = first.trace
+        result.token = token.encode()
+    return result
+
+
+def replay(scenario: Scenario, token: Token | str) -> ReplayResult:
+    """Run the schedule of ``token`` on a fresh model with tracing, checking
+    every invariant after every transition; stops at the first violation.
+    Raises InputError when the token does not fit the scenario."""
+    if isinstance(token, str):
+        token = Token.decode(token)
+    token.check(scenario)
+    check_target(scenario, token.arch, token.variant)
+    ex = Execution(scenario, token.arch, token.variant, trace=True)
+    threads = [t.name for t in ex.threads]
+    choices = list(token.choices)
+    schedule: list[int] = []
+    pos = 0
+    if ex.violation is None:
+        while True:
+            if ex.finished:
+                ex.check_end()
+                break
+            enabled = ex.enabled()
+            if not enabled:
+                ex.deadlock()
+                break
+            if len(enabled) == 1:
+                tid = enabled[0]
+            else:
+                if pos >= len(choices):
+                    raise InputError("--replay: the token's schedule ends before the execution "
+                                     "does (was it made for another version of kvmmem?)")
+                tid = choices[pos]
+                pos += 1
+                if tid not in enabled:
+                    raise InputError(f"--replay: the token picks thread {tid}, which cannot "
+                                     "run at that point")
+            schedule.append(tid)
+            if ex.step(tid) is None or not ex.check():
+                break
+    assert ex.trace is not None
+    return ReplayResult(threads, ex.trace, ex.violation, schedule, ex.outcomes)
+
+
+def check_determinism(scenario: Scenario, arch: str, variant: str | None = None, *,
+                      samples: int = 20, seed: int = 0) -> int:
+    """Run ``samples`` random schedules twice each and compare every state's
+    fingerprint along the way; returns the number of schedules checked,
+    raises :class:`NondeterminismError` at the first difference."""
+    import random
+
+    variant = variant or scenario.variant
+    check_target(scenario, arch, variant)
+    for i in range(samples):
+        rng = random.Random(f"{seed}:{i}")
+        first = Execution(scenario, arch, variant)
+        schedule: list[int] = []
+        prints: list[bytes] = [first.fingerprint()[1]]
+        while not first.finished and first.violation is None:
+            enabled = first.enabled()
+            if not enabled:
+                break
+            tid = enabled[rng.randrange(len(enabled))]
+            schedule.append(tid)
+            if first.step(tid) is None or not first.check():
+                break
+            prints.append(first.fingerprint()[1])
+        second = Execution(scenario, arch, variant)
+        again: list[bytes] = [second.fingerprint()[1]]
+        for tid in schedule:
+            if tid not in second.enabled():
+                raise NondeterminismError(f"schedule {i}: thread {tid} cannot run on replay")
+            if second.step(tid) is None or not second.check():
+                break
+            again.append(second.fingerprint()[1])
+        if prints != again:
+            at = next(j for j, (a, b) in enumerate(zip(prints, again, strict=False)) if a != b) \
+                if any(a != b for a, b in zip(prints, again, strict=False)) else len(again)
+            raise NondeterminismError(f"schedule {i} ({schedule}): states differ after "
+                                      f"transition {at}")
+    return samples

@@ -1,0 +1,637 @@
+"""Search strategies: which interleavings to run, and when to stop.
+
+This is the *scheduler* and *runner* part of the explorer.  The model is
+deterministic, so an execution is fully given by its schedule (the thread
+chosen at every transition) and is replayed from scratch for every new
+schedule (stateless model checking).
+
+Strategies
+----------
+``dfs``
+    Every schedule, depth first (optionally with a preemption bound: switching
+    away from a thread that could have continued costs one preemption).
+``dpor``
+    The same search with two reductions that keep every reachable state and
+    every verdict:
+
+    * *sleep sets* (Godefroid): after the subtree of thread ``t`` at a state
+      is explored, ``t`` is put to sleep in its siblings' subtrees for as long
+      as the transitions taken there are independent of ``t``'s (see
+      :meth:`~kvmmem.explore.execution.Footprint.independent`): the
+      interleavings it would start only reorder commuting transitions;
+    * *state caching*: a state (the full fingerprint: host, VM, locks and
+      every thread's suspended frames) already explored with a sleep set no
+      larger than the current one is not explored again - two schedules that
+      differ only in the order of commuting work converge on the same state
+      and share one subtree.
+
+    With a preemption bound the sleep sets are off (they do not combine
+    soundly with a bound) and a state is skipped when it was explored after
+    the same thread with no more preemptions used.
+``random``
+    ``max_executions`` schedules chosen uniformly at each transition, seeded.
+``pct``
+    Probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010):
+    random thread priorities and ``preemptions`` priority-change points per
+    execution; finds a bug of depth ``d`` with probability at least
+    ``1/(n k^(d-1))``.
+
+Splitting
+---------
+A systematic search runs as a tree of tasks: a task explores the subtree
+below its schedule prefix for at most ``split`` executions; if work is left
+it stops and hands back its pending alternatives, in depth-first order, as
+subtasks (each with a copy of the states it had explored, for ``dpor``).
+The first task has the empty prefix.  ``random`` and ``pct`` are split into
+fixed chunks of execution numbers.  How tasks split depends on ``split``
+only, never on the number of workers, and results are combined in
+depth-first task order (a task's own executions, then its subtasks), so
+``--workers 1``, ``--workers N`` and a Dask cluster report the same verdict,
+counterexample and counts.  A search within ``split`` executions is one task.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmmem.errors import InputError
+from kvmmem.scenario.model import Scenario
+
+from .execution import Execution, Footprint, Violation, opaque_objects
+
+STRATEGIES = ("dfs", "dpor", "random", "pct")
+DEFAULT_SPLIT = 256
+"""Executions a systematic task runs before it splits (see above)."""
+RANDOM_CHUNK = 32
+"""Executions per task for ``random`` and ``pct``."""
+DEFAULT_MAX_EXECUTIONS = {"dfs": 200_000, "dpor": 200_000, "random": 1000, "pct": 1000}
+DEFAULT_PCT_DEPTH = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SearchParams:
+    """How to search: ``strategy``, ``preemptions`` (bound for dfs/dpor, bug
+    depth - 1 for pct; None: unbounded / pct default), ``max_executions``
+    (budget), ``seed`` (random, pct), ``split`` (executions per systematic
+    task before it splits; it changes the counts of ``dpor``, whose state
+    cache is per task, never the verdict)."""
+
+    strategy: str = "dpor"
+    preemptions: int | None = None
+    max_executions: int | None = None
+    seed: int = 0
+    split: int = DEFAULT_SPLIT
+
+    def budget(self) -> int:
+        """The execution budget in effect."""
+        if self.max_executions is not None:
+            return self.max_executions
+        return DEFAULT_MAX_EXECUTIONS[self.strategy]
+
+    def check(self) -> None:
+        """Raise InputError for an unknown strategy or a negative number."""
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"--strategy: unknown strategy {self.strategy!r} "
+                             f"(known: {', '.join(STRATEGIES)})")
+        if self.preemptions is not None and self.preemptions < 0:
+            raise InputError("--preemptions: must be >= 0")
+        if self.max_executions is not None and self.max_executions < 1:
+            raise InputError("--max-executions: must be >= 1")
+        if self.split < 1:
+            raise InputError("--split: must be >= 1")
+
+
+@dataclass(slots=True)
+class Found:
+    """A violation found by a task: the full schedule (thread per transition),
+    its compressed form (choices where more than one thread could run) and
+    what broke."""
+
+    schedule: list[int]
+    choices: list[int]
+    violation: Violation
+
+
+@dataclass(slots=True)
+class TaskResult:
+    """What one task explored.  Per-execution records allow cutting the task
+    at any execution count when the results are combined under a budget:
+    ``lengths[i]`` transitions and ``preemptions[i]`` of execution ``i``;
+    ``states`` maps a state digest to the execution that first reached it;
+    ``outcomes`` maps ``(thread, step, outcome text)`` likewise;
+    ``subtasks`` is the work a systematic task left when it split."""
+
+    task: tuple[int, ...]
+    lengths: list[int] = field(default_factory=list)
+    preemptions: list[int] = field(default_factory=list)
+    states: dict[bytes, int] = field(default_factory=dict)
+    outcomes: dict[tuple[int, int, str], int] = field(default_factory=dict)
+    found: Found | None = None
+    found_at: int = -1
+    complete: bool = False
+    """The task did all it was given (its subtree, or its range of executions),
+    or handed the rest on as ``subtasks``."""
+    subtasks: list[Task] = field(default_factory=list)
+
+    @property
+    def executions(self) -> int:
+        """Executions run."""
+        return len(self.lengths)
+
+
+@dataclass(slots=True)
+class _Node:
+    """One state along the current execution of a systematic search."""
+
+    enabled: tuple[int, ...]
+    choice: int
+    todo: list[int]
+    done: list[int]
+    sleep: dict[int, Footprint]
+    footprints: dict[int, Footprint]
+    last: int | None
+    preempt: int
+    data: bytes
+    frozen: bool = False
+
+
+class _Explorer:
+    """Shared plumbing of the strategies: building executions, recording states."""
+
+    def __init__(self, scenario: Scenario, arch: str, variant: str, params: SearchParams,
+                 task: tuple[int, ...]) -> None:
+        self.scenario = scenario
+        self.arch = arch
+        self.variant = variant
+        self.params = params
+        self.opaque = opaque_objects(scenario)
+        self.result = TaskResult(task)
+        self.end_checked: dict[bytes, Violation | None] = {}
+
+    def new(self) -> Execution:
+        """A fresh execution (setup done, threads at their first pause)."""
+        return Execution(self.scenario, self.arch, self.variant, opaque=self.opaque)
+
+    def seen(self, full: bytes) -> None:
+        """Record a state reached by the current execution."""
+        self.result.states.setdefault(full, self.result.executions)
+
+    def record_outcomes(self, ex: Execution) -> None:
+        """Record the outcomes of every step the execution completed."""
+        index = self.result.executions
+        outcomes = self.result.outcomes
+        for tid, outs in enumerate(ex.outcomes):
+            for i, out in enumerate(outs):
+                outcomes.setdefault((tid, i, _outcome_key(out)), index)
+
+    def finish(self, ex: Execution, length: int, preempt: int) -> None:
+        """Close the current execution's records."""
+        self.record_outcomes(ex)
+        self.result.lengths.append(length)
+        self.result.preemptions.append(preempt)
+
+    def end_check(self, ex: Execution, data: bytes) -> bool:
+        """Path independence on a final state (once per distinct final state)."""
+        if data in self.end_checked:
+            cached = self.end_checked[data]
+            if cached is not None:
+                ex.violation = cached
+            return cached is None
+        ok = ex.check_end()
+        self.end_checked[data] = None if ok else ex.violation
+        return ok
+
+    def violated(self, ex: Execution, schedule: list[int], choices: list[int]) -> None:
+        """Record the violation the current execution found."""
+        assert ex.violation is not None
+        self.result.found = Found(list(schedule), list(choices), ex.violation)
+        self.result.found_at = self.result.executions
+
+
+def _outcome_key(out: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in out.items() if k not in ("step", "op"))
+
+
+# --- systematic search ---------------------------------------------------------------------
+
+
+def _allowed(enabled: list[int], last: int | None, preempt: int, bound: int | None) -> list[int]:
+    """Candidates under the preemption bound, default choice first (keep
+    running ``last`` when it can run), then thread order."""
+    cont = last is not None and last in enabled
+    out: list[int] = []
+    if cont:
+        assert last is not None
+        out.append(last)
+    for t in enabled:
+        if t == last:
+            continue
+        if cont and bound is not None and preempt + 1 > bound:
+            continue
+        out.append(t)
+    return out
+
+
+class _Systematic(_Explorer):
+    """dfs and dpor over the subtree below ``task.prefix`` (a forced schedule)."""
+
+    def __init__(self, scenario: Scenario, arch: str, variant: str, params: SearchParams,
+                 task: Task) -> None:
+        super().__init__(scenario, arch, variant, params, task.index)
+        self.prefix = list(task.prefix)
+        self.reduce = params.strategy == "dpor"
+        self.sleep_sets = self.reduce and params.preemptions is None
+        self.visited: dict[Any, Any] = dict(task.visited) if self.reduce else {}
+
+    def run(self) -> TaskResult:
+        """Explore until the subtree is done or a violation is found; after
+        ``split`` executions hand what is left on as subtasks."""
+        stack: list[_Node] = []
+        while True:
+            self._execution(stack)
+            if self.result.found is not None:
+                self.result.complete = True
+                return self.result
+            # backtrack: the deepest node with an alternative left
+            while stack:
+                node = stack[-1]
+                node.done.append(node.choice)
+                if not node.frozen and node.todo:
+                    node.choice = node.todo.pop(0)
+                    break
+                stack.pop()
+            self.result.complete = True
+            if not stack:
+                return self.result
+            if self.result.executions >= self.params.split:
+                self.result.subtasks = self._split(stack)
+                return self.result
+
+    def _split(self, stack: list[_Node]) -> list[Task]:
+        """The pending alternatives of ``stack`` as subtasks, in the order this
+        task would have explored them: the deepest node's current choice and
+        its other alternatives, then each shallower node's."""
+        out: list[Task] = []
+        visited = dict(self.visited)
+        for depth in range(len(stack) - 1, -1, -1):
+            node = stack[depth]
+            if node.frozen:
+                break
+            alternatives = ([node.choice] if depth == len(stack) - 1 else []) + node.todo
+            base = tuple(n.choice for n in stack[:depth])
+            for alt in alternatives:
+                out.append(Task(self.result.task + (len(out),), base + (alt,), visited=visited))
+        return out
+
+    def _execution(self, stack: list[_Node]) -> None:
+        """Run one execution: replay ``stack`` (the last node with its new
+        choice), then extend it with default choices to the end."""
+        ex = self.new()
+        bound = self.params.preemptions
+        schedule: list[int] = []
+        choices: list[int] = []
+        if ex.violation is not None:
+            self.violated(ex, schedule, choices)
+            self.finish(ex, 0, 0)
+            return
+        # replay the nodes whose transitions are known
+        for node in stack[:-1]:
+            schedule.append(node.choice)
+            if len(node.enabled) > 1:
+                choices.append(node.choice)
+            ex.step(node.choice)
+        node = stack[-1] if stack else None
+        pending: _Node | None = None
+        if node is not None:
+            if not self._transition(ex, node, schedule, choices):
+                return
+            pending = node
+        # extend, first along the forced prefix, then with default choices
+        while True:
+            depth = len(schedule)
+            preempt = pending.preempt if pending is not None else 0
+            if pending is not None and pending.last is not None \
+                    and pending.choice != pending.last and pending.last in pending.enabled:
+                preempt += 1
+            if ex.finished:
+                data, full = ex.fingerprint()
+                self.seen(full)
+                if pending is not None:
+                    self._close(pending, data)
+                if not self.end_check(ex, data):
+                    self.violated(ex, schedule, choices)
+                self.finish(ex, depth, preempt)
+                return
+            enabled = ex.enabled()
+            data, full = ex.fingerprint()
+            self.seen(full)
+            if pending is not None:
+                sleep = self._close(pending, data)
+            else:
+                sleep = {}
+            if not enabled:
+                ex.deadlock()
+                self.violated(ex, schedule, choices)
+                self.finish(ex, depth, preempt)
+                return
+            last = schedule[-1] if schedule else None
+            if depth < len(self.prefix):
+                forced = self.prefix[depth]
+                if forced not in enabled:  # pragma: no cover - prefixes come from this code
+                    raise RuntimeError("partition prefix does not replay")
+                candidates = [forced]
+                frozen = True
+            else:
+                frozen = False
+                if self.reduce and self._prune(full, last, enabled, preempt, sleep):
+                    self.finish(ex, depth, preempt)
+                    return
+                candidates = [t for t in _allowed(enabled, last, preempt, bound)
+                              if t not in sleep]
+                if not candidates:
+                    self.finish(ex, depth, preempt)
+                    return
+            node = _Node(tuple(enabled), candidates[0], candidates[1:], [], sleep, {}, last,
+                         preempt, data, frozen)
+            stack.append(node)
+            if not self._transition(ex, node, schedule, choices):
+                return
+            pending = node
+
+    def _transition(self, ex: Execution, node: _Node, schedule: list[int],
+                    choices: list[int]) -> bool:
+        """Run ``node.choice`` and check the invariants; False when the execution ended."""
+        schedule.append(node.choice)
+        if len(node.enabled) > 1:
+            choices.append(node.choice)
+        fp = ex.step(node.choice)
+        if fp is None or not ex.check():
+            self.violated(ex, schedule, choices)
+            self.finish(ex, len(schedule), node.preempt)
+            return False
+        node.footprints[node.choice] = fp
+        return True
+
+    def _close(self, node: _Node, data: bytes) -> dict[int, Footprint]:
+        """Complete the footprint of the transition taken at ``node`` (did it
+        change shared data?) and return the sleep set of the state it led to."""
+        lock_part = node.footprints[node.choice]
+        fp = Footprint(data != node.data, lock_part.locks)
+        node.footprints[node.choice] = fp
+        if not self.sleep_sets:
+            return {}
+        sleep: dict[int, Footprint] = {}
+        for tid, other in node.sleep.items():
+            if tid != node.choice and other.independent(fp):
+                sleep[tid] = other
+        for tid in node.done:
+            other = node.footprints[tid]
+            if tid != node.choice and other.independent(fp):
+                sleep[tid] = other
+        return sleep
+
+    def _prune(self, full: bytes, last: int | None, enabled: list[int], preempt: int,
+               sleep: dict[int, Footprint]) -> bool:
+        """State caching: True when this state needs no further exploration."""
+        bound = self.params.preemptions
+        if bound is not None:
+            # Explored before after thread ``l`` with ``b`` preemptions left: that
+            # covers every schedule allowed now if ``b`` is at least what is left
+            # now, plus one when switching away from ``l`` costs a preemption that
+            # is free now.  (``l`` is None when nothing continues for free.)
+            cur = last if last in enabled else None
+            left = bound - preempt
+            seen = self.visited.get(full, ())
+            for was, had in seen:
+                if had >= left + (1 if was is not None and was != cur else 0):
+                    return True
+            self.visited[full] = (*seen, (cur, left))  # immutable: subtasks share them
+            return False
+        asleep = frozenset(sleep)
+        stored = self.visited.get(full)
+        if stored is not None and stored <= asleep:
+            return True
+        self.visited[full] = asleep if stored is None else stored & asleep
+        return False
+
+
+# --- random and PCT ------------------------------------------------------------------------
+
+
+class _Sampling(_Explorer):
+    """random and pct over executions ``first .. first + count - 1``."""
+
+    def __init__(self, scenario: Scenario, arch: str, variant: str, params: SearchParams,
+                 task: tuple[int, ...], first: int, count: int) -> None:
+        super().__init__(scenario, arch, variant, params, task)
+        self.first = first
+        self.count = count
+
+    def run(self) -> TaskResult:
+        """Run the task's executions; stop at the first violation."""
+        for i in range(self.first, self.first + self.count):
+            rng = _random.Random(f"{self.params.seed}:{i}")
+            self._execution(rng)
+            if self.result.found is not None:
+                break
+        self.result.complete = True
+        return self.result
+
+    def _execution(self, rng: _random.Random) -> None:
+        ex = self.new()
+        schedule: list[int] = []
+        choices: list[int] = []
+        if ex.violation is not None:
+            self.violated(ex, schedule, choices)
+            self.finish(ex, 0, 0)
+            return
+        pct = self.params.strategy == "pct"
+        nthreads = len(ex.threads)
+        depth_bug = (self.params.preemptions if self.params.preemptions is not None
+                     else DEFAULT_PCT_DEPTH - 1) + 1
+        prio: list[float] = []
+        change: dict[int, int] = {}
+        if pct:
+            order = list(range(nthreads))
+            rng.shuffle(order)
+            prio = [0.0] * nthreads
+            for rank, tid in enumerate(order):
+                prio[tid] = float(depth_bug + rank)
+            horizon = max(self._horizon, 1)
+            for i in range(1, depth_bug):
+                change[rng.randrange(horizon)] = depth_bug - i
+        preempt = 0
+        last: int | None = None
+        while True:
+            data, full = ex.fingerprint()
+            self.seen(full)
+            if ex.finished:
+                if not self.end_check(ex, data):
+                    self.violated(ex, schedule, choices)
+                break
+            enabled = ex.enabled()
+            if not enabled:
+                ex.deadlock()
+                self.violated(ex, schedule, choices)
+                break
+            if pct:
+                tid = max(enabled, key=lambda t: prio[t])
+            else:
+                tid = enabled[rng.randrange(len(enabled))]
+            if last is not None and tid != last and last in enabled:
+                preempt += 1
+            schedule.append(tid)
+            if len(enabled) > 1:
+                choices.append(tid)
+            last = tid
+            if ex.step(tid) is None or not ex.check():
+                self.violated(ex, schedule, choices)
+                break
+            if pct and len(schedule) - 1 in change:
+                prio[tid] = float(change[len(schedule) - 1])
+        self._horizon = max(self._horizon, len(schedule))
+        self.finish(ex, len(schedule), preempt)
+
+    _horizon = 64
+
+
+# --- partitioning and tasks ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One independent part of a search.  ``index`` orders tasks: a tuple,
+    a subtask extending its parent's (depth-first order is tuple order).
+    Systematic strategies: a forced schedule ``prefix`` and the states
+    already explored (``visited``, dpor); random/pct: execution numbers
+    ``first .. first + count - 1``."""
+
+    index: tuple[int, ...]
+    prefix: tuple[int, ...] = ()
+    visited: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    first: int = 0
+    count: int = 0
+
+
+def root_tasks(params: SearchParams) -> list[Task]:
+    """The tasks a search starts with: one for a systematic search (the empty
+    prefix; it splits as it goes), fixed chunks for random and pct."""
+    if params.strategy in ("random", "pct"):
+        total = params.budget()
+        return [Task((i,), first=start, count=min(RANDOM_CHUNK, total - start))
+                for i, start in enumerate(range(0, total, RANDOM_CHUNK))]
+    return [Task(())]
+
+
+def run_task(scenario: Scenario, arch: str, variant: str, params: SearchParams,
+             task: Task) -> TaskResult:
+    """Search one task (this is what worker processes and Dask workers run)."""
+    if params.strategy in ("random", "pct"):
+        return _Sampling(scenario, arch, variant, params, task.index, task.first,
+                         task.count).run()
+    return _Systematic(scenario, arch, variant, params, task).run()
+
+
+# --- combining -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Combined:
+    """The search's result, independent of how the tasks were run."""
+
+    verdict: str
+    executions: int
+    steps: int
+    max_preemptions: int
+    states: set[bytes]
+    outcomes: dict[tuple[int, int], list[str]]
+    found: Found | None
+    tasks: int
+
+
+class Combiner:
+    """Collects task results and adds them up in depth-first task order under
+    the budget.  :meth:`pending` says which known tasks still have to run,
+    :meth:`settled` whether the answer can no longer change."""
+
+    def __init__(self, params: SearchParams, roots: list[Task]) -> None:
+        self.params = params
+        self.roots = roots
+        self.results: dict[tuple[int, ...], TaskResult] = {}
+        self.tasks: dict[tuple[int, ...], Task] = {t.index: t for t in roots}
+
+    def add(self, result: TaskResult) -> list[Task]:
+        """Store one task's result; returns its subtasks (now known tasks)."""
+        self.results[result.task] = result
+        for sub in result.subtasks:
+            self.tasks[sub.index] = sub
+        return result.subtasks
+
+    def _order(self) -> tuple[list[TaskResult], bool, bool]:
+        """The results in task order up to where the answer is decided:
+        ``(results, settled, more)``; ``more`` says that the budget ran out
+        while work was left."""
+        remaining = self.params.budget()
+        out: list[TaskResult] = []
+        todo = list(reversed(self.roots))
+        while todo:
+            task = todo.pop()
+            r = self.results.get(task.index)
+            if r is None:
+                return out, False, False
+            out.append(r)
+            if r.found is not None and r.found_at < remaining:
+                return out, True, False
+            remaining -= r.executions
+            todo.extend(reversed(r.subtasks))
+            if remaining <= 0:
+                return out, True, remaining < 0 or bool(todo)
+        return out, True, False
+
+    def settled(self) -> bool:
+        """The combined answer is final."""
+        return self._order()[1]
+
+    def pending(self) -> list[Task]:
+        """Known tasks without a result, in task order."""
+        return [t for i, t in sorted(self.tasks.items()) if i not in self.results]
+
+    def combine(self) -> Combined:
+        """The combined result (call once :meth:`settled`)."""
+        ordered, _, more = self._order()
+        remaining = self.params.budget()
+        executions = steps = maxp = 0
+        states: set[bytes] = set()
+        outcomes: dict[tuple[int, int], list[str]] = {}
+        found: Found | None = None
+        for r in ordered:
+            allow = remaining
+            if r.found is not None and r.found_at < allow:
+                allow = r.found_at + 1
+                found = r.found
+            n = min(r.executions, allow)
+            executions += n
+            steps += sum(r.lengths[:n])
+            if n:
+                maxp = max(maxp, max(r.preemptions[:n]))
+            states.update(k for k, v in r.states.items() if v < n)
+            for (tid, idx, text), v in r.outcomes.items():
+                if v < n:
+                    outs = outcomes.setdefault((tid, idx), [])
+                    if text not in outs:
+                        outs.append(text)
+            remaining -= n
+            if found is not None:
+                break
+        if found is not None:
+            verdict = "violation"
+        elif more or self.params.strategy in ("random", "pct"):
+            verdict = "budget"
+        else:
+            verdict = "exhausted"
+        for outs in outcomes.values():
+            outs.sort()
+        return Combined(verdict, executions, steps, maxp, states, outcomes, found,
+                        len(ordered))
