@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from kvmmem import __version__
 from kvmmem.errors import InputError, KernelError
@@ -201,6 +204,206 @@ def conform(
     else:
         typer.echo(cf.tap_totals(results))
     raise typer.Exit(cf.exit_status(results))
+
+
+@app.command()
+def explore(
+    file: Annotated[Path, typer.Argument(help="scenario file with threads (YAML, format v1)")],
+    arch: Annotated[str | None, typer.Option(
+        help="architectures, comma list (default: the file's)")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="variants, comma list (default: the file's)")] = None,
+    strategy: Annotated[str, typer.Option(help="dfs, dpor, random or pct")] = "dpor",
+    preemptions: Annotated[int | None, typer.Option(
+        help="preemption bound (dfs, dpor; default none) or bug depth - 1 (pct; default 2)")]
+    = None,
+    max_executions: Annotated[int | None, typer.Option(
+        help="execution budget (default 200000 for dfs/dpor, 1000 for random/pct)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of random and pct")] = 0,
+    workers: Annotated[int, typer.Option(help="local worker processes")] = 1,
+    dask: Annotated[str | None, typer.Option(
+        help="run the search on the Dask cluster whose scheduler is at this address "
+             "(pip install 'kvmmem[dask]')")] = None,
+    replay: Annotated[str | None, typer.Option(
+        help="replay a schedule: a token printed by explore, or its .replay file")] = None,
+    replay_dir: Annotated[Path, typer.Option(
+        help="where the replay token of a violation is written")] = Path("."),
+    determinism: Annotated[int, typer.Option(
+        help="also run N random schedules twice each and compare every state")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per run")]
+    = False,
+) -> None:
+    """Explore every interleaving of a scenario's threads at the kernel's
+    synchronisation points, checking every invariant after every step.
+
+    Verdicts: exhausted (every schedule explored, no violation), budget (the
+    budget ran out first), violation (the failing execution is printed, one
+    column per thread, with a replay token, also written to a file).
+
+    Exit status: 0 no violation; 2 bad input; 3 a violation."""
+    from kvmmem.explore import (
+        NondeterminismError,
+        SearchParams,
+        Token,
+        check_determinism,
+        read_token,
+        write_token,
+    )
+    from kvmmem.explore import explore as run_explore
+    from kvmmem.explore import replay as run_replay
+    from kvmmem.explore.report import print_replay, print_result, replay_json
+    from kvmmem.kvm.vm import ARCHES
+    from kvmmem.scenario.loader import load_scenario
+    from kvmmem.variants import VARIANTS
+
+    arches = _split(arch, ARCHES, "arch")
+    variants = _split(variant, tuple(VARIANTS), "variant")
+    if workers < 1:
+        _fail("--workers: must be >= 1")
+    if determinism < 0:
+        _fail("--determinism: must be >= 0")
+    if dask is not None and workers != 1:
+        _fail("--dask and --workers: give one of them")
+    params = SearchParams(strategy=strategy, preemptions=preemptions,
+                          max_executions=max_executions, seed=seed)
+    params.check()
+    token = read_token(replay) if replay is not None else None
+    scenario = load_scenario(file)
+    if scenario.threads is None:
+        _fail(f"{file}: this scenario has steps, not threads; run it with `kvmmem run`")
+    # Piped output is not cut at 80 columns: a trace has a column per thread.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    if token is not None:
+        if arches is not None or variants is not None:
+            _fail("--replay: the token names its architecture and variant; "
+                  "drop --arch and --variant")
+        replayed = run_replay(scenario, token)
+        if as_json:
+            typer.echo(json.dumps(replay_json(scenario.name, token, replayed)))
+        else:
+            print_replay(console, scenario.name, token, replayed)
+        raise typer.Exit(3 if replayed.violation is not None else 0)
+    status = 0
+    try:
+        for a in arches or list(scenario.arches):
+            for v in variants or [scenario.variant]:
+                if determinism:
+                    check_determinism(scenario, a, v, samples=determinism, seed=seed)
+                with _progress_bar(f"{scenario.name} {a} {v}") as progress:
+                    result = run_explore(scenario, a, v, params, workers=workers, dask=dask,
+                                         progress=progress)
+                if result.token is not None:
+                    try:
+                        path = write_token(replay_dir, Token.decode(result.token))
+                    except OSError as err:
+                        _fail(f"--replay-dir: cannot write the replay token: {err}")
+                    result.replay_file = str(path)
+                if as_json:
+                    typer.echo(json.dumps(result.to_json()))
+                else:
+                    print_result(console, result)
+                status = max(status, result.exit_status)
+    except NondeterminismError as err:
+        _fail(f"the model is not deterministic: {err}", 3)
+    raise typer.Exit(status)
+
+
+@contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal; nothing when piped."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total,
+                       description=f"{label}: {done}/{total} tasks")
+
+        yield update
+
+
+class _OneLineUsage(TyperCommand):
+    """A command whose usage errors (unknown option, bad or missing value, extra
+    argument) are one ``kvmmem: error:`` line and exit status 2, like :func:`_fail`."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            # click's UsageError (typer vendors its own click; match it by shape)
+            message = getattr(exc, "format_message", None)
+            if getattr(exc, "exit_code", None) != 2 or not callable(message):
+                raise
+            typer.echo(f"kvmmem: error: {message()}", err=True)
+            raise typer.Exit(2) from None
+
+
+@app.command(cls=_OneLineUsage)
+def bench(
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="small sizes (1,000 pages, 200 repeats): a few seconds in all")]
+    = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help='print {"model": {...}, "kvm": {...} or null}')] = False,
+    no_kvm: Annotated[bool, typer.Option(
+        "--no-kvm", help="measure the model only (kvm: null)")] = False,
+    arch: Annotated[str, typer.Option(
+        help="model architecture of the fault, MMIO and memslot measurements")] = "x86",
+    pages: Annotated[int | None, typer.Option(
+        help="4K pages per fault measurement (default 10000; 1000 with --quick)")] = None,
+) -> None:
+    """Take the same measurements on the model and on this host's /dev/kvm in one
+    run and show them side by side: guest 4K faults (fresh, host page present),
+    memslot create/delete with 32,000 slots, MMIO exit, stage-2 bytes per 4K page.
+
+    Real KVM is null (and stderr says why in one line) when /dev/kvm is missing
+    or unusable.  Exit status: 0; 1 a model measurement failed; 2 bad input."""
+    from kvmmem.benchmarks.common import progress
+    from kvmmem.benchmarks.suite import (
+        KVM_TICKS,
+        MODEL_TICKS,
+        Sizes,
+        bench_json,
+        bench_table,
+        measure_kvm,
+        measure_model,
+    )
+    from kvmmem.kvm.vm import ARCHES
+
+    if arch not in ARCHES:
+        _fail(f"--arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
+    if pages is not None and not 1 <= pages <= 100_000:
+        _fail(f"--pages: must be 1..100000, got {pages}")
+    sizes = Sizes.for_run(quick, pages)
+    kvm: dict[str, float] | None = None
+    why: str | None = "skipped (--no-kvm)" if no_kvm else None
+    with progress("kvmmem bench", MODEL_TICKS + (0 if no_kvm else KVM_TICKS),
+                  sys.stderr) as tick:
+        try:
+            model = measure_model(sizes, arch, tick)
+        except RuntimeError as exc:
+            _fail(f"model measurement failed: {exc}", 1)
+        if not no_kvm:
+            from kvmmem.realkvm import KvmUnavailable
+
+            try:
+                kvm = measure_kvm(sizes, tick)
+            except KvmUnavailable as exc:
+                why = f"skipped: no usable /dev/kvm: {exc}"
+            except (OSError, RuntimeError) as exc:
+                why = f"failed: {type(exc).__name__}: {exc}"
+    if why is not None:
+        typer.echo(f"kvmmem bench: real KVM {why}", err=True)
+    if as_json:
+        typer.echo(json.dumps(bench_json(model, kvm)))
+    else:
+        width = None if sys.stdout.isatty() else 200
+        Console(highlight=False, width=width).print(
+            bench_table(model, kvm, arch=arch, kvm_note=why))
 
 
 def main() -> None:

@@ -598,26 +598,8 @@ class World:
 
     def finish(self) -> None:
         """End of a sequence: invariant 4, then destroy the VM."""
-        try:
-            validate_path_independence(self.vm)
-        except ValidationError as err:
-            if not known_replay_refusal(self.vm, err):
-                raise
+        validate_path_independence(self.vm)
         self.vm.close()
-
-
-def known_replay_refusal(vm: Vm, err: ValidationError) -> bool:
-    """KVM_FINDINGS #10: validate_path_independence re-creates every slot in a fresh
-    VM and reports the state unreachable when that fails.  But arm64 and riscv
-    check the VMAs in kvm_arch_prepare_memory_region only when the slot is set
-    (riscv: EPERM for a writable slot over a VMA without VM_WRITE; both: EINVAL
-    for dirty logging over VM_PFNMAP); an mprotect or a MAP_FIXED afterwards is
-    legal, so the state is reachable.  Tolerated here (exactly those refusals)
-    until the invariant compares access outcomes instead;
-    test_path_independence_after_vma_change asserts the correct behaviour."""
-    return vm.arch_name in ("arm64", "riscv") and err.invariant == "path-independence" \
-        and "cannot be reached from scratch" in err.detail \
-        and err.detail.endswith(("EPERM", "EINVAL"))
 
 
 def replay(arch: str, variant: str, ops: list[AnyOp]) -> World:
@@ -822,7 +804,6 @@ def test_state_machine_catches_mutation(mutation: str, arch: str) -> None:
     replay(arch, "upstream", ops)
 
 
-@pytest.mark.xfail(strict=True, reason="KVM_FINDINGS #10")
 @pytest.mark.parametrize("arch,change", [("riscv", "mprotect"), ("arm64", "device"),
                                          ("riscv", "device")])
 def test_path_independence_after_vma_change(arch: str, change: str) -> None:

@@ -59,7 +59,6 @@ from typing import Any
 from kvmmem.errors import InputError, KernelError, ValidationError
 from kvmmem.kvm.invariants import validate_path_independence, validate_vm
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
-from kvmmem.kvm.stats import EventLog
 from kvmmem.scenario.model import (
     MEMSLOT_FLAGS,
     STEP_TYPES,

@@ -246,7 +246,7 @@ class StatePickler:
         """``(digest of data_roots, digest of data_roots + rest)``."""
         buf = io.BytesIO()
         pickler = pickle.Pickler(buf, 4)
-        pickler.dispatch_table = self.table  # type: ignore[assignment]
+        pickler.dispatch_table = self.table
         pickler.dump(data_roots)
         cut = buf.tell()
         pickler.dump(rest)

@@ -90,13 +90,14 @@ def _run_processes(scenario: Scenario, arch: str, variant: str, params: SearchPa
 def _run_dask(scenario: Scenario, arch: str, variant: str, params: SearchParams,
               combiner: Combiner, dask: Any, progress: Any) -> None:
     try:
-        from distributed import Client, wait
+        import distributed
     except ImportError:
         raise InputError("--dask: dask.distributed is not installed "
                          "(pip install 'kvmmem[dask]')") from None
-    own = not isinstance(dask, Client)
+    lib: Any = distributed  # untyped library: its calls are checked by the tests
+    own = not isinstance(dask, lib.Client)
     try:
-        client = Client(dask) if own else dask
+        client = lib.Client(dask) if own else dask
     except OSError as err:
         raise InputError(f"--dask: cannot reach the scheduler at {dask!r} ({err})") from None
     try:
@@ -106,7 +107,7 @@ def _run_dask(scenario: Scenario, arch: str, variant: str, params: SearchParams,
             return client.submit(run_task, scenario, arch, variant, params, task, pure=False)
 
         def wait_one(futures: list[Any]) -> Any:
-            done = wait(futures, return_when="FIRST_COMPLETED").done
+            done = lib.wait(futures, return_when="FIRST_COMPLETED").done
             return min(done, key=futures.index)
 
         def cancel(futures: list[Any]) -> None:

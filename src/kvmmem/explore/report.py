@@ -7,11 +7,15 @@ that breaks it and the replay token.
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .explorer import ExploreResult
+from .execution import TraceEvent, Violation
+from .explorer import ExploreResult, ReplayResult
+from .token import Token
 
 
 def verdict_line(result: ExploreResult) -> str:
@@ -22,14 +26,14 @@ def verdict_line(result: ExploreResult) -> str:
             f"{result.distinct_states}, {result.seconds:.2f}s ({result.rate:.0f} executions/s)")
 
 
-def trace_table(result: ExploreResult) -> Table:
-    """The failing execution as a table: ``#`` then one column per thread."""
+def trace_table(threads: list[str], trace: list[TraceEvent]) -> Table:
+    """An execution as a table: ``#`` then one column per thread."""
     table = Table(box=box.SIMPLE_HEAD, show_lines=False, pad_edge=False)
     table.add_column("#", justify="right", style="dim")
-    for name in result.threads:
+    for name in threads:
         table.add_column(name, overflow="fold")
-    for event in result.trace:
-        cells = [""] * len(result.threads)
+    for event in trace:
+        cells = [""] * len(threads)
         cells[event.thread] = "\n".join(event.lines)
         table.add_row(str(event.number), *cells)
     return table
@@ -38,7 +42,7 @@ def trace_table(result: ExploreResult) -> Table:
 def print_result(console: Console, result: ExploreResult) -> None:
     """The verdict, the step outcomes seen and, on a violation, the
     counterexample (trace, invariant, state, token)."""
-    console.print(verdict_line(result))
+    console.print(verdict_line(result), soft_wrap=True)
     for thread, steps in result.outcomes.items():
         for i, outs in enumerate(steps):
             if outs:
@@ -47,14 +51,46 @@ def print_result(console: Console, result: ExploreResult) -> None:
     if v is None:
         return
     console.print()
-    console.print(trace_table(result))
+    console.print(trace_table(result.threads, result.trace))
+    _print_violation(console, result.threads, v)
+    console.print(f"replay: kvmmem explore FILE --replay {result.token}", soft_wrap=True)
+    if result.replay_file is not None:
+        console.print(f"replay token written to {result.replay_file}", soft_wrap=True)
+
+
+def _print_violation(console: Console, threads: list[str], v: Violation) -> None:
     who = f" (after transition {v.after}" + \
-        (f", thread {result.threads[v.thread]})" if v.thread is not None else ")")
+        (f", thread {threads[v.thread]})" if v.thread is not None else ")")
     console.print(f"[bold red]violation[/]: {v.invariant}{who}")
     console.print(f"  {v.detail}")
     console.print("state:")
     for line in v.state:
         console.print(f"  {line}")
-    console.print(f"replay: kvmmem explore FILE --replay {result.token}")
-    if result.replay_file is not None:
-        console.print(f"replay token written to {result.replay_file}")
+
+
+def print_replay(console: Console, scenario: str, token: Token, replayed: ReplayResult) -> None:
+    """A replayed schedule: every transition, one column per thread, and the
+    violation it ends in (if any)."""
+    verdict = "VIOLATION" if replayed.violation is not None else "no violation"
+    console.print(f"{scenario}  {token.arch}  {token.variant}  replay: {verdict}, "
+                  f"{len(replayed.schedule)} transitions")
+    console.print(trace_table(replayed.threads, replayed.trace))
+    if replayed.violation is not None:
+        _print_violation(console, replayed.threads, replayed.violation)
+
+
+def replay_json(scenario: str, token: Token, replayed: ReplayResult) -> dict[str, Any]:
+    """``kvmmem explore --replay --json``: the run object of an exploration
+    with verdict ``violation`` or ``ok``, each thread's step outcomes (the
+    SCENARIOS.md outcome objects) and the replayed execution."""
+    v = replayed.violation
+    return {
+        "scenario": scenario, "arch": token.arch, "variant": token.variant,
+        "verdict": "violation" if v is not None else "ok", "executions": 1,
+        "violations": [] if v is None else [v.to_json()],
+        "schedule": token.encode(), "replay": True,
+        "outcomes": dict(zip(replayed.threads, replayed.outcomes, strict=True)),
+        "trace": [{"event": e.number, "thread": replayed.threads[e.thread], "lines": e.lines}
+                  for e in replayed.trace],
+        **({"state": v.state} if v is not None else {}),
+    }

@@ -282,7 +282,7 @@ class _Systematic(_Explorer):
             alternatives = ([node.choice] if depth == len(stack) - 1 else []) + node.todo
             base = tuple(n.choice for n in stack[:depth])
             for alt in alternatives:
-                out.append(Task(self.result.task + (len(out),), base + (alt,), visited=visited))
+                out.append(Task((*self.result.task, len(out)), (*base, alt), visited=visited))
         return out
 
     def _execution(self, stack: list[_Node]) -> None:
@@ -297,17 +297,16 @@ class _Systematic(_Explorer):
             self.finish(ex, 0, 0)
             return
         # replay the nodes whose transitions are known
-        for node in stack[:-1]:
-            schedule.append(node.choice)
-            if len(node.enabled) > 1:
-                choices.append(node.choice)
-            ex.step(node.choice)
-        node = stack[-1] if stack else None
+        for known in stack[:-1]:
+            schedule.append(known.choice)
+            if len(known.enabled) > 1:
+                choices.append(known.choice)
+            ex.step(known.choice)
         pending: _Node | None = None
-        if node is not None:
-            if not self._transition(ex, node, schedule, choices):
+        if stack:
+            if not self._transition(ex, stack[-1], schedule, choices):
                 return
-            pending = node
+            pending = stack[-1]
         # extend, first along the forced prefix, then with default choices
         while True:
             depth = len(schedule)
@@ -327,10 +326,7 @@ class _Systematic(_Explorer):
             enabled = ex.enabled()
             data, full = ex.fingerprint()
             self.seen(full)
-            if pending is not None:
-                sleep = self._close(pending, data)
-            else:
-                sleep = {}
+            sleep = self._close(pending, data) if pending is not None else {}
             if not enabled:
                 ex.deadlock()
                 self.violated(ex, schedule, choices)

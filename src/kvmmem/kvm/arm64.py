@@ -162,6 +162,7 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, prem
     the 4K Device premap of VM_PFNMAP ranges.  (The IPA-range check before
     it is the memslot layer's, ``ArchMemslotHooks.prepare_memory_region``.)"""
     writable = not new.readonly
+    refuse = vm.prepare_vma_checks
     hva: int = new.userspace_addr
     reg_end = hva + (new.npages << PAGE_SHIFT)
     premapped: list[tuple[int, int]] = []
@@ -172,13 +173,13 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, prem
             vma = vm.mm.find_vma(hva)
             if vma is None or vma.start >= reg_end:
                 break
-            if check_write and writable and not vma.flags & VM_WRITE:
+            if refuse and check_write and writable and not vma.flags & VM_WRITE:
                 raise KernelError("EPERM", "KVM_SET_USER_MEMORY_REGION",
                                   f"writable slot over a VMA without VM_WRITE at {vma.start:#x}")
             vm_start = max(hva, vma.start)
             vm_end = min(reg_end, vma.end)
             if vma.flags & VM_PFNMAP:
-                if new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                if refuse and new.flags & KVM_MEM_LOG_DIRTY_PAGES:
                     raise KernelError("EINVAL", "KVM_SET_USER_MEMORY_REGION",
                                       "dirty logging requested over a VM_PFNMAP VMA")
                 if premap:

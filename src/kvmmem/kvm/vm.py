@@ -77,6 +77,9 @@ class Vm:
         self.stage2 = make_stage2(arch, ipa_bits=ipa_bits)
         self.stage2.tlbi_listeners.append(self._on_tlbi)
         self.zapping = False
+        self.prepare_vma_checks = True
+        """arm64/riscv: whether the prepare-time VMA walk refuses (EPERM, EINVAL).
+        Off only for re-creating a reached state (validate_path_independence)."""
         self.stats = Stats()
         self.log: EventLog | None = None
         self.memslots = VmMemslots(arch, hooks=VmMemslotHooks(self))
