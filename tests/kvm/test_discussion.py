@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from kvmmem.arch.pgtable import MemAttr
-from kvmmem.errors import KernelError, ValidationError
+from kvmmem.errors import KernelError
 from kvmmem.host import PROT_READ, PROT_WRITE
 from kvmmem.kvm.invariants import validate_path_independence, validate_vm
 from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
