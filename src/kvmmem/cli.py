@@ -238,9 +238,11 @@ def explore(
 
     Verdicts: exhausted (every schedule explored, no violation), budget (the
     budget ran out first), violation (the failing execution is printed, one
-    column per thread, with a replay token, also written to a file).
+    column per thread, with a replay token, also written to a file).  A step
+    expectation that fails in some interleaving is reported the same way.
 
-    Exit status: 0 no violation; 2 bad input; 3 a violation."""
+    Exit status: 0 no violation; 1 an expectation failed; 2 bad input; 3 an
+    invariant was violated."""
     from kvmmem.explore import (
         NondeterminismError,
         SearchParams,
@@ -282,7 +284,7 @@ def explore(
             typer.echo(json.dumps(replay_json(scenario.name, token, replayed)))
         else:
             print_replay(console, scenario.name, token, replayed)
-        raise typer.Exit(3 if replayed.violation is not None else 0)
+        raise typer.Exit(replayed.exit_status)
     status = 0
     try:
         for a in arches or list(scenario.arches):

@@ -73,11 +73,15 @@ from kvmmem.scenario.model import (
     SetMemslot,
     Step,
 )
-from kvmmem.scenario.runner import EXEC_FETCH_SIZE, Runner
+from kvmmem.scenario.runner import EXEC_FETCH_SIZE, Runner, expectation_holds
 from kvmmem.sync import Sync, SyncKind, acquire, point
 from kvmmem.types import PAGE_SHIFT
 
 from .fingerprint import Canon, StatePickler
+
+EXPECTATION = "expectation"
+"""The name a failed step expectation is reported under (not an invariant:
+``kvmmem explore`` exits 1 for it, as ``run`` does)."""
 
 STEP_BEGIN = point("step")
 """The pause every thread makes before each of its steps."""
@@ -362,6 +366,13 @@ class Execution:
             error = self.locks.release(nxt, tid)
             if error is not None and failed is None:
                 failed = Violation("lock-protocol", f"{th.name}: {error}", self.transitions, tid)
+        if failed is None:
+            for step, outcome in self._done_steps:
+                if not expectation_holds(step.expect, outcome):
+                    failed = Violation(EXPECTATION, f"{th.name} step {step.index} ({step.op}): "
+                                       f"expected {step.expect}, got {outcome}",
+                                       self.transitions, tid)
+                    break
         if nxt is _SRCU_READ_LOCK and self.vm.stats.pf_retry != retries \
                 and self._would_retry_again(th):
             th.blocked = self.retry_key()

@@ -21,7 +21,7 @@ from kvmmem.kvm.vm import ARCHES
 from kvmmem.scenario.model import Scenario
 from kvmmem.variants import get_variant
 
-from .execution import Execution, TraceEvent, Violation
+from .execution import EXPECTATION, Execution, TraceEvent, Violation
 from .search import Combined, SearchParams
 from .token import Token, scenario_digest
 
@@ -44,6 +44,13 @@ class ReplayResult:
     violation: Violation | None
     schedule: list[int]
     outcomes: list[list[dict[str, Any]]]
+
+    @property
+    def exit_status(self) -> int:
+        """As :attr:`ExploreResult.exit_status`."""
+        if self.violation is None:
+            return 0
+        return 1 if self.violation.invariant == EXPECTATION else 3
 
     def signature(self) -> tuple[Any, ...]:
         """What two replays of one schedule must share."""
@@ -77,8 +84,11 @@ class ExploreResult:
 
     @property
     def exit_status(self) -> int:
-        """SCENARIOS.md: 3 a violation, else 0 (exhausted or budget)."""
-        return 3 if self.verdict == "violation" else 0
+        """SCENARIOS.md: 3 an invariant violated, 1 an expectation failed in
+        some interleaving, else 0 (exhausted or budget)."""
+        if self.violation is None:
+            return 0
+        return 1 if self.violation.invariant == EXPECTATION else 3
 
     @property
     def rate(self) -> float:

@@ -413,6 +413,53 @@ class _Systematic(_Explorer):
         return False
 
 
+# --- how many executions plain DFS would run ---------------------------------------------
+
+
+def count_dfs_executions(scenario: Scenario, arch: str, variant: str,
+                         limit: int = 10_000_000) -> int:
+    """The number of executions an unbounded plain ``dfs`` runs to exhaust the
+    scenario: the number of maximal paths through its state graph, counted
+    without running them.  The model is deterministic, so two schedules that
+    reach the same state (full fingerprint: host, VM, locks, every thread's
+    suspended frames) have the same futures, and the count of a state is the
+    sum over its enabled threads of their successors' counts (1 where the
+    execution ends: finished, deadlocked or an invariant broken).  Each
+    distinct state is expanded once; each edge replays its prefix.
+
+    Raises InputError when a state's count exceeds ``limit`` (the count is
+    then only a lower bound)."""
+    opaque = opaque_objects(scenario)
+    memo: dict[bytes, int] = {}
+
+    def replayed(prefix: list[int]) -> Execution:
+        ex = Execution(scenario, arch, variant, opaque=opaque)
+        for tid in prefix:
+            ex.step(tid)
+        return ex
+
+    def count(prefix: list[int], ex: Execution) -> int:
+        if ex.violation is not None or ex.finished:
+            return 1
+        key = ex.fingerprint()[1]
+        known = memo.get(key)
+        if known is not None:
+            return known
+        enabled = ex.enabled()
+        total = 0 if enabled else 1
+        for i, tid in enumerate(enabled):
+            child = ex if i == len(enabled) - 1 else replayed(prefix)
+            if child.step(tid) is not None:
+                child.check()
+            total += count([*prefix, tid], child)
+            if total > limit:
+                raise InputError(f"more than {limit} schedules")
+        memo[key] = total
+        return total
+
+    return count([], Execution(scenario, arch, variant, opaque=opaque))
+
+
 # --- random and PCT ------------------------------------------------------------------------
 
 

@@ -1,0 +1,108 @@
+"""The bundled races under ``kvmmem explore`` (issue 7, DESIGN.md "Invariants").
+
+Upstream keeps every invariant in every interleaving on all three
+architectures: the invalidation sequence and its re-check under mmu_lock
+(``mmu_invalidate_retry`` / ``mmu_invalidate_retry_gfn``), the TLB flush in
+``kvm_mmu_notifier_invalidate_range_start`` and the ``pte_write`` check of
+``hva_to_pfn_remapped`` are what make it so.  Each mutation removes one of
+them and the explorer finds a schedule that breaks an invariant; linux-5.4
+breaks where its 2019 code applies (the arm64/riscv prepare-time premap of
+VM_PFNMAP, the remapped-PFN lookup that reports every PFNMAP page writable).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmmem.explore import SearchParams, explore
+from kvmmem.scenario.loader import load_scenario
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+RACES = sorted(p.name for p in SCENARIOS.glob("race-*.yaml"))
+ARCHES = ("x86", "arm64", "riscv")
+ALL = ("x86", "arm64", "riscv")
+
+# scenario -> variant -> (architectures where a violation is found, the invariants it may be)
+STALE = {"no-stale-translation"}
+PERM = {"permission-containment"}
+BROKEN: dict[str, dict[str, tuple[tuple[str, ...], set[str]]]] = {
+    "race-fault-vs-munmap.yaml": {
+        "no-invalidate-retry": (ALL, STALE),  # the fault installs the freed page
+        "no-tlb-flush": (ALL, STALE),          # the TLB keeps it after the zap
+    },
+    "race-fault-vs-mprotect.yaml": {
+        "no-invalidate-retry": (ALL, PERM),   # writable over a write-protected PTE
+        "no-tlb-flush": (ALL, PERM),
+    },
+    "race-fault-vs-map-fixed.yaml": {
+        "no-invalidate-retry": (ALL, STALE),  # the replaced page
+        "no-tlb-flush": (ALL, STALE),
+    },
+    "race-device-write-vs-mprotect.yaml": {
+        # hva_to_pfn_remapped without pte_write: writable over a read-only PFNMAP PTE
+        "remapped-no-write-check": (ALL, PERM),
+        "linux-5.4": (ALL, PERM),
+        "no-invalidate-retry": (ALL, PERM),
+        "no-tlb-flush": (ALL, PERM),
+    },
+    "race-prefault-vs-munmap.yaml": {
+        # KVM_PRE_FAULT_MEMORY exists on x86 only (arm64/riscv: EINVAL, nothing mapped)
+        "no-invalidate-retry": (("x86",), STALE),
+    },
+    "race-memslot-delete-vs-fault.yaml": {
+        # the zap of the deleted slot without its flush leaves the TLB entry
+        "no-tlb-flush": (ALL, STALE),
+    },
+    "race-premap-vs-munmap.yaml": {
+        # kvm_arch_prepare_memory_region premaps outside the notifier protocol
+        "linux-5.4": (("arm64", "riscv"), STALE),
+    },
+    "race-dirty-log-vs-write.yaml": {},
+}
+VARIANTS = ("upstream", "no-invalidate-retry", "remapped-no-write-check", "no-tlb-flush",
+            "linux-5.4")
+
+
+def test_every_race_is_listed() -> None:
+    assert sorted(BROKEN) == RACES
+    assert len(RACES) >= 8
+
+
+@pytest.mark.parametrize("name", RACES)
+def test_race_verdicts(name: str) -> None:
+    """Every architecture the file names, every variant: exhausted without a
+    violation, or a violation of the expected invariant - never the budget."""
+    scenario = load_scenario(SCENARIOS / name)
+    assert scenario.arches == ARCHES
+    for arch in ARCHES:
+        for variant in VARIANTS:
+            result = explore(scenario, arch, variant, SearchParams(strategy="dpor"))
+            broken = BROKEN[name].get(variant)
+            if broken is not None and arch in broken[0]:
+                assert result.verdict == "violation", (arch, variant)
+                assert result.violation is not None
+                assert result.violation.invariant in broken[1], (arch, variant, result.violation)
+                assert result.exit_status == 3
+                assert result.token is not None and result.trace
+            else:
+                assert result.verdict == "exhausted", (arch, variant, result.violation)
+                assert result.exit_status == 0
+                assert result.executions > 1 and result.distinct_states > 1
+
+
+@pytest.mark.parametrize("name", RACES)
+def test_upstream_outcomes_are_the_kernel_ones(name: str) -> None:
+    """The outcomes seen over all interleavings: the mm or memslot change
+    always succeeds (its expectation), the guest access ends in one of the
+    outcomes the kernel gives for the two orders."""
+    scenario = load_scenario(SCENARIOS / name)
+    result = explore(scenario, "x86", "upstream")
+    assert result.verdict == "exhausted"
+    for thread, steps in result.outcomes.items():
+        for outs in steps:
+            assert outs, f"{thread}: a step never completed"
+            for text in outs:
+                assert text.split(",")[0] in ("result=ok", "result=fault", "result=mmio",
+                                              "result=error"), text
