@@ -174,6 +174,16 @@ class _Explorer:
         """A fresh execution (setup done, threads at their first pause)."""
         return Execution(self.scenario, self.arch, self.variant, opaque=self.opaque)
 
+    def start(self) -> Execution | None:
+        """A fresh execution, or None when its setup already breaks an
+        invariant (recorded as this execution's violation)."""
+        ex = self.new()
+        if ex.violation is not None:
+            self.violated(ex, [], [])
+            self.finish(ex, 0, 0)
+            return None
+        return ex
+
     def seen(self, full: bytes) -> None:
         """Record a state reached by the current execution."""
         self.result.states.setdefault(full, self.result.executions)
@@ -288,14 +298,12 @@ class _Systematic(_Explorer):
     def _execution(self, stack: list[_Node]) -> None:
         """Run one execution: replay ``stack`` (the last node with its new
         choice), then extend it with default choices to the end."""
-        ex = self.new()
+        ex = self.start()
+        if ex is None:
+            return
         bound = self.params.preemptions
         schedule: list[int] = []
         choices: list[int] = []
-        if ex.violation is not None:
-            self.violated(ex, schedule, choices)
-            self.finish(ex, 0, 0)
-            return
         # replay the nodes whose transitions are known
         for known in stack[:-1]:
             schedule.append(known.choice)
@@ -483,13 +491,11 @@ class _Sampling(_Explorer):
         return self.result
 
     def _execution(self, rng: _random.Random) -> None:
-        ex = self.new()
+        ex = self.start()
+        if ex is None:
+            return
         schedule: list[int] = []
         choices: list[int] = []
-        if ex.violation is not None:
-            self.violated(ex, schedule, choices)
-            self.finish(ex, 0, 0)
-            return
         pct = self.params.strategy == "pct"
         nthreads = len(ex.threads)
         depth_bug = (self.params.preemptions if self.params.preemptions is not None
