@@ -97,7 +97,7 @@ def test_failed_expectation_exits_1() -> None:
     (["--workers", "0"], "--workers: must be >= 1"),
     (["--arch", "mips"], "--arch: unknown arch 'mips'"),
     (["--variant", "linux-2.6"], "--variant: unknown variant 'linux-2.6'"),
-    (["--replay", "nonsense"], "--replay: not a kvmmem replay token"),
+    (["--replay", "nonsense"], "--replay: 'nonsense' is neither a replay token"),
     (["--replay", "kx1.AAAA"], "--replay: damaged replay token"),
     (["--dask", "tcp://127.0.0.1:9", "--workers", "2"], "--dask and --workers"),
 ])

@@ -81,8 +81,13 @@ def read_token(value: str) -> Token:
     """A token given on the command line: the token itself, or a file holding it."""
     if not value.strip().startswith(PREFIX):
         path = Path(value)
-        if path.is_file():
+        if not path.is_file():
+            raise InputError(f"--replay: {value!r} is neither a replay token ({PREFIX}...) "
+                             "nor a replay file")
+        try:
             return Token.decode(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--replay: cannot read {value}: {err}") from None
     return Token.decode(value)
 
 
