@@ -532,6 +532,13 @@ class World:
             f"{op}: a sequential fault hit the retry cap"
         if r.result != "ok":
             return
+        gfns = range(gpa >> PAGE_SHIFT, ((gpa + op.size - 1) >> PAGE_SHIFT) + 1)
+        if any(start <= g < end for start, end in lazy_pfnmap_blocks(vm) for g in gfns):
+            # the access went through an arm64 block over device frames the
+            # driver never inserted: the host has no page to compare with
+            if access is Access.WRITE:
+                self.record_write(gpa, op.size)
+            return
         if access is Access.WRITE:
             self.record_write(gpa, op.size)
             validate_coherence(vm, gpa, op.size, value)
@@ -661,6 +668,15 @@ def test_arm64_block_over_lazy_pfnmap() -> None:
                 validate_vm(vm)
         else:
             validate_vm(vm)
+
+
+def test_state_machine_reads_through_a_lazy_pfnmap_block() -> None:
+    """The sequence that found the arm64 block (reads of two pages of a lazy
+    device mapping put over the slot): the world keeps checking every
+    invariant on everything but that block, on every architecture."""
+    for arch in ARCHES:
+        replay(arch, "upstream", [*LAYOUTS["ram"], Mmap(0, 2 * M, "r--", "device-lazy", 0, None),
+                                  Guest("read", 0, 1, 0), Guest("read", 0x1000, 1, 0)])
 
 
 def replay(arch: str, variant: str, ops: list[AnyOp]) -> World:
