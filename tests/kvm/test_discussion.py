@@ -139,14 +139,19 @@ def test_two_histories_path_independence(arch: str, variant: str) -> None:
     same access outcomes.  Where prepare refuses to *create* such a slot (v5.4 arm64,
     RISC-V) the state is still reachable: kvm_arch_prepare_memory_region checks the VMAs
     only while the ioctl runs, and a later mprotect is legal.  So the invariant holds
-    everywhere; only a new KVM_SET_USER_MEMORY_REGION over the same VMA gets EPERM."""
+    everywhere, and where creation checks the VMAs it reports that the two histories
+    disagree: this slot could not be created over today's VMA (EPERM)."""
     vm = Vm(arch, variant=variant)
     hva = vm.mm.mmap(SIZE, RW, "memfd", fill=0x11)
     vm.set_user_memory_region(0, G, SIZE, hva)
     assert access(vm, G, 4, READ)["result"] == "ok"
     vm.mm.mprotect(hva, SIZE, PROT_READ)
     assert access(vm, G, 4, WRITE, 1)["result"] == "fault"
-    validate_path_independence(vm)
+    notes = validate_path_independence(vm)
+    if eperm_at_create(arch, variant):
+        assert len(notes) == 1 and "EPERM" in notes[0] and "slot 0" in notes[0]
+    else:
+        assert notes == []
     if eperm_at_create(arch, variant):
         with pytest.raises(KernelError) as err:
             vm.set_user_memory_region(1, G + SIZE, SIZE, hva)
@@ -192,10 +197,17 @@ def test_two_histories_as_scenarios(arch: str, variant: str) -> None:
     """The same two histories through the scenario runner (SCENARIOS.md contract): A
     always meets its expectations and holds every invariant (its end state is legal
     everywhere); B's memslot setup is EPERM exactly where prepare walks the VMAs, and
-    then the guest sees MMIO (no slot) instead of data / EFAULT."""
+    then the guest sees MMIO (no slot) instead of data / EFAULT.  There A's run notes
+    the disagreement (path-independence)."""
     a = run_scenario(load_scenario_text(HISTORY_A), arch, variant)
     assert a.mismatches == []
     assert a.violations == [] and a.exit_status == 0
+    if eperm_at_create(arch, variant):
+        assert [n["invariant"] for n in a.notes] == ["path-independence"]
+        assert "EPERM" in a.notes[0]["detail"]
+        assert a.to_json()["notes"] == a.notes
+    else:
+        assert a.notes == []
     b = run_scenario(load_scenario_text(HISTORY_B), arch, variant)
     assert b.violations == []
     if eperm_at_create(arch, variant):

@@ -107,6 +107,8 @@ def print_run(console: Console, result: RunResult, show: list[str]) -> None:
     for v in result.violations:
         console.print(f"[bold red]invariant {v['invariant']} violated after step {v['step']}: "
                       f"{v['detail']}[/]")
+    for note in result.notes:
+        console.print(f"[yellow]note ({note['invariant']}): {note['detail']}[/]")
     for what in show:
         text = {"stage2": stage2_text, "maps": maps_text, "stats": stats_text}[what](result)
         console.print(text, highlight=False, markup=False, soft_wrap=True)

@@ -74,6 +74,9 @@ class RunResult:
     setup: list[dict[str, Any]] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
     violations: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    """Observations of the end-of-run checks that are not violations
+    (``{"invariant", "detail"}``; see validate_path_independence)."""
     vm: Vm | None = None
     events: EventLog | None = None
 
@@ -89,7 +92,8 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         """The ``kvmmem run --json`` object."""
         return {"scenario": self.scenario, "arch": self.arch, "variant": self.variant,
-                "steps": self.steps, "violations": self.violations, "setup": self.setup}
+                "steps": self.steps, "violations": self.violations, "setup": self.setup,
+                "notes": self.notes}
 
 
 def expectation_holds(expect: dict[str, Any] | None, outcome: dict[str, Any]) -> bool:
@@ -269,7 +273,8 @@ class Runner:
                 return result
         if self.check:
             try:
-                validate_path_independence(self.vm)
+                result.notes = [{"invariant": "path-independence", "detail": note}
+                                for note in validate_path_independence(self.vm)]
             except ValidationError as err:
                 last = len(scn.steps or ()) - 1
                 result.violations.append({"invariant": err.invariant, "step": last,
