@@ -57,6 +57,9 @@ class Variant:
     """v5.4 arm64 prepare rejects a slot ending exactly at the IPA limit (``>=``)."""
     has_pre_fault_memory: bool = True
     """KVM_PRE_FAULT_MEMORY exists (added in v6.10)."""
+    x86_elide_flush_if_young: bool = True
+    """x86 selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`` (v6.13):
+    ``kvm_mmu_notifier_clear_flush_young`` ages without a TLB flush there."""
     # --- mutations ---------------------------------------------------------
     invalidate_retry: bool = True
     """The fault path re-checks ``mmu_invalidate_retry`` under mmu_lock."""
@@ -80,6 +83,7 @@ LINUX_5_4 = Variant(
     notifier_counts_every_range=True,
     ipa_limit_off_by_one=True,
     has_pre_fault_memory=False,
+    x86_elide_flush_if_young=False,
 )
 NO_INVALIDATE_RETRY = Variant(
     "no-invalidate-retry",

@@ -74,6 +74,16 @@ class Arm64Kvm(ArchKvm):
             if access is Access.EXEC:
                 return PREFETCH_ABORT
             return MMIO
+        leaf = vm.stage2.walk(gpa)
+        if leaf is not None and not leaf.young:
+            # An access flag fault (a valid leaf whose AF kvm_age_gfn cleared):
+            # handle_access_fault sets AF under the read side of mmu_lock.
+            yield acquire("mmu_lock", shared=True)
+            vm.stage2.mkyoung(gpa)
+            if vm.log is not None:
+                vm.log.emit("kvm_access_fault", ipa=gpa)
+            yield release("mmu_lock", shared=True)
+            return RESUME
         return (yield from self.user_mem_abort(vm, slot, gpa, access))
 
     def user_mem_abort(self, vm: Vm, slot: MemorySlot, gpa: int, access: Access

@@ -91,8 +91,12 @@ class KvmMmuNotifier:
         return young
 
     def clear_flush_young(self, start: Hva, end: Hva) -> bool:
-        """``kvm_mmu_notifier_clear_flush_young``: clear Accessed, flush if any was set."""
-        return self._age(start, end, True, True, "kvm_age_hva")
+        """``kvm_mmu_notifier_clear_flush_young``: clear Accessed, flush if any was
+        set -- except on x86, which selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG``
+        (v6.13; ``kvm_handle_hva_range(..., kvm_age_gfn, flush_on_ret=false)``)."""
+        vm = self.vm
+        flush = not (vm.arch_name == "x86" and vm.variant.x86_elide_flush_if_young)
+        return self._age(start, end, True, flush, "kvm_age_hva")
 
     def clear_young(self, start: Hva, end: Hva) -> bool:
         """``kvm_mmu_notifier_clear_young``: clear Accessed, never flush."""
