@@ -9,26 +9,26 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from kvmmem.arch.printer import format_entry
 from kvmmem.scenario.runner import RunResult
 
 _STYLE = {"ok": "green", "mmio": "cyan", "fault": "red", "error": "yellow", "signal": "magenta",
           "abort": "red", "violation": "bold red"}
 
 
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:#x}"
+    if isinstance(value, list):
+        return f"[{', '.join(hex(v) for v in value)}]"
+    return str(value)
+
+
 def _details(outcome: dict[str, Any]) -> str:
-    parts = []
-    for key, value in outcome.items():
-        if key in ("step", "op", "result"):
-            continue
-        if isinstance(value, bool):
-            parts.append(f"{key}={'yes' if value else 'no'}")
-        elif isinstance(value, int):
-            parts.append(f"{key}={value:#x}")
-        elif isinstance(value, list):
-            parts.append(f"{key}=[{', '.join(hex(v) for v in value)}]")
-        else:
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
+    return " ".join(f"{key}={_value(value)}" for key, value in outcome.items()
+                    if key not in ("step", "op", "result"))
 
 
 def steps_table(result: RunResult) -> Table:
@@ -47,7 +47,9 @@ def steps_table(result: RunResult) -> Table:
         mismatch = failed.get(idx) if outcome in result.steps else None
         expected = ""
         if mismatch is not None:
-            expected = "expected " + " ".join(f"{k}={v}" for k, v in mismatch.expected.items())
+            # in the notation of the details column (hex), so the two compare at a glance
+            expected = "expected " + " ".join(f"{k}={_value(v)}"
+                                              for k, v in mismatch.expected.items())
         label = outcome["op"] if outcome in result.steps else f"setup {outcome['op']}"
         table.add_row(str(idx), label, Text(res, style=_STYLE.get(res, "")), _details(outcome),
                       expected)
@@ -70,19 +72,23 @@ def maps_text(result: RunResult) -> str:
     lines.append("host mappings (/proc/PID/maps):")
     for vma in vm.mm.for_each_vma():
         flags = " ".join(vma.vm_flags_names())
+        # show_map_vma: the offset column is vm_pgoff << PAGE_SHIFT for a file
+        # mapping, 0 for anonymous memory (whose vm_pgoff is its address).
+        offset = vma.pgoff << 12 if vma.file is not None else 0
         lines.append(f"  {vma.start:012x}-{vma.end:012x} {vma.maps_perms()} "
-                     f"{vma.pgoff << 12:08x} {vma.maps_name():<24} [{flags}]")
+                     f"{offset:08x} {vma.maps_name():<24} [{flags}]")
     return "\n".join(lines)
 
 
 def stage2_text(result: RunResult) -> str:
-    """Every stage-2 leaf as the hardware holds it, with decoded fields."""
+    """Every stage-2 leaf as the hardware holds it: the entry in hex, then its
+    decoded fields (:func:`~kvmmem.arch.printer.format_entry`)."""
     vm = result.vm
     assert vm is not None
     lines = [f"stage-2 ({vm.arch_name}) leaves:"]
     for leaf in vm.stage2.for_each_leaf():
         lines.append(f"  gpa {leaf.gpa:#014x} size {leaf.size:#x} -> pfn {leaf.pfn:#x}  "
-                     f"{vm.stage2.describe_entry(leaf.raw, leaf.level)}")
+                     f"{format_entry(vm.stage2, leaf.raw, leaf.level)}")
     if len(lines) == 1:
         lines.append("  (none)")
     return "\n".join(lines)
