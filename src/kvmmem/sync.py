@@ -54,30 +54,35 @@ class Sync:
 Op = Generator[Sync, None, T]
 """A kernel operation: yields :class:`Sync` pauses, returns its result."""
 
-_cache: dict[tuple[SyncKind, str, bool], Sync] = {}
-
-
-def _sync(kind: SyncKind, name: str, shared: bool) -> Sync:
-    key = (kind, name, shared)
-    s = _cache.get(key)
-    if s is None:
-        s = _cache[key] = Sync(kind, name, shared)
-    return s
+_acquires: dict[tuple[str, bool], Sync] = {}
+_releases: dict[tuple[str, bool], Sync] = {}
+_points: dict[str, Sync] = {}
+"""The shared pauses, one table per kind (keys without the enum, whose hash
+is Python code)."""
 
 
 def acquire(lock: str, shared: bool = False) -> Sync:
     """The pause before taking ``lock`` (write side unless ``shared``)."""
-    return _sync(SyncKind.ACQUIRE, lock, shared)
+    s = _acquires.get((lock, shared))
+    if s is None:
+        s = _acquires[(lock, shared)] = Sync(SyncKind.ACQUIRE, lock, shared)
+    return s
 
 
 def release(lock: str, shared: bool = False) -> Sync:
     """The pause after dropping ``lock``."""
-    return _sync(SyncKind.RELEASE, lock, shared)
+    s = _releases.get((lock, shared))
+    if s is None:
+        s = _releases[(lock, shared)] = Sync(SyncKind.RELEASE, lock, shared)
+    return s
 
 
 def point(name: str) -> Sync:
     """A named point where another CPU may act (no lock involved)."""
-    return _sync(SyncKind.POINT, name, False)
+    s = _points.get(name)
+    if s is None:
+        s = _points[name] = Sync(SyncKind.POINT, name, False)
+    return s
 
 
 def drive(op: Op[T]) -> T:

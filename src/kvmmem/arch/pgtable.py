@@ -133,6 +133,9 @@ PERM_R = Perm(True, False, False)
 PERM_RW = Perm(True, True, False)
 PERM_RX = Perm(True, False, True)
 PERM_RWX = Perm(True, True, True)
+_PERMS = {(r, w, x): Perm(r, w, x) for r in (False, True) for w in (False, True)
+          for x in (False, True)}
+"""The eight permission sets, shared (``Perm`` is immutable): ``map`` builds none."""
 
 
 class Leaf(NamedTuple):
@@ -594,7 +597,7 @@ class Stage2:
         format's output-address width; nothing changes then.
         """
         if prot is None:
-            prot = Perm(read, write, execute)
+            prot = _PERMS.get((read, write, execute)) or Perm(read, write, execute)
         if attr is None:
             attr = MemAttr.DEVICE if device else MemAttr.NORMAL
         target = self._leaf_depth.get(size)
@@ -603,7 +606,10 @@ class Stage2:
                 or pa >> self.max_pa_bits or pfn < 0:
             self._bad_map(gpa, pfn, size)
         assert target is not None
-        new = self._leaf_bits(prot, attr, target, prefetch, host_writable) | (pa >> self._RSH)
+        bits = self._leaf_cache.get((prot, attr, target, prefetch, host_writable))
+        if bits is None:
+            bits = self._leaf_bits(prot, attr, target, prefetch, host_writable)
+        new = bits | (pa >> self._RSH)
         c = self.counters
         before = c.entries_written
         self._map_pte(gpa, new, target)
@@ -708,6 +714,37 @@ class Stage2:
         if not pte & self._V or self._is_table(pte, d):
             return None
         return self._make_leaf(gpa & ~(PAGE_SIZE - 1), pte, d, True)
+
+    def translate(self, gpa: int) -> tuple[int, bool, bool] | None:
+        """What a TLB caches from :meth:`walk`: ``(pfn, writable, executable)``
+        of ``gpa``'s page, or None when the walk faults (no valid leaf, or one
+        the hardware cannot use: :attr:`Leaf.accessible` false).  ``gpa`` must
+        be inside the IPA range (the caller checks it)."""
+        tabs = self._tabs
+        shifts = self._shift
+        masks = self._mask
+        V, TM, TV, OAM, RSH, TBS = self._V, self._TM, self._TV, self._OAM, self._RSH, self._tbs
+        last = self._last
+        slot = 0
+        d = 0
+        while True:  # _find, ending at a leaf only
+            pte: int = tabs[slot].item((gpa >> shifts[d]) & masks[d])  # type: ignore[union-attr]
+            if not pte & V:
+                return None
+            if d == last or (pte & TM) != TV:
+                break
+            slot = (((pte & OAM) << RSH) - TABLE_BASE) >> TBS
+            d += 1
+        bits = pte & ~OAM
+        dec = self._decode_cache.get(bits)
+        if dec is None:
+            dec = self._decode_cache[bits] = self._decode_leaf(bits)
+        if not dec[4]:
+            return None
+        perm = dec[0]
+        size = self._size[d]
+        pa = ((pte & OAM) << RSH) + (gpa & ~(PAGE_SIZE - 1) & (size - 1))
+        return pa >> PAGE_SHIFT, perm.write, perm.execute
 
     def _make_leaf(self, gpa: int, pte: int, d: int, offset: bool) -> Leaf:
         bits = pte & ~self._OAM

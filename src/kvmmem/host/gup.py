@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import InputError, KernelError
+from kvmmem.host import mm as _mm  # imports this module: VM_FAULT_* are read at call time
 from kvmmem.host.pagetable import (
     PFN_SHIFT,
     PTE_MIGRATION,
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from kvmmem.host.mm import Mm
 
 _LOCK = "mmap_lock"
+_MMAP_READ_LOCK = acquire(_LOCK, shared=True)
+_MMAP_READ_UNLOCK = release(_LOCK, shared=True)
 
 
 def _addr(hva: object, call: str) -> int:
@@ -55,20 +58,29 @@ def get_user_page_fast_only(mm: Mm, hva: int, write: bool) -> Pfn | None:
     Returns the pfn with a reference taken, or None when the PTE is not
     present, not writable for a write, special (zero page, PFNMAP), PROT_NONE,
     a migration entry, or the page is poisoned."""
-    a = _addr(hva, "get_user_page_fast_only")
-    w = _write(write, "get_user_page_fast_only")
-    e, huge = mm.pt.entry(a)
+    return gup_fast(mm, _addr(hva, "get_user_page_fast_only"),
+                    _write(write, "get_user_page_fast_only"))
+
+
+def gup_fast(mm: Mm, addr: int, write: bool) -> Pfn | None:
+    """``gup_fast()`` for one page: :func:`get_user_page_fast_only` on an
+    address and flag already checked (KVM's ``hva_to_pfn_fast``, whose hva is
+    a slot's user address)."""
+    slot = mm.pt.pmd.get(addr >> 21)
+    if slot is None:
+        return None
+    if isinstance(slot, int):
+        e = slot
+        pfn = (e >> PFN_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
+    else:
+        e = slot[(addr >> PAGE_SHIFT) & 511]
+        pfn = e >> PFN_SHIFT
     if not e & PTE_PRESENT or e & (PTE_SPECIAL | PTE_PROTNONE | PTE_MIGRATION):
         return None
-    if w and not e & PTE_WRITE:
+    if write and not e & PTE_WRITE:
         return None
-    pfn = e >> PFN_SHIFT
-    if huge:
-        pfn += (a >> PAGE_SHIFT) & 511
-    pm = mm.physmem
-    if pm.is_hwpoison(pfn) or pm.page_count(pfn) <= 0:
+    if not mm.physmem.try_get_page(pfn):
         return None
-    pm.get_page(pfn)
     return Pfn(pfn)
 
 
@@ -80,57 +92,62 @@ def get_user_pages_op(mm: Mm, hva: int, write: bool) -> Op[Pfn]:
     SIGSEGV), EHWPOISON (poisoned page), ENOMEM (fault OOM)."""
     a = _addr(hva, "get_user_pages")
     w = _write(write, "get_user_pages")
-    call = f"get_user_pages({a:#x}, write={w})"
+    return (yield from get_user_pages_unlocked_op(mm, a, w))
+
+
+def get_user_pages_unlocked_op(mm: Mm, addr: int, write: bool) -> Op[Pfn]:
+    """:func:`get_user_pages_op` on an address and flag already checked
+    (``get_user_pages_unlocked`` as KVM's ``hva_to_pfn_slow`` calls it)."""
     pm = mm.physmem
-    yield acquire(_LOCK, shared=True)
+    yield _MMAP_READ_LOCK
     err: KernelError | None = None
     result = -1
-    from kvmmem.host.mm import (
-        VM_FAULT_HWPOISON,
-        VM_FAULT_OOM,
-        VM_FAULT_RETRY,
-        VM_FAULT_SIGBUS,
-        VM_FAULT_SIGSEGV,
-    )
-
     tries = 0
     while tries < 64:
-        vma = mm.vma_lookup(a)
+        vma = mm.vma_lookup(addr)
         if vma is None:
-            err = KernelError("EFAULT", call, "no VMA")
+            err = KernelError("EFAULT", _gup_call(addr, write), "no VMA")
             break
         if vma.flags & (VM_IO | VM_PFNMAP):
-            err = KernelError("EFAULT", call, "VM_IO | VM_PFNMAP (check_vma_flags)")
+            err = KernelError("EFAULT", _gup_call(addr, write),
+                              "VM_IO | VM_PFNMAP (check_vma_flags)")
             break
-        if not vma.flags & (VM_WRITE if w else VM_READ):
-            err = KernelError("EFAULT", call, "VMA lacks the access right (check_vma_flags)")
+        if not vma.flags & (VM_WRITE if write else VM_READ):
+            err = KernelError("EFAULT", _gup_call(addr, write),
+                              "VMA lacks the access right (check_vma_flags)")
             break
-        pfn = mm._present_pfn(a, w)
+        pfn = mm._present_pfn(addr, write)
         if pfn >= 0:
             if pm.is_hwpoison(pfn):
-                err = KernelError("EHWPOISON", call, "page is poisoned")
+                err = KernelError("EHWPOISON", _gup_call(addr, write), "page is poisoned")
                 break
             pm.get_page(pfn)
             result = pfn
             break
-        code = yield from mm.handle_mm_fault_op(vma, a, w)
-        if code & VM_FAULT_HWPOISON:
-            err = KernelError("EHWPOISON", call, "page is poisoned")
+        code = yield from mm.handle_mm_fault_op(vma, addr, write)
+        if code & _mm.VM_FAULT_HWPOISON:
+            err = KernelError("EHWPOISON", _gup_call(addr, write), "page is poisoned")
             break
-        if code & VM_FAULT_OOM:
-            err = KernelError("ENOMEM", call, "fault out of memory")
+        if code & _mm.VM_FAULT_OOM:
+            err = KernelError("ENOMEM", _gup_call(addr, write), "fault out of memory")
             break
-        if code & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV):
-            err = KernelError("EFAULT", call, "the fault would signal (vm_fault_to_errno)")
+        if code & (_mm.VM_FAULT_SIGBUS | _mm.VM_FAULT_SIGSEGV):
+            err = KernelError("EFAULT", _gup_call(addr, write),
+                              "the fault would signal (vm_fault_to_errno)")
             break
-        if not code & VM_FAULT_RETRY:
+        if not code & _mm.VM_FAULT_RETRY:
             tries += 1
-    yield release(_LOCK, shared=True)
+    yield _MMAP_READ_UNLOCK
     if err is not None:
         raise err
     if result < 0:  # pragma: no cover - a fault that never resolves
-        raise KernelError("EFAULT", call, "fault did not resolve")
+        raise KernelError("EFAULT", _gup_call(addr, write), "fault did not resolve")
     return Pfn(result)
+
+
+def _gup_call(addr: int, write: bool) -> str:
+    """How a get_user_pages error names the call."""
+    return f"get_user_pages({addr:#x}, write={write})"
 
 
 def get_user_pages(mm: Mm, hva: int, write: bool) -> Pfn:

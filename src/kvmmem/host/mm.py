@@ -479,7 +479,12 @@ class Mm:
 
     def host_mapping_size(self, hva: int) -> int:
         """``host_pfn_mapping_level`` as bytes: 2 MiB for a huge leaf, 4096 for a PTE, 0 if none."""
-        e, huge = self.pt.entry(_ulong(hva, "host_mapping_size: hva"))
+        return self.mapping_size(_ulong(hva, "host_mapping_size: hva"))
+
+    def mapping_size(self, addr: int) -> int:
+        """:meth:`host_mapping_size` of an address already checked (KVM's
+        ``host_pfn_mapping_level`` on a slot's hva)."""
+        e, huge = self.pt.entry(addr)
         if not e & PTE_PRESENT or e & PTE_MIGRATION:
             return 0
         return PMD_SIZE if huge else PAGE_SIZE

@@ -335,6 +335,21 @@ class PhysMem:
             raise InputError(f"get_page: pfn {pfn:#x} is free (refcount 0)")
         self._ref[i] += 1
 
+    def try_get_page(self, pfn: int) -> bool:
+        """``try_grab_folio_fast()`` as ``gup_fast`` uses it: take a reference on
+        the folio holding ``pfn`` unless the page is poisoned or the folio free
+        (False then).  Raises :class:`InputError` like :meth:`page_count` for a
+        pfn without struct page."""
+        i = self._index(pfn, "page_count")
+        if self._flags[i] & PG_HWPOISON:
+            return False
+        if self._flags[i] & PG_TAIL:
+            i = (pfn & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN
+        if self._ref[i] <= 0:
+            return False
+        self._ref[i] += 1
+        return True
+
     def put_page(self, pfn: int) -> None:
         """``put_page()``/``folio_put()``: drop a reference; at zero the folio is freed.
 

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 PREFETCH_ABORT = FaultResult(Fault.ABORT, abort="prefetch abort")
 ADDRESS_SIZE_FAULT = FaultResult(Fault.ABORT, abort="address size fault")
+_MMAP_READ_LOCK = acquire("mmap_lock", shared=True)
+_MMAP_READ_UNLOCK = release("mmap_lock", shared=True)
+_MMU_READ_LOCK = acquire("mmu_lock", shared=True)
+_MMU_READ_UNLOCK = release("mmu_lock", shared=True)
 
 
 def get_vma_page_shift(vma: Vma, hva: int) -> int:
@@ -98,10 +102,10 @@ class Arm64Kvm(ArchKvm):
         logging = memslot_is_logging(slot)
         force_pte = logging
 
-        yield acquire("mmap_lock", shared=True)
+        yield _MMAP_READ_LOCK
         vma = mm.vma_lookup(hva)
         if vma is None:
-            yield release("mmap_lock", shared=True)
+            yield _MMAP_READ_UNLOCK
             return EFAULT
         if force_pte:
             vma_shift = PAGE_SHIFT
@@ -117,7 +121,7 @@ class Arm64Kvm(ArchKvm):
             size = PAGE_SIZE
         vm_flags = vma.flags
         mmu_seq = vm.mmu_invalidate_seq
-        yield release("mmap_lock", shared=True)
+        yield _MMAP_READ_UNLOCK
 
         fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
         if fin.pfn == KVM_PFN_ERR_HWPOISON:
@@ -132,19 +136,19 @@ class Arm64Kvm(ArchKvm):
             kvm_release_faultin_page(mm, fin)
             return PREFETCH_ABORT
 
-        yield acquire("mmu_lock", shared=True)
+        yield _MMU_READ_LOCK
         if variant.invalidate_retry and mmu_invalidate_retry(vm, mmu_seq):
-            yield release("mmu_lock", shared=True)
+            yield _MMU_READ_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
         # transparent_hugepage_adjust: a THP behind the hva allows a PMD block.
         if size == PAGE_SIZE and not force_pte and not device \
                 and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
-                and mm.host_mapping_size(hva) >= PMD_SIZE:
+                and mm.mapping_size(hva) >= PMD_SIZE:
             size = PMD_SIZE
         vm.install(slot, gpa, fin.pfn, size, write=writable, execute=exec_fault,
                    device=device, access=access)
-        yield release("mmu_lock", shared=True)
+        yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:
             vm.mark_page_dirty(slot, gfn)

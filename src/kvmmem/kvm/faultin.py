@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
 from kvmmem.host import Mm
+from kvmmem.host.gup import get_user_pages_unlocked_op, gup_fast
 from kvmmem.host.vma import VM_IO, VM_PFNMAP
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import Hva, Pfn
@@ -104,26 +105,37 @@ def kvm_faultin_pfn(
     """``__kvm_faultin_pfn(slot, gfn, write ? FOLL_WRITE : 0, ...)``.
 
     Returns a :class:`Faultin`; never raises for a resolution failure (that is
-    an error pfn, as in the kernel)."""
+    an error pfn, as in the kernel).  The slot is read when the operation is
+    made (the caller runs it at once): the hva resolution itself never pauses."""
     hva, slot_writable = gfn_to_hva_memslot_prot(slot, gfn, write)
     if hva == KVM_HVA_ERR_RO_BAD:
-        return Faultin(KVM_PFN_ERR_RO_FAULT, False, False, hva)
+        return _resolved(Faultin(KVM_PFN_ERR_RO_FAULT, False, False, hva))
     if hva >= PAGE_OFFSET:
-        return Faultin(KVM_PFN_NOSLOT, False, False, hva)
+        return _resolved(Faultin(KVM_PFN_NOSLOT, False, False, hva))
     # A read-only slot never asks for a writable mapping.
-    return (yield from hva_to_pfn(mm, variant, Hva(hva), write, slot_writable))
+    return hva_to_pfn(mm, variant, hva, write, slot_writable)
 
 
-def hva_to_pfn(mm: Mm, variant: Variant, hva: Hva, write: bool, want_writable: bool) -> Op[Faultin]:
-    """``hva_to_pfn()``: fast GUP, slow GUP, then the VM_IO/VM_PFNMAP lookup."""
+def _resolved(fin: Faultin) -> Op[Faultin]:
+    """A fault-in decided without touching the host mm (no pause)."""
+    return fin
+    yield  # pragma: no cover
+
+
+def hva_to_pfn(mm: Mm, variant: Variant, hva: int, write: bool, want_writable: bool
+               ) -> Op[Faultin]:
+    """``hva_to_pfn()``: fast GUP, slow GUP, then the VM_IO/VM_PFNMAP lookup.
+
+    ``hva`` is a slot's user address below ``PAGE_OFFSET`` and ``write`` a
+    bool: GUP is called without re-checking its arguments."""
     # hva_to_pfn_fast: only when a writable page is wanted or needed.
     if write or want_writable:
-        pfn = mm.get_user_page_fast_only(hva, True)
+        pfn = gup_fast(mm, hva, True)
         if pfn is not None:
             return Faultin(pfn, True, True, hva)
     # hva_to_pfn_slow: get_user_pages_unlocked (may fault the page in).
     try:
-        pfn = yield from mm.get_user_pages_op(hva, write)
+        pfn = yield from get_user_pages_unlocked_op(mm, hva, write)
     except KernelError as err:
         if err.errno == "EHWPOISON":
             return Faultin(KVM_PFN_ERR_HWPOISON, False, False, hva)
@@ -132,7 +144,7 @@ def hva_to_pfn(mm: Mm, variant: Variant, hva: Hva, write: bool, want_writable: b
         writable = write
         if not write and want_writable:
             # Opportunistic upgrade: a read that finds the page already writable.
-            wpfn = mm.get_user_page_fast_only(hva, True)
+            wpfn = gup_fast(mm, hva, True)
             if wpfn is not None:
                 mm.physmem.put_page(pfn)
                 pfn, writable = wpfn, True
@@ -144,7 +156,7 @@ def hva_to_pfn(mm: Mm, variant: Variant, hva: Hva, write: bool, want_writable: b
         if vma is None or not vma.flags & (VM_IO | VM_PFNMAP):
             yield release("mmap_lock", shared=True)
             return Faultin(KVM_PFN_ERR_FAULT, False, False, hva)
-        result = yield from hva_to_pfn_remapped(mm, variant, hva, write, want_writable)
+        result = yield from hva_to_pfn_remapped(mm, variant, Hva(hva), write, want_writable)
         yield release("mmap_lock", shared=True)
         if result is not None:
             return result

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     from kvmmem.kvm.vm import Vm
 
 EOPNOTSUPP = FaultResult(Fault.ERRNO, errno="EOPNOTSUPP")
+_MMAP_READ_LOCK = acquire("mmap_lock", shared=True)
+_MMAP_READ_UNLOCK = release("mmap_lock", shared=True)
+_MMU_LOCK = acquire("mmu_lock")
+_MMU_UNLOCK = release("mmu_lock")
 
 
 class RiscvKvm(ArchKvm):
@@ -66,10 +70,10 @@ class RiscvKvm(ArchKvm):
         gfn = gpa >> PAGE_SHIFT
         hva = vm.gfn_to_hva(slot, gfn)
         logging = memslot_is_logging(slot)
-        yield acquire("mmap_lock", shared=True)
+        yield _MMAP_READ_LOCK
         vma = mm.vma_lookup(hva)
         if vma is None:
-            yield release("mmap_lock", shared=True)
+            yield _MMAP_READ_UNLOCK
             return EFAULT
         size = 1 << vma.page_shift
         if logging or vma.flags & VM_PFNMAP:
@@ -78,7 +82,7 @@ class RiscvKvm(ArchKvm):
             size = PAGE_SIZE
         mmu_seq = vm.mmu_invalidate_seq
         is_pfnmap = bool(vma.flags & VM_PFNMAP)
-        yield release("mmap_lock", shared=True)
+        yield _MMAP_READ_UNLOCK
 
         fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
         if fin.pfn == KVM_PFN_ERR_HWPOISON:
@@ -88,20 +92,20 @@ class RiscvKvm(ArchKvm):
         writable = fin.map_writable
         if logging and not write:
             writable = False
-        yield acquire("mmu_lock")
+        yield _MMU_LOCK
         if variant.invalidate_retry and mmu_invalidate_retry(vm, mmu_seq):
-            yield release("mmu_lock")
+            yield _MMU_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
         if size == PAGE_SIZE and not logging and not is_pfnmap \
                 and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
-                and mm.host_mapping_size(hva) >= PMD_SIZE:
+                and mm.mapping_size(hva) >= PMD_SIZE:
             size = PMD_SIZE  # THP support (ed7ae7a34bea, late 2025)
         # kvm_riscv_gstage_map_page derives no memory type (no pgprot_noncached):
         # PBMT stays 0 and the platform's PMAs decide, device frames included.
         vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True, device=False,
                    access=Access.WRITE if write else Access.READ)
-        yield release("mmu_lock")
+        yield _MMU_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:
             vm.mark_page_dirty(slot, gfn)

@@ -160,13 +160,13 @@ class Vcpu:
     def _translate(self, gpa: int, access: Access) -> TlbEntry | None:
         """The TLB, then a stage-2 walk: a translation allowing ``access``, or None."""
         gfn = gpa >> PAGE_SHIFT
-        entry = self.tlb.get(gfn)
+        tlb = self.tlb
+        entry = tlb.get(gfn)
         if entry is None:
             leaf = self.vm.stage2_lookup(gpa)
             if leaf is None:
                 return None
-            entry = TlbEntry(leaf[0], leaf[1], leaf[2])
-            self.tlb[gfn] = entry
+            entry = tlb[gfn] = TlbEntry(*leaf)
         if access is Access.WRITE and not entry.writable:
             return None
         if access is Access.EXEC and not entry.executable:
@@ -180,12 +180,22 @@ class Vcpu:
         """A guest access run to completion (the sequential driver).
 
         An access inside one page that hits the TLB completes here without
-        entering the operation machinery (what the hardware does on a hit)."""
+        entering the operation machinery (what the hardware does on a hit); on
+        a miss its one fragment is driven without :meth:`access_op`'s loop."""
         if (path or self.path) == "native" and (gpa & (PAGE_SIZE - 1)) + size <= PAGE_SIZE:
             entry = self.tlb.get(gpa >> PAGE_SHIFT)
             if entry is not None and (access is Access.READ or (
                     entry.writable if access is Access.WRITE else entry.executable)):
                 return self.vm.touch_frame(entry.pfn, gpa, size, access, value)
+            if size > 0:
+                frag_val = value & ((1 << (8 * size)) - 1)
+                op = self._fragment_op(gpa, size, access, frag_val, False)
+                try:
+                    while True:
+                        next(op)
+                except StopIteration as stop:
+                    r: AccessResult = stop.value
+                return self._one_fragment_result(r, gpa, size, access, frag_val)
         op = self.access_op(gpa, size, access, value, path=path)
         try:
             while True:
@@ -193,6 +203,18 @@ class Vcpu:
         except StopIteration as stop:
             result: AccessResult = stop.value
             return result
+
+    def _one_fragment_result(self, r: AccessResult, gpa: int, size: int, access: Access,
+                             value: int) -> AccessResult:
+        """What :meth:`access_op` returns for an access that is the single
+        fragment ``r`` (at ``gpa``, ``size`` bytes, ``value`` masked)."""
+        if r.result == "ok":
+            if access is Access.READ:
+                return r if r.value is not None else AccessResult("ok", value=0)
+            return r if r.value is None else AccessResult("ok")
+        if r.result == "mmio":
+            return self._mmio_exit(gpa, size, access, value, None)
+        return r
 
     def access_op(self, gpa: int, size: int, access: Access, value: int = 0,
                   path: str | None = None) -> Op[AccessResult]:
@@ -231,19 +253,27 @@ class Vcpu:
                 return r
             done += frag_len
         if mmio_gpa >= 0:
-            vm.stats.mmio_exits += 1
-            vm.stats.exits += 1
-            is_write = access is Access.WRITE
-            if vm.log is not None:
-                vm.log.emit("kvm_mmio", type="write" if is_write else "unsatisfied-read",
-                            len=mmio_len, gpa=mmio_gpa, val=mmio_data if is_write else 0)
             # The MMIO read is answered with zero bytes: the value holds the RAM part.
-            return AccessResult("mmio", value=got if ram_part and access is Access.READ else None,
-                                gpa=mmio_gpa, length=mmio_len, is_write=is_write,
-                                data=mmio_data)
+            return self._mmio_exit(mmio_gpa, mmio_len, access, mmio_data,
+                                   got if ram_part and access is Access.READ else None)
         if access is Access.READ:
             return AccessResult("ok", value=got)
         return AccessResult("ok")
+
+    def _mmio_exit(self, gpa: int, length: int, access: Access, data: int,
+                   value: int | None) -> AccessResult:
+        """The KVM_EXIT_MMIO of an access whose first MMIO fragment is
+        ``[gpa, gpa + length)`` (``data`` its bytes for a write); ``value`` is
+        the RAM part a read got."""
+        vm = self.vm
+        vm.stats.mmio_exits += 1
+        vm.stats.exits += 1
+        is_write = access is Access.WRITE
+        if vm.log is not None:
+            vm.log.emit("kvm_mmio", type="write" if is_write else "unsatisfied-read",
+                        len=length, gpa=gpa, val=data if is_write else 0)
+        return AccessResult("mmio", value=value, gpa=gpa, length=length, is_write=is_write,
+                            data=data)
 
     def _fragment_op(self, gpa: int, size: int, access: Access, value: int,
                      emulated: bool) -> Op[AccessResult]:

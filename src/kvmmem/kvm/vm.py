@@ -145,12 +145,10 @@ class Vm:
         """The hardware walk: ``(pfn, writable, executable)`` of the leaf
         mapping ``gpa``, or None when the walk faults (no valid leaf, or the
         access flag is clear on arm64)."""
-        if gpa >> self.stage2.ipa_bits:
+        stage2 = self.stage2
+        if gpa >> stage2.ipa_bits:
             return None
-        leaf = self.stage2.walk(gpa)
-        if leaf is None or not leaf.accessible:
-            return None
-        return leaf.pfn, leaf.perm.write, leaf.perm.execute
+        return stage2.translate(gpa)
 
     def install(self, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
                 execute: bool, device: bool, access: Access | None) -> None:
@@ -170,15 +168,16 @@ class Vm:
                 if access is not None:
                     self.stats.pf_fixed += 1
                 return
-        level = _PG_LEVEL.get(size, 0)
-        if self.log is not None:
-            self.log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn, level=level)
+        log = self.log
+        if log is not None:
+            log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn,
+                     level=_PG_LEVEL.get(size, 0))
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
                         device=device, prefetch=access is None and self.arch_name == "x86")
-        if self.log is not None:
-            self.log.emit("kvm_mmu_set_spte", gfn=base_gpa >> PAGE_SHIFT, pfn=base_pfn,
-                          level=level,
-                          perm=("r" + ("w" if write else "-") + ("x" if execute else "-")))
+        if log is not None:
+            log.emit("kvm_mmu_set_spte", gfn=base_gpa >> PAGE_SHIFT, pfn=base_pfn,
+                     level=_PG_LEVEL.get(size, 0),
+                     perm=("r" + ("w" if write else "-") + ("x" if execute else "-")))
         if access is not None:
             self.stats.pf_fixed += 1
         del slot

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from kvmmem.kvm.vm import Vm
 
 INVALID_OPCODE = FaultResult(Fault.ABORT, abort="#UD")
+_MMU_READ_LOCK = acquire("mmu_lock", shared=True)
+_MMU_READ_UNLOCK = release("mmu_lock", shared=True)
 
 
 def lpage_disallowed(slot: MemorySlot, gfn: int, size: int) -> bool:
@@ -56,8 +58,9 @@ class X86Kvm(ArchKvm):
     max_level_size = PUD_SIZE
 
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
-        """``kvm_mmu_page_fault`` -> ``kvm_tdp_page_fault`` for a guest access."""
-        return (yield from self.tdp_page_fault(vm, gpa, access, prefetch=False))
+        """``kvm_mmu_page_fault`` -> ``kvm_tdp_page_fault`` for a guest access
+        (the operation is ``tdp_page_fault``'s own: no forwarding layer)."""
+        return self.tdp_page_fault(vm, gpa, access, prefetch=False)
 
     def tdp_page_fault(self, vm: Vm, gpa: int, access: Access, *, prefetch: bool
                        ) -> Op[FaultResult]:
@@ -91,16 +94,16 @@ class X86Kvm(ArchKvm):
             return FaultResult(Fault.ERRNO, errno="EINTR")
         if is_error_noslot_pfn(fin.pfn):
             return EFAULT
-        yield acquire("mmu_lock", shared=True)
+        yield _MMU_READ_LOCK
         if variant.invalidate_retry and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn):
-            yield release("mmu_lock", shared=True)
+            yield _MMU_READ_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
         size = self.hugepage_adjust(vm, slot, gfn, fin.hva)
         device = not mm.physmem.pfn_valid(fin.pfn)
         vm.install(slot, gpa, fin.pfn, size, write=fin.map_writable, execute=True,
                    device=device, access=None if prefetch else access)
-        yield release("mmu_lock", shared=True)
+        yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if fin.map_writable:
             # make_spte: a writable SPTE in a logged slot is logged right away.
@@ -113,7 +116,9 @@ class X86Kvm(ArchKvm):
         (``host_pfn_mapping_level``)."""
         if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
             return PAGE_SIZE
-        host = vm.mm.host_mapping_size(hva)
+        host = vm.mm.mapping_size(hva)
+        if host < PMD_SIZE:
+            return PAGE_SIZE
         for size in (PUD_SIZE, PMD_SIZE):
             if size <= self.max_level_size and host >= size \
                     and not lpage_disallowed(slot, gfn, size):
