@@ -5,7 +5,9 @@
   exactly as the kernel would return it, and the call changed nothing.
 * :class:`InputError` - the user handed kvmmem something it cannot use (a
   bad scenario file, CLI argument or API argument of the wrong type).  The
-  message names what is wrong and where.
+  message names what is wrong and where.  A wrong-typed argument to the host
+  mm API is an :class:`ArgumentError`: both a KernelError (EINVAL) and an
+  InputError.
 * :class:`ValidationError` - an invariant of DESIGN.md does not hold.  Raised
   only by ``validate_*`` functions, never by the fast paths.
 """
@@ -49,6 +51,24 @@ class KernelError(KvmmemError):
 
 class InputError(KvmmemError):
     """Bad input from a user: file, CLI argument or API argument."""
+
+
+class ArgumentError(KernelError, InputError):
+    """A host mm API call given an argument of the wrong Python type (a ``str``
+    address, a ``bool`` length, a float hva, an object that is not a
+    :class:`~kvmmem.host.file.File` where a file is expected).
+
+    The kernel sees such a call as an invalid argument, so this *is* a
+    :class:`KernelError`: ``errno`` is ``"EINVAL"`` (``"EBADF"`` for a file
+    argument that is not a file, as mmap(2) and ftruncate(2) answer a bad fd),
+    and the call changed nothing.  It is also an :class:`InputError`, so
+    the CLI reports it as bad input (exit status 2).  Catching either base
+    catches it: code that handles every kernel failure by its errno and code
+    that handles every misuse of kvmmem see the same, one error.
+    """
+
+    def __init__(self, call: str, reason: str, errno: str = "EINVAL") -> None:
+        super().__init__(errno, call, reason)
 
 
 class ValidationError(KvmmemError):

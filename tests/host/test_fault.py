@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmmem.errors import InputError, KernelError
+from kvmmem.errors import ArgumentError, InputError, KernelError
 from kvmmem.host import (
     PROT_EXEC,
     PROT_NONE,
@@ -191,8 +191,9 @@ def test_ftruncate_errors(mm: Mm) -> None:
         mm.ftruncate(mm.open_file("/ro", P, writable=False), 0)
     with pytest.raises(KernelError):
         mm.ftruncate(mm.memfd_create("h", 0, hugetlb=True), P)
-    with pytest.raises(InputError):
+    with pytest.raises(ArgumentError) as bad:
         mm.ftruncate("f", 0)  # type: ignore[arg-type]
+    assert bad.value.errno == "EBADF"  # ftruncate(2) on something that is not a file
 
 
 def test_access_crossing_pages(mm: Mm) -> None:
@@ -210,14 +211,16 @@ def test_access_crossing_pages(mm: Mm) -> None:
 
 
 def test_access_argument_checks(mm: Mm) -> None:
-    """Bad sizes or values are API misuse (InputError)."""
+    """Bad sizes or values are API misuse (InputError); a wrong type is an
+    ArgumentError (KernelError EINVAL and InputError)."""
     a = mm.mmap(P, RW, "anon")
     with pytest.raises(InputError):
         mm.host_read(a, 0)
     with pytest.raises(InputError):
         mm.host_write(a, 1, 256)
-    with pytest.raises(InputError):
+    with pytest.raises(ArgumentError) as bad:
         mm.host_read(float(a), 1)  # type: ignore[arg-type]
+    assert bad.value.errno == "EINVAL"
     mm.host_write(a, 1, -1)
     assert mm.host_read(a, 1) == 0xFF
 

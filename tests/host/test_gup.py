@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmmem.errors import InputError, KernelError
+from kvmmem.errors import ArgumentError, KernelError
 from kvmmem.host import (
     PROT_NONE,
     PROT_READ,
@@ -175,8 +175,9 @@ def test_fixup_user_fault_errors(mm: Mm) -> None:
     mm.fixup_user_fault(b, True)
     with pytest.raises(KernelError):
         mm.mmap(2 * P, RW, "device-lazy", file=d)  # beyond the BAR
-    with pytest.raises(InputError):
+    with pytest.raises(ArgumentError) as bad:
         mm.fixup_user_fault(b, 1)  # type: ignore[arg-type]
+    assert bad.value.errno == "EINVAL"
 
 
 def test_host_mapping_size(mm: Mm) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmmem.errors import InputError, KernelError
+from kvmmem.errors import ArgumentError, InputError, KernelError
 from kvmmem.host import (
     MMAP_BASE,
     PROT_EXEC,
@@ -255,19 +255,27 @@ def test_populate_and_fill(mm: Mm) -> None:
 
 
 def test_input_errors_change_nothing(mm: Mm) -> None:
-    """Wrong Python types are API misuse: InputError, nothing changes."""
+    """Wrong Python types: ArgumentError, a KernelError EINVAL (do_mmap's answer
+    to an invalid argument) that is also an InputError; misuse of the model's
+    own mmap keywords: InputError.  Nothing changes either way."""
     mm.mmap(P, RW, "anon")
     before = mm.snapshot()
     for bad in (
         lambda: mm.mmap("4096", RW, "anon"),  # type: ignore[arg-type]
-        lambda: mm.mmap(P, RW, "ram"),
         lambda: mm.mmap(P, RW, "anon", fixed=1),  # type: ignore[arg-type]
-        lambda: mm.mmap(P, RW, "anon", file=mm.memfd_create("x", P)),
         lambda: mm.mmap(P, True, "anon"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ArgumentError) as err:
+            bad()
+        assert err.value.errno == "EINVAL" and isinstance(err.value, InputError)
+    for bad in (
+        lambda: mm.mmap(P, RW, "ram"),
+        lambda: mm.mmap(P, RW, "anon", file=mm.memfd_create("x", P)),
         lambda: mm.mmap(P, RW, "anon", fill=256),
     ):
-        with pytest.raises(InputError):
+        with pytest.raises(InputError) as err2:
             bad()
+        assert not isinstance(err2.value, KernelError)
     assert mm.snapshot()[:3] == before[:3]
 
 

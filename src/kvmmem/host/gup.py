@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvmmem.errors import InputError, KernelError
+from kvmmem.errors import ArgumentError, KernelError
 from kvmmem.host import mm as _mm  # imports this module: VM_FAULT_* are read at call time
 from kvmmem.host.pagetable import (
     PFN_SHIFT,
@@ -42,13 +42,13 @@ _MMAP_READ_UNLOCK = release(_LOCK, shared=True)
 
 def _addr(hva: object, call: str) -> int:
     if not isinstance(hva, int) or isinstance(hva, bool):
-        raise InputError(f"{call}: hva must be an int, got {hva!r}")
+        raise ArgumentError(f"{call}: hva", f"expected an int, got {hva!r}")
     return hva & ((1 << 64) - 1)
 
 
 def _write(write: object, call: str) -> bool:
     if not isinstance(write, bool):
-        raise InputError(f"{call}: write must be a bool, got {write!r}")
+        raise ArgumentError(f"{call}: write", f"expected a bool, got {write!r}")
     return write
 
 

@@ -16,9 +16,12 @@ itself applies part of a request and then reports the error (mprotect and
 madvise over a hole or onto a VMA that refuses the request: the VMAs before
 it are changed, see ``do_mprotect_pkey`` and ``madvise_walk_vmas``).
 
-Wrong Python types (a non-int address, a bool, an unknown mapping kind) are
-API misuse and raise :class:`~kvmmem.errors.InputError`.  Negative ints are
-read as the ``unsigned long`` the syscall would receive.
+Wrong Python types (a non-int address, a bool length, a non-File file) raise
+:class:`~kvmmem.errors.ArgumentError`: a KernelError EINVAL (EBADF for the
+file) that is also an InputError, and nothing changes.  Other API misuse (an
+unknown mapping kind, a fill byte out of range) is an
+:class:`~kvmmem.errors.InputError`.  Negative ints are read as the ``unsigned
+long`` the syscall would receive.
 
 The function each part mirrors is named in its docstring; the kernel sources
 are ``mm/mmap.c``, ``mm/vma.c``, ``mm/mprotect.c``, ``mm/mremap.c``,
@@ -35,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from sortedcontainers import SortedDict
 
-from kvmmem.errors import InputError, KernelError, KvmmemError
+from kvmmem.errors import ArgumentError, InputError, KernelError, KvmmemError
 from kvmmem.host import gup
 from kvmmem.host.file import File, FileKind
 from kvmmem.host.notifier import (
@@ -163,19 +166,19 @@ class HostSignal(KvmmemError):
         super().__init__(f"{signal} at {addr:#x}")
 
 
-# --- argument checking (API misuse -> InputError) -------------------------------
+# --- argument checking (a wrong type -> ArgumentError, EINVAL) -------------------
 
 
 def _ulong(value: object, what: str) -> int:
     """An ``unsigned long`` syscall argument: ints only, negatives wrap like C."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InputError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+        raise ArgumentError(what, f"expected an int, got {type(value).__name__} {value!r}")
     return value & _ULONG
 
 
 def _flag(value: object, what: str) -> bool:
     if not isinstance(value, bool):
-        raise InputError(f"{what}: expected a bool, got {value!r}")
+        raise ArgumentError(what, f"expected a bool, got {value!r}")
     return value
 
 
@@ -288,7 +291,7 @@ class Mm:
     @staticmethod
     def _size_arg(size: object, call: str) -> int:
         if not isinstance(size, int) or isinstance(size, bool):
-            raise InputError(f"{call}: size must be an int, got {size!r}")
+            raise ArgumentError(f"{call}: size", f"expected an int, got {size!r}")
         if size < 0:
             raise KernelError("EINVAL", call, "negative size")
         return size
@@ -964,7 +967,9 @@ class Mm:
 
     def _check_access(self, hva: object, size: object, call: str) -> tuple[int, int]:
         a = _ulong(hva, f"{call}: hva")
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ArgumentError(f"{call}: size", f"expected an int, got {size!r}")
+        if size <= 0:
             raise InputError(f"{call}: size must be a positive int, got {size!r}")
         if a + size > _ULONG + 1:
             raise InputError(f"{call}: access wraps the address space")
@@ -1002,7 +1007,7 @@ class Mm:
         is stored then."""
         hva, size = self._check_access(hva, size, "host_write")
         if not isinstance(value, int) or isinstance(value, bool):
-            raise InputError(f"host_write: value must be an int, got {value!r}")
+            raise ArgumentError("host_write: value", f"expected an int, got {value!r}")
         if not -(1 << (8 * size - 1)) <= value < (1 << (8 * size)):
             raise InputError(f"host_write: value {value:#x} does not fit in {size} bytes")
         value &= (1 << (8 * size)) - 1
@@ -1150,7 +1155,7 @@ class Mm:
                                  or not 0 <= fill <= 255):
             raise InputError(f"mmap: fill must be a byte 0..255, got {fill!r}")
         if file is not None and not isinstance(file, File):
-            raise InputError(f"mmap: file must be a File, got {file!r}")
+            raise ArgumentError("mmap: file", f"expected a File, got {file!r}", "EBADF")
         if fill is not None and not prot & PROT_WRITE:
             raise InputError("mmap: fill needs PROT_WRITE (userspace cannot store into a "
                              "read-only mapping: map rw, fill, then mprotect)")
@@ -1708,7 +1713,7 @@ class Mm:
         start = _ulong(addr, "madvise: addr")
         length = _ulong(length, "madvise: length")
         if isinstance(advice, bool) or not isinstance(advice, str | int):
-            raise InputError(f"madvise: advice must be a name or number, got {advice!r}")
+            raise ArgumentError("madvise: advice", f"expected a name or number, got {advice!r}")
         behavior = MADVICE.get(advice, -1) if isinstance(advice, str) else advice
         call = f"madvise({start:#x}, {length:#x}, {advice!r})"
         if behavior not in MADVICE.values():
@@ -1858,9 +1863,9 @@ class Mm:
         Raises KernelError EINVAL (negative size, hugetlbfs size not 2M
         aligned) or EBADF-like InputError for a read-only or device file."""
         if not isinstance(file, File):
-            raise InputError(f"ftruncate: expected a File, got {file!r}")
+            raise ArgumentError("ftruncate: file", f"expected a File, got {file!r}", "EBADF")
         if not isinstance(size, int) or isinstance(size, bool):
-            raise InputError(f"ftruncate: size must be an int, got {size!r}")
+            raise ArgumentError("ftruncate: size", f"expected an int, got {size!r}")
         call = f"ftruncate({file.name}, {size:#x})"
         if size < 0:
             raise KernelError("EINVAL", call, "negative size")
