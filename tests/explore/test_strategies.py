@@ -18,7 +18,7 @@ import pytest
 from kvmmem.explore import SearchParams, explore
 from kvmmem.explore.explorer import ExploreResult
 from kvmmem.explore.search import count_dfs_executions
-from kvmmem.scenario.loader import load_scenario
+from kvmmem.scenario.loader import load_scenario, load_scenario_text
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 MUNMAP = load_scenario(SCENARIOS / "race-fault-vs-munmap.yaml")
@@ -155,3 +155,36 @@ def test_dask_local_cluster_matches_one_worker() -> None:
     assert [_answer(r) for r in got] == [_answer(r) for r in expected]
     assert _answer(by_address) == _answer(expected[0])
     assert [r.verdict for r in got] == ["exhausted", "violation"]
+
+
+THREE = """
+kvmmem: 1
+name: two-vcpus-vs-mprotect
+vcpus: 2
+memory:
+  ram: {size: 8K, kind: anon, prot: rw, fill: 0x5a}
+memslots:
+  - {slot: 0, gpa: 0x0, size: 8K, memory: ram}
+threads:
+  vcpu0:
+    - guest_write: {gpa: 0x0, size: 4, value: 1}
+  vcpu1:
+    - guest_read: {gpa: 0x0, size: 4, vcpu: 1}
+  host:
+    - host_mprotect: {memory: ram, size: 8K, prot: r}
+      expect: {result: ok}
+"""
+
+
+def test_three_threads_exhaust() -> None:
+    """Two vCPUs faulting the same page while userspace write-protects it: DPOR's
+    state cache keeps a three-thread search finite (every distinct state is
+    expanded a bounded number of times) - upstream exhausts, and the no-tlb-flush
+    mutation leaves a writable TLB entry over the read-only page."""
+    scenario = load_scenario_text(THREE)
+    result = explore(scenario, "x86", "upstream")
+    assert result.verdict == "exhausted"
+    assert result.executions < 4 * result.distinct_states
+    broken = explore(scenario, "x86", "no-tlb-flush")
+    assert broken.violation is not None
+    assert broken.violation.invariant == "permission-containment"
