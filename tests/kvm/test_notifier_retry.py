@@ -283,11 +283,7 @@ def test_test_young_and_clear_young(arch: str) -> None:
     validate_vm(vm)
 
 
-@pytest.mark.parametrize("arch", [
-    pytest.param("x86", marks=pytest.mark.xfail(
-        strict=True, reason="model: the vCPU's stage-2 walk does not set the EPT "
-        "accessed bit (the CPU does, with EPT A/D enabled)")),
-    "arm64", "riscv"])
+@pytest.mark.parametrize("arch", ["x86", "arm64", "riscv"])
 def test_access_after_aging_is_young_again(arch: str) -> None:
     """After ``kvm_age_gfn`` and a TLB flush, the guest's next access makes the
     leaf young again: x86 the CPU sets EPT A on its walk (A/D enabled); arm64
@@ -404,9 +400,6 @@ def test_dirty_logging_off_maps_huge_again(arch: str, kind: str) -> None:
     validate_vm(vm)
 
 
-@pytest.mark.xfail(strict=True, reason="model: riscv looks up the existing leaf at the "
-                   "2M-aligned gpa; kvm_riscv_mmu_map passes the faulting gpa for hugetlb, "
-                   "so kvm_riscv_gstage_map_page finds no leaf there and maps the 2M leaf")
 def test_riscv_dirty_logging_off_maps_hugetlb_huge_again() -> None:
     """riscv, hugetlb backing: ``kvm_riscv_mmu_map`` picks the hugetlb size
     (``hugetlb_mapping_size``) once logging is off and calls

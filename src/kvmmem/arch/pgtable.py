@@ -581,13 +581,17 @@ class Stage2:
         write: bool = False,
         execute: bool = False,
         device: bool = False,
+        lookup: int | None = None,
     ) -> int:
         """Install one leaf mapping ``[gpa, gpa + size)`` to frames from ``pfn``.
 
         ``prot`` defaults to ``Perm(read, write, execute)``, ``attr`` to DEVICE
         if ``device`` else NORMAL.  ``prefetch`` (x86 ``make_spte``): the entry
         is made without the accessed bit.  ``host_writable`` (x86): the
-        Host-writable software bit; defaults to ``prot.write``.
+        Host-writable software bit; defaults to ``prot.write``.  ``lookup``
+        (riscv): the address ``kvm_riscv_gstage_map_page`` looks an existing
+        leaf up at, its own gpa argument, which need not be aligned to ``size``
+        (default ``gpa``).
 
         Returns the number of entries written (0 when the entry already said
         this, or on arm64 when it differs only in permissions: the kernel
@@ -612,7 +616,7 @@ class Stage2:
         new = bits | (pa >> self._RSH)
         c = self.counters
         before = c.entries_written
-        self._map_pte(gpa, new, target)
+        self._map_pte(gpa, new, target, gpa if lookup is None else lookup)
         return c.entries_written - before
 
     def _bad_map(self, gpa: int, pfn: int, size: int) -> NoReturn:
@@ -627,9 +631,10 @@ class Stage2:
         self._check_range(gpa, size, "map")
         raise InputError(f"map: cannot map {gpa:#x} -> pfn {pfn:#x} size {size:#x}")
 
-    def _map_pte(self, gpa: int, new: int, target: int) -> None:
+    def _map_pte(self, gpa: int, new: int, target: int, lookup: int) -> None:
         """Descend to depth ``target`` for ``gpa`` (allocating tables, dealing
-        with blocks on the way) and store the leaf ``new`` there."""
+        with blocks on the way) and store the leaf ``new`` there (``lookup``:
+        see :meth:`map`)."""
         tabs = self._tabs
         shifts = self._shift
         masks = self._mask
@@ -672,7 +677,7 @@ class Stage2:
                 sz = sizes[d]
                 hist.append(PteWrite(gpa & ~(sz - 1), sz, old, new))
         elif self._is_table(old, d):
-            self._map_over_table(slot, idx, old, new, d, gpa)
+            self._map_over_table(slot, idx, old, new, d, gpa, lookup)
         else:
             self._map_over_leaf(slot, idx, old, new, d, gpa)
 
@@ -684,7 +689,8 @@ class Stage2:
         self._write(slot, idx, pte, self._table_pte(child), gpa, d)
         return child
 
-    def _map_over_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
+    def _map_over_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int,
+                        lookup: int) -> None:
         """``map`` found the table ``old`` where the block goes."""
         self._replace_table(slot, idx, old, new, d, gpa)
 

@@ -142,21 +142,22 @@ class RiscvGstage(Stage2):
         self._tlbi(TlbiKind.ADDR, gpa & ~(self._size[d] - 1), self._size[d])
         return child
 
-    def _map_over_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int) -> None:
-        # kvm_riscv_gstage_map_page looks up the leaf mapping gpa first
-        # (kvm_riscv_gstage_get_leaf).  A leaf at a smaller level whose frame,
-        # aligned to the requested size, is the one being mapped only gets the
-        # new protection (kvm_riscv_gstage_update_pte_prot); otherwise
-        # kvm_riscv_gstage_set_pte overwrites the table pointer and flushes the
-        # leaf.
-        lslot, lidx, ld, pte = self._find(gpa)
+    def _map_over_table(self, slot: int, idx: int, old: int, new: int, d: int, gpa: int,
+                        lookup: int) -> None:
+        # kvm_riscv_gstage_map_page looks up the leaf mapping its gpa argument
+        # first (kvm_riscv_gstage_get_leaf), the faulting gpa for hugetlb.  A
+        # leaf at a smaller level whose frame, aligned to the requested size,
+        # is the one being mapped only gets the new protection
+        # (kvm_riscv_gstage_update_pte_prot); otherwise kvm_riscv_gstage_set_pte
+        # overwrites the table pointer and flushes the leaf.
+        lslot, lidx, ld, pte = self._find(lookup)
         if pte & self._V and ld > d and not self._is_table(pte, ld):
             size = self._size[d]
             if self._pa_of(pte) & ~(size - 1) == self._pa_of(new):
                 small = (new & ~self._OAM) | (pte & self._OAM)
                 if small != pte:
-                    self._write(lslot, lidx, pte, small, gpa, ld)
-                    self._tlbi(TlbiKind.ADDR, gpa & ~(self._size[ld] - 1), self._size[ld])
+                    self._write(lslot, lidx, pte, small, lookup, ld)
+                    self._tlbi(TlbiKind.ADDR, lookup & ~(self._size[ld] - 1), self._size[ld])
                 return
         self._replace_table(slot, idx, old, new, d, gpa)
 

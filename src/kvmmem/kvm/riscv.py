@@ -97,14 +97,18 @@ class RiscvKvm(ArchKvm):
             yield _MMU_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
+        # kvm_riscv_gstage_map_page gets the faulting gpa for a hugetlb size
+        # and the PMD-aligned one after transparent_hugepage_adjust
+        lookup = gpa
         if size == PAGE_SIZE and not logging and not is_pfnmap \
                 and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
                 and mm.mapping_size(hva) >= PMD_SIZE:
             size = PMD_SIZE  # THP support (ed7ae7a34bea, late 2025)
+            lookup = gpa & ~(PMD_SIZE - 1)
         # kvm_riscv_gstage_map_page derives no memory type (no pgprot_noncached):
         # PBMT stays 0 and the platform's PMAs decide, device frames included.
         vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True, device=False,
-                   access=Access.WRITE if write else Access.READ)
+                   access=Access.WRITE if write else Access.READ, lookup=lookup)
         yield _MMU_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:

@@ -148,13 +148,20 @@ class Vm:
         stage2 = self.stage2
         if gpa >> stage2.ipa_bits:
             return None
-        return stage2.translate(gpa)
+        found = stage2.translate(gpa)
+        if found is not None and self.arch_name == "x86":
+            # EPT with A/D enabled (what KVM turns on, enable_ept_ad_bits): the
+            # CPU's walk sets the accessed flag (Intel SDM 29.3.5)
+            stage2.hw_access(gpa, False)
+        return found
 
     def install(self, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
-                execute: bool, device: bool, access: Access | None) -> None:
+                execute: bool, device: bool, access: Access | None,
+                lookup: int | None = None) -> None:
         """Install the leaf of ``size`` covering ``gpa`` -> ``pfn`` (caller holds
         mmu_lock).  ``access`` is the faulting access (None for a prefetch or
-        a premap, which count no ``pf_fixed``)."""
+        a premap, which count no ``pf_fixed``); ``lookup`` as for
+        :meth:`Stage2.map` (riscv)."""
         base_gpa = gpa & ~(size - 1)
         base_pfn = pfn - ((gpa - base_gpa) >> PAGE_SHIFT)
         if self.arch_name == "arm64":
@@ -173,7 +180,8 @@ class Vm:
             log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn,
                      level=_PG_LEVEL.get(size, 0))
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
-                        device=device, prefetch=access is None and self.arch_name == "x86")
+                        device=device, prefetch=access is None and self.arch_name == "x86",
+                        lookup=lookup)
         if log is not None:
             log.emit("kvm_mmu_set_spte", gfn=base_gpa >> PAGE_SHIFT, pfn=base_pfn,
                      level=_PG_LEVEL.get(size, 0),
