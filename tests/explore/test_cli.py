@@ -100,6 +100,7 @@ def test_failed_expectation_exits_1() -> None:
     (["--replay", "nonsense"], "--replay: 'nonsense' is neither a replay token"),
     (["--replay", "kx1.AAAA"], "--replay: damaged replay token"),
     (["--dask", "tcp://127.0.0.1:9", "--workers", "2"], "--dask and --workers"),
+    (["--dask", "nonsense"], "--dask: 'nonsense' is not a scheduler address"),
 ])
 def test_bad_arguments_get_one_line(args: list[str], message: str) -> None:
     """Through the console entry point: one error line naming the option, exit 2."""

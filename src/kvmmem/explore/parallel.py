@@ -100,6 +100,9 @@ def _run_dask(scenario: Scenario, arch: str, variant: str, params: SearchParams,
         client = lib.Client(dask) if own else dask
     except OSError as err:
         raise InputError(f"--dask: cannot reach the scheduler at {dask!r} ({err})") from None
+    except (ValueError, TypeError) as err:  # distributed's address parsing
+        raise InputError(f"--dask: {dask!r} is not a scheduler address like "
+                         f"tcp://HOST:8786 ({err})") from None
     try:
         workers = max(1, sum(client.nthreads().values()))
 
