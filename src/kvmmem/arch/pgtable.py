@@ -721,11 +721,14 @@ class Stage2:
             return None
         return self._make_leaf(gpa & ~(PAGE_SIZE - 1), pte, d, True)
 
-    def translate(self, gpa: int) -> tuple[int, bool, bool] | None:
+    def translate(self, gpa: int, young: bool = False) -> tuple[int, bool, bool] | None:
         """What a TLB caches from :meth:`walk`: ``(pfn, writable, executable)``
         of ``gpa``'s page, or None when the walk faults (no valid leaf, or one
         the hardware cannot use: :attr:`Leaf.accessible` false).  ``gpa`` must
-        be inside the IPA range (the caller checks it)."""
+        be inside the IPA range (the caller checks it).
+
+        ``young``: a walk that succeeds then sets the leaf's accessed flag, as
+        :meth:`hw_access` for a read does (one walk instead of two)."""
         tabs = self._tabs
         shifts = self._shift
         masks = self._mask
@@ -734,7 +737,8 @@ class Stage2:
         slot = 0
         d = 0
         while True:  # _find, ending at a leaf only
-            pte: int = tabs[slot].item((gpa >> shifts[d]) & masks[d])  # type: ignore[union-attr]
+            idx = (gpa >> shifts[d]) & masks[d]
+            pte: int = tabs[slot].item(idx)  # type: ignore[union-attr]
             if not pte & V:
                 return None
             if d == last or (pte & TM) != TV:
@@ -747,6 +751,11 @@ class Stage2:
             dec = self._decode_cache[bits] = self._decode_leaf(bits)
         if not dec[4]:
             return None
+        if young:
+            new = pte | self._YOUNG
+            if new != pte:  # hw_access(gpa, False)
+                tabs[slot][idx] = new  # type: ignore[index]
+                self.counters.hw_ad_updates += 1
         perm = dec[0]
         size = self._size[d]
         pa = ((pte & OAM) << RSH) + (gpa & ~(PAGE_SIZE - 1) & (size - 1))

@@ -41,10 +41,11 @@ import numpy as np
 from sortedcontainers import SortedDict, SortedList, SortedSet
 
 SKIPPED_ATTRIBUTES = frozenset({"stats", "counters", "log", "_vmacache", "_leaf_cache",
-                                "_decode_cache"})
+                                "_decode_cache", "_last_used_slot"})
 """Attributes never part of a state: append-only statistics and event logs,
-and pure memoisation caches (the last VMA found, entry encodings) whose
-content depends on which lookups happened, not on the state."""
+and pure memoisation caches (the last VMA found, entry encodings, a vCPU's
+last memslot found) whose content depends on which lookups happened, not on
+the state."""
 
 _PRIMITIVES: frozenset[type] = frozenset({int, float, str, bytes, bool, type(None)})
 _FIELDS: dict[type, tuple[str, ...]] = {}

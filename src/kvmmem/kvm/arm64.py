@@ -71,7 +71,7 @@ class Arm64Kvm(ArchKvm):
         if gpa >> vm.stage2.ipa_bits:
             return ADDRESS_SIZE_FAULT
         gfn = gpa >> PAGE_SHIFT
-        slot = vm.gfn_to_memslot(gfn)
+        slot = vcpu.gfn_to_memslot(gfn)
         write = access is Access.WRITE
         if slot is None or slot.invalid or (write and slot.readonly):
             # The I/O branch: io_mem_abort with a valid syndrome (plain LDR/STR).

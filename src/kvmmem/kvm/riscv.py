@@ -53,7 +53,7 @@ class RiscvKvm(ArchKvm):
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``gstage_page_fault``."""
         gfn = gpa >> PAGE_SHIFT
-        slot = vm.gfn_to_memslot(gfn)
+        slot = vcpu.gfn_to_memslot(gfn)
         write = access is Access.WRITE
         if slot is None or slot.invalid or (write and slot.readonly):
             # Loads and stores are emulated as MMIO; an instruction fetch cannot be.

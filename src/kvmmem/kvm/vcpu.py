@@ -29,6 +29,7 @@ from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
+    from kvmmem.kvm.memslot import MemorySlot, MemslotSet
     from kvmmem.kvm.vm import Vm
 
 MAX_FAULT_RETRIES = 64
@@ -140,6 +141,29 @@ class Vcpu:
     index: int
     path: str = "native"
     tlb: dict[int, TlbEntry] = field(default_factory=dict)
+    _last_used_slot: tuple[MemslotSet, int, MemorySlot] | None = field(
+        default=None, init=False, repr=False, compare=False)
+    """``vcpu->last_used_slot`` with the set and generation it was found in
+    (a lookup cache: not part of the state, see explore/fingerprint.py)."""
+
+    # --- memslots ------------------------------------------------------------
+
+    def gfn_to_memslot(self, gfn: int) -> MemorySlot | None:
+        """``kvm_vcpu_gfn_to_memslot``: the active slot of address space 0
+        holding ``gfn`` (INVALID slots included), or None.  The slot this vCPU
+        found last is tried first; it is forgotten once the active set or its
+        generation changes (every memslot update moves the generation)."""
+        slots = self.vm.memslots.memslots(0)
+        gen = slots.generation
+        last = self._last_used_slot
+        if last is not None and last[0] is slots and last[1] == gen:
+            used = last[2]  # try_get_memslot
+            if used.base_gfn <= gfn < used.base_gfn + used.npages:
+                return used
+        slot = slots.search_memslots(gfn)
+        if slot is not None:
+            self._last_used_slot = (slots, gen, slot)
+        return slot
 
     # --- TLB ---------------------------------------------------------------
 
@@ -318,7 +342,7 @@ class Vcpu:
         """``kvm_vcpu_read_guest``/``kvm_vcpu_write_guest`` through the hva, as
         the x86 emulator does: anything it cannot complete is MMIO."""
         vm = self.vm
-        slot = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        slot = self.gfn_to_memslot(gpa >> PAGE_SHIFT)
         if slot is None or slot.invalid or (access is Access.WRITE and slot.readonly):
             if access is Access.EXEC:
                 # The emulator cannot fetch an instruction from MMIO: emulation

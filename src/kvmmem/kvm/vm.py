@@ -76,6 +76,8 @@ class Vm:
         self.arch: ArchKvm = make_arch_kvm(arch)
         self.stage2 = make_stage2(arch, ipa_bits=ipa_bits)
         self.stage2.tlbi_listeners.append(self._on_tlbi)
+        self._walk_sets_young = arch == "x86"
+        """Whether the hardware walk of :meth:`stage2_lookup` sets the accessed flag."""
         self.zapping = False
         self.prepare_vma_checks = True
         """arm64/riscv: whether the prepare-time VMA walk refuses (EPERM, EINVAL).
@@ -148,12 +150,9 @@ class Vm:
         stage2 = self.stage2
         if gpa >> stage2.ipa_bits:
             return None
-        found = stage2.translate(gpa)
-        if found is not None and self.arch_name == "x86":
-            # EPT with A/D enabled (what KVM turns on, enable_ept_ad_bits): the
-            # CPU's walk sets the accessed flag (Intel SDM 29.3.5)
-            stage2.hw_access(gpa, False)
-        return found
+        # x86: EPT with A/D enabled (what KVM turns on, enable_ept_ad_bits): the
+        # CPU's walk sets the accessed flag (Intel SDM 29.3.5)
+        return stage2.translate(gpa, self._walk_sets_young)
 
     def install(self, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
                 execute: bool, device: bool, access: Access | None,

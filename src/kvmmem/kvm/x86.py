@@ -60,9 +60,9 @@ class X86Kvm(ArchKvm):
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``kvm_mmu_page_fault`` -> ``kvm_tdp_page_fault`` for a guest access
         (the operation is ``tdp_page_fault``'s own: no forwarding layer)."""
-        return self.tdp_page_fault(vm, gpa, access, prefetch=False)
+        return self.tdp_page_fault(vm, vcpu, gpa, access, prefetch=False)
 
-    def tdp_page_fault(self, vm: Vm, gpa: int, access: Access, *, prefetch: bool
+    def tdp_page_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access, *, prefetch: bool
                        ) -> Op[FaultResult]:
         """``kvm_tdp_mmu_page_fault``: faultin, stale check, map.
 
@@ -72,7 +72,7 @@ class X86Kvm(ArchKvm):
         variant = vm.variant
         gfn = gpa >> PAGE_SHIFT
         write = access is Access.WRITE
-        slot = vm.gfn_to_memslot(gfn)
+        slot = vcpu.gfn_to_memslot(gfn)
         mmu_seq = vm.mmu_invalidate_seq
         if slot is None:
             # kvm_handle_noslot_fault: MMIO (emulated); no instruction to fetch -> #UD at CPL3.
@@ -132,7 +132,7 @@ class X86Kvm(ArchKvm):
         fault path with ``prefetch`` and a read error code; returns the bytes
         from ``gpa`` to the end of the mapping that now covers it."""
         for _ in range(64):
-            r = yield from self.tdp_page_fault(vm, gpa, Access.READ, prefetch=True)
+            r = yield from self.tdp_page_fault(vm, vcpu, gpa, Access.READ, prefetch=True)
             if r.kind is Fault.RETRY:
                 continue
             if r.kind is Fault.RESUME:
