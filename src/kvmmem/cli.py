@@ -223,7 +223,7 @@ def explore(
     workers: Annotated[int, typer.Option(help="local worker processes")] = 1,
     dask: Annotated[str | None, typer.Option(
         help="run the search on the Dask cluster whose scheduler is at this address "
-             "(pip install 'kvmmem[dask]')")] = None,
+             "(pip install 'kvmmem\\[dask]')")] = None,
     replay: Annotated[str | None, typer.Option(
         help="replay a schedule: a token printed by explore, or its .replay file")] = None,
     replay_dir: Annotated[Path, typer.Option(
