@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,12 @@ def test_dask_local_cluster_matches_one_worker() -> None:
                                       "not installed")
     params = SearchParams(strategy="dpor", split=16)
     expected = [explore(PREMAP, "arm64", v, params) for v in ("upstream", "linux-5.4")]
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+    dask = pytest.importorskip("dask")
+    # the cluster's scratch space (lock files, spill) goes to a directory removed afterwards
+    with tempfile.TemporaryDirectory(prefix="kvmmem-dask-") as scratch, \
+            dask.config.set({"temporary-directory": scratch}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                     dashboard_address=None, local_directory=scratch) as cluster, \
             distributed.Client(cluster) as client:
         got = [explore(PREMAP, "arm64", v, params, dask=client)
                for v in ("upstream", "linux-5.4")]
