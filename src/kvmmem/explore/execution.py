@@ -279,6 +279,8 @@ class Execution:
         self.last: int | None = None
         """The thread that ran the latest transition."""
         self.violation: Violation | None = None
+        self.notes: list[str] = []
+        """What the end-of-run check observed that is not a violation."""
         self._opaque = opaque if opaque is not None else opaque_objects(scenario)
         self._opaque_self = dict(self._opaque)
         self._opaque_self[id(self)] = len(self._opaque)
@@ -455,9 +457,10 @@ class Execution:
         return False
 
     def check_end(self) -> bool:
-        """The end-of-run invariant (path independence); False on a violation."""
+        """The end-of-run invariant (path independence); False on a violation.
+        Its observations that are not violations go to :attr:`notes`."""
         try:
-            validate_path_independence(self.vm)
+            self.notes = validate_path_independence(self.vm)
             return True
         except ValidationError as err:
             self.violation = Violation(err.invariant, err.detail, self.transitions, None,

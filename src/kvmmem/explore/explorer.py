@@ -81,6 +81,10 @@ class ExploreResult:
     trace: list[TraceEvent] = field(default_factory=list)
     tasks: int = 0
     replay_file: str | None = None
+    notes: list[str] = field(default_factory=list)
+    """End-of-run observations that are not violations, over every execution
+    (validate_path_independence: a slot the creation-time VMA checks would
+    refuse now)."""
 
     @property
     def exit_status(self) -> int:
@@ -105,6 +109,7 @@ class ExploreResult:
             "strategy": self.strategy, "steps": self.steps,
             "preemptions": self.max_preemptions, "distinct_states": self.distinct_states,
             "seconds": round(self.seconds, 3), "outcomes": self.outcomes,
+            "notes": [{"invariant": "path-independence", "detail": n} for n in self.notes],
         }
         if self.violation is not None:
             out["schedule"] = self.token
@@ -160,7 +165,7 @@ def _result(scenario: Scenario, arch: str, variant: str, params: SearchParams,
     result = ExploreResult(scenario.name, arch, variant, params.strategy, combined.verdict,
                            combined.executions, combined.steps, combined.max_preemptions,
                            len(combined.states), seconds, threads, outcomes,
-                           tasks=combined.tasks)
+                           tasks=combined.tasks, notes=combined.notes)
     found = combined.found
     if found is not None:
         token = Token(scenario.name, scenario_digest(scenario), arch, variant,

@@ -47,6 +47,8 @@ def print_result(console: Console, result: ExploreResult) -> None:
         for i, outs in enumerate(steps):
             if outs:
                 console.print(f"  {thread}[{i}]: " + " | ".join(outs))
+    for note in result.notes:
+        console.print(f"[yellow]note (path-independence): {note}[/]")
     v = result.violation
     if v is None:
         return

@@ -125,7 +125,8 @@ class TaskResult:
     at any execution count when the results are combined under a budget:
     ``lengths[i]`` transitions and ``preemptions[i]`` of execution ``i``;
     ``states`` maps a state digest to the execution that first reached it;
-    ``outcomes`` maps ``(thread, step, outcome text)`` likewise;
+    ``outcomes`` maps ``(thread, step, outcome text)`` likewise, and
+    ``notes`` each end-of-run observation (validate_path_independence);
     ``subtasks`` is the work a systematic task left when it split."""
 
     task: tuple[int, ...]
@@ -133,6 +134,7 @@ class TaskResult:
     preemptions: list[int] = field(default_factory=list)
     states: dict[bytes, int] = field(default_factory=dict)
     outcomes: dict[tuple[int, int, str], int] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
     found: Found | None = None
     found_at: int = -1
     complete: bool = False
@@ -173,7 +175,7 @@ class _Explorer:
         self.params = params
         self.opaque = opaque_objects(scenario)
         self.result = TaskResult(task)
-        self.end_checked: dict[bytes, Violation | None] = {}
+        self.end_checked: dict[bytes, tuple[Violation | None, list[str]]] = {}
 
     def new(self) -> Execution:
         """A fresh execution (setup done, threads at their first pause)."""
@@ -209,14 +211,16 @@ class _Explorer:
 
     def end_check(self, ex: Execution, data: bytes) -> bool:
         """Path independence on a final state (once per distinct final state)."""
-        if data in self.end_checked:
-            cached = self.end_checked[data]
-            if cached is not None:
-                ex.violation = cached
-            return cached is None
-        ok = ex.check_end()
-        self.end_checked[data] = None if ok else ex.violation
-        return ok
+        cached = self.end_checked.get(data)
+        if cached is None:
+            ok = ex.check_end()
+            cached = self.end_checked[data] = (None if ok else ex.violation, ex.notes)
+        violation, notes = cached
+        for note in notes:
+            self.result.notes.setdefault(note, self.result.executions)
+        if violation is not None:
+            ex.violation = violation
+        return violation is None
 
     def violated(self, ex: Execution, schedule: list[int], choices: list[int]) -> None:
         """Record the violation the current execution found."""
@@ -606,6 +610,7 @@ class Combined:
     outcomes: dict[tuple[int, int], list[str]]
     found: Found | None
     tasks: int
+    notes: list[str] = field(default_factory=list)
 
 
 class Combiner:
@@ -662,6 +667,7 @@ class Combiner:
         executions = steps = maxp = 0
         states: set[bytes] = set()
         outcomes: dict[tuple[int, int], list[str]] = {}
+        notes: list[str] = []
         found: Found | None = None
         for r in ordered:
             allow = remaining
@@ -679,6 +685,7 @@ class Combiner:
                     outs = outcomes.setdefault((tid, idx), [])
                     if text not in outs:
                         outs.append(text)
+            notes.extend(t for t, v in r.notes.items() if v < n and t not in notes)
             remaining -= n
             if found is not None:
                 break
@@ -691,4 +698,4 @@ class Combiner:
         for outs in outcomes.values():
             outs.sort()
         return Combined(verdict, executions, steps, maxp, states, outcomes, found,
-                        len(ordered))
+                        len(ordered), sorted(notes))
