@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmmem.errors import InputError
 from kvmmem.host.mm import HostSignal
-from kvmmem.sync import Op, acquire, release
+from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
@@ -204,41 +204,13 @@ class Vcpu:
         """A guest access run to completion (the sequential driver).
 
         An access inside one page that hits the TLB completes here without
-        entering the operation machinery (what the hardware does on a hit); on
-        a miss its one fragment is driven without :meth:`access_op`'s loop."""
+        entering the operation machinery (what the hardware does on a hit)."""
         if (path or self.path) == "native" and (gpa & (PAGE_SIZE - 1)) + size <= PAGE_SIZE:
             entry = self.tlb.get(gpa >> PAGE_SHIFT)
             if entry is not None and (access is Access.READ or (
                     entry.writable if access is Access.WRITE else entry.executable)):
                 return self.vm.touch_frame(entry.pfn, gpa, size, access, value)
-            if size > 0:
-                frag_val = value & ((1 << (8 * size)) - 1)
-                op = self._fragment_op(gpa, size, access, frag_val, False)
-                try:
-                    while True:
-                        next(op)
-                except StopIteration as stop:
-                    r: AccessResult = stop.value
-                return self._one_fragment_result(r, gpa, size, access, frag_val)
-        op = self.access_op(gpa, size, access, value, path=path)
-        try:
-            while True:
-                next(op)
-        except StopIteration as stop:
-            result: AccessResult = stop.value
-            return result
-
-    def _one_fragment_result(self, r: AccessResult, gpa: int, size: int, access: Access,
-                             value: int) -> AccessResult:
-        """What :meth:`access_op` returns for an access that is the single
-        fragment ``r`` (at ``gpa``, ``size`` bytes, ``value`` masked)."""
-        if r.result == "ok":
-            if access is Access.READ:
-                return r if r.value is not None else AccessResult("ok", value=0)
-            return r if r.value is None else AccessResult("ok")
-        if r.result == "mmio":
-            return self._mmio_exit(gpa, size, access, value, None)
-        return r
+        return drive(self.access_op(gpa, size, access, value, path=path))
 
     def access_op(self, gpa: int, size: int, access: Access, value: int = 0,
                   path: str | None = None) -> Op[AccessResult]:
