@@ -227,7 +227,7 @@ def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None =
     :class:`~kvmmem.realkvm.KvmUnavailable` without a usable /dev/kvm, ``ValueError``
     for an unknown ``path``."""
     from kvmmem.realkvm import run_scenario as run_real
-    from kvmmem.realkvm.harness import DEFAULT_TIMEOUT
+    from kvmmem.realkvm.program import DEFAULT_TIMEOUT
 
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")

@@ -9,12 +9,13 @@ import pytest
 from iced_x86 import Decoder, Formatter, FormatterSyntax
 
 from kvmmem.realkvm import ioctls, probe_kvm, structs
-from kvmmem.realkvm.guest import ROUTINE_STRIDE, ROUTINES, assemble
+from kvmmem.realkvm.guest import ROUTINE_STRIDE
 from kvmmem.realkvm.harness import (
     HARNESS_WINDOW,
     HarnessConflict,
     choose_layout,
 )
+from kvmmem.realkvm.x86_code import ROUTINES, assemble, code_blob
 from kvmmem.types import GiB, MiB
 
 
@@ -84,6 +85,17 @@ def test_guest_routines_decode_as_intended() -> None:
     assert listing("write2")[:2] == ["mov [rsi],ax", "mov [rdi],rax"]
     assert listing("doorbell")[1].startswith("jmp short 0000007FC00005")
     assert listing("touch_write")[:3] == ["mov [rsi],al", "add rsi,rdx", "dec rcx"]
+
+
+def test_guest_code_is_position_independent() -> None:
+    """The bytes are the same at every base (relative branches only), so the blob the
+    host ships to an agent inside an emulated machine (no iced-x86 there) is right
+    wherever that agent's harness lands."""
+    blob = code_blob()
+    for base in (0x1000, 0x7FC0000000, 0x3F_FFC0_0000):
+        page, entries = assemble(base)
+        assert page.hex() == blob["code"]
+        assert {k: v - base for k, v in entries.items()} == blob["entries"]
 
 
 def test_layout_takes_the_highest_free_slot_and_window() -> None:

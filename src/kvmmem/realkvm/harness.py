@@ -52,10 +52,10 @@ from kvmmem.realkvm.guest import (
     RFLAGS_DEFAULT,
     RFLAGS_TF,
     PageTables,
-    assemble,
     long_mode_sregs,
 )
 from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
+from kvmmem.realkvm.program import DEFAULT_TIMEOUT
 from kvmmem.realkvm.stats import StatsFd
 from kvmmem.realkvm.structs import (
     EXIT_REASONS,
@@ -76,7 +76,6 @@ HARNESS_WINDOW = 2 * PMD_SIZE
 """The guest physical window the harness claims: its slot, then a 2 MiB hole."""
 DOORBELL_OFFSET = PMD_SIZE + 0x1000
 PROBE_OFFSET = PMD_SIZE + 0x3000
-DEFAULT_TIMEOUT = 2.0
 MAX_EXITS = 64
 """MMIO exits answered inside one access before it is reported as a runaway."""
 EXEC_POISON = 0xA000_0000_0000_0000
@@ -170,14 +169,17 @@ class RealVm:
     Raises :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without a usable /dev/kvm,
     :class:`HarnessConflict` when the scenario leaves no room.  Use as a context
     manager (or call :meth:`close`): every fd and mapping is released, also when the
-    constructor fails half-way."""
+    constructor fails half-way.  ``code``: the guest code page as
+    :func:`kvmmem.realkvm.x86_code.code_blob` gives it (encoded here when absent; an
+    agent inside an emulated machine, which has no iced-x86, is sent it)."""
 
     layout: HarnessLayout
     vm: VmFd
 
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
                  reserved_slots: Iterable[int] = (), path: str = "native",
-                 timeout: float = DEFAULT_TIMEOUT, kvm: Kvm | None = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, kvm: Kvm | None = None,
+                 code: dict[str, Any] | None = None) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, not {path!r}")
         self.reserved_gpas = tuple(reserved_gpas)
@@ -196,6 +198,7 @@ class RealVm:
         self._alias: dict[int, int] = {}
         self._doorbell_va = 0
         self._probe_va = 0
+        self._code = code
         try:
             self.kvm = Kvm() if kvm is None else kvm
             self._setup(self.kvm)
@@ -215,7 +218,12 @@ class RealVm:
         if err:
             raise OSError(err, f"harness memory: {libc.errno_name(err)}")
         self._mem = addr
-        code, self._entries = assemble(self.layout.gpa)
+        if self._code is None:
+            from kvmmem.realkvm.x86_code import code_blob  # iced-x86: host side only
+            self._code = code_blob()
+        code = bytes.fromhex(self._code["code"])
+        self._entries = {name: self.layout.gpa + offset
+                         for name, offset in self._code["entries"].items()}
         ctypes.memmove(addr, code, len(code))
         self._tables = PageTables(self.layout.gpa + PAGE_SIZE, addr + PAGE_SIZE,
                                   HARNESS_SLOT_SIZE - PAGE_SIZE)
@@ -522,6 +530,10 @@ class RealVm:
         """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
         err = self.vm.clear_dirty_log(slot, first_page, num_pages)
         return {"result": "ok"} if err is None else {"result": "error", "errno": err}
+
+    def supports(self, ioctl: str) -> bool:
+        """Whether this VM's KVM offers ``ioctl`` (its capability is non-zero)."""
+        return self.vm.supports(ioctl)
 
     # --- measurements and diagnostics -------------------------------------------------
 

@@ -13,7 +13,11 @@ Every mapping kind of SCENARIOS.md is made for real with libc calls
   mmap on: one perf-event user page (``perf_event_open`` of a disabled
   software dummy event, the only such source kvm-on-this-host.md §3.6 found)
   per 4 KiB page, placed side by side; writable ones are made writable at once
-  (a host store triggers the driver's ``pfn_mkwrite``).
+  (a host store triggers the driver's ``pfn_mkwrite``).  Given ``device_bar``
+  (a PCI BAR's sysfs ``resourceN`` file, as inside an emulated machine with an
+  ``ivshmem-plain`` device), slices of that BAR instead:
+  ``pci_mmap_resource_range`` maps them with ``io_remap_pfn_range``, every
+  frame present, no struct page.
 * ``device-lazy`` - no source here; :class:`MappingUnsupported` says why.
 
 Mappings live in an arena reserved (``PROT_NONE``, ``MAP_NORESERVE``) far from
@@ -126,8 +130,13 @@ class HostMemory:
     safe host loads/stores.  Use as a context manager (or :meth:`close`): every
     mapping, fd and the pipe are released on every path."""
 
-    def __init__(self, arena_size: int = ARENA_SIZE) -> None:
+    def __init__(self, arena_size: int = ARENA_SIZE, file_dir: str | None = None,
+                 device_bar: str | None = None) -> None:
         self.mappings: dict[str, HostMapping] = {}
+        self._file_dir = file_dir
+        """Where ``file`` mappings get their (unlinked) file: a page-cache filesystem."""
+        self._device_bar = device_bar
+        self._bar_next = 0
         self._arena = 0
         self._arena_size = arena_size
         self._pipe: tuple[int, int] | None = None
@@ -223,6 +232,12 @@ class HostMemory:
         elif kind == "thp" and _thp_mode() == "never":
             raise MappingUnsupported("transparent huge pages are disabled on this host "
                                      "(/sys/kernel/mm/transparent_hugepage/enabled)")
+        elif kind == "device" and self._device_bar is not None:
+            bar_size = os.stat(self._device_bar).st_size
+            if self._bar_next + size > bar_size:
+                raise MappingUnsupported(
+                    f"device mappings of {(self._bar_next + size) >> 10} KiB in all do not "
+                    f"fit the {bar_size >> 10} KiB PCI BAR {self._device_bar}")
         elif kind == "device" and size > MAX_DEVICE_SIZE:
             raise MappingUnsupported(
                 f"a device mapping is built from one perf-event page per 4 KiB; "
@@ -246,7 +261,7 @@ class HostMemory:
                 os.ftruncate(fd, size)
                 flags |= libc.MAP_SHARED
             else:
-                with tempfile.TemporaryFile() as tmp:  # unlinked at once: nothing on disk
+                with tempfile.TemporaryFile(dir=self._file_dir) as tmp:  # unlinked: no file
                     fd = os.dup(tmp.fileno())
                 os.ftruncate(fd, size)
                 flags |= libc.MAP_SHARED if kind == "file-shared" else libc.MAP_PRIVATE
@@ -261,7 +276,10 @@ class HostMemory:
         return err
 
     def _map_device(self, hva: int, size: int, prot: int) -> int:
-        """One perf user page per 4 KiB page, each MAP_SHARED|MAP_FIXED in place."""
+        """One perf user page per 4 KiB page, each MAP_SHARED|MAP_FIXED in place; or the
+        next unused slice of the PCI BAR, zeroed first."""
+        if self._device_bar is not None:
+            return self._map_bar(hva, size, prot)
         for off in range(0, size, PAGE_SIZE):
             fd, err = libc.perf_event_open_dummy()
             if err:
@@ -281,6 +299,25 @@ class HostMemory:
                 if value["result"] == "ok":
                     self.host_write(hva + off, 8, value["value"])
         return 0
+
+    def _map_bar(self, hva: int, size: int, prot: int) -> int:
+        assert self._device_bar is not None
+        offset = self._bar_next
+        fd = os.open(self._device_bar, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _, err = libc.mmap(hva, size, prot | libc.PROT_READ | libc.PROT_WRITE,
+                               libc.MAP_SHARED | libc.MAP_FIXED, fd, offset)
+        finally:
+            os.close(fd)
+        if err:
+            return err
+        self._bar_next += size
+        # The BAR is RAM-like and outlives scenarios: zero it with the kernel's aligned
+        # page copies (libc's memset may use instructions Device memory refuses).
+        zero = bytes(PAGE_SIZE)
+        for off in range(0, size, PAGE_SIZE):
+            self._store(hva + off, zero)
+        return libc.mprotect(hva, size, prot)
 
     def _fill(self, hva: int, size: int, kind: str, byte: int) -> None:
         if kind != "device":

@@ -1,0 +1,226 @@
+"""A scenario as plain data, and the one driver that performs it on real KVM.
+
+A *program* is a sequential scenario reduced to JSON-ready values, so that the
+same driver runs it on this host's ``/dev/kvm`` and, through the agent
+(:mod:`kvmmem.realkvm.agent`), inside an emulated machine whose Python has
+nothing but the standard library.  :func:`kvmmem.realkvm.runner.scenario_program`
+makes one from a loaded scenario; :func:`run_program` performs it.
+
+Shape (every address and size an integer)::
+
+    {"scenario": NAME, "arch": "x86" | "arm64" | "riscv", "path": "native",
+     "timeout": SECONDS, "ipa_bits": null | N,
+     "reserved_gpas": [[GPA, SIZE], ...], "reserved_slots": [ID, ...],
+     "needs": ["prefault", ...],
+     "memory": [MAPPING, ...], "memslots": [STEP, ...], "steps": [STEP, ...],
+     "x86_code": null | {"code": HEX, "entries": {ROUTINE: OFFSET}}}
+
+    MAPPING = {"name", "size", "kind", "prot", "fill": null | BYTE,
+               "at": null | [NAME, OFFSET]}
+    STEP    = {"index": I, "op": NAME, ...the step's keys (SCENARIOS.md)}
+
+``set_memslot`` steps carry ``flags`` as the uapi bit mask.  This module and
+everything it imports at the top is standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_bytes
+from kvmmem.realkvm.kvm import Kvm, KvmUnsupported
+
+Outcome = dict[str, Any]
+Program = dict[str, Any]
+
+ARCHES = ("x86", "arm64", "riscv")
+DEFAULT_TIMEOUT = 2.0
+"""Seconds one guest step may run on this host before the watchdog stops it."""
+
+
+@dataclass(slots=True)
+class RealRun:
+    """The result of one scenario on real KVM: ``supported`` (False with ``reason``
+    when the kernel or machine cannot run it), the outcomes of the ``memory`` and
+    ``memslots`` setup (``setup``) and of each step (``steps``, in order; a run that
+    became unsupported half-way keeps the steps done so far)."""
+
+    scenario: str
+    path: str
+    supported: bool = True
+    reason: str = ""
+    setup: list[Outcome] = field(default_factory=list)
+    steps: list[Outcome] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"scenario": self.scenario, "path": self.path, "supported": self.supported,
+                "reason": self.reason, "setup": self.setup, "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RealRun:
+        """The inverse of :meth:`as_dict` (what the agent sends back)."""
+        return cls(str(data["scenario"]), str(data["path"]), bool(data["supported"]),
+                   str(data.get("reason", "")), list(data.get("setup", [])),
+                   list(data.get("steps", [])))
+
+
+class ArchVm(Protocol):
+    """What :func:`run_program` needs of a real VM, whatever its architecture
+    (:class:`~kvmmem.realkvm.harness.RealVm` for x86)."""
+
+    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
+                    flags: int = 0) -> Outcome: ...
+    def guest_read(self, gpa: int, size: int, vcpu: int = 0,
+                   path: str | None = None) -> Outcome: ...
+    def guest_write(self, gpa: int, size: int, value: int, vcpu: int = 0,
+                    path: str | None = None) -> Outcome: ...
+    def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome: ...
+    def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome: ...
+    def get_dirty_log(self, slot: int) -> Outcome: ...
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome: ...
+    def supports(self, ioctl: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def host_arch() -> str:
+    """This machine's architecture in kvmmem's names (``x86``, ``arm64``, ``riscv``), or
+    ``uname -m`` for another."""
+    machine = os.uname().machine
+    return {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv"}.get(machine, machine)
+
+
+def make_vm(program: Program, kvm: Kvm | None) -> ArchVm:
+    """A real VM of the program's architecture with room for its footprint.
+
+    Raises :class:`~kvmmem.realkvm.kvm.KvmUnsupported` when this machine's KVM is of
+    another architecture, :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without
+    /dev/kvm."""
+    arch = program["arch"]
+    if arch != host_arch():
+        raise KvmUnsupported(f"this machine's KVM is {host_arch()}; the program is for {arch}")
+    ranges = [(int(g), int(s)) for g, s in program.get("reserved_gpas", ())]
+    slots = [int(s) for s in program.get("reserved_slots", ())]
+    timeout = float(program.get("timeout", DEFAULT_TIMEOUT))
+    if arch == "x86":
+        from kvmmem.realkvm.harness import RealVm
+        return RealVm(ranges, slots, path=program.get("path", "native"), timeout=timeout,
+                      kvm=kvm, code=program.get("x86_code"))
+    if arch == "arm64":
+        from kvmmem.realkvm.arm64 import Arm64Vm
+        return Arm64Vm(ranges, slots, timeout=timeout, kvm=kvm,
+                       ipa_bits=program.get("ipa_bits"))
+    if arch == "riscv":
+        from kvmmem.realkvm.riscv import RiscvVm
+        return RiscvVm(ranges, slots, timeout=timeout, kvm=kvm)
+    raise KvmUnsupported(f"no real-KVM harness for architecture {arch!r}")
+
+
+def run_program(program: Program, kvm: Kvm | None = None, file_dir: str | None = None,
+                device_bar: str | None = None) -> RealRun:
+    """Perform ``program`` on this machine's real KVM.  ``file_dir``: where ``file``
+    mappings get their file (a page-cache filesystem; default the temp dir);
+    ``device_bar``: a PCI BAR's sysfs resource file for ``device`` mappings (default:
+    perf-event pages).  Every fd and mapping is released before returning.
+
+    Raises :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without a usable /dev/kvm."""
+    out = RealRun(program["scenario"], program.get("path", "native"))
+    try:
+        with HostMemory(file_dir=file_dir, device_bar=device_bar) as host:
+            vm = make_vm(program, kvm)
+            try:
+                _check_capabilities(program, vm)
+                for mapping in program.get("memory", ()):
+                    out.setup.append({"memory": mapping["name"], **_mmap(host, mapping)})
+                for slot in program.get("memslots", ()):
+                    out.setup.append({"memslot": slot["index"], **_set_memslot(host, vm, slot)})
+                for step in program.get("steps", ()):
+                    outcome = _step(host, vm, step)
+                    out.steps.append({"step": step["index"], "op": step["op"], **outcome})
+                    if outcome["result"] == "unsupported":
+                        raise _Unsupported(outcome.get("reason", ""))
+            finally:
+                vm.close()
+    except (MappingUnsupported, KvmUnsupported, _Unsupported) as exc:
+        out.supported, out.reason = False, str(exc)
+    return out
+
+
+def _check_capabilities(program: Program, vm: ArchVm) -> None:
+    """Raise :class:`_Unsupported` when the program needs what this KVM cannot give.
+
+    ``prefault`` on x86 needs KVM_PRE_FAULT_MEMORY, which upstream x86 offers only with
+    TDP (``kvm_arch_vcpu_pre_fault_memory`` refuses a shadow-paging MMU with
+    EOPNOTSUPP; this host's nested PVM has capability 0), so the model's upstream
+    outcome has no real counterpart there.  arm64 and riscv never had it: their
+    EINVAL is itself the outcome to compare."""
+    if "prefault" in program.get("needs", ()) and program["arch"] == "x86" \
+            and not vm.supports("KVM_PRE_FAULT_MEMORY"):
+        raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this KVM uses "
+                           "shadow paging (KVM_CAP_PRE_FAULT_MEMORY is 0)")
+
+
+def _hva(host: HostMemory, step: dict[str, Any]) -> int:
+    return host.hva(step["memory"], step.get("offset", 0))
+
+
+def _mmap(host: HostMemory, mapping: dict[str, Any]) -> Outcome:
+    at = mapping.get("at")
+    hva = host.hva(at[0], at[1]) if at else None
+    return host.mmap(mapping["name"], mapping["size"], mapping["kind"], mapping["prot"],
+                     mapping.get("fill"), hva)
+
+
+def _set_memslot(host: HostMemory, vm: ArchVm, step: dict[str, Any]) -> Outcome:
+    hva = _hva(host, step) if step.get("memory") is not None else (step.get("hva") or 0)
+    return vm.set_memslot(step["slot"], step["gpa"], step["size"], hva, step["flags"])
+
+
+def _step(host: HostMemory, vm: ArchVm, step: dict[str, Any]) -> Outcome:
+    """Perform one step; returns its outcome (without ``step``/``op``)."""
+    op = step["op"]
+    vcpu, path = step.get("vcpu", 0), step.get("path")
+    if op == "guest_read":
+        return vm.guest_read(step["gpa"], step["size"], vcpu, path)
+    if op == "guest_write":
+        return vm.guest_write(step["gpa"], step["size"], step["value"], vcpu, path)
+    if op == "guest_exec":
+        return vm.guest_exec(step["gpa"], vcpu, path)
+    if op == "host_read":
+        return host.host_read(_hva(host, step), step["size"])
+    if op == "host_write":
+        return host.host_write(_hva(host, step), step["size"], step["value"])
+    if op == "host_mmap":
+        return _mmap(host, step["mapping"])
+    if op == "host_munmap":
+        mapping = host.mappings[step["memory"]]
+        offset = step.get("offset", 0)
+        size = step.get("size")
+        return host.munmap(mapping.hva + offset, mapping.size - offset if size is None else size)
+    if op == "host_mprotect":
+        return host.mprotect(_hva(host, step), step["size"], step["prot"])
+    if op == "host_madvise":
+        return host.madvise(_hva(host, step), step["size"], step["advice"])
+    if op == "set_memslot":
+        return _set_memslot(host, vm, step)
+    if op == "prefault":
+        return vm.prefault(step["gpa"], step["size"], vcpu)
+    if op == "get_dirty_log":
+        return vm.get_dirty_log(step["slot"])
+    if op == "clear_dirty_log":
+        return vm.clear_dirty_log(step["slot"], step["first_page"], step["num_pages"])
+    return {"result": "unsupported", "reason": f"step {op!r} has no real-KVM driver"}
+
+
+def probe(file_dir: str | None = None, device_bar: str | None = None) -> dict[str, Any]:
+    """What this machine offers scenarios: ``arch``, ``release``, free hugetlb bytes,
+    where ``file`` and ``device`` mappings come from."""
+    return {"arch": host_arch(), "release": os.uname().release,
+            "hugetlb_free": hugetlb_free_bytes(), "file_dir": file_dir,
+            "device_bar": device_bar}
