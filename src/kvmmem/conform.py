@@ -1,9 +1,13 @@
-"""Conformance: the same scenario on the model and on this host's real KVM.
+"""Conformance: the same scenario on the model and on a real KVM.
 
 :func:`conform_scenario` runs a sequential scenario twice - on the model
-(:func:`kvmmem.scenario.runner.Runner`, x86, the scenario's variant) and on
-``/dev/kvm`` (:func:`kvmmem.realkvm.runner.run_scenario`) - and compares the
-outcomes step by step.  The verdict is ``agree``, ``differ`` or
+(:func:`kvmmem.scenario.runner.Runner`, the target's architecture, the
+scenario's variant) and on a real kernel's KVM, the *target* - and compares the
+outcomes step by step.  A target is this host's ``/dev/kvm``
+(:class:`HostTarget`, x86) or a machine: a Debian kernel of any architecture
+booted under QEMU, whose agent runs the same driver
+(:class:`MachineTarget`, :mod:`kvmmem.machine`).  Both perform the scenario as
+a program (:mod:`kvmmem.realkvm.program`).  The verdict is ``agree``, ``differ`` or
 ``unsupported`` (SCENARIOS.md, ``kvmmem conform``); :func:`tap_lines` renders a
 list of verdicts as a kselftest-style TAP report and :func:`exit_status` gives
 the command's exit status.
@@ -25,10 +29,10 @@ What is compared (:func:`compare_outcomes`) and why:
   counts as ``value: 0``.
 * ``step`` and ``op`` are the same on both sides by construction.
 
-What makes a scenario ``unsupported`` (with the reason): it does not name x86
-(this host is x86), its variant is not ``upstream`` (the real kernel is
+What makes a scenario ``unsupported`` (with the reason): it does not name the
+target's architecture, its variant is not ``upstream`` (the real kernel is
 upstream), it is concurrent (real runs are sequential), or the real run found
-something this host cannot do (a mapping kind without a source here, a
+something the target cannot do (a mapping kind without a source there, a
 hugetlb pool that is too small, a gpa the harness cannot reach).
 """
 
@@ -37,13 +41,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvmmem.scenario.model import Scenario
 from kvmmem.scenario.runner import Runner, RunResult
 
 if TYPE_CHECKING:
+    from kvmmem.machine import Machine
     from kvmmem.realkvm import Kvm, RealRun
+    from kvmmem.realkvm.program import Program
 
 Outcome = dict[str, Any]
 
@@ -132,6 +138,11 @@ class Conformance:
     steps: list[StepComparison] = field(default_factory=list)
     setup: list[StepComparison] = field(default_factory=list)
     violations: list[dict[str, Any]] = field(default_factory=list)
+    arch: str = HOST_ARCH
+    machine: str = "host"
+    """``host`` (this host's /dev/kvm) or the machine's name, ``ARCH-VERSION``."""
+    kernel: str = ""
+    """The real kernel's release (``uname -r``)."""
 
     @property
     def differences(self) -> list[StepComparison]:
@@ -143,15 +154,81 @@ class Conformance:
         ``path``, ``setup``, ``violations`` are extensions)."""
         return {"scenario": self.scenario, "verdict": self.verdict,
                 "steps": [s.to_json() for s in self.steps], "reason": self.reason,
-                "source": self.source, "path": self.path,
+                "source": self.source, "path": self.path, "arch": self.arch,
+                "machine": self.machine, "kernel": self.kernel,
                 "setup": [s.to_json() for s in self.setup], "violations": self.violations}
 
 
-def unsupported_reason(scenario: Scenario) -> str | None:
-    """Why the scenario cannot be compared on this host before anything runs, or
-    ``None``: another architecture, a variant other than upstream, threads."""
-    if HOST_ARCH not in scenario.arches:
-        return f"arch {', '.join(scenario.arches)} only: this host is {HOST_ARCH}"
+class Target(Protocol):
+    """A real KVM to hold the model against: its ``arch``, its ``name`` in reports
+    (``host`` or ``ARCH-VERSION``), its kernel ``release``, and :meth:`run`."""
+
+    arch: str
+    name: str
+    release: str
+
+    def program(self, scenario: Scenario, path: str, timeout: float | None) -> Program:
+        """``scenario`` as a program this target can run."""
+        ...
+
+    def run(self, program: Program) -> RealRun:
+        """Perform ``program`` on the target's KVM."""
+        ...
+
+
+class HostTarget:
+    """This host's ``/dev/kvm`` (x86): ``kvm`` an open :class:`~kvmmem.realkvm.Kvm`."""
+
+    arch = HOST_ARCH
+    name = "host"
+
+    def __init__(self, kvm: Kvm) -> None:
+        import os
+        self.kvm = kvm
+        self.release = os.uname().release
+
+    def program(self, scenario: Scenario, path: str, timeout: float | None) -> Program:
+        from kvmmem.realkvm.program import DEFAULT_TIMEOUT
+        from kvmmem.realkvm.runner import scenario_program
+        return scenario_program(scenario, self.arch, path, timeout or DEFAULT_TIMEOUT)
+
+    def run(self, program: Program) -> RealRun:
+        from kvmmem.realkvm.program import run_program
+        return run_program(program, kvm=self.kvm)
+
+
+MACHINE_TIMEOUT = 20.0
+"""Seconds one guest step may run inside an emulated machine (TCG is 10-100x slower
+than this host's KVM, and a machine's first fault of a page costs up to a millisecond)."""
+
+
+class MachineTarget:
+    """A booted :class:`~kvmmem.machine.Machine`: its agent runs the program."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.arch = machine.arch
+        self.name = machine.name
+        self.release = machine.release
+
+    def program(self, scenario: Scenario, path: str, timeout: float | None) -> Program:
+        from kvmmem.realkvm.runner import scenario_program
+        return scenario_program(scenario, self.arch, path, timeout or MACHINE_TIMEOUT,
+                                x86_code=True)
+
+    def run(self, program: Program) -> RealRun:
+        from kvmmem.realkvm.program import RealRun
+        result = self.machine.request("run", program=program)
+        return RealRun.from_dict(result)
+
+
+def unsupported_reason(scenario: Scenario, arch: str = HOST_ARCH,
+                       where: str = "this host") -> str | None:
+    """Why the scenario cannot be compared on ``arch`` KVM (``where``: how reports name
+    the target) before anything runs, or ``None``: another architecture, a variant other
+    than upstream, threads."""
+    if arch not in scenario.arches:
+        return f"arch {', '.join(scenario.arches)} only: {where} is {arch}"
     if scenario.variant != REAL_VARIANT:
         return f"variant {scenario.variant}: the real kernel is {REAL_VARIANT}"
     if scenario.is_concurrent:
@@ -159,13 +236,13 @@ def unsupported_reason(scenario: Scenario) -> str | None:
     return None
 
 
-def run_model(scenario: Scenario, path: str = "native") -> RunResult:
-    """The model side: ``scenario`` on x86 with its own variant, every vCPU's default
-    path set to ``path`` (a step's own ``path`` wins, as on the real side).
+def run_model(scenario: Scenario, path: str = "native", arch: str = HOST_ARCH) -> RunResult:
+    """The model side: ``scenario`` on ``arch`` with its own variant, every vCPU's
+    default path set to ``path`` (a step's own ``path`` wins, as on the real side).
 
     Raises :class:`~kvmmem.errors.InputError` where the model refuses the scenario's
     setup (e.g. a host mapping it cannot make)."""
-    runner = Runner(scenario, HOST_ARCH, scenario.variant)
+    runner = Runner(scenario, arch, scenario.variant)
     for vcpu in runner.vm.vcpus:
         vcpu.path = path
     return runner.run()
@@ -191,7 +268,7 @@ def _compare_setup(model: RunResult, real: RealRun) -> list[StepComparison]:
 def compare_runs(scenario: Scenario, model: RunResult, real: RealRun) -> Conformance:
     """The verdict from a finished model run and real run of ``scenario``."""
     result = Conformance(scenario.name, scenario.source, real.path, "agree",
-                         violations=list(model.violations))
+                         violations=list(model.violations), arch=model.arch)
     if not real.supported:
         result.verdict, result.reason = "unsupported", real.reason
         return result
@@ -219,24 +296,40 @@ def compare_runs(scenario: Scenario, model: RunResult, real: RealRun) -> Conform
 
 
 def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None = None,
-                     timeout: float | None = None) -> Conformance:
+                     timeout: float | None = None,
+                     target: Target | None = None) -> Conformance:
     """Run ``scenario`` on the model and on real KVM (guest accesses on ``path``) and
-    compare them step by step.  ``kvm``: an open :class:`~kvmmem.realkvm.Kvm` to share.
+    compare them step by step.  The real side is ``target`` (a machine, or this host);
+    without one, this host's KVM through ``kvm`` (an open
+    :class:`~kvmmem.realkvm.Kvm` to share; one is opened when absent).
 
     Raises :class:`~kvmmem.errors.InputError` where the model refuses the scenario,
-    :class:`~kvmmem.realkvm.KvmUnavailable` without a usable /dev/kvm, ``ValueError``
-    for an unknown ``path``."""
-    from kvmmem.realkvm import run_scenario as run_real
-    from kvmmem.realkvm.program import DEFAULT_TIMEOUT
-
+    :class:`~kvmmem.realkvm.KvmUnavailable` without a usable /dev/kvm,
+    :class:`~kvmmem.machine.MachineError` when a machine fails, ``ValueError`` for an
+    unknown ``path``."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
-    reason = unsupported_reason(scenario)
+    arch, name = (target.arch, target.name) if target is not None else (HOST_ARCH, "host")
+    release = target.release if target is not None else ""
+    where = "this host" if name == "host" else f"machine {name}"
+    reason = unsupported_reason(scenario, arch, where)
+    if reason is None and path != "native" and name != "host":
+        reason = (f"--path {path} exists only on this host (the PVM guest's CPL0 is "
+                  f"emulated); machine {name} runs every access natively")
     if reason is not None:
-        return Conformance(scenario.name, scenario.source, path, "unsupported", reason)
-    model = run_model(scenario, path)
-    real = run_real(scenario, path, timeout=timeout or DEFAULT_TIMEOUT, kvm=kvm)
-    return compare_runs(scenario, model, real)
+        return Conformance(scenario.name, scenario.source, path, "unsupported", reason,
+                           arch=arch, machine=name, kernel=release)
+    if target is None:
+        from kvmmem.realkvm import Kvm
+        if kvm is None:
+            with Kvm() as own:
+                return conform_scenario(scenario, path, own, timeout, HostTarget(own))
+        target = HostTarget(kvm)
+    model = run_model(scenario, path, target.arch)
+    real = target.run(target.program(scenario, path, timeout))
+    result = compare_runs(scenario, model, real)
+    result.machine, result.kernel = target.name, target.release
+    return result
 
 
 # --- reports ---------------------------------------------------------------------------

@@ -230,8 +230,8 @@ def test_cli_difference_exits_1(kvm: Kvm, tmp_path: Path,
     difference is made by giving the model a wrong answer for one step."""
     real_run_model = cf.run_model
 
-    def wrong_model(scenario: Any, path: str = "native") -> RunResult:
-        result = real_run_model(scenario, path)
+    def wrong_model(scenario: Any, path: str = "native", arch: str = "x86") -> RunResult:
+        result = real_run_model(scenario, path, arch)
         result.steps[1] = {"step": 1, "op": "guest_write", "result": "ok"}
         return result
 
