@@ -510,8 +510,7 @@ class Execution:
             start = runner.hva(step.at.memory, step.at.offset)
             return (start, start + step.size)
         if isinstance(step, HostMunmap):
-            size = step.size if step.size is not None else runner.ranges[step.memory][1]
-            start = runner.hva(step.memory, step.offset)
+            start, size = runner.munmap_range(step)
             return (start, start + size)
         start = runner.hva(step.memory, step.offset)
         return (start, start + step.size)

@@ -126,6 +126,13 @@ class Runner:
         """The address ``offset`` bytes into mapping ``memory``."""
         return self.ranges[memory][0] + offset
 
+    def munmap_range(self, step: HostMunmap) -> tuple[int, int]:
+        """The ``(hva, size)`` a ``host_munmap`` step unmaps: ``size`` bytes from
+        ``offset``, or without ``size`` the rest of the named range from ``offset``
+        (never past its end: what follows belongs to another mapping)."""
+        size = step.size if step.size is not None else self.ranges[step.memory][1] - step.offset
+        return self.hva(step.memory, step.offset), size
+
     def mmap(self, m: Mapping | HostMmap) -> None:
         """Make a host mapping (a ``memory`` entry or a ``host_mmap`` step)."""
         drive(self.mmap_op(m))
@@ -189,8 +196,7 @@ class Runner:
         elif isinstance(step, HostMmap):
             yield from self.mmap_op(step)
         elif isinstance(step, HostMunmap):
-            size = step.size if step.size is not None else self.ranges[step.memory][1]
-            yield from mm.munmap_op(self.hva(step.memory, step.offset), size)
+            yield from mm.munmap_op(*self.munmap_range(step))
         elif isinstance(step, HostMprotect):
             yield from mm.mprotect_op(self.hva(step.memory, step.offset), step.size, step.prot)
         elif isinstance(step, HostMadvise):
