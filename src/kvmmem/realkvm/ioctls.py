@@ -73,11 +73,14 @@ KVM_CAP_USER_MEMORY = 3
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_MP_STATE = 14
 KVM_CAP_SYNC_MMU = 16
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_ONE_REG = 70
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_ENABLE_CAP_VM = 98
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_ARM_VM_IPA_SIZE = 165
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_BINARY_STATS_FD = 203
 KVM_CAP_USER_MEMORY2 = 231
@@ -119,6 +122,13 @@ IOCTLS: dict[str, tuple[int, int | None]] = {
     "KVM_SET_CPUID2": (_IOW(KVMIO, 0x90, s.kvm_cpuid2), KVM_CAP_EXT_CPUID),
     "KVM_PRE_FAULT_MEMORY": (
         _IOWR(KVMIO, 0xD5, s.kvm_pre_fault_memory), KVM_CAP_PRE_FAULT_MEMORY),
+    "KVM_GET_MP_STATE": (_IOR(KVMIO, 0x98, s.kvm_mp_state), KVM_CAP_MP_STATE),
+    "KVM_SET_MP_STATE": (_IOW(KVMIO, 0x99, s.kvm_mp_state), KVM_CAP_MP_STATE),
+    "KVM_GET_ONE_REG": (_IOW(KVMIO, 0xAB, s.kvm_one_reg), KVM_CAP_ONE_REG),
+    "KVM_SET_ONE_REG": (_IOW(KVMIO, 0xAC, s.kvm_one_reg), KVM_CAP_ONE_REG),
+    # arm64 (base API there: no capability)
+    "KVM_ARM_VCPU_INIT": (_IOW(KVMIO, 0xAE, s.kvm_vcpu_init), None),
+    "KVM_ARM_PREFERRED_TARGET": (_IOR(KVMIO, 0xAF, s.kvm_vcpu_init), None),
 }
 """ioctl name -> (request number, capability it needs or ``None``)."""
 
@@ -141,6 +151,12 @@ _KNOWN = {
     "KVM_GET_STATS_FD": 0xAECE,
     "KVM_RUN": 0xAE80,
     "KVM_GET_SREGS": 0x8138AE83,
+    # arm64/riscv values as their kernels' headers expand them
+    "KVM_SET_ONE_REG": 0x4010AEAC,
+    "KVM_GET_ONE_REG": 0x4010AEAB,
+    "KVM_ARM_VCPU_INIT": 0x4020AEAE,
+    "KVM_ARM_PREFERRED_TARGET": 0x8020AEAF,
+    "KVM_SET_MP_STATE": 0x4004AE99,
 }
 for _name, _number in _KNOWN.items():
     if ioctl_number(_name) != _number:

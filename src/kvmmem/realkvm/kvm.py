@@ -289,6 +289,14 @@ class VmFd(_Fd):
         self.vcpus.append(vcpu)
         return vcpu
 
+    def preferred_target(self) -> tuple[int, tuple[int, ...]]:
+        """arm64 ``KVM_ARM_PREFERRED_TARGET``: ``(target, seven feature words)`` for
+        :meth:`VcpuFd.arm_vcpu_init`.  Raises :class:`KvmIoctlError` (ENOTTY elsewhere)."""
+        from kvmmem.realkvm.structs import kvm_vcpu_init
+        arg = kvm_vcpu_init()
+        _call(self.fd, "KVM_ARM_PREFERRED_TARGET", ctypes.addressof(arg))
+        return int(arg.target), tuple(int(w) for w in arg.features)
+
 
 class _Alarm:
     """The one process-wide SIGALRM watchdog (Python runs signal handlers on the main
@@ -407,6 +415,53 @@ class VcpuFd(_Fd):
         arg = kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
         err = _try(self.fd, "KVM_PRE_FAULT_MEMORY", ctypes.addressof(arg))
         return err, arg.gpa, arg.size
+
+    # arm64 / riscv (the structures are imported here so this module's import list stays
+    # the x86 one)
+
+    def get_one_reg(self, reg_id: int) -> int:
+        """``KVM_GET_ONE_REG``: the register ``reg_id`` names, as an unsigned integer (the
+        id encodes its size, 1 to 256 bytes, read little-endian).  Raises
+        :class:`KvmIoctlError` (ENOENT for an id this vCPU lacks)."""
+        from kvmmem.realkvm.structs import kvm_one_reg, kvm_reg_size
+        buf = ctypes.create_string_buffer(kvm_reg_size(reg_id))
+        arg = kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf))
+        _call(self.fd, "KVM_GET_ONE_REG", ctypes.addressof(arg))
+        return int.from_bytes(buf.raw, "little")
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        """``KVM_SET_ONE_REG``: store ``value`` (truncated to the id's size) in register
+        ``reg_id``.  Raises :class:`KvmIoctlError` (EINVAL for a value KVM refuses)."""
+        from kvmmem.realkvm.structs import kvm_one_reg, kvm_reg_size
+        size = kvm_reg_size(reg_id)
+        buf = ctypes.create_string_buffer(
+            (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"), size)
+        arg = kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf))
+        _call(self.fd, "KVM_SET_ONE_REG", ctypes.addressof(arg))
+
+    def arm_vcpu_init(self, target: int, features: tuple[int, ...] = ()) -> None:
+        """arm64 ``KVM_ARM_VCPU_INIT`` with ``target`` (from :meth:`VmFd.preferred_target`)
+        and up to seven feature words.  Raises :class:`KvmIoctlError`."""
+        from kvmmem.realkvm.structs import kvm_vcpu_init
+        arg = kvm_vcpu_init(target=target)
+        for i, word in enumerate(features):
+            arg.features[i] = word
+        _call(self.fd, "KVM_ARM_VCPU_INIT", ctypes.addressof(arg))
+
+    def get_mp_state(self) -> int:
+        """``KVM_GET_MP_STATE``: the vCPU's ``KVM_MP_STATE_*``.  Raises
+        :class:`KvmIoctlError`."""
+        from kvmmem.realkvm.structs import kvm_mp_state
+        arg = kvm_mp_state()
+        _call(self.fd, "KVM_GET_MP_STATE", ctypes.addressof(arg))
+        return int(arg.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        """``KVM_SET_MP_STATE`` (riscv keeps vCPUs other than 0 STOPPED until this makes them
+        RUNNABLE).  Raises :class:`KvmIoctlError`."""
+        from kvmmem.realkvm.structs import kvm_mp_state
+        arg = kvm_mp_state(mp_state=state)
+        _call(self.fd, "KVM_SET_MP_STATE", ctypes.addressof(arg))
 
 
 def probe_kvm(path: str = KVM_DEV) -> str | None:

@@ -297,6 +297,47 @@ class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+# --- arm64 and riscv: vCPU init, ONE_REG, MP state -----------------------------------
+
+
+class kvm_vcpu_init(ctypes.Structure):
+    """arm64 ``KVM_ARM_VCPU_INIT`` / ``KVM_ARM_PREFERRED_TARGET``: target and feature bits."""
+
+    _fields_ = [("target", u32), ("features", u32 * 7)]
+
+
+class kvm_one_reg(ctypes.Structure):
+    """``KVM_GET_ONE_REG`` / ``KVM_SET_ONE_REG``: register ``id`` and the userspace address
+    of a buffer of the size the id encodes (``KVM_REG_SIZE``)."""
+
+    _fields_ = [("id", u64), ("addr", u64)]
+
+
+class kvm_mp_state(ctypes.Structure):
+    """``KVM_GET_MP_STATE`` / ``KVM_SET_MP_STATE``."""
+
+    _fields_ = [("mp_state", u32)]
+
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_STOPPED = 5
+"""``mp_state`` values arm64 and riscv use (a powered-off vCPU is STOPPED)."""
+
+# Register ids (include/uapi/linux/kvm.h): arch | size | arch-specific coprocessor bits.
+KVM_REG_ARCH_MASK = 0xFF00_0000_0000_0000
+KVM_REG_ARM64 = 0x6000_0000_0000_0000
+KVM_REG_RISCV = 0x8000_0000_0000_0000
+KVM_REG_SIZE_SHIFT = 52
+KVM_REG_SIZE_MASK = 0x00F0_0000_0000_0000
+KVM_REG_SIZE_U32 = 0x0020_0000_0000_0000
+KVM_REG_SIZE_U64 = 0x0030_0000_0000_0000
+
+
+def kvm_reg_size(reg_id: int) -> int:
+    """Bytes of the register ``reg_id`` names (``KVM_REG_SIZE``)."""
+    return 1 << ((reg_id & KVM_REG_SIZE_MASK) >> KVM_REG_SIZE_SHIFT)
+
+
 # --- binary stats (Documentation/virt/kvm/api.rst, KVM_GET_STATS_FD) ----------------
 
 
@@ -353,6 +394,9 @@ KERNEL_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_clear_dirty_log: 24,
     kvm_pre_fault_memory: 64,
     kvm_enable_cap: 104,
+    kvm_vcpu_init: 32,
+    kvm_one_reg: 16,
+    kvm_mp_state: 4,
     kvm_stats_header: 24,
     kvm_stats_desc: 16,
 }
