@@ -1,0 +1,249 @@
+"""``fetch``: download a machine's kernel and userland, build its initramfs, cache it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kvmmem.machine import initramfs as ir
+from kvmmem.machine.apt import AptConfig, depends, mirror_uri
+from kvmmem.machine.cache import Manifest, cache_root, load_manifest, machine_dir, write_manifest
+from kvmmem.machine.catalog import PYTHON_VERSION, USERLAND_SUITE, MachineSpec, get_machine
+from kvmmem.machine.cpio import write_cpio
+from kvmmem.machine.errors import MachineError
+from kvmmem.machine.kmod import resolve
+
+Progress = Callable[[str], None]
+
+PY = PYTHON_VERSION
+USERLAND_PACKAGES = (
+    "busybox-static",
+    f"python{PY}-minimal",
+    f"libpython{PY}-minimal",
+    f"libpython{PY}-stdlib",
+    "libc6",
+)
+
+
+def terminal_progress() -> Progress | None:
+    """Returns a printer of progress lines on stderr when stderr is a terminal, else
+    ``None`` (quiet when piped)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(line: str) -> None:
+        print(f"kvmmem: {line}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def kernel_packages(apt: AptConfig, metapackage: str) -> tuple[str, dict[str, str]]:
+    """Returns the metapackage's version and the concrete kernel packages it pulls in
+    (name -> version): the ``linux-*`` closure of its Depends whose names carry a
+    version (image, binary, modules, base of 7.x; the image alone before).
+
+    Raises :class:`MachineError` when the suite lacks a package."""
+    meta = apt.show(metapackage)
+    found: dict[str, str] = {}
+    seen: set[str] = set()
+    todo = [metapackage]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        record = meta if name == metapackage else apt.show(name)
+        if re.search(r"-\d+\.\d+", name):
+            found[name] = record.get("Version", "")
+        for alts in depends(record):
+            pick = next((a for a in alts if a.startswith("linux-")
+                         and a != "linux-initramfs-tool"), None)
+            if pick is not None:
+                todo.append(pick)
+    if not found:
+        raise MachineError(f"{metapackage} in {apt.suite} depends on no kernel package")
+    return meta.get("Version", ""), found
+
+
+def _find_kernel(root: Path) -> tuple[Path, str]:
+    """Returns the kernel image in an extracted kernel tree and its release."""
+    candidates = [p for pattern in ("boot/vmlinuz-*", "boot/vmlinux-*",
+                                    "usr/lib/modules/*/vmlinuz", "lib/modules/*/vmlinuz")
+                  for p in sorted(root.glob(pattern))]
+    if not candidates:
+        raise MachineError("the kernel packages hold no vmlinuz")
+    image = candidates[0]
+    in_boot = image.parent.name == "boot"
+    release = image.name.split("-", 1)[1] if in_boot else image.parent.name
+    return image, release
+
+
+def _module_dir(root: Path, release: str) -> Path:
+    for d in (root / "usr/lib/modules" / release, root / "lib/modules" / release):
+        if d.is_dir():
+            return d
+    raise MachineError(f"the kernel packages hold no modules directory for {release}")
+
+
+def fetch(arch: str, version: str, progress: Progress | None = None, *,
+          force: bool = False, root: Path | None = None) -> Manifest:
+    """Fetches machine ``arch`` ``version`` into the cache unless already there;
+    returns its manifest.
+
+    Downloads (never installs) the kernel packages of the machine's suite and
+    trixie's busybox-static and Python for the guest's architecture with a private
+    apt configuration, builds an uncompressed cpio initramfs, and writes the
+    manifest last after moving the finished directory into place.  ``progress``
+    gets one line per step (default: stderr when it is a terminal).
+
+    Raises :class:`~kvmmem.machine.errors.UnknownMachine` for a machine not in the
+    catalog, :class:`MachineError` when a download or a step fails and
+    :class:`~kvmmem.machine.errors.MachineUnavailable` when a host tool is missing."""
+    spec = get_machine(arch, version)
+    root = root or cache_root()
+    if not force:
+        done = load_manifest(spec, root)
+        if done is not None:
+            return done
+    say = progress if progress is not None else (terminal_progress() or (lambda _l: None))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{spec.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force:
+            done = load_manifest(spec, root)
+            if done is not None:
+                return done
+        tmp = root / f".{spec.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(f".{spec.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            return _fetch_into(spec, root, tmp, say)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch_into(spec: MachineSpec, root: Path, tmp: Path, say: Progress) -> Manifest:
+    start = time.monotonic()
+    mirror = mirror_uri()
+    work = tmp / "work"
+    debs = work / "debs"
+    kroot = work / "kernel"
+    rootfs = work / "rootfs"
+    for d in (debs, kroot, rootfs):
+        d.mkdir(parents=True)
+
+    kapt = AptConfig(root / "apt" / f"{spec.suite}-{spec.debian_arch}", spec.suite,
+                     spec.debian_arch, mirror)
+    say(f"{spec.name}: apt update {spec.suite} {spec.debian_arch}")
+    kapt.update()
+    meta_version, kpkgs = kernel_packages(kapt, spec.metapackage)
+    say(f"{spec.name}: {spec.metapackage} {meta_version}: downloading {', '.join(kpkgs)}")
+    packages = dict(kpkgs)
+    for deb in kapt.download(sorted(kpkgs), debs / "kernel"):
+        ir.dpkg_extract(deb, kroot)
+        deb.unlink()
+    image, release = _find_kernel(kroot)
+    moddir = _module_dir(kroot, release)
+
+    uapt = AptConfig(root / "apt" / f"{USERLAND_SUITE}-{spec.debian_arch}", USERLAND_SUITE,
+                     spec.debian_arch, mirror)
+    if uapt.root != kapt.root:
+        say(f"{spec.name}: apt update {USERLAND_SUITE} {spec.debian_arch}")
+        uapt.update()
+    say(f"{spec.name}: downloading busybox and python{PY} ({USERLAND_SUITE} {spec.debian_arch})")
+    for name in USERLAND_PACKAGES:
+        packages[name] = uapt.show(name).get("Version", "")
+    for deb in uapt.download(list(USERLAND_PACKAGES), debs / "user"):
+        ir.dpkg_extract(deb, rootfs)
+        deb.unlink()
+    dropped = _python_libraries(uapt, rootfs, debs / "user", packages, say, spec)
+    ir.merge_usr(rootfs)
+    ir.install_busybox(rootfs)
+    ir.trim_python(rootfs, PY)
+
+    say(f"{spec.name}: modules")
+    loaded = resolve(moddir, spec.modules, rootfs / "usr/lib/modules")
+    ir.write_init(rootfs, loaded)
+
+    out = tmp / "out"
+    out.mkdir()
+    shutil.copy2(image, out / "vmlinuz")
+    config = next(iter([*sorted(kroot.glob("boot/config-*")), moddir / "config"]), None)
+    files = ["vmlinuz", "initramfs.cpio"]
+    if config is not None and config.exists():
+        shutil.copy2(config, out / "config")
+        files.append("config")
+    say(f"{spec.name}: initramfs")
+    write_cpio(rootfs, out / "initramfs.cpio")
+    shutil.rmtree(work)
+
+    manifest = Manifest(
+        arch=spec.arch, version=spec.version, suite=spec.suite,
+        kernel_package=meta_version, kernel_release=release, packages=packages,
+        kernel="vmlinuz", initramfs="initramfs.cpio", modules=loaded,
+        files={f: (out / f).stat().st_size for f in files},
+        python=packages.get(f"python{PY}-minimal", ""),
+        fetch_seconds=round(time.monotonic() - start, 1),
+        fetched_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        dropped=dropped,
+    )
+    final = machine_dir(spec, root)
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    write_manifest(final, manifest)
+    say(f"{spec.name}: fetched {release} ({manifest.size / 2**20:.0f} MiB, "
+        f"{manifest.fetch_seconds:.0f} s) into {final}")
+    return manifest
+
+
+def _python_libraries(apt: AptConfig, rootfs: Path, debdir: Path, packages: dict[str, str],
+                      say: Progress, spec: MachineSpec) -> list[str]:
+    """Adds the shared libraries the guest's Python and its extensions need (ELF
+    NEEDED, to a fixed point); removes the extensions needing a library that is not
+    in :data:`~kvmmem.machine.initramfs.SONAME_PACKAGES` or whose package the suite
+    lacks.  Returns the removed extensions' file names."""
+    dropped: list[str] = []
+    tried: set[str] = set()
+    while True:
+        missing: dict[str, list[Path]] = {}
+        for elf in ir.python_elves(rootfs, PY):
+            if not elf.exists():
+                continue
+            for soname in ir.elf_needed(elf):
+                if ir.find_library(rootfs, soname) is None:
+                    missing.setdefault(soname, []).append(elf)
+        wanted: list[str] = []
+        for soname, users in sorted(missing.items()):
+            package = ir.SONAME_PACKAGES.get(soname)
+            if package is not None and package not in tried:
+                if package not in wanted:
+                    wanted.append(package)
+                continue
+            for user in users:
+                if "lib-dynload" in str(user) and user.exists():
+                    user.unlink()
+                    dropped.append(user.name)
+        if not wanted:
+            return sorted(dropped)
+        say(f"{spec.name}: libraries {', '.join(wanted)}")
+        available = []
+        for name in wanted:
+            tried.add(name)
+            try:
+                packages[name] = apt.show(name).get("Version", "")
+                available.append(name)
+            except MachineError:
+                continue
+        if available:
+            for deb in apt.download(available, debdir):
+                ir.dpkg_extract(deb, rootfs)
+                deb.unlink()
