@@ -163,47 +163,148 @@ def conform(
     = False,
     path: Annotated[str, typer.Option(
         help="guest access path for steps naming none: native (KVM's fault path) or "
-             "emulated (KVM's instruction emulator)")] = "native",
+             "emulated (KVM's instruction emulator; this host only)")] = "native",
+    arch: Annotated[str | None, typer.Option(
+        help="the real KVM's architecture: x86 (this host, or an x86 machine), arm64, "
+             "riscv (a machine: give --kernel)")] = None,
+    kernel: Annotated[str | None, typer.Option(
+        help="run on the machine ARCH-KERNEL (kvmmem machine list) instead of this "
+             "host's /dev/kvm")] = None,
+    matrix: Annotated[bool, typer.Option(
+        "--matrix", help="run the files on every fetched machine; one table of "
+                         "scenario x machine")] = False,
 ) -> None:
-    """Run each scenario on the model and on this host's /dev/kvm and compare the
-    outcomes step by step: a TAP report (or --json) with a verdict per scenario.
+    """Run each scenario on the model and on a real KVM and compare the outcomes step
+    by step: a TAP report (or --json) with a verdict per scenario.  The real KVM is
+    this host's /dev/kvm, or with --kernel a machine (a Debian kernel under QEMU,
+    fetched with kvmmem machine fetch); --matrix runs every fetched machine.
 
     Exit status: 0 all agree (unsupported ones skipped); 1 a difference; 2 bad
-    input; 3 the model violated an invariant; 4 skipped (no usable /dev/kvm, or
-    nothing this host can run)."""
+    input; 3 the model violated an invariant; 4 skipped (no usable /dev/kvm or
+    machine, or nothing it can run)."""
     from kvmmem import conform as cf
-    from kvmmem.realkvm import EXIT_UNAVAILABLE, Kvm, probe_kvm
     from kvmmem.scenario.loader import load_scenario
 
     if path not in cf.PATHS:
         _fail(f"--path: unknown path {path!r} (known: {', '.join(cf.PATHS)})")
+    if arch is not None and arch not in ARCHES:
+        _fail(f"--arch: unknown arch {arch!r} (known: {', '.join(ARCHES)})")
+    if matrix and (arch is not None or kernel is not None):
+        _fail("--matrix runs every fetched machine: give neither --arch nor --kernel")
+    if kernel is None and not matrix and arch not in (None, cf.HOST_ARCH):
+        _fail(f"--arch {arch}: this host's KVM is {cf.HOST_ARCH}; give --kernel VERSION to "
+              f"run on an {arch} machine (kvmmem machine list)")
     try:
         scenarios = [load_scenario(f) for f in files]
     except InputError as exc:
         _fail(str(exc))
-    reason = probe_kvm()
-    if reason is not None:
-        typer.echo(f"kvmmem conform: skipped: no usable /dev/kvm: {reason}")
-        raise typer.Exit(EXIT_UNAVAILABLE)
-    results: list[cf.Conformance] = []
-    if not as_json:
-        for line in cf.tap_header(len(scenarios)):
-            typer.echo(line)
-    with Kvm() as kvm:
-        for number, scenario in enumerate(scenarios, 1):
-            try:
-                result = cf.conform_scenario(scenario, path, kvm=kvm)
-            except InputError as exc:
-                _fail(str(exc))
-            results.append(result)
-            if not as_json:
-                for line in cf.tap_result(number, result):
-                    typer.echo(line)
+    if matrix:
+        _conform_matrix(scenarios, as_json, path)
+    if kernel is not None:
+        results = _conform_machine(scenarios, arch or cf.HOST_ARCH, kernel, as_json, path)
+    else:
+        results = _conform_host(scenarios, as_json, path)
     if as_json:
         typer.echo(json.dumps(cf.to_json(results)))
     else:
         typer.echo(cf.tap_totals(results))
     raise typer.Exit(cf.exit_status(results))
+
+
+ARCHES = ("x86", "arm64", "riscv")
+
+
+def _conform_each(scenarios: list[Any], target: Any, as_json: bool, path: str) -> list[Any]:
+    """Conform every scenario on ``target``, printing TAP lines as they come."""
+    from kvmmem import conform as cf
+
+    results: list[cf.Conformance] = []
+    if not as_json:
+        for line in cf.tap_header(len(scenarios)):
+            typer.echo(line)
+        if target.name != "host":
+            typer.echo(f"# machine {target.name}: Linux {target.release}")
+    for number, scenario in enumerate(scenarios, 1):
+        try:
+            result = cf.conform_scenario(scenario, path, target=target)
+        except InputError as exc:
+            _fail(str(exc))
+        results.append(result)
+        if not as_json:
+            for line in cf.tap_result(number, result):
+                typer.echo(line)
+    return results
+
+
+def _conform_host(scenarios: list[Any], as_json: bool, path: str) -> list[Any]:
+    from kvmmem import conform as cf
+    from kvmmem.realkvm import EXIT_UNAVAILABLE, Kvm, probe_kvm
+
+    reason = probe_kvm()
+    if reason is not None:
+        typer.echo(f"kvmmem conform: skipped: no usable /dev/kvm: {reason}")
+        raise typer.Exit(EXIT_UNAVAILABLE)
+    with Kvm() as kvm:
+        return _conform_each(scenarios, cf.HostTarget(kvm), as_json, path)
+
+
+@contextmanager
+def _booted(arch: str, version: str) -> Iterator[Any]:
+    """The machine ARCH-VERSION, booted (one line on stderr while it boots, on a
+    terminal); exit 4 when it is not fetched or QEMU is missing, 2 for an unknown one."""
+    from kvmmem.machine import Machine, MachineError, MachineUnavailable, UnknownMachine
+
+    try:
+        if sys.stderr.isatty():
+            typer.echo(f"booting {arch}-{version} ...", err=True)
+        with Machine(arch, version) as machine:
+            yield machine
+    except UnknownMachine as exc:
+        _fail(str(exc))
+    except MachineUnavailable as exc:
+        typer.echo(f"kvmmem: skipped: {exc}", err=True)
+        raise typer.Exit(4) from None
+    except MachineError as exc:
+        _fail(str(exc))
+
+
+def _conform_machine(scenarios: list[Any], arch: str, version: str, as_json: bool,
+                     path: str) -> list[Any]:
+    from kvmmem import conform as cf
+
+    with _booted(arch, version) as machine:
+        return _conform_each(scenarios, cf.MachineTarget(machine), as_json, path)
+
+
+def _conform_matrix(scenarios: list[Any], as_json: bool, path: str) -> None:
+    """Every fetched machine in turn; one table (or JSON object) at the end; exits."""
+    from kvmmem import conform as cf
+    from kvmmem.machine import fetched_machines
+
+    specs = fetched_machines()
+    if not specs:
+        typer.echo("kvmmem: skipped: no machine is fetched (kvmmem machine fetch ARCH VERSION)",
+                   err=True)
+        raise typer.Exit(4)
+    columns: list[tuple[str, str, list[cf.Conformance]]] = []
+    for spec in specs:
+        with _booted(spec.arch, spec.version) as machine:
+            target = cf.MachineTarget(machine)
+            results = []
+            for scenario in scenarios:
+                try:
+                    results.append(cf.conform_scenario(scenario, path, target=target))
+                except InputError as exc:
+                    _fail(str(exc))
+            columns.append((spec.name, machine.release, results))
+    every = [r for _, _, rs in columns for r in rs]
+    if as_json:
+        typer.echo(json.dumps({"matrix": [
+            {"machine": name, "kernel": release, **cf.to_json(rs)}
+            for name, release, rs in columns]}))
+    else:
+        Console(highlight=False).print(cf.matrix_table(scenarios, columns))
+    raise typer.Exit(cf.exit_status(every))
 
 
 @app.command()
@@ -406,6 +507,163 @@ def bench(
         width = None if sys.stdout.isatty() else 200
         Console(highlight=False, width=width).print(
             bench_table(model, kvm, arch=arch, kvm_note=why))
+
+
+# -- kvmmem machine: emulated machines with real KVM (src/kvmmem/machine) ------------
+
+machine_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Emulated machines (QEMU TCG) running real arm64, riscv and x86 KVM of Debian "
+         "kernels: list, fetch, shell, ping.",
+)
+app.add_typer(machine_app, name="machine")
+
+
+@contextmanager
+def _machine_errors() -> Iterator[None]:
+    """MachineError -> one line: exit 2, or ``kvmmem: skipped:`` and exit 4 when the
+    machine cannot run on this host (not fetched, QEMU or a tool missing)."""
+    from kvmmem.machine import MachineError, MachineUnavailable
+
+    try:
+        yield
+    except MachineUnavailable as exc:
+        typer.echo(f"kvmmem: skipped: {exc}", err=True)
+        raise typer.Exit(exc.exit_status) from None
+    except MachineError as exc:
+        _fail(str(exc), exc.exit_status)
+
+
+@machine_app.command("list", cls=_OneLineUsage)
+def machine_list(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per machine")]
+    = False,
+) -> None:
+    """Every machine of the catalog: fetched or not, its kernel, cache path and size."""
+    from kvmmem.machine import load_manifest, machine_dir, machines
+
+    rows: list[dict[str, Any]] = []
+    for spec in machines():
+        manifest = load_manifest(spec)
+        rows.append({
+            "arch": spec.arch, "version": spec.version, "suite": spec.suite,
+            "fetched": manifest is not None,
+            "kernel_package": manifest.kernel_package if manifest else None,
+            "kernel_release": manifest.kernel_release if manifest else None,
+            "path": str(machine_dir(spec)),
+            "size": manifest.size if manifest else None,
+        })
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("arch", "version", "suite", "fetched", "kernel", "size", "path"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for row in rows:
+        size = row["size"]
+        table.add_row(str(row["arch"]), str(row["version"]), str(row["suite"]),
+                      "yes" if row["fetched"] else "no", str(row["kernel_package"] or "-"),
+                      f"{size / 2**20:.0f} MiB" if isinstance(size, int) else "-",
+                      str(row["path"]))
+    width = None if sys.stdout.isatty() else 200
+    Console(highlight=False, width=width).print(table)
+
+
+def _machine_spec(arch: str, version: str) -> Any:
+    from kvmmem.machine import UnknownMachine, get_machine
+
+    try:
+        return get_machine(arch, version)
+    except UnknownMachine as exc:
+        _fail(str(exc))
+
+
+@machine_app.command("fetch", cls=_OneLineUsage)
+def machine_fetch(
+    arch: Annotated[str, typer.Argument(help="arm64, riscv, x86, or all")],
+    version: Annotated[str | None, typer.Argument(
+        help="kernel version (kvmmem machine list); omitted with all")] = None,
+    force: Annotated[bool, typer.Option("--force", help="fetch again even if cached")]
+    = False,
+) -> None:
+    """Download a machine's Debian kernel, busybox and Python (never installed) and
+    build its initramfs in the cache ($KVMMEM_CACHE_DIR, else
+    ~/.cache/kvmmem/machines).  `kvmmem machine fetch all` fetches every machine."""
+    from kvmmem.machine import fetch, machines
+
+    if arch == "all" and version is None:
+        specs = machines()
+    elif version is None:
+        _fail("VERSION missing (or use: kvmmem machine fetch all)")
+        return
+    else:
+        specs = [_machine_spec(arch, version)]
+    with _machine_errors():
+        for spec in specs:
+            manifest = fetch(spec.arch, spec.version, force=force)
+            typer.echo(f"{spec.name}: {manifest.kernel_release} ({manifest.kernel_package}), "
+                       f"{manifest.size / 2**20:.0f} MiB")
+
+
+@machine_app.command("shell", cls=_OneLineUsage)
+def machine_shell(
+    arch: Annotated[str, typer.Argument(help="arm64, riscv or x86")],
+    version: Annotated[str, typer.Argument(help="kernel version (kvmmem machine list)")],
+) -> None:
+    """Boot a machine with its console on this terminal and a shell instead of the
+    agent (the kvmmem package is at /mnt/kvmmem, on PYTHONPATH).  Leave with
+    `poweroff -f` in the guest or Ctrl-A X."""
+    from kvmmem.machine import Machine
+
+    spec = _machine_spec(arch, version)
+    with _machine_errors():
+        status = Machine(spec.arch, spec.version).shell()
+    raise typer.Exit(0 if status == 0 else 1)
+
+
+@machine_app.command("ping", cls=_OneLineUsage)
+def machine_ping(
+    arch: Annotated[str, typer.Argument(help="arm64, riscv or x86")],
+    version: Annotated[str, typer.Argument(help="kernel version (kvmmem machine list)")],
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the agent")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the timings as JSON")]
+    = False,
+) -> None:
+    """Boot a machine, ping its agent, shut it down; print the kernel release and
+    the timings (boot to agent ready, ping round trip, shutdown)."""
+    import time
+
+    from kvmmem.machine import Machine
+
+    spec = _machine_spec(arch, version)
+    with _machine_errors():
+        if sys.stderr.isatty():
+            typer.echo(f"booting {spec.name} ...", err=True)
+        machine = Machine(spec.arch, spec.version, ready_timeout=timeout)
+        with machine:
+            ready = machine.ready or {}
+            rtt = machine.ping()
+            t0 = time.monotonic()
+        closed = time.monotonic() - t0
+    notes = [ln.strip() for ln in machine.console_output.splitlines()
+             if ln.startswith("kvmmem:")]
+    out = {"machine": spec.name, "release": ready.get("release"),
+           "python": ready.get("python"), "kvm": ready.get("kvm"),
+           "boot_to_ready_s": round(machine.boot_seconds or 0.0, 2),
+           "ping_s": round(rtt, 4), "shutdown_s": round(closed, 2), "init": notes}
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        typer.echo(f"{spec.name}: {out['release']} ready in {out['boot_to_ready_s']} s, "
+                   f"ping {out['ping_s'] * 1000:.1f} ms, shutdown {out['shutdown_s']} s; "
+                   f"python {out['python']}; kvm: {out['kvm'] or 'usable'}")
+        for note in notes:
+            typer.echo(f"  console: {note}")
 
 
 def main() -> None:

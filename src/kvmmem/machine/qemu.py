@@ -151,6 +151,8 @@ class Machine:
         """The agent's ready line once started."""
         self.boot_seconds: float | None = None
         """Seconds from starting QEMU to the ready line."""
+        self.console_output = ""
+        """The console log's text (its last 64 KiB), saved when the machine closes."""
         self._ids = itertools.count(1)
         self._buffer = b""
         self._res: _Resources | None = None
@@ -408,6 +410,14 @@ class Machine:
         return status
 
     def _cleanup(self) -> None:
+        log = self.console_log
+        if log is not None and self._res is not None:
+            self._res.kill()
+            with contextlib.suppress(OSError):
+                with open(log, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(0, f.tell() - 65536))
+                    self.console_output = _ANSI.sub("", f.read().decode("utf-8", "replace"))
         if self._finalizer is not None:
             self._finalizer()
         self._res = None
