@@ -413,11 +413,10 @@ class Machine:
         log = self.console_log
         if log is not None and self._res is not None:
             self._res.kill()
-            with contextlib.suppress(OSError):
-                with open(log, "rb") as f:
-                    f.seek(0, os.SEEK_END)
-                    f.seek(max(0, f.tell() - 65536))
-                    self.console_output = _ANSI.sub("", f.read().decode("utf-8", "replace"))
+            with contextlib.suppress(OSError), open(log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                self.console_output = _ANSI.sub("", f.read().decode("utf-8", "replace"))
         if self._finalizer is not None:
             self._finalizer()
         self._res = None
