@@ -1,0 +1,513 @@
+"""What the arm64 and riscv real-KVM harnesses share: :class:`ArchVm`.
+
+An :class:`ArchVm` is :class:`~kvmmem.realkvm.harness.RealVm`'s counterpart for an
+architecture whose registers are reached with ``KVM_{GET,SET}_ONE_REG``
+(:class:`~kvmmem.realkvm.arm64.Arm64Vm`, :class:`~kvmmem.realkvm.riscv.RiscvVm`).  It
+runs on the emulated machine's bare Python, so everything it imports is the standard
+library or the stdlib-only modules of :mod:`kvmmem.realkvm`.
+
+Layout: the harness's slot id and 4 MiB guest-physical window come from
+:func:`~kvmmem.realkvm.harness.choose_layout` (2 MiB slot: the code page, then the
+arm64 stage-1 tables; then 2 MiB that no memslot covers, with the doorbell at
++2 MiB+0x1000 and the exception doorbell 0x100 after it).
+
+Step methods and outcomes are RealVm's (its module docstring is the vocabulary):
+``ok`` (+ ``value``), ``mmio`` (``gpa``, ``len``, ``is_write``, ``data``; a read is
+answered with zero bytes; later exits of the same access under ``more_mmio``),
+``fault`` (``KVM_RUN`` EFAULT; ``gpa``/``size``/``flags`` with
+``KVM_EXIT_MEMORY_FAULT``), ``error`` + ``errno`` (an ioctl failed, e.g. ``KVM_RUN``
+EOPNOTSUPP for a riscv fetch outside every memslot), ``timeout`` (the vCPU
+watchdog stopped the guest), ``exit`` + ``exit_reason`` (any other exit),
+``unsupported`` + ``reason`` (a gpa the guest cannot address).  One extension:
+``{"result": "abort", "abort": NAME, ...}`` when the access ended in an exception
+taken inside the guest (an exception KVM injected, such as arm64's
+``kvm_inject_pabt`` / ``kvm_inject_size_fault``, or one the guest's own hardware
+raised), with the raw syndrome (arm64 ``esr``/``far``, riscv ``scause``/``stval``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from kvmmem.realkvm import libc
+from kvmmem.realkvm.harness import (
+    HARNESS_SLOT_SIZE,
+    HARNESS_WINDOW,
+    HarnessConflict,
+    HarnessLayout,
+    choose_layout,
+)
+from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
+from kvmmem.realkvm.stats import StatsFd
+from kvmmem.realkvm.structs import (
+    EXIT_REASONS,
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_EXIT_MMIO,
+)
+
+Outcome = dict[str, Any]
+
+DEFAULT_TIMEOUT = 2.0
+MAX_EXITS = 64
+"""Exits answered inside one step before it is reported as a runaway (``timeout``)."""
+EXC_DOORBELL_OFFSET = 0x100
+"""The exception doorbell, relative to the doorbell: the vectors store the syndrome
+there and the fault address 8 bytes further."""
+CODE_OFFSET = 0
+"""The code page's offset in the harness slot."""
+POISON = 0xA000_0000_0000_0000
+"""Register value during ``guest_exec``: no address the guest can reach (beyond every
+virtual and physical address size here), so an instruction using a register as an
+address faults instead of touching memory."""
+
+
+@dataclass(slots=True)
+class Vcpu:
+    """One vCPU of the harness: its fd, and whether an exit may still await completion
+    (``pending``: flushed with an ``immediate_exit`` run before the registers change)."""
+
+    fd: VcpuFd
+    pending: bool = False
+
+
+@dataclass(slots=True)
+class _Slot:
+    gpa: int
+    size: int
+    flags: int
+
+
+class ArchVm:
+    """The generic part of a ONE_REG architecture's harness.  Subclasses set ``arch`` and
+    ``phys_bits`` and implement the hooks (``_create_vm``, ``_program``, ``_place``,
+    ``_init_vcpu``, ``_routine_reg_ids``, ``_pc_id``, ``_entry_regs``, ``_reachable``,
+    ``_exception``, ``_fetch_failed``, ``_poisoned``).
+
+    ``reserved_gpas``: every ``(gpa, size)`` the scenario will use; ``reserved_slots``:
+    every slot id it will use; ``timeout``: seconds one guest step may run; ``kvm``: an
+    open :class:`Kvm` to share; ``ipa_bits``: the guest physical address size to ask for
+    (``None``: the kernel's default for a VM of type 0).
+
+    Raises :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without a usable /dev/kvm,
+    :class:`~kvmmem.realkvm.kvm.KvmUnsupported` when the kernel lacks what the harness
+    needs (``ipa_bits`` beyond ``KVM_CAP_ARM_VM_IPA_SIZE``),
+    :class:`~kvmmem.realkvm.harness.HarnessConflict` when the scenario leaves no room.
+    A context manager; :meth:`close` releases everything, also after a failed
+    construction."""
+
+    arch: ClassVar[str] = ""
+    layout: HarnessLayout
+    vm: VmFd
+
+    def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
+                 reserved_slots: Iterable[int] = (), timeout: float = DEFAULT_TIMEOUT,
+                 kvm: Kvm | None = None, ipa_bits: int | None = None) -> None:
+        self.reserved_gpas = tuple(reserved_gpas)
+        self.reserved_slots = tuple(reserved_slots)
+        self.timeout = timeout
+        self.ipa_bits = ipa_bits
+        self.phys_bits = 40
+        self.vcpus: list[Vcpu] = []
+        self.slots: dict[int, _Slot] = {}
+        self.entries: dict[str, int] = {}
+        self._own_kvm = kvm is None
+        self.kvm: Kvm | None = None
+        self._vm: VmFd | None = None
+        self._mem = 0
+        self._vm_stats: StatsFd | None = None
+        try:
+            self.kvm = Kvm() if kvm is None else kvm
+            self._setup(self.kvm)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- hooks --------------------------------------------------------------------------------
+
+    def _create_vm(self, kvm: Kvm) -> VmFd:
+        """Create the VM (its type carries the IPA size where the arch has one) and set
+        ``self.phys_bits``."""
+        raise NotImplementedError
+
+    def _program(self) -> tuple[bytes, dict[str, int]]:
+        """The code page and its entry offsets."""
+        raise NotImplementedError
+
+    def _place(self, hva: int) -> None:
+        """Prepare the rest of the harness memory at ``hva`` (arm64: stage-1 tables)."""
+
+    def _init_vcpu(self, fd: VcpuFd) -> None:
+        """Make a new vCPU ready to run the routines (init, system registers, mode)."""
+        raise NotImplementedError
+
+    def _routine_reg_ids(self) -> tuple[int, ...]:
+        """The ONE_REG ids of the routines' address, value, doorbell, count and stride
+        registers."""
+        raise NotImplementedError
+
+    def _pc_id(self) -> int:
+        raise NotImplementedError
+
+    def _entry_regs(self) -> dict[int, int]:
+        """ONE_REG ids and values written before every entry besides the routine's."""
+        return {}
+
+    def _reachable(self, gpa: int, size: int) -> bool:
+        """Whether the guest can address ``[gpa, gpa + size)`` (mapping it if needed)."""
+        raise NotImplementedError
+
+    def _exception(self, cause: int, address: int) -> Outcome:
+        """The ``abort`` outcome of a guest exception (syndrome and fault address)."""
+        raise NotImplementedError
+
+    def _fetch_failed(self, cause: int, address: int, gpa: int) -> bool:
+        """Whether the exception ``cause``/``address`` says the fetch at ``gpa`` failed."""
+        raise NotImplementedError
+
+    def _poisoned(self) -> tuple[int, ...]:
+        """The ONE_REG ids of the general registers ``guest_exec`` fills with
+        :data:`POISON`."""
+        raise NotImplementedError
+
+    # --- setup and lifetime ------------------------------------------------------------------
+
+    def _setup(self, kvm: Kvm) -> None:
+        self._vm = self.vm = self._create_vm(kvm)
+        self.vm.require("KVM_SET_USER_MEMORY_REGION")
+        self.layout = choose_layout(self.reserved_gpas, self.reserved_slots,
+                                    self.vm.max_memslots() or 32, self.phys_bits)
+        addr, err = libc.mmap(0, HARNESS_SLOT_SIZE, libc.PROT_READ | libc.PROT_WRITE,
+                              libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
+        if err:
+            raise OSError(err, f"harness memory: {libc.errno_name(err)}")
+        self._mem = addr
+        code, offsets = self._program()
+        ctypes.memmove(addr + CODE_OFFSET, code, len(code))
+        self.entries = {name: self.layout.gpa + CODE_OFFSET + off
+                        for name, off in offsets.items()}
+        self._place(addr)
+        err_name = self.vm.set_user_memory_region(self.layout.slot, 0, self.layout.gpa,
+                                                  HARNESS_SLOT_SIZE, addr)
+        if err_name is not None:
+            raise OSError(getattr(errno, err_name, 0),
+                          f"harness memslot {self.layout.slot}: {err_name}")
+
+    @property
+    def exc_doorbell(self) -> int:
+        """The gpa the exception vectors report to (no memslot covers it)."""
+        return self.layout.doorbell + EXC_DOORBELL_OFFSET
+
+    def close(self) -> None:
+        """Release the vCPUs, the VM, the harness memory and (if owned) /dev/kvm.
+        Idempotent; safe after a failed construction."""
+        if self._vm_stats is not None:
+            self._vm_stats.close()
+            self._vm_stats = None
+        for v in self.vcpus:
+            v.fd.close()
+        self.vcpus.clear()
+        if self._vm is not None:
+            self._vm.close()
+            self._vm = None
+        if self._mem:
+            libc.munmap(self._mem, HARNESS_SLOT_SIZE)
+            self._mem = 0
+        if self._own_kvm and self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self) -> ArchVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- vCPUs ----------------------------------------------------------------------------
+
+    def _vcpu(self, index: int) -> Vcpu:
+        """vCPU ``index`` (created, with every lower one, on first use), with any exit of
+        its last run completed: a ``KVM_RUN`` with ``immediate_exit`` set lets KVM finish
+        the MMIO exit (arm64 ``kvm_handle_mmio_return`` commits the PC advance before
+        returning EINTR; riscv ``kvm_riscv_vcpu_mmio_return`` moves ``sepc``), so the PC
+        the next step sets is not advanced after the fact (kernel-matrix.md §4)."""
+        while len(self.vcpus) <= index:
+            try:
+                fd = self.vm.create_vcpu(len(self.vcpus))
+            except KvmIoctlError as exc:
+                raise KvmUnsupported(f"this kernel's KVM cannot create vCPU {len(self.vcpus)}: "
+                                     f"{exc.errno_name}") from None
+            self.vcpus.append(Vcpu(fd))
+            self._init_vcpu(fd)
+        v = self.vcpus[index]
+        if v.pending:
+            v.fd.run.immediate_exit = 1
+            v.fd.kvm_run()
+            v.fd.run.immediate_exit = 0
+            v.pending = False
+        return v
+
+    def _enter(self, v: Vcpu, pc: int, regs: dict[int, int]) -> None:
+        """Write ``regs`` (ONE_REG id -> value), the arch's entry registers and the PC
+        (``KVM_SET_ONE_REG`` each)."""
+        fd = v.fd
+        for reg_id, value in regs.items():
+            fd.set_one_reg(reg_id, value)
+        for reg_id, value in self._entry_regs().items():
+            fd.set_one_reg(reg_id, value)
+        fd.set_one_reg(self._pc_id(), pc)
+
+    def _run(self, v: Vcpu, until_doorbell: bool = True) -> Outcome:
+        """Run until the doorbell rings (``ok`` with the doorbell's data under
+        ``_doorbell``), the exception vectors report (``abort``, built by
+        :meth:`_exception`), or anything else ends the run.  MMIO exits on the way are
+        answered (reads with zeros) and collected; the first becomes the outcome, the
+        rest ``more_mmio``.  ``until_doorbell`` False stops at the first MMIO exit that
+        is not the exception doorbell (``guest_exec``)."""
+        fd = v.fd
+        run = fd.run
+        mmio = run.exit.mmio
+        doorbell, exc = self.layout.doorbell, self.exc_doorbell
+        exits: list[Outcome] = []
+        cause: int | None = None
+        out: Outcome | None = None
+        with fd.watchdog(self.timeout) as alarm:
+            for _ in range(MAX_EXITS):
+                # exit_reason is left as the last exit: KVM_RUN completes an MMIO exit only
+                # while it still reads KVM_EXIT_MMIO.
+                err = fd.kvm_run()
+                v.pending = True
+                if err:
+                    if err == errno.EINTR:
+                        if alarm.fired:
+                            out = {"result": "timeout", "seconds": self.timeout}
+                            break
+                        continue
+                    if err == errno.EFAULT:
+                        out = {"result": "fault"}
+                        if run.exit_reason == KVM_EXIT_MEMORY_FAULT:
+                            fault = run.exit.memory_fault
+                            out.update(gpa=fault.gpa, size=fault.size, flags=fault.flags)
+                    else:
+                        out = {"result": "error", "errno": libc.errno_name(err)}
+                    break
+                reason = run.exit_reason
+                if reason != KVM_EXIT_MMIO:
+                    out = {"result": "exit", "exit_reason": EXIT_REASONS.get(reason, str(reason))}
+                    break
+                length = mmio.len
+                data = int.from_bytes(bytes(mmio.data)[:length], "little")
+                addr = mmio.phys_addr
+                if mmio.is_write and length == 8 and addr in (exc, exc + 8):
+                    if addr == exc:
+                        cause = data
+                        continue
+                    syndrome = cause if cause is not None else -1
+                    out = self._exception(syndrome, data)
+                    out.update(_cause=syndrome, _address=data)
+                    break
+                if until_doorbell and mmio.is_write and length == 8 and addr == doorbell:
+                    out = {"result": "ok", "_doorbell": data}
+                    break
+                exit_out: Outcome = {"result": "mmio", "gpa": addr, "len": length,
+                                     "is_write": bool(mmio.is_write)}
+                if mmio.is_write:
+                    exit_out["data"] = data
+                else:
+                    ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
+                exits.append(exit_out)
+                if not until_doorbell:
+                    out = {"result": "ok"}
+                    break
+            else:
+                out = {"result": "timeout", "seconds": self.timeout,
+                       "reason": f"more than {MAX_EXITS} exits"}
+        if out is None:  # pragma: no cover - the loop always sets it
+            raise RuntimeError("guest run ended without an outcome")
+        return assemble_outcome(exits, out)
+
+    # --- guest steps ------------------------------------------------------------------------
+
+    def _routine_regs(self, address: int, value: int, count: int = 0,
+                      stride: int = 0) -> dict[int, int]:
+        """The routine registers' ids and values for one step (doorbell included)."""
+        ids = self._routine_reg_ids()
+        values = (address, value, self.layout.doorbell, count, stride)
+        used = 5 if count else 3
+        return dict(zip(ids[:used], values[:used], strict=True))
+
+    def _unreachable(self, gpa: int, size: int) -> Outcome:
+        return {"result": "unsupported",
+                "reason": f"[{gpa:#x}, {gpa + size:#x}) is beyond what the {self.arch} "
+                          f"harness guest can address"}
+
+    def guest_read(self, gpa: int, size: int, vcpu: int = 0,
+                   path: str | None = None) -> Outcome:
+        """The guest loads ``size`` (1, 2, 4, 8) bytes at ``gpa`` (zero-extending); the
+        outcome has the little-endian ``value`` when the routine completed.  ``path`` is
+        accepted for RealVm's signature and ignored (one path here).  Raises
+        ``ValueError`` for another size."""
+        return self._access(f"read{size}", gpa, size, 0, vcpu, is_read=True)
+
+    def guest_write(self, gpa: int, size: int, value: int, vcpu: int = 0,
+                    path: str | None = None) -> Outcome:
+        """The guest stores the low ``size`` bytes of ``value`` at ``gpa``."""
+        return self._access(f"write{size}", gpa, size, value & ((1 << 8 * size) - 1), vcpu,
+                            is_read=False)
+
+    def _access(self, routine: str, gpa: int, size: int, value: int, vcpu: int,
+                is_read: bool) -> Outcome:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
+        if not self._reachable(gpa, size):
+            return self._unreachable(gpa, size)
+        v = self._vcpu(vcpu)
+        self._enter(v, self.entries[routine], self._routine_regs(gpa, value))
+        out = self._run(v)
+        data = out.get("_doorbell")
+        out = public(out)
+        if is_read and data is not None:
+            out["value"] = data & ((1 << 8 * size) - 1)
+        return out
+
+    def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome:
+        """An instruction fetch at ``gpa``: the PC is set there with every general
+        register but the exception doorbell's holding :data:`POISON`.
+
+        ``ok`` when the fetch succeeded: the instruction ran, or raised an exception that
+        is not a fetch fault at ``gpa`` (zeroed memory is an undefined instruction on
+        both arches), or left the VM through an MMIO exit.  ``abort`` when the guest took
+        a fetch exception at ``gpa`` (arm64: the prefetch abort ``kvm_inject_pabt``
+        injects for a fetch outside every memslot, ``kvm_handle_guest_abort``; an
+        address size fault beyond the IPA size).  Other outcomes as they come: riscv
+        ``KVM_RUN`` fails EOPNOTSUPP for a fetch outside every memslot
+        (``gstage_page_fault``), EFAULT is ``fault``, a guest that loops is
+        ``timeout``.  Instructions after the first may run before an exception stops
+        the guest (no single-step): a later fetch fault at another address is still
+        ``ok``."""
+        if not self._reachable(gpa, 4):
+            return self._unreachable(gpa, 4)
+        v = self._vcpu(vcpu)
+        self._enter(v, gpa, dict.fromkeys(self._poisoned(), POISON))
+        out = self._run(v, until_doorbell=False)
+        if out["result"] == "abort":
+            if self._fetch_failed(out["_cause"], out["_address"], gpa):
+                return public(out)
+            return {"result": "ok"}
+        if out["result"] == "mmio":
+            return {"result": "ok"}
+        return out
+
+    def spin(self, vcpu: int = 0) -> Outcome:
+        """Enter a guest that loops forever; the watchdog stops it (``timeout``)."""
+        v = self._vcpu(vcpu)
+        self._enter(v, self.entries["spin"], {})
+        return public(self._run(v))
+
+    def touch(self, gpa: int, count: int, stride: int = 4096, write: bool = True,
+              vcpu: int = 0) -> Outcome:
+        """One routine that reads or writes one byte every ``stride`` bytes, ``count``
+        (>= 1) times from ``gpa``."""
+        if count < 1:
+            raise ValueError("touch needs count >= 1")
+        if not self._reachable(gpa, count * stride):
+            return self._unreachable(gpa, count * stride)
+        v = self._vcpu(vcpu)
+        self._enter(v, self.entries["touch_write" if write else "touch_read"],
+                    self._routine_regs(gpa, 0, count, stride))
+        return public(self._run(v))
+
+    # --- VM steps ---------------------------------------------------------------------------
+
+    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
+                    flags: int = 0) -> Outcome:
+        """``KVM_SET_USER_MEMORY_REGION`` (``size`` 0 deletes): ``ok`` or ``error`` with the
+        errno name.  Raises :class:`HarnessConflict` when the request touches the
+        harness's slot id or window (the scenario did not declare it)."""
+        lay = self.layout
+        if slot == lay.slot:
+            raise HarnessConflict(f"memslot {slot} is the harness's own; declare every slot "
+                                  f"id in reserved_slots")
+        if size and gpa < lay.gpa + HARNESS_WINDOW and gpa + size > lay.gpa:
+            raise HarnessConflict(
+                f"memslot [{gpa:#x}, {gpa + size:#x}) overlaps the harness window at "
+                f"{lay.gpa:#x}; declare every range in reserved_gpas")
+        err = self.vm.set_user_memory_region(slot, flags, gpa, size, hva)
+        if err is not None:
+            return {"result": "error", "errno": err}
+        if size:
+            self.slots[slot] = _Slot(gpa, size, flags)
+        else:
+            self.slots.pop(slot, None)
+        return {"result": "ok"}
+
+    def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome:
+        """``KVM_PRE_FAULT_MEMORY`` until the range is done: ``ok``, or ``error`` with the
+        errno exactly as the ioctl answers (arm64 and riscv up to 7.3 have no such ioctl:
+        EINVAL from ``kvm_arch_vcpu_ioctl``'s default, or ENOTTY)."""
+        v = self._vcpu(vcpu)
+        while size > 0:
+            err, gpa, size = v.fd.pre_fault_memory(gpa, size)
+            if err == "EINTR":
+                continue
+            if err is not None:
+                return {"result": "error", "errno": err}
+        return {"result": "ok"}
+
+    def get_dirty_log(self, slot: int) -> Outcome:
+        """``KVM_GET_DIRTY_LOG``: ``ok`` with ``dirty`` (sorted absolute gfns of the host
+        page size; the call clears them) or ``error`` (ENOENT for a slot without dirty
+        logging or none)."""
+        shift = mmap.PAGESIZE.bit_length() - 1
+        info = self.slots.get(slot)
+        npages = info.size >> shift if info is not None else 64
+        log = self.vm.get_dirty_log(slot, npages)
+        if log.errno is not None:
+            return {"result": "error", "errno": log.errno}
+        base = info.gpa >> shift if info is not None else 0
+        return {"result": "ok", "dirty": [base + p for p in log.pages]}
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome:
+        """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
+        err = self.vm.clear_dirty_log(slot, first_page, num_pages)
+        return {"result": "ok"} if err is None else {"result": "error", "errno": err}
+
+    def supports(self, ioctl: str) -> bool:
+        """Whether this VM's KVM offers ``ioctl`` (its capability is non-zero)."""
+        return self.vm.supports(ioctl)
+
+    def stats(self, vcpu: int = 0) -> dict[str, int]:
+        """The VM's binary stats merged with vCPU ``vcpu``'s; ``{}`` where the kernel has
+        no ``KVM_GET_STATS_FD`` (before 5.14)."""
+        if not self.vm.supports("KVM_GET_STATS_FD"):
+            return {}
+        if self._vm_stats is None:
+            self._vm_stats = self.vm.stats()
+        out = self._vm_stats.read()
+        v = self._vcpu(vcpu)
+        with v.fd.stats() as s:
+            out.update(s.read())
+        return out
+
+
+def assemble_outcome(exits: list[Outcome], out: Outcome) -> Outcome:
+    """One step's outcome from the MMIO exits seen on the way and how the run ended: the
+    first exit (with ``more_mmio`` for the others and the doorbell's data carried over)
+    when the run then completed (``ok``) or left otherwise (``exit``); else ``out``."""
+    if exits and out["result"] in ("ok", "exit"):
+        first = dict(exits[0])
+        if "_doorbell" in out:
+            first["_doorbell"] = out["_doorbell"]
+        if len(exits) > 1:
+            first["more_mmio"] = exits[1:]
+        return first
+    return out
+
+
+def public(out: Outcome) -> Outcome:
+    """``out`` without the harness's private keys (``_doorbell``, ``_cause``, ...)."""
+    return {k: v for k, v in out.items() if not k.startswith("_")}
