@@ -21,6 +21,20 @@ def _entry(out: BinaryIO, ino: int, mode: int, name: str, data: bytes = b"") -> 
     return ino + 1
 
 
+def cpio_bytes(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """Returns a newc archive of ``(name, mode, data)`` entries (``mode`` with its
+    file type bits), trailer included, padded to 512 bytes."""
+    import io
+
+    out = io.BytesIO()
+    ino = 1
+    for name, mode, data in entries:
+        ino = _entry(out, ino, mode, name, data)
+    out.write(_header(0, 0, 0, b"TRAILER!!!"))
+    out.write(b"\0" * (-out.tell() % 512))
+    return out.getvalue()
+
+
 def write_cpio(root: Path, out_path: Path) -> int:
     """Writes every file, directory and symlink under ``root`` into a newc archive
     at ``out_path`` (owner root, paths relative, parents before children); returns

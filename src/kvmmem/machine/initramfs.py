@@ -65,6 +65,7 @@ for m in $(cat /lib/modules/kvmmem.load); do
 done
 # udev's /dev/virtio-ports/NAME links, made by hand
 i=0
+grep -q kvmmem.shell /proc/cmdline && i=50
 while [ $i -lt 50 ]; do
     for p in /sys/class/virtio-ports/*; do
         [ -e "$p/name" ] || continue
@@ -205,6 +206,15 @@ def install_busybox(root: Path) -> None:
         for cand in sorted((root / "usr/bin").glob("python3.*")):
             py.symlink_to(cand.name)
             break
+
+
+def init_overlay() -> bytes:
+    """Returns a cpio archive holding only the current ``/init``: appended to a cached
+    initramfs at boot (the kernel unpacks concatenated archives, later entries
+    replacing earlier ones), so a changed ``/init`` needs no new fetch."""
+    from kvmmem.machine.cpio import cpio_bytes
+
+    return cpio_bytes([("init", 0o100755, INIT_SCRIPT.encode())])
 
 
 def write_init(root: Path, modules: list[str]) -> None:

@@ -33,7 +33,7 @@ import kvmmem
 from kvmmem.machine.cache import Manifest, load_manifest, machine_dir
 from kvmmem.machine.catalog import MachineSpec, get_machine
 from kvmmem.machine.errors import AgentError, MachineError, MachineUnavailable
-from kvmmem.machine.initramfs import PORT_NAME, SHARE_TAG, SHELL_FLAG
+from kvmmem.machine.initramfs import PORT_NAME, SHARE_TAG, SHELL_FLAG, init_overlay
 
 PR_SET_PDEATHSIG = 1
 DEFAULT_READY_TIMEOUT = 120.0
@@ -223,7 +223,7 @@ class Machine:
         cmd = [self.qemu, *spec.qemu_machine_args, "-smp", "1", "-m", self.memory,
                "-no-reboot", "-nic", "none",
                "-kernel", str(self.directory / self.manifest.kernel),
-               "-initrd", str(self.directory / self.manifest.initramfs),
+               "-initrd", str(workdir / "initrd.cpio"),
                "-append", self.kernel_cmdline(shell)]
         if spec.arch == "x86":
             cmd += ["-vga", "none"]
@@ -244,6 +244,15 @@ class Machine:
             cmd += ["-object", f"memory-backend-ram,id=ivmem,size={self.ivshmem_mib}M",
                     "-device", "ivshmem-plain,memdev=ivmem"]
         return cmd
+
+    def _prepare(self, workdir: Path) -> None:
+        """Writes the boot's initrd (the cached initramfs and the current ``/init``)
+        and the scratch disk into ``workdir``."""
+        initrd = workdir / "initrd.cpio"
+        shutil.copyfile(self.directory / self.manifest.initramfs, initrd)
+        with open(initrd, "ab") as f:
+            f.write(init_overlay())
+        self._make_scratch(workdir)
 
     def _make_scratch(self, workdir: Path) -> None:
         if not self.scratch_mib:
@@ -273,7 +282,7 @@ class Machine:
         res = self._res = _Resources(workdir)
         self._finalizer = weakref.finalize(self, res.cleanup)
         try:
-            self._make_scratch(workdir)
+            self._prepare(workdir)
             cmd = self.qemu_command(workdir)
             t0 = time.monotonic()
             with open(workdir / "qemu.err", "wb") as err:
@@ -439,7 +448,7 @@ class Machine:
         Returns QEMU's exit status when it ends."""
         workdir = Path(tempfile.mkdtemp(prefix=f"kvmmem-{self.spec.name}-"))
         try:
-            self._make_scratch(workdir)
+            self._prepare(workdir)
             proc = subprocess.Popen(self.qemu_command(workdir, shell=True),
                                     preexec_fn=_pdeathsig)
             try:
