@@ -313,9 +313,11 @@ def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None =
     release = target.release if target is not None else ""
     where = "this host" if name == "host" else f"machine {name}"
     reason = unsupported_reason(scenario, arch, where)
-    if reason is None and path != "native" and name != "host":
-        reason = (f"--path {path} exists only on this host (the PVM guest's CPL0 is "
-                  f"emulated); machine {name} runs every access natively")
+    if reason is None and name != "host" and (path != "native" or any(
+            getattr(step, "path", None) == "emulated" for step in scenario.all_steps())):
+        reason = (f"the emulated access path exists only on this host (its PVM guest's "
+                  f"CPL0 runs in KVM's instruction emulator); machine {name} runs every "
+                  f"access natively")
     if reason is not None:
         return Conformance(scenario.name, scenario.source, path, "unsupported", reason,
                            arch=arch, machine=name, kernel=release)
@@ -413,3 +415,32 @@ def exit_status(results: Sequence[Conformance]) -> int:
 def to_json(results: Sequence[Conformance]) -> dict[str, Any]:
     """The ``kvmmem conform --json`` object: ``{"results": [...]}``."""
     return {"results": [r.to_json() for r in results]}
+
+
+def matrix_table(scenarios: Sequence[Scenario],
+                 columns: Sequence[tuple[str, str, Sequence[Conformance]]]) -> Any:
+    """``kvmmem conform --matrix``: a rich table, one row per scenario, one column per
+    machine (``name``, kernel release, its results in scenario order); a cell is
+    ``agree``, ``differ`` (red) or ``unsupp.`` (dim), and ``n/a`` when the scenario
+    does not name the machine's architecture."""
+    from rich.table import Table
+
+    table = Table(title="kvmmem conform --matrix")
+    table.add_column("scenario")
+    for name, release, _ in columns:
+        table.add_column(f"{name}\n{release}", justify="center")
+    style = {"agree": "green", "differ": "bold red", "unsupported": "dim"}
+    for i, scenario in enumerate(scenarios):
+        cells = []
+        for _, _, results in columns:
+            r = results[i]
+            if r.verdict == "unsupported" and r.reason.startswith("arch "):
+                cells.append("[dim]n/a[/dim]")
+                continue
+            word = "unsupp." if r.verdict == "unsupported" else r.verdict
+            cells.append(f"[{style[r.verdict]}]{word}[/{style[r.verdict]}]")
+        table.add_row(scenario.name, *cells)
+    counts = [verdict_counts(rs) for _, _, rs in columns]
+    table.add_row("[b]agree / differ / unsupp.[/b]",
+                  *(f"{c['agree']} / {c['differ']} / {c['unsupported']}" for c in counts))
+    return table

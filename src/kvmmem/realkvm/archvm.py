@@ -446,17 +446,10 @@ class ArchVm:
         return {"result": "ok"}
 
     def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome:
-        """``KVM_PRE_FAULT_MEMORY`` until the range is done: ``ok``, or ``error`` with the
-        errno exactly as the ioctl answers (arm64 and riscv up to 7.3 have no such ioctl:
-        EINVAL from ``kvm_arch_vcpu_ioctl``'s default, or ENOTTY)."""
-        v = self._vcpu(vcpu)
-        while size > 0:
-            err, gpa, size = v.fd.pre_fault_memory(gpa, size)
-            if err == "EINTR":
-                continue
-            if err is not None:
-                return {"result": "error", "errno": err}
-        return {"result": "ok"}
+        """One ``KVM_PRE_FAULT_MEMORY`` on vCPU ``vcpu``
+        (:meth:`~kvmmem.realkvm.kvm.VcpuFd.pre_fault`): ``ok`` with ``remaining``, or
+        ``error`` with the errno exactly as the ioctl answers."""
+        return self._vcpu(vcpu).fd.pre_fault(gpa, size)
 
     def get_dirty_log(self, slot: int) -> Outcome:
         """``KVM_GET_DIRTY_LOG``: ``ok`` with ``dirty`` (sorted absolute gfns of the host

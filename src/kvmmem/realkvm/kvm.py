@@ -416,6 +416,20 @@ class VcpuFd(_Fd):
         err = _try(self.fd, "KVM_PRE_FAULT_MEMORY", ctypes.addressof(arg))
         return err, arg.gpa, arg.size
 
+    def pre_fault(self, gpa: int, size: int) -> dict[str, object]:
+        """One ``KVM_PRE_FAULT_MEMORY`` call as a scenario outcome: ``ok`` with
+        ``remaining`` (the bytes the kernel left unprocessed: ``kvm_vcpu_pre_fault_memory``
+        returns 0 once any page was mapped, stopping at the first page that fails), or
+        ``error`` with the errno when nothing was (EINVAL/ENOTTY where KVM has no such
+        ioctl).  A call interrupted before any progress (EINTR) is repeated."""
+        while True:
+            err, gpa, size = self.pre_fault_memory(gpa, size)
+            if err != "EINTR":
+                break
+        if err is not None:
+            return {"result": "error", "errno": err}
+        return {"result": "ok", "remaining": size}
+
     # arm64 / riscv (the structures are imported here so this module's import list stays
     # the x86 one)
 
