@@ -1,0 +1,69 @@
+"""Cache location and manifests: a half-done fetch is never taken as done."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvmmem.machine import cache_root, fetched_machines, get_machine, load_manifest, machine_dir
+from kvmmem.machine.cache import MANIFEST, Manifest, write_manifest
+
+
+def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KVMMEM_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    assert machine_dir(get_machine("arm64", "7.3-16k")) == tmp_path / "c/arm64-7.3-16k"
+    monkeypatch.delenv("KVMMEM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg/kvmmem/machines"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home/.cache/kvmmem/machines"
+
+
+def make_manifest(root: Path, arch: str = "riscv", version: str = "7.2") -> Manifest:
+    """A fetched-looking machine in ``root`` with small fake files."""
+    directory = root / f"{arch}-{version}"
+    directory.mkdir(parents=True)
+    (directory / "vmlinuz").write_bytes(b"k" * 100)
+    (directory / "initramfs.cpio").write_bytes(b"i" * 512)
+    manifest = Manifest(
+        arch=arch, version=version, suite="sid", kernel_package="7.2.13-1",
+        kernel_release="7.2.13+deb14-riscv64", packages={"linux-image-riscv64": "7.2.13-1"},
+        kernel="vmlinuz", initramfs="initramfs.cpio", modules=["kvm"],
+        files={"vmlinuz": 100, "initramfs.cpio": 512}, python="3.13.5-2",
+        fetch_seconds=1.0, fetched_at="2026-12-07T00:00:00+00:00")
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def test_manifest_roundtrip_and_fetched(tmp_path: Path) -> None:
+    written = make_manifest(tmp_path)
+    spec = get_machine("riscv", "7.2")
+    loaded = load_manifest(spec, tmp_path)
+    assert loaded == written and loaded.size == 612
+    assert [s.name for s in fetched_machines(tmp_path)] == ["riscv-7.2"]
+    assert load_manifest(get_machine("riscv", "6.12"), tmp_path) is None
+
+
+def test_incomplete_machines_are_not_fetched(tmp_path: Path) -> None:
+    make_manifest(tmp_path)
+    spec = get_machine("riscv", "7.2")
+    directory = machine_dir(spec, tmp_path)
+    (directory / "initramfs.cpio").write_bytes(b"short")
+    assert load_manifest(spec, tmp_path) is None
+    (directory / "initramfs.cpio").unlink()
+    assert load_manifest(spec, tmp_path) is None
+    (directory / MANIFEST).write_text("{not json")
+    assert load_manifest(spec, tmp_path) is None
+    (directory / MANIFEST).write_text(json.dumps({"arch": "riscv"}))
+    assert load_manifest(spec, tmp_path) is None
+    assert fetched_machines(tmp_path) == []
+
+
+def test_manifest_of_another_machine_is_ignored(tmp_path: Path) -> None:
+    make_manifest(tmp_path)
+    (tmp_path / "riscv-7.2").rename(tmp_path / "riscv-6.12")
+    assert load_manifest(get_machine("riscv", "6.12"), tmp_path) is None
