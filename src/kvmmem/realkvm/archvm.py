@@ -381,14 +381,15 @@ class ArchVm:
         ``ok`` when the fetch succeeded: the instruction ran, or raised an exception that
         is not a fetch fault at ``gpa`` (zeroed memory is an undefined instruction on
         both arches), or left the VM through an MMIO exit.  ``abort`` when the guest took
-        a fetch exception at ``gpa`` (arm64: the prefetch abort ``kvm_inject_pabt``
-        injects for a fetch outside every memslot, ``kvm_handle_guest_abort``; an
-        address size fault beyond the IPA size).  Other outcomes as they come: riscv
-        ``KVM_RUN`` fails EOPNOTSUPP for a fetch outside every memslot
-        (``gstage_page_fault``), EFAULT is ``fault``, a guest that loops is
-        ``timeout``.  Instructions after the first may run before an exception stops
-        the guest (no single-step): a later fetch fault at another address is still
-        ``ok``."""
+        a fetch exception at ``gpa``: arm64's ``kvm_handle_guest_abort`` injects a
+        prefetch abort (``kvm_inject_pabt``, ESR FSC 0x10) for a fetch outside every
+        memslot and, on 7.3, also for one beyond the VM's IPA size but below the
+        host's; riscv 7.2 delivers an instruction access fault (scause 1).  Other
+        outcomes as they come: ``KVM_RUN`` failing (EOPNOTSUPP where a riscv kernel
+        refuses the fetch in ``gstage_page_fault``) is ``error``, EFAULT is
+        ``fault``, a guest that loops is ``timeout``.  Instructions after the first may
+        run before an exception stops the guest (no single-step): a later fetch fault
+        at another address is still ``ok``."""
         if not self._reachable(gpa, 4):
             return self._unreachable(gpa, 4)
         v = self._vcpu(vcpu)

@@ -17,11 +17,14 @@ IPA size: ``ipa_bits=None`` creates a VM of type 0, KVM's default 40-bit IPA, wh
 is also the model's arm64 default (``kvmmem.arch.arm64``); any other value asks
 ``KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits)`` and needs ``KVM_CAP_ARM_VM_IPA_SIZE`` to
 report at least that many bits (48 on the emulated machines).  A guest access at or
-beyond 2^ipa_bits is answered by KVM with an injected address size fault
-(``kvm_handle_guest_abort`` -> ``kvm_inject_size_fault``): ``abort`` ``address size
-fault``.  An instruction fetch outside every memslot gets ``kvm_inject_pabt``:
-``abort`` ``prefetch abort``; a load or store there is ``io_mem_abort``'s
-``KVM_EXIT_MMIO`` with the length from the syndrome (ESR_EL2.SAS).
+beyond 2^ipa_bits is answered by an injected exception: ``kvm_inject_size_fault``
+(``abort`` ``address size fault``) beyond the host's IPA limit; between the VM's IPA
+size and that limit, Debian 7.3.4 injected a synchronous external abort (ESR FSC
+0x10: ``abort`` ``data abort`` for a load or store, ``prefetch abort`` for a fetch)
+where the model says ``address size fault``.  An instruction fetch outside every
+memslot gets ``kvm_inject_pabt``: ``abort`` ``prefetch abort``; a load or store there
+is ``io_mem_abort``'s ``KVM_EXIT_MMIO`` with the length from the syndrome
+(ESR_EL2.SAS).
 """
 
 from __future__ import annotations

@@ -11,8 +11,13 @@ each step (``KVM_SET_ONE_REG`` of ``struct kvm_riscv_core``).
 KVM keeps every vCPU but 0 powered off (``KVM_MP_STATE_STOPPED``) until
 ``KVM_SET_MP_STATE`` makes it runnable; the harness does so when it creates one.
 A load or store outside every memslot is emulated as MMIO from the trapped
-instruction (``gstage_page_fault`` -> ``kvm_riscv_vcpu_mmio_load/store``); an
-instruction fetch there makes ``KVM_RUN`` fail EOPNOTSUPP.  The guest physical size
+instruction (``gstage_page_fault`` -> ``kvm_riscv_vcpu_mmio_load/store``), which
+refuses a misaligned one: ``KVM_RUN`` fails EIO ("VCPU exit error -5" in the kernel
+log).  Seen on Debian riscv64 7.2.13 under QEMU: an instruction fetch outside every
+memslot reaches the guest as an instruction access fault (``abort`` ``instruction
+access fault``, ``stval`` the gpa), not as an EOPNOTSUPP failure of ``KVM_RUN``.
+Misaligned loads and stores inside a slot complete in the guest (QEMU performs
+them; nothing traps).  The guest physical size
 is the G-stage mode's (Sv57x4 59 bits, Sv48x4 50, Sv39x4 41: ``KVM_CAP_VM_GPA_BITS``
 where the kernel reports it); ``ipa_bits`` other than that is
 :class:`~kvmmem.realkvm.kvm.KvmUnsupported`.
