@@ -114,7 +114,9 @@ def fetch(arch: str, version: str, progress: Progress | None = None, *,
             return done
     say = progress if progress is not None else (terminal_progress() or (lambda _l: None))
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{spec.name}.lock", "w") as lock:
+    # One fetch at a time per cache: machines share the private apt lists (apt's own
+    # locking is off, the lists are ours) and the host's two cores.
+    with open(root / ".fetch.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force:
             done = load_manifest(spec, root)

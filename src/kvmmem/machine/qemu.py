@@ -5,7 +5,9 @@ directory holding the ``kvmmem`` package), a fresh ext4 scratch disk, an
 ``ivshmem-plain`` device and the virtio-serial port; ``/init`` starts the agent,
 which announces itself with a ``ready`` line.  QEMU runs in its own process group
 with ``PR_SET_PDEATHSIG`` = SIGKILL, and a finalizer (also run at interpreter exit)
-kills it, so no QEMU outlives the Python process.
+kills it, so no QEMU outlives the Python process.  The death signal follows the
+*thread* that started QEMU: start machines from a thread that lives as long as
+they do (the main thread, or a worker that closes its machines before it ends).
 """
 
 from __future__ import annotations
