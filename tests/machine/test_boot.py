@@ -41,6 +41,8 @@ def test_boot_ping_close(boot_machine: BootMachine, arch: str, version: str) -> 
     assert machine.close() == 0  # the guest powered off
     assert _gone(pid) and not workdir.exists() and not machine.running
     assert "kvmmem: modules loaded" in machine.console_output
+    if arch == "x86":
+        assert "kvmmem: kvm_amd npt=Y" in machine.console_output
     assert machine.close() is None
     assert qemu_children() == []
 

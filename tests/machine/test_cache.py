@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from kvmmem.machine import cache_root, fetched_machines, get_machine, load_manifest, machine_dir
+from kvmmem.machine import (
+    UnknownMachine,
+    cache_root,
+    fetch,
+    fetched_machines,
+    get_machine,
+    load_manifest,
+    machine_dir,
+)
 from kvmmem.machine.cache import MANIFEST, Manifest, write_manifest
 
 
@@ -67,3 +75,14 @@ def test_manifest_of_another_machine_is_ignored(tmp_path: Path) -> None:
     make_manifest(tmp_path)
     (tmp_path / "riscv-7.2").rename(tmp_path / "riscv-6.12")
     assert load_manifest(get_machine("riscv", "6.12"), tmp_path) is None
+
+
+def test_fetch_of_a_cached_machine_downloads_nothing(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    written = make_manifest(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # apt-get would be missing
+    lines: list[str] = []
+    assert fetch("riscv", "7.2", progress=lines.append, root=tmp_path) == written
+    assert lines == []
+    with pytest.raises(UnknownMachine):
+        fetch("riscv", "7.3", root=tmp_path)
