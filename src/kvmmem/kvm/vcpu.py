@@ -2,10 +2,12 @@
 install -> access, or ends in an exit.
 
 An access is split at 4 KiB page boundaries into fragments, as the hardware
-faults page by page and KVM's emulator completes a page-crossing access
+faults page by page.  On x86 KVM's emulator completes a page-crossing access
 fragment by fragment (``emulator_read_write_onepage``): the part inside a
 memslot is performed, only the part outside exits as MMIO
-(kvm-on-this-host.md §3.3).  Contiguous MMIO fragments form one exit.
+(kvm-on-this-host.md §3.3); contiguous MMIO fragments form one exit.  arm64
+and riscv have no such emulator: a page-crossing access completes whole or
+exits whole (:meth:`Vcpu._whole_access_op`).
 
 Two paths, chosen per vCPU (kvm-on-this-host.md §0, §6):
 
@@ -221,6 +223,8 @@ class Vcpu:
         if emulated and vm.arch_name != "x86":
             raise InputError(f"path: the emulated access path is x86's instruction emulator; "
                              f"{vm.arch_name} has none (use path: native)")
+        if not emulated and vm.arch_name != "x86" and (gpa & (PAGE_SIZE - 1)) + size > PAGE_SIZE:
+            return (yield from self._whole_access_op(gpa, size, access, value))
         got = 0
         mmio_gpa = -1
         mmio_len = 0
@@ -256,6 +260,50 @@ class Vcpu:
             return AccessResult("ok", value=got)
         return AccessResult("ok")
 
+    def _whole_access_op(self, gpa: int, size: int, access: Access,
+                         value: int) -> Op[AccessResult]:
+        """A page-crossing access on arm64 or riscv: no emulator splits it.  Every page
+        it touches is faulted in before any byte moves (the instruction re-executes
+        until all its translations exist); a page that is MMIO ends the whole access as
+        one exit of the access's full length at that page's first byte, with all of a
+        store's bytes and none of them stored (arm64 ``io_mem_abort`` takes the length
+        from ESR_EL2.SAS and the data from the register; riscv
+        ``kvm_riscv_vcpu_mmio_store``/``_load`` decode both from the trapped
+        instruction).  Seen on real arm64 6.1, 6.12, 7.3 and riscv 6.12, 7.2
+        (``selftest-readonly-mem``, ``row-no-slot-mmio``)."""
+        vm = self.vm
+        frags = []
+        done = 0
+        while done < size:
+            frag_gpa = gpa + done
+            frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
+            frags.append((frag_gpa, frag_len, done))
+            done += frag_len
+        data = value & ((1 << (8 * size)) - 1)
+        for _ in range(MAX_FAULT_RETRIES):
+            for frag_gpa, frag_len, _off in frags:
+                r = yield from self._fragment_op(frag_gpa, frag_len, access, 0, False,
+                                                 touch=False)
+                if r.result == "mmio":
+                    return self._mmio_exit(frag_gpa, size, access,
+                                           data if access is Access.WRITE else 0, None)
+                if r.result != "ok":
+                    return r
+            entries = [self._translate(g, access) for g, _, _ in frags]
+            if any(e is None for e in entries):
+                continue  # a translation went away meanwhile: the instruction re-faults
+            got = 0
+            for (frag_gpa, frag_len, off), entry in zip(frags, entries, strict=True):
+                assert entry is not None
+                part = (value >> (8 * off)) & ((1 << (8 * frag_len)) - 1)
+                r = vm.touch_frame(entry.pfn, frag_gpa, frag_len, access, part)
+                if r.result != "ok":
+                    return r
+                if r.value is not None:
+                    got |= r.value << (8 * off)
+            return AccessResult("ok", value=got) if access is Access.READ else AccessResult("ok")
+        return AccessResult("error", errno="EAGAIN")
+
     def _mmio_exit(self, gpa: int, length: int, access: Access, data: int,
                    value: int | None) -> AccessResult:
         """The KVM_EXIT_MMIO of an access whose first MMIO fragment is
@@ -272,13 +320,17 @@ class Vcpu:
                             data=data)
 
     def _fragment_op(self, gpa: int, size: int, access: Access, value: int,
-                     emulated: bool) -> Op[AccessResult]:
+                     emulated: bool, touch: bool = True) -> Op[AccessResult]:
+        """One page's part of an access: translated (faulting it in) and, with
+        ``touch``, performed; without, ``ok`` once the translation exists."""
         vm = self.vm
         if emulated:
             return self._emulated(gpa, size, access, value)
         for _ in range(MAX_FAULT_RETRIES):
             entry = self._translate(gpa, access)
             if entry is not None:
+                if not touch:
+                    return AccessResult("ok")
                 return vm.touch_frame(entry.pfn, gpa, size, access, value)
             # A translation that faults is not kept: an EPT violation / stage-2
             # abort invalidates what the TLB cached for the faulting address.
