@@ -1,5 +1,6 @@
 """Random scenario files for the differential conformance test (and bench_conform.py):
-sequences of host operations, memslot operations and guest accesses on x86.
+sequences of host operations, memslot operations and guest accesses, for this host's
+x86 KVM or a machine's.
 
 :func:`scenarios` draws one sequential scenario as YAML text (for
 ``load_scenario_text``); see test_differential_kvm.py for what it covers.
@@ -56,8 +57,9 @@ def _gpa(draw: st.DrawFn, size: int, hot: list[int]) -> int:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> str:
-    """A sequential x86 scenario file as YAML text."""
+def scenarios(draw: st.DrawFn, arch: str = "x86", emulated: bool = True) -> str:
+    """A sequential scenario file for ``arch`` as YAML text; ``emulated``: one guest
+    access in eight takes the emulated path (this host's PVM only)."""
     memory: dict[str, dict[str, Any]] = {}
     pages: dict[str, int] = {}
     for name in ("a", "b")[:draw(st.integers(1, 2))]:
@@ -89,7 +91,7 @@ def scenarios(draw: st.DrawFn) -> str:
             keys: dict[str, Any] = {"gpa": _gpa(draw, size, hot), "size": size}
             if op == "guest_write":
                 keys["value"] = draw(st.integers(0, (1 << 8 * size) - 1))
-            if draw(st.integers(0, 7)) == 0:
+            if emulated and draw(st.integers(0, 7)) == 0:
                 keys["path"] = "emulated"
         elif op in ("host_read", "host_write"):
             size = draw(st.sampled_from(SIZES))
@@ -120,6 +122,6 @@ def scenarios(draw: st.DrawFn) -> str:
             keys = {"slot": slot, "gpa": 0, "size": 0} if draw(st.integers(0, 3)) == 0 \
                 else slot_keys(slot)
         steps.append({op: keys})
-    doc = {"kvmmem": 1, "name": "differential", "arch": "x86", "memory": memory,
+    doc = {"kvmmem": 1, "name": "differential", "arch": arch, "memory": memory,
            "memslots": memslots, "steps": steps}
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)

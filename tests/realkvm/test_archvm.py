@@ -333,15 +333,9 @@ def _program(arch: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("arch", "version"), [("arm64", "7.3"), ("riscv", "7.2")])
-def test_on_a_real_kernel(arch: str, version: str) -> None:
+def test_on_a_real_kernel(arch: str, version: str, machines: Any) -> None:
     """What arm64 7.3 and riscv 7.2 answered when this harness was written."""
-    from kvmmem.machine import Machine, MachineUnavailable
-    try:
-        machine = Machine(arch, version)
-    except MachineUnavailable as exc:
-        pytest.skip(str(exc))
-    with machine:
-        run = machine.request("run", program=_program(arch), timeout=120)
+    run = machines.get(arch, version).request("run", program=_program(arch), timeout=120)
     assert run["supported"], run["reason"]
     assert run["setup"] == [{"memory": "m", "result": "ok"}, {"memslot": 0, "result": "ok"}]
     got = [{k: v for k, v in s.items() if k not in ("step", "op")} for s in run["steps"]]

@@ -55,6 +55,11 @@ class ArchKvm:
 
     # --- faults ------------------------------------------------------------
 
+    def mmio_exit_error(self, gpa: int, length: int) -> str | None:
+        """The errno with which KVM_RUN fails instead of exiting for an MMIO access of
+        ``length`` bytes at ``gpa`` (``None``: the exit is made)."""
+        return None
+
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """The stage-2 fault handler for an access that missed in the walk."""
         raise NotImplementedError

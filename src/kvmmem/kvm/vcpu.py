@@ -310,6 +310,9 @@ class Vcpu:
         ``[gpa, gpa + length)`` (``data`` its bytes for a write); ``value`` is
         the RAM part a read got."""
         vm = self.vm
+        err = vm.arch.mmio_exit_error(gpa, length)
+        if err is not None:
+            return AccessResult("error", errno=err)
         vm.stats.mmio_exits += 1
         vm.stats.exits += 1
         is_write = access is Access.WRITE

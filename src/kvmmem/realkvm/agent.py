@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     poweroff = "--poweroff" in args
     args = [a for a in args if a != "--poweroff"]
     if args:
-        with open(args[0], "r+", buffering=1, encoding="utf-8") as port:
-            serve(port, port)
+        # A character device cannot be opened "r+" in text mode (not seekable): one
+        # reader and one writer on the same port.
+        with open(args[0], encoding="utf-8") as port_in, \
+                open(args[0], "w", buffering=1, encoding="utf-8") as port_out:
+            serve(port_in, port_out)
     else:
         serve(sys.stdin, sys.stdout)
     if poweroff:

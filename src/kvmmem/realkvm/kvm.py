@@ -480,11 +480,13 @@ class VcpuFd(_Fd):
 
 def probe_kvm(path: str = KVM_DEV) -> str | None:
     """Whether this host can run kvmmem's real-KVM backend: ``None`` when ``path`` opens,
-    speaks API 12 and can create a VM with one vCPU on an x86-64 host; else a one-line
+    speaks API 12 and can create a VM with one vCPU on an x86-64, arm64 or riscv64 host
+    (the machines' guests); else a one-line
     reason (e.g. ``"/dev/kvm: cannot open /dev/kvm: No such file or directory"``)."""
     machine = platform.machine()
-    if machine not in ("x86_64", "AMD64"):
-        return f"/dev/kvm: kvmmem's real-KVM guest is x86-64 and this host is {machine}"
+    if machine not in ("x86_64", "AMD64", "aarch64", "riscv64"):
+        return (f"/dev/kvm: kvmmem's real-KVM guests are x86-64, arm64 and riscv64; this "
+                f"host is {machine}")
     try:
         with Kvm(path) as kvm, kvm.create_vm() as vm:
             vm.create_vcpu(0)
