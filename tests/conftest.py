@@ -1,5 +1,6 @@
-"""Suite-wide settings and the session's machines: hypothesis keeps no example database (tests leave no
-files behind) and never times a single example (the machine is shared)."""
+"""Suite-wide settings and the session's machines: hypothesis keeps no example
+database (tests leave no files behind) and never times a single example (the machine
+is shared); :class:`MachinePool` boots each machine once per session."""
 
 from __future__ import annotations
 
