@@ -9,11 +9,14 @@ session.
   this host) runs on arm64 7.3 and riscv 7.2: 100 sequences each (``--long``: 1000),
   no difference.
 
+``KVMMEM_MACHINES=all`` (every machine of the catalog) or a list such as
+``KVMMEM_MACHINES=arm64-6.12,riscv-6.12`` runs both tests on those machines instead.
 Skipped with the reason where a machine is not fetched or QEMU is missing.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,20 @@ from .strategies import scenarios
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 
 CI_MACHINES = (("arm64", "7.3"), ("riscv", "7.2"), ("x86", "7.3"))
+
+
+def _chosen() -> tuple[tuple[str, str], ...]:
+    wanted = os.environ.get("KVMMEM_MACHINES", "")
+    if not wanted:
+        return CI_MACHINES
+    from kvmmem.machine import machines
+    if wanted == "all":
+        return tuple((m.arch, m.version) for m in machines())
+    return tuple(tuple(name.split("-", 1)) for name in wanted.split(","))  # type: ignore[misc]
+
+
+MACHINES = _chosen()
+DIFFERENTIAL = MACHINES if os.environ.get("KVMMEM_MACHINES") else CI_MACHINES[:2]
 
 MACHINE_UNSUPPORTED: dict[str, str] = {
     r"has threads; real-KVM runs are sequential":
@@ -49,7 +66,7 @@ def _files(arch: str) -> list[str]:
             if arch in load_scenario(p).arches]
 
 
-@pytest.mark.parametrize(("arch", "version"), CI_MACHINES, ids=[f"{a}-{v}" for a, v in CI_MACHINES])
+@pytest.mark.parametrize(("arch", "version"), MACHINES, ids=[f"{a}-{v}" for a, v in MACHINES])
 def test_bundled_scenarios_agree(arch: str, version: str, machines: Any) -> None:
     """Every bundled scenario naming ``arch``: agree, or unsupported for a listed reason."""
     target = MachineTarget(machines.get(arch, version))
@@ -64,8 +81,8 @@ def test_bundled_scenarios_agree(arch: str, version: str, machines: Any) -> None
     assert bad == [], "\n".join(bad)
 
 
-@pytest.mark.parametrize(("arch", "version"), CI_MACHINES[:2],
-                         ids=[f"{a}-{v}" for a, v in CI_MACHINES[:2]])
+@pytest.mark.parametrize(("arch", "version"), DIFFERENTIAL,
+                         ids=[f"{a}-{v}" for a, v in DIFFERENTIAL])
 def test_random_sequences_agree(arch: str, version: str, machines: Any,
                                 request: pytest.FixtureRequest) -> None:
     """hva_to_pfn / the stage-2 fault path / MMU notifiers / kvm_set_memory_region of a
