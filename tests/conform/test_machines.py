@@ -55,8 +55,8 @@ MACHINE_UNSUPPORTED: dict[str, str] = {
         "a scenario about another kernel's behaviour (variant)",
     r"the emulated access path exists only on this host":
         "the emulated path is this host's PVM instruction emulator",
-    r"no VM_PFNMAP source .* inserts frames lazily":
-        "device-lazy: no lazily inserting VM_PFNMAP source inside the machines yet",
+    r"no VM_PFNMAP source (on this host|inside the machine) inserts frames lazily":
+        "device-lazy: no source inside the machines behaves as the kind describes",
 }
 """Reasons a scenario may be unsupported on a machine (regex -> justification)."""
 

@@ -242,6 +242,13 @@ class HostMemory:
             raise MappingUnsupported(
                 f"a device mapping is built from one perf-event page per 4 KiB; "
                 f"{size >> 20} MiB is more than the {MAX_DEVICE_SIZE >> 20} MiB kvmmem makes")
+        elif kind == "device-lazy" and self._device_bar is not None:
+            raise MappingUnsupported(
+                "no VM_PFNMAP source inside the machine inserts frames lazily the way "
+                "device-lazy describes (read-only on a read fault, pfn_mkwrite on a write): "
+                "DRM shmem dumb buffers and udmabuf insert writable cacheable frames on "
+                "the first fault, and arm64 7.x refuses a slot over cacheable VM_PFNMAP "
+                "without FWB and DIC (EINVAL), which QEMU's -cpu max lacks")
         elif kind == "device-lazy":
             raise MappingUnsupported(
                 "no VM_PFNMAP source on this host inserts frames lazily on first touch "
