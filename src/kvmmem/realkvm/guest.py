@@ -24,6 +24,20 @@ Two execution modes of the same code (:data:`PATHS`):
 Registers a routine uses: ``rsi`` address, ``rax`` value, ``rdi`` doorbell,
 ``rcx`` count, ``rdx`` stride, ``rbx`` a second MMIO address.
 
+Exceptions: the harness gives the guest an IDT, a GDT and a 64-bit TSS of its own
+(:func:`write_system_tables`, in the harness memslot's second page; the third page is
+the handlers' stack).  Every exception vector 0-31 enters a CPL0 stub on that stack
+(IST1, so even a guest whose ``rsp`` is garbage is caught) that stores the vector
+and then CR2 to the *exception doorbell* (:data:`EXC_DOORBELL_FROM_CODE` past the code
+page: the doorbell + 0x100, no memslot), as the arm64/riscv harnesses do.  Without
+this a guest exception looked up an IDT at linear 0, which a TDP (EPT/NPT) host
+turns into ``KVM_EXIT_INTERNAL_ERROR`` / ``KVM_INTERNAL_ERROR_DELIVERY_EV`` when no
+memslot covers that gpa (an MMIO access during event delivery cannot be emulated:
+``svm_check_emulate_instruction`` / ``vmx_check_emulate_instruction`` return
+``X86EMUL_UNHANDLEABLE_VECTORING``, upstream 6.14), or a triple fault otherwise.  A
+PVM host delivers a CPL3 guest's exceptions its own way and ignores the IDT (a triple
+fault: ``KVM_EXIT_SHUTDOWN``), as before.
+
 Guest page tables identity-map guest physical memory with 2 MiB pages
 (``PDE = gpa | P | RW | U | A | D | PS``), one page directory per GiB that a scenario
 touches, so THP/hugetlb-backed slots can get 2 MiB SPTEs.  Guest virtual
@@ -66,6 +80,35 @@ writable, marked dirty in a dirty-logged slot: ``make_spte``)."""
 
 ROUTINE_STRIDE = 0x80
 """Bytes reserved per routine in the code page."""
+VECTORS = 32
+"""Exception vectors the IDT handles (the architectural exceptions 0-31)."""
+VECTOR_OFFSET = 0xC00
+"""Where the exception stubs start in the code page (the routines end below it)."""
+VECTOR_STRIDE = 0x10
+"""Bytes per exception stub; the common handler follows the last one."""
+EXC_DOORBELL_FROM_CODE = (2 << 20) + 0x1000 + 0x100
+"""The exception doorbell's distance from the code page: the harness window's doorbell
+(2 MiB + 4 KiB past the slot start) + 0x100, as on arm64/riscv.  The handler reaches it
+RIP-relative, so the code stays position independent."""
+
+SYSTEM_OFFSET = 0x1000
+"""The harness memslot's page with the IDT (+0), GDT (+0x800) and TSS (+0xC00)."""
+IDT_OFFSET = SYSTEM_OFFSET
+GDT_OFFSET = SYSTEM_OFFSET + 0x800
+TSS_OFFSET = SYSTEM_OFFSET + 0xC00
+STACK_TOP_OFFSET = 0x3000
+"""The exception stack is the slot's third page; IST1 and RSP0 point at its top."""
+TABLES_OFFSET = 0x3000
+"""The guest page tables start at the slot's fourth page."""
+
+KERNEL_CS, KERNEL_DS, USER_DS, USER_CS, TSS_SEL = 0x08, 0x10, 0x2B, 0x33, 0x40
+GDT_ENTRIES = 10
+TSS_LIMIT = 0x67
+VECTOR_NAMES = ("#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO",
+                "#TS", "#NP", "#SS", "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM",
+                "#VE", "#CP", "#22", "#23", "#24", "#25", "#26", "#27", "#HV", "#VC",
+                "#SX", "#31")
+"""Mnemonics of vectors 0-31 (``abort`` names)."""
 
 
 # --- addresses -----------------------------------------------------------------------
@@ -140,6 +183,58 @@ class PageTables:
         self.targets[va_gib] = pa_gib
 
 
+# --- descriptor tables ------------------------------------------------------------------
+
+
+def _seg_descriptor(access: int, flags: int) -> int:
+    """A flat code/data descriptor: base 0, limit 0xFFFFF, ``access`` byte, ``flags``
+    nibble (G, D/B, L)."""
+    return 0xFFFF | (access << 40) | (0xF << 48) | (flags << 52)
+
+
+def gdt_entries(tss_base: int) -> list[int]:
+    """The GDT as 8-byte words: 0x08 CPL0 64-bit code, 0x10 CPL0 data, 0x2b CPL3 data,
+    0x33 CPL3 64-bit code (the selectors :func:`long_mode_sregs` loads), 0x40 the
+    64-bit TSS (busy, as ``TR`` holds it)."""
+    entries = [0] * GDT_ENTRIES
+    entries[KERNEL_CS >> 3] = _seg_descriptor(0x9B, 0xA)
+    entries[KERNEL_DS >> 3] = _seg_descriptor(0x93, 0xC)
+    entries[USER_DS >> 3] = _seg_descriptor(0xF3, 0xC)
+    entries[USER_CS >> 3] = _seg_descriptor(0xFB, 0xA)
+    entries[TSS_SEL >> 3] = (TSS_LIMIT | (tss_base & 0xFFFFFF) << 16 | 0x8B << 40
+                             | ((tss_base >> 24) & 0xFF) << 56)
+    entries[(TSS_SEL >> 3) + 1] = tss_base >> 32
+    return entries
+
+
+def idt_gate(handler: int) -> tuple[int, int]:
+    """A 64-bit interrupt gate (P, DPL0, type 0xE) to ``KERNEL_CS:handler`` on IST1, as
+    two 8-byte words."""
+    low = ((handler & 0xFFFF) | KERNEL_CS << 16 | 1 << 32 | 0x8E << 40
+           | ((handler >> 16) & 0xFFFF) << 48)
+    return low, handler >> 32
+
+
+def write_system_tables(base_gpa: int, base_hva: int) -> None:
+    """Write the IDT, GDT and TSS into the harness memslot (guest physical ``base_gpa``
+    at host address ``base_hva``; guest virtual = guest physical there)."""
+    def put(offset: int, value: int) -> None:
+        ctypes.c_uint64.from_address(base_hva + offset).value = value
+
+    ctypes.memset(base_hva + SYSTEM_OFFSET, 0, 2 * PAGE_SIZE)
+    for vector in range(VECTORS):
+        low, high = idt_gate(base_gpa + VECTOR_OFFSET + vector * VECTOR_STRIDE)
+        put(IDT_OFFSET + 16 * vector, low)
+        put(IDT_OFFSET + 16 * vector + 8, high)
+    for i, entry in enumerate(gdt_entries(base_gpa + TSS_OFFSET)):
+        put(GDT_OFFSET + 8 * i, entry)
+    stack = base_gpa + STACK_TOP_OFFSET
+    # 64-bit TSS: RSP0 at +4, IST1 at +36 (unaligned), I/O map base at +102 (none).
+    for field_offset in (4, 36):
+        ctypes.c_uint64.from_address(base_hva + TSS_OFFSET + field_offset).value = stack
+    ctypes.c_uint16.from_address(base_hva + TSS_OFFSET + 102).value = TSS_LIMIT + 1
+
+
 # --- segment state ----------------------------------------------------------------------
 
 
@@ -158,15 +253,25 @@ def _segment(seg: kvm_segment, selector: int, code: bool, dpl: int) -> None:
     seg.unusable = 0
 
 
-def long_mode_sregs(sregs: kvm_sregs, cr3: int, path: str) -> kvm_sregs:
+def long_mode_sregs(sregs: kvm_sregs, cr3: int, path: str,
+                    system_base: int | None = None) -> kvm_sregs:
     """Set ``sregs`` (a vCPU's reset state) up for 64-bit paging with page tables at
     ``cr3``: CPL3 for ``native`` (CS 0x33, data 0x2b), CPL0 for ``emulated`` (CS 0x08,
-    data 0x10).  Returns ``sregs``."""
+    data 0x10).  ``system_base``: the harness memslot's guest address, whose
+    :func:`write_system_tables` the IDTR, GDTR and TR then point at.  Returns
+    ``sregs``."""
     user = path == "native"
     dpl = 3 if user else 0
-    _segment(sregs.cs, 0x33 if user else 0x08, True, dpl)
+    _segment(sregs.cs, USER_CS if user else KERNEL_CS, True, dpl)
     for name in ("ds", "es", "fs", "gs", "ss"):
-        _segment(getattr(sregs, name), 0x2B if user else 0x10, False, dpl)
+        _segment(getattr(sregs, name), USER_DS if user else KERNEL_DS, False, dpl)
+    if system_base is not None:
+        sregs.idt.base, sregs.idt.limit = system_base + IDT_OFFSET, 16 * VECTORS - 1
+        sregs.gdt.base, sregs.gdt.limit = system_base + GDT_OFFSET, 8 * GDT_ENTRIES - 1
+        tr = sregs.tr
+        tr.base, tr.limit, tr.selector = system_base + TSS_OFFSET, TSS_LIMIT, TSS_SEL
+        tr.type, tr.present, tr.dpl, tr.s, tr.l, tr.g = 11, 1, 0, 0, 0, 0
+        tr.db = tr.avl = tr.unusable = 0
     sregs.cr0 = CR0_LONG
     sregs.cr3 = cr3
     sregs.cr4 = CR4_PAE

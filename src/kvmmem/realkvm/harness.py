@@ -19,7 +19,8 @@ dict in the SCENARIOS.md vocabulary:
 
 Extensions, where the contract has no word for what real KVM did:
 ``{"result": "abort", "abort": "#UD"}`` (an instruction fetch KVM could not
-emulate: ``#UD`` is injected into a CPL>0 guest), ``{"result": "timeout",
+emulate: ``#UD`` is injected into a CPL>0 guest; any other exception that ends a
+read or write is ``abort`` with the vector's mnemonic and ``vector``), ``{"result": "timeout",
 "seconds": S}`` (the guest did not come back and was stopped by the
 watchdog), ``{"result": "exit", "exit_reason": NAME}`` (any other exit, e.g.
 ``KVM_EXIT_SHUTDOWN``), ``{"result": "unsupported", "reason": TEXT}`` (a gpa the
@@ -28,6 +29,16 @@ guest's page tables cannot reach: beyond MAXPHYADDR, or straddling 2^47).
 Guest virtual = guest physical below 2^47.  A GiB above 2^47 is reached through
 an alias GiB in the lower half that no reserved range uses (a CPL3 PVM guest
 cannot touch the upper half).
+
+Guest exceptions: the guest has an IDT, GDT and TSS of its own in the harness memslot
+(:mod:`kvmmem.realkvm.guest`); every exception vector reports to the *exception
+doorbell* (the doorbell + 0x100: the vector, then CR2).  A TDP host (VMX/SVM) delivers
+them there; this host's PVM ends them in a triple fault (``KVM_EXIT_SHUTDOWN``) as it
+did before.  After an exception, a shutdown, an internal error or a timeout the vCPU
+is *stale*: before its next step its pending and injected events are dropped
+(``KVM_SET_VCPU_EVENTS`` with nothing set) and its segment state is rewritten, so an
+event KVM re-queued at the exit (``svm_complete_interrupts`` / ``vmx_complete_interrupts``
+requeue the interrupted delivery) cannot leak into the next step.
 
 Harness placement: give :class:`RealVm` every guest physical range and slot
 id the scenario will use (``reserved_gpas``, ``reserved_slots``); it takes the
@@ -47,12 +58,18 @@ from typing import Any
 
 from kvmmem.realkvm import libc
 from kvmmem.realkvm.guest import (
+    EXC_DOORBELL_FROM_CODE,
     LOWER_HALF,
     PATHS,
     RFLAGS_DEFAULT,
     RFLAGS_TF,
+    STACK_TOP_OFFSET,
+    SYSTEM_OFFSET,
+    TABLES_OFFSET,
+    VECTOR_NAMES,
     PageTables,
     long_mode_sregs,
+    write_system_tables,
 )
 from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
 from kvmmem.realkvm.program import DEFAULT_TIMEOUT
@@ -71,11 +88,18 @@ from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, GiB, MiB
 Outcome = dict[str, Any]
 
 HARNESS_SLOT_SIZE = PMD_SIZE
-"""The harness memslot: guest code (first page), then the page tables."""
+"""The harness memslot: guest code (first page), the IDT/GDT/TSS page, the exception
+stack page, then the page tables."""
 HARNESS_WINDOW = 2 * PMD_SIZE
 """The guest physical window the harness claims: its slot, then a 2 MiB hole."""
 DOORBELL_OFFSET = PMD_SIZE + 0x1000
 PROBE_OFFSET = PMD_SIZE + 0x3000
+EXC_DOORBELL_OFFSET = DOORBELL_OFFSET + 0x100
+"""The exception doorbell (the vector at +0, CR2 at +8), as on arm64/riscv."""
+if EXC_DOORBELL_OFFSET != EXC_DOORBELL_FROM_CODE:  # pragma: no cover - a layout edit
+    raise ImportError("the x86 exception handler's doorbell offset disagrees with the layout")
+KVM_SET_VCPU_EVENTS = 0x4040AEA0
+"""``_IOW(KVMIO, 0xa0, struct kvm_vcpu_events)`` (64 bytes; x86 base API since 2.6.32)."""
 MAX_EXITS = 64
 """MMIO exits answered inside one access before it is reported as a runaway."""
 EXEC_POISON = 0xA000_0000_0000_0000
@@ -146,7 +170,8 @@ class _Vcpu:
     fd: VcpuFd
     path: str = ""
     stale: bool = True
-    """True when the vCPU's state must be rewritten (new, or after a shutdown)."""
+    """True when the vCPU's state must be rewritten (new, or after an exception, a
+    shutdown, an internal error or a timeout left it in an unknown state)."""
     pending: bool = False
     """True when an exit may still await completion (flushed with immediate_exit)."""
 
@@ -225,8 +250,9 @@ class RealVm:
         self._entries = {name: self.layout.gpa + offset
                          for name, offset in self._code["entries"].items()}
         ctypes.memmove(addr, code, len(code))
-        self._tables = PageTables(self.layout.gpa + PAGE_SIZE, addr + PAGE_SIZE,
-                                  HARNESS_SLOT_SIZE - PAGE_SIZE)
+        write_system_tables(self.layout.gpa, addr)
+        self._tables = PageTables(self.layout.gpa + TABLES_OFFSET, addr + TABLES_OFFSET,
+                                  HARNESS_SLOT_SIZE - TABLES_OFFSET)
         self._tables.map_gib(self.layout.gpa // GiB)
         self._tables.map_gib(self.layout.doorbell // GiB)
         self._doorbell_va = self.layout.doorbell
@@ -287,7 +313,10 @@ class RealVm:
             v.fd.run.immediate_exit = 0
             v.pending = False
         if v.stale or v.path != path:
-            v.fd.set_sregs(long_mode_sregs(v.fd.get_sregs(), self._tables.cr3, path))
+            if v.stale:
+                _drop_events(v.fd)
+            v.fd.set_sregs(long_mode_sregs(v.fd.get_sregs(), self._tables.cr3, path,
+                                           self.layout.gpa))
             v.path = path
             v.stale = False
         return v
@@ -369,6 +398,7 @@ class RealVm:
         regs = kvm_regs(rip=self._entries[routine], rsi=va, rax=value,
                         rdi=self._doorbell_va, rflags=RFLAGS_DEFAULT)
         out = self._run(v, regs)
+        out.pop("_cr2", None)
         if is_read and "_doorbell" in out:
             out["value"] = out.pop("_doorbell") & ((1 << 8 * size) - 1)
         out.pop("_doorbell", None)
@@ -378,19 +408,24 @@ class RealVm:
         """An instruction fetch at ``gpa``: the guest jumps there with the trap flag set
         and every general register holding a non-canonical address, so the fetched
         instruction either faults on its memory operand or single-steps, and the
-        resulting guest exception ends the run (a CPL3 PVM guest, or a guest without
-        an IDT, triple-faults: ``KVM_EXIT_SHUTDOWN``).  Whatever the bytes at ``gpa``
-        are, at most about one instruction runs (RIP-relative operands aside).
+        resulting guest exception ends the run: on a TDP host the harness's IDT reports
+        it at the exception doorbell; a CPL3 PVM guest triple-faults
+        (``KVM_EXIT_SHUTDOWN``).  Whatever the bytes at ``gpa`` are, at most about one
+        instruction runs (RIP-relative operands aside).
 
-        ``ok`` when the fetch succeeded; ``fault`` on EFAULT; ``abort`` ``#UD`` when KVM
+        ``ok`` when the fetch succeeded (any exception, or an MMIO exit of the
+        instruction's own access); ``fault`` on EFAULT; ``abort`` ``#UD`` when KVM
         could not fetch the instruction for emulation (``insn_emulation_fail`` rose:
-        ``handle_emulation_failure`` injects #UD, which ends this guest too); an
-        ``exit`` outcome for anything else (``KVM_EXIT_INTERNAL_ERROR`` where KVM
-        reports the emulation failure to userspace instead, as upstream does at CPL0)."""
+        ``handle_emulation_failure`` injects #UD into a CPL>0 guest); an ``exit``
+        outcome for anything else (``KVM_EXIT_INTERNAL_ERROR`` where KVM reports the
+        emulation failure to userspace instead, as upstream does at CPL0)."""
         va = self._va(gpa, 1)
         if va is None:
             return self._unreachable(gpa, 1)
         v = self._vcpu(vcpu, path)
+        primed = self._prime(v)
+        if primed is not None:
+            return primed
         regs = kvm_regs(**dict.fromkeys(GPR_NAMES, EXEC_POISON))
         regs.rip = va
         regs.rflags = RFLAGS_DEFAULT | RFLAGS_TF
@@ -399,20 +434,47 @@ class RealVm:
             out = self._run(v, regs, until_doorbell=False)
             after = stats.read()
         failed = after.get("insn_emulation_fail", 0) > before.get("insn_emulation_fail", 0)
-        if out["result"] == "exit" and out.get("exit_reason") == "KVM_EXIT_SHUTDOWN":
+        if out["result"] == "abort" or (out["result"] == "exit"
+                                        and out.get("exit_reason") == "KVM_EXIT_SHUTDOWN"):
             return {"result": "abort", "abort": "#UD"} if failed else {"result": "ok"}
         if out["result"] == "mmio":
             return {"result": "ok"}
+        out.pop("_doorbell", None)
+        return out
+
+    def _prime(self, v: _Vcpu) -> Outcome | None:
+        """Map the pages the delivery of a guest exception touches (the IDT/GDT/TSS page
+        and, writable, the exception stack; the code page and page tables are in use
+        already) before ``guest_exec`` raises one: ``None``, or the outcome of a prime
+        that did not complete.
+
+        Under QEMU's SVM (the x86 machines) an exception delivery interrupted by a
+        nested page fault on one of these pages left the next exit, the handler's
+        store to the exception doorbell, still flagged as happening during event
+        delivery (EXITINTINFO valid), and KVM refuses to emulate MMIO then
+        (``svm_check_emulate_instruction``: ``KVM_INTERNAL_ERROR_DELIVERY_EV``).
+        Mapped pages take no fault during delivery."""
+        base = self.layout.gpa
+        out = self._run(v, kvm_regs(rip=self._entries["prime"], rsi=base + SYSTEM_OFFSET,
+                                    rbx=base + STACK_TOP_OFFSET - 8,
+                                    rdi=self._doorbell_va, rflags=RFLAGS_DEFAULT))
+        if out["result"] == "ok":
+            return None
+        out.pop("_cr2", None)
         return out
 
     def _run(self, v: _Vcpu, regs: kvm_regs, until_doorbell: bool = True) -> Outcome:
         """Enter the guest at ``regs`` and drive it until the doorbell (or, with
         ``until_doorbell`` False, until it stops on its own): returns the outcome, with
-        the doorbell's data under ``_doorbell`` when it rang."""
+        the doorbell's data under ``_doorbell`` when it rang.  A guest exception (the
+        exception doorbell rang twice: vector, CR2) ends the run as ``abort`` with the
+        vector's mnemonic, ``vector`` and ``_cr2``."""
         fd = v.fd
         run = fd.run
         mmio = run.exit.mmio
         doorbell = self.layout.doorbell
+        exc = self.layout.gpa + EXC_DOORBELL_OFFSET
+        vector: int | None = None
         fd.set_regs(regs)
         exits: list[Outcome] = []
         out: Outcome | None = None
@@ -440,6 +502,16 @@ class RealVm:
                 if reason == KVM_EXIT_MMIO:
                     length = mmio.len
                     data = int.from_bytes(bytes(mmio.data)[:length], "little")
+                    if mmio.is_write and length == 8 and mmio.phys_addr in (exc, exc + 8):
+                        v.pending = True
+                        if mmio.phys_addr == exc:
+                            vector = data
+                            continue
+                        v.stale = True  # CPL0 in a handler, on the exception stack
+                        vec = -1 if vector is None else vector
+                        name = VECTOR_NAMES[vec] if 0 <= vec < len(VECTOR_NAMES) else str(vec)
+                        out = {"result": "abort", "abort": name, "vector": vec, "_cr2": data}
+                        break
                     if (until_doorbell and mmio.phys_addr == doorbell and mmio.is_write
                             and length == 8):
                         # The routine is done; the pending write completion is harmless
@@ -460,7 +532,7 @@ class RealVm:
                 out = {"result": "exit", "exit_reason": name}
                 if reason == KVM_EXIT_INTERNAL_ERROR:
                     out["suberror"] = run.exit.internal.suberror
-                if reason == KVM_EXIT_SHUTDOWN:
+                if reason in (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN):
                     v.stale = True
                 break
             else:
@@ -556,6 +628,7 @@ class RealVm:
         out = self._run(v, regs)
         elapsed = time.perf_counter() - start
         out.pop("_doorbell", None)
+        out.pop("_cr2", None)
         return out, elapsed
 
     def mmio_round_trips(self, count: int, vcpu: int = 0,
@@ -584,4 +657,17 @@ class RealVm:
     def spin(self, vcpu: int = 0, path: str | None = None) -> Outcome:
         """Enter a guest that loops forever; the watchdog stops it (``timeout``)."""
         v = self._vcpu(vcpu, path)
-        return self._run(v, kvm_regs(rip=self._entries["spin"], rflags=RFLAGS_DEFAULT))
+        out = self._run(v, kvm_regs(rip=self._entries["spin"], rflags=RFLAGS_DEFAULT))
+        out.pop("_cr2", None)
+        return out
+
+
+def _drop_events(fd: VcpuFd) -> None:
+    """``KVM_SET_VCPU_EVENTS`` with nothing set: no exception pending or injected, no
+    interrupt or NMI injected, no interrupt shadow (fields a zero ``flags`` leaves
+    alone, such as a pending NMI or SMI, cannot arise in the harness guest).  Raises
+    :class:`KvmIoctlError`."""
+    events = ctypes.create_string_buffer(64)
+    ret = libc.ioctl_ptr(fd.fd, KVM_SET_VCPU_EVENTS, ctypes.addressof(events))
+    if ret < 0:
+        raise KvmIoctlError(-ret, "KVM_SET_VCPU_EVENTS")
