@@ -99,3 +99,106 @@ def test_random_sequences_agree(arch: str, version: str, machines: Any,
         assert result.differences == [], "\n" + text + "\n".join(tap_lines([result]))
 
     run()
+
+
+# --- the command line ---------------------------------------------------------------
+
+
+def test_cli_conform_on_a_machine() -> None:
+    """``kvmmem conform FILE --arch arm64 --kernel 7.3 --json``: the verdicts carry the
+    machine and its kernel release; the TAP report names them too."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kvmmem.cli import app
+    from kvmmem.machine import MachineUnavailable, get_machine, load_manifest
+
+    if load_manifest(get_machine("arm64", "7.3")) is None:
+        pytest.skip("machine arm64-7.3 not fetched: run kvmmem machine fetch arm64 7.3")
+    try:
+        from kvmmem.machine.qemu import require_qemu
+        require_qemu(get_machine("arm64", "7.3"))
+    except MachineUnavailable as exc:
+        pytest.skip(str(exc))
+    files = [str(SCENARIOS / "quickstart.yaml"), str(SCENARIOS / "slot-edge-crossing-x86.yaml")]
+    res = CliRunner().invoke(app, ["conform", *files, "--arch", "arm64", "--kernel", "7.3",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    results = json.loads(res.stdout)["results"]
+    assert [r["verdict"] for r in results] == ["agree", "unsupported"]
+    assert {r["machine"] for r in results} == {"arm64-7.3"}
+    assert results[0]["kernel"].startswith("7.3")
+    assert results[1]["reason"] == "arch x86 only: machine arm64-7.3 is arm64"
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--arch", "arm64"], 2, "give --kernel VERSION to run on an arm64 machine"),
+    (["--arch", "sparc"], 2, "--arch: unknown arch 'sparc'"),
+    (["--matrix", "--arch", "x86"], 2, "--matrix runs every fetched machine"),
+    (["--arch", "arm64", "--kernel", "9.9"], 2, "9.9"),
+])
+def test_cli_bad_machine_arguments(args: list[str], code: int, message: str) -> None:
+    """Bad --arch/--kernel/--matrix combinations: one line, exit 2, nothing booted."""
+    from typer.testing import CliRunner
+
+    from kvmmem.cli import app
+
+    res = CliRunner().invoke(app, ["conform", str(SCENARIOS / "quickstart.yaml"), *args])
+    assert res.exit_code == code, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_machine_not_fetched_is_skipped(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that is not in the cache: one line naming the fetch command, exit 4;
+    ``--matrix`` with nothing fetched: the same."""
+    from typer.testing import CliRunner
+
+    from kvmmem.cli import app
+
+    monkeypatch.setenv("KVMMEM_CACHE_DIR", str(tmp_path))
+    quick = str(SCENARIOS / "quickstart.yaml")
+    res = CliRunner().invoke(app, ["conform", quick, "--arch", "riscv", "--kernel", "7.2"])
+    assert res.exit_code == 4, res.output
+    assert "kvmmem machine fetch riscv 7.2" in res.output
+    res = CliRunner().invoke(app, ["conform", quick, "--matrix"])
+    assert res.exit_code == 4, res.output
+    assert "no machine is fetched" in res.output
+
+
+def test_cli_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--matrix``: one column per fetched machine (here arm64 7.3 alone), a row per
+    scenario with its verdict, ``n/a`` for a scenario of another architecture, and the
+    totals; ``--json`` gives one results list per machine."""
+    import json
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import kvmmem.machine
+    from kvmmem.cli import app
+    from kvmmem.conform import Conformance, matrix_table
+    from kvmmem.machine import get_machine, load_manifest
+
+    spec = get_machine("arm64", "7.3")
+    if load_manifest(spec) is None:
+        pytest.skip("machine arm64-7.3 not fetched: run kvmmem machine fetch arm64 7.3")
+    monkeypatch.setattr(kvmmem.machine, "fetched_machines", lambda root=None: [spec])
+    files = [SCENARIOS / "quickstart.yaml", SCENARIOS / "slot-edge-crossing-x86.yaml"]
+    res = CliRunner().invoke(app, ["conform", *map(str, files), "--matrix", "--json"])
+    assert res.exit_code == 0, res.output
+    matrix = json.loads(res.stdout)["matrix"]
+    assert [m["machine"] for m in matrix] == ["arm64-7.3"]
+    results = matrix[0]["results"]
+    assert [r["verdict"] for r in results] == ["agree", "unsupported"]
+    column = [Conformance(r["scenario"], r["source"], r["path"], r["verdict"], r["reason"])
+              for r in results]
+    console = Console(width=160, record=True)
+    console.print(matrix_table([load_scenario(f) for f in files],
+                               [("arm64-7.3", matrix[0]["kernel"], column)]))
+    lines = console.export_text().splitlines()
+    assert any("ro-vma-after-create" in line and "agree" in line for line in lines)
+    assert any("slot-edge-crossing-x86" in line and "n/a" in line for line in lines)
+    assert any("1 / 0 / 1" in line for line in lines)
