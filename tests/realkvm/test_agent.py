@@ -21,7 +21,10 @@ SRC = str(Path(kvmmem.__file__).parent.parent)
 SCENARIOS = Path(__file__).parents[2] / "scenarios"
 
 GUEST_MODULES = ("kvmmem.realkvm.agent", "kvmmem.realkvm.program", "kvmmem.realkvm.harness",
-                 "kvmmem.realkvm.host", "kvmmem.realkvm.kvm", "kvmmem.realkvm.stats")
+                 "kvmmem.realkvm.host", "kvmmem.realkvm.kvm", "kvmmem.realkvm.stats",
+                 "kvmmem.realkvm.archvm", "kvmmem.realkvm.arm64", "kvmmem.realkvm.riscv",
+                 "kvmmem.realkvm.arm64_code", "kvmmem.realkvm.riscv_code",
+                 "kvmmem.realkvm.code_page")
 
 
 def test_agent_imports_only_the_standard_library() -> None:

@@ -28,8 +28,9 @@ pre-empt KVM for unaligned MMIO accesses.
 from __future__ import annotations
 
 import ctypes
-import struct
 from dataclasses import dataclass
+
+from kvmmem.realkvm.code_page import GuestProgram, lay_out
 
 GiB = 1 << 30
 PAGE_SIZE = 4096
@@ -254,40 +255,13 @@ def routines() -> dict[str, list[int]]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class GuestProgram:
-    """The code page: ``code`` (``CODE_SIZE`` bytes) and each entry's byte offset in it
-    (``vectors`` is the VBAR_EL1 offset)."""
-
-    code: bytes
-    entries: dict[str, int]
-
-
-def _words(words: list[int]) -> bytes:
-    return b"".join(struct.pack("<I", w) for w in words)
-
-
 def assemble() -> GuestProgram:
     """The code page: routines at ``ROUTINE_STRIDE`` steps from 0, the vector table at
-    ``VECTORS_OFFSET``; unused words are ``BRK #0``.  Raises ``AssertionError`` if a routine
-    outgrows its stride (a programming error)."""
-    page = bytearray(_words([brk(0)] * (CODE_SIZE // 4)))
-    entries: dict[str, int] = {}
-    offset = 0
-    for name, words in routines().items():
-        code = _words(words)
-        assert len(code) <= ROUTINE_STRIDE, name
-        page[offset:offset + len(code)] = code
-        entries[name] = offset
-        offset += ROUTINE_STRIDE
-    assert offset <= VECTORS_OFFSET
-    vector = _words(_vector())
-    assert len(vector) <= VECTOR_SIZE
-    for i in range(VECTOR_COUNT):
-        start = VECTORS_OFFSET + i * VECTOR_SIZE
-        page[start:start + len(vector)] = vector
-    entries["vectors"] = VECTORS_OFFSET
-    return GuestProgram(bytes(page), entries)
+    ``VECTORS_OFFSET`` (entry ``vectors``, the VBAR_EL1 offset: every one of its
+    ``VECTOR_COUNT`` slots holds the same handler); unused words are ``BRK #0``."""
+    return lay_out(routines(), size=CODE_SIZE, stride=ROUTINE_STRIDE, filler=brk(0),
+                   trap_name="vectors", trap_offset=VECTORS_OFFSET, trap=_vector(),
+                   trap_copies=VECTOR_COUNT, trap_stride=VECTOR_SIZE)
 
 
 # --- exception syndromes (ESR_ELx) -------------------------------------------------------------

@@ -21,8 +21,7 @@ guest physical, no guest page tables.
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
+from kvmmem.realkvm.code_page import GuestProgram, lay_out
 
 PAGE_SIZE = 4096
 
@@ -222,35 +221,11 @@ def routines() -> dict[str, list[int]]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class GuestProgram:
-    """The code page and each entry's byte offset (``trap``: the stvec target)."""
-
-    code: bytes
-    entries: dict[str, int]
-
-
-def _words(words: list[int]) -> bytes:
-    return b"".join(struct.pack("<I", w) for w in words)
-
-
 def assemble() -> GuestProgram:
     """The code page: routines at ``ROUTINE_STRIDE`` steps, the trap handler at
-    ``TRAP_OFFSET``, ``EBREAK`` everywhere else."""
-    page = bytearray(_words([ebreak()] * (CODE_SIZE // 4)))
-    entries: dict[str, int] = {}
-    offset = 0
-    for name, words in routines().items():
-        code = _words(words)
-        assert len(code) <= ROUTINE_STRIDE, name
-        page[offset:offset + len(code)] = code
-        entries[name] = offset
-        offset += ROUTINE_STRIDE
-    assert offset <= TRAP_OFFSET
-    handler = _words(_trap_handler())
-    page[TRAP_OFFSET:TRAP_OFFSET + len(handler)] = handler
-    entries["trap"] = TRAP_OFFSET
-    return GuestProgram(bytes(page), entries)
+    ``TRAP_OFFSET`` (entry ``trap``, the stvec target), ``EBREAK`` everywhere else."""
+    return lay_out(routines(), size=CODE_SIZE, stride=ROUTINE_STRIDE, filler=ebreak(),
+                   trap_name="trap", trap_offset=TRAP_OFFSET, trap=_trap_handler())
 
 
 # --- trap causes ---------------------------------------------------------------------------
