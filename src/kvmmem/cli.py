@@ -24,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's help: paragraphs rewrapped, no <bool> after flags
     help="kvmmem: an executable model of how Linux KVM maps guest memory onto host memory.",
 )
 
@@ -33,6 +34,46 @@ SHOWS = ("stage2", "maps", "stats", "events")
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"kvmmem: error: {message}", err=True)
     raise typer.Exit(code)
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def _check_plot(plot: Path) -> None:
+    """``--plot PATH`` names an image file matplotlib writes (one line and exit 2 if not)."""
+    if plot.is_dir():
+        _fail(f"--plot {plot}: is a directory; give a file name ending in .png")
+    if plot.suffix.lower() not in PLOT_FORMATS:
+        what = f"{plot.suffix!r} is not an image format" if plot.suffix else "no file suffix"
+        _fail(f"--plot {plot}: {what} (give a file name ending in "
+              f"{', '.join(PLOT_FORMATS)})")
+
+
+def _dumps(obj: Any) -> str:
+    """One line of JSON, with the exact hex twins of 64-bit values (report.jsonout)."""
+    from kvmmem.report.jsonout import dumps
+
+    return dumps(obj)
+
+
+def _applicable(scenario: Any, arches: list[str], explicit: bool, command: str) -> list[str]:
+    """The architectures of ``arches`` the scenario can run on.  One the user named
+    that cannot is bad input (exit 2); one the file names is skipped with a line on
+    stderr saying why; none left is exit 2."""
+    from kvmmem.scenario.runner import arch_unsupported
+
+    left = []
+    for a in arches:
+        reason = arch_unsupported(scenario, a)
+        if reason is None:
+            left.append(a)
+        elif explicit or len(arches) == 1:
+            _fail(reason)
+        else:
+            typer.echo(f"kvmmem {command}: {a}: not applicable: {reason}", err=True)
+    if not left:
+        _fail(f"{scenario.source}: runs on none of {', '.join(arches)}")
+    return left
 
 
 def _split(value: str | None, known: tuple[str, ...] | None, what: str) -> list[str] | None:
@@ -48,8 +89,18 @@ def _split(value: str | None, known: tuple[str, ...] | None, what: str) -> list[
     return items
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="print the kvmmem version and exit")] = False,
+) -> None:
     """kvmmem: an executable model of how Linux KVM maps guest memory onto host memory."""
 
 
@@ -64,8 +115,8 @@ def run(
     file: Annotated[Path, typer.Argument(help="scenario file (YAML, format v1)")],
     arch: Annotated[str | None, typer.Option(help="x86, arm64 or riscv (default: the file's)")]
     = None,
-    variant: Annotated[str | None, typer.Option(help="behaviour set (default: the file's)")]
-    = None,
+    variant: Annotated[str | None, typer.Option(
+        help="variants, comma list, e.g. upstream,linux-5.4 (default: the file's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON outcome")] = False,
     show: Annotated[str | None, typer.Option(
         help="also show: stage2, maps, stats, events (comma list)")] = None,
@@ -75,32 +126,43 @@ def run(
         help="draw the final guest physical map (slots, backings, stage-2 sizes) to a PNG")]
     = None,
 ) -> None:
-    """Run a scenario on the model, step by step, checking every invariant."""
+    """Run a scenario on the model, step by step, checking every invariant.
+
+    With several architectures (or variants), each runs in turn; an architecture
+    the file names that cannot run the scenario (an x86-only step) is skipped
+    with a line on stderr saying why.
+
+    Exit status: 0 all held; 1 an expectation failed; 2 bad input (one line);
+    3 an invariant was violated."""
     from kvmmem.kvm.vm import ARCHES
     from kvmmem.report.text import print_run
     from kvmmem.report.trace import events_text, run_traced, write_chrome_trace
     from kvmmem.scenario.loader import load_scenario
     from kvmmem.scenario.runner import run_scenario
-    from kvmmem.variants import get_variant
+    from kvmmem.variants import VARIANTS
 
     arches = _split(arch, ARCHES, "arch")
+    variants = _split(variant, tuple(VARIANTS), "variant")
     shows = _split(show, SHOWS, "show") or []
-    if variant is not None:
-        get_variant(variant)
+    if plot is not None:
+        _check_plot(plot)
     scenario = load_scenario(file)
     if scenario.steps is None:
         _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
+    runs = _applicable(scenario, arches or list(scenario.arches), arches is not None, "run")
     status = 0
-    console = Console(highlight=False)
+    # Piped output is not cut at 80 columns (hex values are wide).
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     results = []
-    for a in arches or list(scenario.arches):
+    each: list[str | None] = list(variants) if variants else [None]
+    for a, v in ((a, v) for a in runs for v in each):
         if trace is not None or "events" in shows:
-            result = run_traced(scenario, a, variant)
+            result = run_traced(scenario, a, v)
         else:
-            result = run_scenario(scenario, a, variant)
+            result = run_scenario(scenario, a, v)
         results.append(result)
         if as_json:
-            typer.echo(json.dumps(result.to_json()))
+            typer.echo(_dumps(result.to_json()))
         else:
             print_run(console, result, [s for s in shows if s != "events"])
             if "events" in shows:
@@ -147,8 +209,10 @@ def compare(
         _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
     cmp = compare_runs(scenario, arches or list(scenario.arches),
                        variants or [scenario.variant])
+    if not any(c.applicable for c in cmp.columns):
+        _fail(str(cmp.columns[0].reason))
     if as_json:
-        typer.echo(json.dumps(cmp.to_json()))
+        typer.echo(_dumps(cmp.to_json()))
     else:
         # Piped output is not cut at 80 columns: a comparison is wide.
         width = None if sys.stdout.isatty() else 240
@@ -179,6 +243,9 @@ def conform(
     this host's /dev/kvm, or with --kernel a machine (a Debian kernel under QEMU,
     fetched with kvmmem machine fetch); --matrix runs every fetched machine.
 
+    A file that cannot be read or is not a valid scenario is reported as an
+    error (TAP: not ok, with the one-line message) and the others still run.
+
     Exit status: 0 all agree (unsupported ones skipped); 1 a difference; 2 bad
     input; 3 the model violated an invariant; 4 skipped (no usable /dev/kvm or
     machine, or nothing it can run)."""
@@ -194,21 +261,43 @@ def conform(
     if kernel is None and not matrix and arch not in (None, cf.HOST_ARCH):
         _fail(f"--arch {arch}: this host's KVM is {cf.HOST_ARCH}; give --kernel VERSION to "
               f"run on an {arch} machine (kvmmem machine list)")
-    try:
-        scenarios = [load_scenario(f) for f in files]
-    except InputError as exc:
-        _fail(str(exc))
+    scenarios: list[Any] = []
+    for f in files:
+        try:
+            scenarios.append(load_scenario(f))
+        except InputError as exc:
+            scenarios.append(_BadFile(str(f), str(exc)))
     if matrix:
         _conform_matrix(scenarios, as_json, path)
     if kernel is not None:
         results = _conform_machine(scenarios, arch or cf.HOST_ARCH, kernel, as_json, path)
     else:
         results = _conform_host(scenarios, as_json, path)
+    compared = [r for r in results if not isinstance(r, _BadFile)]
+    errors = len(results) - len(compared)
     if as_json:
-        typer.echo(json.dumps(cf.to_json(results)))
+        typer.echo(_dumps({"results": [r.to_json() for r in results]}))
     else:
-        typer.echo(cf.tap_totals(results))
-    raise typer.Exit(cf.exit_status(results))
+        totals = cf.tap_totals(compared)
+        typer.echo(totals.replace(" error:0", f" error:{errors}") if errors else totals)
+    status = cf.exit_status(compared)
+    raise typer.Exit(max(0 if status == 4 else status, 2) if errors else status)
+
+
+class _BadFile:
+    """A file given to conform that is not a scenario: its name and the one-line
+    message; reported as an error (TAP ``not ok``, JSON verdict ``error``)."""
+
+    def __init__(self, source: str, message: str) -> None:
+        self.source = source
+        self.message = message
+
+    def tap(self, number: int) -> list[str]:
+        return [f"not ok {number} - {self.source}", f"# error: {self.message}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scenario": self.source, "verdict": "error", "steps": [],
+                "reason": self.message, "source": self.source}
 
 
 ARCHES = ("x86", "arm64", "riscv")
@@ -218,13 +307,19 @@ def _conform_each(scenarios: list[Any], target: Any, as_json: bool, path: str) -
     """Conform every scenario on ``target``, printing TAP lines as they come."""
     from kvmmem import conform as cf
 
-    results: list[cf.Conformance] = []
+    results: list[Any] = []
     if not as_json:
         for line in cf.tap_header(len(scenarios)):
             typer.echo(line)
         if target.name != "host":
             typer.echo(f"# machine {target.name}: Linux {target.release}")
     for number, scenario in enumerate(scenarios, 1):
+        if isinstance(scenario, _BadFile):
+            results.append(scenario)
+            if not as_json:
+                for line in scenario.tap(number):
+                    typer.echo(line)
+            continue
         try:
             result = cf.conform_scenario(scenario, path, target=target)
         except InputError as exc:
@@ -281,6 +376,10 @@ def _conform_matrix(scenarios: list[Any], as_json: bool, path: str) -> None:
     from kvmmem import conform as cf
     from kvmmem.machine import fetched_machines
 
+    bad = [s for s in scenarios if isinstance(s, _BadFile)]
+    for b in bad:
+        typer.echo(f"kvmmem: error: {b.message}", err=True)
+    scenarios = [s for s in scenarios if not isinstance(s, _BadFile)]
     specs = fetched_machines()
     if not specs:
         typer.echo("kvmmem: skipped: no machine is fetched (kvmmem machine fetch ARCH VERSION)",
@@ -299,12 +398,13 @@ def _conform_matrix(scenarios: list[Any], as_json: bool, path: str) -> None:
             columns.append((spec.name, machine.release, results))
     every = [r for _, _, rs in columns for r in rs]
     if as_json:
-        typer.echo(json.dumps({"matrix": [
+        typer.echo(_dumps({"matrix": [
             {"machine": name, "kernel": release, **cf.to_json(rs)}
             for name, release, rs in columns]}))
     else:
         Console(highlight=False).print(cf.matrix_table(scenarios, columns))
-    raise typer.Exit(cf.exit_status(every))
+    status = cf.exit_status(every)
+    raise typer.Exit(max(0 if status == 4 else status, 2) if bad else status)
 
 
 @app.command()
@@ -324,13 +424,14 @@ def explore(
     workers: Annotated[int, typer.Option(help="local worker processes")] = 1,
     dask: Annotated[str | None, typer.Option(
         help="run the search on the Dask cluster whose scheduler is at this address "
-             "(pip install 'kvmmem\\[dask]')")] = None,
+             "(pip install 'kvmmem[dask]')")] = None,
     replay: Annotated[str | None, typer.Option(
         help="replay a schedule: a token printed by explore, or its .replay file")] = None,
     replay_dir: Annotated[Path, typer.Option(
         help="where the replay token of a violation is written")] = Path("."),
     determinism: Annotated[int, typer.Option(
-        help="also run N random schedules twice each and compare every state")] = 0,
+        help="first run N random schedules twice each and compare the state after "
+             "every transition (prints what it compared on stderr)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per run")]
     = False,
 ) -> None:
@@ -382,7 +483,7 @@ def explore(
                   "drop --arch and --variant")
         replayed = run_replay(scenario, token)
         if as_json:
-            typer.echo(json.dumps(replay_json(scenario.name, token, replayed)))
+            typer.echo(_dumps(replay_json(scenario.name, token, replayed)))
         else:
             print_replay(console, scenario.name, token, replayed)
         raise typer.Exit(replayed.exit_status)
@@ -391,7 +492,11 @@ def explore(
         for a in arches or list(scenario.arches):
             for v in variants or [scenario.variant]:
                 if determinism:
-                    check_determinism(scenario, a, v, samples=determinism, seed=seed)
+                    checked = check_determinism(scenario, a, v, samples=determinism, seed=seed)
+                    typer.echo(f"determinism: {scenario.name} {a} {v}: {checked.schedules} "
+                               f"random schedules (seed {seed}) each run twice, the state "
+                               f"fingerprint after every one of {checked.transitions} "
+                               "transitions compared: identical", err=True)
                 with _progress_bar(f"{scenario.name} {a} {v}") as progress:
                     result = run_explore(scenario, a, v, params, workers=workers, dask=dask,
                                          progress=progress)
@@ -402,9 +507,9 @@ def explore(
                         _fail(f"--replay-dir: cannot write the replay token: {err}")
                     result.replay_file = str(path)
                 if as_json:
-                    typer.echo(json.dumps(result.to_json()))
+                    typer.echo(_dumps(result.to_json()))
                 else:
-                    print_result(console, result)
+                    print_result(console, result, source=str(file))
                 status = max(status, result.exit_status)
     except NondeterminismError as err:
         _fail(f"the model is not deterministic: {err}", 3)

@@ -215,8 +215,9 @@ def test_cli_tap_and_json_on_real_kvm(kvm: Kvm, tmp_path: Path) -> None:
     assert (first["scenario"], first["verdict"], first["reason"]) == ("ro-write", "agree", "")
     assert [s["step"] for s in first["steps"]] == [0, 1, 2]
     # The emulated path: a write the emulator cannot complete is MMIO on both sides.
+    # (--json adds the exact hex of 64-bit values beside them: data_hex)
     assert first["steps"][1]["kvm"] == {"result": "mmio", "gpa": 0x40002000, "len": 4,
-                                        "is_write": True, "data": 1}
+                                        "is_write": True, "data": 1, "data_hex": "0x1"}
     assert first["path"] == "emulated"
     assert second == {**second, "scenario": "arm", "verdict": "unsupported", "steps": []}
     res = runner.invoke(app, ["conform", str(arm)])

@@ -126,20 +126,24 @@ def check_steps(steps: list[dict[str, Any]], expected: list[dict[str, Any]]) -> 
 
 
 def test_table_rows_of_a_bundled_scenario() -> None:
-    """One row per setup memslot and step: index, step name, result, details
-    (values in hex); no expectation failed, exit 0."""
+    """One row per setup memslot (numbered s0, s1, ...) and step (0, 1, ...): index,
+    step name, result, details (values in hex), and every expectation of the file,
+    met (✓) or not (✗), in the same notation; nothing failed, exit 0."""
     code, out = run(QUICKSTART, "--arch", "x86")
     assert code == 0, out
     assert "ro-vma-after-create  arch=x86  variant=upstream" in out
     rows = table_rows(out)
     assert [r[:3] for r in rows] == [
-        ["0", "setup set_memslot", "ok"], ["0", "guest_write", "ok"],
+        ["s0", "setup set_memslot", "ok"], ["0", "guest_write", "ok"],
         ["1", "host_read", "ok"], ["2", "host_mmap", "ok"], ["3", "guest_read", "ok"],
         ["4", "guest_write", "fault"], ["5", "guest_read", "mmio"]]
     assert [r[3] for r in rows] == [
         "", "", "value=0x1122334455667788", "", "value=0xabababababababab",
         "gpa=0x1000 size=0x8", "gpa=0x200000 len=0x4 is_write=no"]
-    assert all(r[4] == "" for r in rows)  # the expected column: nothing failed
+    assert [r[4] for r in rows] == [
+        "", "✓ result=ok", "✓ result=ok value=0x1122334455667788", "",
+        "✓ result=ok value=0xabababababababab", "✓ result=fault",
+        "✓ result=mmio gpa=0x200000 len=0x4 is_write=no"]
 
 
 def test_failed_expectation_is_marked_and_exits_1() -> None:
@@ -152,11 +156,10 @@ def test_failed_expectation_is_marked_and_exits_1() -> None:
     assert [r[1:3] for r in rows] == [["setup set_memslot", "ok"], ["guest_read", "ok"],
                                       ["guest_read", "ok"], ["guest_read", "mmio"]]
     assert rows[2][3] == "value=0x1111"
-    assert rows[2][4] == "expected result=ok value=0x2222"
-    assert [r[4] for r in rows if r is not rows[2]] == ["", "", ""]
+    assert rows[2][4] == "✗ result=ok value=0x2222"
     line = next(ln for ln in out.splitlines() if ln.startswith("step 1 "))
-    assert f"step 1 (guest_read, line {WRONG_LINE}): expected" in line
-    assert "'value': 8738" in line and "'value': 4369" in line  # 0x2222, 0x1111
+    assert line == (f"step 1 (guest_read, line {WRONG_LINE}): expected result=ok "
+                    "value=0x2222, got result=ok value=0x1111")
     code, out = run_text(WRONG_EXPECT, "--json")
     assert code == 1
     (obj,) = json_lines(out)
@@ -171,7 +174,7 @@ def test_failed_expectation_is_red() -> None:
                       highlight=False), result, [])
     text = buf.getvalue()
     bold_red = "\x1b[1;31m"
-    assert f"{bold_red}expected result=ok value=0x2222" in text
+    assert f"{bold_red}✗ result=ok value=0x2222" in text
     assert f"{bold_red}step 1 (guest_read, line {WRONG_LINE})" in text
     assert "\x1b[36mmmio" in text  # results coloured by kind
 

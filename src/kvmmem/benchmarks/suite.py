@@ -120,8 +120,13 @@ def _ordered(figures: dict[str, float]) -> dict[str, float]:
 
 
 def bench_json(model: dict[str, float], kvm: dict[str, float] | None) -> dict[str, Any]:
-    """``{"model": {...}, "kvm": {...} or None}``, the ``--json`` output."""
-    return {"model": model, "kvm": kvm}
+    """``{"model": {...}, "kvm": {...} or None}``, the ``--json`` output; the counts
+    (:data:`PARAMETERS`: pages, memslots) are integers, the measurements floats."""
+
+    def typed(values: dict[str, float]) -> dict[str, float | int]:
+        return {k: int(v) if k in PARAMETERS else v for k, v in values.items()}
+
+    return {"model": typed(model), "kvm": typed(kvm) if kvm is not None else None}
 
 
 def _cell(value: float | None) -> str:

@@ -228,15 +228,26 @@ def replay(scenario: Scenario, token: Token | str) -> ReplayResult:
     return ReplayResult(threads, ex.trace, ex.violation, schedule, ex.outcomes)
 
 
+@dataclass(frozen=True, slots=True)
+class DeterminismCheck:
+    """What :func:`check_determinism` ran: ``schedules`` random schedules, each run
+    twice, with ``transitions`` state fingerprints compared in all."""
+
+    schedules: int
+    transitions: int
+
+
 def check_determinism(scenario: Scenario, arch: str, variant: str | None = None, *,
-                      samples: int = 20, seed: int = 0) -> int:
+                      samples: int = 20, seed: int = 0) -> DeterminismCheck:
     """Run ``samples`` random schedules twice each and compare every state's
-    fingerprint along the way; returns the number of schedules checked,
-    raises :class:`NondeterminismError` at the first difference."""
+    fingerprint along the way; returns what was compared
+    (:class:`DeterminismCheck`), raises :class:`NondeterminismError` at the first
+    difference."""
     import random
 
     variant = variant or scenario.variant
     check_target(scenario, arch, variant)
+    compared = 0
     for i in range(samples):
         rng = random.Random(f"{seed}:{i}")
         first = Execution(scenario, arch, variant)
@@ -264,4 +275,5 @@ def check_determinism(scenario: Scenario, arch: str, variant: str | None = None,
                 if any(a != b for a, b in zip(prints, again, strict=False)) else len(again)
             raise NondeterminismError(f"schedule {i} ({schedule}): states differ after "
                                       f"transition {at}")
-    return samples
+        compared += len(again) - 1
+    return DeterminismCheck(samples, compared)

@@ -7,6 +7,7 @@ that breaks it and the replay token.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from rich import box
@@ -39,9 +40,10 @@ def trace_table(threads: list[str], trace: list[TraceEvent]) -> Table:
     return table
 
 
-def print_result(console: Console, result: ExploreResult) -> None:
+def print_result(console: Console, result: ExploreResult, source: str = "FILE") -> None:
     """The verdict, the step outcomes seen and, on a violation, the
-    counterexample (trace, invariant, state, token)."""
+    counterexample (trace, invariant, state, token).  ``source``: the scenario
+    file, as the replay command line names it."""
     console.print(verdict_line(result), soft_wrap=True)
     for thread, steps in result.outcomes.items():
         for i, outs in enumerate(steps):
@@ -55,7 +57,8 @@ def print_result(console: Console, result: ExploreResult) -> None:
     console.print()
     console.print(trace_table(result.threads, result.trace))
     _print_violation(console, result.threads, v)
-    console.print(f"replay: kvmmem explore FILE --replay {result.token}", soft_wrap=True)
+    console.print(f"replay: kvmmem explore {shlex.quote(source)} --replay {result.token}",
+                  soft_wrap=True, markup=False, highlight=False)
     if result.replay_file is not None:
         console.print(f"replay token written to {result.replay_file}", soft_wrap=True)
 

@@ -230,7 +230,19 @@ class _Explorer:
 
 
 def _outcome_key(out: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in out.items() if k not in ("step", "op"))
+    """An outcome in the notation of ``kvmmem run``'s details: integers in hex,
+    errnos and signals by name (``result=fault, gpa=0x1000, size=0x4``)."""
+    return ", ".join(f"{k}={_shown(v)}" for k, v in out.items() if k not in ("step", "op"))
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:#x}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
 
 
 # --- systematic search ---------------------------------------------------------------------

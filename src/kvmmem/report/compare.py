@@ -15,6 +15,11 @@ different behaviour is usually the point of comparing) the cell is shown as
 not matching the file's expectation but the exit status is unaffected.  An
 invariant violation in any run makes it exit 3 (a violation wins over a
 failed expectation), as ``kvmmem run`` does.
+
+A run that cannot be made (the scenario has a step the architecture does not
+have, such as x86's ``path: emulated`` on arm64) is a *not applicable*
+column: its cells read ``n/a``, the reason is in the caption and in the JSON
+(``"applicable": false, "reason"``), and it counts for nothing else.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kvmmem.scenario.model import Scenario
-from kvmmem.scenario.runner import RunResult, run_scenario
+from kvmmem.scenario.runner import RunResult, arch_unsupported, run_scenario
 
 COUNTERS: tuple[str, ...] = (
     "pf_taken",
@@ -82,12 +87,19 @@ def summarize(outcome: dict[str, Any]) -> str:
 class Column:
     """One run of the comparison: its architecture, variant and result.
     ``claimed``: the scenario names this architecture and variant, so its
-    expectations apply."""
+    expectations apply.  ``reason``: why the run could not be made (then
+    ``result`` is an empty :class:`RunResult` and the column is not applicable)."""
 
     arch: str
     variant: str
     result: RunResult
     claimed: bool
+    reason: str | None = None
+
+    @property
+    def applicable(self) -> bool:
+        """The run was made (``reason`` is None)."""
+        return self.reason is None
 
     @property
     def label(self) -> str:
@@ -123,7 +135,7 @@ class Comparison:
         expectation; else 0."""
         if any(c.result.violations for c in self.columns):
             return 3
-        if any(c.claimed and c.result.mismatches for c in self.columns):
+        if any(c.claimed and c.applicable and c.result.mismatches for c in self.columns):
             return 1
         return 0
 
@@ -137,18 +149,24 @@ class Comparison:
         return {
             "scenario": self.scenario.name,
             "columns": [{"arch": c.arch, "variant": c.variant, "claimed": c.claimed,
+                         "applicable": c.applicable, "reason": c.reason,
                          "mismatches": [m.step for m in c.result.mismatches],
                          "violations": c.result.violations} for c in self.columns],
             "rows": [{"kind": r.kind, "label": r.label, "step": r.step, "cells": r.cells,
                       "differs": r.differs, "failed": r.failed} for r in self.rows],
-            "runs": [c.result.to_json() for c in self.columns],
+            "runs": [c.result.to_json() for c in self.columns if c.applicable],
             "differences": self.differences,
             "status": self.exit_status,
         }
 
 
+NA = "n/a"
+"""The cell of a column whose run could not be made."""
+
+
 def _mark(row: Row) -> Row:
-    row.differs = [cell != row.cells[0] for cell in row.cells]
+    row.differs = [cell != row.cells[0] and NA not in (cell, row.cells[0])
+                   for cell in row.cells]
     if not row.failed:
         row.failed = [False] * len(row.cells)
     return row
@@ -161,8 +179,8 @@ def build_comparison(scenario: Scenario, columns: list[Column]) -> Comparison:
     for i in range(n_setup):
         slot = scenario.memslots[i] if i < len(scenario.memslots) else None
         label = f"setup slot {slot.slot}" if slot is not None else f"setup {i}"
-        cells = [summarize(c.result.setup[i]) if i < len(c.result.setup) else "-"
-                 for c in columns]
+        cells = [summarize(c.result.setup[i]) if i < len(c.result.setup)
+                 else "-" if c.applicable else NA for c in columns]
         failed = [i < len(c.result.setup)
                   and any(m.actual is c.result.setup[i] for m in c.result.mismatches)
                   for c in columns]
@@ -172,6 +190,10 @@ def build_comparison(scenario: Scenario, columns: list[Column]) -> Comparison:
         failed = []
         for c in columns:
             outcome = next((o for o in c.result.steps if o["step"] == step.index), None)
+            if not c.applicable:
+                cells.append(NA)
+                failed.append(False)
+                continue
             if outcome is None:
                 cells.append("-")  # the run stopped before this step (a violation)
                 failed.append(False)
@@ -185,10 +207,11 @@ def build_comparison(scenario: Scenario, columns: list[Column]) -> Comparison:
         for c in columns:
             vm = c.result.vm
             stats = vm.stats_dict() if vm is not None else {}
-            cells.append(str(stats.get(name, "-")))
+            cells.append(str(stats.get(name, "-")) if c.applicable else NA)
         rows.append(_mark(Row("counter", name, cells)))
     rows.append(_mark(Row("result", "invariants", [
-        "violated: " + ", ".join(v["invariant"] for v in c.result.violations)
+        NA if not c.applicable
+        else "violated: " + ", ".join(v["invariant"] for v in c.result.violations)
         if c.result.violations else "held" for c in columns])))
     return Comparison(scenario, columns, rows)
 
@@ -200,9 +223,14 @@ def compare_runs(scenario: Scenario, arches: list[str], variants: list[str]) -> 
     with threads."""
     columns = []
     for arch in arches:
+        reason = arch_unsupported(scenario, arch)
         for variant in variants:
-            result = run_scenario(scenario, arch, variant)
             claimed = arch in scenario.arches and variant == scenario.variant
+            if reason is not None:
+                columns.append(Column(arch, variant, RunResult(scenario.name, arch, variant),
+                                      claimed, reason))
+                continue
+            result = run_scenario(scenario, arch, variant)
             columns.append(Column(arch, result.variant, result, claimed))
     return build_comparison(scenario, columns)
 
@@ -214,12 +242,16 @@ def comparison_table(cmp: Comparison) -> Table:
     if not all(c.claimed for c in cmp.columns):
         caption += ("; (unclaimed): an arch/variant the file does not name, whose "
                     "expectations do not set the exit status")
+    for c in cmp.columns:
+        if c.reason is not None:
+            caption += f"\n{c.label}: not applicable: {c.reason}"
     table = Table(title=f"{cmp.scenario.name}: {len(cmp.columns)} runs, "
                         f"{cmp.differences} cells differ from the first column",
                   title_justify="left", caption=caption, caption_justify="left")
     table.add_column("", no_wrap=True)
     for c in cmp.columns:
-        header = f"{c.arch}\n{c.variant}" + ("" if c.claimed else "\n(unclaimed)")
+        header = f"{c.arch}\n{c.variant}" + ("" if c.claimed else "\n(unclaimed)") \
+            + ("" if c.applicable else "\n(n/a)")
         table.add_column(header)
     last_kind = ""
     for row in cmp.rows:

@@ -31,27 +31,41 @@ def _details(outcome: dict[str, Any]) -> str:
                     if key not in ("step", "op", "result"))
 
 
+def outcome_text(outcome: dict[str, Any]) -> str:
+    """An outcome (or an expectation) in the table's notation: ``result=fault
+    gpa=0x1000 size=0x8``; integers in hex, errnos and signals by name."""
+    return " ".join(f"{key}={_value(value)}" for key, value in outcome.items()
+                    if key not in ("step", "op"))
+
+
 def steps_table(result: RunResult) -> Table:
-    """One row per step: index, op, result, details, and a failed expectation."""
+    """One row per setup memslot (numbered ``s0``, ``s1``, ...) and per step
+    (``0``, ``1``, ...): op, result, details, and the step's expectation, marked
+    ``✓`` when met and ``✗`` (red) when not."""
     table = Table(title=f"{result.scenario}  arch={result.arch}  variant={result.variant}",
                   title_justify="left", expand=False)
     table.add_column("#", justify="right")
     table.add_column("step")
     table.add_column("result")
-    table.add_column("details")
-    table.add_column("expected", style="bold red")
-    failed = {m.step: m for m in result.mismatches}
-    for outcome in result.setup + result.steps:
+    # values are never cut: a long one folds onto the next line
+    table.add_column("details", overflow="fold")
+    table.add_column("expected", overflow="fold")
+    failed = {("setup" if m.setup else "step", m.step) for m in result.mismatches}
+    rows = [("setup", o) for o in result.setup] + [("step", o) for o in result.steps]
+    for kind, outcome in rows:
         idx = outcome["step"]
         res = outcome["result"]
-        mismatch = failed.get(idx) if outcome in result.steps else None
-        expected = ""
-        if mismatch is not None:
+        expect = result.expects.get((kind, idx))
+        expected = Text("")
+        if expect is not None:
             # in the notation of the details column (hex), so the two compare at a glance
-            expected = "expected " + " ".join(f"{k}={_value(v)}"
-                                              for k, v in mismatch.expected.items())
-        label = outcome["op"] if outcome in result.steps else f"setup {outcome['op']}"
-        table.add_row(str(idx), label, Text(res, style=_STYLE.get(res, "")), _details(outcome),
+            if (kind, idx) in failed:
+                expected = Text("✗ " + outcome_text(expect), style="bold red")
+            else:
+                expected = Text("✓ " + outcome_text(expect), style="green")
+        number = f"s{idx}" if kind == "setup" else str(idx)
+        label = f"setup {outcome['op']}" if kind == "setup" else outcome["op"]
+        table.add_row(number, label, Text(res, style=_STYLE.get(res, "")), _details(outcome),
                       expected)
     return table
 
@@ -108,8 +122,10 @@ def print_run(console: Console, result: RunResult, show: list[str]) -> None:
     """The human report of one run."""
     console.print(steps_table(result))
     for m in result.mismatches:
-        console.print(f"[bold red]step {m.step} ({m.op}, line {m.line}): expected {m.expected}, "
-                      f"got {m.actual}[/]")
+        where = f"setup memslot s{m.step}" if m.setup else f"step {m.step}"
+        console.print(Text(f"{where} ({m.op}, line {m.line}): expected "
+                           f"{outcome_text(m.expected)}, got {outcome_text(m.actual)}",
+                           style="bold red"))
     for v in result.violations:
         console.print(f"[bold red]invariant {v['invariant']} violated after step {v['step']}: "
                       f"{v['detail']}[/]")

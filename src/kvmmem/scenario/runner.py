@@ -54,13 +54,15 @@ EXEC_FETCH_SIZE = 4
 
 @dataclass
 class Mismatch:
-    """A failed expectation: step index, what was expected and what happened."""
+    """A failed expectation: step index, what was expected and what happened.
+    ``setup``: the step is a top-level ``memslots`` entry (indexed apart)."""
 
     step: int
     op: str
     line: int
     expected: dict[str, Any]
     actual: dict[str, Any]
+    setup: bool = False
 
 
 @dataclass
@@ -79,6 +81,8 @@ class RunResult:
     (``{"invariant", "detail"}``; see validate_path_independence)."""
     vm: Vm | None = None
     events: EventLog | None = None
+    expects: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    """Every expectation of the file by ``("setup" | "step", index)``, met or not."""
 
     @property
     def exit_status(self) -> int:
@@ -260,7 +264,7 @@ class Runner:
         for slot in scn.memslots:
             outcome = {"step": slot.index, "op": "set_memslot", **self.do(slot)}
             result.setup.append(outcome)
-            self._expect(result, slot, outcome)
+            self._expect(result, slot, outcome, setup=True)
         for step in scn.steps or ():
             if self.vm.log is not None:
                 self.vm.log.step = step.index
@@ -289,13 +293,9 @@ class Runner:
 
     def check_arch_support(self) -> None:
         """Refuse, before anything runs, what this architecture cannot do."""
-        if self.arch == "x86":
-            return
-        for step in self.scenario.all_steps():
-            if isinstance(step, GuestRead | GuestWrite | GuestExec) and step.path == "emulated":
-                raise InputError(f"{self.scenario.source}:{step.line}: {step.op}.path: the "
-                                 f"emulated path is x86's instruction emulator; {self.arch} "
-                                 "has none")
+        reason = arch_unsupported(self.scenario, self.arch)
+        if reason is not None:
+            raise InputError(reason)
 
     def _check(self, result: RunResult, index: int) -> bool:
         try:
@@ -307,10 +307,29 @@ class Runner:
         return True
 
     @staticmethod
-    def _expect(result: RunResult, step: Step, outcome: dict[str, Any]) -> None:
+    def _expect(result: RunResult, step: Step, outcome: dict[str, Any],
+                setup: bool = False) -> None:
+        if step.expect:
+            result.expects[("setup" if setup else "step", step.index)] = dict(step.expect)
         if not expectation_holds(step.expect, outcome):
             result.mismatches.append(Mismatch(step.index, step.op, step.line,
-                                              dict(step.expect or {}), outcome))
+                                              dict(step.expect or {}), outcome, setup))
+
+
+def arch_unsupported(scenario: Scenario, arch: str) -> str | None:
+    """Why ``scenario`` cannot run on ``arch`` (``FILE:LINE: FIELD: WHAT``), or None.
+
+    Today one thing is architecture-specific: ``path: emulated`` names x86's
+    instruction emulator, which arm64 and riscv do not have.  Commands ask this
+    for every architecture before running any, so that a file naming several
+    runs on those it can and says why not on the others."""
+    if arch == "x86":
+        return None
+    for step in scenario.all_steps():
+        if isinstance(step, GuestRead | GuestWrite | GuestExec) and step.path == "emulated":
+            return (f"{scenario.source}:{step.line}: {step.op}.path: the emulated path is "
+                    f"x86's instruction emulator; {arch} has none")
+    return None
 
 
 def run_scenario(scenario: Scenario, arch: str, variant: str | None = None, *,
