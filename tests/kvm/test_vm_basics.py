@@ -61,7 +61,9 @@ def ok(value: int) -> dict[str, Any]:
 
 
 def fault(gpa: int, size: int = 4) -> dict[str, Any]:
-    return {"result": "fault", "gpa": gpa, "size": size}
+    """A failed access at ``gpa``: a bare EFAULT, no memory-fault gpa/size (no kernel
+    fills ``kvm_run.memory_fault`` for shared memory)."""
+    return {"result": "fault"}
 
 
 # =====================================================================================

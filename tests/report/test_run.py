@@ -47,7 +47,7 @@ QUICKSTART_STEPS: list[dict[str, Any]] = [
     {"step": 1, "op": "host_read", "result": "ok", "value": 0x1122334455667788},
     {"step": 2, "op": "host_mmap", "result": "ok"},
     {"step": 3, "op": "guest_read", "result": "ok", "value": 0xABABABABABABABAB},
-    {"step": 4, "op": "guest_write", "result": "fault", "gpa": 0x1000, "size": 8},
+    {"step": 4, "op": "guest_write", "result": "fault"},
     {"step": 5, "op": "guest_read", "result": "mmio", "gpa": 0x200000, "len": 4,
      "is_write": False},
 ]
@@ -139,7 +139,7 @@ def test_table_rows_of_a_bundled_scenario() -> None:
         ["4", "guest_write", "fault"], ["5", "guest_read", "mmio"]]
     assert [r[3] for r in rows] == [
         "", "", "value=0x1122334455667788", "", "value=0xabababababababab",
-        "gpa=0x1000 size=0x8", "gpa=0x200000 len=0x4 is_write=no"]
+        "", "gpa=0x200000 len=0x4 is_write=no"]
     assert [r[4] for r in rows] == [
         "", "✓ result=ok", "✓ result=ok value=0x1122334455667788", "",
         "✓ result=ok value=0xabababababababab", "✓ result=fault",

@@ -116,6 +116,16 @@ class MemAttr(Enum):
     __hash__ = object.__hash__
 
 
+class Translation(NamedTuple):
+    """One page's translation as the hardware walk yields it (what a TLB caches):
+    the host ``pfn`` of the page and whether the leaf allows writes and
+    instruction fetches.  A tuple, so ``pfn, writable, executable = t`` works."""
+
+    pfn: int
+    writable: bool
+    executable: bool
+
+
 class Perm(NamedTuple):
     """Stage-2 permissions."""
 
@@ -721,11 +731,12 @@ class Stage2:
             return None
         return self._make_leaf(gpa & ~(PAGE_SIZE - 1), pte, d, True)
 
-    def translate(self, gpa: int, young: bool = False) -> tuple[int, bool, bool] | None:
-        """What a TLB caches from :meth:`walk`: ``(pfn, writable, executable)``
-        of ``gpa``'s page, or None when the walk faults (no valid leaf, or one
-        the hardware cannot use: :attr:`Leaf.accessible` false).  ``gpa`` must
-        be inside the IPA range (the caller checks it).
+    def translate(self, gpa: int, young: bool = False) -> Translation | None:
+        """What a TLB caches from :meth:`walk`: the :class:`Translation`
+        ``(pfn, writable, executable)`` of ``gpa``'s page, or None when the walk
+        faults (no valid leaf, or one the hardware cannot use:
+        :attr:`Leaf.accessible` false).  ``gpa`` must be inside the IPA range
+        (the caller checks it).
 
         ``young``: a walk that succeeds then sets the leaf's accessed flag, as
         :meth:`hw_access` for a read does (one walk instead of two)."""
@@ -759,7 +770,7 @@ class Stage2:
         perm = dec[0]
         size = self._size[d]
         pa = ((pte & OAM) << RSH) + (gpa & ~(PAGE_SIZE - 1) & (size - 1))
-        return pa >> PAGE_SHIFT, perm.write, perm.execute
+        return Translation(pa >> PAGE_SHIFT, perm.write, perm.execute)
 
     def _make_leaf(self, gpa: int, pte: int, d: int, offset: bool) -> Leaf:
         bits = pte & ~self._OAM

@@ -18,6 +18,7 @@ fault path pays one attribute test when nobody listens.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -44,9 +45,20 @@ COUNTERS: tuple[str, ...] = (
 )
 
 
+LEAF_SIZE_COUNTERS: dict[int, str] = {4096: "pages_4k", 1 << 21: "pages_2m",
+                                      1 << 30: "pages_1g"}
+"""Leaf size -> the counter of live stage-2 leaves of that size."""
+
+
 @dataclass(slots=True)
 class Stats:
-    """The VM's counters; ``as_dict()`` gives them by name."""
+    """The VM's counters; ``as_dict()`` gives them by name.
+
+    ``pages_4k``, ``pages_2m`` and ``pages_1g`` are the live stage-2 leaves of each
+    size, as KVM's stats of those names are (x86 ``kvm_update_page_stats`` counts
+    up on install and down on zap).  They are counted from the page table when
+    read, through ``leaves`` (the VM's stage-2 leaf sizes); without it they stay 0.
+    """
 
     exits: int = 0
     pf_taken: int = 0
@@ -57,9 +69,6 @@ class Stats:
     pf_retry: int = 0
     pf_efault: int = 0
     mmio_exits: int = 0
-    pages_4k: int = 0
-    pages_2m: int = 0
-    pages_1g: int = 0
     remote_tlb_flush: int = 0
     remote_tlb_flush_requests: int = 0
     mmu_shadow_zapped: int = 0
@@ -67,10 +76,39 @@ class Stats:
     prefault_pages: int = 0
     premapped_pages: int = 0
     memslot_updates: int = 0
+    leaves: Callable[[], Iterable[int]] | None = field(default=None, repr=False,
+                                                       compare=False)
+    """The sizes of the live stage-2 leaves (set by the VM)."""
+
+    def _pages(self) -> dict[str, int]:
+        out = dict.fromkeys(LEAF_SIZE_COUNTERS.values(), 0)
+        if self.leaves is not None:
+            for size in self.leaves():
+                key = LEAF_SIZE_COUNTERS.get(size)
+                if key is not None:
+                    out[key] += 1
+        return out
+
+    @property
+    def pages_4k(self) -> int:
+        """Live 4K stage-2 leaves."""
+        return self._pages()["pages_4k"]
+
+    @property
+    def pages_2m(self) -> int:
+        """Live 2M stage-2 leaves."""
+        return self._pages()["pages_2m"]
+
+    @property
+    def pages_1g(self) -> int:
+        """Live 1G stage-2 leaves."""
+        return self._pages()["pages_1g"]
 
     def as_dict(self) -> dict[str, int]:
-        """Every counter by name, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every counter by name, in the order of :data:`COUNTERS`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "leaves"}
+        values.update(self._pages())
+        return {name: values[name] for name in COUNTERS}
 
 
 @dataclass(frozen=True, slots=True)

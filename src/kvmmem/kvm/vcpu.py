@@ -88,7 +88,16 @@ class AccessResult:
     ``error`` (KVM_RUN -> another ``errno``), ``abort`` (an exception was
     injected into the guest, named by ``abort``) or ``exit`` (another exit
     to userspace, ``exit_reason`` and ``suberror``); the last two extend the
-    contract."""
+    contract.
+
+    A ``fault`` keeps the access's ``gpa`` and ``length`` here, but its outcome
+    carries ``gpa``/``size``/``flags`` only when ``memory_fault`` is set: when
+    the kernel fills ``kvm_run.memory_fault`` (KVM_EXIT_MEMORY_FAULT), which no
+    architecture does for a failed fault on ordinary (shared) memory: x86
+    ``kvm_handle_error_pfn``, arm64 ``user_mem_abort`` and riscv
+    ``kvm_riscv_mmu_map`` return a bare -EFAULT (seen on x86 6.1 and 7.3 with
+    TDP, arm64 7.3, riscv 7.2, and this host's KVM); only guest_memfd (private)
+    faults fill it, which the model does not have."""
 
     result: str
     value: int | None = None
@@ -100,6 +109,7 @@ class AccessResult:
     abort: str = ""
     exit_reason: str = ""
     suberror: int = 0
+    memory_fault: bool = False
 
     def to_outcome(self) -> dict[str, Any]:
         """The outcome keys of SCENARIOS.md (without ``step``/``op``)."""
@@ -113,7 +123,7 @@ class AccessResult:
                 out["data"] = self.data
             elif self.value is not None:
                 out["value"] = self.value
-        elif self.result == "fault":
+        elif self.result == "fault" and self.memory_fault:
             out["gpa"] = self.gpa
             out["size"] = self.length
         elif self.result == "error":

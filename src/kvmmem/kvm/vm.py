@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kvmmem.arch import make_stage2
-from kvmmem.arch.pgtable import Perm, Tlbi
+from kvmmem.arch.pgtable import Perm, Tlbi, Translation
 from kvmmem.errors import InputError
 from kvmmem.host import Mm
 from kvmmem.kvm.memslot import (
@@ -82,7 +82,7 @@ class Vm:
         self.prepare_vma_checks = True
         """arm64/riscv: whether the prepare-time VMA walk refuses (EPERM, EINVAL).
         Off only for re-creating a reached state (validate_path_independence)."""
-        self.stats = Stats()
+        self.stats = Stats(leaves=self._leaf_sizes)
         self.log: EventLog | None = None
         self.memslots = VmMemslots(arch, hooks=VmMemslotHooks(self))
         self.mmu_invalidate_seq = 0
@@ -143,10 +143,10 @@ class Vm:
 
     # --- stage-2 helpers used by the vCPU and the arch code ------------------
 
-    def stage2_lookup(self, gpa: int) -> tuple[int, bool, bool] | None:
-        """The hardware walk: ``(pfn, writable, executable)`` of the leaf
-        mapping ``gpa``, or None when the walk faults (no valid leaf, or the
-        access flag is clear on arm64)."""
+    def stage2_lookup(self, gpa: int) -> Translation | None:
+        """The hardware walk: the :class:`~kvmmem.arch.pgtable.Translation`
+        ``(pfn, writable, executable)`` of the leaf mapping ``gpa``, or None when
+        the walk faults (no valid leaf, or the access flag is clear on arm64)."""
         stage2 = self.stage2
         if gpa >> stage2.ipa_bits:
             return None
@@ -255,16 +255,14 @@ class Vm:
             gfn_start << PAGE_SHIFT, (gfn_end - gfn_start) << PAGE_SHIFT, clear
         )
 
+    def _leaf_sizes(self) -> Iterator[int]:
+        return (leaf.size for leaf in self.stage2.for_each_leaf())
+
     def stats_dict(self) -> dict[str, int]:
-        """The VM counters, the live leaf counts by size and the stage-2 engine's counters."""
+        """``vm.stats`` by name (the live leaf counts by size included, the same
+        values ``vm.stats.pages_4k`` ... give) and the stage-2 engine's counters
+        (``stage2_*``)."""
         out = self.stats.as_dict()
-        sizes = {4096: "pages_4k", 1 << 21: "pages_2m", 1 << 30: "pages_1g"}
-        for key in sizes.values():
-            out[key] = 0
-        for leaf in self.stage2.for_each_leaf():
-            size_key = sizes.get(leaf.size)
-            if size_key is not None:
-                out[size_key] += 1
         for name, value in self.stage2.counters.as_dict().items():
             out[f"stage2_{name}"] = value
         return out

@@ -43,16 +43,13 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from kvmmem.errors import InputError
+from kvmmem.scenario import schema
 from kvmmem.scenario.model import (
     ACCESS_SIZES,
-    ADVICES,
     ARCHES,
-    EXPECT_KEYS,
     FORMAT_VERSION,
     GRANULES,
-    GUEST_PATHS,
     GUEST_STEPS,
-    MAPPING_KINDS,
     MEMSLOT_FLAGS,
     PROT_EXEC,
     PROT_NONE,
@@ -76,10 +73,8 @@ MAX_FILE_BYTES: Final = 4 << 20
 """Larger files are refused before parsing."""
 MAX_DEPTH: Final = 64
 """Deeper YAML nesting is refused (the schema needs fewer than ten levels)."""
-MAX_VCPUS: Final = 1024
+MAX_VCPUS: Final = schema.MAX_VCPUS
 """Upper bound of ``vcpus``."""
-IPA_BITS_RANGE: Final = (32, 52)
-"""Accepted ``ipa_bits``: arm64 KVM_VM_TYPE_ARM_IPA_SIZE takes 32 up to the CPU's limit (<= 52)."""
 
 _U32: Final = (1 << 32) - 1
 _U64: Final = (1 << 64) - 1
@@ -92,9 +87,9 @@ _STRINGISH = frozenset({_STR, _T + "timestamp", _T + "value", _MERGE})
 """Scalar tags read as plain text (a date or ``=`` or ``<<`` written as a value)."""
 _SCALAR_TAGS = _STRINGISH | {_INT, _FLOAT, _BOOL, _NULL}
 
-_TOP_KEYS = ("kvmmem", "name", "description", "arch", "variant", "granule", "vcpus",
-             "ipa_bits", "memory", "memslots", "steps", "threads")
-_MAPPING_KEYS = ("size", "kind", "prot", "fill", "at")
+_TOP_KEYS = tuple(k.name for k in schema.TOP_KEYS)
+_STRUCTURAL = frozenset({"mappings", "memslots", "steps", "threads"})
+"""Key types the checker walks itself (their checks span entries)."""
 _ERRNO_NAMES = frozenset(n for n in dir(_errno) if n.startswith("E") and n.isupper())
 """Every errno name, aliases included (EOPNOTSUPP as well as ENOTSUP)."""
 _SIGNAL_NAMES = frozenset(_signal.Signals.__members__)
@@ -571,6 +566,42 @@ class _Checker:
         known = _listing(names.known) or "none"
         raise self.err(node, path, f"unknown mapping {name!r} (known here: {known})")
 
+    # -- the schema's keys ---------------------------------------------------------------
+
+    def parser(self, key: schema.Key, names: _Names | None) -> Parser:
+        """How a value of ``key`` is read (:data:`kvmmem.scenario.schema.TYPES`);
+        ``names``: the mapping names usable here (for ``memory`` and ``hva_ref``)."""
+        t = key.type
+        if t == "choice":
+            return lambda n, p: self.choice(n, p, key.choices, key.what)
+        if t == "range":
+            return lambda n, p: self.bounded(n, p, key.low, key.high)
+        if t in ("memory", "hva_ref"):
+            assert names is not None
+            if t == "memory":
+                return lambda n, p: self.ref(n, p, names)
+            return lambda n, p: self.hva_ref(n, p, names)
+        simple: dict[str, Parser] = {
+            "version": lambda n, p: None, "name": self.name, "string": self.string,
+            "arches": self.arches,
+            "variant": lambda n, p: self.choice(n, p, tuple(VARIANTS), "a known variant"),
+            "granule": self.granule, "size": self.size, "u32": self.u32, "u64": self.u64,
+            "access_size": self.access_size, "vcpu": self.vcpu, "prot": self.prot,
+            "fill": self.fill, "flags": self.flags, "bool": self.boolean,
+            "errno": self.errno_name, "signal": self.signal_name, "gfns": self.gfn_list,
+        }
+        return simple[t]
+
+    def fields(self, keys: tuple[schema.Key, ...],
+               names: _Names | None = None) -> dict[str, Parser]:
+        """``{key name: parser}`` of a section, in the declared order."""
+        return {k.name: self.parser(k, names) for k in keys if k.type not in _STRUCTURAL}
+
+    @staticmethod
+    def required(keys: tuple[schema.Key, ...]) -> tuple[str, ...]:
+        """The names of the required keys of a section."""
+        return tuple(k.name for k in keys if k.required)
+
     # -- mappings of fields ---------------------------------------------------------------
 
     def record(self, node: Node, path: str, fields: dict[str, Parser],
@@ -618,16 +649,7 @@ class _Checker:
         self.check_version(root, top)
 
         values: dict[str, Any] = {}
-        scalar_fields: dict[str, Parser] = {
-            "kvmmem": lambda n, p: None,
-            "name": self.name,
-            "description": self.string,
-            "arch": self.arches,
-            "variant": lambda n, p: self.choice(n, p, tuple(VARIANTS), "a known variant"),
-            "granule": self.granule,
-            "vcpus": lambda n, p: self.bounded(n, p, 1, MAX_VCPUS),
-            "ipa_bits": lambda n, p: self.bounded(n, p, *IPA_BITS_RANGE),
-        }
+        scalar_fields = self.fields(schema.TOP_KEYS)
         for key, knode, vnode in self.entries(root, ""):
             if key not in _TOP_KEYS:
                 self.err(knode, _join("", key),
@@ -708,18 +730,9 @@ class _Checker:
 
     # -- mappings ------------------------------------------------------------------------------
 
-    def mapping_fields(self, names: _Names) -> dict[str, Parser]:
-        return {
-            "size": self.size,
-            "kind": lambda n, p: self.choice(n, p, MAPPING_KINDS, "a mapping kind"),
-            "prot": self.prot,
-            "fill": self.fill,
-            "at": lambda n, p: self.hva_ref(n, p, names),
-        }
-
     def hva_ref(self, node: Node, path: str, names: _Names) -> HvaRef:
-        rec = self.record(node, path, {"memory": lambda n, p: self.ref(n, p, names),
-                                       "offset": self.size}, ("memory",))
+        rec = self.record(node, path, self.fields(schema.HVA_REF_KEYS, names),
+                          self.required(schema.HVA_REF_KEYS))
         if rec is None:
             raise _Bad()
         return HvaRef(rec["memory"][0], rec.get("offset", (0, None))[0])
@@ -797,7 +810,8 @@ class _Checker:
                                  "only name mappings declared before it"
                               for n, (_, line) in sites.items() if n not in later})
             names = _Names(dict(known), elsewhere)
-            rec = self.record(vnode, path, self.mapping_fields(names), ("size", "kind", "prot"))
+            rec = self.record(vnode, path, self.fields(schema.MAPPING_KEYS, names),
+                              self.required(schema.MAPPING_KEYS))
             known[key] = _line(knode)
             if rec is None or not self.check_mapping_size(rec, path, allow_empty=False):
                 out[key] = None
@@ -810,17 +824,6 @@ class _Checker:
         return out
 
     # -- memslots ---------------------------------------------------------------------------------
-
-    def memslot_fields(self, names: _Names) -> dict[str, Parser]:
-        return {
-            "slot": self.u32,
-            "gpa": self.size,
-            "size": self.size,
-            "memory": lambda n, p: self.ref(n, p, names),
-            "offset": self.size,
-            "hva": self.size,
-            "flags": self.flags,
-        }
 
     def memslot_args(self, rec: dict[str, tuple[Any, Node]], path: str) -> dict[str, Any] | None:
         """Cross-field checks of a memslot; the SetMemslot keyword arguments, or None."""
@@ -857,7 +860,8 @@ class _Checker:
         ok = True
         for i, entry in enumerate(node.value):
             path = f"memslots[{i}]"
-            rec = self.record(entry, path, self.memslot_fields(names), ("slot", "size"))
+            rec = self.record(entry, path, self.fields(schema.MEMSLOT_KEYS, names),
+                              self.required(schema.MEMSLOT_KEYS))
             if rec is None:
                 ok = False
                 continue
@@ -966,34 +970,8 @@ class _Checker:
 
     def step_fields(self, op: str, names: _Names) -> tuple[dict[str, Parser], tuple[str, ...]]:
         """The keys of step kind ``op`` with their parsers, and the required ones."""
-        gpa, size, vcpu = self.size, self.size, self.vcpu
-        memory: Parser = lambda n, p: self.ref(n, p, names)  # noqa: E731
-        path: Parser = lambda n, p: self.choice(n, p, GUEST_PATHS, "a guest path")  # noqa: E731
-        table: dict[str, tuple[dict[str, Parser], tuple[str, ...]]] = {
-            "guest_read": ({"gpa": gpa, "size": self.access_size, "vcpu": vcpu, "path": path},
-                           ("size",)),
-            "guest_write": ({"gpa": gpa, "size": self.access_size, "value": self.u64,
-                             "vcpu": vcpu, "path": path}, ("size", "value")),
-            "guest_exec": ({"gpa": gpa, "vcpu": vcpu, "path": path}, ()),
-            "host_read": ({"memory": memory, "offset": size, "size": self.access_size},
-                          ("memory", "size")),
-            "host_write": ({"memory": memory, "offset": size, "size": self.access_size,
-                            "value": self.u64}, ("memory", "size", "value")),
-            "host_mmap": ({"name": self.name, **self.mapping_fields(names)},
-                          ("name", "size", "kind", "prot")),
-            "host_munmap": ({"memory": memory, "offset": size, "size": size}, ("memory",)),
-            "host_mprotect": ({"memory": memory, "offset": size, "size": size,
-                               "prot": self.prot}, ("memory", "size", "prot")),
-            "host_madvise": ({"memory": memory, "offset": size, "size": size,
-                              "advice": lambda n, p: self.choice(n, p, ADVICES, "an advice")},
-                             ("memory", "size", "advice")),
-            "set_memslot": (self.memslot_fields(names), ("slot", "size")),
-            "prefault": ({"gpa": gpa, "size": size, "vcpu": vcpu}, ("size",)),
-            "get_dirty_log": ({"slot": self.u32}, ("slot",)),
-            "clear_dirty_log": ({"slot": self.u32, "first_page": self.u64,
-                                 "num_pages": self.u32}, ("slot", "num_pages")),
-        }
-        return table[op]
+        keys = schema.STEPS_BY_OP[op].keys
+        return self.fields(keys, names), self.required(keys)
 
     def step(self, node: Node, path: str, index: int, thread: str | None, names: _Names,
              declared: dict[str, int]) -> Step | None:
@@ -1084,24 +1062,8 @@ class _Checker:
     def expect(self, node: Node, path: str, op: str,
                args: dict[str, tuple[Any, Node]] | None) -> dict[str, object]:
         """The ``expect`` mapping: outcome key -> value, checked against the outcome table."""
-        keys = EXPECT_KEYS
-        parsers: dict[str, Parser] = {
-            "result": lambda n, p: self.choice(n, p, RESULTS, "a result"),
-            "value": self.u64,
-            "errno": self.errno_name,
-            "gpa": self.u64,
-            "len": lambda n, p: self.bounded(n, p, 1, 8),
-            "is_write": self.boolean,
-            "data": self.u64,
-            "size": self.u64,
-            "flags": self.u64,
-            "dirty": self.gfn_list,
-            "signal": self.signal_name,
-            "abort": self.string,
-            "remaining": self.u64,
-            "exit_reason": self.string,
-            "suberror": self.u64,
-        }
+        keys = tuple(k.name for k in schema.EXPECT_KEYS)
+        parsers = self.fields(schema.EXPECT_KEYS)
         if not isinstance(node, MappingNode):
             raise self.err(node, path, f"expected a mapping of outcome keys "
                                        f"({_listing(keys)}), got {_show(node)}")

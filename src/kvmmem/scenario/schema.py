@@ -1,0 +1,376 @@
+"""The scenario file format, version 1, as data: every key, its type, default and meaning.
+
+This is the one declaration of what a scenario file may hold.  The loader
+(:mod:`kvmmem.scenario.loader`) builds its checks from it (which keys a
+section takes, which are required, how each value is parsed), and
+:func:`json_schema` turns it into a JSON Schema (draft 2020-12) for editors:
+``docs/scenario.schema.json`` is that schema, regenerated with
+``kvmmem schema --output docs/scenario.schema.json`` (a test keeps the two equal).
+
+A :class:`Key` names a *type* (:data:`TYPES`): how the loader reads the value
+and what the JSON Schema allows.  Structural sections (``memory``,
+``memslots``, ``steps``, ``threads``) are declared here too; the loader walks
+them itself, since their checks span entries (names declared before use,
+duplicate slots).
+
+What the loader checks beyond a JSON Schema (and editors therefore do not):
+sizes that are page multiples (2M for hugetlb), names used before they exist,
+a value that does not fit the access size, ``vcpu`` below ``vcpus``, keys of
+``expect`` that no single outcome carries together, and YAML-level matters
+(duplicate keys, ambiguous leading zeros).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kvmmem.scenario.model import (
+    ACCESS_SIZES,
+    ADVICES,
+    ARCHES,
+    FORMAT_VERSION,
+    GRANULES,
+    GUEST_PATHS,
+    MAPPING_KINDS,
+    MEMSLOT_FLAGS,
+    RESULT_KEYS,
+    RESULTS,
+)
+from kvmmem.variants import VARIANTS
+
+MAX_VCPUS = 1024
+"""Upper bound of ``vcpus``."""
+IPA_BITS_RANGE = (32, 52)
+"""Accepted ``ipa_bits``: arm64 KVM_VM_TYPE_ARM_IPA_SIZE takes 32 up to the CPU's limit (<= 52)."""
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+TYPES: dict[str, str] = {
+    "version": "the format version, 1",
+    "name": "a non-empty string",
+    "string": "a string",
+    "arches": "an architecture or a list of them",
+    "variant": "a variant name",
+    "granule": "a stage-2 granule: 4K, 16K or 64K",
+    "range": "an integer in a range",
+    "size": "a size or address: an integer, hex (0x1000), or a K/M/G/T suffix (2M)",
+    "u32": "an integer 0 .. 2^32 - 1",
+    "u64": "an integer 0 .. 2^64 - 1",
+    "access_size": "an access size: 1, 2, 4 or 8",
+    "vcpu": "a vCPU index, below vcpus",
+    "prot": "protection letters r, w, x (each at most once), or none",
+    "fill": "a byte, 0..255",
+    "choice": "one of a list of words",
+    "memory": "the name of a host mapping",
+    "hva_ref": "{memory: NAME, offset: N}",
+    "flags": "a list of memslot flags",
+    "bool": "true or false",
+    "errno": "an errno name (EINVAL, EEXIST, EFAULT, ...)",
+    "signal": "a signal name (SIGSEGV, SIGBUS, ...)",
+    "gfns": "a list of gfns",
+    "mappings": "a mapping of name -> host mapping",
+    "memslots": "a list of memslots",
+    "steps": "a list of steps",
+    "threads": "a mapping of thread name -> list of steps",
+}
+"""Every value type a :class:`Key` may name, with how the documentation says it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One key of a section: its ``name``, value ``type`` (:data:`TYPES`), whether it
+    is ``required``, its ``default`` as the documentation states it (None: no
+    default, the key is simply absent), and its meaning (``doc``).
+
+    ``choices`` and ``what`` qualify a ``choice`` (the words, and how a message
+    names them); ``low``/``high`` bound a ``range``."""
+
+    name: str
+    type: str
+    doc: str
+    required: bool = False
+    default: str | None = None
+    choices: tuple[str, ...] = ()
+    what: str = ""
+    low: int = 0
+    high: int = 0
+
+
+def _choice(name: str, choices: tuple[str, ...], what: str, doc: str, *,
+            required: bool = False, default: str | None = None) -> Key:
+    return Key(name, "choice", doc, required, default, choices, what)
+
+
+# --- the top level ----------------------------------------------------------------------
+
+TOP_KEYS: tuple[Key, ...] = (
+    Key("kvmmem", "version", f"the format version: {FORMAT_VERSION}", required=True),
+    Key("name", "name", "the scenario's name, used in every report", required=True),
+    Key("description", "string", "free text: what the scenario shows and where the rule "
+        "comes from", default='""'),
+    Key("arch", "arches", "the architecture(s) it runs on and whose behaviour its "
+        f"expectations describe: {', '.join(ARCHES)}, or a list", default="x86"),
+    Key("variant", "variant", "the behaviour set (docs/variants.md)", default="upstream"),
+    Key("granule", "granule", "arm64 stage-2 granule (the translation granule of the "
+        "stage-2 tables); ignored by x86 and riscv", default="4K"),
+    Key("vcpus", "range", "how many vCPUs the VM has", default="1", low=1, high=MAX_VCPUS),
+    Key("ipa_bits", "range", "the guest physical address size asked for at VM creation "
+        "(arm64 KVM_VM_TYPE_ARM_IPA_SIZE); absent: the architecture's default",
+        low=IPA_BITS_RANGE[0], high=IPA_BITS_RANGE[1]),
+    Key("memory", "mappings", "host mappings made, in order, before the first step",
+        default="{}"),
+    Key("memslots", "memslots", "memslots made, in order, after memory and before the "
+        "first step (their outcomes are the run's setup)", default="[]"),
+    Key("steps", "steps", "a sequential scenario: the steps, in order (kvmmem run, "
+        "compare, conform); give steps or threads"),
+    Key("threads", "threads", "a concurrent scenario: named lists of steps run side by "
+        "side (kvmmem explore); give steps or threads"),
+)
+
+# --- host mappings ------------------------------------------------------------------------
+
+MAPPING_KEYS: tuple[Key, ...] = (
+    Key("size", "size", "bytes, a multiple of the page size (of 2M for hugetlb)",
+        required=True),
+    _choice("kind", MAPPING_KINDS, "a mapping kind", "what backs the mapping "
+            "(docs/scenarios.md, Mapping kinds)", required=True),
+    Key("prot", "prot", "its protection", required=True),
+    Key("fill", "fill", "a byte the host process writes to every byte right after mmap "
+        "(the pages become present); absent: the mapping is left untouched"),
+    Key("at", "hva_ref", "place the mapping exactly there (MAP_FIXED), replacing whatever "
+        "was mapped"),
+)
+
+HVA_REF_KEYS: tuple[Key, ...] = (
+    Key("memory", "memory", "a mapping's name: the address range it was given (also after "
+        "it was unmapped or replaced)", required=True),
+    Key("offset", "size", "bytes into that range", default="0"),
+)
+
+# --- memslots ---------------------------------------------------------------------------------
+
+MEMSLOT_KEYS: tuple[Key, ...] = (
+    Key("slot", "u32", "the slot id (KVM's as_id << 16 | id)", required=True),
+    Key("gpa", "size", "guest physical address of the slot", default="0"),
+    Key("size", "size", "bytes; 0 deletes the slot (set_memslot only)", required=True),
+    Key("memory", "memory", "the host mapping whose range backs the slot (with offset)"),
+    Key("offset", "size", "bytes into memory", default="0"),
+    Key("hva", "size", "a raw host address instead of memory (for requests KVM must "
+        "refuse)", default="0 when memory is absent"),
+    Key("flags", "flags", f"any of {', '.join(MEMSLOT_FLAGS)}", default="[]"),
+)
+
+# --- steps -------------------------------------------------------------------------------------
+
+_VCPU = Key("vcpu", "vcpu", "the vCPU that makes the access", default="0")
+_PATH = _choice("path", GUEST_PATHS, "a guest path", "x86: native takes KVM's MMU fault "
+                "path, emulated KVM's instruction emulator (arm64 and riscv have none); "
+                "absent: native", )
+_MEM = Key("memory", "memory", "the host mapping whose address range is meant",
+           required=True)
+_OFFSET = Key("offset", "size", "bytes into memory", default="0")
+
+
+@dataclass(frozen=True, slots=True)
+class StepKind:
+    """One step kind: its YAML name, what it does, its keys."""
+
+    op: str
+    doc: str
+    keys: tuple[Key, ...]
+
+
+STEP_KINDS: tuple[StepKind, ...] = (
+    StepKind("guest_read", "the guest loads size bytes at gpa", (
+        Key("gpa", "size", "guest physical address", default="0"),
+        Key("size", "access_size", "bytes", required=True), _VCPU, _PATH)),
+    StepKind("guest_write", "the guest stores value (little-endian, size bytes) at gpa", (
+        Key("gpa", "size", "guest physical address", default="0"),
+        Key("size", "access_size", "bytes", required=True),
+        Key("value", "u64", "the value stored; must fit in size bytes", required=True),
+        _VCPU, _PATH)),
+    StepKind("guest_exec", "an instruction fetch (4 bytes) at gpa", (
+        Key("gpa", "size", "guest physical address", default="0"), _VCPU, _PATH)),
+    StepKind("host_read", "a userspace load through the host address", (
+        _MEM, _OFFSET, Key("size", "access_size", "bytes", required=True))),
+    StepKind("host_write", "a userspace store through the host address", (
+        _MEM, _OFFSET, Key("size", "access_size", "bytes", required=True),
+        Key("value", "u64", "the value stored; must fit in size bytes", required=True))),
+    StepKind("host_mmap", "mmap a new host mapping named name (the keys of a memory entry)",
+             (Key("name", "name", "the new mapping's name", required=True),
+              *MAPPING_KEYS)),
+    StepKind("host_munmap", "munmap size bytes at memory + offset", (
+        _MEM, _OFFSET, Key("size", "size", "bytes", default="the rest of the named range "
+                           "from offset"))),
+    StepKind("host_mprotect", "mprotect size bytes at memory + offset to prot", (
+        _MEM, _OFFSET, Key("size", "size", "bytes", required=True),
+        Key("prot", "prot", "the new protection", required=True))),
+    StepKind("host_madvise", "madvise(advice) on size bytes at memory + offset", (
+        _MEM, _OFFSET, Key("size", "size", "bytes", required=True),
+        _choice("advice", ADVICES, "an advice", "MADV_DONTNEED, MADV_REMOVE, "
+                "MADV_HUGEPAGE, MADV_NOHUGEPAGE", required=True))),
+    StepKind("set_memslot", "KVM_SET_USER_MEMORY_REGION: create, move, change flags of, "
+             "or (size 0) delete a slot", MEMSLOT_KEYS),
+    StepKind("prefault", "KVM_PRE_FAULT_MEMORY of size bytes at gpa", (
+        Key("gpa", "size", "guest physical address", default="0"),
+        Key("size", "size", "bytes", required=True), _VCPU)),
+    StepKind("get_dirty_log", "KVM_GET_DIRTY_LOG of the slot (reports and clears)", (
+        Key("slot", "u32", "the slot id", required=True),)),
+    StepKind("clear_dirty_log", "KVM_CLEAR_DIRTY_LOG of num_pages from first_page "
+             "(extension)", (
+                 Key("slot", "u32", "the slot id", required=True),
+                 Key("first_page", "u64", "first page of the slot", default="0"),
+                 Key("num_pages", "u32", "how many pages", required=True))),
+)
+"""Every step kind, in the order the documentation lists them."""
+
+STEPS_BY_OP: dict[str, StepKind] = {kind.op: kind for kind in STEP_KINDS}
+
+# --- expectations (outcome keys) -------------------------------------------------------------
+
+EXPECT_KEYS: tuple[Key, ...] = (
+    _choice("result", RESULTS, "a result", "how the step ended"),
+    Key("value", "u64", "guest_read / host_read: the value read (little-endian); an MMIO "
+        "read: the bytes that were inside a memslot"),
+    Key("errno", "errno", "error: the errno name"),
+    Key("gpa", "u64", "mmio: the exit's address; fault: the memory-fault address, where "
+        "the kernel reports one"),
+    Key("len", "range", "mmio: the exit's length", low=1, high=8),
+    Key("is_write", "bool", "mmio: the exit's direction"),
+    Key("data", "u64", "mmio, a write: the bytes written (little-endian)"),
+    Key("size", "u64", "fault: the memory-fault size, where the kernel reports one"),
+    Key("flags", "u64", "fault: the memory-fault flags, where the kernel reports them"),
+    Key("dirty", "gfns", "get_dirty_log: the gfns reported dirty, sorted"),
+    Key("signal", "signal", "signal: the signal the host access raised"),
+    Key("abort", "string", "abort: the exception injected into the guest"),
+    Key("remaining", "u64", "prefault: bytes of the range left unprocessed"),
+    Key("exit_reason", "string", "exit: the KVM_EXIT_* name"),
+    Key("suberror", "u64", "exit: the internal error's suberror"),
+)
+"""The keys ``expect`` takes: every outcome key (RESULT_KEYS says which result has which)."""
+
+assert {k.name for k in EXPECT_KEYS} == {"result"} | {
+    key for keys in RESULT_KEYS.values() for key in keys}
+
+
+# --- JSON Schema -------------------------------------------------------------------------------
+
+SCHEMA_ID = "https://kvmmem.invalid/scenario.schema.json"
+_SIZE_PATTERN = r"^\s*(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([KMGTkmgt]?)([iI]?[bB])?\s*$"
+
+
+def _uint(high: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0, "maximum": high}
+
+
+def _value_schema(key: Key) -> dict[str, Any]:
+    """The JSON Schema of one key's value."""
+    t = key.type
+    if t == "version":
+        out: dict[str, Any] = {"const": FORMAT_VERSION}
+    elif t in ("name",):
+        out = {"type": "string", "minLength": 1, "pattern": r"\S"}
+    elif t == "string":
+        out = {"type": "string"}
+    elif t == "arches":
+        one = {"enum": list(ARCHES)}
+        out = {"anyOf": [one, {"type": "array", "items": one, "minItems": 1,
+                               "uniqueItems": True}]}
+    elif t == "variant":
+        out = {"enum": list(VARIANTS)}
+    elif t == "granule":
+        out = {"enum": list(GRANULES)}
+    elif t == "range":
+        out = {"type": "integer", "minimum": key.low, "maximum": key.high}
+    elif t == "size":
+        out = {"anyOf": [_uint(U64_MAX), {"type": "string", "pattern": _SIZE_PATTERN}]}
+    elif t in ("u32", "u64"):
+        out = _uint(U32_MAX if t == "u32" else U64_MAX)
+    elif t == "access_size":
+        out = {"enum": list(ACCESS_SIZES)}
+    elif t == "vcpu":
+        out = _uint(MAX_VCPUS - 1)
+    elif t == "prot":
+        out = {"type": "string", "pattern": r"^(none|(?!.*(.).*\2)[rwx]{1,3})$"}
+    elif t == "fill":
+        out = _uint(0xFF)
+    elif t == "choice":
+        out = {"enum": list(key.choices)}
+    elif t == "memory":
+        out = {"type": "string", "minLength": 1}
+    elif t == "hva_ref":
+        out = _object(HVA_REF_KEYS)
+    elif t == "flags":
+        out = {"type": "array", "items": {"enum": list(MEMSLOT_FLAGS)}, "uniqueItems": True}
+    elif t == "bool":
+        out = {"type": "boolean"}
+    elif t == "errno":
+        out = {"type": "string", "pattern": "^E[A-Z0-9]+$"}
+    elif t == "signal":
+        out = {"type": "string", "pattern": "^SIG[A-Z0-9+-]+$"}
+    elif t == "gfns":
+        out = {"type": "array", "items": _uint(U64_MAX)}
+    elif t == "mappings":
+        out = {"type": "object", "additionalProperties": {"$ref": "#/$defs/mapping"}}
+    elif t == "memslots":
+        out = {"type": "array", "items": {"$ref": "#/$defs/memslot"}}
+    elif t == "steps":
+        out = {"type": "array", "items": {"$ref": "#/$defs/step"}}
+    elif t == "threads":
+        out = {"type": "object", "minProperties": 1, "additionalProperties": {
+            "type": "array", "minItems": 1, "items": {"$ref": "#/$defs/step"}}}
+    else:  # pragma: no cover - TYPES lists every type
+        raise ValueError(f"unknown key type {t!r}")
+    doc = key.doc + (f" (default: {key.default})" if key.default is not None else "")
+    return {"description": doc, **out}
+
+
+def _object(keys: tuple[Key, ...], *, nullable: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": ["object", "null"] if nullable else "object",
+        "properties": {k.name: _value_schema(k) for k in keys},
+        "additionalProperties": False,
+    }
+    required = [k.name for k in keys if k.required]
+    if required:
+        out["required"] = required
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a version-1 scenario file, from the
+    declarations of this module; the content of ``docs/scenario.schema.json``."""
+    steps = []
+    for kind in STEP_KINDS:
+        args = _object(kind.keys, nullable=not any(k.required for k in kind.keys))
+        steps.append({
+            "type": "object",
+            "description": kind.doc,
+            "properties": {kind.op: args, "expect": {"$ref": "#/$defs/expect"}},
+            "required": [kind.op],
+            "additionalProperties": False,
+        })
+    top = _object(TOP_KEYS)
+    top["oneOf"] = [{"required": ["steps"]}, {"required": ["threads"]}]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": f"kvmmem scenario, format version {FORMAT_VERSION}",
+        "description": "Generated from kvmmem.scenario.schema (kvmmem schema); see "
+                       "docs/scenarios.md.",
+        **top,
+        "$defs": {
+            "mapping": _object(MAPPING_KEYS),
+            "memslot": _object(MEMSLOT_KEYS),
+            "step": {"oneOf": steps},
+            "expect": _object(EXPECT_KEYS),
+        },
+    }
+
+
+def json_schema_text() -> str:
+    """:func:`json_schema` as the shipped file holds it: indented, sorted as declared,
+    ending in a newline."""
+    return json.dumps(json_schema(), indent=2) + "\n"
