@@ -614,6 +614,26 @@ def bench(
             bench_table(model, kvm, arch=arch, kvm_note=why))
 
 
+@app.command(cls=_OneLineUsage)
+def schema(
+    output: Annotated[Path | None, typer.Option(
+        help="write it to this file (docs/scenario.schema.json) instead of stdout")] = None,
+) -> None:
+    """Print the JSON Schema of scenario files (format v1), generated from the
+    declarations the loader checks files with (kvmmem.scenario.schema); point an
+    editor's YAML support at it for completion and checking."""
+    from kvmmem.scenario.schema import json_schema_text
+
+    text = json_schema_text()
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text)
+    except OSError as err:
+        _fail(f"--output {output}: cannot write: {err.strerror}")
+
+
 # -- kvmmem machine: emulated machines with real KVM (src/kvmmem/machine) ------------
 
 machine_app = typer.Typer(
