@@ -385,17 +385,27 @@ def _conform_matrix(scenarios: list[Any], as_json: bool, path: str) -> None:
         typer.echo("kvmmem: skipped: no machine is fetched (kvmmem machine fetch ARCH VERSION)",
                    err=True)
         raise typer.Exit(4)
+    from kvmmem.machine import Machine, MachineError
+
     columns: list[tuple[str, str, list[cf.Conformance]]] = []
+    broken: list[str] = []
     for spec in specs:
-        with _booted(spec.arch, spec.version) as machine:
-            target = cf.MachineTarget(machine)
-            results = []
-            for scenario in scenarios:
-                try:
-                    results.append(cf.conform_scenario(scenario, path, target=target))
-                except InputError as exc:
-                    _fail(str(exc))
-            columns.append((spec.name, machine.release, results))
+        # One machine that fails (a guest that hangs, QEMU that dies) is reported
+        # under the table; the others still run.
+        try:
+            if sys.stderr.isatty():
+                typer.echo(f"booting {spec.name} ...", err=True)
+            with Machine(spec.arch, spec.version) as machine:
+                target = cf.MachineTarget(machine)
+                results = []
+                for scenario in scenarios:
+                    try:
+                        results.append(cf.conform_scenario(scenario, path, target=target))
+                    except InputError as exc:
+                        _fail(str(exc))
+                columns.append((spec.name, machine.release, results))
+        except MachineError as exc:
+            broken.append(f"{spec.name}: {exc}")
     every = [r for _, _, rs in columns for r in rs]
     if as_json:
         typer.echo(_dumps({"matrix": [
@@ -403,7 +413,9 @@ def _conform_matrix(scenarios: list[Any], as_json: bool, path: str) -> None:
             for name, release, rs in columns]}))
     else:
         Console(highlight=False).print(cf.matrix_table(scenarios, columns))
-    status = cf.exit_status(every)
+    for line in broken:
+        typer.echo(f"kvmmem: error: {line}", err=True)
+    status = max(cf.exit_status(every), 1 if broken else 0)
     raise typer.Exit(max(0 if status == 4 else status, 2) if bad else status)
 
 

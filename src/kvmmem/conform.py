@@ -218,7 +218,10 @@ class MachineTarget:
 
     def run(self, program: Program) -> RealRun:
         from kvmmem.realkvm.program import RealRun
-        result = self.machine.request("run", program=program)
+        # Every step may run into its own watchdog; a VM and its mappings take seconds.
+        steps = len(program.get("steps", ())) + len(program.get("memslots", ())) + 1
+        timeout = 30.0 + steps * float(program.get("timeout", MACHINE_TIMEOUT))
+        result = self.machine.request("run", program=program, timeout=timeout)
         return RealRun.from_dict(result)
 
 

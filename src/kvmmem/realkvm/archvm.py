@@ -450,7 +450,7 @@ class ArchVm:
         """One ``KVM_PRE_FAULT_MEMORY`` on vCPU ``vcpu``
         (:meth:`~kvmmem.realkvm.kvm.VcpuFd.pre_fault`): ``ok`` with ``remaining``, or
         ``error`` with the errno exactly as the ioctl answers."""
-        return self._vcpu(vcpu).fd.pre_fault(gpa, size)
+        return self._vcpu(vcpu).fd.pre_fault(gpa, size, self.timeout)
 
     def get_dirty_log(self, slot: int) -> Outcome:
         """``KVM_GET_DIRTY_LOG``: ``ok`` with ``dirty`` (sorted absolute gfns of the host

@@ -416,16 +416,23 @@ class VcpuFd(_Fd):
         err = _try(self.fd, "KVM_PRE_FAULT_MEMORY", ctypes.addressof(arg))
         return err, arg.gpa, arg.size
 
-    def pre_fault(self, gpa: int, size: int) -> dict[str, object]:
+    def pre_fault(self, gpa: int, size: int, timeout: float) -> dict[str, object]:
         """One ``KVM_PRE_FAULT_MEMORY`` call as a scenario outcome: ``ok`` with
         ``remaining`` (the bytes the kernel left unprocessed: ``kvm_vcpu_pre_fault_memory``
         returns 0 once any page was mapped, stopping at the first page that fails), or
         ``error`` with the errno when nothing was (EINVAL/ENOTTY where KVM has no such
-        ioctl).  A call interrupted before any progress (EINTR) is repeated."""
-        while True:
-            err, gpa, size = self.pre_fault_memory(gpa, size)
-            if err != "EINTR":
-                break
+        ioctl).  A call interrupted before any progress (EINTR) is repeated until
+        ``timeout`` seconds have passed, then ``{"result": "timeout", "seconds": S}``:
+        ``kvm_tdp_map_page`` retries until a signal is pending, and on x86 6.10-6.14 it
+        retries forever after a memslot delete (an obsolete root that
+        ``kvm_mmu_reload`` did not free until 20a6cff3b283, v6.15)."""
+        with self.watchdog(timeout) as alarm:
+            while True:
+                err, gpa, size = self.pre_fault_memory(gpa, size)
+                if err != "EINTR":
+                    break
+                if alarm.fired:
+                    return {"result": "timeout", "seconds": timeout}
         if err is not None:
             return {"result": "error", "errno": err}
         return {"result": "ok", "remaining": size}
