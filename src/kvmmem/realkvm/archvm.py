@@ -29,21 +29,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvmmem.realkvm import libc
 from kvmmem.realkvm.harness import (
-    HARNESS_SLOT_SIZE,
-    HARNESS_WINDOW,
-    HarnessConflict,
     HarnessLayout,
+    HarnessVm,
     choose_layout,
 )
 from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
-from kvmmem.realkvm.stats import StatsFd
 from kvmmem.realkvm.structs import (
     EXIT_REASONS,
     KVM_EXIT_MEMORY_FAULT,
@@ -75,14 +71,7 @@ class Vcpu:
     pending: bool = False
 
 
-@dataclass(slots=True)
-class _Slot:
-    gpa: int
-    size: int
-    flags: int
-
-
-class ArchVm:
+class ArchVm(HarnessVm):
     """The generic part of a ONE_REG architecture's harness.  Subclasses set ``arch`` and
     ``phys_bits`` and implement the hooks (``_create_vm``, ``_program``, ``_place``,
     ``_init_vcpu``, ``_routine_reg_ids``, ``_pc_id``, ``_entry_regs``, ``_reachable``,
@@ -107,25 +96,12 @@ class ArchVm:
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
                  reserved_slots: Iterable[int] = (), timeout: float = DEFAULT_TIMEOUT,
                  kvm: Kvm | None = None, ipa_bits: int | None = None) -> None:
-        self.reserved_gpas = tuple(reserved_gpas)
-        self.reserved_slots = tuple(reserved_slots)
-        self.timeout = timeout
+        super().__init__(reserved_gpas, reserved_slots, timeout, kvm)
         self.ipa_bits = ipa_bits
         self.phys_bits = 40
         self.vcpus: list[Vcpu] = []
-        self.slots: dict[int, _Slot] = {}
         self.entries: dict[str, int] = {}
-        self._own_kvm = kvm is None
-        self.kvm: Kvm | None = None
-        self._vm: VmFd | None = None
-        self._mem = 0
-        self._vm_stats: StatsFd | None = None
-        try:
-            self.kvm = Kvm() if kvm is None else kvm
-            self._setup(self.kvm)
-        except BaseException:
-            self.close()
-            raise
+        self._start()
 
     # --- hooks --------------------------------------------------------------------------------
 
@@ -181,51 +157,18 @@ class ArchVm:
         self.vm.require("KVM_SET_USER_MEMORY_REGION")
         self.layout = choose_layout(self.reserved_gpas, self.reserved_slots,
                                     self.vm.max_memslots() or 32, self.phys_bits)
-        addr, err = libc.mmap(0, HARNESS_SLOT_SIZE, libc.PROT_READ | libc.PROT_WRITE,
-                              libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
-        if err:
-            raise OSError(err, f"harness memory: {libc.errno_name(err)}")
-        self._mem = addr
+        addr = self._map_harness_memory()
         code, offsets = self._program()
         ctypes.memmove(addr + CODE_OFFSET, code, len(code))
         self.entries = {name: self.layout.gpa + CODE_OFFSET + off
                         for name, off in offsets.items()}
         self._place(addr)
-        err_name = self.vm.set_user_memory_region(self.layout.slot, 0, self.layout.gpa,
-                                                  HARNESS_SLOT_SIZE, addr)
-        if err_name is not None:
-            raise OSError(getattr(errno, err_name, 0),
-                          f"harness memslot {self.layout.slot}: {err_name}")
+        self._add_harness_slot(addr)
 
     @property
     def exc_doorbell(self) -> int:
         """The gpa the exception vectors report to (no memslot covers it)."""
         return self.layout.doorbell + EXC_DOORBELL_OFFSET
-
-    def close(self) -> None:
-        """Release the vCPUs, the VM, the harness memory and (if owned) /dev/kvm.
-        Idempotent; safe after a failed construction."""
-        if self._vm_stats is not None:
-            self._vm_stats.close()
-            self._vm_stats = None
-        for v in self.vcpus:
-            v.fd.close()
-        self.vcpus.clear()
-        if self._vm is not None:
-            self._vm.close()
-            self._vm = None
-        if self._mem:
-            libc.munmap(self._mem, HARNESS_SLOT_SIZE)
-            self._mem = 0
-        if self._own_kvm and self.kvm is not None:
-            self.kvm.close()
-            self.kvm = None
-
-    def __enter__(self) -> ArchVm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- vCPUs ----------------------------------------------------------------------------
 
@@ -424,68 +367,8 @@ class ArchVm:
 
     # --- VM steps ---------------------------------------------------------------------------
 
-    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
-                    flags: int = 0) -> Outcome:
-        """``KVM_SET_USER_MEMORY_REGION`` (``size`` 0 deletes): ``ok`` or ``error`` with the
-        errno name.  Raises :class:`HarnessConflict` when the request touches the
-        harness's slot id or window (the scenario did not declare it)."""
-        lay = self.layout
-        if slot == lay.slot:
-            raise HarnessConflict(f"memslot {slot} is the harness's own; declare every slot "
-                                  f"id in reserved_slots")
-        if size and gpa < lay.gpa + HARNESS_WINDOW and gpa + size > lay.gpa:
-            raise HarnessConflict(
-                f"memslot [{gpa:#x}, {gpa + size:#x}) overlaps the harness window at "
-                f"{lay.gpa:#x}; declare every range in reserved_gpas")
-        err = self.vm.set_user_memory_region(slot, flags, gpa, size, hva)
-        if err is not None:
-            return {"result": "error", "errno": err}
-        if size:
-            self.slots[slot] = _Slot(gpa, size, flags)
-        else:
-            self.slots.pop(slot, None)
-        return {"result": "ok"}
-
-    def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome:
-        """One ``KVM_PRE_FAULT_MEMORY`` on vCPU ``vcpu``
-        (:meth:`~kvmmem.realkvm.kvm.VcpuFd.pre_fault`): ``ok`` with ``remaining``, or
-        ``error`` with the errno exactly as the ioctl answers."""
-        return self._vcpu(vcpu).fd.pre_fault(gpa, size, self.timeout)
-
-    def get_dirty_log(self, slot: int) -> Outcome:
-        """``KVM_GET_DIRTY_LOG``: ``ok`` with ``dirty`` (sorted absolute gfns of the host
-        page size; the call clears them) or ``error`` (ENOENT for a slot without dirty
-        logging or none)."""
-        shift = mmap.PAGESIZE.bit_length() - 1
-        info = self.slots.get(slot)
-        npages = info.size >> shift if info is not None else 64
-        log = self.vm.get_dirty_log(slot, npages)
-        if log.errno is not None:
-            return {"result": "error", "errno": log.errno}
-        base = info.gpa >> shift if info is not None else 0
-        return {"result": "ok", "dirty": [base + p for p in log.pages]}
-
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome:
-        """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
-        err = self.vm.clear_dirty_log(slot, first_page, num_pages)
-        return {"result": "ok"} if err is None else {"result": "error", "errno": err}
-
-    def supports(self, ioctl: str) -> bool:
-        """Whether this VM's KVM offers ``ioctl`` (its capability is non-zero)."""
-        return self.vm.supports(ioctl)
-
-    def stats(self, vcpu: int = 0) -> dict[str, int]:
-        """The VM's binary stats merged with vCPU ``vcpu``'s; ``{}`` where the kernel has
-        no ``KVM_GET_STATS_FD`` (before 5.14)."""
-        if not self.vm.supports("KVM_GET_STATS_FD"):
-            return {}
-        if self._vm_stats is None:
-            self._vm_stats = self.vm.stats()
-        out = self._vm_stats.read()
-        v = self._vcpu(vcpu)
-        with v.fd.stats() as s:
-            out.update(s.read())
-        return out
+    def _vcpu_fd(self, index: int) -> VcpuFd:
+        return self._vcpu(index).fd
 
 
 def assemble_outcome(exits: list[Outcome], out: Outcome) -> Outcome:

@@ -51,10 +51,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from kvmmem.realkvm import libc
 from kvmmem.realkvm.guest import (
@@ -83,7 +84,7 @@ from kvmmem.realkvm.structs import (
     KVM_EXIT_SHUTDOWN,
     kvm_regs,
 )
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, GiB, MiB
+from kvmmem.types import PAGE_SIZE, PMD_SIZE, GiB, MiB
 
 Outcome = dict[str, Any]
 
@@ -166,97 +167,66 @@ def _highest_gap(spans: list[tuple[int, int]], top: int) -> int | None:
 
 
 @dataclass(slots=True)
-class _Vcpu:
-    fd: VcpuFd
-    path: str = ""
-    stale: bool = True
-    """True when the vCPU's state must be rewritten (new, or after an exception, a
-    shutdown, an internal error or a timeout left it in an unknown state)."""
-    pending: bool = False
-    """True when an exit may still await completion (flushed with immediate_exit)."""
-
-
-@dataclass(slots=True)
 class _Slot:
     gpa: int
     size: int
     flags: int
 
 
-class RealVm:
-    """A VM on this host's KVM with the kvmmem guest harness.
-
-    ``reserved_gpas``: every ``(gpa, size)`` a scenario will use (slots, accesses);
-    ``reserved_slots``: every slot id it will use; ``path``: the default guest path
-    (``native`` or ``emulated``); ``timeout``: seconds one guest step may run;
-    ``kvm``: an open :class:`Kvm` to share (else one is opened and owned).
-
-    Raises :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without a usable /dev/kvm,
-    :class:`HarnessConflict` when the scenario leaves no room.  Use as a context
-    manager (or call :meth:`close`): every fd and mapping is released, also when the
-    constructor fails half-way.  ``code``: the guest code page as
-    :func:`kvmmem.realkvm.x86_code.code_blob` gives it (encoded here when absent; an
-    agent inside an emulated machine, which has no iced-x86, is sent it)."""
+class HarnessVm:
+    """What every architecture's harness VM shares: the fds it owns and their release,
+    the slot bookkeeping, and the VM-level steps (``set_memslot``, ``prefault``,
+    ``get_dirty_log``, ``clear_dirty_log``, ``supports``, ``stats``).  A subclass
+    (:class:`RealVm` for x86, :class:`~kvmmem.realkvm.archvm.ArchVm` for the ONE_REG
+    architectures) creates the VM, its code and vCPUs in ``_setup`` and gives a vCPU's
+    fd by index in ``_vcpu_fd``; its constructor ends with :meth:`_start`."""
 
     layout: HarnessLayout
     vm: VmFd
+    vcpus: list[Any]
 
-    def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
-                 reserved_slots: Iterable[int] = (), path: str = "native",
-                 timeout: float = DEFAULT_TIMEOUT, kvm: Kvm | None = None,
-                 code: dict[str, Any] | None = None) -> None:
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    def __init__(self, reserved_gpas: Iterable[tuple[int, int]], reserved_slots: Iterable[int],
+                 timeout: float, kvm: Kvm | None) -> None:
         self.reserved_gpas = tuple(reserved_gpas)
         self.reserved_slots = tuple(reserved_slots)
-        self.path = path
         self.timeout = timeout
-        self.vcpus: list[_Vcpu] = []
+        self.vcpus = []
         self.slots: dict[int, _Slot] = {}
         self._own_kvm = kvm is None
+        self._given_kvm = kvm
         self.kvm: Kvm | None = None
         self._vm: VmFd | None = None
         self._mem = 0
-        self._entries: dict[str, int] = {}
         self._vm_stats: StatsFd | None = None
-        self._phys_bits = 36
-        self._alias: dict[int, int] = {}
-        self._doorbell_va = 0
-        self._probe_va = 0
-        self._code = code
+
+    def _start(self) -> None:
+        """Open /dev/kvm (unless one was given) and run ``_setup``; on any failure release
+        everything made so far and re-raise."""
         try:
-            self.kvm = Kvm() if kvm is None else kvm
+            self.kvm = Kvm() if self._given_kvm is None else self._given_kvm
             self._setup(self.kvm)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, kvm: Kvm) -> None:
-        self._vm = self.vm = kvm.create_vm()
-        for ioctl in ("KVM_SET_USER_MEMORY_REGION", "KVM_SET_CPUID2"):
-            self.vm.require(ioctl)
-        self._phys_bits = kvm.phys_bits()
-        self.layout = choose_layout(self.reserved_gpas, self.reserved_slots,
-                                    self.vm.max_memslots() or 32, self._phys_bits)
+        raise NotImplementedError
+
+    def _vcpu_fd(self, index: int) -> VcpuFd:
+        """vCPU ``index``'s fd, the vCPU created and ready for a step."""
+        raise NotImplementedError
+
+    def _map_harness_memory(self) -> int:
+        """Anonymous memory for the harness slot: its host address.  Raises ``OSError``."""
         addr, err = libc.mmap(0, HARNESS_SLOT_SIZE, libc.PROT_READ | libc.PROT_WRITE,
                               libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
         if err:
             raise OSError(err, f"harness memory: {libc.errno_name(err)}")
         self._mem = addr
-        if self._code is None:
-            from kvmmem.realkvm.x86_code import code_blob  # iced-x86: host side only
-            self._code = code_blob()
-        code = bytes.fromhex(self._code["code"])
-        self._entries = {name: self.layout.gpa + offset
-                         for name, offset in self._code["entries"].items()}
-        ctypes.memmove(addr, code, len(code))
-        write_system_tables(self.layout.gpa, addr)
-        self._tables = PageTables(self.layout.gpa + TABLES_OFFSET, addr + TABLES_OFFSET,
-                                  HARNESS_SLOT_SIZE - TABLES_OFFSET)
-        self._tables.map_gib(self.layout.gpa // GiB)
-        self._tables.map_gib(self.layout.doorbell // GiB)
-        self._doorbell_va = self.layout.doorbell
-        self._probe_va = self.layout.probe
+        return addr
+
+    def _add_harness_slot(self, addr: int) -> None:
+        """The harness's own memslot over ``addr``.  Raises ``OSError``."""
         err_name = self.vm.set_user_memory_region(self.layout.slot, 0, self.layout.gpa,
                                                   HARNESS_SLOT_SIZE, addr)
         if err_name is not None:
@@ -284,11 +254,147 @@ class RealVm:
             self.kvm.close()
             self.kvm = None
 
-    def __enter__(self) -> RealVm:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- VM steps ---------------------------------------------------------------------
+
+    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
+                    flags: int = 0) -> Outcome:
+        """``KVM_SET_USER_MEMORY_REGION`` (``size`` 0 deletes): ``{"result": "ok"}`` or
+        ``{"result": "error", "errno": NAME}``.  Raises :class:`HarnessConflict` when the
+        request touches the harness's slot id or window (the scenario did not declare
+        it)."""
+        lay = self.layout
+        if slot == lay.slot:
+            raise HarnessConflict(f"memslot {slot} is the harness's own; declare every slot "
+                                  f"id in reserved_slots")
+        if size and gpa < lay.gpa + HARNESS_WINDOW and gpa + size > lay.gpa:
+            raise HarnessConflict(
+                f"memslot [{gpa:#x}, {gpa + size:#x}) overlaps the harness window at "
+                f"{lay.gpa:#x}; declare every range in reserved_gpas")
+        err = self.vm.set_user_memory_region(slot, flags, gpa, size, hva)
+        if err is not None:
+            return {"result": "error", "errno": err}
+        if size:
+            self.slots[slot] = _Slot(gpa, size, flags)
+        else:
+            self.slots.pop(slot, None)
+        return {"result": "ok"}
+
+    def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome:
+        """One ``KVM_PRE_FAULT_MEMORY`` on vCPU ``vcpu``
+        (:meth:`~kvmmem.realkvm.kvm.VcpuFd.pre_fault`): ``ok`` with ``remaining``, or
+        ``error`` with the errno exactly as the ioctl answers, or ``timeout``."""
+        return self._vcpu_fd(vcpu).pre_fault(gpa, size, self.timeout)
+
+    def get_dirty_log(self, slot: int) -> Outcome:
+        """``KVM_GET_DIRTY_LOG``: ``ok`` with ``dirty`` (sorted absolute gfns of the host
+        page size; the call clears them) or ``error`` (ENOENT for a slot without dirty
+        logging or none)."""
+        shift = mmap.PAGESIZE.bit_length() - 1
+        info = self.slots.get(slot)
+        npages = info.size >> shift if info is not None else 64
+        log = self.vm.get_dirty_log(slot, npages)
+        if log.errno is not None:
+            return {"result": "error", "errno": log.errno}
+        base = info.gpa >> shift if info is not None else 0
+        return {"result": "ok", "dirty": [base + p for p in log.pages]}
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome:
+        """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
+        err = self.vm.clear_dirty_log(slot, first_page, num_pages)
+        return {"result": "ok"} if err is None else {"result": "error", "errno": err}
+
+    def supports(self, ioctl: str) -> bool:
+        """Whether this VM's KVM offers ``ioctl`` (its capability is non-zero)."""
+        return self.vm.supports(ioctl)
+
+    def stats(self, vcpu: int = 0) -> dict[str, int]:
+        """The VM's binary stats merged with vCPU ``vcpu``'s (created if needed); ``{}``
+        where the kernel has no ``KVM_GET_STATS_FD`` (before 5.14)."""
+        if not self.vm.supports("KVM_GET_STATS_FD"):
+            return {}
+        if self._vm_stats is None:
+            self._vm_stats = self.vm.stats()
+        out = self._vm_stats.read()
+        with self._vcpu_fd(vcpu).stats() as s:
+            out.update(s.read())
+        return out
+
+
+@dataclass(slots=True)
+class _Vcpu:
+    fd: VcpuFd
+    path: str = ""
+    stale: bool = True
+    """True when the vCPU's state must be rewritten (new, or after an exception, a
+    shutdown, an internal error or a timeout left it in an unknown state)."""
+    pending: bool = False
+    """True when an exit may still await completion (flushed with immediate_exit)."""
+
+
+class RealVm(HarnessVm):
+    """A VM on this host's KVM with the kvmmem guest harness.
+
+    ``reserved_gpas``: every ``(gpa, size)`` a scenario will use (slots, accesses);
+    ``reserved_slots``: every slot id it will use; ``path``: the default guest path
+    (``native`` or ``emulated``); ``timeout``: seconds one guest step may run;
+    ``kvm``: an open :class:`Kvm` to share (else one is opened and owned).
+
+    Raises :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without a usable /dev/kvm,
+    :class:`HarnessConflict` when the scenario leaves no room.  Use as a context
+    manager (or call :meth:`close`): every fd and mapping is released, also when the
+    constructor fails half-way.  ``code``: the guest code page as
+    :func:`kvmmem.realkvm.x86_code.code_blob` gives it (encoded here when absent; an
+    agent inside an emulated machine, which has no iced-x86, is sent it)."""
+
+    layout: HarnessLayout
+    vm: VmFd
+
+    def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
+                 reserved_slots: Iterable[int] = (), path: str = "native",
+                 timeout: float = DEFAULT_TIMEOUT, kvm: Kvm | None = None,
+                 code: dict[str, Any] | None = None) -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+        super().__init__(reserved_gpas, reserved_slots, timeout, kvm)
+        self.path = path
+        self.vcpus: list[_Vcpu] = []
+        self._entries: dict[str, int] = {}
+        self._phys_bits = 36
+        self._alias: dict[int, int] = {}
+        self._doorbell_va = 0
+        self._probe_va = 0
+        self._code = code
+        self._start()
+
+    def _setup(self, kvm: Kvm) -> None:
+        self._vm = self.vm = kvm.create_vm()
+        for ioctl in ("KVM_SET_USER_MEMORY_REGION", "KVM_SET_CPUID2"):
+            self.vm.require(ioctl)
+        self._phys_bits = kvm.phys_bits()
+        self.layout = choose_layout(self.reserved_gpas, self.reserved_slots,
+                                    self.vm.max_memslots() or 32, self._phys_bits)
+        addr = self._map_harness_memory()
+        if self._code is None:
+            from kvmmem.realkvm.x86_code import code_blob  # iced-x86: host side only
+            self._code = code_blob()
+        code = bytes.fromhex(self._code["code"])
+        self._entries = {name: self.layout.gpa + offset
+                         for name, offset in self._code["entries"].items()}
+        ctypes.memmove(addr, code, len(code))
+        write_system_tables(self.layout.gpa, addr)
+        self._tables = PageTables(self.layout.gpa + TABLES_OFFSET, addr + TABLES_OFFSET,
+                                  HARNESS_SLOT_SIZE - TABLES_OFFSET)
+        self._tables.map_gib(self.layout.gpa // GiB)
+        self._tables.map_gib(self.layout.doorbell // GiB)
+        self._doorbell_va = self.layout.doorbell
+        self._probe_va = self.layout.probe
+        self._add_harness_slot(addr)
 
     # --- vCPUs ----------------------------------------------------------------------
 
@@ -550,68 +656,10 @@ class RealVm:
             return first
         return out
 
-    # --- VM steps ---------------------------------------------------------------------
-
-    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
-                    flags: int = 0) -> Outcome:
-        """``KVM_SET_USER_MEMORY_REGION`` (``size`` 0 deletes): ``{"result": "ok"}`` or
-        ``{"result": "error", "errno": NAME}``.  Raises :class:`HarnessConflict` when the
-        request touches the harness's slot id or window (the scenario did not declare
-        it)."""
-        lay = self.layout
-        if slot == lay.slot:
-            raise HarnessConflict(f"memslot {slot} is the harness's own; declare every slot "
-                                  f"id in reserved_slots")
-        if size and gpa < lay.gpa + HARNESS_WINDOW and gpa + size > lay.gpa:
-            raise HarnessConflict(
-                f"memslot [{gpa:#x}, {gpa + size:#x}) overlaps the harness window at "
-                f"{lay.gpa:#x}; declare every range in reserved_gpas")
-        err = self.vm.set_user_memory_region(slot, flags, gpa, size, hva)
-        if err is not None:
-            return {"result": "error", "errno": err}
-        if size:
-            self.slots[slot] = _Slot(gpa, size, flags)
-        else:
-            self.slots.pop(slot, None)
-        return {"result": "ok"}
-
-    def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome:
-        """One ``KVM_PRE_FAULT_MEMORY`` on vCPU ``vcpu``
-        (:meth:`~kvmmem.realkvm.kvm.VcpuFd.pre_fault`): ``ok`` with ``remaining``, or
-        ``error`` with the errno exactly as the ioctl answers."""
-        return self._vcpu(vcpu, None).fd.pre_fault(gpa, size, self.timeout)
-
-    def get_dirty_log(self, slot: int) -> Outcome:
-        """``KVM_GET_DIRTY_LOG``: ``ok`` with ``dirty`` (sorted absolute gfns; the call
-        clears them) or ``error`` (ENOENT for a slot without dirty logging or none)."""
-        info = self.slots.get(slot)
-        npages = info.size >> PAGE_SHIFT if info is not None else 64
-        log = self.vm.get_dirty_log(slot, npages)
-        if log.errno is not None:
-            return {"result": "error", "errno": log.errno}
-        base = (info.gpa >> PAGE_SHIFT) if info is not None else 0
-        return {"result": "ok", "dirty": [base + p for p in log.pages]}
-
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome:
-        """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
-        err = self.vm.clear_dirty_log(slot, first_page, num_pages)
-        return {"result": "ok"} if err is None else {"result": "error", "errno": err}
-
-    def supports(self, ioctl: str) -> bool:
-        """Whether this VM's KVM offers ``ioctl`` (its capability is non-zero)."""
-        return self.vm.supports(ioctl)
+    def _vcpu_fd(self, index: int) -> VcpuFd:
+        return self._vcpu(index, None).fd
 
     # --- measurements and diagnostics -------------------------------------------------
-
-    def stats(self, vcpu: int = 0) -> dict[str, int]:
-        """The VM's binary stats merged with vCPU ``vcpu``'s (created if needed)."""
-        if self._vm_stats is None:
-            self._vm_stats = self.vm.stats()
-        out = self._vm_stats.read()
-        v = self._vcpu(vcpu, None)
-        with v.fd.stats() as s:
-            out.update(s.read())
-        return out
 
     def touch(self, gpa: int, count: int, stride: int = PAGE_SIZE, write: bool = True,
               vcpu: int = 0, path: str | None = None) -> tuple[Outcome, float]:
