@@ -13,15 +13,9 @@ from typing import Any
 import pytest
 
 from kvmmem.realkvm import arm64_code, riscv_code
-from kvmmem.realkvm.archvm import (
-    POISON,
-    ArchVm,
-    Vcpu,
-    assemble_outcome,
-    public,
-)
+from kvmmem.realkvm.archvm import POISON, ArchVm, Vcpu
 from kvmmem.realkvm.arm64 import Arm64Vm, vm_type
-from kvmmem.realkvm.harness import HarnessLayout, choose_layout
+from kvmmem.realkvm.harness import HarnessLayout, assemble_outcome, choose_layout, public
 from kvmmem.realkvm.riscv import RiscvVm
 from kvmmem.realkvm.structs import (
     KVM_EXIT_MEMORY_FAULT,

@@ -28,32 +28,22 @@ raised), with the raw syndrome (arm64 ``esr``/``far``, riscv ``scause``/``stval`
 from __future__ import annotations
 
 import ctypes
-import errno
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from kvmmem.realkvm import libc
 from kvmmem.realkvm.harness import (
+    EXC_DOORBELL_OFFSET,
     HarnessLayout,
     HarnessVm,
     choose_layout,
+    public,
 )
 from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
-from kvmmem.realkvm.structs import (
-    EXIT_REASONS,
-    KVM_EXIT_MEMORY_FAULT,
-    KVM_EXIT_MMIO,
-)
+from kvmmem.realkvm.program import DEFAULT_TIMEOUT
 
 Outcome = dict[str, Any]
 
-DEFAULT_TIMEOUT = 2.0
-MAX_EXITS = 64
-"""Exits answered inside one step before it is reported as a runaway (``timeout``)."""
-EXC_DOORBELL_OFFSET = 0x100
-"""The exception doorbell, relative to the doorbell: the vectors store the syndrome
-there and the fault address 8 bytes further."""
 CODE_OFFSET = 0
 """The code page's offset in the harness slot."""
 POISON = 0xA000_0000_0000_0000
@@ -168,7 +158,7 @@ class ArchVm(HarnessVm):
     @property
     def exc_doorbell(self) -> int:
         """The gpa the exception vectors report to (no memslot covers it)."""
-        return self.layout.doorbell + EXC_DOORBELL_OFFSET
+        return self.layout.gpa + EXC_DOORBELL_OFFSET
 
     # --- vCPUs ----------------------------------------------------------------------------
 
@@ -205,73 +195,14 @@ class ArchVm(HarnessVm):
         fd.set_one_reg(self._pc_id(), pc)
 
     def _run(self, v: Vcpu, until_doorbell: bool = True) -> Outcome:
-        """Run until the doorbell rings (``ok`` with the doorbell's data under
-        ``_doorbell``), the exception vectors report (``abort``, built by
-        :meth:`_exception`), or anything else ends the run.  MMIO exits on the way are
-        answered (reads with zeros) and collected; the first becomes the outcome, the
-        rest ``more_mmio``.  ``until_doorbell`` False stops at the first MMIO exit that
-        is not the exception doorbell (``guest_exec``)."""
-        fd = v.fd
-        run = fd.run
-        mmio = run.exit.mmio
-        doorbell, exc = self.layout.doorbell, self.exc_doorbell
-        exits: list[Outcome] = []
-        cause: int | None = None
-        out: Outcome | None = None
-        with fd.watchdog(self.timeout) as alarm:
-            for _ in range(MAX_EXITS):
-                # exit_reason is left as the last exit: KVM_RUN completes an MMIO exit only
-                # while it still reads KVM_EXIT_MMIO.
-                err = fd.kvm_run()
-                v.pending = True
-                if err:
-                    if err == errno.EINTR:
-                        if alarm.fired:
-                            out = {"result": "timeout", "seconds": self.timeout}
-                            break
-                        continue
-                    if err == errno.EFAULT:
-                        out = {"result": "fault"}
-                        if run.exit_reason == KVM_EXIT_MEMORY_FAULT:
-                            fault = run.exit.memory_fault
-                            out.update(gpa=fault.gpa, size=fault.size, flags=fault.flags)
-                    else:
-                        out = {"result": "error", "errno": libc.errno_name(err)}
-                    break
-                reason = run.exit_reason
-                if reason != KVM_EXIT_MMIO:
-                    out = {"result": "exit", "exit_reason": EXIT_REASONS.get(reason, str(reason))}
-                    break
-                length = mmio.len
-                data = int.from_bytes(bytes(mmio.data)[:length], "little")
-                addr = mmio.phys_addr
-                if mmio.is_write and length == 8 and addr in (exc, exc + 8):
-                    if addr == exc:
-                        cause = data
-                        continue
-                    syndrome = cause if cause is not None else -1
-                    out = self._exception(syndrome, data)
-                    out.update(_cause=syndrome, _address=data)
-                    break
-                if until_doorbell and mmio.is_write and length == 8 and addr == doorbell:
-                    out = {"result": "ok", "_doorbell": data}
-                    break
-                exit_out: Outcome = {"result": "mmio", "gpa": addr, "len": length,
-                                     "is_write": bool(mmio.is_write)}
-                if mmio.is_write:
-                    exit_out["data"] = data
-                else:
-                    ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
-                exits.append(exit_out)
-                if not until_doorbell:
-                    out = {"result": "ok"}
-                    break
-            else:
-                out = {"result": "timeout", "seconds": self.timeout,
-                       "reason": f"more than {MAX_EXITS} exits"}
-        if out is None:  # pragma: no cover - the loop always sets it
-            raise RuntimeError("guest run ended without an outcome")
-        return assemble_outcome(exits, out)
+        """Run until the doorbell rings, the exception vectors report (``abort``, built by
+        :meth:`_exception`), or anything else ends the run
+        (:meth:`~kvmmem.realkvm.harness.HarnessVm._drive`).  ``until_doorbell`` False
+        stops at the first MMIO exit that is not the exception doorbell
+        (``guest_exec``)."""
+        out, _stale = self._drive(v.fd, until_doorbell, stop_at_mmio=not until_doorbell)
+        v.pending = True
+        return out
 
     # --- guest steps ------------------------------------------------------------------------
 
@@ -369,22 +300,3 @@ class ArchVm(HarnessVm):
 
     def _vcpu_fd(self, index: int) -> VcpuFd:
         return self._vcpu(index).fd
-
-
-def assemble_outcome(exits: list[Outcome], out: Outcome) -> Outcome:
-    """One step's outcome from the MMIO exits seen on the way and how the run ended: the
-    first exit (with ``more_mmio`` for the others and the doorbell's data carried over)
-    when the run then completed (``ok``) or left otherwise (``exit``); else ``out``."""
-    if exits and out["result"] in ("ok", "exit"):
-        first = dict(exits[0])
-        if "_doorbell" in out:
-            first["_doorbell"] = out["_doorbell"]
-        if len(exits) > 1:
-            first["more_mmio"] = exits[1:]
-        return first
-    return out
-
-
-def public(out: Outcome) -> Outcome:
-    """``out`` without the harness's private keys (``_doorbell``, ``_cause``, ...)."""
-    return {k: v for k, v in out.items() if not k.startswith("_")}

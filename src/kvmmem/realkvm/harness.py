@@ -233,6 +233,101 @@ class HarnessVm:
             raise OSError(getattr(errno, err_name, 0),
                           f"harness memslot {self.layout.slot}: {err_name}")
 
+    # --- running the guest ------------------------------------------------------------
+
+    reset_exit_reason: bool = False
+    """Clear ``kvm_run.exit_reason`` before each ``KVM_RUN`` (x86: an EFAULT is then never
+    mistaken for a stale ``KVM_EXIT_MEMORY_FAULT``).  arm64 and riscv must not: their
+    ``KVM_RUN`` completes an MMIO exit only while ``exit_reason`` still says
+    ``KVM_EXIT_MMIO`` (arm64 ``kvm_handle_mmio_return``)."""
+
+    def _exception(self, first: int, second: int) -> Outcome:
+        """The outcome of a guest exception whose handler rang the exception doorbell
+        with ``first`` (the cause: x86 vector, arm64 ESR, riscv scause) then ``second``
+        (the address: CR2, FAR, stval); :meth:`_drive` adds them as the private keys
+        ``_cause`` and ``_address``."""
+        raise NotImplementedError
+
+    def _drive(self, fd: VcpuFd, until_doorbell: bool = True,
+               stop_at_mmio: bool = False) -> tuple[Outcome, bool]:
+        """Run ``fd`` (registers already set) until the doorbell rings (``ok`` with its
+        data under ``_doorbell``), the exception doorbell rings twice (:meth:`_exception`),
+        or anything else ends the run (``fault`` with the memory-fault fields when KVM
+        fills them, ``error``, ``timeout`` from the watchdog or after ``MAX_EXITS``,
+        ``exit`` with ``exit_reason`` and ``suberror`` for an internal error).  MMIO exits
+        on the way are answered (reads with zero bytes) and collected; the first becomes
+        the outcome when the run then completed or left (``more_mmio`` for the rest).
+        ``until_doorbell`` False treats the doorbell as any MMIO exit; ``stop_at_mmio``
+        ends the run at the first MMIO exit that is not the exception doorbell.
+
+        Returns ``(outcome, stale)``: ``stale`` when the vCPU is left in a state the next
+        step must rewrite (an exception, a timeout, a shutdown or an internal error)."""
+        run = fd.run
+        mmio = run.exit.mmio
+        doorbell = self.layout.doorbell
+        exc = self.layout.gpa + EXC_DOORBELL_OFFSET
+        exits: list[Outcome] = []
+        first: int | None = None
+        out: Outcome | None = None
+        stale = False
+        with fd.watchdog(self.timeout) as alarm:
+            for _ in range(MAX_EXITS):
+                if self.reset_exit_reason:
+                    run.exit_reason = 0
+                err = fd.kvm_run()
+                if err:
+                    if err == errno.EINTR:
+                        if alarm.fired:
+                            out, stale = {"result": "timeout", "seconds": self.timeout}, True
+                            break
+                        continue
+                    if err == errno.EFAULT:
+                        out = {"result": "fault"}
+                        if run.exit_reason == KVM_EXIT_MEMORY_FAULT:
+                            fault = run.exit.memory_fault
+                            out.update(gpa=fault.gpa, size=fault.size, flags=fault.flags)
+                    else:
+                        out = {"result": "error", "errno": libc.errno_name(err)}
+                    break
+                reason = run.exit_reason
+                if reason != KVM_EXIT_MMIO:
+                    out = {"result": "exit", "exit_reason": EXIT_REASONS.get(reason, str(reason))}
+                    if reason == KVM_EXIT_INTERNAL_ERROR:
+                        out["suberror"] = run.exit.internal.suberror
+                    stale = reason in (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN)
+                    break
+                length = mmio.len
+                data = int.from_bytes(bytes(mmio.data)[:length], "little")
+                addr = mmio.phys_addr
+                if mmio.is_write and length == 8 and addr in (exc, exc + 8):
+                    if addr == exc:
+                        first = data
+                        continue
+                    cause = -1 if first is None else first
+                    out, stale = self._exception(cause, data), True
+                    out.update(_cause=cause, _address=data)
+                    break
+                if until_doorbell and mmio.is_write and length == 8 and addr == doorbell:
+                    out = {"result": "ok", "_doorbell": data}
+                    break
+                exit_out: Outcome = {"result": "mmio", "gpa": addr, "len": length,
+                                     "is_write": bool(mmio.is_write)}
+                if mmio.is_write:
+                    exit_out["data"] = data
+                else:
+                    ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
+                exits.append(exit_out)
+                if stop_at_mmio:
+                    out = {"result": "ok"}
+                    break
+            else:
+                out = {"result": "timeout", "seconds": self.timeout,
+                       "reason": f"more than {MAX_EXITS} exits"}
+                stale = True
+        if out is None:  # pragma: no cover - the loop always sets it
+            raise RuntimeError("guest run ended without an outcome")
+        return assemble_outcome(exits, out), stale
+
     # --- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
@@ -354,6 +449,7 @@ class RealVm(HarnessVm):
 
     layout: HarnessLayout
     vm: VmFd
+    reset_exit_reason = True
 
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
                  reserved_slots: Iterable[int] = (), path: str = "native",
@@ -504,10 +600,9 @@ class RealVm(HarnessVm):
         regs = kvm_regs(rip=self._entries[routine], rsi=va, rax=value,
                         rdi=self._doorbell_va, rflags=RFLAGS_DEFAULT)
         out = self._run(v, regs)
-        out.pop("_cr2", None)
         if is_read and "_doorbell" in out:
             out["value"] = out.pop("_doorbell") & ((1 << 8 * size) - 1)
-        out.pop("_doorbell", None)
+        out = public(out)
         return out
 
     def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome:
@@ -545,8 +640,7 @@ class RealVm(HarnessVm):
             return {"result": "abort", "abort": "#UD"} if failed else {"result": "ok"}
         if out["result"] == "mmio":
             return {"result": "ok"}
-        out.pop("_doorbell", None)
-        return out
+        return public(out)
 
     def _prime(self, v: _Vcpu) -> Outcome | None:
         """Map the pages the delivery of a guest exception touches (the IDT/GDT/TSS page
@@ -566,95 +660,23 @@ class RealVm(HarnessVm):
                                     rdi=self._doorbell_va, rflags=RFLAGS_DEFAULT))
         if out["result"] == "ok":
             return None
-        out.pop("_cr2", None)
-        return out
+        return public(out)
 
     def _run(self, v: _Vcpu, regs: kvm_regs, until_doorbell: bool = True) -> Outcome:
-        """Enter the guest at ``regs`` and drive it until the doorbell (or, with
-        ``until_doorbell`` False, until it stops on its own): returns the outcome, with
-        the doorbell's data under ``_doorbell`` when it rang.  A guest exception (the
-        exception doorbell rang twice: vector, CR2) ends the run as ``abort`` with the
-        vector's mnemonic, ``vector`` and ``_cr2``."""
-        fd = v.fd
-        run = fd.run
-        mmio = run.exit.mmio
-        doorbell = self.layout.doorbell
-        exc = self.layout.gpa + EXC_DOORBELL_OFFSET
-        vector: int | None = None
-        fd.set_regs(regs)
-        exits: list[Outcome] = []
-        out: Outcome | None = None
-        with fd.watchdog(self.timeout) as alarm:
-            for _ in range(MAX_EXITS):
-                run.exit_reason = 0
-                err = fd.kvm_run()
-                if err:
-                    v.pending = True
-                    if err == errno.EINTR:
-                        if alarm.fired:
-                            out = {"result": "timeout", "seconds": self.timeout}
-                            v.stale = True
-                            break
-                        continue
-                    if err == errno.EFAULT:
-                        out = {"result": "fault"}
-                        if run.exit_reason == KVM_EXIT_MEMORY_FAULT:
-                            fault = run.exit.memory_fault
-                            out.update(gpa=fault.gpa, size=fault.size, flags=fault.flags)
-                    else:
-                        out = {"result": "error", "errno": libc.errno_name(err)}
-                    break
-                reason = run.exit_reason
-                if reason == KVM_EXIT_MMIO:
-                    length = mmio.len
-                    data = int.from_bytes(bytes(mmio.data)[:length], "little")
-                    if mmio.is_write and length == 8 and mmio.phys_addr in (exc, exc + 8):
-                        v.pending = True
-                        if mmio.phys_addr == exc:
-                            vector = data
-                            continue
-                        v.stale = True  # CPL0 in a handler, on the exception stack
-                        vec = -1 if vector is None else vector
-                        name = VECTOR_NAMES[vec] if 0 <= vec < len(VECTOR_NAMES) else str(vec)
-                        out = {"result": "abort", "abort": name, "vector": vec, "_cr2": data}
-                        break
-                    if (until_doorbell and mmio.phys_addr == doorbell and mmio.is_write
-                            and length == 8):
-                        # The routine is done; the pending write completion is harmless
-                        # (KVM_SET_REGS replaces the registers before the next entry).
-                        out = {"result": "ok", "_doorbell": data}
-                        break
-                    v.pending = True
-                    exit_out: Outcome = {"result": "mmio", "gpa": mmio.phys_addr,
-                                         "len": length, "is_write": bool(mmio.is_write)}
-                    if mmio.is_write:
-                        exit_out["data"] = data
-                    else:
-                        ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
-                    exits.append(exit_out)
-                    continue
-                v.pending = True
-                name = EXIT_REASONS.get(reason, str(reason))
-                out = {"result": "exit", "exit_reason": name}
-                if reason == KVM_EXIT_INTERNAL_ERROR:
-                    out["suberror"] = run.exit.internal.suberror
-                if reason in (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN):
-                    v.stale = True
-                break
-            else:
-                out = {"result": "timeout", "seconds": self.timeout,
-                       "reason": f"more than {MAX_EXITS} exits"}
-                v.stale = True
-        if out is None:  # pragma: no cover - the loop always sets it
-            raise RuntimeError("guest run ended without an outcome")
-        if exits and out["result"] in ("ok", "exit"):
-            first = exits[0]
-            if "_doorbell" in out:
-                first["_doorbell"] = out["_doorbell"]
-            if len(exits) > 1:
-                first["more_mmio"] = exits[1:]
-            return first
+        """Enter the guest at ``regs`` and drive it (:meth:`HarnessVm._drive`) until the
+        doorbell (or, with ``until_doorbell`` False, until it stops on its own): returns
+        the outcome, with the doorbell's data under ``_doorbell`` when it rang.  A guest
+        exception ends the run as ``abort`` with the vector's mnemonic and ``vector``
+        (and the private ``_cause``/``_address``: vector and CR2)."""
+        v.fd.set_regs(regs)
+        out, stale = self._drive(v.fd, until_doorbell)
+        v.pending = True
+        v.stale = v.stale or stale
         return out
+
+    def _exception(self, first: int, second: int) -> Outcome:
+        name = VECTOR_NAMES[first] if 0 <= first < len(VECTOR_NAMES) else str(first)
+        return {"result": "abort", "abort": name, "vector": first}
 
     def _vcpu_fd(self, index: int) -> VcpuFd:
         return self._vcpu(index, None).fd
@@ -675,9 +697,7 @@ class RealVm(HarnessVm):
         start = time.perf_counter()
         out = self._run(v, regs)
         elapsed = time.perf_counter() - start
-        out.pop("_doorbell", None)
-        out.pop("_cr2", None)
-        return out, elapsed
+        return public(out), elapsed
 
     def mmio_round_trips(self, count: int, vcpu: int = 0,
                          path: str | None = None) -> tuple[int, float]:
@@ -705,9 +725,7 @@ class RealVm(HarnessVm):
     def spin(self, vcpu: int = 0, path: str | None = None) -> Outcome:
         """Enter a guest that loops forever; the watchdog stops it (``timeout``)."""
         v = self._vcpu(vcpu, path)
-        out = self._run(v, kvm_regs(rip=self._entries["spin"], rflags=RFLAGS_DEFAULT))
-        out.pop("_cr2", None)
-        return out
+        return public(self._run(v, kvm_regs(rip=self._entries["spin"], rflags=RFLAGS_DEFAULT)))
 
 
 def _drop_events(fd: VcpuFd) -> None:
@@ -719,3 +737,22 @@ def _drop_events(fd: VcpuFd) -> None:
     ret = libc.ioctl_ptr(fd.fd, KVM_SET_VCPU_EVENTS, ctypes.addressof(events))
     if ret < 0:
         raise KvmIoctlError(-ret, "KVM_SET_VCPU_EVENTS")
+
+
+def assemble_outcome(exits: list[Outcome], out: Outcome) -> Outcome:
+    """One step's outcome from the MMIO exits seen on the way and how the run ended: the
+    first exit (with ``more_mmio`` for the others and the doorbell's data carried over)
+    when the run then completed (``ok``) or left otherwise (``exit``); else ``out``."""
+    if exits and out["result"] in ("ok", "exit"):
+        first = dict(exits[0])
+        if "_doorbell" in out:
+            first["_doorbell"] = out["_doorbell"]
+        if len(exits) > 1:
+            first["more_mmio"] = exits[1:]
+        return first
+    return out
+
+
+def public(out: Outcome) -> Outcome:
+    """``out`` without the harness's private keys (``_doorbell``, ``_cause``, ...)."""
+    return {k: v for k, v in out.items() if not k.startswith("_")}
