@@ -412,7 +412,10 @@ def _conform_matrix(scenarios: list[Any], as_json: bool, path: str) -> None:
             {"machine": name, "kernel": release, **cf.to_json(rs)}
             for name, release, rs in columns]}))
     else:
-        Console(highlight=False).print(cf.matrix_table(scenarios, columns))
+        table = cf.matrix_table(scenarios, columns)
+        # Piped, the table keeps its natural width instead of rich's 80 columns.
+        width = None if sys.stdout.isatty() else 40 + 14 * len(columns)
+        Console(highlight=False, width=width).print(table)
     for line in broken:
         typer.echo(f"kvmmem: error: {line}", err=True)
     status = max(cf.exit_status(every), 1 if broken else 0)

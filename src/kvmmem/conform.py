@@ -423,27 +423,32 @@ def to_json(results: Sequence[Conformance]) -> dict[str, Any]:
 def matrix_table(scenarios: Sequence[Scenario],
                  columns: Sequence[tuple[str, str, Sequence[Conformance]]]) -> Any:
     """``kvmmem conform --matrix``: a rich table, one row per scenario, one column per
-    machine (``name``, kernel release, its results in scenario order); a cell is
-    ``agree``, ``differ`` (red) or ``unsupp.`` (dim), and ``n/a`` when the scenario
-    does not name the machine's architecture."""
+    machine (``name``, kernel release, its results in scenario order).  A cell is
+    ``ok`` (agree), ``DIFF`` (red), ``skip`` (unsupported: the reason is in the JSON and
+    the TAP report) or ``·`` when the scenario does not name the machine's
+    architecture; the last row counts agree / differ / unsupported."""
     from rich.table import Table
 
-    table = Table(title="kvmmem conform --matrix")
-    table.add_column("scenario")
+    table = Table(title="kvmmem conform --matrix",
+                  caption="ok agree · DIFF differ · skip unsupported · \u00b7 other arch")
+    table.add_column("scenario", no_wrap=True)
     for name, release, _ in columns:
-        table.add_column(f"{name}\n{release}", justify="center")
-    style = {"agree": "green", "differ": "bold red", "unsupported": "dim"}
+        short = release.split("+")[0].split("-")[0]
+        table.add_column(f"{name}\n{short}", justify="center", no_wrap=True)
     for i, scenario in enumerate(scenarios):
         cells = []
         for _, _, results in columns:
             r = results[i]
             if r.verdict == "unsupported" and r.reason.startswith("arch "):
-                cells.append("[dim]n/a[/dim]")
-                continue
-            word = "unsupp." if r.verdict == "unsupported" else r.verdict
-            cells.append(f"[{style[r.verdict]}]{word}[/{style[r.verdict]}]")
+                cells.append("[dim]\u00b7[/dim]")
+            elif r.verdict == "unsupported":
+                cells.append("[dim]skip[/dim]")
+            elif r.verdict == "differ":
+                cells.append("[bold red]DIFF[/bold red]")
+            else:
+                cells.append("[green]ok[/green]")
         table.add_row(scenario.name, *cells)
     counts = [verdict_counts(rs) for _, _, rs in columns]
-    table.add_row("[b]agree / differ / unsupp.[/b]",
-                  *(f"{c['agree']} / {c['differ']} / {c['unsupported']}" for c in counts))
+    table.add_row("[b]agree/differ/skip[/b]",
+                  *(f"{c['agree']}/{c['differ']}/{c['unsupported']}" for c in counts))
     return table
