@@ -305,3 +305,12 @@ def test_conform_reports_a_missing_file_and_goes_on(tmp_path: Path,
     assert first["verdict"] == "agree"
     assert second == {"scenario": missing, "verdict": "error", "steps": [],
                       "reason": f"{missing}: no such file", "source": missing}
+
+
+def test_events_name_the_errno(tmp_path: Path) -> None:
+    """``--show events``: the failed fault's kvm_userspace_exit names EFAULT, not 0xe."""
+    res = kvmmem("run", QUICKSTART, "--arch", "x86", "--show", "events")
+    assert res.exit_code == 0
+    line = next(ln for ln in res.stdout.splitlines() if "kvm_userspace_exit" in ln
+                and "reason=error" in ln)
+    assert "errno=EFAULT" in line and "0xe" not in line

@@ -368,7 +368,7 @@ class Vcpu:
             if kind is Fault.EFAULT:
                 vm.stats.pf_efault += 1
                 if vm.log is not None:
-                    vm.log.emit("kvm_userspace_exit", reason="error", errno=14)
+                    vm.log.emit("kvm_userspace_exit", reason="error", errno="EFAULT")
                 return AccessResult("fault", gpa=gpa, length=size)
             if kind is Fault.ERRNO:
                 return AccessResult("error", errno=decision.errno)
