@@ -89,6 +89,15 @@ class _Unsupported(Exception):
     pass
 
 
+def kernel_version() -> tuple[int, int]:
+    """This machine's kernel release as ``(major, minor)`` (``uname -r``)."""
+    parts = os.uname().release.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
 def host_arch() -> str:
     """This machine's architecture in kvmmem's names (``x86``, ``arm64``, ``riscv``), or
     ``uname -m`` for another."""
@@ -158,10 +167,11 @@ def _check_capabilities(program: Program, vm: ArchVm) -> None:
     ``prefault`` on x86 needs KVM_PRE_FAULT_MEMORY, which upstream x86 offers only with
     TDP (``kvm_arch_vcpu_pre_fault_memory`` refuses a shadow-paging MMU with
     EOPNOTSUPP; this host's nested PVM has capability 0), so the model's upstream
-    outcome has no real counterpart there.  arm64 and riscv never had it: their
-    EINVAL is itself the outcome to compare."""
+    outcome has no real counterpart there.  A kernel older than v6.10 has no such
+    ioctl at all, nor do arm64 and riscv: their EINVAL is itself the outcome to
+    compare."""
     if "prefault" in program.get("needs", ()) and program["arch"] == "x86" \
-            and not vm.supports("KVM_PRE_FAULT_MEMORY"):
+            and kernel_version() >= (6, 10) and not vm.supports("KVM_PRE_FAULT_MEMORY"):
         raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this KVM uses "
                            "shadow paging (KVM_CAP_PRE_FAULT_MEMORY is 0)")
 
