@@ -62,6 +62,10 @@ class MachinePool:
             self._booted[key] = machine
         return machine  # type: ignore[return-value]
 
+    def pids(self) -> set[int]:
+        """The QEMU pids of the machines booted so far (kept for the session)."""
+        return {m.pid for m in self._booted.values() if m.pid is not None}  # type: ignore[attr-defined]
+
     def close(self) -> None:
         for machine in self._booted.values():
             machine.close()  # type: ignore[attr-defined]

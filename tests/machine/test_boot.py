@@ -1,11 +1,14 @@
 """Integration: boot the CI machines that are fetched (skipped otherwise), ping the
-agent, and leave no QEMU behind, also after an exception or a lost reference."""
+agent, and leave no QEMU behind, also after an exception or a lost reference (the
+session's shared machines, ``machines`` in tests/conftest.py, stay until the session
+ends and are closed then)."""
 
 from __future__ import annotations
 
 import gc
 import os
 import signal
+from typing import Any
 
 import pytest
 
@@ -23,7 +26,8 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize(("arch", "version"), CI_MACHINES, ids=["-".join(m) for m in CI_MACHINES])
-def test_boot_ping_close(boot_machine: BootMachine, arch: str, version: str) -> None:
+def test_boot_ping_close(boot_machine: BootMachine, arch: str, version: str,
+                         machines: Any) -> None:
     machine = boot_machine(arch, version)
     assert machine.ready is not None
     assert machine.ready["release"] == machine.manifest.kernel_release
@@ -44,7 +48,7 @@ def test_boot_ping_close(boot_machine: BootMachine, arch: str, version: str) -> 
     if arch == "x86":
         assert "kvmmem: kvm_amd npt=Y" in machine.console_output
     assert machine.close() is None
-    assert qemu_children() == []
+    assert set(qemu_children()) <= machines.pids()  # only the session's shared machines
 
 
 def _first_ci_machine() -> tuple[str, str]:
@@ -57,16 +61,16 @@ def _first_ci_machine() -> tuple[str, str]:
     pytest.skip("no CI machine fetched: run kvmmem machine fetch arm64 7.3")
 
 
-def test_exception_inside_with_kills_qemu() -> None:
+def test_exception_inside_with_kills_qemu(machines: Any) -> None:
     machine = require_machine(*_first_ci_machine())
     with pytest.raises(RuntimeError, match="boom"), machine:
         pid = machine.pid
         raise RuntimeError("boom")
     assert pid is not None and _gone(pid) and machine.workdir is None
-    assert qemu_children() == []
+    assert set(qemu_children()) <= machines.pids()  # only the session's shared machines
 
 
-def test_hung_guest_is_killed_with_console_in_the_error() -> None:
+def test_hung_guest_is_killed_with_console_in_the_error(machines: Any) -> None:
     machine = require_machine(*_first_ci_machine())
     with machine:
         pid = machine.pid
@@ -76,10 +80,10 @@ def test_hung_guest_is_killed_with_console_in_the_error() -> None:
                                                r"console: .*kvmmem: "):
             machine.request("ping", timeout=1)
         assert _gone(pid) and not machine.running
-    assert qemu_children() == []
+    assert set(qemu_children()) <= machines.pids()  # only the session's shared machines
 
 
-def test_lost_reference_kills_qemu() -> None:
+def test_lost_reference_kills_qemu(machines: Any) -> None:
     machine = require_machine(*_first_ci_machine())
     machine.start()
     pid = machine.pid
@@ -87,4 +91,4 @@ def test_lost_reference_kills_qemu() -> None:
     del machine
     gc.collect()
     assert _gone(pid)
-    assert qemu_children() == []
+    assert set(qemu_children()) <= machines.pids()  # only the session's shared machines
