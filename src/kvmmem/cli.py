@@ -89,6 +89,44 @@ def _split(value: str | None, known: tuple[str, ...] | None, what: str) -> list[
     return items
 
 
+def _variants(value: str | None) -> list[str] | None:
+    """``--variant``: a comma list of variants (releases such as 6.1, upstream, linux-5.4,
+    mutations, RELEASE+MUTATION); one line and exit 2 for one that is not."""
+    from kvmmem.errors import InputError
+    from kvmmem.variants import get_variant
+
+    items = _split(value, None, "variant")
+    for item in items or ():
+        try:
+            get_variant(item)
+        except InputError as exc:
+            _fail(f"--variant: {exc}")
+    return items
+
+
+def _variant_pairs(scenario: Any, arches: list[str], variants: list[str] | None,
+                   explicit: bool, command: str) -> list[tuple[str, str | None]]:
+    """The (architecture, variant) runs: an architecture that did not exist at a variant's
+    release (riscv before v5.16) is bad input when the user named it (or it is the only
+    one), else skipped with a line on stderr."""
+    from kvmmem.variants import get_variant
+
+    pairs: list[tuple[str, str | None]] = []
+    for a in arches:
+        each: list[str | None] = list(variants) if variants else [None]
+        for v in each:
+            why = get_variant(v or scenario.variant).arch_unsupported(a)
+            if why is None:
+                pairs.append((a, v))
+            elif explicit or len(arches) == 1:
+                _fail(why)
+            else:
+                typer.echo(f"kvmmem {command}: {a}: not applicable: {why}", err=True)
+    if not pairs:
+        _fail(f"{scenario.source}: runs on none of {', '.join(arches)}")
+    return pairs
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(__version__)
@@ -116,7 +154,9 @@ def run(
     arch: Annotated[str | None, typer.Option(help="x86, arm64 or riscv (default: the file's)")]
     = None,
     variant: Annotated[str | None, typer.Option(
-        help="variants, comma list, e.g. upstream,linux-5.4 (default: the file's)")] = None,
+        help="variants, comma list: releases 5.4..7.3 (6.1), upstream, linux-5.4, "
+             "mutations, RELEASE+MUTATION; e.g. 5.10,6.1,upstream (default: the file's)")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON outcome")] = False,
     show: Annotated[str | None, typer.Option(
         help="also show: stage2, maps, stats, events (comma list)")] = None,
@@ -139,10 +179,9 @@ def run(
     from kvmmem.report.trace import events_text, run_traced, write_chrome_trace
     from kvmmem.scenario.loader import load_scenario
     from kvmmem.scenario.runner import run_scenario
-    from kvmmem.variants import VARIANTS
 
     arches = _split(arch, ARCHES, "arch")
-    variants = _split(variant, tuple(VARIANTS), "variant")
+    variants = _variants(variant)
     shows = _split(show, SHOWS, "show") or []
     if plot is not None:
         _check_plot(plot)
@@ -154,8 +193,7 @@ def run(
     # Piped output is not cut at 80 columns (hex values are wide).
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     results = []
-    each: list[str | None] = list(variants) if variants else [None]
-    for a, v in ((a, v) for a in runs for v in each):
+    for a, v in _variant_pairs(scenario, runs, variants, arches is not None, "run"):
         if trace is not None or "events" in shows:
             result = run_traced(scenario, a, v)
         else:
@@ -187,7 +225,9 @@ def compare(
     arch: Annotated[str | None, typer.Option(
         help="architectures, comma list (default: the file's)")] = None,
     variant: Annotated[str | None, typer.Option(
-        help="variants, comma list, e.g. upstream,linux-5.4 (default: the file's)")] = None,
+        help="variants, comma list: releases 5.4..7.3 (6.1), upstream, linux-5.4, "
+             "mutations, RELEASE+MUTATION; e.g. 5.10,6.1,upstream (default: the file's)")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")]
     = False,
 ) -> None:
@@ -200,10 +240,9 @@ def compare(
     from kvmmem.kvm.vm import ARCHES
     from kvmmem.report.compare import compare_runs, comparison_table
     from kvmmem.scenario.loader import load_scenario
-    from kvmmem.variants import VARIANTS
 
     arches = _split(arch, ARCHES, "arch")
-    variants = _split(variant, tuple(VARIANTS), "variant")
+    variants = _variants(variant)
     scenario = load_scenario(file)
     if scenario.steps is None:
         _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
@@ -428,7 +467,8 @@ def explore(
     arch: Annotated[str | None, typer.Option(
         help="architectures, comma list (default: the file's)")] = None,
     variant: Annotated[str | None, typer.Option(
-        help="variants, comma list (default: the file's)")] = None,
+        help="variants, comma list: releases 5.4..7.3 (6.1), upstream, linux-5.4, "
+             "mutations, RELEASE+MUTATION (default: the file's)")] = None,
     strategy: Annotated[str, typer.Option(help="dfs, dpor, random or pct")] = "dpor",
     preemptions: Annotated[int | None, typer.Option(
         help="preemption bound (dfs, dpor; default none) or bug depth - 1 (pct; default 2)")]
@@ -473,10 +513,9 @@ def explore(
     from kvmmem.explore.report import print_replay, print_result, replay_json
     from kvmmem.kvm.vm import ARCHES
     from kvmmem.scenario.loader import load_scenario
-    from kvmmem.variants import VARIANTS
 
     arches = _split(arch, ARCHES, "arch")
-    variants = _split(variant, tuple(VARIANTS), "variant")
+    variants = _variants(variant)
     if workers < 1:
         _fail("--workers: must be >= 1")
     if determinism < 0:
@@ -504,28 +543,30 @@ def explore(
         raise typer.Exit(replayed.exit_status)
     status = 0
     try:
-        for a in arches or list(scenario.arches):
-            for v in variants or [scenario.variant]:
-                if determinism:
-                    checked = check_determinism(scenario, a, v, samples=determinism, seed=seed)
-                    typer.echo(f"determinism: {scenario.name} {a} {v}: {checked.schedules} "
-                               f"random schedules (seed {seed}) each run twice, the state "
-                               f"fingerprint after every one of {checked.transitions} "
-                               "transitions compared: identical", err=True)
-                with _progress_bar(f"{scenario.name} {a} {v}") as progress:
-                    result = run_explore(scenario, a, v, params, workers=workers, dask=dask,
-                                         progress=progress)
-                if result.token is not None:
-                    try:
-                        path = write_token(replay_dir, Token.decode(result.token))
-                    except OSError as err:
-                        _fail(f"--replay-dir: cannot write the replay token: {err}")
-                    result.replay_file = str(path)
-                if as_json:
-                    typer.echo(_dumps(result.to_json()))
-                else:
-                    print_result(console, result, source=str(file))
-                status = max(status, result.exit_status)
+        runs = _variant_pairs(scenario, arches or list(scenario.arches), variants,
+                              arches is not None, "explore")
+        for a, v0 in runs:
+            v = v0 or scenario.variant
+            if determinism:
+                checked = check_determinism(scenario, a, v, samples=determinism, seed=seed)
+                typer.echo(f"determinism: {scenario.name} {a} {v}: {checked.schedules} "
+                           f"random schedules (seed {seed}) each run twice, the state "
+                           f"fingerprint after every one of {checked.transitions} "
+                           "transitions compared: identical", err=True)
+            with _progress_bar(f"{scenario.name} {a} {v}") as progress:
+                result = run_explore(scenario, a, v, params, workers=workers, dask=dask,
+                                     progress=progress)
+            if result.token is not None:
+                try:
+                    path = write_token(replay_dir, Token.decode(result.token))
+                except OSError as err:
+                    _fail(f"--replay-dir: cannot write the replay token: {err}")
+                result.replay_file = str(path)
+            if as_json:
+                typer.echo(_dumps(result.to_json()))
+            else:
+                print_result(console, result, source=str(file))
+            status = max(status, result.exit_status)
     except NondeterminismError as err:
         _fail(f"the model is not deterministic: {err}", 3)
     raise typer.Exit(status)

@@ -2,8 +2,8 @@
 
 :func:`conform_scenario` runs a sequential scenario twice - on the model
 (:func:`kvmmem.scenario.runner.Runner`, the target's architecture, the
-scenario's variant) and on a real kernel's KVM, the *target* - and compares the
-outcomes step by step.  A target is this host's ``/dev/kvm``
+scenario's variant or else the target's release) and on a real kernel's KVM,
+the *target* - and compares the outcomes step by step.  A target is this host's ``/dev/kvm``
 (:class:`HostTarget`, x86) or a machine: a Debian kernel of any architecture
 booted under QEMU, whose agent runs the same driver
 (:class:`MachineTarget`, :mod:`kvmmem.machine`).  Both perform the scenario as
@@ -30,8 +30,10 @@ What is compared (:func:`compare_outcomes`) and why:
 * ``step`` and ``op`` are the same on both sides by construction.
 
 What makes a scenario ``unsupported`` (with the reason): it does not name the
-target's architecture, its variant is not ``upstream`` (the real kernel is
-upstream), it is concurrent (real runs are sequential), or the real run found
+target's architecture, it names a variant other than the real kernel's release
+(a machine stands for its version, ``kvmmem conform --kernel 6.12`` runs the model
+as 6.12; this host's kernel stands for ``upstream``; a scenario that names no
+variant runs as the target's), it is concurrent (real runs are sequential), or the real run found
 something the target cannot do (a mapping kind without a source there, a
 hugetlb pool that is too small, a gpa the harness cannot reach).
 """
@@ -56,7 +58,15 @@ Outcome = dict[str, Any]
 HOST_ARCH = "x86"
 """The architecture of this host's KVM (kvm-on-this-host.md §0)."""
 REAL_VARIANT = "upstream"
-"""The behaviour set the real kernel stands for."""
+"""The behaviour set this host's kernel stands for (a PVM kernel, not a mainline release:
+held against ``upstream``).  A machine stands for its own release
+(:func:`machine_variant`)."""
+
+
+def machine_variant(version: str) -> str:
+    """The variant of a machine's catalog version: its release ``X.Y`` (``7.3-16k`` ->
+    ``7.3``)."""
+    return version.split("-", 1)[0]
 PATHS = ("native", "emulated")
 VERDICTS = ("agree", "differ", "unsupported")
 
@@ -161,11 +171,13 @@ class Conformance:
 
 class Target(Protocol):
     """A real KVM to hold the model against: its ``arch``, its ``name`` in reports
-    (``host`` or ``ARCH-VERSION``), its kernel ``release``, and :meth:`run`."""
+    (``host`` or ``ARCH-VERSION``), its kernel ``release``, the ``variant`` the model
+    runs as against it, and :meth:`run`."""
 
     arch: str
     name: str
     release: str
+    variant: str
 
     def program(self, scenario: Scenario, path: str, timeout: float | None) -> Program:
         """``scenario`` as a program this target can run."""
@@ -181,6 +193,7 @@ class HostTarget:
 
     arch = HOST_ARCH
     name = "host"
+    variant = REAL_VARIANT
 
     def __init__(self, kvm: Kvm) -> None:
         import os
@@ -210,6 +223,8 @@ class MachineTarget:
         self.arch = machine.arch
         self.name = machine.name
         self.release = machine.release
+        self.variant = machine_variant(machine.version)
+        """The model runs as the machine's release (``6.12`` for arm64-6.12)."""
 
     def program(self, scenario: Scenario, path: str, timeout: float | None) -> Program:
         from kvmmem.realkvm.runner import scenario_program
@@ -225,27 +240,40 @@ class MachineTarget:
         return RealRun.from_dict(result)
 
 
+def model_variant(scenario: Scenario, real: str = REAL_VARIANT) -> str:
+    """The variant the model runs ``scenario`` as against a kernel standing for ``real``:
+    the file's own when it names one, else ``real``."""
+    return scenario.variant if scenario.variant_given else real
+
+
 def unsupported_reason(scenario: Scenario, arch: str = HOST_ARCH,
-                       where: str = "this host") -> str | None:
+                       where: str = "this host", real: str = REAL_VARIANT) -> str | None:
     """Why the scenario cannot be compared on ``arch`` KVM (``where``: how reports name
-    the target) before anything runs, or ``None``: another architecture, a variant other
-    than upstream, threads."""
+    the target; ``real``: the variant the real kernel stands for) before anything runs,
+    or ``None``: another architecture, a variant the file names that is not the real
+    kernel's release (or is a mutation), threads."""
+    from kvmmem.variants import get_variant
+
     if arch not in scenario.arches:
         return f"arch {', '.join(scenario.arches)} only: {where} is {arch}"
-    if scenario.variant != REAL_VARIANT:
-        return f"variant {scenario.variant}: the real kernel is {REAL_VARIANT}"
+    if scenario.variant_given:
+        want, have = get_variant(scenario.variant), get_variant(real)
+        if want.mutation is not None or want.release != have.release:
+            return f"variant {scenario.variant}: the real kernel is {real}"
     if scenario.is_concurrent:
         return "the scenario has threads; real-KVM runs are sequential (use kvmmem explore)"
     return None
 
 
-def run_model(scenario: Scenario, path: str = "native", arch: str = HOST_ARCH) -> RunResult:
-    """The model side: ``scenario`` on ``arch`` with its own variant, every vCPU's
-    default path set to ``path`` (a step's own ``path`` wins, as on the real side).
+def run_model(scenario: Scenario, path: str = "native", arch: str = HOST_ARCH,
+              variant: str | None = None) -> RunResult:
+    """The model side: ``scenario`` on ``arch`` as ``variant`` (default: the scenario's
+    own), every vCPU's default path set to ``path`` (a step's own ``path`` wins, as on
+    the real side).
 
     Raises :class:`~kvmmem.errors.InputError` where the model refuses the scenario's
     setup (e.g. a host mapping it cannot make)."""
-    runner = Runner(scenario, arch, scenario.variant)
+    runner = Runner(scenario, arch, variant or scenario.variant)
     for vcpu in runner.vm.vcpus:
         vcpu.path = path
     return runner.run()
@@ -315,7 +343,11 @@ def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None =
     arch, name = (target.arch, target.name) if target is not None else (HOST_ARCH, "host")
     release = target.release if target is not None else ""
     where = "this host" if name == "host" else f"machine {name}"
-    reason = unsupported_reason(scenario, arch, where)
+    stands_for = target.variant if target is not None else REAL_VARIANT
+    reason = unsupported_reason(scenario, arch, where, stands_for)
+    if reason is None:
+        from kvmmem.variants import get_variant
+        reason = get_variant(model_variant(scenario, stands_for)).arch_unsupported(arch)
     if reason is None and name != "host" and (path != "native" or any(
             getattr(step, "path", None) == "emulated" for step in scenario.all_steps())):
         reason = (f"the emulated access path exists only on this host (its PVM guest's "
@@ -330,7 +362,7 @@ def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None =
             with Kvm() as own:
                 return conform_scenario(scenario, path, own, timeout, HostTarget(own))
         target = HostTarget(kvm)
-    model = run_model(scenario, path, target.arch)
+    model = run_model(scenario, path, target.arch, model_variant(scenario, target.variant))
     real = target.run(target.program(scenario, path, timeout))
     result = compare_runs(scenario, model, real)
     result.machine, result.kernel = target.name, target.release

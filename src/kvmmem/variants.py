@@ -1,66 +1,242 @@
-"""Named behaviour sets ("variants"), selectable per run.
+"""Behaviour sets ("variants"), selectable per run: kernel versions, and mutations.
 
-A variant is a small set of switches that the KVM code consults at the exact
-places where kernel history (or a deliberately broken mutation) differs from
-today's kernel.  Every switch names the kernel change it stands for, so a
-``compare`` across variants reads like a piece of KVM history.
+A variant is a kernel version.  Every place where kernel history changed what
+the model must do is a *switch*: a :class:`Switch` names what it controls, its
+value before the first change and each :class:`Change` after it (the mainline
+release, the commit's 12-hex abbreviation and its title), so a switch may
+change more than once.  :func:`get_variant` builds, for a release ``X.Y``, the
+:class:`Variant` that holds every switch's value as of that release; the KVM
+code reads its boolean fields (``vm.variant.has_pre_fault_memory``) and never
+a version number.
 
-* ``upstream`` - today's kernel (kernel-semantics.md "current").
-* ``linux-5.4`` - the November 2019 code the memslot/VMA discussion was about:
-  arm64 walks the VMAs in ``kvm_arch_prepare_memory_region`` (EPERM for a
-  writable slot over a non-writable VMA, EINVAL for dirty logging over
-  VM_PFNMAP) and premaps VM_PFNMAP regions as 4K Device pages
-  (``kvm_phys_addr_ioremap``) with no notifier protocol; the remapped-PFN
-  lookup (``follow_pfn``) reports every PFNMAP page writable; arm64 forces 4K
-  for VM_PFNMAP faults; MMU-notifier start raises the in-progress count for
-  every invalidation (no memslot filtering, no gfn range).  RISC-V KVM came
-  later (v5.16) but carried the same prepare-time code until v6.18, so on
-  riscv this variant means that copied behaviour.
-* ``no-invalidate-retry`` - the fault path installs without re-checking the
-  invalidation sequence under mmu_lock (the bug ``mmu_invalidate_retry``
-  exists to prevent).
-* ``remapped-no-write-check`` - ``hva_to_pfn_remapped`` ignores the host PTE's
-  write bit (the bug fixed by bd2fae8da794, "KVM: do not assume PTE is
-  writable after follow_pfn", v5.12), on an otherwise current kernel.
-* ``no-tlb-flush`` - stage-2 zaps from the notifier and memslot paths clear
-  the entries but request no TLB invalidation, so a vCPU keeps using a stale
-  translation.
+Names (docs/versions.md):
+
+* ``upstream`` - the newest release checked against a real kernel,
+  :data:`UPSTREAM_RELEASE` (7.3: the arm64 7.3, riscv 7.2 and x86 7.3 machines
+  agree with it on every bundled scenario).
+* ``5.4`` ... ``7.3`` - any mainline release in that range
+  (:data:`FIRST_RELEASE`..:data:`UPSTREAM_RELEASE`).
+* ``linux-5.4`` - v5.4 under the name of the November 2019 memslot/VMA
+  discussion.
+* the mutations ``no-invalidate-retry``, ``remapped-no-write-check``,
+  ``no-tlb-flush`` - deliberately broken kernels; ``VERSION+MUTATION``
+  (``6.1+no-tlb-flush``) applies one to a release, and a bare mutation name is
+  ``upstream+MUTATION``.
+
+An architecture that did not exist at a release is refused by
+:meth:`Variant.arch_unsupported` (riscv KVM was merged in v5.16).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 from kvmmem.errors import InputError
 
+Release = tuple[int, int]
+
+FIRST_RELEASE: Release = (5, 4)
+UPSTREAM_RELEASE: Release = (7, 3)
+LAST_MINOR = {5: 19, 6: 19, 7: UPSTREAM_RELEASE[1]}
+"""The last minor release of each major inside the range (5.19, 6.19, then 7.x up to
+upstream)."""
+ARCH_MERGED: dict[str, Release] = {"riscv": (5, 16)}
+"""The release that merged an architecture's KVM (x86 and arm64 predate v5.4)."""
+
+
+def release_text(release: Release) -> str:
+    """``(6, 1)`` -> ``"6.1"``."""
+    return f"{release[0]}.{release[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change of a switch: from mainline ``release`` on it has ``value``.
+    ``commit`` is the 12-hex abbreviation, or None where it was not identified
+    (``note`` then says what is known)."""
+
+    release: Release
+    value: bool | int
+    commit: str | None
+    title: str
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """One behaviour switch: the :class:`Variant` field ``name``, the architectures
+    whose code reads it, what it controls, its value before the first change and its
+    changes in release order."""
+
+    name: str
+    arches: tuple[str, ...]
+    what: str
+    before: bool | int
+    changes: tuple[Change, ...]
+
+    def value_at(self, release: Release) -> bool | int:
+        """The switch's value in mainline ``release``."""
+        value = self.before
+        for change in self.changes:
+            if release >= change.release:
+                value = change.value
+        return value
+
+
+SWITCHES: tuple[Switch, ...] = (
+    Switch(
+        "arm64_prepare_write_check", ("arm64",),
+        "kvm_arch_prepare_memory_region refuses a writable slot over a VMA without "
+        "VM_WRITE (EPERM)", True,
+        (Change((5, 5), False, None,
+                "KVM: arm/arm64: Remove excessive permission check in "
+                "kvm_arch_prepare_memory_region",
+                "Jia He, kvmarm fixes for v5.5 (take #1); hash not identified"),)),
+    Switch(
+        "arm64_prepare_premap", ("arm64",),
+        "kvm_arch_prepare_memory_region premaps VM_PFNMAP ranges as 4K Device pages "
+        "(kvm_phys_addr_ioremap), writable when the slot is", True,
+        (Change((5, 14), False, "fd6f17bade21",
+                "KVM: arm64: Remove the creation time's mapping of MMIO regions"),)),
+    Switch(
+        "riscv_prepare_premap", ("riscv",),
+        "kvm_arch_prepare_memory_region premaps VM_PFNMAP ranges "
+        "(kvm_riscv_gstage_ioremap), from the merge of riscv KVM", True,
+        (Change((6, 18), False, "8c5fa3764fac",
+                "RISC-V: KVM: Remove automatic I/O mapping for VM_PFNMAP"),)),
+    Switch(
+        "remapped_always_writable", ("x86", "arm64", "riscv"),
+        "hva_to_pfn_remapped reports a VM_PFNMAP page writable whatever the host PTE "
+        "says (follow_pfn)", True,
+        (Change((5, 12), False, "bd2fae8da794",
+                "KVM: do not assume PTE is writable after follow_pfn"),)),
+    Switch(
+        "arm64_pfnmap_force_pte", ("arm64",),
+        "user_mem_abort forces 4K stage-2 pages for a VM_PFNMAP VMA", True,
+        (Change((5, 14), False, "2aa53d68cee6",
+                "KVM: arm64: Try stage2 block mapping for host device MMIO"),)),
+    Switch(
+        "notifier_counts_every_range", ("x86", "arm64", "riscv"),
+        "invalidate_range_start raises the in-progress count for every invalidation, "
+        "even one that touches no memslot", True,
+        (Change((5, 13), False, "071064f14d87",
+                "KVM: Don't take mmu_lock for range invalidation unless necessary",
+                "with 3039bcc74498 \"KVM: Move x86's MMU notifier memslot walkers to "
+                "generic code\" in the same series"),)),
+    Switch(
+        "ipa_limit_off_by_one", ("arm64",),
+        "prepare refuses a slot ending exactly at the IPA limit (>= instead of >); "
+        "riscv's copy keeps >=", True,
+        (Change((5, 12), False, "262b003d059c",
+                "KVM: arm64: Fix exclusive limit for IPA size"),)),
+    Switch(
+        "small_memslot_limit", ("x86", "arm64"),
+        "KVM_USER_MEM_SLOTS is 509 on x86 and 512 on arm64 (a slot id at or above: "
+        "EINVAL); after the change 32764 / 32767", True,
+        (Change((5, 12), False, "4fc096a99e01",
+                "KVM: Raise the maximum number of user memslots"),)),
+    Switch(
+        "hugetlb_madv_dontneed", ("host",),
+        "madvise(MADV_DONTNEED) accepts hugetlb mappings (before: EINVAL)", False,
+        (Change((5, 18), True, "90e7e7f5ef3f",
+                "mm: enable MADV_DONTNEED for hugetlb mappings"),)),
+    Switch(
+        "has_pre_fault_memory", ("x86",),
+        "the KVM_PRE_FAULT_MEMORY vCPU ioctl exists (before: EINVAL)", False,
+        (Change((6, 10), True, "bc1a5cd00211",
+                "KVM: Add KVM_PRE_FAULT_MEMORY vcpu ioctl to pre-populate guest memory"),)),
+    Switch(
+        "x86_prefault_frees_obsolete_root", ("x86",),
+        "kvm_mmu_reload frees an obsolete root before KVM_PRE_FAULT_MEMORY maps; before, "
+        "a prefault after a memslot delete retries forever (until a signal)", False,
+        (Change((6, 15), True, "20a6cff3b283",
+                "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()"),)),
+    Switch(
+        "x86_elide_flush_if_young", ("x86",),
+        "x86 selects CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG: clear_flush_young ages "
+        "without a TLB flush", False,
+        (Change((6, 13), True, "b9883ee40d7e",
+                "KVM: x86: Don't emit TLB flushes when aging SPTEs for mmu_notifiers",
+                "with 2ebbe0308c29 \"KVM: Allow arch code to elide TLB flushes when aging "
+                "a young page\""),)),
+    Switch(
+        "riscv_exec_outside_slots_injects", ("riscv",),
+        "an instruction fetch outside every memslot is an instruction access fault "
+        "injected into the guest (before: KVM_RUN fails with EOPNOTSUPP)", False,
+        (Change((7, 2), True, None,
+                "(not identified)",
+                "between v6.12 and v7.2: real riscv 6.12.117 fails EOPNOTSUPP, 7.2.13 "
+                "injects; 7.2 is the first release seen doing it"),)),
+)
+"""Every switch, in the order of docs/versions.md."""
+
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """One behaviour set.  Fields default to today's kernel."""
+    """One behaviour set: a kernel ``release`` and, optionally, a ``mutation``.
+
+    The boolean fields are the switches the KVM and host code read; their defaults are
+    :data:`UPSTREAM_RELEASE`'s (each cites its commit; :data:`SWITCHES` holds the
+    history)."""
 
     name: str
     description: str
-    # --- linux-5.4 era switches --------------------------------------------
-    prepare_walks_vmas: bool = False
-    """arm64/riscv ``kvm_arch_prepare_memory_region`` walks the VMAs (EPERM/EINVAL
-    checks) and premaps VM_PFNMAP ranges as 4K device pages (removed from arm64
-    in v5.13 by commit fd6f17bade21, from riscv in v6.18)."""
+    release: Release = UPSTREAM_RELEASE
+    mutation: str | None = None
+    # --- kernel history (SWITCHES) -------------------------------------------------
+    arm64_prepare_write_check: bool = False
+    """arm64 ``kvm_arch_prepare_memory_region``: EPERM for a writable slot over a VMA
+    without VM_WRITE; removed in v5.5 ("KVM: arm/arm64: Remove excessive permission
+    check in kvm_arch_prepare_memory_region").  riscv's copy is still there (always
+    checked, kvm/riscv.py)."""
+    arm64_prepare_premap: bool = False
+    """arm64 prepare premaps VM_PFNMAP ranges as 4K Device pages, writable when the slot
+    is (``kvm_phys_addr_ioremap``); removed in v5.14 by fd6f17bade21 ("KVM: arm64:
+    Remove the creation time's mapping of MMIO regions").  From v5.5 (no EPERM) to v5.13
+    a read-only PFNMAP VMA behind a writable slot got a writable premap."""
+    riscv_prepare_premap: bool = False
+    """riscv prepare premaps VM_PFNMAP ranges (``kvm_riscv_gstage_ioremap``), v5.16 to
+    v6.17; removed in v6.18 by 8c5fa3764fac ("RISC-V: KVM: Remove automatic I/O mapping
+    for VM_PFNMAP")."""
     remapped_always_writable: bool = False
     """``hva_to_pfn_remapped`` reports writable regardless of the host PTE
-    (v5.4 ``follow_pfn``; fixed in v5.12 by bd2fae8da794)."""
+    (``follow_pfn``); fixed in v5.12 by bd2fae8da794 ("KVM: do not assume PTE is
+    writable after follow_pfn")."""
     arm64_pfnmap_force_pte: bool = False
-    """v5.4 ``user_mem_abort`` forces a page mapping for VM_PFNMAP VMAs."""
+    """``user_mem_abort`` forces a page mapping for VM_PFNMAP VMAs; dropped in v5.14 by
+    2aa53d68cee6 ("KVM: arm64: Try stage2 block mapping for host device MMIO")."""
     notifier_counts_every_range: bool = False
-    """v5.4 ``kvm_mmu_notifier_invalidate_range_start`` raises the count for every
-    invalidation, even one that touches no memslot, and records no range."""
+    """``kvm_mmu_notifier_invalidate_range_start`` raises the count for every
+    invalidation, even one that touches no memslot, and records no range; until v5.13's
+    071064f14d87 ("KVM: Don't take mmu_lock for range invalidation unless necessary")."""
     ipa_limit_off_by_one: bool = False
-    """v5.4 arm64 prepare rejects a slot ending exactly at the IPA limit (``>=``)."""
+    """arm64 prepare rejects a slot ending exactly at the IPA limit (``>=``); fixed in
+    v5.12 by 262b003d059c ("KVM: arm64: Fix exclusive limit for IPA size")."""
+    small_memslot_limit: bool = False
+    """``KVM_USER_MEM_SLOTS`` 509 (x86) / 512 (arm64) until v5.12's 4fc096a99e01 ("KVM:
+    Raise the maximum number of user memslots"): 32764 / 32767 since."""
+    hugetlb_madv_dontneed: bool = True
+    """Host mm: ``MADV_DONTNEED`` on a hugetlb VMA works (EINVAL before v5.18's
+    90e7e7f5ef3f, "mm: enable MADV_DONTNEED for hugetlb mappings")."""
     has_pre_fault_memory: bool = True
-    """KVM_PRE_FAULT_MEMORY exists (added in v6.10)."""
+    """KVM_PRE_FAULT_MEMORY exists: v6.10, bc1a5cd00211 ("KVM: Add KVM_PRE_FAULT_MEMORY
+    vcpu ioctl to pre-populate guest memory")."""
+    x86_prefault_frees_obsolete_root: bool = True
+    """x86 ``kvm_mmu_reload`` frees an obsolete root (v6.15, 20a6cff3b283 "KVM: x86/mmu:
+    Check and free obsolete roots in kvm_mmu_reload()"); before, KVM_PRE_FAULT_MEMORY on
+    a vCPU whose root a memslot delete made obsolete retries forever."""
     x86_elide_flush_if_young: bool = True
-    """x86 selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`` (v6.13):
+    """x86 selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`` (v6.13, b9883ee40d7e "KVM:
+    x86: Don't emit TLB flushes when aging SPTEs for mmu_notifiers"):
     ``kvm_mmu_notifier_clear_flush_young`` ages without a TLB flush there."""
-    # --- mutations ---------------------------------------------------------
+    riscv_exec_outside_slots_injects: bool = True
+    """riscv: an instruction fetch outside every memslot is an instruction access fault
+    injected into the guest; before, ``gstage_page_fault``'s default case made KVM_RUN
+    fail with EOPNOTSUPP.  Changed between v6.12 and v7.2, commit not identified (real
+    riscv 6.12.117 fails, 7.2.13 injects): the model switches at 7.2."""
+    # --- mutations -----------------------------------------------------------------
     invalidate_retry: bool = True
     """The fault path re-checks ``mmu_invalidate_retry`` under mmu_lock."""
     zap_flushes_tlb: bool = True
@@ -69,49 +245,114 @@ class Variant:
     @property
     def is_mutation(self) -> bool:
         """True for the deliberately broken variants."""
-        return self.name in MUTATIONS
+        return self.mutation is not None
+
+    @property
+    def version(self) -> str:
+        """The release as ``X.Y``."""
+        return release_text(self.release)
+
+    def user_mem_slots(self, arch: str) -> int:
+        """``KVM_USER_MEM_SLOTS`` of ``arch`` at this release."""
+        if self.small_memslot_limit:
+            return {"x86": 509, "arm64": 512}.get(arch, 512)
+        return 32764 if arch == "x86" else 32767
+
+    def arch_unsupported(self, arch: str) -> str | None:
+        """Why ``arch`` has no KVM at this release (one line), or None."""
+        merged = ARCH_MERGED.get(arch)
+        if merged is not None and self.release < merged:
+            return (f"{arch} KVM was merged in v{release_text(merged)}; "
+                    f"variant {self.name} has none")
+        return None
 
 
-UPSTREAM = Variant("upstream", "today's kernel (6.1x / linux-next, late 2025)")
-LINUX_5_4 = Variant(
-    "linux-5.4",
-    "November 2019: prepare-time VMA walk and PFNMAP premap on arm64/riscv, "
-    "remapped PFNs always writable",
-    prepare_walks_vmas=True,
-    remapped_always_writable=True,
-    arm64_pfnmap_force_pte=True,
-    notifier_counts_every_range=True,
-    ipa_limit_off_by_one=True,
-    has_pre_fault_memory=False,
-    x86_elide_flush_if_young=False,
-)
-NO_INVALIDATE_RETRY = Variant(
-    "no-invalidate-retry",
-    "mutation: the fault path skips the mmu_invalidate_retry check",
-    invalidate_retry=False,
-)
-REMAPPED_NO_WRITE_CHECK = Variant(
-    "remapped-no-write-check",
-    "mutation: hva_to_pfn_remapped ignores the host PTE write bit",
-    remapped_always_writable=True,
-)
-NO_TLB_FLUSH = Variant(
-    "no-tlb-flush",
-    "mutation: stage-2 zaps request no TLB invalidation",
-    zap_flushes_tlb=False,
-)
+MUTATION_FIELDS: dict[str, tuple[str, dict[str, bool]]] = {
+    "no-invalidate-retry": ("mutation: the fault path skips the mmu_invalidate_retry check",
+                            {"invalidate_retry": False}),
+    "remapped-no-write-check": ("mutation: hva_to_pfn_remapped ignores the host PTE write bit",
+                                {"remapped_always_writable": True}),
+    "no-tlb-flush": ("mutation: stage-2 zaps request no TLB invalidation",
+                     {"zap_flushes_tlb": False}),
+}
+MUTATIONS = tuple(MUTATION_FIELDS)
+ALIASES: dict[str, Release] = {"upstream": UPSTREAM_RELEASE, "linux-5.4": (5, 4)}
+"""Names of releases: ``upstream`` and the 2019 discussion's ``linux-5.4``."""
+_RELEASE = re.compile(r"(?:v|linux-)?(\d+)\.(\d+)")
+
+
+def switch_values(release: Release) -> dict[str, bool | int]:
+    """Every switch's value in mainline ``release``."""
+    return {s.name: s.value_at(release) for s in SWITCHES}
+
+
+def parse_release(text: str) -> Release:
+    """``"6.1"`` (or ``v6.1``, ``linux-6.1``, ``upstream``) -> ``(6, 1)``; raises
+    :class:`InputError` (one line) for anything that is not a release from
+    :data:`FIRST_RELEASE` to :data:`UPSTREAM_RELEASE`."""
+    if text in ALIASES:
+        return ALIASES[text]
+    m = _RELEASE.fullmatch(text)
+    first, last = release_text(FIRST_RELEASE), release_text(UPSTREAM_RELEASE)
+    if m is None:
+        raise InputError(f"unknown variant {text!r} (known: upstream, linux-5.4, "
+                         f"{', '.join(MUTATIONS)}, a release {first}..{last} such as 6.1, "
+                         "RELEASE+MUTATION)")
+    release = (int(m.group(1)), int(m.group(2)))
+    if not FIRST_RELEASE <= release <= UPSTREAM_RELEASE \
+            or release[1] > LAST_MINOR.get(release[0], -1):
+        raise InputError(f"unknown variant {text!r}: not a Linux release the model knows "
+                         f"({first} to {last}: 5.4-5.19, 6.0-6.19, 7.0-{last})")
+    return release
+
+
+def _release_variant(name: str, release: Release) -> Variant:
+    if name == "upstream":
+        description = f"the newest release checked against real kernels (v{release_text(release)})"
+    elif name == "linux-5.4":
+        description = "v5.4, the November 2019 code the memslot/VMA discussion was about"
+    else:
+        description = f"mainline v{release_text(release)}"
+    return Variant(name, description, release, None, **switch_values(release))  # type: ignore[arg-type]
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name``: a release (``6.1``), ``upstream``, ``linux-5.4``, a
+    mutation (on upstream) or ``RELEASE+MUTATION``.  Raises :class:`InputError` with one
+    line for anything else."""
+    if not isinstance(name, str):
+        raise InputError(f"unknown variant {name!r}")
+    base, plus, mutation = name.partition("+")
+    if not plus and base in MUTATION_FIELDS:
+        base, mutation = "upstream", base
+    release = parse_release(base)
+    variant = _release_variant(base, release)
+    if plus or mutation:
+        if mutation not in MUTATION_FIELDS:
+            raise InputError(f"variant {name}: unknown mutation {mutation!r} "
+                             f"(known: {', '.join(MUTATIONS)})")
+        what, fields = MUTATION_FIELDS[mutation]
+        label = mutation if not plus else name
+        variant = dataclasses.replace(variant, name=label, mutation=mutation,
+                                      description=f"{what} (on {variant.description})")
+        variant = dataclasses.replace(variant, **fields)  # type: ignore[arg-type]
+    return variant
+
+
+def check_variant(name: str) -> str:
+    """``name`` if it names a variant (:func:`get_variant`); raises InputError else."""
+    get_variant(name)
+    return name
+
+
+UPSTREAM = get_variant("upstream")
+LINUX_5_4 = get_variant("linux-5.4")
+NO_INVALIDATE_RETRY = get_variant("no-invalidate-retry")
+REMAPPED_NO_WRITE_CHECK = get_variant("remapped-no-write-check")
+NO_TLB_FLUSH = get_variant("no-tlb-flush")
 
 VARIANTS: dict[str, Variant] = {
     v.name: v for v in (UPSTREAM, LINUX_5_4, NO_INVALIDATE_RETRY, REMAPPED_NO_WRITE_CHECK,
                         NO_TLB_FLUSH)
 }
-MUTATIONS = ("no-invalidate-retry", "remapped-no-write-check", "no-tlb-flush")
-
-
-def get_variant(name: str) -> Variant:
-    """The variant called ``name``; raises :class:`InputError` listing the known ones."""
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        known = ", ".join(VARIANTS)
-        raise InputError(f"unknown variant {name!r} (known: {known})") from None
+"""The named variants (every release ``X.Y`` in range is a variant too)."""

@@ -128,7 +128,9 @@ def check_target(scenario: Scenario, arch: str, variant: str) -> None:
                          "run it with `kvmmem run`")
     if arch not in ARCHES:
         raise InputError(f"--arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
-    get_variant(variant)
+    why = get_variant(variant).arch_unsupported(arch)
+    if why is not None:
+        raise InputError(why)
 
 
 def explore(scenario: Scenario, arch: str, variant: str | None = None,

@@ -218,6 +218,10 @@ class Mm:
         self.thp = thp
         self.mmap_base = mmap_base
         self.max_map_count = max_map_count
+        self.hugetlb_madv_dontneed = True
+        """``MADV_DONTNEED`` works on hugetlb VMAs (v5.18, 90e7e7f5ef3f "mm: enable
+        MADV_DONTNEED for hugetlb mappings"); before, EINVAL.  A VM sets it from its
+        variant's release (kvmmem.variants, ``hugetlb_madv_dontneed``)."""
         self.pt = PageTable()
         self.notifiers = MmuNotifierSubscriptions()
         self._vmas: Any = SortedDict()  # start -> Vma
@@ -1768,6 +1772,9 @@ class Mm:
             if vma.flags & VM_LOCKED:
                 raise KernelError("EINVAL", call, "VM_LOCKED")
             if vma.is_hugetlb():
+                if not self.hugetlb_madv_dontneed:
+                    # madvise_dontneed_free_valid_vma before v5.18: VM_HUGETLB is refused
+                    raise KernelError("EINVAL", call, "MADV_DONTNEED on hugetlb before v5.18")
                 if start % PMD_SIZE:
                     raise KernelError("EINVAL", call, "hugetlb start not 2M aligned")
                 end = end & _HPAGE_MASK  # madvise_dontneed_free_valid_vma rounds down

@@ -48,6 +48,8 @@ class ArchKvm:
 
     name = "?"
     max_user_slots = 32767
+    """Today's ``KVM_USER_MEM_SLOTS``; a VM's own limit follows its variant's release
+    (``vm.memslots.limits.user_mem_slots``, Variant.user_mem_slots: 509/512 before v5.12)."""
     nr_address_spaces = 1
     has_pre_fault_memory = False
     """``CONFIG_KVM_GENERIC_PRE_FAULT_MEMORY``: only x86 selects it in the modelled

@@ -1,12 +1,13 @@
 """arm64 KVM MMU: ``kvm_handle_guest_abort``, ``user_mem_abort`` and the
 memslot hooks of arch/arm64/kvm/mmu.c (kernel-semantics.md §2, §3.2).
 
-The ``linux-5.4`` variant switches in what virt/kvm/arm/mmu.c did in 2019:
-the VMA walk in ``kvm_arch_prepare_memory_region`` (EPERM for a writable
-slot over a VMA without VM_WRITE, EINVAL for dirty logging over VM_PFNMAP,
-the ``>=`` IPA check) and ``kvm_phys_addr_ioremap`` premapping VM_PFNMAP
-ranges as 4K Device pages outside the notifier protocol; and, in
-``user_mem_abort``, 4K mappings forced for VM_PFNMAP.
+Versions before v5.14 switch in what virt/kvm/arm/mmu.c did in 2019
+(kvmmem.variants, docs/versions.md): the VMA walk in
+``kvm_arch_prepare_memory_region`` (EPERM for a writable slot over a VMA
+without VM_WRITE until v5.5, the ``>=`` IPA check until v5.12) and
+``kvm_phys_addr_ioremap`` premapping VM_PFNMAP ranges as 4K Device pages
+outside the notifier protocol until v5.14; and, in ``user_mem_abort``, 4K
+mappings forced for VM_PFNMAP until v5.14.
 """
 
 from __future__ import annotations
@@ -173,12 +174,14 @@ class Arm64Kvm(ArchKvm):
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region``.
 
-        Upstream it only rejects VM_PFNMAP with dirty logging; under
-        ``linux-5.4`` it also rejects a writable slot over a VMA without
-        VM_WRITE (removed in v5.5) and premaps VM_PFNMAP ranges
-        (``kvm_phys_addr_ioremap``, removed by fd6f17bade21 in v5.14)."""
-        yield from prepare_vma_walk(vm, new, change, premap=vm.variant.prepare_walks_vmas,
-                                    check_write=vm.variant.prepare_walks_vmas)
+        Upstream it only rejects VM_PFNMAP with dirty logging; before v5.5 it
+        also rejects a writable slot over a VMA without VM_WRITE
+        (``arm64_prepare_write_check``) and before v5.14 premaps VM_PFNMAP ranges
+        (``kvm_phys_addr_ioremap``, ``arm64_prepare_premap``, fd6f17bade21): from
+        v5.5 to v5.13 a read-only PFNMAP VMA behind a writable slot is premapped
+        writable."""
+        yield from prepare_vma_walk(vm, new, change, premap=vm.variant.arm64_prepare_premap,
+                                    check_write=vm.variant.arm64_prepare_write_check)
 
 
 def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, premap: bool,

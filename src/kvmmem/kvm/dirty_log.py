@@ -24,7 +24,7 @@ BITS_PER_LONG = 64
 
 def _logged_slot(vm: Vm, slot: int, call: str) -> MemorySlot:
     as_id, sid = slot >> 16, slot & 0xFFFF
-    if as_id >= vm.arch.nr_address_spaces or sid >= vm.arch.max_user_slots:
+    if as_id >= vm.arch.nr_address_spaces or sid >= vm.memslots.limits.user_mem_slots:
         raise KernelError("EINVAL", call, f"slot {slot:#x} is out of range")
     memslot = vm.memslots.id_to_memslot(sid, as_id)
     if memslot is None or memslot.dirty_bitmap is None:
@@ -63,7 +63,7 @@ def kvm_clear_dirty_log(vm: Vm, slot: int, first_page: int, num_pages: int) -> N
     slot's end) or ENOENT (no slot or logging off), in the kernel's order."""
     call = "KVM_CLEAR_DIRTY_LOG"
     as_id, sid = slot >> 16, slot & 0xFFFF
-    if as_id >= vm.arch.nr_address_spaces or sid >= vm.arch.max_user_slots:
+    if as_id >= vm.arch.nr_address_spaces or sid >= vm.memslots.limits.user_mem_slots:
         raise KernelError("EINVAL", call, f"slot {slot:#x} is out of range")
     if first_page & (BITS_PER_LONG - 1):
         raise KernelError("EINVAL", call, "first_page is not a multiple of 64")

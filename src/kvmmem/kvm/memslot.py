@@ -159,8 +159,10 @@ def memslot_limits(
     task_size_max: int | None = None,
     readonly_mem: bool = True,
     guest_memfd: bool = False,
+    user_mem_slots: int | None = None,
 ) -> MemslotLimits:
-    """The limits of ``arch`` ("x86", "arm64", "riscv"), with optional overrides.
+    """The limits of ``arch`` ("x86", "arm64", "riscv"), with optional overrides
+    (``user_mem_slots``: a release's ``KVM_USER_MEM_SLOTS``, Variant.user_mem_slots).
 
     ``nr_as_ids=1`` on x86 is a VM without SMM (or this host: MULTI_ADDRESS_SPACE
     is 0).  Raises :class:`InputError` for an unknown arch."""
@@ -170,7 +172,7 @@ def memslot_limits(
         raise InputError(f"unknown architecture {arch!r} (known: x86, arm64, riscv)") from None
     return MemslotLimits(
         arch=arch,
-        user_mem_slots=slots,
+        user_mem_slots=slots if user_mem_slots is None else user_mem_slots,
         nr_as_ids=as_ids if nr_as_ids is None else nr_as_ids,
         task_size_max=task_size if task_size_max is None else task_size_max,
         tbi=tbi,

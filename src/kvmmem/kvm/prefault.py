@@ -17,6 +17,13 @@ if TYPE_CHECKING:
     from kvmmem.kvm.vm import Vm
 
 CALL = "KVM_PRE_FAULT_MEMORY"
+
+
+class PrefaultHang(Exception):
+    """KVM_PRE_FAULT_MEMORY would retry forever (x86 before v6.15 on a vCPU whose root a
+    memslot delete made obsolete: ``kvm_tdp_map_page`` loops on RET_PF_RETRY until a
+    signal).  The step's outcome is ``{"result": "timeout"}``, as the real harness's
+    watchdog reports it."""
 U64 = (1 << 64) - 1
 
 

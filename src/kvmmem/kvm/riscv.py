@@ -6,8 +6,8 @@ arch/riscv/kvm/vcpu_exit.c and arch/riscv/kvm/mmu.c (kernel-semantics.md
 from the 2019 arm code: the ``>=`` IPA check, EPERM for a writable slot over
 a VMA without VM_WRITE and EINVAL for dirty logging over VM_PFNMAP.  The
 premapping of VM_PFNMAP ranges (``kvm_riscv_gstage_ioremap``) existed from
-v5.16 until 8c5fa3764fac removed it for v6.18; the ``linux-5.4`` variant
-switches it back on.
+v5.16 until 8c5fa3764fac removed it for v6.18 (``riscv_prepare_premap``,
+kvmmem.variants).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ INST_ACCESS_FAULT = FaultResult(Fault.ABORT, abort="instruction access fault")
 """An instruction guest-page fault outside every memslot, redirected to the guest as
 ``EXC_INST_ACCESS`` (scause 1, stval the address).  The name is the one the real riscv
 harness reports (:func:`kvmmem.realkvm.riscv_code.describe_cause`)."""
+EXEC_EOPNOTSUPP = FaultResult(Fault.ERRNO, errno="EOPNOTSUPP")
+"""Before the change above: ``gstage_page_fault`` returns -EOPNOTSUPP, KVM_RUN fails."""
 _MMAP_READ_LOCK = acquire("mmap_lock", shared=True)
 _MMAP_READ_UNLOCK = release("mmap_lock", shared=True)
 _MMU_LOCK = acquire("mmu_lock")
@@ -69,9 +71,11 @@ class RiscvKvm(ArchKvm):
             # reaches the guest as an instruction access fault.  Until some release after
             # v6.12 the default case of gstage_page_fault's switch returned -EOPNOTSUPP
             # and KVM_RUN failed with it instead (still so on Debian 6.12.117; Debian
-            # 7.2.13 injects the fault, kvmmem conform on the riscv machines).  The model
-            # has no variant switch for the old outcome (variants.py).
+            # 7.2.13 injects the fault, kvmmem conform on the riscv machines):
+            # ``riscv_exec_outside_slots_injects``, commit not identified.
             if access is Access.EXEC:
+                if not vm.variant.riscv_exec_outside_slots_injects:
+                    return EXEC_EOPNOTSUPP
                 return INST_ACCESS_FAULT
             return MMIO
         return (yield from self.kvm_riscv_mmu_map(vm, slot, gpa, write))
@@ -133,6 +137,7 @@ class RiscvKvm(ArchKvm):
         self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region`` (riscv): the EPERM
-        and EINVAL checks always; the PFNMAP premap only under ``linux-5.4``."""
-        yield from prepare_vma_walk(vm, new, change, premap=vm.variant.prepare_walks_vmas,
+        and EINVAL checks always; the PFNMAP premap before v6.18
+        (``riscv_prepare_premap``)."""
+        yield from prepare_vma_walk(vm, new, change, premap=vm.variant.riscv_prepare_premap,
                                     check_write=True)

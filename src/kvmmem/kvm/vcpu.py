@@ -230,6 +230,7 @@ class Vcpu:
         on ``path`` (``native`` or ``emulated``; default: the vCPU's)."""
         vm = self.vm
         emulated = (path or self.path) == "emulated"
+        vm.vcpu_enter_guest(self.index)  # KVM_RUN: obsolete roots freed, one loaded
         if emulated and vm.arch_name != "x86":
             raise InputError(f"path: the emulated access path is x86's instruction emulator; "
                              f"{vm.arch_name} has none (use path: native)")

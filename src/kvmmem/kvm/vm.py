@@ -25,6 +25,7 @@ from kvmmem.kvm.memslot import (
     KvmUserspaceMemoryRegion,
     MemorySlot,
     VmMemslots,
+    memslot_limits,
 )
 from kvmmem.kvm.mmu_notifier import INVALID_GPA, KvmMmuNotifier
 from kvmmem.kvm.stats import EventLog, Stats
@@ -72,7 +73,12 @@ class Vm:
             raise InputError(f"vcpus: must be a positive integer, got {vcpus!r}")
         self.arch_name = arch
         self.variant = get_variant(variant) if isinstance(variant, str) else variant
+        missing = self.variant.arch_unsupported(arch)
+        if missing is not None:
+            raise InputError(missing)
         self.mm = mm if mm is not None else Mm()
+        # The host kernel is the variant's release too (host mm history).
+        self.mm.hugetlb_madv_dontneed = self.variant.hugetlb_madv_dontneed
         self.arch: ArchKvm = make_arch_kvm(arch)
         self.stage2 = make_stage2(arch, ipa_bits=ipa_bits)
         self.stage2.tlbi_listeners.append(self._on_tlbi)
@@ -84,7 +90,10 @@ class Vm:
         Off only for re-creating a reached state (validate_path_independence)."""
         self.stats = Stats(leaves=self._leaf_sizes)
         self.log: EventLog | None = None
-        self.memslots = VmMemslots(arch, hooks=VmMemslotHooks(self))
+        # KVM_USER_MEM_SLOTS of the variant's release (509/512 before v5.12).
+        self.memslots = VmMemslots(
+            memslot_limits(arch, user_mem_slots=self.variant.user_mem_slots(arch)),
+            hooks=VmMemslotHooks(self))
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = INVALID_GPA
@@ -94,6 +103,14 @@ class Vm:
         self.notifier = KvmMmuNotifier(self)
         self.mm.mmu_notifier_register(self.notifier)
         self.closed = False
+        self.loaded_roots: set[int] = set()
+        """x86: the vCPUs (indices) that have loaded a TDP root: on their first KVM_RUN or
+        KVM_PRE_FAULT_MEMORY (``kvm_mmu_reload``)."""
+        self.obsolete_roots: set[int] = set()
+        """x86: the vCPUs whose root ``kvm_mmu_zap_all_fast`` (a memslot delete or move)
+        made obsolete and that have not entered the guest since.  Before v6.15 a
+        KVM_PRE_FAULT_MEMORY on such a vCPU retries forever
+        (``x86_prefault_frees_obsolete_root``, kvm/x86.py)."""
 
     def close(self) -> None:
         """Destroy the VM: unregister from the mm and drop every mapping."""
@@ -239,6 +256,12 @@ class Vm:
         finally:
             self.zapping = False
 
+    def vcpu_enter_guest(self, index: int) -> None:
+        """x86 ``vcpu_enter_guest`` before the guest runs: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+        frees an obsolete root and ``kvm_mmu_reload`` loads a valid one."""
+        self.obsolete_roots.discard(index)
+        self.loaded_roots.add(index)
+
     def zap_all(self) -> None:
         """``kvm_arch_flush_shadow_all``: drop every stage-2 mapping and flush."""
         self.zapping = True
@@ -300,9 +323,11 @@ class VmMemslotHooks(ArchMemslotHooks):
         return self.vm.arch.prepare_vma_walk(self.vm, old, new, change)
 
     def zap_all(self) -> Op[None]:
-        """``kvm_mmu_zap_all_fast``: every mapping of the VM."""
+        """``kvm_mmu_zap_all_fast``: every mapping of the VM; every loaded root becomes
+        obsolete (freed by KVM_REQ_MMU_FREE_OBSOLETE_ROOTS at the vCPU's next entry)."""
         vm = self.vm
         yield acquire("mmu_lock")
+        vm.obsolete_roots |= vm.loaded_roots
         vm.zap_all()
         vm.stats.mmu_shadow_zapped += 1
         yield release("mmu_lock")

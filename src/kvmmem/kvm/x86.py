@@ -23,6 +23,7 @@ from kvmmem.kvm.faultin import (
 )
 from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
+from kvmmem.kvm.prefault import PrefaultHang
 from kvmmem.kvm.vcpu import EFAULT, EMULATE, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE
@@ -74,7 +75,11 @@ class X86Kvm(ArchKvm):
         write = access is Access.WRITE
         slot = vcpu.gfn_to_memslot(gfn)
         mmu_seq = vm.mmu_invalidate_seq
+        stale_root = prefetch and vcpu.index in vm.obsolete_roots
         if slot is None:
+            if stale_root:
+                # kvm_handle_noslot_fault continues (MMIO caching) to is_page_fault_stale
+                return RETRY
             # kvm_handle_noslot_fault: MMIO (emulated); no instruction to fetch -> #UD at CPL3.
             if access is Access.EXEC:
                 return INVALID_OPCODE
@@ -95,6 +100,11 @@ class X86Kvm(ArchKvm):
         if is_error_noslot_pfn(fin.pfn):
             return EFAULT
         yield _MMU_READ_LOCK
+        if stale_root:
+            # is_page_fault_stale: the root is obsolete (is_obsolete_sp)
+            yield _MMU_READ_UNLOCK
+            kvm_release_faultin_page(mm, fin)
+            return RETRY
         if variant.invalidate_retry and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn):
             yield _MMU_READ_UNLOCK
             kvm_release_faultin_page(mm, fin)
@@ -130,7 +140,14 @@ class X86Kvm(ArchKvm):
     def pre_fault_memory(self, vm: Vm, vcpu: Vcpu, gpa: int) -> Op[int]:
         """``kvm_arch_vcpu_pre_fault_memory`` -> ``kvm_tdp_map_page``: the
         fault path with ``prefetch`` and a read error code; returns the bytes
-        from ``gpa`` to the end of the mapping that now covers it."""
+        from ``gpa`` to the end of the mapping that now covers it.
+
+        ``kvm_mmu_reload`` first: since v6.15 (20a6cff3b283) it frees a root that a
+        memslot delete made obsolete; before, the obsolete root stays, every fault is
+        stale (RET_PF_RETRY) and the call loops until a signal: :class:`PrefaultHang`."""
+        if vcpu.index in vm.obsolete_roots and vm.variant.x86_prefault_frees_obsolete_root:
+            vm.obsolete_roots.discard(vcpu.index)
+        vm.loaded_roots.add(vcpu.index)
         for _ in range(64):
             r = yield from self.tdp_page_fault(vm, vcpu, gpa, Access.READ, prefetch=True)
             if r.kind is Fault.RETRY:
@@ -147,4 +164,6 @@ class X86Kvm(ArchKvm):
             # RET_PF_EMULATE: no memslot (MMIO) -> ENOENT
             raise KernelError("ENOENT", "KVM_PRE_FAULT_MEMORY",
                               f"gpa {gpa:#x} is not covered by a memslot")
+        if vcpu.index in vm.obsolete_roots:
+            raise PrefaultHang(f"gpa {gpa:#x}: every fault is stale (obsolete root)")
         raise KernelError("EINTR", "KVM_PRE_FAULT_MEMORY", "retried too often")

@@ -32,6 +32,7 @@ from rich.text import Text
 
 from kvmmem.scenario.model import Scenario
 from kvmmem.scenario.runner import RunResult, arch_unsupported, run_scenario
+from kvmmem.variants import get_variant
 
 COUNTERS: tuple[str, ...] = (
     "pf_taken",
@@ -223,9 +224,11 @@ def compare_runs(scenario: Scenario, arches: list[str], variants: list[str]) -> 
     with threads."""
     columns = []
     for arch in arches:
-        reason = arch_unsupported(scenario, arch)
+        arch_reason = arch_unsupported(scenario, arch)
         for variant in variants:
             claimed = arch in scenario.arches and variant == scenario.variant
+            # an architecture that did not exist at the variant's release (riscv < v5.16)
+            reason = arch_reason or get_variant(variant).arch_unsupported(arch)
             if reason is not None:
                 columns.append(Column(arch, variant, RunResult(scenario.name, arch, variant),
                                       claimed, reason))

@@ -65,7 +65,7 @@ from kvmmem.scenario.model import (
     Step,
 )
 from kvmmem.types import PAGE_SIZE, PMD_SIZE, format_size, parse_size
-from kvmmem.variants import VARIANTS
+from kvmmem.variants import VARIANTS, get_variant
 
 __all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_VCPUS", "load_scenario", "load_scenario_text"]
 
@@ -485,6 +485,20 @@ class _Checker:
             raise self.err(node, path, f"{_show(node)} is not {what} ({_listing(choices)})")
         return text
 
+    def variant_name(self, node: Node, path: str) -> str:
+        """A variant: a named one (``upstream``, ``linux-5.4``, a mutation), a release
+        ``X.Y`` from 5.4 to upstream (YAML reads ``5.10`` as a float: the text is kept),
+        or ``RELEASE+MUTATION``."""
+        if not isinstance(node, ScalarNode) or node.tag not in _STRINGISH | {_FLOAT}:
+            raise self.err(node, path, f"expected a variant ({_listing(tuple(VARIANTS))} "
+                                       f"or a release such as 6.1), got {_show(node)}")
+        text = str(node.value)
+        try:
+            get_variant(text)
+        except InputError as exc:
+            raise self.err(node, path, str(exc)) from None
+        return text
+
     def boolean(self, node: Node, path: str) -> bool:
         if isinstance(node, ScalarNode) and node.tag == _BOOL:
             text = str(node.value).lower()
@@ -584,7 +598,7 @@ class _Checker:
         simple: dict[str, Parser] = {
             "version": lambda n, p: None, "name": self.name, "string": self.string,
             "arches": self.arches,
-            "variant": lambda n, p: self.choice(n, p, tuple(VARIANTS), "a known variant"),
+            "variant": self.variant_name,
             "granule": self.granule, "size": self.size, "u32": self.u32, "u64": self.u64,
             "access_size": self.access_size, "vcpu": self.vcpu, "prot": self.prot,
             "fill": self.fill, "flags": self.flags, "bool": self.boolean,
@@ -678,6 +692,7 @@ class _Checker:
             description=values.get("description", ""),
             arches=values.get("arch", ("x86",)),
             variant=values.get("variant", "upstream"),
+            variant_given="variant" in values,
             granule=values.get("granule", GRANULES["4K"]),
             vcpus=values.get("vcpus", 1),
             memory={n: m for n, m in memory.items() if m is not None},

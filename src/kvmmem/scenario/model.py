@@ -338,7 +338,10 @@ class Scenario:
     Exactly one of ``steps`` (sequential) and ``threads`` (concurrent; thread
     name -> its steps, in file order) is set.  ``memory`` is ordered as in the
     file (mappings are made in that order), ``granule`` is in bytes,
-    ``variant`` is a key of :data:`kvmmem.variants.VARIANTS`.
+    ``variant`` names a variant (:func:`kvmmem.variants.get_variant`: a release such as
+    ``6.1``, ``upstream``, ``linux-5.4``, a mutation); ``variant_given`` says whether the
+    file named it (``kvmmem conform`` runs a scenario that names none at the real
+    kernel's release).
     """
 
     name: str
@@ -353,6 +356,7 @@ class Scenario:
     threads: dict[str, tuple[Step, ...]] | None = None
     ipa_bits: int | None = None
     source: str = "<string>"
+    variant_given: bool = False
 
     @property
     def is_concurrent(self) -> bool:

@@ -38,7 +38,7 @@ from kvmmem.scenario.model import (
     RESULT_KEYS,
     RESULTS,
 )
-from kvmmem.variants import VARIANTS
+from kvmmem.variants import MUTATIONS, VARIANTS
 
 MAX_VCPUS = 1024
 """Upper bound of ``vcpus``."""
@@ -52,7 +52,8 @@ TYPES: dict[str, str] = {
     "name": "a non-empty string",
     "string": "a string",
     "arches": "an architecture or a list of them",
-    "variant": "a variant name",
+    "variant": "a variant: a release 5.4 .. 7.3 (6.1), upstream, linux-5.4, a mutation, "
+               "or RELEASE+MUTATION (docs/versions.md)",
     "granule": "a stage-2 granule: 4K, 16K or 64K",
     "range": "an integer in a range",
     "size": "a size or address: an integer, hex (0x1000), or a K/M/G/T suffix (2M)",
@@ -279,7 +280,11 @@ def _value_schema(key: Key) -> dict[str, Any]:
         out = {"anyOf": [one, {"type": "array", "items": one, "minItems": 1,
                                "uniqueItems": True}]}
     elif t == "variant":
-        out = {"enum": list(VARIANTS)}
+        # a named variant, a release X.Y (a YAML number too: 6.1), or RELEASE+MUTATION
+        release = r"(\d+\.\d+|upstream|linux-5\.4)"
+        mutation = "(" + "|".join(MUTATIONS) + ")"
+        out = {"anyOf": [{"enum": list(VARIANTS)}, {"type": "number"},
+                         {"type": "string", "pattern": rf"^{release}(\+{mutation})?$"}]}
     elif t == "granule":
         out = {"enum": list(GRANULES)}
     elif t == "range":
