@@ -231,8 +231,9 @@ def test_cli_difference_exits_1(kvm: Kvm, tmp_path: Path,
     difference is made by giving the model a wrong answer for one step."""
     real_run_model = cf.run_model
 
-    def wrong_model(scenario: Any, path: str = "native", arch: str = "x86") -> RunResult:
-        result = real_run_model(scenario, path, arch)
+    def wrong_model(scenario: Any, path: str = "native", arch: str = "x86",
+                    variant: str | None = None) -> RunResult:
+        result = real_run_model(scenario, path, arch, variant)
         result.steps[1] = {"step": 1, "op": "guest_write", "result": "ok"}
         return result
 
