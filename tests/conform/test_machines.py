@@ -51,7 +51,7 @@ DIFFERENTIAL = MACHINES if os.environ.get("KVMMEM_MACHINES") else CI_MACHINES[:2
 MACHINE_UNSUPPORTED: dict[str, str] = {
     r"has threads; real-KVM runs are sequential":
         "a concurrent scenario is for kvmmem explore",
-    r"^variant [\w.-]+: the real kernel is upstream$":
+    r"^variant [\w.+-]+: the real kernel is [\w.-]+$":
         "a scenario about another kernel's behaviour (variant)",
     r"the emulated access path exists only on this host":
         "the emulated path is this host's PVM instruction emulator",
