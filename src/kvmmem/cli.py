@@ -498,8 +498,12 @@ def explore(
     column per thread, with a replay token, also written to a file).  A step
     expectation that fails in some interleaving is reported the same way.
 
+    Progress (on a terminal): executions done out of the schedules counted
+    (dfs) or the budget.  Ctrl-C stops the search and prints what it explored,
+    verdict interrupted.
+
     Exit status: 0 no violation; 1 an expectation failed; 2 bad input; 3 an
-    invariant was violated."""
+    invariant was violated; 130 interrupted."""
     from kvmmem.explore import (
         NondeterminismError,
         SearchParams,
@@ -567,25 +571,41 @@ def explore(
             else:
                 print_result(console, result, source=str(file))
             status = max(status, result.exit_status)
+            if result.verdict == "interrupted":
+                raise typer.Exit(result.exit_status)
     except NondeterminismError as err:
         _fail(f"the model is not deterministic: {err}", 3)
     raise typer.Exit(status)
 
 
 @contextmanager
-def _progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr when it is a terminal; nothing when piped."""
+def _progress_bar(label: str) -> Iterator[Callable[[Any], None] | None]:
+    """The progress of a search on stderr when it is a terminal (executions done
+    and what they are out of: explore.report.progress_text); nothing when piped."""
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import Progress
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=None)
+    from kvmmem.explore.report import progress_text
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total,
-                       description=f"{label}: {done}/{total} tasks")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"{label}: counting schedules", total=None)
+
+        def update(p: Any) -> None:
+            # dpor's budget is only a bound: the bar pulses
+            bar.update(task, completed=p.executions,
+                       total=None if p.kind == "bound" else p.total,
+                       description=f"{label}: {progress_text(p)}")
 
         yield update
 

@@ -15,8 +15,24 @@ from rich.console import Console
 from rich.table import Table
 
 from .execution import TraceEvent, Violation
-from .explorer import ExploreResult, ReplayResult
+from .explorer import ExploreResult, ReplayResult, SearchProgress
 from .token import Token
+
+
+def progress_text(p: SearchProgress) -> str:
+    """How far a search is, for the progress line: ``1,234/129,381 executions``
+    (plain dfs, counted), ``1,234/~5,000 executions (estimated)``,
+    ``1,234/200,000 executions (the budget)`` or, for dpor,
+    ``1,234 executions (at most 200,000: the budget)``."""
+    done = f"{p.executions:,}"
+    if p.kind == "exact":
+        return f"{done}/{p.total:,} executions"
+    if p.kind == "estimate":
+        return f"{done}/~{p.total:,} executions (estimated)"
+    if p.kind == "budget":
+        more = f"; ~{p.schedules:,} schedules in all" if p.schedules else ""
+        return f"{done}/{p.total:,} executions (the budget{more})"
+    return f"{done} executions (at most {p.total:,}: the budget)"
 
 
 def verdict_line(result: ExploreResult) -> str:
@@ -45,6 +61,9 @@ def print_result(console: Console, result: ExploreResult, source: str = "FILE") 
     counterexample (trace, invariant, state, token).  ``source``: the scenario
     file, as the replay command line names it."""
     console.print(verdict_line(result), soft_wrap=True)
+    if result.verdict == "interrupted":
+        console.print("  interrupted (Ctrl-C) before the search ended: the counts and "
+                      "outcomes are those of the executions run", soft_wrap=True)
     for thread, steps in result.outcomes.items():
         for i, outs in enumerate(steps):
             if outs:

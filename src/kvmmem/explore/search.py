@@ -40,7 +40,8 @@ Strategies
 Splitting
 ---------
 A systematic search runs as a tree of tasks: a task explores the subtree
-below its schedule prefix for at most ``split`` executions; if work is left
+below its schedule prefix for at most ``split`` executions (or the budget,
+when smaller: no more executions can count); if work is left
 it stops and hands back its pending alternatives, in depth-first order, as
 subtasks (each with a copy of the states it had explored, for ``dpor``).
 The first task has the empty prefix.  ``random`` and ``pct`` are split into
@@ -54,6 +55,7 @@ counterexample and counts.  A search within ``split`` executions is one task.
 from __future__ import annotations
 
 import random as _random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +142,9 @@ class TaskResult:
     complete: bool = False
     """The task did all it was given (its subtree, or its range of executions),
     or handed the rest on as ``subtasks``."""
+    stopped: bool = False
+    """The task was asked to stop (Ctrl-C) and returned after its last whole
+    execution: what it explored is recorded, what it left is not."""
     subtasks: list[Task] = field(default_factory=list)
 
     @property
@@ -164,11 +169,21 @@ class _Node:
     frozen: bool = False
 
 
+Tick = Callable[[], None]
+"""Called after every execution a task completes (progress); it raises
+:class:`Stop` to end the task there."""
+
+
+class Stop(Exception):
+    """Raised by a :data:`Tick` to end the current task after the execution
+    that just completed (the search was interrupted)."""
+
+
 class _Explorer:
     """Shared plumbing of the strategies: building executions, recording states."""
 
     def __init__(self, scenario: Scenario, arch: str, variant: str, params: SearchParams,
-                 task: tuple[int, ...]) -> None:
+                 task: tuple[int, ...], tick: Tick | None = None) -> None:
         self.scenario = scenario
         self.arch = arch
         self.variant = variant
@@ -176,6 +191,7 @@ class _Explorer:
         self.opaque = opaque_objects(scenario)
         self.result = TaskResult(task)
         self.end_checked: dict[bytes, tuple[Violation | None, list[str]]] = {}
+        self.tick = tick
 
     def new(self) -> Execution:
         """A fresh execution (setup done, threads at their first pause)."""
@@ -208,6 +224,8 @@ class _Explorer:
         self.record_outcomes(ex)
         self.result.lengths.append(length)
         self.result.preemptions.append(preempt)
+        if self.tick is not None:
+            self.tick()
 
     def end_check(self, ex: Execution, data: bytes) -> bool:
         """Path independence on a final state (once per distinct final state)."""
@@ -269,8 +287,8 @@ class _Systematic(_Explorer):
     """dfs and dpor over the subtree below ``task.prefix`` (a forced schedule)."""
 
     def __init__(self, scenario: Scenario, arch: str, variant: str, params: SearchParams,
-                 task: Task) -> None:
-        super().__init__(scenario, arch, variant, params, task.index)
+                 task: Task, tick: Tick | None = None) -> None:
+        super().__init__(scenario, arch, variant, params, task.index, tick)
         self.prefix = list(task.prefix)
         self.reduce = params.strategy == "dpor"
         self.sleep_sets = self.reduce and params.preemptions is None
@@ -278,8 +296,10 @@ class _Systematic(_Explorer):
 
     def run(self) -> TaskResult:
         """Explore until the subtree is done or a violation is found; after
-        ``split`` executions hand what is left on as subtasks."""
+        ``split`` executions (or the whole budget, if smaller: no more can
+        count) hand what is left on as subtasks."""
         stack: list[_Node] = []
+        limit = min(self.params.split, self.params.budget())
         while True:
             self._execution(stack)
             if self.result.found is not None:
@@ -296,7 +316,7 @@ class _Systematic(_Explorer):
             self.result.complete = True
             if not stack:
                 return self.result
-            if self.result.executions >= self.params.split:
+            if self.result.executions >= limit:
                 self.result.subtasks = self._split(stack)
                 return self.result
 
@@ -449,7 +469,8 @@ class _Systematic(_Explorer):
 
 
 def count_dfs_executions(scenario: Scenario, arch: str, variant: str,
-                         limit: int = 10_000_000) -> int:
+                         limit: int = 10_000_000,
+                         give_up: Callable[[], bool] | None = None) -> int:
     """The number of executions an unbounded plain ``dfs`` runs to exhaust the
     scenario: the number of maximal paths through its state graph, counted
     without running them.  The model is deterministic, so two schedules that
@@ -460,7 +481,8 @@ def count_dfs_executions(scenario: Scenario, arch: str, variant: str,
     distinct state is expanded once; each edge replays its prefix.
 
     Raises InputError when a state's count exceeds ``limit`` (the count is
-    then only a lower bound)."""
+    then only a lower bound), TimeoutError when ``give_up`` (asked before
+    each distinct state is expanded) says so."""
     opaque = opaque_objects(scenario)
     memo: dict[bytes, int] = {}
 
@@ -477,6 +499,8 @@ def count_dfs_executions(scenario: Scenario, arch: str, variant: str,
         known = memo.get(key)
         if known is not None:
             return known
+        if give_up is not None and give_up():
+            raise TimeoutError("gave up counting the schedules")
         enabled = ex.enabled()
         total = 0 if enabled else 1
         for i, tid in enumerate(enabled):
@@ -492,6 +516,40 @@ def count_dfs_executions(scenario: Scenario, arch: str, variant: str,
     return count([], Execution(scenario, arch, variant, opaque=opaque))
 
 
+def estimate_dfs_executions(scenario: Scenario, arch: str, variant: str,
+                            preemptions: int | None = None, probes: int = 128,
+                            seed: int = 0) -> float:
+    """Knuth's estimate of the executions a ``dfs`` search runs (with an optional
+    preemption bound): the mean, over ``probes`` random schedules, of the
+    product of the number of choices the search has at each point along the
+    schedule (an unbiased estimate of the number of leaves of its tree; D. E.
+    Knuth, "Estimating the efficiency of backtrack programs", 1975).  For when
+    :func:`count_dfs_executions` would take too long; rough (128 probes: within
+    a factor of 2 or 3 on the bundled races)."""
+    opaque = opaque_objects(scenario)
+    rng = _random.Random(seed)
+    total = 0.0
+    for _ in range(probes):
+        ex = Execution(scenario, arch, variant, opaque=opaque)
+        product = 1.0
+        last: int | None = None
+        preempt = 0
+        while ex.violation is None and not ex.finished:
+            enabled = ex.enabled()
+            if not enabled:
+                break
+            allowed = _allowed(enabled, last, preempt, preemptions)
+            product *= len(allowed)
+            tid = allowed[rng.randrange(len(allowed))]
+            if last is not None and tid != last and last in enabled:
+                preempt += 1
+            last = tid
+            if ex.step(tid) is not None:
+                ex.check()
+        total += product
+    return total / probes
+
+
 # --- random and PCT ------------------------------------------------------------------------
 
 
@@ -499,8 +557,9 @@ class _Sampling(_Explorer):
     """random and pct over executions ``first .. first + count - 1``."""
 
     def __init__(self, scenario: Scenario, arch: str, variant: str, params: SearchParams,
-                 task: tuple[int, ...], first: int, count: int) -> None:
-        super().__init__(scenario, arch, variant, params, task)
+                 task: tuple[int, ...], first: int, count: int,
+                 tick: Tick | None = None) -> None:
+        super().__init__(scenario, arch, variant, params, task, tick)
         self.first = first
         self.count = count
 
@@ -599,12 +658,27 @@ def root_tasks(params: SearchParams) -> list[Task]:
 
 
 def run_task(scenario: Scenario, arch: str, variant: str, params: SearchParams,
-             task: Task) -> TaskResult:
-    """Search one task (this is what worker processes and Dask workers run)."""
+             task: Task, tick: Tick | None = None) -> TaskResult:
+    """Search one task (this is what worker processes and Dask workers run).
+    ``tick`` is called after every execution; when it raises :class:`Stop`
+    the task returns what it explored so far, marked ``stopped``."""
+    explorer: _Systematic | _Sampling
     if params.strategy in ("random", "pct"):
-        return _Sampling(scenario, arch, variant, params, task.index, task.first,
-                         task.count).run()
-    return _Systematic(scenario, arch, variant, params, task).run()
+        explorer = _Sampling(scenario, arch, variant, params, task.index, task.first,
+                             task.count, tick)
+    else:
+        explorer = _Systematic(scenario, arch, variant, params, task, tick)
+    try:
+        return explorer.run()
+    except Stop:
+        result = explorer.result
+        if result.found is not None:  # its last execution broke something: done anyway
+            result.complete = True
+            return result
+        result.complete = False
+        result.subtasks = []
+        result.stopped = True
+        return result
 
 
 # --- combining -----------------------------------------------------------------------------
@@ -658,6 +732,8 @@ class Combiner:
             out.append(r)
             if r.found is not None and r.found_at < remaining:
                 return out, True, False
+            if r.stopped and r.executions < remaining:
+                return out, False, False
             remaining -= r.executions
             todo.extend(reversed(r.subtasks))
             if remaining <= 0:
@@ -671,6 +747,35 @@ class Combiner:
     def pending(self) -> list[Task]:
         """Known tasks without a result, in task order."""
         return [t for i, t in sorted(self.tasks.items()) if i not in self.results]
+
+    def stopped(self) -> bool:
+        """Some task was stopped (the search was interrupted) before the
+        combined answer was settled."""
+        return any(r.stopped for r in self.results.values()) and not self.settled()
+
+    def partial(self) -> Combined:
+        """What an interrupted search explored: every result received, in
+        task order, whether or not the tasks before it finished; verdict
+        ``interrupted``, no counterexample (the first violation in task order
+        is not known)."""
+        executions = steps = maxp = 0
+        states: set[bytes] = set()
+        outcomes: dict[tuple[int, int], list[str]] = {}
+        notes: list[str] = []
+        for _, r in sorted(self.results.items()):
+            executions += r.executions
+            steps += sum(r.lengths)
+            maxp = max([maxp, *r.preemptions])
+            states.update(r.states)
+            for (tid, idx, text), _v in r.outcomes.items():
+                outs = outcomes.setdefault((tid, idx), [])
+                if text not in outs:
+                    outs.append(text)
+            notes.extend(t for t in r.notes if t not in notes)
+        for outs in outcomes.values():
+            outs.sort()
+        return Combined("interrupted", executions, steps, maxp, states, outcomes, None,
+                        len(self.results), sorted(notes))
 
     def combine(self) -> Combined:
         """The combined result (call once :meth:`settled`)."""
