@@ -92,6 +92,10 @@ class PhysMem:
         self._dev_sizes: list[int] = []
         self._dev_top = DEVICE_BASE_PFN
         self._dev_content: dict[int, bytearray] = {}
+        self._foreign: dict[int, bytearray] = {}
+        """Frames outside the model's RAM and devices that a stage-2 entry reached anyway
+        (a v5.4-era premap's pfn guessed from ``vm_pgoff``): other host memory, zero
+        until the guest writes it."""
         # hugetlb pool (hstate): free pages live in _hugetlb_free (LIFO)
         self.hugetlb_pages = hugetlb_pages
         self._hugetlb_free: list[int] = []
@@ -495,7 +499,7 @@ class PhysMem:
             return self._content.get(pfn)
         if self.is_device(pfn):
             return self._dev_content.get(pfn)
-        raise InputError(f"pfn {pfn:#x} is neither RAM nor device memory")
+        return self._foreign.get(pfn)
 
     def read(self, pfn: int, offset: int, size: int) -> bytes:
         """The ``size`` bytes at ``offset`` in frame ``pfn`` (may run on into pfn+1...).
@@ -524,7 +528,7 @@ class PhysMem:
         data = self._frame_bytes(pfn) if pfn < DEVICE_BASE_PFN else self._dev_content.get(pfn)
         if data is not None:
             return int.from_bytes(data[offset : offset + size], "little")
-        if pfn >= DEVICE_BASE_PFN:
+        if not RAM_BASE_PFN <= pfn < RAM_BASE_PFN + self._top:
             return 0
         b = self._fill[pfn - RAM_BASE_PFN]
         if b == 0:
@@ -548,18 +552,15 @@ class PhysMem:
             offset += n
 
     def _store(self, pfn: int, offset: int, chunk: memoryview | bytes) -> None:
-        if pfn >= DEVICE_BASE_PFN:
-            if not self.is_device(pfn):
-                raise InputError(f"pfn {pfn:#x} is neither RAM nor device memory")
-            buf = self._dev_content.get(pfn)
+        if pfn >= DEVICE_BASE_PFN or not RAM_BASE_PFN <= pfn < RAM_BASE_PFN + self._top:
+            store = self._dev_content if self.is_device(pfn) else self._foreign
+            buf = store.get(pfn)
             if buf is None:
                 if not any(chunk):
                     return
-                buf = self._dev_content[pfn] = bytearray(PAGE_SIZE)
+                buf = store[pfn] = bytearray(PAGE_SIZE)
             buf[offset : offset + len(chunk)] = chunk
             return
-        if not (RAM_BASE_PFN <= pfn < RAM_BASE_PFN + self._top):
-            raise InputError(f"pfn {pfn:#x} is neither RAM nor device memory")
         buf = self._content.get(pfn)
         n = len(chunk)
         if n == PAGE_SIZE:
