@@ -65,8 +65,11 @@ held against ``upstream``).  A machine stands for its own release
 
 def machine_variant(version: str) -> str:
     """The variant of a machine's catalog version: its release ``X.Y`` (``7.3-16k`` ->
-    ``7.3``)."""
-    return version.split("-", 1)[0]
+    ``7.3``), or the Debian kernel's own variant where its backports differ from that
+    release (``5.10`` -> ``debian-5.10``: :data:`kvmmem.variants.DISTRIBUTIONS`)."""
+    from kvmmem.variants import DISTRIBUTIONS
+    release = version.split("-", 1)[0]
+    return f"debian-{release}" if f"debian-{release}" in DISTRIBUTIONS else release
 PATHS = ("native", "emulated")
 VERDICTS = ("agree", "differ", "unsupported")
 

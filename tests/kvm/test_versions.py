@@ -5,6 +5,7 @@ choice of the model's variant."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -340,3 +341,28 @@ def test_versions_doc_lists_every_switch_with_its_commit() -> None:
         for c in s.changes:
             assert (f"`{c.commit}`" if c.commit else "not identified") in text
             assert c.title in text
+
+
+def test_debian_5_10_carries_the_writable_pfnmap_fix() -> None:
+    """Debian's 5.10.223 is mainline 5.10 plus the v5.12 hva_to_pfn_remapped fix
+    (bd2fae8da794): its variant differs from 5.10 in that switch alone, and the 5.10
+    machine is held against it."""
+    from kvmmem.conform import machine_variant
+    from kvmmem.variants import DISTRIBUTIONS, get_variant
+
+    mainline, debian = get_variant("5.10"), get_variant("debian-5.10")
+    assert mainline.remapped_always_writable and not debian.remapped_always_writable
+    differ = [f.name for f in dataclasses.fields(mainline)
+              if f.name not in ("name", "description")
+              and getattr(mainline, f.name) != getattr(debian, f.name)]
+    assert differ == ["remapped_always_writable"]
+    assert set(DISTRIBUTIONS) == {"debian-5.10"}
+    assert machine_variant("5.10") == "debian-5.10"
+    assert machine_variant("6.12") == "6.12" and machine_variant("7.3-16k") == "7.3"
+    text = SCENARIOS / "pfnmap-mprotect-after-premap.yaml"
+    for variant, outcome in (("5.10", "violation"), ("debian-5.10", "fault"),
+                             ("upstream", "fault")):
+        res = CliRunner().invoke(app, ["run", str(text), "--variant", variant, "--json"])
+        run = json.loads(res.stdout)
+        got = "violation" if run["violations"] else run["steps"][3]["result"]
+        assert got == outcome, (variant, res.stdout)
