@@ -4,6 +4,7 @@ is shared); :class:`MachinePool` boots each machine once per session."""
 
 from __future__ import annotations
 
+import atexit
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +12,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 if TYPE_CHECKING:
     from kvmmem.machine import Machine
+
+# Hypothesis keeps caches (e.g. .hypothesis/constants) under its home directory even
+# without an example database: point it at a directory removed when the tests end.
+_HYPOTHESIS_HOME = tempfile.TemporaryDirectory(prefix="kvmmem-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
+atexit.register(_HYPOTHESIS_HOME.cleanup)
 
 settings.register_profile(
     "kvmmem",

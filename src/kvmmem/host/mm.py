@@ -94,6 +94,7 @@ from kvmmem.host.vma import (
     VM_PFNMAP,
     VM_READ,
     VM_SHARED,
+    VM_SOFTDIRTY,
     VM_SPECIAL,
     VM_WRITE,
     Vma,
@@ -410,9 +411,31 @@ class Mm:
         return self._anon_vma_seq
 
     def _anon_vma_prepare(self, vma: Vma) -> None:
-        """``anon_vma_prepare()``: give the VMA an anon_vma on its first anonymous page."""
+        """``anon_vma_prepare()``: give the VMA an anon_vma on its first anonymous page,
+        reusing an adjacent VMA's where the two could merge but for their protections
+        (``find_mergeable_anon_vma``), so a later mprotect that makes them equal merges
+        them, as the kernel does."""
         if not vma.anon_vma:
-            vma.anon_vma = self._new_anon_vma()
+            vma.anon_vma = self._mergeable_anon_vma(vma) or self._new_anon_vma()
+
+    def _mergeable_anon_vma(self, vma: Vma) -> int:
+        """``find_mergeable_anon_vma``: the anon_vma of the next, else the previous, VMA
+        when it is adjacent, of the same file, pgoff-contiguous and of the same flags
+        apart from VM_READ/WRITE/EXEC and VM_SOFTDIRTY (``anon_vma_compatible``); 0
+        when neither is.  (The kernel also wants the neighbour's anon_vma to be its
+        only one, ``list_is_singular``; the model has no fork, so it always is.)"""
+        def compatible(a: Vma, b: Vma) -> bool:
+            ignore = VM_ACCESS_FLAGS | VM_SOFTDIRTY
+            return (a.end == b.start and a.file is b.file
+                    and (a.flags ^ b.flags) & ~ignore == 0
+                    and a.pgoff + a.npages == b.pgoff)
+        nxt = self._next(vma)
+        if nxt is not None and nxt.anon_vma and compatible(vma, nxt):
+            return nxt.anon_vma
+        prev = self._prev(vma)
+        if prev is not None and prev.anon_vma and compatible(prev, vma):
+            return prev.anon_vma
+        return 0
 
     @staticmethod
     def _mergeable(a: Vma, b: Vma) -> bool:
