@@ -39,7 +39,7 @@ from kvmmem.realkvm.harness import (
     choose_layout,
     public,
 )
-from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
+from kvmmem.realkvm.kvm import Kvm, VcpuFd, VmFd
 from kvmmem.realkvm.program import DEFAULT_TIMEOUT
 
 Outcome = dict[str, Any]
@@ -168,20 +168,11 @@ class ArchVm(HarnessVm):
         the MMIO exit (arm64 ``kvm_handle_mmio_return`` commits the PC advance before
         returning EINTR; riscv ``kvm_riscv_vcpu_mmio_return`` moves ``sepc``), so the PC
         the next step sets is not advanced after the fact (kernel-matrix.md §4)."""
-        while len(self.vcpus) <= index:
-            try:
-                fd = self.vm.create_vcpu(len(self.vcpus))
-            except KvmIoctlError as exc:
-                raise KvmUnsupported(f"this kernel's KVM cannot create vCPU {len(self.vcpus)}: "
-                                     f"{exc.errno_name}") from None
-            self.vcpus.append(Vcpu(fd))
+        def new(fd: VcpuFd) -> Vcpu:
             self._init_vcpu(fd)
-        v = self.vcpus[index]
-        if v.pending:
-            v.fd.run.immediate_exit = 1
-            v.fd.kvm_run()
-            v.fd.run.immediate_exit = 0
-            v.pending = False
+            return Vcpu(fd)
+
+        v: Vcpu = self._ready_vcpu(index, new)
         return v
 
     def _enter(self, v: Vcpu, pc: int, regs: dict[int, int]) -> None:

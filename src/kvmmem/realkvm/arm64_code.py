@@ -30,7 +30,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from kvmmem.realkvm.code_page import GuestProgram, lay_out
+from kvmmem.realkvm.code_page import GuestProgram, lay_out, routine_table
 
 GiB = 1 << 30
 PAGE_SIZE = 4096
@@ -243,16 +243,8 @@ def _vector() -> list[int]:
 
 
 def routines() -> dict[str, list[int]]:
-    """Every routine's instruction words by name: ``read1`` .. ``read8``, ``write1`` ..
-    ``write8``, ``touch_read``, ``touch_write``, ``spin``."""
-    out: dict[str, list[int]] = {}
-    for size in (1, 2, 4, 8):
-        out[f"read{size}"] = _access_routine(size, False)
-        out[f"write{size}"] = _access_routine(size, True)
-    out["touch_read"] = _touch_routine(False)
-    out["touch_write"] = _touch_routine(True)
-    out["spin"] = [b(0)]
-    return out
+    """Every routine's instruction words by name (:func:`code_page.routine_table`)."""
+    return routine_table(_access_routine, _touch_routine, [b(0)])
 
 
 def assemble() -> GuestProgram:

@@ -7,7 +7,7 @@ Stdlib only: the agent inside an emulated machine builds its page with it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -53,3 +53,18 @@ def lay_out(routines: Mapping[str, list[int]], *, size: int, stride: int, filler
         page[start:start + len(handler)] = handler
     entries[trap_name] = trap_offset
     return GuestProgram(bytes(page), entries)
+
+
+def routine_table(access: Callable[[int, bool], list[int]], touch: Callable[[bool], list[int]],
+                  spin: list[int]) -> dict[str, list[int]]:
+    """Every routine's instruction words by name, in page order: ``read1`` .. ``read8``
+    and ``write1`` .. ``write8`` from ``access(size, is_write)``, ``touch_read`` and
+    ``touch_write`` from ``touch(is_write)``, then ``spin``."""
+    out: dict[str, list[int]] = {}
+    for size in (1, 2, 4, 8):
+        out[f"read{size}"] = access(size, False)
+        out[f"write{size}"] = access(size, True)
+    out["touch_read"] = touch(False)
+    out["touch_write"] = touch(True)
+    out["spin"] = spin
+    return out

@@ -53,7 +53,7 @@ import ctypes
 import errno
 import mmap
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -215,6 +215,34 @@ class HarnessVm:
     def _vcpu_fd(self, index: int) -> VcpuFd:
         """vCPU ``index``'s fd, the vCPU created and ready for a step."""
         raise NotImplementedError
+
+    def _ready_vcpu(self, index: int, new: Callable[[VcpuFd], Any]) -> Any:
+        """vCPU ``index``, created (with every lower one) on first use: ``new(fd)`` makes
+        each one's record (an object with ``fd`` and ``pending``).  A vCPU whose last run
+        may have left an exit half done first runs once with ``immediate_exit`` set, so
+        KVM completes it (arm64 ``kvm_handle_mmio_return`` commits the PC advance, riscv
+        ``kvm_riscv_vcpu_mmio_return`` moves ``sepc``, x86 finishes or drops its MMIO
+        completion) before the next step writes registers.  Raises
+        :class:`~kvmmem.realkvm.kvm.KvmUnsupported` when KVM refuses a vCPU."""
+        while len(self.vcpus) <= index:
+            try:
+                fd = self.vm.create_vcpu(len(self.vcpus))
+            except KvmIoctlError as exc:
+                raise KvmUnsupported(f"this kernel's KVM cannot create vCPU {len(self.vcpus)}: "
+                                     f"{exc.errno_name}") from None
+            try:
+                record = new(fd)
+            except BaseException:
+                fd.close()
+                raise
+            self.vcpus.append(record)
+        v = self.vcpus[index]
+        if v.pending:
+            v.fd.run.immediate_exit = 1
+            v.fd.kvm_run()
+            v.fd.run.immediate_exit = 0
+            v.pending = False
+        return v
 
     def _map_harness_memory(self) -> int:
         """Anonymous memory for the harness slot: its host address.  Raises ``OSError``."""
@@ -499,21 +527,11 @@ class RealVm(HarnessVm):
         path = path or self.path
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, not {path!r}")
-        while len(self.vcpus) <= index:
-            try:
-                fd = self.vm.create_vcpu(len(self.vcpus))
-            except KvmIoctlError as exc:
-                raise KvmUnsupported(f"this host's KVM cannot create vCPU {len(self.vcpus)}: "
-                                     f"{exc.errno_name}") from None
+        def new(fd: VcpuFd) -> _Vcpu:
             fd.set_cpuid2(self.vm.kvm.supported_cpuid())
-            self.vcpus.append(_Vcpu(fd))
-        v = self.vcpus[index]
-        if v.pending:
-            # Let KVM finish (or drop) a half-done exit before the registers change.
-            v.fd.run.immediate_exit = 1
-            v.fd.kvm_run()
-            v.fd.run.immediate_exit = 0
-            v.pending = False
+            return _Vcpu(fd)
+
+        v: _Vcpu = self._ready_vcpu(index, new)
         if v.stale or v.path != path:
             if v.stale:
                 _drop_events(v.fd)

@@ -21,7 +21,7 @@ guest physical, no guest page tables.
 
 from __future__ import annotations
 
-from kvmmem.realkvm.code_page import GuestProgram, lay_out
+from kvmmem.realkvm.code_page import GuestProgram, lay_out, routine_table
 
 PAGE_SIZE = 4096
 
@@ -209,16 +209,8 @@ def _trap_handler() -> list[int]:
 
 
 def routines() -> dict[str, list[int]]:
-    """Every routine's instruction words by name: ``read1`` .. ``read8``, ``write1`` ..
-    ``write8``, ``touch_read``, ``touch_write``, ``spin``."""
-    out: dict[str, list[int]] = {}
-    for size in (1, 2, 4, 8):
-        out[f"read{size}"] = _access_routine(size, False)
-        out[f"write{size}"] = _access_routine(size, True)
-    out["touch_read"] = _touch_routine(False)
-    out["touch_write"] = _touch_routine(True)
-    out["spin"] = [jal(ZERO, 0)]
-    return out
+    """Every routine's instruction words by name (:func:`code_page.routine_table`)."""
+    return routine_table(_access_routine, _touch_routine, [jal(ZERO, 0)])
 
 
 def assemble() -> GuestProgram:
