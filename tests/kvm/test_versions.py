@@ -146,11 +146,11 @@ def test_riscv_is_refused_before_5_16() -> None:
     assert len(res.output.strip().splitlines()) == 1
 
 
-def test_a_file_naming_riscv_at_an_old_release_skips_riscv_with_a_line() -> None:
+def test_a_file_naming_riscv_at_an_old_release_skips_riscv_with_a_line(tmp_path: Path) -> None:
     text = ("kvmmem: 1\nname: t\narch: [arm64, riscv]\nvariant: 5.10\nmemory:\n"
             "  ram: {size: 16K, kind: anon, prot: rw}\nmemslots:\n  - {slot: 0, gpa: 0, size: 16K, "
             "memory: ram}\nsteps:\n  - guest_read: {gpa: 0, size: 4}\n")
-    path = Path("/tmp/kvmmem-test-riscv-510.yaml")
+    path = tmp_path / "riscv-510.yaml"
     path.write_text(text)
     res = CliRunner().invoke(app, ["run", str(path), "--json"])
     assert res.exit_code == 0, res.output
