@@ -18,11 +18,10 @@ What is compared (:func:`compare_outcomes`) and why:
 * Every other key of the outcome that *both* sides report (``value``,
   ``dirty``, ``errno``, ``gpa``, ``len``, ``is_write``, ``data``, ``signal``,
   ``abort``, ``exit_reason``, ...).  A key only one side reports is not a
-  difference: this host's KVM never produces ``KVM_EXIT_MEMORY_FAULT``
-  (kvm-on-this-host.md §0, §3.4), so a real ``fault`` carries no ``gpa``,
-  ``size`` or ``flags`` while the model's (upstream VMX) does; the model's
-  ``prefault`` outcome carries ``remaining``; the real harness lists the
-  later exits of an access that needed more than one under ``more_mmio``.
+  difference: the real harness adds the guest's syndrome to an injected
+  exception (arm64 ``esr``/``far``, riscv ``scause``/``stval``, x86 ``vector``)
+  and lists the later exits of an access that needed more than one under
+  ``more_mmio``; a watchdog ``timeout`` carries ``seconds``.
 * One normalisation makes a missing key comparable: an MMIO read whose every
   byte exited has no ``value`` in the model's outcome, while the real guest
   loaded the zero bytes the read was answered with; the model's outcome then
@@ -33,8 +32,8 @@ What makes a scenario ``unsupported`` (with the reason): it does not name the
 target's architecture, it names a variant other than the real kernel's release
 (a machine stands for its version, ``kvmmem conform --kernel 6.12`` runs the model
 as 6.12; this host's kernel stands for ``upstream``; a scenario that names no
-variant runs as the target's), it is concurrent (real runs are sequential), or the real run found
-something the target cannot do (a mapping kind without a source there, a
+variant runs as the target's), it is concurrent (real runs are sequential), or
+the real run found something the target cannot do (a mapping kind without a source there, a
 hugetlb pool that is too small, a gpa the harness cannot reach).
 """
 
