@@ -289,6 +289,7 @@ def conform(
     input; 3 the model violated an invariant; 4 skipped (no usable /dev/kvm or
     machine, or nothing it can run)."""
     from kvmmem import conform as cf
+    from kvmmem.kvm.vm import ARCHES
     from kvmmem.scenario.loader import load_scenario
 
     if path not in cf.PATHS:
@@ -337,9 +338,6 @@ class _BadFile:
     def to_json(self) -> dict[str, Any]:
         return {"scenario": self.source, "verdict": "error", "steps": [],
                 "reason": self.message, "source": self.source}
-
-
-ARCHES = ("x86", "arm64", "riscv")
 
 
 def _conform_each(scenarios: list[Any], target: Any, as_json: bool, path: str) -> list[Any]:

@@ -203,7 +203,7 @@ class HostTarget:
         self.release = os.uname().release
 
     def program(self, scenario: Scenario, path: str, timeout: float | None) -> Program:
-        from kvmmem.realkvm.program import DEFAULT_TIMEOUT
+        from kvmmem.realkvm.harness import DEFAULT_TIMEOUT
         from kvmmem.realkvm.runner import scenario_program
         return scenario_program(scenario, self.arch, path, timeout or DEFAULT_TIMEOUT)
 

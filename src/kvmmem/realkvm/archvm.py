@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvmmem.realkvm.harness import (
+    DEFAULT_TIMEOUT,
     EXC_DOORBELL_OFFSET,
     HarnessLayout,
     HarnessVm,
@@ -40,7 +41,6 @@ from kvmmem.realkvm.harness import (
     public,
 )
 from kvmmem.realkvm.kvm import Kvm, VcpuFd, VmFd
-from kvmmem.realkvm.program import DEFAULT_TIMEOUT
 
 Outcome = dict[str, Any]
 
@@ -65,7 +65,8 @@ class ArchVm(HarnessVm):
     """The generic part of a ONE_REG architecture's harness.  Subclasses set ``arch`` and
     ``phys_bits`` and implement the hooks (``_create_vm``, ``_program``, ``_place``,
     ``_init_vcpu``, ``_routine_reg_ids``, ``_pc_id``, ``_entry_regs``, ``_reachable``,
-    ``_exception``, ``_fetch_failed``, ``_poisoned``).
+    ``_fetch_failed``, ``_poisoned``, and :class:`~kvmmem.realkvm.harness.HarnessVm`'s
+    ``_exception``).
 
     ``reserved_gpas``: every ``(gpa, size)`` the scenario will use; ``reserved_slots``:
     every slot id it will use; ``timeout``: seconds one guest step may run; ``kvm``: an
@@ -125,10 +126,6 @@ class ArchVm(HarnessVm):
 
     def _reachable(self, gpa: int, size: int) -> bool:
         """Whether the guest can address ``[gpa, gpa + size)`` (mapping it if needed)."""
-        raise NotImplementedError
-
-    def _exception(self, cause: int, address: int) -> Outcome:
-        """The ``abort`` outcome of a guest exception (syndrome and fault address)."""
         raise NotImplementedError
 
     def _fetch_failed(self, cause: int, address: int, gpa: int) -> bool:
@@ -210,34 +207,14 @@ class ArchVm(HarnessVm):
                 "reason": f"[{gpa:#x}, {gpa + size:#x}) is beyond what the {self.arch} "
                           f"harness guest can address"}
 
-    def guest_read(self, gpa: int, size: int, vcpu: int = 0,
-                   path: str | None = None) -> Outcome:
-        """The guest loads ``size`` (1, 2, 4, 8) bytes at ``gpa`` (zero-extending); the
-        outcome has the little-endian ``value`` when the routine completed.  ``path`` is
-        accepted for RealVm's signature and ignored (one path here).  Raises
-        ``ValueError`` for another size."""
-        return self._access(f"read{size}", gpa, size, 0, vcpu, is_read=True)
-
-    def guest_write(self, gpa: int, size: int, value: int, vcpu: int = 0,
-                    path: str | None = None) -> Outcome:
-        """The guest stores the low ``size`` bytes of ``value`` at ``gpa``."""
-        return self._access(f"write{size}", gpa, size, value & ((1 << 8 * size) - 1), vcpu,
-                            is_read=False)
-
     def _access(self, routine: str, gpa: int, size: int, value: int, vcpu: int,
-                is_read: bool) -> Outcome:
-        if size not in (1, 2, 4, 8):
-            raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
+                path: str | None, is_read: bool) -> Outcome:
+        self._check_size(size)
         if not self._reachable(gpa, size):
             return self._unreachable(gpa, size)
         v = self._vcpu(vcpu)
         self._enter(v, self.entries[routine], self._routine_regs(gpa, value))
-        out = self._run(v)
-        data = out.get("_doorbell")
-        out = public(out)
-        if is_read and data is not None:
-            out["value"] = data & ((1 << 8 * size) - 1)
-        return out
+        return self._access_outcome(self._run(v), size, is_read)
 
     def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome:
         """An instruction fetch at ``gpa``: the PC is set there with every general

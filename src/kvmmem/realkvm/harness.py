@@ -73,7 +73,6 @@ from kvmmem.realkvm.guest import (
     write_system_tables,
 )
 from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
-from kvmmem.realkvm.program import DEFAULT_TIMEOUT
 from kvmmem.realkvm.stats import StatsFd
 from kvmmem.realkvm.structs import (
     EXIT_REASONS,
@@ -103,6 +102,9 @@ KVM_SET_VCPU_EVENTS = 0x4040AEA0
 """``_IOW(KVMIO, 0xa0, struct kvm_vcpu_events)`` (64 bytes; x86 base API since 2.6.32)."""
 MAX_EXITS = 64
 """MMIO exits answered inside one access before it is reported as a runaway."""
+DEFAULT_TIMEOUT = 2.0
+"""Seconds one guest step may run on this host before the watchdog stops it."""
+ACCESS_SIZES = (1, 2, 4, 8)
 EXEC_POISON = 0xA000_0000_0000_0000
 """Register value during ``guest_exec``: non-canonical, and so are its sums and scaled
 sums (x2, x4, x8), so a memory operand built from registers raises #GP/#SS."""
@@ -260,6 +262,46 @@ class HarnessVm:
         if err_name is not None:
             raise OSError(getattr(errno, err_name, 0),
                           f"harness memslot {self.layout.slot}: {err_name}")
+
+    # --- guest steps (the architecture's routines) -------------------------------------
+
+    def guest_read(self, gpa: int, size: int, vcpu: int = 0,
+                   path: str | None = None) -> Outcome:
+        """The guest loads ``size`` (1, 2, 4, 8) bytes at ``gpa`` (zero-extending); the
+        outcome has the little-endian ``value`` when the routine completed.  ``path``:
+        ``native`` or ``emulated`` (x86 on this host; the other harnesses have one path
+        and ignore it).  Raises ``ValueError`` for another size."""
+        return self._access(f"read{size}", gpa, size, 0, vcpu, path, is_read=True)
+
+    def guest_write(self, gpa: int, size: int, value: int, vcpu: int = 0,
+                    path: str | None = None) -> Outcome:
+        """The guest stores the low ``size`` bytes of ``value`` at ``gpa``."""
+        return self._access(f"write{size}", gpa, size, value & ((1 << 8 * size) - 1), vcpu,
+                            path, is_read=False)
+
+    def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome:
+        """An instruction fetch at ``gpa`` (each architecture says how it is made)."""
+        raise NotImplementedError
+
+    def _access(self, routine: str, gpa: int, size: int, value: int, vcpu: int,
+                path: str | None, is_read: bool) -> Outcome:
+        """Run the access ``routine`` once with its address and value registers set."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_size(size: int) -> None:
+        if size not in ACCESS_SIZES:
+            raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
+
+    @staticmethod
+    def _access_outcome(out: Outcome, size: int, is_read: bool) -> Outcome:
+        """A routine's run as the step's outcome: the doorbell's data, when the routine
+        completed, is a read's ``value`` (its low ``size`` bytes); private keys go."""
+        data = out.get("_doorbell")
+        out = public(out)
+        if is_read and data is not None:
+            out["value"] = data & ((1 << 8 * size) - 1)
+        return out
 
     # --- running the guest ------------------------------------------------------------
 
@@ -589,18 +631,6 @@ class RealVm(HarnessVm):
 
     # --- guest steps ----------------------------------------------------------------
 
-    def guest_read(self, gpa: int, size: int, vcpu: int = 0,
-                   path: str | None = None) -> Outcome:
-        """The guest loads ``size`` (1, 2, 4, 8) bytes at ``gpa``; the outcome has the
-        little-endian ``value`` when it completed."""
-        return self._access(f"read{size}", gpa, size, 0, vcpu, path, is_read=True)
-
-    def guest_write(self, gpa: int, size: int, value: int, vcpu: int = 0,
-                    path: str | None = None) -> Outcome:
-        """The guest stores the low ``size`` bytes of ``value`` at ``gpa``."""
-        return self._access(f"write{size}", gpa, size, value & ((1 << 8 * size) - 1), vcpu,
-                            path, is_read=False)
-
     def _unreachable(self, gpa: int, size: int) -> Outcome:
         return {"result": "unsupported",
                 "reason": f"[{gpa:#x}, {gpa + size:#x}) cannot be reached through the "
@@ -609,19 +639,14 @@ class RealVm(HarnessVm):
 
     def _access(self, routine: str, gpa: int, size: int, value: int, vcpu: int,
                 path: str | None, is_read: bool) -> Outcome:
-        if size not in (1, 2, 4, 8):
-            raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
+        self._check_size(size)
         va = self._va(gpa, size)
         if va is None:
             return self._unreachable(gpa, size)
         v = self._vcpu(vcpu, path)
         regs = kvm_regs(rip=self._entries[routine], rsi=va, rax=value,
                         rdi=self._doorbell_va, rflags=RFLAGS_DEFAULT)
-        out = self._run(v, regs)
-        if is_read and "_doorbell" in out:
-            out["value"] = out.pop("_doorbell") & ((1 << 8 * size) - 1)
-        out = public(out)
-        return out
+        return self._access_outcome(self._run(v, regs), size, is_read)
 
     def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome:
         """An instruction fetch at ``gpa``: the guest jumps there with the trap flag set

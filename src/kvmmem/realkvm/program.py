@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessVm, RealVm
 from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_bytes
 from kvmmem.realkvm.kvm import Kvm, KvmUnsupported
 
 Outcome = dict[str, Any]
 Program = dict[str, Any]
 
-ARCHES = ("x86", "arm64", "riscv")
-DEFAULT_TIMEOUT = 2.0
-"""Seconds one guest step may run on this host before the watchdog stops it."""
 
 
 @dataclass(slots=True)
@@ -67,24 +65,6 @@ class RealRun:
                    list(data.get("steps", [])))
 
 
-class ArchVm(Protocol):
-    """What :func:`run_program` needs of a real VM, whatever its architecture
-    (:class:`~kvmmem.realkvm.harness.RealVm` for x86)."""
-
-    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
-                    flags: int = 0) -> Outcome: ...
-    def guest_read(self, gpa: int, size: int, vcpu: int = 0,
-                   path: str | None = None) -> Outcome: ...
-    def guest_write(self, gpa: int, size: int, value: int, vcpu: int = 0,
-                    path: str | None = None) -> Outcome: ...
-    def guest_exec(self, gpa: int, vcpu: int = 0, path: str | None = None) -> Outcome: ...
-    def prefault(self, gpa: int, size: int, vcpu: int = 0) -> Outcome: ...
-    def get_dirty_log(self, slot: int) -> Outcome: ...
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome: ...
-    def supports(self, ioctl: str) -> bool: ...
-    def close(self) -> None: ...
-
-
 class _Unsupported(Exception):
     pass
 
@@ -105,7 +85,7 @@ def host_arch() -> str:
     return {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv"}.get(machine, machine)
 
 
-def make_vm(program: Program, kvm: Kvm | None) -> ArchVm:
+def make_vm(program: Program, kvm: Kvm | None) -> HarnessVm:
     """A real VM of the program's architecture with room for its footprint.
 
     Raises :class:`~kvmmem.realkvm.kvm.KvmUnsupported` when this machine's KVM is of
@@ -118,7 +98,6 @@ def make_vm(program: Program, kvm: Kvm | None) -> ArchVm:
     slots = [int(s) for s in program.get("reserved_slots", ())]
     timeout = float(program.get("timeout", DEFAULT_TIMEOUT))
     if arch == "x86":
-        from kvmmem.realkvm.harness import RealVm
         return RealVm(ranges, slots, path=program.get("path", "native"), timeout=timeout,
                       kvm=kvm, code=program.get("x86_code"))
     if arch == "arm64":
@@ -161,7 +140,7 @@ def run_program(program: Program, kvm: Kvm | None = None, file_dir: str | None =
     return out
 
 
-def _check_capabilities(program: Program, vm: ArchVm) -> None:
+def _check_capabilities(program: Program, vm: HarnessVm) -> None:
     """Raise :class:`_Unsupported` when the program needs what this KVM cannot give.
 
     ``prefault`` on x86 needs KVM_PRE_FAULT_MEMORY, which upstream x86 offers only with
@@ -187,12 +166,12 @@ def _mmap(host: HostMemory, mapping: dict[str, Any]) -> Outcome:
                      mapping.get("fill"), hva)
 
 
-def _set_memslot(host: HostMemory, vm: ArchVm, step: dict[str, Any]) -> Outcome:
+def _set_memslot(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
     hva = _hva(host, step) if step.get("memory") is not None else (step.get("hva") or 0)
     return vm.set_memslot(step["slot"], step["gpa"], step["size"], hva, step["flags"])
 
 
-def _step(host: HostMemory, vm: ArchVm, step: dict[str, Any]) -> Outcome:
+def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
     """Perform one step; returns its outcome (without ``step``/``op``)."""
     op = step["op"]
     vcpu, path = step.get("vcpu", 0), step.get("path")

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from kvmmem.realkvm.harness import DEFAULT_TIMEOUT
 from kvmmem.realkvm.kvm import Kvm
-from kvmmem.realkvm.program import DEFAULT_TIMEOUT, Program, RealRun, run_program
+from kvmmem.realkvm.program import Program, RealRun, run_program
 from kvmmem.scenario.model import (
     ClearDirtyLog,
     GetDirtyLog,
