@@ -180,6 +180,8 @@ class Target(Protocol):
     name: str
     release: str
     variant: str
+    emulated_path: bool
+    """Whether guest accesses can take the ``emulated`` path there (this host's PVM)."""
 
     def program(self, scenario: Scenario, path: str, timeout: float | None) -> Program:
         """``scenario`` as a program this target can run."""
@@ -196,6 +198,7 @@ class HostTarget:
     arch = HOST_ARCH
     name = "host"
     variant = REAL_VARIANT
+    emulated_path = True
 
     def __init__(self, kvm: Kvm) -> None:
         import os
@@ -219,6 +222,8 @@ than this host's KVM, and a machine's first fault of a page costs up to a millis
 
 class MachineTarget:
     """A booted :class:`~kvmmem.machine.Machine`: its agent runs the program."""
+
+    emulated_path = False
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
@@ -342,15 +347,15 @@ def conform_scenario(scenario: Scenario, path: str = "native", kvm: Kvm | None =
     unknown ``path``."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
-    arch, name = (target.arch, target.name) if target is not None else (HOST_ARCH, "host")
+    facts: Any = target if target is not None else HostTarget  # its class attributes
+    arch, name, stands_for = facts.arch, facts.name, facts.variant
     release = target.release if target is not None else ""
     where = "this host" if name == "host" else f"machine {name}"
-    stands_for = target.variant if target is not None else REAL_VARIANT
     reason = unsupported_reason(scenario, arch, where, stands_for)
     if reason is None:
         from kvmmem.variants import get_variant
         reason = get_variant(model_variant(scenario, stands_for)).arch_unsupported(arch)
-    if reason is None and name != "host" and (path != "native" or any(
+    if reason is None and not facts.emulated_path and (path != "native" or any(
             getattr(step, "path", None) == "emulated" for step in scenario.all_steps())):
         reason = (f"the emulated access path exists only on this host (its PVM guest's "
                   f"CPL0 runs in KVM's instruction emulator); machine {name} runs every "
