@@ -54,6 +54,9 @@ class ArchKvm:
     has_pre_fault_memory = False
     """``CONFIG_KVM_GENERIC_PRE_FAULT_MEMORY``: only x86 selects it in the modelled
     kernel (the arm64 series was queued in kvmarm in 2025, not modelled)."""
+    emulates_page_crossing = False
+    """Whether an instruction emulator completes a page-crossing access page by page
+    (x86 ``emulator_read_write_onepage``); arm64 and riscv complete or exit it whole."""
 
     # --- faults ------------------------------------------------------------
 

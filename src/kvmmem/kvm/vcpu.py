@@ -145,6 +145,19 @@ class TlbEntry:
     executable: bool
 
 
+def _page_fragments(gpa: int, size: int) -> list[tuple[int, int, int]]:
+    """``[gpa, gpa + size)`` cut at 4 KiB page boundaries: ``(gpa, length, offset in
+    the access)`` per page, in order."""
+    out = []
+    done = 0
+    while done < size:
+        frag_gpa = gpa + done
+        frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
+        out.append((frag_gpa, frag_len, done))
+        done += frag_len
+    return out
+
+
 @dataclass
 class Vcpu:
     """A vCPU: its TLB and which access path it uses."""
@@ -234,17 +247,15 @@ class Vcpu:
         if emulated and vm.arch_name != "x86":
             raise InputError(f"path: the emulated access path is x86's instruction emulator; "
                              f"{vm.arch_name} has none (use path: native)")
-        if not emulated and vm.arch_name != "x86" and (gpa & (PAGE_SIZE - 1)) + size > PAGE_SIZE:
+        if not emulated and not vm.arch.emulates_page_crossing \
+                and (gpa & (PAGE_SIZE - 1)) + size > PAGE_SIZE:
             return (yield from self._whole_access_op(gpa, size, access, value))
         got = 0
         mmio_gpa = -1
         mmio_len = 0
         mmio_data = 0
-        done = 0
         ram_part = False
-        while done < size:
-            frag_gpa = gpa + done
-            frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
+        for frag_gpa, frag_len, done in _page_fragments(gpa, size):
             frag_val = (value >> (8 * done)) & ((1 << (8 * frag_len)) - 1)
             r = yield from self._fragment_op(frag_gpa, frag_len, access, frag_val, emulated)
             if r.result == "ok":
@@ -256,13 +267,12 @@ class Vcpu:
                 # later exits (emulator_read_write_onepage queues one per page).
                 if mmio_gpa < 0:
                     mmio_gpa, mmio_len, mmio_data = frag_gpa, frag_len, frag_val
-                if vm.arch_name == "x86":
+                if vm.arch.emulates_page_crossing:
                     # RET_PF_EMULATE: the emulator completes the rest of the
                     # instruction through the hva (x86_emulate_instruction).
                     emulated = True
             else:
                 return r
-            done += frag_len
         if mmio_gpa >= 0:
             # The MMIO read is answered with zero bytes: the value holds the RAM part.
             return self._mmio_exit(mmio_gpa, mmio_len, access, mmio_data,
@@ -283,13 +293,7 @@ class Vcpu:
         instruction).  Seen on real arm64 6.1, 6.12, 7.3 and riscv 6.12, 7.2
         (``selftest-readonly-mem``, ``row-no-slot-mmio``)."""
         vm = self.vm
-        frags = []
-        done = 0
-        while done < size:
-            frag_gpa = gpa + done
-            frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
-            frags.append((frag_gpa, frag_len, done))
-            done += frag_len
+        frags = _page_fragments(gpa, size)
         data = value & ((1 << (8 * size)) - 1)
         for _ in range(MAX_FAULT_RETRIES):
             for frag_gpa, frag_len, _off in frags:

@@ -53,6 +53,7 @@ class X86Kvm(ArchKvm):
     """x86 with the TDP MMU (EPT entries)."""
 
     name = "x86"
+    emulates_page_crossing = True
     max_user_slots = 32764
     nr_address_spaces = 2
     has_pre_fault_memory = True
