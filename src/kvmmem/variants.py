@@ -118,6 +118,28 @@ SWITCHES: tuple[Switch, ...] = (
         (Change((5, 14), False, "2aa53d68cee6",
                 "KVM: arm64: Try stage2 block mapping for host device MMIO"),)),
     Switch(
+        "arm64_pfnmap_vma_block", ("arm64",),
+        "user_mem_abort sizes a VM_PFNMAP mapping from the VMA (get_vma_page_shift: a "
+        "PMD/PUD block when vm_pgoff is congruent with the hva), then maps the frames "
+        "that follow the block-aligned gfn's pfn", False,
+        (Change((5, 14), True, "2aa53d68cee6",
+                "KVM: arm64: Try stage2 block mapping for host device MMIO"),
+         Change((7, 3), False, None,
+                "KVM: arm64: Don't use the VMA to size stage-2 block mappings for VM_PFNMAP",
+                "mainline hash not identified; the stable queues of 2026-10-08 carried it "
+                "to 5.10.y, 5.15.y, 6.1.y, 6.6.y, 6.12.y, 6.18.y and 7.2.y and not to a "
+                "7.3.y, so it reached mainline in the 7.3 cycle (Debian 6.1.192 and "
+                "6.12.117 carry it, 6.1.176 does not)"))),
+    Switch(
+        "arm64_cacheable_pfnmap_check", ("arm64",),
+        "kvm_arch_prepare_memory_region refuses (EINVAL) a VM_PFNMAP VMA with a "
+        "cacheable memory type unless the CPU has FWB and CTR_EL0.DIC "
+        "(kvm_supports_cacheable_pfnmap)", False,
+        (Change((6, 17), True, None,
+                "KVM: arm64: cacheable PFNMAP support (KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED)",
+                "Ankit Agrawal's series, capability 243; hash not identified.  Real arm64 "
+                "7.2.13 and 7.3.4 refuse a DRM shmem buffer's slot on QEMU's -cpu max"),)),
+    Switch(
         "notifier_counts_every_range", ("x86", "arm64", "riscv"),
         "invalidate_range_start raises the in-progress count for every invalidation, "
         "even one that touches no memslot", True,
@@ -207,6 +229,15 @@ class Variant:
     arm64_pfnmap_force_pte: bool = False
     """``user_mem_abort`` forces a page mapping for VM_PFNMAP VMAs; dropped in v5.14 by
     2aa53d68cee6 ("KVM: arm64: Try stage2 block mapping for host device MMIO")."""
+    arm64_pfnmap_vma_block: bool = False
+    """``get_vma_page_shift`` sizes a VM_PFNMAP fault from ``vm_pgoff`` congruence (v5.14,
+    2aa53d68cee6) and ``user_mem_abort`` maps the frames from the block-aligned gfn's pfn
+    on; a lazily populated mapping so exposes frames its owner never mapped there.
+    Removed by "KVM: arm64: Don't use the VMA to size stage-2 block mappings for
+    VM_PFNMAP" (mainline 7.3 cycle; stable down to 5.10)."""
+    arm64_cacheable_pfnmap_check: bool = True
+    """arm64 prepare refuses a cacheable VM_PFNMAP VMA (EINVAL) unless the CPU has FWB
+    and DIC (v6.17, KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED; hash not identified)."""
     notifier_counts_every_range: bool = False
     """``kvm_mmu_notifier_invalidate_range_start`` raises the count for every
     invalidation, even one that touches no memslot, and records no range; until v5.13's
@@ -296,6 +327,13 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         "writable after follow_pfn\", v5.12; CVE-2021-22543) through the 5.10 stable "
         "series: on the real arm64 5.10.223 machine a store to a VM_PFNMAP page whose "
         "host PTE became read-only faults (pfnmap-mprotect-after-premap.yaml)"),
+    "debian-6.12": Distribution(
+        "debian-6.12", (6, 12), {"arm64_pfnmap_vma_block": False},
+        "Debian 6.12.117 (trixie) carries the stable backport of \"KVM: arm64: Don't use "
+        "the VMA to size stage-2 block mappings for VM_PFNMAP\": on the real arm64 "
+        "6.12.117 machine a DRM shmem buffer at a vm_pgoff-congruent address is mapped 4K "
+        "and every page reads right (pfnmap-block-dmabuf.yaml); Debian 6.1.176 does not "
+        "carry it"),
 }
 """Debian's kernels that differ from their mainline release, by the machine version
 they stand for (``kvmmem machine list``); a machine without an entry is its mainline

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from kvmmem.arch.pgtable import Leaf, MemAttr
-from kvmmem.errors import KernelError
+from kvmmem.errors import KernelError, ValidationError
 from kvmmem.host import PROT_NONE, PROT_READ, PROT_WRITE
 from kvmmem.kvm.dirty_log import kvm_get_dirty_log
 from kvmmem.kvm.invariants import validate_vm
@@ -456,16 +456,46 @@ def test_row_in_slot_pfnmap_present_riscv_maps_without_memory_type(arch: str) ->
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_row_in_slot_pfnmap_block_size(arch: str) -> None:
-    """§3.5.2 none / read / "VM_PFNMAP, PTE present", block size: arm64
-    ``get_vma_page_shift`` derives PMD from ``vm_pgoff`` (hva and pa congruent, block
+@pytest.mark.parametrize("variant", ["7.2", "upstream"])
+def test_row_in_slot_pfnmap_block_size(arch: str, variant: str) -> None:
+    """§3.5.2 none / read / "VM_PFNMAP, PTE present", block size: arm64 from v5.14 to
+    7.2 ``get_vma_page_shift`` derives PMD from ``vm_pgoff`` (hva and pa congruent, block
     inside the VMA) and ``fault_supports_stage2_huge_mapping`` agrees -> 2M Device block;
-    x86 ``host_pfn_mapping_level`` sees 4K host PTEs -> 4K; RISC-V VM_PFNMAP -> PAGE_SIZE."""
-    vm, hva = slot_vm(arch, kind="device", size=2 * M2, addr=HVA_2M)
+    since "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" (7.3) the
+    host's 4K PTEs decide -> 4K.  x86 ``host_pfn_mapping_level`` sees 4K host PTEs -> 4K;
+    RISC-V VM_PFNMAP -> PAGE_SIZE."""
+    vm, hva = slot_vm(arch, kind="device", size=2 * M2, addr=HVA_2M, variant=variant)
     assert access(vm, G + 5 * P, 4, READ)["result"] == "ok"
     leaf = leaf_at(vm, G + 5 * P)
-    assert leaf.size == (M2 if arch == "arm64" else P)
+    assert leaf.size == (M2 if arch == "arm64" and variant == "7.2" else P)
     assert leaf.pfn == host_frame(vm, hva + 5 * P)
+
+
+@pytest.mark.parametrize("variant", ["6.1", "debian-6.12", "upstream"])
+def test_arm64_pfnmap_block_over_a_dmabuf(variant: str) -> None:
+    """arm64 over a dma-buf (VM_PFNMAP of RAM pages that are not contiguous) at a
+    vm_pgoff-congruent hva: until the fix ``user_mem_abort`` aligns the fault to the
+    block, resolves the pfn of the block's first page and maps the 512 frames after it,
+    so gfn 1 reaches a frame the host never mapped there (kernel-matrix.md §7: real on
+    Debian 6.1.176); with the fix (Debian 6.12.117, 7.3) gfn 1 is faulted on its own
+    and maps the host's page 1."""
+    vm = Vm("arm64", variant=variant, cpu_features=("fwb", "dic"))
+    hva = vm.mm.mmap(2 * M2, RW, "dmabuf", addr=HVA_2M, fixed=True)
+    vm.set_user_memory_region(0, G, 2 * M2, hva, 0)
+    first = vm.guest_access(G, 8, Access.READ).to_outcome()
+    assert first == {"result": "ok", "value": 0}
+    page1 = vm.stage2.walk(G + P)
+    if variant == "6.1":
+        assert page1 is not None and page1.pfn == leaf_at(vm, G).pfn + 1
+        assert vm.mm.host_pte(hva + P) is None  # the driver never inserted page 1
+        with pytest.raises(ValidationError, match="no-stale-translation"):
+            validate_vm(vm)
+    else:
+        validate_vm(vm)
+        assert page1 is None
+        assert access(vm, G + P, 8, READ)["result"] == "ok"
+        assert leaf_at(vm, G + P).size == P
+        assert leaf_at(vm, G + P).pfn == host_frame(vm, hva + P)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -42,7 +42,8 @@ def make_manifest(root: Path, arch: str = "riscv", version: str = "7.2") -> Mani
         kernel_release="7.2.13+deb14-riscv64", packages={"linux-image-riscv64": "7.2.13-1"},
         kernel="vmlinuz", initramfs="initramfs.cpio", modules=["kvm"],
         files={"vmlinuz": 100, "initramfs.cpio": 512}, python="3.13.5-2",
-        fetch_seconds=1.0, fetched_at="2026-12-07T00:00:00+00:00")
+        fetch_seconds=1.0, fetched_at="2026-12-07T00:00:00+00:00",
+        requested=list(get_machine(arch, version).modules))
     write_manifest(directory, manifest)
     return manifest
 
@@ -69,6 +70,21 @@ def test_incomplete_machines_are_not_fetched(tmp_path: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps({"arch": "riscv"}))
     assert load_manifest(spec, tmp_path) is None
     assert fetched_machines(tmp_path) == []
+
+
+def test_machine_built_for_another_module_list_is_fetched_again(tmp_path: Path) -> None:
+    """A catalog that asks for more modules (arm64 gained virtio_gpu for the dmabuf
+    kind) makes an older initramfs stale."""
+    make_manifest(tmp_path)
+    spec = get_machine("riscv", "7.2")
+    path = machine_dir(spec, tmp_path) / MANIFEST
+    data = json.loads(path.read_text())
+    data["requested"] = data["requested"][:-1]
+    path.write_text(json.dumps(data))
+    assert load_manifest(spec, tmp_path) is None
+    del data["requested"]
+    path.write_text(json.dumps(data))
+    assert load_manifest(spec, tmp_path) is None
 
 
 def test_manifest_of_another_machine_is_ignored(tmp_path: Path) -> None:

@@ -30,7 +30,9 @@ def test_debian_names_and_qemu() -> None:
     assert (arm.debian_arch, arm.metapackage, arm.page_size) == (
         "arm64", "linux-image-arm64-16k", 16384)
     assert arm.qemu_machine_args == (
-        "-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on")
+        "-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
+        "-device", "virtio-gpu-pci")
+    assert "virtio_gpu" in arm.modules
     assert (arm.qemu_binary, arm.qemu_package, arm.console) == (
         "qemu-system-aarch64", "qemu-system-arm", "ttyAMA0")
     rv = get_machine("riscv", "6.12")

@@ -65,6 +65,7 @@ class File:
         anon_hugetlb: bool = False,
         device_base: int = 0,
         device_lazy: bool = False,
+        dmabuf: bool = False,
     ) -> None:
         self.physmem = physmem
         self.ino = ino
@@ -82,6 +83,9 @@ class File:
         self.anon_hugetlb = anon_hugetlb
         self.device_base = device_base
         self.device_lazy = device_lazy
+        self.dmabuf = dmabuf
+        """A shmem object exported by a driver (a DRM shmem buffer, a udmabuf):
+        mapped only as kind ``dmabuf`` (VM_PFNMAP), its pages pinned by the driver."""
         self.resv: dict[int, None] = {}
         """hugetlbfs shared reservations: huge page indices reserved, not yet allocated."""
 

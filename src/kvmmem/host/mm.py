@@ -293,6 +293,24 @@ class Mm:
         return File(self.physmem, self._ino(), name, FileKind.DEVICE, npages * PAGE_SIZE,
                     device_base=base, device_lazy=lazy)
 
+    def create_dmabuf(self, name: str, size: int) -> File:
+        """A dma-buf over shmem pages a driver pins when it exports the buffer: a DRM
+        shmem dumb buffer (``drm_gem_shmem_get_pages``) or a udmabuf over a memfd.
+
+        Every page is allocated now.  The kernel promises no physical contiguity;
+        the model allocates the pages from the last index down, so no page's next
+        frame is the buffer's next page (a mapping that assumes contiguity shows)."""
+        if not isinstance(name, str):
+            raise InputError(f"create_dmabuf: name must be a str, got {name!r}")
+        size = self._size_arg(size, "create_dmabuf")
+        if size == 0 or size % PAGE_SIZE:
+            raise KernelError("EINVAL", f"create_dmabuf({name}, {size:#x})",
+                              "size must be a positive multiple of the page size")
+        f = File(self.physmem, self._ino(), name, FileKind.SHMEM, size, dmabuf=True)
+        for index in reversed(range(size >> PAGE_SHIFT)):
+            f.get_page(index)
+        return f
+
     @staticmethod
     def _size_arg(size: object, call: str) -> int:
         if not isinstance(size, int) or isinstance(size, bool):
@@ -709,6 +727,14 @@ class Mm:
         index = vma.pgoff_of(hva)
         if index >= f.npages():
             return VM_FAULT_SIGBUS  # beyond EOF: filemap_fault / shmem_fault
+        if vma.kind is VmaKind.DMABUF:
+            # drm_gem_shmem_fault / udmabuf_vm_fault: vmf_insert_pfn of the pinned page
+            # with vm_page_prot, writable at once in a writable shared mapping (a
+            # VM_PFNMAP VMA wants no write notification)
+            pfn = f.get_page(index)
+            tbl[i] = (pfn << PFN_SHIFT) | _P | _S | _Y | \
+                ((_W | _D) if vma.flags & VM_WRITE else 0)
+            return VM_FAULT_OK
         if f.kind is FileKind.DEVICE:
             if not f.device_lazy:
                 return VM_FAULT_SIGBUS  # remap_pfn_range VMAs have no fault handler
@@ -1229,7 +1255,8 @@ class Mm:
 
         # --- the new VMA (__mmap_new_vma)
         if file is None and vkind in (VmaKind.MEMFD, VmaKind.FILE, VmaKind.FILE_SHARED,
-                                      VmaKind.HUGETLB, VmaKind.DEVICE, VmaKind.DEVICE_LAZY):
+                                      VmaKind.HUGETLB, VmaKind.DEVICE, VmaKind.DEVICE_LAZY,
+                                      VmaKind.DMABUF):
             file = self._anon_file(vkind, length)
         if vkind in (VmaKind.ANON, VmaKind.THP):
             pgoff = start >> PAGE_SHIFT  # do_mmap: anonymous vm_pgoff is the address
@@ -1266,9 +1293,11 @@ class Mm:
             VmaKind.HUGETLB: (FileKind.HUGETLBFS,),
             VmaKind.DEVICE: (FileKind.DEVICE,),
             VmaKind.DEVICE_LAZY: (FileKind.DEVICE,),
+            VmaKind.DMABUF: (FileKind.SHMEM,),
         }[kind]
-        if fk not in ok:
-            raise InputError(f"mmap: kind {kind.value} cannot map a {fk.value} file")
+        if fk not in ok or (kind is VmaKind.DMABUF) != file.dmabuf:
+            what = "a dma-buf" if file.dmabuf else f"a {fk.value} file"
+            raise InputError(f"mmap: kind {kind.value} cannot map {what}")
         if kind is VmaKind.DEVICE and file.device_lazy:
             raise InputError("mmap: kind device needs a device opened with lazy=False")
         if kind is VmaKind.DEVICE_LAZY and not file.device_lazy:
@@ -1282,6 +1311,8 @@ class Mm:
             f = File(self.physmem, self._ino(), "anon_hugepage", FileKind.HUGETLBFS, length,
                      anon_hugetlb=True)
             return f
+        if kind is VmaKind.DMABUF:
+            return self.create_dmabuf(f"dmabuf:kvmmem-{self._ino_seq + 1}", length)
         if kind in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY):
             return self.open_device(f"/dev/kvmmem-bar{self._ino_seq + 1}",
                                     length >> PAGE_SHIFT, lazy=kind is VmaKind.DEVICE_LAZY)
@@ -1308,7 +1339,7 @@ class Mm:
             start = got
         flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
         shared = kind in (VmaKind.MEMFD, VmaKind.FILE_SHARED, VmaKind.DEVICE,
-                          VmaKind.DEVICE_LAZY) or (hugetlb and file is not None)
+                          VmaKind.DEVICE_LAZY, VmaKind.DMABUF) or (hugetlb and file is not None)
         if shared:
             if prot & PROT_WRITE and file is not None and not file.writable:
                 raise KernelError("EACCES", call, "PROT_WRITE shared mapping of a read-only file")
@@ -1329,6 +1360,11 @@ class Mm:
             flags |= VM_IO | VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP
             if file is not None and (pgoff + (length >> PAGE_SHIFT)) > file.npages():
                 raise KernelError("EINVAL", call, "beyond the device region")
+        if kind is VmaKind.DMABUF:
+            # drm_gem_shmem_mmap / udmabuf mmap: no VM_IO (the pages are RAM)
+            flags |= VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP
+            if file is not None and (pgoff + (length >> PAGE_SHIFT)) > file.npages():
+                raise KernelError("EINVAL", call, "beyond the buffer")
         if kind not in (VmaKind.ANON, VmaKind.THP) and (length > _MAX_LFS_FILESIZE or
                                  pgoff > (_MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
             raise KernelError("EOVERFLOW", call, "offset + length beyond the largest file")
@@ -1818,7 +1854,7 @@ class Mm:
                 raise KernelError("EINVAL", call, "MADV_REMOVE needs a file mapping")
             if not (vma.flags & VM_SHARED and vma.flags & VM_MAYWRITE):
                 raise KernelError("EACCES", call, "MADV_REMOVE needs a shared writable mapping")
-            if f.kind is FileKind.DEVICE:
+            if f.kind is FileKind.DEVICE or f.dmabuf:
                 raise KernelError("EOPNOTSUPP", call, "device files cannot punch holes")
             first = vma.pgoff_of(start)
             last = vma.pgoff_of(end - 1)

@@ -123,6 +123,7 @@ class VmaKind(StrEnum):
     THP = "thp"  # anonymous + MADV_HUGEPAGE
     DEVICE = "device"  # VM_IO|VM_PFNMAP, every frame remapped at mmap (remap_pfn_range)
     DEVICE_LAZY = "device-lazy"  # VM_IO|VM_PFNMAP, frames inserted by the fault handler
+    DMABUF = "dmabuf"  # VM_PFNMAP over RAM pages a driver pinned, inserted on fault
 
     @classmethod
     def parse(cls, kind: object) -> VmaKind:
@@ -168,6 +169,13 @@ class Vma:
         self.pgoff = pgoff
         self.anon_vma = anon_vma
         self.resv: dict[int, None] = {}
+
+    @property
+    def cacheable(self) -> bool:
+        """The memory type of ``vm_page_prot`` is cacheable: everything but a device
+        driver's mapping (``pgprot_device`` / ``pgprot_noncached``); a dma-buf of RAM
+        pages keeps the default cacheable type."""
+        return self.kind not in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY)
 
     def __repr__(self) -> str:
         return (

@@ -125,6 +125,10 @@ class Arm64Kvm(ArchKvm):
         elif variant.arm64_pfnmap_force_pte and vma.flags & VM_PFNMAP:
             vma_shift = PAGE_SHIFT
             force_pte = True
+        elif vma.flags & VM_PFNMAP and not variant.arm64_pfnmap_vma_block:
+            # "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" (7.3
+            # cycle, stable down to 5.10): the host page table's leaf decides, below
+            vma_shift = PAGE_SHIFT
         else:
             vma_shift = get_vma_page_shift(vma, hva)
         size = 1 << vma_shift
@@ -132,6 +136,12 @@ class Arm64Kvm(ArchKvm):
             size = PMD_SIZE
         if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE):
             size = PAGE_SIZE
+            force_pte = True
+        if size > PAGE_SIZE:
+            # The fault IPA and gfn are aligned to the block before the pfn is looked
+            # up: the block maps the frames that follow the pfn of its first page.
+            gpa = align_down(gpa, size)
+            gfn = gpa >> PAGE_SHIFT
         vm_flags = vma.flags
         mmu_seq = vm.mmu_invalidate_seq
         yield _MMAP_READ_UNLOCK
@@ -159,8 +169,18 @@ class Arm64Kvm(ArchKvm):
                 and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
                 and mm.mapping_size(hva) >= PMD_SIZE:
             size = PMD_SIZE
-        vm.install(slot, gpa, fin.pfn, size, write=writable, execute=exec_fault,
-                   device=device, access=access)
+        if size > PAGE_SIZE and fin.pfn & ((size >> PAGE_SHIFT) - 1):
+            # kvm_pgtable_stage2_map: kvm_block_mapping_supported refuses a block whose
+            # output address is not aligned to it, and the walk descends to map one page
+            # per granule, from the pfn on (what a VMA-sized PFNMAP block comes to when
+            # the first page's frame is not block aligned)
+            for i in range(size >> PAGE_SHIFT):
+                vm.install(slot, gpa + (i << PAGE_SHIFT), fin.pfn + i, PAGE_SIZE,
+                           write=writable, execute=exec_fault, device=device,
+                           access=access if i == 0 else None)
+        else:
+            vm.install(slot, gpa, fin.pfn, size, write=writable, execute=exec_fault,
+                       device=device, access=access)
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:
@@ -180,16 +200,27 @@ class Arm64Kvm(ArchKvm):
         (``kvm_phys_addr_ioremap``, ``arm64_prepare_premap``, fd6f17bade21): from
         v5.5 to v5.13 a read-only PFNMAP VMA behind a writable slot is premapped
         writable."""
+        cacheable_refused = vm.variant.arm64_cacheable_pfnmap_check \
+            and not kvm_supports_cacheable_pfnmap(vm)
         yield from prepare_vma_walk(vm, new, change, premap=vm.variant.arm64_prepare_premap,
-                                    check_write=vm.variant.arm64_prepare_write_check)
+                                    check_write=vm.variant.arm64_prepare_write_check,
+                                    refuse_cacheable_pfnmap=cacheable_refused)
+
+
+def kvm_supports_cacheable_pfnmap(vm: Vm) -> bool:
+    """``kvm_supports_cacheable_pfnmap``: the CPU has FWB (stage-2 forced write-back)
+    and ``CTR_EL0.DIC``, so KVM needs no cache maintenance through a kernel mapping."""
+    return {"fwb", "dic"} <= vm.cpu_features
 
 
 def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, premap: bool,
-                     check_write: bool) -> Op[None]:
+                     check_write: bool, refuse_cacheable_pfnmap: bool = False) -> Op[None]:
     """The prepare-time VMA walk shared by arm64 and riscv (v5.4 arm code,
     copied into riscv): per-VMA EPERM / EINVAL checks and, when ``premap``,
-    the 4K Device premap of VM_PFNMAP ranges.  (The IPA-range check before
-    it is the memslot layer's, ``ArchMemslotHooks.prepare_memory_region``.)"""
+    the 4K Device premap of VM_PFNMAP ranges.  ``refuse_cacheable_pfnmap``: arm64
+    v6.17+ on a CPU without FWB and DIC, EINVAL for a VM_PFNMAP VMA whose memory type
+    is cacheable (``kvm_vma_is_cacheable``).  (The IPA-range check before it is the
+    memslot layer's, ``ArchMemslotHooks.prepare_memory_region``.)"""
     writable = not new.readonly
     refuse = vm.prepare_vma_checks
     hva: int = new.userspace_addr
@@ -211,6 +242,10 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, prem
                 if refuse and new.flags & KVM_MEM_LOG_DIRTY_PAGES:
                     raise KernelError("EINVAL", "KVM_SET_USER_MEMORY_REGION",
                                       "dirty logging requested over a VM_PFNMAP VMA")
+                if refuse and refuse_cacheable_pfnmap and vma.cacheable:
+                    raise KernelError("EINVAL", "KVM_SET_USER_MEMORY_REGION",
+                                      "a cacheable VM_PFNMAP VMA and no FWB+DIC "
+                                      "(kvm_supports_cacheable_pfnmap)")
                 if premap:
                     gpa = (new.base_gfn << PAGE_SHIFT) + (vm_start - new.userspace_addr)
                     pa = (vma.pgoff << PAGE_SHIFT) + (vm_start - vma.start)

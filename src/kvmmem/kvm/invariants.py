@@ -200,7 +200,8 @@ def validate_path_independence(vm: Vm) -> list[str]:
     from kvmmem.kvm.vm import Vm as VmClass
 
     mm_copy = clone_mm(vm.mm)
-    fresh = VmClass(vm.arch_name, variant=vm.variant, mm=mm_copy, vcpus=1)
+    fresh = VmClass(vm.arch_name, variant=vm.variant, mm=mm_copy, vcpus=1,
+                    cpu_features=vm.cpu_features)
     notes: list[str] = []
     for slot in sorted(vm.memslots.all_slots(), key=lambda s: (s.as_id, s.id)):
         if slot.invalid:

@@ -12,7 +12,7 @@ lives in its :class:`~kvmmem.kvm.arch_common.ArchKvm` (``kvm/arm64.py``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from kvmmem.arch import make_stage2
@@ -31,7 +31,7 @@ from kvmmem.kvm.mmu_notifier import INVALID_GPA, KvmMmuNotifier
 from kvmmem.kvm.stats import EventLog, Stats
 from kvmmem.kvm.vcpu import Access, AccessResult, Vcpu
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
+from kvmmem.types import CPU_FEATURES, PAGE_SHIFT, PAGE_SIZE, Hva
 from kvmmem.variants import UPSTREAM, Variant, get_variant
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class Vm:
         vcpus: int = 1,
         granule: int = PAGE_SIZE,
         ipa_bits: int | None = None,
+        cpu_features: Iterable[str] = (),
     ) -> None:
         from kvmmem.kvm.arch_common import make_arch_kvm
 
@@ -72,6 +73,13 @@ class Vm:
         if not isinstance(vcpus, int) or vcpus < 1:
             raise InputError(f"vcpus: must be a positive integer, got {vcpus!r}")
         self.arch_name = arch
+        self.cpu_features = frozenset(cpu_features)
+        """The host CPU's optional features the arch code asks about (arm64 ``fwb``,
+        ``dic``: :data:`CPU_FEATURES`); none by default, as on QEMU's ``-cpu max``."""
+        unknown = self.cpu_features - set(CPU_FEATURES)
+        if unknown:
+            raise InputError(f"cpu_features: unknown feature {sorted(unknown)[0]!r} "
+                             f"(known: {', '.join(CPU_FEATURES)})")
         self.variant = get_variant(variant) if isinstance(variant, str) else variant
         missing = self.variant.arch_unsupported(arch)
         if missing is not None:

@@ -53,6 +53,9 @@ class Manifest:
     format: int = MANIFEST_FORMAT
     dropped: list[str] = field(default_factory=list)
     """Python extension modules left out (their libraries are not in the guest)."""
+    requested: list[str] = field(default_factory=list)
+    """The catalog's module list this initramfs was built for (``MachineSpec.modules``):
+    a machine fetched for another list is fetched again."""
 
     @property
     def size(self) -> int:
@@ -82,8 +85,8 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
 
 def load_manifest(spec: MachineSpec, root: Path | None = None) -> Manifest | None:
     """Returns the manifest of a completely fetched machine, ``None`` when it is not
-    fetched, half-fetched, of another format, or any of its files is missing or has
-    another size."""
+    fetched, half-fetched, of another format, built for another module list, or any of
+    its files is missing or has another size."""
     directory = machine_dir(spec, root)
     try:
         data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
@@ -91,7 +94,7 @@ def load_manifest(spec: MachineSpec, root: Path | None = None) -> Manifest | Non
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if manifest.format != MANIFEST_FORMAT or (manifest.arch, manifest.version) != (
-            spec.arch, spec.version):
+            spec.arch, spec.version) or tuple(manifest.requested) != spec.modules:
         return None
     for name, size in manifest.files.items():
         try:

@@ -51,7 +51,8 @@ COMMON_MODULES = (
 at all: names built into the kernel or absent from it are skipped."""
 
 _ARCH_MODULES = {
-    "arm64": ("crc32c_arm64",),
+    # virtio_gpu: DRM shmem dumb buffers, the source of the dmabuf mapping kind
+    "arm64": ("crc32c_arm64", "virtio_gpu"),
     "riscv": ("kvm",),
     "x86": ("crc32c_intel", "irqbypass", "kvm", "ccp", "kvm_amd"),
 }
@@ -59,7 +60,8 @@ _ARCH_MODULES = {
 _QEMU = {
     # arch: (binary, Debian package, machine args, console)
     "arm64": ("qemu-system-aarch64", "qemu-system-arm",
-              ("-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on"),
+              ("-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
+               "-device", "virtio-gpu-pci"),
               "ttyAMA0"),
     "riscv": ("qemu-system-riscv64", "qemu-system-misc",
               ("-M", "virt", "-cpu", "rv64,h=true", "-bios", "default"),

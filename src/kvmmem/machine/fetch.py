@@ -195,7 +195,7 @@ def _fetch_into(spec: MachineSpec, root: Path, tmp: Path, say: Progress) -> Mani
         python=packages.get(f"python{PY}-minimal", ""),
         fetch_seconds=round(time.monotonic() - start, 1),
         fetched_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        dropped=dropped,
+        dropped=dropped, requested=list(spec.modules),
     )
     final = machine_dir(spec, root)
     if final.exists():

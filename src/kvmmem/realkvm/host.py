@@ -19,6 +19,11 @@ Every mapping kind of SCENARIOS.md is made for real with libc calls
   ``pci_mmap_resource_range`` maps them with ``io_remap_pfn_range``, every
   frame present, no struct page.
 * ``device-lazy`` - no source here; :class:`MappingUnsupported` says why.
+* ``dmabuf`` - a DRM shmem dumb buffer (``/dev/dri/card0``, as a virtio-gpu
+  device gives inside an arm64 machine: ``DRM_IOCTL_MODE_CREATE_DUMB`` and
+  ``MAP_DUMB``), else a udmabuf over a sealed memfd (``/dev/udmabuf``), mmapped in
+  place; refused (:class:`MappingUnsupported`) where neither exists or where the
+  kernel maps it without VM_PFNMAP (5.10's DRM mmap is VM_MIXEDMAP).
 
 Mappings live in an arena reserved (``PROT_NONE``, ``MAP_NORESERVE``) far from
 the addresses the kernel hands out on its own, so a range a scenario unmaps is
@@ -35,7 +40,9 @@ address (a beyond-EOF page, a driver that refuses the fault).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +62,47 @@ GUARD = PMD_SIZE
 MAX_DEVICE_SIZE = 64 << 20
 """A device mapping takes one perf event per page; larger ones are refused."""
 
-KINDS = ("anon", "memfd", "file", "file-shared", "hugetlb", "thp", "device", "device-lazy")
+KINDS = ("anon", "memfd", "file", "file-shared", "hugetlb", "thp", "device", "device-lazy",
+         "dmabuf")
+DRM_CARD = "/dev/dri/card0"
+UDMABUF = "/dev/udmabuf"
+
+
+def _iowr(group: int, nr: int, size: int) -> int:
+    """``_IOWR(group, nr, size)`` (``_IOW`` differs only in the direction bits)."""
+    return (3 << 30) | (size << 16) | (group << 8) | nr
+
+
+DRM_IOCTL_MODE_CREATE_DUMB = _iowr(ord("d"), 0xB2, 32)
+"""``struct drm_mode_create_dumb``: height, width, bpp, flags, handle, pitch (u32), size."""
+DRM_IOCTL_MODE_MAP_DUMB = _iowr(ord("d"), 0xB3, 16)
+"""``struct drm_mode_map_dumb``: handle, pad (u32), offset (u64)."""
+UDMABUF_CREATE = (1 << 30) | (24 << 16) | (ord("u") << 8) | 0x42
+"""``_IOW('u', 0x42, struct udmabuf_create)``: memfd, flags (u32), offset, size (u64)."""
+UDMABUF_FLAGS_CLOEXEC = 1
+F_ADD_SEALS = 1033
+F_SEAL_SHRINK = 0x0002
+MFD_ALLOW_SEALING = 0x0002
+DUMB_PITCH = PAGE_SIZE
+"""Dumb buffers are made 1024 pixels of 32 bits wide: one page per row, so a buffer
+of N pages is N rows and exactly N pages."""
+
+
+def vm_flags_of(addr: int) -> list[str]:
+    """The smaps ``VmFlags`` of the mapping containing ``addr`` ([] when none)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, _, hi = head.partition("-")
+                try:
+                    inside = int(lo, 16) <= addr < int(hi, 16)
+                except ValueError:
+                    inside = False
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []
 ADVICE = {
     "dontneed": libc.MADV_DONTNEED,
     "remove": libc.MADV_REMOVE,
@@ -140,6 +187,8 @@ class HostMemory:
         self._arena = 0
         self._arena_size = arena_size
         self._pipe: tuple[int, int] | None = None
+        self._drm_fd = -1
+        """``/dev/dri/card0`` while dumb buffers exist (their handles die with it)."""
         try:
             flags = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
             addr, err = 0, errno.EEXIST
@@ -169,6 +218,9 @@ class HostMemory:
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = None
+        if self._drm_fd >= 0:
+            os.close(self._drm_fd)
+            self._drm_fd = -1
         self.mappings.clear()
 
     def __enter__(self) -> HostMemory:
@@ -208,6 +260,8 @@ class HostMemory:
         map_prot = prot | libc.PROT_WRITE if fill is not None else prot
         if kind == "device":
             err = self._map_device(hva, size, map_prot)
+        elif kind == "dmabuf":
+            err = self._map_dmabuf(hva, size, map_prot)
         else:
             err = self._map_plain(hva, size, kind, map_prot)
         # The name denotes the range even when the mmap failed (SCENARIOS.md).
@@ -244,11 +298,10 @@ class HostMemory:
                 f"{size >> 20} MiB is more than the {MAX_DEVICE_SIZE >> 20} MiB kvmmem makes")
         elif kind == "device-lazy" and self._device_bar is not None:
             raise MappingUnsupported(
-                "no VM_PFNMAP source inside the machine inserts frames lazily the way "
-                "device-lazy describes (read-only on a read fault, pfn_mkwrite on a write): "
-                "DRM shmem dumb buffers and udmabuf insert writable cacheable frames on "
-                "the first fault, and arm64 7.x refuses a slot over cacheable VM_PFNMAP "
-                "without FWB and DIC (EINVAL), which QEMU's -cpu max lacks")
+                "no VM_PFNMAP source inside the machine inserts device frames lazily the "
+                "way device-lazy describes (read-only on a read fault, pfn_mkwrite on a "
+                "write); DRM shmem buffers and udmabuf insert writable RAM pages on the "
+                "first fault: that is the dmabuf kind")
         elif kind == "device-lazy":
             raise MappingUnsupported(
                 "no VM_PFNMAP source on this host inserts frames lazily on first touch "
@@ -306,6 +359,66 @@ class HostMemory:
                 if value["result"] == "ok":
                     self.host_write(hva + off, 8, value["value"])
         return 0
+
+    def _map_dmabuf(self, hva: int, size: int, prot: int) -> int:
+        """A DRM dumb buffer (else a udmabuf) of ``size`` bytes, MAP_SHARED|MAP_FIXED at
+        ``hva``; raises :class:`MappingUnsupported` without a source or when the kernel
+        does not map it VM_PFNMAP (the mapping is replaced by the arena's PROT_NONE)."""
+        fd, offset, source = self._dmabuf_source(size)
+        try:
+            _, err = libc.mmap(hva, size, prot, libc.MAP_SHARED | libc.MAP_FIXED, fd, offset)
+        finally:
+            if fd != self._drm_fd:
+                os.close(fd)
+        if err:
+            return err
+        flags = vm_flags_of(hva)
+        if "pf" not in flags:
+            libc.mmap(hva, size, libc.PROT_NONE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS
+                      | libc.MAP_NORESERVE | libc.MAP_FIXED)
+            raise MappingUnsupported(
+                f"this kernel maps a {source} without VM_PFNMAP (VmFlags: {' '.join(flags)}; "
+                "DRM shmem buffers became VM_PFNMAP in v5.14), so it is not the dmabuf kind")
+        return 0
+
+    def _dmabuf_source(self, size: int) -> tuple[int, int, str]:
+        """``(fd, mmap offset, what)`` of a new buffer of ``size`` bytes."""
+        if os.path.exists(DRM_CARD):
+            if self._drm_fd < 0:
+                self._drm_fd = os.open(DRM_CARD, os.O_RDWR | os.O_CLOEXEC)
+            create = bytearray(struct.pack("=6IQ", size // DUMB_PITCH, DUMB_PITCH // 4, 32,
+                                           0, 0, 0, 0))
+            try:
+                fcntl.ioctl(self._drm_fd, DRM_IOCTL_MODE_CREATE_DUMB, create)
+                handle = struct.unpack_from("=6IQ", create)[4]
+                mapped = bytearray(struct.pack("=IIQ", handle, 0, 0))
+                fcntl.ioctl(self._drm_fd, DRM_IOCTL_MODE_MAP_DUMB, mapped)
+            except OSError as exc:
+                raise MappingUnsupported(
+                    f"a {size >> 10} KiB DRM dumb buffer on {DRM_CARD} failed: "
+                    f"{libc.errno_name(exc.errno or 0)}") from None
+            return self._drm_fd, struct.unpack_from("=IIQ", mapped)[2], "DRM shmem dumb buffer"
+        if os.path.exists(UDMABUF):
+            memfd = os.memfd_create("kvmmem-udmabuf", os.MFD_CLOEXEC | MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(memfd, size)
+                fcntl.fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK)
+                dev = os.open(UDMABUF, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    arg = bytearray(struct.pack("=IIQQ", memfd, UDMABUF_FLAGS_CLOEXEC, 0, size))
+                    fd = fcntl.ioctl(dev, UDMABUF_CREATE, arg)
+                finally:
+                    os.close(dev)
+            except OSError as exc:
+                raise MappingUnsupported(
+                    f"a {size >> 10} KiB udmabuf failed: {libc.errno_name(exc.errno or 0)}"
+                ) from None
+            finally:
+                os.close(memfd)
+            return fd, 0, "udmabuf"
+        raise MappingUnsupported(
+            f"no dma-buf source here: neither {DRM_CARD} (a DRM driver with dumb buffers, "
+            f"such as virtio-gpu) nor {UDMABUF}")
 
     def _map_bar(self, hva: int, size: int, prot: int) -> int:
         assert self._device_bar is not None

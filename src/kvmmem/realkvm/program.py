@@ -140,15 +140,26 @@ def run_program(program: Program, kvm: Kvm | None = None, file_dir: str | None =
     return out
 
 
+KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED = 243
+"""arm64, v6.17: ``kvm_supports_cacheable_pfnmap()`` (the CPU has FWB and DIC)."""
+
+
 def _check_capabilities(program: Program, vm: HarnessVm) -> None:
     """Raise :class:`_Unsupported` when the program needs what this KVM cannot give.
 
-    ``prefault`` on x86 needs KVM_PRE_FAULT_MEMORY, which upstream x86 offers only with
+    A scenario declaring arm64 ``cpu_features`` fwb and dic needs a CPU with both on
+    kernels that ask (v6.17+).  ``prefault`` on x86 needs KVM_PRE_FAULT_MEMORY, which upstream x86 offers only with
     TDP (``kvm_arch_vcpu_pre_fault_memory`` refuses a shadow-paging MMU with
     EOPNOTSUPP; this host's nested PVM has capability 0), so the model's upstream
     outcome has no real counterpart there.  A kernel older than v6.10 has no such
     ioctl at all, nor do arm64 and riscv: their EINVAL is itself the outcome to
     compare."""
+    if program["arch"] == "arm64" and {"fwb", "dic"} <= set(program.get("cpu_features", ())) \
+            and kernel_version() >= (6, 17) \
+            and not vm.vm.check_extension(KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED):
+        raise _Unsupported("the scenario declares cpu_features fwb and dic; this CPU lacks "
+                           "them (KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED is 0), so "
+                           "cacheable VM_PFNMAP slots are refused here")
     if "prefault" in program.get("needs", ()) and program["arch"] == "x86" \
             and kernel_version() >= (6, 10) and not vm.supports("KVM_PRE_FAULT_MEMORY"):
         raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this KVM uses "

@@ -98,7 +98,8 @@ def scenario_program(scenario: Scenario, arch: str = "x86", path: str = "native"
     needs = sorted({step.op for step in scenario.all_steps() if isinstance(step, Prefault)})
     program: Program = {
         "scenario": scenario.name, "arch": arch, "path": path, "timeout": timeout,
-        "ipa_bits": scenario.ipa_bits, "reserved_gpas": [list(r) for r in ranges],
+        "ipa_bits": scenario.ipa_bits, "cpu_features": list(scenario.cpu_features),
+        "reserved_gpas": [list(r) for r in ranges],
         "reserved_slots": slots, "needs": needs,
         "memory": [_mapping(m) for m in scenario.memory.values()],
         "memslots": [_step(s) for s in scenario.memslots],

@@ -39,6 +39,7 @@ KIND_COLORS: dict[str, str] = {
     "thp": "#76b7b2",
     "device": "#e15759",
     "device-lazy": "#ff9da7",
+    "dmabuf": "#9c755f",
 }
 SIZE_COLORS: dict[int, str] = {4096: "#9c9ede", 1 << 21: "#637939", 1 << 30: "#8c6d31"}
 SIZE_NAMES: dict[int, str] = {4096: "4K", 1 << 21: "2M", 1 << 30: "1G"}

@@ -64,7 +64,7 @@ from kvmmem.scenario.model import (
     SetMemslot,
     Step,
 )
-from kvmmem.types import PAGE_SIZE, PMD_SIZE, format_size, parse_size
+from kvmmem.types import CPU_FEATURES, PAGE_SIZE, PMD_SIZE, format_size, parse_size
 from kvmmem.variants import VARIANTS, get_variant
 
 __all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_VCPUS", "load_scenario", "load_scenario_text"]
@@ -550,15 +550,22 @@ class _Checker:
         return value
 
     def flags(self, node: Node, path: str) -> tuple[str, ...]:
-        names = tuple(MEMSLOT_FLAGS)
+        return self.word_list(node, path, tuple(MEMSLOT_FLAGS), "flag", "a memslot flag")
+
+    def cpu_features(self, node: Node, path: str) -> tuple[str, ...]:
+        return self.word_list(node, path, CPU_FEATURES, "CPU feature", "a CPU feature")
+
+    def word_list(self, node: Node, path: str, names: tuple[str, ...], noun: str,
+                  what: str) -> tuple[str, ...]:
+        """A list of distinct words from ``names``."""
         if not isinstance(node, SequenceNode):
-            raise self.err(node, path, f"expected a list of flags ({_listing(names)}), "
+            raise self.err(node, path, f"expected a list of {noun}s ({_listing(names)}), "
                                        f"got {_show(node)}")
         out: list[str] = []
         bad = False
         for i, item in enumerate(node.value):
             try:
-                flag = self.choice(item, f"{path}[{i}]", names, "a memslot flag")
+                flag = self.choice(item, f"{path}[{i}]", names, what)
             except _Bad:
                 bad = True
                 continue
@@ -601,7 +608,8 @@ class _Checker:
             "variant": self.variant_name,
             "granule": self.granule, "size": self.size, "u32": self.u32, "u64": self.u64,
             "access_size": self.access_size, "vcpu": self.vcpu, "prot": self.prot,
-            "fill": self.fill, "flags": self.flags, "bool": self.boolean,
+            "fill": self.fill, "flags": self.flags, "cpu_features": self.cpu_features,
+            "bool": self.boolean,
             "errno": self.errno_name, "signal": self.signal_name, "gfns": self.gfn_list,
         }
         return simple[t]
@@ -700,6 +708,7 @@ class _Checker:
             steps=steps,
             threads=threads,
             ipa_bits=values.get("ipa_bits"),
+            cpu_features=values.get("cpu_features", ()),
             source=self.filename,
         )
 

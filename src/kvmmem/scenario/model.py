@@ -61,6 +61,7 @@ MAPPING_KINDS = (
     "thp",
     "device",
     "device-lazy",
+    "dmabuf",
 )
 ACCESS_SIZES = (1, 2, 4, 8)
 ADVICES = ("dontneed", "remove", "hugepage", "nohugepage")
@@ -355,6 +356,7 @@ class Scenario:
     steps: tuple[Step, ...] | None = None
     threads: dict[str, tuple[Step, ...]] | None = None
     ipa_bits: int | None = None
+    cpu_features: tuple[str, ...] = ()
     source: str = "<string>"
     variant_given: bool = False
 

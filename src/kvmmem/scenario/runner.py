@@ -117,7 +117,8 @@ class Runner:
         self.variant = variant or scenario.variant
         self.mm = Mm()
         self.vm = Vm(arch, variant=self.variant, mm=self.mm, vcpus=scenario.vcpus,
-                     granule=scenario.granule, ipa_bits=scenario.ipa_bits)
+                     granule=scenario.granule, ipa_bits=scenario.ipa_bits,
+                     cpu_features=scenario.cpu_features)
         self.check = check
         if trace:
             self.vm.log = EventLog()
@@ -153,6 +154,8 @@ class Runner:
             file = mm.open_device(m.name, m.size // 4096, lazy=False)
         elif kind == "device-lazy":
             file = mm.open_device(m.name, m.size // 4096, lazy=True)
+        elif kind == "dmabuf":
+            file = mm.create_dmabuf(m.name, m.size)
         elif kind in ("file", "file-shared"):
             file = mm.open_file(m.name, m.size)
         elif kind == "memfd":

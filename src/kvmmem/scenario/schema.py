@@ -38,6 +38,7 @@ from kvmmem.scenario.model import (
     RESULT_KEYS,
     RESULTS,
 )
+from kvmmem.types import CPU_FEATURES
 from kvmmem.variants import MUTATIONS, VARIANTS
 
 MAX_VCPUS = 1024
@@ -67,6 +68,7 @@ TYPES: dict[str, str] = {
     "memory": "the name of a host mapping",
     "hva_ref": "{memory: NAME, offset: N}",
     "flags": "a list of memslot flags",
+    "cpu_features": "a list of CPU features: fwb, dic",
     "bool": "true or false",
     "errno": "an errno name (EINVAL, EEXIST, EFAULT, ...)",
     "signal": "a signal name (SIGSEGV, SIGBUS, ...)",
@@ -120,6 +122,10 @@ TOP_KEYS: tuple[Key, ...] = (
     Key("ipa_bits", "range", "the guest physical address size asked for at VM creation "
         "(arm64 KVM_VM_TYPE_ARM_IPA_SIZE); absent: the architecture's default",
         low=IPA_BITS_RANGE[0], high=IPA_BITS_RANGE[1]),
+    Key("cpu_features", "cpu_features", "optional features of the host CPU the kernel "
+        "asks about: arm64 fwb (FEAT_S2FWB) and dic (CTR_EL0.DIC), which decide whether a "
+        "cacheable VM_PFNMAP slot is accepted (v6.17); ignored by x86 and riscv",
+        default="[] (none, as QEMU's -cpu max)"),
     Key("memory", "mappings", "host mappings made, in order, before the first step",
         default="{}"),
     Key("memslots", "memslots", "memslots made, in order, after memory and before the "
@@ -309,6 +315,8 @@ def _value_schema(key: Key) -> dict[str, Any]:
         out = _object(HVA_REF_KEYS)
     elif t == "flags":
         out = {"type": "array", "items": {"enum": list(MEMSLOT_FLAGS)}, "uniqueItems": True}
+    elif t == "cpu_features":
+        out = {"type": "array", "items": {"enum": list(CPU_FEATURES)}, "uniqueItems": True}
     elif t == "bool":
         out = {"type": "boolean"}
     elif t == "errno":
