@@ -276,11 +276,12 @@ def run_model(scenario: Scenario, path: str = "native", arch: str = HOST_ARCH,
               variant: str | None = None) -> RunResult:
     """The model side: ``scenario`` on ``arch`` as ``variant`` (default: the scenario's
     own), every vCPU's default path set to ``path`` (a step's own ``path`` wins, as on
-    the real side).
+    the real side).  After an invariant violation the remaining steps still run
+    (unchecked), as the kernel goes on, so they are compared too.
 
     Raises :class:`~kvmmem.errors.InputError` where the model refuses the scenario's
     setup (e.g. a host mapping it cannot make)."""
-    runner = Runner(scenario, arch, variant or scenario.variant)
+    runner = Runner(scenario, arch, variant or scenario.variant, keep_going=True)
     for vcpu in runner.vm.vcpus:
         vcpu.path = path
     return runner.run()

@@ -39,6 +39,9 @@ PUD_SHIFT = 30
 PUD_SIZE = 1 << PUD_SHIFT
 PAGES_PER_PMD = PMD_SIZE // PAGE_SIZE
 
+EXEC_FETCH_SIZE = 4
+"""Bytes a ``guest_exec`` step fetches (one instruction)."""
+
 CPU_FEATURES = ("fwb", "dic")
 """Optional host CPU features the kernel asks about (a scenario's ``cpu_features``):
 arm64 FEAT_S2FWB (``fwb``) and ``CTR_EL0.DIC`` (``dic``); other architectures ignore

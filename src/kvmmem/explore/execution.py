@@ -73,7 +73,8 @@ from kvmmem.scenario.model import (
     SetMemslot,
     Step,
 )
-from kvmmem.scenario.runner import EXEC_FETCH_SIZE, Runner, expectation_holds
+from kvmmem.scenario.runner import Runner, expectation_holds
+from kvmmem.types import EXEC_FETCH_SIZE
 from kvmmem.sync import Sync, SyncKind, acquire, point
 from kvmmem.types import PAGE_SHIFT
 

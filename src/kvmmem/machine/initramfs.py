@@ -59,6 +59,7 @@ mkdir -p /dev/pts /dev/shm /tmp /mnt/kvmmem /mnt/scratch /dev/virtio-ports
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
 mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 echo "kvmmem: init $(cut -d' ' -f1 /proc/uptime)s"
 for m in $(cat /lib/modules/kvmmem.load); do
     insmod /lib/modules/$m.ko 2>/dev/null || echo "kvmmem: insmod $m failed"

@@ -386,18 +386,22 @@ class HostMemory:
         if os.path.exists(DRM_CARD):
             if self._drm_fd < 0:
                 self._drm_fd = os.open(DRM_CARD, os.O_RDWR | os.O_CLOEXEC)
-            create = bytearray(struct.pack("=6IQ", size // DUMB_PITCH, DUMB_PITCH // 4, 32,
-                                           0, 0, 0, 0))
-            try:
-                fcntl.ioctl(self._drm_fd, DRM_IOCTL_MODE_CREATE_DUMB, create)
-                handle = struct.unpack_from("=6IQ", create)[4]
-                mapped = bytearray(struct.pack("=IIQ", handle, 0, 0))
-                fcntl.ioctl(self._drm_fd, DRM_IOCTL_MODE_MAP_DUMB, mapped)
-            except OSError as exc:
+            # The mmap offset of a dumb buffer is its DRM fake offset, which these kernels
+            # leave in vm_pgoff.  The model's dma-buf has vm_pgoff 0, so arm64's block
+            # sizing sees the same congruence only when the fake offset is a multiple of
+            # 2 MiB: a padding buffer fills the offset space up to the next multiple.
+            # (Buffers are kept until the card is closed: a freed offset is not reused at
+            # once.)
+            _, offset = self._dumb_buffer(PAGE_SIZE)
+            pad = -(offset + PAGE_SIZE) % PMD_SIZE
+            if pad:
+                self._dumb_buffer(pad)
+            _, offset = self._dumb_buffer(size)
+            if offset % PMD_SIZE:
                 raise MappingUnsupported(
-                    f"a {size >> 10} KiB DRM dumb buffer on {DRM_CARD} failed: "
-                    f"{libc.errno_name(exc.errno or 0)}") from None
-            return self._drm_fd, struct.unpack_from("=IIQ", mapped)[2], "DRM shmem dumb buffer"
+                    f"the DRM fake offset of a new dumb buffer is {offset:#x}, not a multiple "
+                    "of 2 MiB as the model's dma-buf (vm_pgoff 0) needs")
+            return self._drm_fd, offset, "DRM shmem dumb buffer"
         if os.path.exists(UDMABUF):
             memfd = os.memfd_create("kvmmem-udmabuf", os.MFD_CLOEXEC | MFD_ALLOW_SEALING)
             try:
@@ -419,6 +423,22 @@ class HostMemory:
         raise MappingUnsupported(
             f"no dma-buf source here: neither {DRM_CARD} (a DRM driver with dumb buffers, "
             f"such as virtio-gpu) nor {UDMABUF}")
+
+    def _dumb_buffer(self, size: int) -> tuple[int, int]:
+        """``(handle, mmap offset)`` of a new DRM dumb buffer of ``size`` bytes (one
+        page per row)."""
+        create = bytearray(struct.pack("=6IQ", size // DUMB_PITCH, DUMB_PITCH // 4, 32,
+                                       0, 0, 0, 0))
+        try:
+            fcntl.ioctl(self._drm_fd, DRM_IOCTL_MODE_CREATE_DUMB, create)
+            handle = struct.unpack_from("=6IQ", create)[4]
+            mapped = bytearray(struct.pack("=IIQ", handle, 0, 0))
+            fcntl.ioctl(self._drm_fd, DRM_IOCTL_MODE_MAP_DUMB, mapped)
+        except OSError as exc:
+            raise MappingUnsupported(
+                f"a {size >> 10} KiB DRM dumb buffer on {DRM_CARD} failed: "
+                f"{libc.errno_name(exc.errno or 0)}") from None
+        return handle, struct.unpack_from("=IIQ", mapped)[2]
 
     def _map_bar(self, hva: int, size: int, prot: int) -> int:
         assert self._device_bar is not None

@@ -32,6 +32,8 @@ from typing import Any
 from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessVm, RealVm
 from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_bytes
 from kvmmem.realkvm.kvm import Kvm, KvmUnsupported
+from kvmmem.realkvm.tracefs import FAULT_EVENTS, EventCounter
+from kvmmem.types import EXEC_FETCH_SIZE, PAGE_SIZE
 
 Outcome = dict[str, Any]
 Program = dict[str, Any]
@@ -122,18 +124,22 @@ def run_program(program: Program, kvm: Kvm | None = None, file_dir: str | None =
     try:
         with HostMemory(file_dir=file_dir, device_bar=device_bar) as host:
             vm = make_vm(program, kvm)
+            faults: EventCounter | None = None
             try:
                 _check_capabilities(program, vm)
                 for mapping in program.get("memory", ()):
                     out.setup.append({"memory": mapping["name"], **_mmap(host, mapping)})
                 for slot in program.get("memslots", ()):
                     out.setup.append({"memslot": slot["index"], **_set_memslot(host, vm, slot)})
+                faults = _fault_counter(program)
                 for step in program.get("steps", ()):
-                    outcome = _step(host, vm, step)
+                    outcome = _counted_step(host, vm, step, faults)
                     out.steps.append({"step": step["index"], "op": step["op"], **outcome})
                     if outcome["result"] == "unsupported":
                         raise _Unsupported(outcome.get("reason", ""))
             finally:
+                if faults is not None:
+                    faults.close()
                 vm.close()
     except (MappingUnsupported, KvmUnsupported, _Unsupported) as exc:
         out.supported, out.reason = False, str(exc)
@@ -164,6 +170,29 @@ def _check_capabilities(program: Program, vm: HarnessVm) -> None:
             and kernel_version() >= (6, 10) and not vm.supports("KVM_PRE_FAULT_MEMORY"):
         raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this KVM uses "
                            "shadow paging (KVM_CAP_PRE_FAULT_MEMORY is 0)")
+
+
+def _fault_counter(program: Program) -> EventCounter | None:
+    """The tracepoint counter ``count_faults`` steps need on this architecture, or None
+    (no such step, no such tracepoint: their outcomes then carry no ``faults``)."""
+    event = FAULT_EVENTS.get(program["arch"])
+    if event is None or not any(s.get("count_faults") for s in program.get("steps", ())):
+        return None
+    return EventCounter.open(event)
+
+
+def _counted_step(host: HostMemory, vm: HarnessVm, step: dict[str, Any],
+                  faults: EventCounter | None) -> Outcome:
+    """:func:`_step`, with ``faults`` (the stage-2 faults taken) for a guest access that
+    asks for ``count_faults`` where this kernel can count them."""
+    if faults is None or not step.get("count_faults"):
+        return _step(host, vm, step)
+    faults.reset()
+    outcome = _step(host, vm, step)
+    gpa = step["gpa"]
+    end = gpa + step.get("size", EXEC_FETCH_SIZE)
+    outcome["faults"] = faults.count(gpa & ~(PAGE_SIZE - 1), -(-end // PAGE_SIZE) * PAGE_SIZE)
+    return outcome
 
 
 def _hva(host: HostMemory, step: dict[str, Any]) -> int:

@@ -76,13 +76,13 @@ MEMSLOT_FLAGS: dict[str, int] = {
 
 RESULTS = ("ok", "mmio", "fault", "error", "signal", "abort", "exit")
 RESULT_KEYS: dict[str, tuple[str, ...]] = {
-    "ok": ("value", "dirty", "remaining"),
-    "mmio": ("gpa", "len", "is_write", "data", "value"),
-    "fault": ("gpa", "size", "flags"),
-    "error": ("errno",),
+    "ok": ("value", "dirty", "remaining", "faults"),
+    "mmio": ("gpa", "len", "is_write", "data", "value", "faults"),
+    "fault": ("gpa", "size", "flags", "faults"),
+    "error": ("errno", "faults"),
     "signal": ("signal",),
-    "abort": ("abort",),
-    "exit": ("exit_reason", "suberror"),
+    "abort": ("abort", "faults"),
+    "exit": ("exit_reason", "suberror", "faults"),
 }
 """The extra keys an outcome with each ``result`` may carry (SCENARIOS.md, Outcomes)."""
 EXPECT_KEYS = (
@@ -101,6 +101,7 @@ EXPECT_KEYS = (
     "remaining",
     "exit_reason",
     "suberror",
+    "faults",
 )
 
 
@@ -169,6 +170,7 @@ class GuestRead(Step):
     size: int
     vcpu: int = 0
     path: str | None = None
+    count_faults: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +183,7 @@ class GuestWrite(Step):
     value: int
     vcpu: int = 0
     path: str | None = None
+    count_faults: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +194,7 @@ class GuestExec(Step):
     gpa: int = 0
     vcpu: int = 0
     path: str | None = None
+    count_faults: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

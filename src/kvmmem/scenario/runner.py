@@ -48,8 +48,7 @@ from kvmmem.scenario.model import (
     Step,
 )
 from kvmmem.sync import Op, drive
-
-EXEC_FETCH_SIZE = 4
+from kvmmem.types import EXEC_FETCH_SIZE
 
 
 @dataclass
@@ -111,7 +110,7 @@ class Runner:
     """Runs the steps of one scenario on a fresh VM (``arch``, ``variant``)."""
 
     def __init__(self, scenario: Scenario, arch: str, variant: str | None = None, *,
-                 trace: bool = False, check: bool = True) -> None:
+                 trace: bool = False, check: bool = True, keep_going: bool = False) -> None:
         self.scenario = scenario
         self.arch = arch
         self.variant = variant or scenario.variant
@@ -120,6 +119,9 @@ class Runner:
                      granule=scenario.granule, ipa_bits=scenario.ipa_bits,
                      cpu_features=scenario.cpu_features)
         self.check = check
+        self.keep_going = keep_going
+        """After the first invariant violation, run the remaining steps unchecked (as the
+        kernel would go on) instead of stopping there: conform compares them."""
         if trace:
             self.vm.log = EventLog()
         self.ranges: dict[str, tuple[int, int]] = {}
@@ -244,6 +246,7 @@ class Runner:
         """A guest access on the step's vCPU (and path, when the step names one)."""
         vcpu = self.vm.vcpus[step.vcpu]
         path = step.path if step.path is not None else vcpu.path
+        taken = self.vm.stats.pf_taken
         if isinstance(step, GuestRead):
             r = yield from vcpu.access_op(step.gpa, step.size, Access.READ, path=path)
         elif isinstance(step, GuestWrite):
@@ -253,7 +256,10 @@ class Runner:
                 validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu)
         else:
             r = yield from vcpu.access_op(step.gpa, EXEC_FETCH_SIZE, Access.EXEC, path=path)
-        return r.to_outcome()
+        out = r.to_outcome()
+        if step.count_faults:
+            out["faults"] = self.vm.stats.pf_taken - taken
+        return out
 
     # --- the run -------------------------------------------------------------
 
@@ -288,7 +294,9 @@ class Runner:
             result.steps.append(outcome)
             self._expect(result, step, outcome)
             if self.check and not self._check(result, step.index):
-                return result
+                if not self.keep_going:
+                    return result
+                self.check = False
         if self.check:
             try:
                 result.notes = [{"invariant": "path-independence", "detail": note}

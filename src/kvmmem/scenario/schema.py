@@ -175,6 +175,8 @@ _VCPU = Key("vcpu", "vcpu", "the vCPU that makes the access", default="0")
 _PATH = _choice("path", GUEST_PATHS, "a guest path", "x86: native takes KVM's MMU fault "
                 "path, emulated KVM's instruction emulator (arm64 and riscv have none); "
                 "absent: native", )
+_COUNT = Key("count_faults", "bool", "report faults: the stage-2 (TDP) faults KVM took "
+             "for this access (a premapped or block-mapped page takes none)", default="false")
 _MEM = Key("memory", "memory", "the host mapping whose address range is meant",
            required=True)
 _OFFSET = Key("offset", "size", "bytes into memory", default="0")
@@ -192,14 +194,14 @@ class StepKind:
 STEP_KINDS: tuple[StepKind, ...] = (
     StepKind("guest_read", "the guest loads size bytes at gpa", (
         Key("gpa", "size", "guest physical address", default="0"),
-        Key("size", "access_size", "bytes", required=True), _VCPU, _PATH)),
+        Key("size", "access_size", "bytes", required=True), _VCPU, _PATH, _COUNT)),
     StepKind("guest_write", "the guest stores value (little-endian, size bytes) at gpa", (
         Key("gpa", "size", "guest physical address", default="0"),
         Key("size", "access_size", "bytes", required=True),
         Key("value", "u64", "the value stored; must fit in size bytes", required=True),
-        _VCPU, _PATH)),
+        _VCPU, _PATH, _COUNT)),
     StepKind("guest_exec", "an instruction fetch (4 bytes) at gpa", (
-        Key("gpa", "size", "guest physical address", default="0"), _VCPU, _PATH)),
+        Key("gpa", "size", "guest physical address", default="0"), _VCPU, _PATH, _COUNT)),
     StepKind("host_read", "a userspace load through the host address", (
         _MEM, _OFFSET, Key("size", "access_size", "bytes", required=True))),
     StepKind("host_write", "a userspace store through the host address", (
@@ -255,6 +257,8 @@ EXPECT_KEYS: tuple[Key, ...] = (
     Key("remaining", "u64", "prefault: bytes of the range left unprocessed"),
     Key("exit_reason", "string", "exit: the KVM_EXIT_* name"),
     Key("suberror", "u64", "exit: the internal error's suberror"),
+    Key("faults", "u64", "a guest access with count_faults: the stage-2 faults KVM took "
+        "for it (real kernels report it on arm64: kvm_guest_fault events)"),
 )
 """The keys ``expect`` takes: every outcome key (RESULT_KEYS says which result has which)."""
 
