@@ -74,9 +74,8 @@ from kvmmem.scenario.model import (
     Step,
 )
 from kvmmem.scenario.runner import Runner, expectation_holds
-from kvmmem.types import EXEC_FETCH_SIZE
 from kvmmem.sync import Sync, SyncKind, acquire, point
-from kvmmem.types import PAGE_SHIFT
+from kvmmem.types import EXEC_FETCH_SIZE, PAGE_SHIFT
 
 from .fingerprint import Canon, StatePickler
 

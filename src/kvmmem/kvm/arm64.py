@@ -164,22 +164,26 @@ class Arm64Kvm(ArchKvm):
             yield _MMU_READ_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
-        # transparent_hugepage_adjust: a THP behind the hva allows a PMD block.
+        pfn = fin.pfn
+        # transparent_hugepage_adjust: a THP behind the hva allows a PMD block (IPA and
+        # pfn aligned down to it).
         if size == PAGE_SIZE and not force_pte and not device \
                 and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
                 and mm.mapping_size(hva) >= PMD_SIZE:
             size = PMD_SIZE
-        if size > PAGE_SIZE and fin.pfn & ((size >> PAGE_SHIFT) - 1):
+            gpa = align_down(gpa, PMD_SIZE)
+            pfn = align_down(pfn, PMD_SIZE >> PAGE_SHIFT)
+        if size > PAGE_SIZE and pfn & ((size >> PAGE_SHIFT) - 1):
             # kvm_pgtable_stage2_map: kvm_block_mapping_supported refuses a block whose
             # output address is not aligned to it, and the walk descends to map one page
             # per granule, from the pfn on (what a VMA-sized PFNMAP block comes to when
             # the first page's frame is not block aligned)
             for i in range(size >> PAGE_SHIFT):
-                vm.install(slot, gpa + (i << PAGE_SHIFT), fin.pfn + i, PAGE_SIZE,
+                vm.install(slot, gpa + (i << PAGE_SHIFT), pfn + i, PAGE_SIZE,
                            write=writable, execute=exec_fault, device=device,
                            access=access if i == 0 else None)
         else:
-            vm.install(slot, gpa, fin.pfn, size, write=writable, execute=exec_fault,
+            vm.install(slot, gpa, pfn, size, write=writable, execute=exec_fault,
                        device=device, access=access)
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)

@@ -154,12 +154,12 @@ def _check_capabilities(program: Program, vm: HarnessVm) -> None:
     """Raise :class:`_Unsupported` when the program needs what this KVM cannot give.
 
     A scenario declaring arm64 ``cpu_features`` fwb and dic needs a CPU with both on
-    kernels that ask (v6.17+).  ``prefault`` on x86 needs KVM_PRE_FAULT_MEMORY, which upstream x86 offers only with
-    TDP (``kvm_arch_vcpu_pre_fault_memory`` refuses a shadow-paging MMU with
-    EOPNOTSUPP; this host's nested PVM has capability 0), so the model's upstream
-    outcome has no real counterpart there.  A kernel older than v6.10 has no such
-    ioctl at all, nor do arm64 and riscv: their EINVAL is itself the outcome to
-    compare."""
+    kernels that ask (v6.17+).  ``prefault`` on x86 needs KVM_PRE_FAULT_MEMORY, which
+    upstream x86 offers only with TDP (``kvm_arch_vcpu_pre_fault_memory`` refuses a
+    shadow-paging MMU with EOPNOTSUPP; this host's nested PVM has capability 0), so the
+    model's upstream outcome has no real counterpart there.  A kernel older than v6.10
+    has no such ioctl at all, nor do arm64 and riscv: their EINVAL is itself the
+    outcome to compare."""
     if program["arch"] == "arm64" and {"fwb", "dic"} <= set(program.get("cpu_features", ())) \
             and kernel_version() >= (6, 17) \
             and not vm.vm.check_extension(KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED):

@@ -11,6 +11,7 @@ tracepoint of the same reach here, so their real outcomes carry no count.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -68,7 +69,5 @@ class EventCounter:
 
     def close(self) -> None:
         """Disable the event (idempotent; errors ignored: the machine is going away)."""
-        try:
+        with contextlib.suppress(OSError):
             self._write(f"events/{self.event}/enable", "0")
-        except OSError:
-            pass
