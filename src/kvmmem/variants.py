@@ -140,6 +140,18 @@ SWITCHES: tuple[Switch, ...] = (
                 "Ankit Agrawal's series, capability 243; hash not identified.  Real arm64 "
                 "7.2.13 and 7.3.4 refuse a DRM shmem buffer's slot on QEMU's -cpu max"),)),
     Switch(
+        "riscv_hugetlb_lookup", ("riscv",),
+        "kvm_riscv_gstage_map keeps a hugetlb VMA's size whatever the slot's layout and "
+        "looks the block-aligned gfn up: 0 in every memslot (none: EFAULT), 1 in the "
+        "faulting slot unchecked, 2 only where fault_supports_gstage_huge_mapping allows "
+        "the block (else 2M, then 4K)", 0,
+        (Change((6, 17), 1, "583c7288feb4",
+                "RISC-V: KVM: Avoid re-acquiring memslot in kvm_riscv_gstage_map()"),
+         Change((7, 2), 2, "49476d58f217",
+                "KVM: riscv: Check hugetlb block mappings against memslot bounds",
+                "release inferred from the kvm.git push of 2026-06-24 in the 7.2 cycle; "
+                "real riscv 6.12.117 gives EFAULT, 7.2.13 maps 4K (row-huge-hugetlb)"))),
+    Switch(
         "notifier_counts_every_range", ("x86", "arm64", "riscv"),
         "invalidate_range_start raises the in-progress count for every invalidation, "
         "even one that touches no memslot", True,
@@ -238,6 +250,11 @@ class Variant:
     arm64_cacheable_pfnmap_check: bool = True
     """arm64 prepare refuses a cacheable VM_PFNMAP VMA (EINVAL) unless the CPU has FWB
     and DIC (v6.17, KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED; hash not identified)."""
+    riscv_hugetlb_lookup: int = 2
+    """riscv hugetlb sizing (:data:`~kvmmem.kvm.riscv.HUGETLB_CHECKED` and friends): the
+    block-aligned gfn looked up in every slot (v5.16), in the faulting slot unchecked
+    (v6.17, 583c7288feb4), or the block kept only where the slot allows it (v7.2,
+    49476d58f217 "KVM: riscv: Check hugetlb block mappings against memslot bounds")."""
     notifier_counts_every_range: bool = False
     """``kvm_mmu_notifier_invalidate_range_start`` raises the count for every
     invalidation, even one that touches no memslot, and records no range; until v5.13's

@@ -70,18 +70,26 @@ AROUND = [
     ("x86_prefault_frees_obsolete_root", "6.14", False, "6.15", True),
     ("x86_elide_flush_if_young", "6.12", False, "6.13", True),
     ("riscv_exec_outside_slots_injects", "7.1", False, "7.2", True),
+    ("arm64_pfnmap_vma_block", "5.13", False, "5.14", True),
+    ("arm64_pfnmap_vma_block", "7.2", True, "7.3", False),
+    ("arm64_cacheable_pfnmap_check", "6.16", False, "6.17", True),
+    ("riscv_hugetlb_lookup", "6.16", 0, "6.17", 1),
+    ("riscv_hugetlb_lookup", "7.1", 1, "7.2", 2),
 ]
 
 
 @pytest.mark.parametrize(("name", "before", "old", "at", "new"), AROUND,
-                         ids=[a[0] for a in AROUND])
-def test_switch_values_around_their_change(name: str, before: str, old: bool, at: str,
-                                           new: bool) -> None:
-    assert getattr(get_variant(before), name) is old
-    assert getattr(get_variant(at), name) is new
-    assert getattr(get_variant("5.4"), name) is getattr(LINUX_5_4, name)
-    assert getattr(UPSTREAM, name) is getattr(get_variant("7.3"), name) is new
+                         ids=[f"{a[0]}@{a[3]}" for a in AROUND])
+def test_switch_values_around_their_change(name: str, before: str, old: bool | int,
+                                           at: str, new: bool | int) -> None:
+    assert getattr(get_variant(before), name) == old
+    assert getattr(get_variant(at), name) == new
+    assert getattr(get_variant("5.4"), name) == getattr(LINUX_5_4, name)
+    switch = next(s for s in SWITCHES if s.name == name)
+    assert getattr(UPSTREAM, name) == getattr(get_variant("7.3"), name) \
+        == switch.value_at(UPSTREAM_RELEASE)
     assert {a[0] for a in AROUND} == {s.name for s in SWITCHES}
+    assert sum(a[0] == name for a in AROUND) == len(switch.changes)
 
 
 def test_5_10_has_no_eperm_but_premaps() -> None:
@@ -304,7 +312,9 @@ def test_the_scenario_variant_key_takes_a_release() -> None:
 
 
 def test_conform_runs_the_machines_release() -> None:
-    assert machine_variant("7.3-16k") == "7.3" and machine_variant("6.12") == "6.12"
+    assert machine_variant("7.3-16k") == "7.3" and machine_variant("6.1") == "6.1"
+    # Debian's 6.12.117 carries the stable fix of the arm64 PFNMAP block sizing
+    assert machine_variant("6.12") == "debian-6.12"
     plain = load_scenario(SCENARIOS / "quickstart.yaml")
     assert model_variant(plain, "6.12") == "6.12"
     assert unsupported_reason(plain, "x86", "machine x86-6.12", "6.12") is None
@@ -356,9 +366,9 @@ def test_debian_5_10_carries_the_writable_pfnmap_fix() -> None:
               if f.name not in ("name", "description")
               and getattr(mainline, f.name) != getattr(debian, f.name)]
     assert differ == ["remapped_always_writable"]
-    assert set(DISTRIBUTIONS) == {"debian-5.10"}
+    assert set(DISTRIBUTIONS) == {"debian-5.10", "debian-6.12"}
     assert machine_variant("5.10") == "debian-5.10"
-    assert machine_variant("6.12") == "6.12" and machine_variant("7.3-16k") == "7.3"
+    assert machine_variant("6.1") == "6.1" and machine_variant("7.3-16k") == "7.3"
     text = SCENARIOS / "pfnmap-mprotect-after-premap.yaml"
     for variant, outcome in (("5.10", "violation"), ("debian-5.10", "fault"),
                              ("upstream", "fault")):
@@ -366,3 +376,16 @@ def test_debian_5_10_carries_the_writable_pfnmap_fix() -> None:
         run = json.loads(res.stdout)
         got = "violation" if run["violations"] else run["steps"][3]["result"]
         assert got == outcome, (variant, res.stdout)
+
+
+def test_debian_6_12_carries_the_pfnmap_block_fix() -> None:
+    """Debian's 6.12.117 is mainline 6.12 plus the stable fix that stopped arm64 from
+    sizing VM_PFNMAP blocks from vm_pgoff; 6.1 (Debian 6.1.176) keeps the old rule."""
+    from kvmmem.variants import get_variant
+
+    mainline, debian = get_variant("6.12"), get_variant("debian-6.12")
+    differ = [f.name for f in dataclasses.fields(mainline)
+              if f.name not in ("name", "description")
+              and getattr(mainline, f.name) != getattr(debian, f.name)]
+    assert differ == ["arm64_pfnmap_vma_block"]
+    assert mainline.arm64_pfnmap_vma_block and get_variant("6.1").arm64_pfnmap_vma_block

@@ -30,7 +30,7 @@ from kvmmem.kvm.faultin import (
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
 
 if TYPE_CHECKING:
     from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
@@ -43,6 +43,9 @@ INST_ACCESS_FAULT = FaultResult(Fault.ABORT, abort="instruction access fault")
 harness reports (:func:`kvmmem.realkvm.riscv_code.describe_cause`)."""
 EXEC_EOPNOTSUPP = FaultResult(Fault.ERRNO, errno="EOPNOTSUPP")
 """Before the change above: ``gstage_page_fault`` returns -EOPNOTSUPP, KVM_RUN fails."""
+HUGETLB_ANY_SLOT, HUGETLB_FAULTING_SLOT, HUGETLB_CHECKED = 0, 1, 2
+"""Values of ``Variant.riscv_hugetlb_lookup``: how ``kvm_riscv_gstage_map`` treats a
+hugetlb size (v5.16, v6.17 583c7288feb4, v7.2 49476d58f217)."""
 _MMAP_READ_LOCK = acquire("mmap_lock", shared=True)
 _MMAP_READ_UNLOCK = release("mmap_lock", shared=True)
 _MMU_LOCK = acquire("mmu_lock")
@@ -96,13 +99,32 @@ class RiscvKvm(ArchKvm):
         size = 1 << vma.page_shift
         if logging or vma.flags & VM_PFNMAP:
             size = PAGE_SIZE
-        if size != PAGE_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
-            size = PAGE_SIZE
+        if variant.riscv_hugetlb_lookup == HUGETLB_CHECKED:
+            # hugetlb_mapping_size: 1G, else 2M, else 4K, each where the slot allows it
+            if size == PUD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
+                size = PMD_SIZE
+            if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
+                size = PAGE_SIZE
+        # Before 49476d58f217 (v7.2) a hugetlb size is kept whatever the slot's layout.
+        # The gfn is aligned down to the size and its pfn looked up: in every memslot
+        # until v6.16 (gfn_to_pfn_prot: no slot there is -EFAULT), in the faulting one,
+        # unchecked, from 583c7288feb4 (v6.17) on.
+        lookup_slot: MemorySlot | None = slot
+        fault_gpa = gpa
+        if size != PAGE_SIZE:
+            gfn = align_down(gfn, size >> PAGE_SHIFT)
+            gpa = gfn << PAGE_SHIFT
+            if variant.riscv_hugetlb_lookup == HUGETLB_ANY_SLOT:
+                lookup_slot = vm.gfn_to_memslot(gfn)
+                if lookup_slot is None or lookup_slot.invalid:
+                    yield _MMAP_READ_UNLOCK
+                    return EFAULT
         mmu_seq = vm.mmu_invalidate_seq
         is_pfnmap = bool(vma.flags & VM_PFNMAP)
         yield _MMAP_READ_UNLOCK
 
-        fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
+        assert lookup_slot is not None
+        fin = yield from kvm_faultin_pfn(mm, variant, lookup_slot, gfn, write)
         if fin.pfn == KVM_PFN_ERR_HWPOISON:
             return FaultResult(Fault.ERRNO, errno="EINTR")
         if is_error_noslot_pfn(fin.pfn):
@@ -115,9 +137,16 @@ class RiscvKvm(ArchKvm):
             yield _MMU_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
+        if fin.pfn & ((size >> PAGE_SHIFT) - 1):
+            # Before v7.2 a hugetlb size over a slot whose gpa and hva are not congruent:
+            # the leaf's output address is not aligned, the hardware refuses it and the
+            # guest re-faults on the same entry for ever.
+            yield _MMU_UNLOCK
+            kvm_release_faultin_page(mm, fin)
+            return RETRY
         # kvm_riscv_gstage_map_page gets the faulting gpa for a hugetlb size
         # and the PMD-aligned one after transparent_hugepage_adjust
-        lookup = gpa
+        lookup = fault_gpa
         if size == PAGE_SIZE and not logging and not is_pfnmap \
                 and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
                 and mm.mapping_size(hva) >= PMD_SIZE:
