@@ -56,7 +56,15 @@ COUNTERS: tuple[str, ...] = (
 
 def summarize(outcome: dict[str, Any]) -> str:
     """An outcome in a few words: ``ok 0x5a5a``, ``mmio W 0x200000/4 =0x1``,
-    ``fault 0x1000``, ``error EPERM``, ``abort prefetch abort``, ``ok dirty[0x1,0x2]``."""
+    ``fault 0x1000``, ``error EPERM``, ``abort prefetch abort``, ``ok dirty[0x1,0x2]``;
+    `` faults=N`` after it when the step counted its stage-2 faults."""
+    text = _summarize(outcome)
+    if "faults" in outcome:
+        text += f" faults={outcome['faults']}"
+    return text
+
+
+def _summarize(outcome: dict[str, Any]) -> str:
     result = str(outcome.get("result", "?"))
     if result == "ok":
         parts = ["ok"]
