@@ -304,6 +304,13 @@ def _compare_setup(model: RunResult, real: RealRun) -> list[StepComparison]:
     return out
 
 
+def _violation_site(violation: dict[str, Any]) -> str:
+    """Where a model violation was seen: ``memslots[I]`` (setup) or ``step I``."""
+    if violation.get("setup"):
+        return f"memslots[{violation['step']}]"
+    return f"step {violation['step']}"
+
+
 def compare_runs(scenario: Scenario, model: RunResult, real: RealRun) -> Conformance:
     """The verdict from a finished model run and real run of ``scenario``."""
     result = Conformance(scenario.name, scenario.source, real.path, "agree",
@@ -329,7 +336,7 @@ def compare_runs(scenario: Scenario, model: RunResult, real: RealRun) -> Conform
                          f"{first.where} ({first.op}) differs in {keys}")
     if model.violations:
         v = model.violations[0]
-        note = f"model invariant {v['invariant']} violated at step {v['step']}"
+        note = f"model invariant {v['invariant']} violated at {_violation_site(v)}"
         result.reason = f"{result.reason}; {note}" if result.reason else note
     return result
 
@@ -412,7 +419,7 @@ def tap_result(number: int, result: Conformance) -> list[str]:
     for c in result.differences:
         lines.append(f"# {c.where}: model {_compact(c.model)} kvm {_compact(c.kvm)}")
     for v in result.violations:
-        lines.append(f"# model invariant {v['invariant']} violated at step {v['step']}: "
+        lines.append(f"# model invariant {v['invariant']} violated at {_violation_site(v)}: "
                      f"{v['detail']}")
     return lines
 

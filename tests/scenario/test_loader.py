@@ -307,14 +307,14 @@ def test_prot_letters(prot: str, bits: int) -> None:
 
 def test_step_table_matches_scenarios_md() -> None:
     """Every step kind of SCENARIOS.md, plus the clear_dirty_log extension; outcome keys
-    (SCENARIOS.md's, plus the extensions abort and remaining)."""
+    (SCENARIOS.md's, plus the extensions abort, remaining and faults)."""
     assert list(STEP_TYPES) == [
         "guest_read", "guest_write", "guest_exec", "host_read", "host_write", "host_mmap",
         "host_munmap", "host_mprotect", "host_madvise", "set_memslot", "prefault",
         "get_dirty_log", "clear_dirty_log"]
     assert set(EXPECT_KEYS) == {"result", "value", "errno", "gpa", "len", "is_write", "data",
                                 "size", "flags", "dirty", "signal", "abort", "remaining",
-                                "exit_reason", "suberror"}
+                                "exit_reason", "suberror", "faults"}
     assert {k for keys in RESULT_KEYS.values() for k in keys} | {"result"} == set(EXPECT_KEYS)
 
 

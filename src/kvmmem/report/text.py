@@ -127,7 +127,8 @@ def print_run(console: Console, result: RunResult, show: list[str]) -> None:
                            f"{outcome_text(m.expected)}, got {outcome_text(m.actual)}",
                            style="bold red"))
     for v in result.violations:
-        console.print(f"[bold red]invariant {v['invariant']} violated after step {v['step']}: "
+        where = f"setup memslot s{v['step']}" if v.get("setup") else f"step {v['step']}"
+        console.print(f"[bold red]invariant {v['invariant']} violated after {where}: "
                       f"{v['detail']}[/]")
     for note in result.notes:
         console.print(f"[yellow]note ({note['invariant']}): {note['detail']}[/]")

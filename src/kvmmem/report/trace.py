@@ -220,7 +220,8 @@ def _run_events(result: RunResult, scenario: Scenario, pid: int) -> list[dict[st
     for v in result.violations:
         out.append({"name": f"invariant violated: {v['invariant']}", "cat": "invariant",
                     "ph": "i", "s": "p", "ts": clock, "pid": pid, "tid": tracks.tid("kvm"),
-                    "args": {"step": v["step"], "detail": v["detail"]}})
+                    "args": {"step": v["step"], "detail": v["detail"],
+                             **({"setup": True} if v.get("setup") else {})}})
         clock += 1
     meta: list[dict[str, Any]] = [
         {"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": 0,

@@ -3,14 +3,16 @@
 It builds a fresh host address space and VM, makes the ``memory`` mappings
 and ``memslots`` in order, then runs every step to completion (the
 sequential driver of "one code path, many drivers"), producing one outcome
-per step in the SCENARIOS.md vocabulary.  After every step it checks the
-invariants (``kvmmem.kvm.invariants``); the first violation stops the run.
-At the end it checks path independence on the final state.
+per step in the SCENARIOS.md vocabulary.  After every setup memslot and every
+step it checks the invariants (``kvmmem.kvm.invariants``); the first violation
+stops the run.  At the end it checks path independence on the final state.
 
 Outcome extensions (keys SCENARIOS.md does not fix; tools may ignore them):
 ``setup`` in the run object (the outcomes of the top-level ``memslots``),
-``abort`` (an exception injected into the guest, e.g. an arm64 prefetch
-abort for an instruction fetch from device memory), ``remaining`` on a
+``"setup": true`` on a violation found right after a ``memslots`` entry (its
+``step`` is then the entry's index in ``memslots``), ``abort`` (an exception
+injected into the guest, e.g. an arm64 prefetch abort for an instruction fetch
+from device memory), ``remaining`` on a
 ``prefault`` outcome (bytes of the range left unprocessed).
 """
 
@@ -264,39 +266,24 @@ class Runner:
     # --- the run -------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Set up, run every step, check invariants; returns the :class:`RunResult`."""
+        """Set up, run every step, check invariants; returns the :class:`RunResult`.
+
+        The invariants are checked after every setup memslot as after every step: a
+        violation made by a ``memslots`` entry is reported against that entry
+        (``"setup": true``, ``"step"`` its index in ``memslots``), not against step 0."""
         scn = self.scenario
         self.check_arch_support()
         result = RunResult(scn.name, self.arch, self.vm.variant.name, vm=self.vm,
                            events=self.vm.log)
-        for mapping in scn.memory.values():
-            try:
-                self.mmap(mapping)
-            except KernelError as err:
-                raise InputError(f"{scn.source}:{mapping.line}: memory.{mapping.name}: the host "
-                                 f"refused the mapping with {err.errno} ({err.reason})") from None
+        self.make_memory()
         for slot in scn.memslots:
-            outcome = {"step": slot.index, "op": "set_memslot", **self.do(slot)}
-            result.setup.append(outcome)
-            self._expect(result, slot, outcome, setup=True)
+            if not self._run_step(result, slot, setup=True):
+                return result
         for step in scn.steps or ():
             if self.vm.log is not None:
                 self.vm.log.step = step.index
-            outcome = {"step": step.index, "op": step.op}
-            try:
-                outcome.update(self.do(step))
-            except ValidationError as err:
-                outcome.update({"result": "violation"})
-                result.steps.append(outcome)
-                result.violations.append({"invariant": err.invariant, "step": step.index,
-                                          "detail": err.detail})
+            if not self._run_step(result, step):
                 return result
-            result.steps.append(outcome)
-            self._expect(result, step, outcome)
-            if self.check and not self._check(result, step.index):
-                if not self.keep_going:
-                    return result
-                self.check = False
         if self.check:
             try:
                 result.notes = [{"invariant": "path-independence", "detail": note}
@@ -307,20 +294,60 @@ class Runner:
                                           "detail": err.detail})
         return result
 
+    def make_memory(self) -> None:
+        """Make the scenario's ``memory`` mappings, in file order.
+
+        Raises :class:`~kvmmem.errors.InputError` (``FILE:LINE: memory.NAME: ...``)
+        where the host refuses one: the file asks for a mapping that cannot exist."""
+        scn = self.scenario
+        for mapping in scn.memory.values():
+            try:
+                self.mmap(mapping)
+            except KernelError as err:
+                raise InputError(f"{scn.source}:{mapping.line}: memory.{mapping.name}: the host "
+                                 f"refused the mapping with {err.errno} ({err.reason})") from None
+
+    def _run_step(self, result: RunResult, step: Step, setup: bool = False) -> bool:
+        """Run ``step`` (a ``memslots`` entry when ``setup``), record its outcome and
+        expectation, then check the invariants; False when the run stops here."""
+        outcome: dict[str, Any] = {"step": step.index, "op": step.op}
+        record = result.setup if setup else result.steps
+        try:
+            outcome.update(self.do(step))
+        except ValidationError as err:
+            outcome.update({"result": "violation"})
+            record.append(outcome)
+            result.violations.append(self._violation(err, step.index, setup))
+            return False
+        record.append(outcome)
+        self._expect(result, step, outcome, setup=setup)
+        if self.check and not self._check(result, step.index, setup):
+            if not self.keep_going:
+                return False
+            self.check = False
+        return True
+
     def check_arch_support(self) -> None:
         """Refuse, before anything runs, what this architecture cannot do."""
         reason = arch_unsupported(self.scenario, self.arch)
         if reason is not None:
             raise InputError(reason)
 
-    def _check(self, result: RunResult, index: int) -> bool:
+    def _check(self, result: RunResult, index: int, setup: bool = False) -> bool:
         try:
             validate_vm(self.vm)
         except ValidationError as err:
-            result.violations.append({"invariant": err.invariant, "step": index,
-                                      "detail": err.detail})
+            result.violations.append(self._violation(err, index, setup))
             return False
         return True
+
+    @staticmethod
+    def _violation(err: ValidationError, index: int, setup: bool) -> dict[str, Any]:
+        """The ``violations`` entry of ``err`` seen after step (or setup entry) ``index``."""
+        out: dict[str, Any] = {"invariant": err.invariant, "step": index, "detail": err.detail}
+        if setup:
+            out["setup"] = True
+        return out
 
     @staticmethod
     def _expect(result: RunResult, step: Step, outcome: dict[str, Any],
