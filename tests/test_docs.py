@@ -75,3 +75,22 @@ def test_doc_examples_run_and_meet_their_expectations(text: str) -> None:
 def test_there_are_the_three_question_scenarios() -> None:
     names = [t.split("name: ")[1].split()[0] for t in EXAMPLES]
     assert {"ram-then-readonly", "slot-over-readonly", "io-mapping"} <= set(names)
+
+
+IMPORT_NAMES = {"PyYAML": "yaml", "iced-x86": "iced_x86"}
+"""Distribution name -> module name where the two differ."""
+
+
+def test_every_declared_dependency_is_imported() -> None:
+    """Issue 12: pyproject.toml declares what the package imports, nothing more (pydantic
+    was declared and never imported; the scenario schema is kvmmem.scenario.schema, whose
+    loader gives YAML line numbers and whose JSON Schema editors use)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    source = "\n".join(p.read_text() for p in (ROOT / "src" / "kvmmem").rglob("*.py"))
+    for requirement in project["dependencies"]:
+        dist = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        module = IMPORT_NAMES.get(dist, dist.replace("-", "_"))
+        assert re.search(rf"^\s*(import|from) {module}\b", source, re.M), \
+            f"{dist} is declared in pyproject.toml but src/kvmmem never imports {module}"
