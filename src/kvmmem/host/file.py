@@ -25,15 +25,23 @@ Access beyond EOF (``pgoff >= i_size`` in pages) is SIGBUS in the fault path.
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kvmmem.errors import InputError
 from kvmmem.host.physmem import PG_DIRTY, PhysMem
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, Pfn
 
-if TYPE_CHECKING:
-    from kvmmem.host.mm import Mm
-    from kvmmem.host.vma import Vma
+
+class Mapping(Protocol):
+    """What ``i_mmap`` needs of a mapping of the file: its range (a
+    :class:`~kvmmem.host.vma.Vma`; the file module does not import it, the VMA
+    module imports this one)."""
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
 
 
 class FileKind(Enum):
@@ -75,8 +83,9 @@ class File:
         self.writable = writable
         self.cache: dict[int, int] = {}
         """Page cache: index -> pfn (hugetlbfs: 2 MiB index -> head pfn)."""
-        self.mappings: list[tuple[Mm, Vma]] = []
-        """``i_mmap``: (address space, VMA) for every VMA mapping this file, in map order."""
+        self.mappings: list[tuple[object, Mapping]] = []
+        """``i_mmap``: (address space, VMA) for every VMA mapping this file, in map order
+        (:func:`kvmmem.host.rmap.for_each_mapping` walks it with their types)."""
         self._fill = fill or 0
         self._fill_end = size if fill else 0  # bytes [0, _fill_end) hold the fill byte
         self._holes: dict[int, None] = {}  # punched pages inside the filled part

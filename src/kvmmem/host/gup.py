@@ -16,10 +16,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kvmmem.errors import ArgumentError, KernelError
-from kvmmem.host import mm as _mm  # imports this module: VM_FAULT_* are read at call time
+from kvmmem.host.memory import handle_mm_fault_op
+from kvmmem.host.mm_types import (
+    MMAP_READ_LOCK,
+    MMAP_READ_UNLOCK,
+    VM_FAULT_HWPOISON,
+    VM_FAULT_OOM,
+    VM_FAULT_RETRY,
+    VM_FAULT_SIGBUS,
+    VM_FAULT_SIGSEGV,
+    MmStruct,
+)
 from kvmmem.host.pagetable import (
     PFN_SHIFT,
     PTE_MIGRATION,
@@ -27,17 +35,11 @@ from kvmmem.host.pagetable import (
     PTE_PROTNONE,
     PTE_SPECIAL,
     PTE_WRITE,
+    present_pfn,
 )
 from kvmmem.host.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
-from kvmmem.sync import Op, acquire, drive, release
+from kvmmem.sync import Op, drive
 from kvmmem.types import PAGE_SHIFT, Pfn
-
-if TYPE_CHECKING:
-    from kvmmem.host.mm import Mm
-
-_LOCK = "mmap_lock"
-_MMAP_READ_LOCK = acquire(_LOCK, shared=True)
-_MMAP_READ_UNLOCK = release(_LOCK, shared=True)
 
 
 def _addr(hva: object, call: str) -> int:
@@ -52,7 +54,7 @@ def _write(write: object, call: str) -> bool:
     return write
 
 
-def get_user_page_fast_only(mm: Mm, hva: int, write: bool) -> Pfn | None:
+def get_user_page_fast_only(mm: MmStruct, hva: int, write: bool) -> Pfn | None:
     """``get_user_page_fast_only(hva, FOLL_WRITE if write)``: lockless, never faults.
 
     Returns the pfn with a reference taken, or None when the PTE is not
@@ -62,7 +64,7 @@ def get_user_page_fast_only(mm: Mm, hva: int, write: bool) -> Pfn | None:
                     _write(write, "get_user_page_fast_only"))
 
 
-def gup_fast(mm: Mm, addr: int, write: bool) -> Pfn | None:
+def gup_fast(mm: MmStruct, addr: int, write: bool) -> Pfn | None:
     """``gup_fast()`` for one page: :func:`get_user_page_fast_only` on an
     address and flag already checked (KVM's ``hva_to_pfn_fast``, whose hva is
     a slot's user address)."""
@@ -84,7 +86,7 @@ def gup_fast(mm: Mm, addr: int, write: bool) -> Pfn | None:
     return Pfn(pfn)
 
 
-def get_user_pages_op(mm: Mm, hva: int, write: bool) -> Op[Pfn]:
+def get_user_pages_op(mm: MmStruct, hva: int, write: bool) -> Op[Pfn]:
     """``get_user_pages_unlocked(hva, 1, FOLL_HWPOISON | (FOLL_WRITE if write))``.
 
     Returns the pfn with a reference taken.  Raises KernelError EFAULT (no
@@ -95,11 +97,11 @@ def get_user_pages_op(mm: Mm, hva: int, write: bool) -> Op[Pfn]:
     return (yield from get_user_pages_unlocked_op(mm, a, w))
 
 
-def get_user_pages_unlocked_op(mm: Mm, addr: int, write: bool) -> Op[Pfn]:
+def get_user_pages_unlocked_op(mm: MmStruct, addr: int, write: bool) -> Op[Pfn]:
     """:func:`get_user_pages_op` on an address and flag already checked
     (``get_user_pages_unlocked`` as KVM's ``hva_to_pfn_slow`` calls it)."""
     pm = mm.physmem
-    yield _MMAP_READ_LOCK
+    yield MMAP_READ_LOCK
     err: KernelError | None = None
     result = -1
     tries = 0
@@ -116,7 +118,7 @@ def get_user_pages_unlocked_op(mm: Mm, addr: int, write: bool) -> Op[Pfn]:
             err = KernelError("EFAULT", _gup_call(addr, write),
                               "VMA lacks the access right (check_vma_flags)")
             break
-        pfn = mm._present_pfn(addr, write)
+        pfn = present_pfn(mm.pt, addr, write)
         if pfn >= 0:
             if pm.is_hwpoison(pfn):
                 err = KernelError("EHWPOISON", _gup_call(addr, write), "page is poisoned")
@@ -124,20 +126,20 @@ def get_user_pages_unlocked_op(mm: Mm, addr: int, write: bool) -> Op[Pfn]:
             pm.get_page(pfn)
             result = pfn
             break
-        code = yield from mm.handle_mm_fault_op(vma, addr, write)
-        if code & _mm.VM_FAULT_HWPOISON:
+        code = yield from handle_mm_fault_op(mm, vma, addr, write)
+        if code & VM_FAULT_HWPOISON:
             err = KernelError("EHWPOISON", _gup_call(addr, write), "page is poisoned")
             break
-        if code & _mm.VM_FAULT_OOM:
+        if code & VM_FAULT_OOM:
             err = KernelError("ENOMEM", _gup_call(addr, write), "fault out of memory")
             break
-        if code & (_mm.VM_FAULT_SIGBUS | _mm.VM_FAULT_SIGSEGV):
+        if code & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV):
             err = KernelError("EFAULT", _gup_call(addr, write),
                               "the fault would signal (vm_fault_to_errno)")
             break
-        if not code & _mm.VM_FAULT_RETRY:
+        if not code & VM_FAULT_RETRY:
             tries += 1
-    yield _MMAP_READ_UNLOCK
+    yield MMAP_READ_UNLOCK
     if err is not None:
         raise err
     if result < 0:  # pragma: no cover - a fault that never resolves
@@ -150,12 +152,12 @@ def _gup_call(addr: int, write: bool) -> str:
     return f"get_user_pages({addr:#x}, write={write})"
 
 
-def get_user_pages(mm: Mm, hva: int, write: bool) -> Pfn:
+def get_user_pages(mm: MmStruct, hva: int, write: bool) -> Pfn:
     """Sequential :func:`get_user_pages_op`."""
     return drive(get_user_pages_op(mm, hva, write))
 
 
-def follow_pfnmap(mm: Mm, hva: int) -> tuple[Pfn, bool] | None:
+def follow_pfnmap(mm: MmStruct, hva: int) -> tuple[Pfn, bool] | None:
     """``follow_pfnmap_start()``: ``(pfn, pte writable)`` of a VM_IO/VM_PFNMAP mapping.
 
     Returns None if no PTE is present (the caller then uses
@@ -175,7 +177,7 @@ def follow_pfnmap(mm: Mm, hva: int) -> tuple[Pfn, bool] | None:
     return Pfn(pfn), bool(e & PTE_WRITE)
 
 
-def fixup_user_fault_op(mm: Mm, hva: int, write: bool) -> Op[None]:
+def fixup_user_fault_op(mm: MmStruct, hva: int, write: bool) -> Op[None]:
     """``fixup_user_fault(mm, hva, FAULT_FLAG_WRITE if write)``: run the fault handler.
 
     For a device-lazy VMA the driver inserts its pfn read-only on a read and
@@ -185,21 +187,13 @@ def fixup_user_fault_op(mm: Mm, hva: int, write: bool) -> Op[None]:
     a = _addr(hva, "fixup_user_fault")
     w = _write(write, "fixup_user_fault")
     call = f"fixup_user_fault({a:#x}, write={w})"
-    from kvmmem.host.mm import (
-        VM_FAULT_HWPOISON,
-        VM_FAULT_OOM,
-        VM_FAULT_RETRY,
-        VM_FAULT_SIGBUS,
-        VM_FAULT_SIGSEGV,
-    )
-
     while True:
         vma = mm.vma_lookup(a)
         if vma is None:
             raise KernelError("EFAULT", call, "no VMA")
         if not vma.flags & (VM_WRITE if w else VM_READ):
             raise KernelError("EFAULT", call, "VMA lacks the access right (vma_permits_fault)")
-        code = yield from mm.handle_mm_fault_op(vma, a, w)
+        code = yield from handle_mm_fault_op(mm, vma, a, w)
         if code & VM_FAULT_HWPOISON:
             raise KernelError("EHWPOISON", call, "page is poisoned")
         if code & VM_FAULT_OOM:
@@ -210,6 +204,6 @@ def fixup_user_fault_op(mm: Mm, hva: int, write: bool) -> Op[None]:
             return
 
 
-def fixup_user_fault(mm: Mm, hva: int, write: bool) -> None:
+def fixup_user_fault(mm: MmStruct, hva: int, write: bool) -> None:
     """Sequential :func:`fixup_user_fault_op`."""
     drive(fixup_user_fault_op(mm, hva, write))

@@ -42,6 +42,8 @@ PFN_SHIFT = 12
 PTE_FLAGS_MASK = (1 << PFN_SHIFT) - 1
 
 PTRS_PER_PTE = 512
+PAGE_MASK = ~(PAGE_SIZE - 1)
+HPAGE_MASK = ~(PMD_SIZE - 1)
 _EMPTY = array("q", [0]) * PTRS_PER_PTE
 
 Table = array  # array('q') of PTRS_PER_PTE entries
@@ -146,3 +148,55 @@ class PageTable:
                 if nz.size:
                     out.append((idx, "table", nz.tobytes() + arr[nz].tobytes()))
         return tuple(out)
+
+
+# --- helpers on a page table (what the fault path, user accesses and GUP read) ------
+
+
+def set_pte(pt: PageTable, hva: int, entry: int) -> None:
+    """``set_pte_at``: store ``entry`` in the PTE for ``hva``, allocating the PTE table
+    (``__pte_alloc``) when the PMD slot holds none."""
+    idx = hva >> 21
+    slot = pt.pmd.get(idx)
+    if slot is None or isinstance(slot, int):
+        slot = pt.new_table(idx)
+    slot[(hva >> PAGE_SHIFT) & 511] = entry
+
+
+def present_pfn(pt: PageTable, addr: int, write: bool) -> int:
+    """The 4 KiB pfn an access at ``addr`` can use right now, or -1: the entry is
+    present, not PROT_NONE, not a migration entry, and writable for a write."""
+    slot = pt.pmd.get(addr >> 21)
+    if slot is None:
+        return -1
+    if isinstance(slot, int):
+        e = slot
+        sub = (addr >> PAGE_SHIFT) & 511
+    else:
+        e = slot[(addr >> PAGE_SHIFT) & 511]
+        sub = 0
+    if not e & PTE_PRESENT or e & (PTE_PROTNONE | PTE_MIGRATION) or (
+            write and not e & PTE_WRITE):
+        return -1
+    return (e >> PFN_SHIFT) + sub
+
+
+def touch_pte(pt: PageTable, addr: int, write: bool) -> None:
+    """The MMU sets the accessed (and dirty) bit of the entry used."""
+    idx = addr >> 21
+    slot = pt.pmd.get(idx)
+    bits = PTE_YOUNG | (PTE_DIRTY if write else 0)
+    if isinstance(slot, int):
+        pt.pmd[idx] = slot | bits
+    elif slot is not None:
+        i = (addr >> PAGE_SHIFT) & 511
+        slot[i] |= bits
+
+
+def mapping_size(pt: PageTable, addr: int) -> int:
+    """``host_pfn_mapping_level`` as bytes: 2 MiB for a huge leaf, 4096 for a PTE, 0
+    when nothing usable is present (none, or a migration entry)."""
+    e, huge = pt.entry(addr)
+    if not e & PTE_PRESENT or e & PTE_MIGRATION:
+        return 0
+    return PMD_SIZE if huge else PAGE_SIZE

@@ -12,13 +12,13 @@ import numpy as np
 
 from kvmmem.errors import ValidationError
 from kvmmem.host.file import File
-from kvmmem.host.mm import Mm
+from kvmmem.host.mm_types import MmStruct
 from kvmmem.host.pagetable import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT, PTE_SPECIAL
 from kvmmem.host.physmem import PG_FREE, RAM_BASE_PFN
 from kvmmem.types import PAGE_SIZE, PAGES_PER_PMD, PMD_SIZE
 
 
-def validate_vmas(mm: Mm) -> None:
+def validate_vmas(mm: MmStruct) -> None:
     """The VMA tree is sorted, non-overlapping, page aligned; hugetlb VMAs 2 MiB aligned."""
     prev_end = 0
     for vma in mm.for_each_vma():
@@ -37,7 +37,9 @@ def validate_vmas(mm: Mm) -> None:
         prev_end = vma.end
 
 
-def validate_page_table(mm: Mm, *, extra_files: Iterable[File] = (), exact: bool = True) -> None:
+def validate_page_table(
+    mm: MmStruct, *, extra_files: Iterable[File] = (), exact: bool = True
+) -> None:
     """Every present entry lies inside a VMA and maps a live frame; mapcounts and
     refcounts agree with the page table and the page caches.
 
@@ -88,7 +90,7 @@ def validate_page_table(mm: Mm, *, extra_files: Iterable[File] = (), exact: bool
             raise ValidationError("refcount", f"folio {head:#x}: refcount {count}, expected {n}")
 
 
-def validate_physmem_free_lists(mm: Mm) -> None:
+def validate_physmem_free_lists(mm: MmStruct) -> None:
     """Every frame on a free list is marked free and has refcount 0."""
     pm = mm.physmem
     for pfn in pm._free:
@@ -96,7 +98,7 @@ def validate_physmem_free_lists(mm: Mm) -> None:
             raise ValidationError("free-list", f"free-listed pfn {pfn:#x} is in use")
 
 
-def validate_mm(mm: Mm, *, extra_files: Iterable[File] = (), exact: bool = True) -> None:
+def validate_mm(mm: MmStruct, *, extra_files: Iterable[File] = (), exact: bool = True) -> None:
     """All host-model checks for one address space."""
     validate_vmas(mm)
     validate_page_table(mm, extra_files=extra_files, exact=exact)

@@ -1,0 +1,161 @@
+"""Transparent huge pages (``mm/huge_memory.c``): the anonymous PMD fault, the
+write fault on a PMD leaf, and splitting a PMD leaf into 512 PTEs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmmem.errors import KernelError
+from kvmmem.host.args import ulong_arg
+from kvmmem.host.mm_types import (
+    MIGRATION_WAIT,
+    MMAP_READ_LOCK,
+    MMAP_READ_UNLOCK,
+    VM_FAULT_OK,
+    VM_FAULT_RETRY,
+    MmStruct,
+    invalidate_range_end_op,
+    invalidate_range_start_op,
+)
+from kvmmem.host.notifier import NotifierEvent
+from kvmmem.host.pagetable import (
+    HPAGE_MASK,
+    PFN_SHIFT,
+    PTE_DIRTY,
+    PTE_MIGRATION,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    PTE_YOUNG,
+)
+from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_HUGETLB, RAM_BASE_PFN
+from kvmmem.host.rmap import anon_vma_prepare
+from kvmmem.host.vma import VM_HUGEPAGE, VM_NOHUGEPAGE, Vma
+from kvmmem.sync import Op, drive
+from kvmmem.types import PAGES_PER_PMD, PMD_SIZE
+
+_P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
+
+
+def split_huge_pmd_op(mm: MmStruct, idx: int) -> Op[None]:
+    """``__split_huge_pmd()``: turn the THP leaf at PMD ``idx`` into 512 PTEs.
+
+    Notifies MMU_NOTIFY_CLEAR over the 2 MiB.  The folio stays compound
+    (refcount +511, one per PTE); the huge zero page becomes 512 zero-page
+    PTEs."""
+    leaf = mm.pt.pmd.get(idx)
+    if not isinstance(leaf, int) or is_hugetlb_leaf(mm, leaf):
+        return
+    haddr = idx << 21
+    rng = yield from invalidate_range_start_op(mm, haddr, haddr + PMD_SIZE, NotifierEvent.CLEAR)
+    leaf = mm.pt.pmd.get(idx)
+    if isinstance(leaf, int):
+        head = leaf >> PFN_SHIFT
+        bits = leaf & ((1 << PFN_SHIFT) - 1)
+        tbl = mm.pt.new_table(idx)
+        arr = mm.pt.view(tbl)
+        if mm.physmem.is_huge_zero(head):
+            arr[:] = (mm.physmem.zero_pfn << PFN_SHIFT) | (bits & ~_W) | _S
+        else:
+            arr[:] = ((np.arange(PAGES_PER_PMD, dtype=np.int64) + head) << PFN_SHIFT) | bits
+            if not bits & PTE_MIGRATION:
+                mm.physmem.get_pages(np.array([head], dtype=np.int64), PAGES_PER_PMD - 1)
+    yield from invalidate_range_end_op(mm, rng)
+
+
+def split_huge_pmd_address_op(mm: MmStruct, addr: int) -> Op[None]:
+    """``split_huge_pmd_address``: split a THP leaf that ``addr`` cuts in two."""
+    if addr & (PMD_SIZE - 1):
+        slot = mm.pt.pmd.get(addr >> 21)
+        if isinstance(slot, int):
+            yield from split_huge_pmd_op(mm, addr >> 21)
+
+
+def is_hugetlb_leaf(mm: MmStruct, leaf: int) -> bool:
+    """The huge leaf maps a hugetlb page (those are never split)."""
+    head = leaf >> PFN_SHIFT
+    return mm.physmem.pfn_valid(head) and bool(
+        mm.physmem._flags[head - RAM_BASE_PFN] & PG_HUGETLB)
+
+
+def thp_suitable(mm: MmStruct, vma: Vma, hva: int) -> bool:
+    """``thp_vma_allowable_order`` + ``thp_vma_suitable_order`` for an anonymous PMD."""
+    if not vma.is_anonymous() or vma.flags & VM_NOHUGEPAGE or mm.thp == "never":
+        return False
+    if mm.thp == "madvise" and not vma.flags & VM_HUGEPAGE:
+        return False
+    haddr = hva & HPAGE_MASK
+    return haddr >= vma.start and haddr + PMD_SIZE <= vma.end
+
+
+def do_huge_pmd_anonymous_page(mm: MmStruct, vma: Vma, hva: int, write: bool) -> int:
+    """``do_huge_pmd_anonymous_page``: map a 2 MiB THP (or the huge zero page on a read)."""
+    pm = mm.physmem
+    idx = hva >> 21
+    mm.stats["thp_faults"] += 1
+    if not write:
+        mm.pt.pmd[idx] = (pm.huge_zero_pfn << PFN_SHIFT) | _P | _S | _Y
+        return VM_FAULT_OK
+    anon_vma_prepare(mm, vma)
+    head = pm.alloc_huge()
+    pfns = np.arange(head, head + PAGES_PER_PMD, dtype=np.int64)
+    pm.set_flags_bulk(pfns, PG_ANON | PG_ANON_EXCLUSIVE)
+    pm.add_mapcount(pfns, 1)
+    mm.pt.pmd[idx] = (head << PFN_SHIFT) | _P | _W | _D | _Y
+    return VM_FAULT_OK
+
+
+def huge_pmd_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool, leaf: int) -> Op[int]:
+    """``huge_pmd_set_accessed`` / ``do_huge_pmd_wp_page`` / ``do_huge_zero_wp_pmd``."""
+    pm = mm.physmem
+    idx = hva >> 21
+    if leaf & PTE_MIGRATION:
+        yield MIGRATION_WAIT
+        return VM_FAULT_RETRY
+    if not write or leaf & _W:
+        mm.pt.pmd[idx] = leaf | _Y | (_D if write else 0)
+        return VM_FAULT_OK
+    head = leaf >> PFN_SHIFT
+    if pm.is_huge_zero(head):
+        # do_huge_zero_wp_pmd (v6.12+): a fresh THP replaces the huge zero page
+        anon_vma_prepare(mm, vma)
+        new = pm.alloc_huge()
+        haddr = hva & HPAGE_MASK
+        rng = yield from invalidate_range_start_op(mm, haddr, haddr + PMD_SIZE, NotifierEvent.CLEAR)
+        if mm.pt.pmd.get(idx) != leaf:
+            pm.put_page(new)
+            yield from invalidate_range_end_op(mm, rng)
+            return VM_FAULT_OK
+        pfns = np.arange(new, new + PAGES_PER_PMD, dtype=np.int64)
+        pm.set_flags_bulk(pfns, PG_ANON | PG_ANON_EXCLUSIVE)
+        pm.add_mapcount(pfns, 1)
+        mm.pt.pmd[idx] = (new << PFN_SHIFT) | _P | _W | _D | _Y
+        yield from invalidate_range_end_op(mm, rng)
+        return VM_FAULT_OK
+    if pm._flags[head - RAM_BASE_PFN] & PG_ANON_EXCLUSIVE:
+        mm.pt.pmd[idx] = leaf | _W | _D | _Y
+        return VM_FAULT_OK
+    # not exclusive (cannot happen without fork): fall back to 4K COW
+    yield from split_huge_pmd_op(mm, idx)
+    return VM_FAULT_RETRY
+
+
+def split_huge_pmd_hva_op(mm: MmStruct, hva: int) -> Op[None]:
+    """``split_huge_pmd_address``: split the THP mapping ``hva`` into 4 KiB PTEs.
+
+    MMU_NOTIFY_CLEAR over the 2 MiB; nothing happens if ``hva`` is not
+    THP-mapped.  Raises KernelError EINVAL for a hugetlb mapping."""
+    a = ulong_arg(hva, "split_huge_pmd: hva")
+    yield MMAP_READ_LOCK
+    vma = mm.vma_lookup(a)
+    if vma is not None and vma.is_hugetlb():
+        yield MMAP_READ_UNLOCK
+        raise KernelError("EINVAL", f"split_huge_pmd({a:#x})", "hugetlb pages do not split")
+    if isinstance(mm.pt.pmd.get(a >> 21), int):
+        yield from split_huge_pmd_op(mm, a >> 21)
+    yield MMAP_READ_UNLOCK
+
+
+def split_huge_pmd_hva(mm: MmStruct, hva: int) -> None:
+    """Sequential :meth:`split_huge_pmd_op`."""
+    drive(split_huge_pmd_hva_op(mm, hva))
