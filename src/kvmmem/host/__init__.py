@@ -9,10 +9,17 @@ Public API (the contract in HOST_API.md)::
 Modules, after the kernel files they mirror: ``physmem`` (struct page, the page
 allocator), ``file`` (the page cache, ``mm/filemap.c``, ``mm/shmem.c``), ``vma``
 (``struct vm_area_struct``, VM_* flags, smaps), ``pagetable`` (PTE tables and PMD
-leaves), ``mm`` (``mm/mmap.c``, ``mm/vma.c``, ``mm/mprotect.c``, ``mm/mremap.c``,
-``mm/madvise.c``, ``mm/memory.c``, ``mm/huge_memory.c``, ``mm/hugetlb.c``,
-``mm/migrate.c``), ``gup`` (``mm/gup.c``), ``notifier``
-(``include/linux/mmu_notifier.h``), ``validate`` (consistency checks).
+leaves, and the helpers that read them), ``mm_types`` (``struct mm_struct``: the
+state, ``find_vma`` / ``vma_lookup``, the VM_FAULT_* codes), ``vma_tree``
+(``mm/vma.c``: link, split, merge), ``memory`` (``mm/memory.c``:
+``handle_mm_fault``, zap, ``remap_pfn_range``), ``huge_memory``, ``hugetlb``,
+``uaccess`` (userspace loads and stores), ``mmap`` (``mm/mmap.c``: mmap, munmap,
+``exit_mmap``), ``mprotect``, ``madvise``, ``mremap``, ``truncate``, ``migrate``,
+``rmap`` (each after its ``mm/*.c``), ``memfd`` (the files a process maps), ``gup``
+(``mm/gup.c``), ``notifier`` (``include/linux/mmu_notifier.h``), ``validate``
+(consistency checks) and ``mm``: :class:`Mm`, one thin method per operation over
+the free functions (each takes the mm first).  No module imports another that
+imports it back (``tests/host/test_layout.py``).
 
 Behaviour follows this host's kernel (6.18, x86-64, THP ``madvise``,
 ``use_zero_page=1``, no hugetlb pool); the differential test in

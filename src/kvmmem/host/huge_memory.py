@@ -157,5 +157,5 @@ def split_huge_pmd_hva_op(mm: MmStruct, hva: int) -> Op[None]:
 
 
 def split_huge_pmd_hva(mm: MmStruct, hva: int) -> None:
-    """Sequential :meth:`split_huge_pmd_op`."""
+    """Sequential :func:`split_huge_pmd_hva_op`."""
     drive(split_huge_pmd_hva_op(mm, hva))

@@ -110,12 +110,13 @@ def madvise_op(mm: MmStruct, addr: int, length: int, advice: str | int) -> Op[No
 
 
 def madvise(mm: MmStruct, addr: int, length: int, advice: str | int) -> None:
-    """Sequential :meth:`madvise_op`."""
+    """Sequential :func:`madvise_op`."""
     drive(madvise_op(mm, addr, length, advice))
 
 
 def madvise_vma_behavior_op(mm: MmStruct, vma: Vma, start: int, end: int, behavior: int,
-                    call: str) -> Op[None]:
+                            call: str) -> Op[None]:
+    """``madvise_vma_behavior``: apply ``behavior`` to ``[start, end)`` of one VMA."""
     if behavior == MADV_DONTNEED:
         if vma.flags & VM_LOCKED:
             raise KernelError("EINVAL", call, "VM_LOCKED")

@@ -27,7 +27,8 @@ def memfd_create(mm: MmStruct, name: str, size: int, *, hugetlb: bool = False) -
     return File(mm.physmem, mm.new_ino(), name, FileKind.SHMEM, size)
 
 
-def open_file(mm: MmStruct, name: str, size: int, *, writable: bool = True, fill: int | None = None
+def open_file(
+    mm: MmStruct, name: str, size: int, *, writable: bool = True, fill: int | None = None
 ) -> File:
     """A regular file of ``size`` bytes on a disk filesystem, opened O_RDWR (or O_RDONLY).
 

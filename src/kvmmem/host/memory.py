@@ -52,7 +52,8 @@ from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PMD, PMD_SIZE
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
 
-def zap_page_range_op(mm: MmStruct, start: int, end: int, *, cache_only: bool = False
+def zap_page_range_op(
+    mm: MmStruct, start: int, end: int, *, cache_only: bool = False
 ) -> Op[list[npt.NDArray[np.int64]]]:
     """``unmap_page_range`` / ``zap_pte_range``: clear every entry in ``[start, end)``.
 

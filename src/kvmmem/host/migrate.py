@@ -64,11 +64,13 @@ def migrate_op(mm: MmStruct, hva: int) -> Op[Pfn]:
 
 
 def migrate(mm: MmStruct, hva: int) -> Pfn:
-    """Sequential :meth:`migrate_op`."""
+    """Sequential :func:`migrate_op`."""
     return drive(migrate_op(mm, hva))
 
 
 def migrate_folio_op(mm: MmStruct, old: int, huge: bool, hva: int) -> Op[Pfn]:
+    """``migrate_folio`` under the folio lock: unmap every mapping into migration
+    entries, check the references, copy, remap (see :func:`migrate_op`)."""
     pm = mm.physmem
     lock = f"folio_lock:{old:#x}"
     yield acquire(lock)

@@ -126,7 +126,8 @@ def arch_unmap_area(mm: MmStruct, end: int) -> None:
         mm.free_area_cache = min(mm.mmap_base, nxt.start if nxt else mm.mmap_base)
 
 
-def get_unmapped_area(mm: MmStruct, length: int, *, hint: int = 0, align: int = PAGE_SIZE
+def get_unmapped_area(
+    mm: MmStruct, length: int, *, hint: int = 0, align: int = PAGE_SIZE
 ) -> int | None:
     """``arch_get_unmapped_area_topdown``: use ``hint`` (rounded up) if free, else top-down."""
     if hint:
@@ -138,7 +139,8 @@ def get_unmapped_area(mm: MmStruct, length: int, *, hint: int = 0, align: int = 
     return unmapped_area_topdown(mm, length, align)
 
 
-def mmap_op(mm: MmStruct,
+def mmap_op(
+    mm: MmStruct,
     length: int,
     prot: int,
     kind: VmaKind | str,
@@ -295,7 +297,8 @@ def _anon_file(mm: MmStruct, kind: VmaKind, length: int) -> File:
     return open_file(mm, f"/tmp/kvmmem-file-{mm.ino_seq + 1}", length)
 
 
-def _mmap_checks(mm: MmStruct, kind: VmaKind, file: File | None, length: int, prot: int, a: int,
+def _mmap_checks(
+    mm: MmStruct, kind: VmaKind, file: File | None, length: int, prot: int, a: int,
     fixed: bool, noreplace: bool, noreserve: bool, pgoff: int, call: str,
 ) -> tuple[int, int]:
     """The part of ``do_mmap`` that needs the address space: placement and VM flags."""
@@ -491,7 +494,7 @@ def _bulk_populate(mm: MmStruct, vma: Vma, start: int, end: int, write: bool,
 
 
 def mmap(mm: MmStruct, length: int, prot: int, kind: VmaKind | str, **kw: Any) -> Hva:
-    """Sequential :meth:`mmap_op` (same keyword arguments)."""
+    """Sequential :func:`mmap_op` (same keyword arguments)."""
     return drive(mmap_op(mm, length, prot, kind, **kw))
 
 
@@ -527,7 +530,7 @@ def munmap_op(mm: MmStruct, addr: int, length: int) -> Op[None]:
 
 
 def munmap(mm: MmStruct, addr: int, length: int) -> None:
-    """Sequential :meth:`munmap_op`."""
+    """Sequential :func:`munmap_op`."""
     drive(munmap_op(mm, addr, length))
 
 
@@ -564,5 +567,5 @@ def exit_mmap_op(mm: MmStruct) -> Op[None]:
 
 
 def exit_mmap(mm: MmStruct) -> None:
-    """Sequential :meth:`close_op`."""
+    """Sequential :func:`exit_mmap_op`."""
     drive(exit_mmap_op(mm))

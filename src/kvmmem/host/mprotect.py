@@ -108,7 +108,7 @@ def mprotect_op(mm: MmStruct, addr: int, length: int, prot: int) -> Op[None]:
 
 
 def mprotect(mm: MmStruct, addr: int, length: int, prot: int) -> None:
-    """Sequential :meth:`mprotect_op`."""
+    """Sequential :func:`mprotect_op`."""
     drive(mprotect_op(mm, addr, length, prot))
 
 
@@ -187,6 +187,8 @@ def change_protection_op(mm: MmStruct, vma: Vma, start: int, end: int) -> Op[Non
 
 
 def change_pte_range_op(mm: MmStruct, vma: Vma, start: int, end: int) -> Op[None]:
+    """``change_pte_range`` / ``change_huge_pmd``: rewrite the entries of ``[start, end)``
+    for the VMA's flags (splitting a THP the range cuts)."""
     pt = mm.pt
     accessible = bool(vma.flags & VM_ACCESS_FLAGS)
     for idx in pt.indices(start, end):

@@ -25,7 +25,8 @@ from kvmmem.sync import Op, drive
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, Hva
 
 
-def mremap_op(mm: MmStruct, old_addr: int, old_len: int, new_len: int, *, maymove: bool = False,
+def mremap_op(
+    mm: MmStruct, old_addr: int, old_len: int, new_len: int, *, maymove: bool = False,
     fixed_addr: int | None = None,
 ) -> Op[Hva]:
     """``mremap(2)`` (``do_mremap``, v6.17+): shrink in place, grow in place, or move
@@ -89,13 +90,13 @@ def mremap_op(mm: MmStruct, old_addr: int, old_len: int, new_len: int, *, maymov
 
 def mremap(mm: MmStruct, old_addr: int, old_len: int, new_len: int, *, maymove: bool = False,
            fixed_addr: int | None = None) -> Hva:
-    """Sequential :meth:`mremap_op`."""
+    """Sequential :func:`mremap_op`."""
     return drive(mremap_op(mm, old_addr, old_len, new_len, maymove=maymove,
                                 fixed_addr=fixed_addr))
 
 
 def check_prep_vma(vma: Vma | None, addr: int, old_len: int, new_len: int,
-                    fixed: bool, new_addr: int, call: str) -> tuple[Vma, int, int]:
+                   fixed: bool, new_addr: int, call: str) -> tuple[Vma, int, int]:
     """``check_prep_vma``: per-VMA checks; returns the VMA and the (hugetlb-aligned)
     lengths."""
     if vma is None:
@@ -118,7 +119,7 @@ def check_prep_vma(vma: Vma | None, addr: int, old_len: int, new_len: int,
 
 
 def mremap_at_op(mm: MmStruct, vma: Vma, addr: int, old_len: int, new_len: int,
-                  maymove: bool, call: str) -> Op[int]:
+                 maymove: bool, call: str) -> Op[int]:
     """``mremap_at``: no resize, shrink in place, or ``expand_vma``."""
     if old_len == new_len:
         return addr
@@ -144,7 +145,7 @@ def mremap_at_op(mm: MmStruct, vma: Vma, addr: int, old_len: int, new_len: int,
 
 
 def mremap_to_op(mm: MmStruct, addr: int, old_len: int, new_len: int, new_addr: int,
-                  call: str) -> Op[int]:
+                 call: str) -> Op[int]:
     """``mremap_to``: unmap the target, shrink the source if asked, move."""
     yield from do_munmap_op(mm, new_addr, new_len, call)
     if mm.vma_lookup(addr) is None:
@@ -185,7 +186,7 @@ def remap_move_op(mm: MmStruct, start: int, length: int, new_addr: int, call: st
 
 
 def move_vma_op(mm: MmStruct, vma: Vma, old_addr: int, old_len: int, new_len: int,
-                 new_addr: int, call: str = "mremap") -> Op[None]:
+                new_addr: int, call: str = "mremap") -> Op[None]:
     """``move_vma``: ``copy_vma`` at the new place, ``move_page_tables``, unmap the old."""
     if len(mm.mm_mt) + 2 > mm.max_map_count:
         raise KernelError("ENOMEM", call, "max_map_count headroom")

@@ -16,7 +16,7 @@ from kvmmem.types import PAGE_SHIFT, PAGES_PER_PMD, PMD_SIZE
 
 
 def unmap_mapping_range_op(f: File, first: int, last: int | None,
-                            *, even_cows: bool) -> Op[None]:
+                           *, even_cows: bool) -> Op[None]:
     """``unmap_mapping_range``: zap file pages ``first..last`` in every VMA mapping ``f``.
 
     One MMU_NOTIFY_CLEAR per VMA (``zap_page_range_single``), in ``i_mmap``
@@ -93,5 +93,5 @@ def ftruncate_op(mm: MmStruct, file: File, size: int) -> Op[None]:
 
 
 def ftruncate(mm: MmStruct, file: File, size: int) -> None:
-    """Sequential :meth:`ftruncate_op`."""
+    """Sequential :func:`ftruncate_op`."""
     drive(ftruncate_op(mm, file, size))

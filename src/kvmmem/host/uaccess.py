@@ -160,12 +160,12 @@ def host_write_op(mm: MmStruct, hva: int, size: int, value: int) -> Op[None]:
 
 
 def host_read(mm: MmStruct, hva: int, size: int) -> int:
-    """Sequential :meth:`host_read_op`."""
+    """Sequential :func:`host_read_op`."""
     return drive(host_read_op(mm, hva, size))
 
 
 def host_write(mm: MmStruct, hva: int, size: int, value: int) -> None:
-    """Sequential :meth:`host_write_op`."""
+    """Sequential :func:`host_write_op`."""
     drive(host_write_op(mm, hva, size, value))
 
 

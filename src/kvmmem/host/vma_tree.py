@@ -15,12 +15,15 @@ from kvmmem.types import PAGE_SHIFT, Hva
 
 
 def vma_link(mm: MmStruct, vma: Vma) -> None:
+    """``vma_link``: insert ``vma`` in the tree and in its file's ``i_mmap``."""
     mm.mm_mt[vma.start] = vma
     if vma.file is not None:
         vma.file.mappings.append((mm, vma))
 
 
 def vma_unlink(mm: MmStruct, vma: Vma) -> None:
+    """Remove ``vma`` from the tree and its file's ``i_mmap`` (``vma_iter_clear`` +
+    ``unlink_file_vma``); forgets the cached lookup."""
     mm.vmacache = None
     del mm.mm_mt[vma.start]
     if vma.file is not None:
