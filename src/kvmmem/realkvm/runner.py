@@ -13,8 +13,7 @@ verdict.
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any
+from typing import Any, assert_never
 
 from kvmmem.realkvm.harness import DEFAULT_TIMEOUT
 from kvmmem.realkvm.kvm import Kvm
@@ -25,15 +24,26 @@ from kvmmem.scenario.model import (
     GuestExec,
     GuestRead,
     GuestWrite,
+    HostMadvise,
     HostMmap,
+    HostMprotect,
+    HostMunmap,
+    HostRead,
+    HostWrite,
     Mapping,
     Prefault,
     Scenario,
     SetMemslot,
     Step,
+    as_step,
 )
 
 Outcome = dict[str, Any]
+
+
+EXEC_RESERVE = 16
+"""Guest bytes kept clear at a ``guest_exec`` address: the longest x86 instruction
+(15 bytes) rounded up, whatever the architecture fetches."""
 
 
 def scenario_footprint(scenario: Scenario) -> tuple[list[tuple[int, int]], list[int]]:
@@ -43,18 +53,22 @@ def scenario_footprint(scenario: Scenario) -> tuple[list[tuple[int, int]], list[
     ranges: list[tuple[int, int]] = []
     slots: list[int] = []
     for step in (*scenario.memslots, *scenario.all_steps()):
-        if isinstance(step, SetMemslot):
-            slots.append(step.slot)
-            if step.size:
-                ranges.append((step.gpa, step.size))
-        elif isinstance(step, GuestRead | GuestWrite):
-            ranges.append((step.gpa, step.size))
-        elif isinstance(step, GuestExec):
-            ranges.append((step.gpa, 16))
-        elif isinstance(step, Prefault):
-            ranges.append((step.gpa, step.size))
-        elif isinstance(step, GetDirtyLog | ClearDirtyLog):
-            slots.append(step.slot)
+        match as_step(step):
+            case SetMemslot() as memslot:
+                slots.append(memslot.slot)
+                if memslot.size:
+                    ranges.append((memslot.gpa, memslot.size))
+            case GuestRead() | GuestWrite() | Prefault() as access:
+                ranges.append((access.gpa, access.size))
+            case GuestExec() as fetch:
+                ranges.append((fetch.gpa, EXEC_RESERVE))
+            case GetDirtyLog() | ClearDirtyLog() as log:
+                slots.append(log.slot)
+            case HostRead() | HostWrite() | HostMmap() | HostMunmap() | HostMprotect() \
+                    | HostMadvise():
+                pass  # host addresses only
+            case unknown:
+                assert_never(unknown)
     return ranges, sorted(set(slots))
 
 
@@ -73,17 +87,14 @@ def _mapping(mapping: Mapping) -> dict[str, Any]:
             "at": [mapping.at.memory, mapping.at.offset] if mapping.at is not None else None}
 
 
-_STEP_KEYS = frozenset({"index", "line", "expect", "thread"})
-
-
 def _step(step: Step) -> dict[str, Any]:
-    """One step as data: ``index``, ``op`` and its own keys (SCENARIOS.md names)."""
-    if isinstance(step, HostMmap):
-        return {"index": step.index, "op": step.op, "mapping": _mapping(step.mapping)}
+    """One step as data: ``index``, ``op`` and its own keys (SCENARIOS.md names);
+    a ``host_mmap``'s keys as a ``mapping``, a memslot's ``flags`` as the uapi bits."""
     out: dict[str, Any] = {"index": step.index, "op": step.op}
-    for f in fields(step):
-        if f.name not in _STEP_KEYS:
-            out[f.name] = getattr(step, f.name)
+    if isinstance(step, HostMmap):
+        out["mapping"] = _mapping(step.mapping)
+        return out
+    out.update(step.args())
     if isinstance(step, SetMemslot):
         out["flags"] = step.flag_bits
     return out

@@ -37,14 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from kvmmem.kvm.stats import Event, EventLog
-from kvmmem.scenario.model import Prefault, Scenario, Step
+from kvmmem.scenario.model import STEP_TYPES, Prefault, Scenario, Step
 from kvmmem.scenario.runner import Runner, RunResult
 
 SETUP_STEP = -1
 """The step index of events emitted while the top-level ``memslots`` are made."""
-
-VM_IOCTL_STEPS = ("set_memslot", "get_dirty_log", "clear_dirty_log")
-VCPU_STEPS = ("guest_read", "guest_write", "guest_exec", "prefault")
 
 TRACEPOINT_CATEGORY = {
     "kvm_mmu_spte_requested": "kvmmmu",
@@ -113,15 +110,14 @@ def format_args(args: dict[str, Any]) -> dict[str, Any]:
 def step_actor(step: Step | None, op: str) -> str:
     """The track a step runs on: ``vcpuN`` for guest accesses and prefault,
     ``host`` for ``host_*`` steps, ``kvm`` for VM ioctls (and the setup);
-    under explore, the step's own thread name."""
+    under explore, the step's own thread name (:attr:`Step.actor` says which)."""
     if step is not None and step.thread is not None:
         return step.thread
-    if op in VCPU_STEPS:
-        vcpu = getattr(step, "vcpu", 0) if step is not None else 0
-        return f"vcpu{vcpu}"
-    if op.startswith("host_"):
-        return "host"
-    return "kvm"
+    cls = type(step) if step is not None else STEP_TYPES.get(op)
+    actor = cls.actor if cls is not None else "kvm"
+    if actor == "vcpu":
+        return f"vcpu{getattr(step, 'vcpu', 0)}"
+    return actor
 
 
 def _outcome_summary(outcome: dict[str, Any]) -> str:

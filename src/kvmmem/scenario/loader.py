@@ -255,6 +255,11 @@ def _tag(node: Node) -> str:
     return "!!" + tag[len(_T):] if tag.startswith(_T) else tag
 
 
+def _reporters(key: str) -> str:
+    """The step kinds whose outcome can carry ``key``: ``guest_read and host_read``."""
+    return " and ".join(op for op, cls in STEP_TYPES.items() if key in cls.reports)
+
+
 def _hint(word: str, choices: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
     return f", did you mean {close[0]!r}?" if close else ""
@@ -1071,7 +1076,7 @@ class _Checker:
             names.elsewhere.pop(name, None)
 
     def value_fits(self, op: str, rec: dict[str, tuple[Any, Node]], path: str) -> bool:
-        if op in ("guest_write", "host_write"):
+        if "value" in rec:  # a store of ``size`` bytes: guest_write, host_write
             value, vnode = rec["value"]
             size = rec["size"][0]
             if value >> (8 * size):
@@ -1133,9 +1138,9 @@ class _Checker:
             candidates = left
             seen.append(key)
         if "value" in out:
-            if op not in ("guest_read", "host_read"):
+            if "value" not in STEP_TYPES[op].reports:
                 raise self.err(nodes["value"], _join(path, "value"),
-                               f"{op} reports no value (only guest_read and host_read do)")
+                               f"{op} reports no value (only {_reporters('value')} do)")
             if args is not None:
                 size = args["size"][0]
                 value = out["value"]
@@ -1144,9 +1149,9 @@ class _Checker:
                     unit = "byte" if size == 1 else "bytes"
                     raise self.err(nodes["value"], _join(path, "value"),
                                    f"{value:#x} does not fit in the {size} {unit} read")
-        if "dirty" in out and op != "get_dirty_log":
+        if "dirty" in out and "dirty" not in STEP_TYPES[op].reports:
             raise self.err(nodes["dirty"], _join(path, "dirty"),
-                           f"{op} reports no dirty list (only get_dirty_log does)")
+                           f"{op} reports no dirty list (only {_reporters('dirty')} does)")
 
     def errno_name(self, node: Node, path: str) -> str:
         text = self.string(node, path)

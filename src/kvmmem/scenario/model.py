@@ -17,6 +17,11 @@ The objects follow the file one to one:
   its ``index`` in its list, the ``thread`` it belongs to (``None`` for
   ``steps``) and ``expect`` (a subset of the outcome keys, or ``None``).
   Top-level ``memslots`` entries are :class:`SetMemslot` objects too.
+  A class also says, for every driver, who performs it (``actor``), which
+  outcome keys beyond ``result`` it can report (``reports``) and its own keys
+  (:meth:`Step.args`).  :data:`AnyStep` is the union of the classes: a driver
+  dispatches with one ``match`` on :func:`as_step` ending in ``assert_never``,
+  so a new step kind is a type error in every driver that forgets it.
 
 Extensions beyond SCENARIOS.md (all optional; files without them mean exactly
 what the contract says):
@@ -38,8 +43,10 @@ what the contract says):
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, TypeAlias
+
+from kvmmem.types import EXEC_FETCH_SIZE
 
 # --- vocabularies shared with the loader ---------------------------------------
 
@@ -152,13 +159,30 @@ class Step:
     ``memslots``), ``line`` the 1-based source line, ``thread`` the thread's
     name (``None`` for sequential steps and top-level memslots), ``expect``
     the expected outcome keys (``None`` when the step has none).
+
+    Class attributes: ``actor`` is who performs the step (``"vcpu"``: a guest
+    access or a vCPU ioctl, on the step's ``vcpu``; ``"host"``: userspace on
+    its address space; ``"kvm"``: a VM ioctl); ``reports`` the outcome keys,
+    beyond ``result``, an ``ok`` outcome of the step can carry.
     """
 
     op: ClassVar[str] = ""
+    actor: ClassVar[str] = "kvm"
+    reports: ClassVar[tuple[str, ...]] = ()
     index: int
     line: int
     expect: dict[str, object] | None = None
     thread: str | None = None
+
+    def args(self) -> dict[str, object]:
+        """The step's own keys (SCENARIOS.md names, in declaration order) -> values:
+        every field but ``index``, ``line``, ``expect`` and ``thread``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _COMMON_FIELDS}
+
+
+_COMMON_FIELDS = frozenset({"index", "line", "expect", "thread"})
+"""The :class:`Step` fields every step kind has (not part of its own keys)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,11 +190,18 @@ class GuestRead(Step):
     """``guest_read``: the guest loads ``size`` bytes at ``gpa`` on ``vcpu``."""
 
     op: ClassVar[str] = "guest_read"
+    actor: ClassVar[str] = "vcpu"
+    reports: ClassVar[tuple[str, ...]] = ("value", "faults")
     gpa: int = 0
     size: int
     vcpu: int = 0
     path: str | None = None
     count_faults: bool = False
+
+    @property
+    def access_size(self) -> int:
+        """The bytes the access touches at ``gpa``."""
+        return self.size
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +209,8 @@ class GuestWrite(Step):
     """``guest_write``: the guest stores ``value`` (little-endian, ``size`` bytes) at ``gpa``."""
 
     op: ClassVar[str] = "guest_write"
+    actor: ClassVar[str] = "vcpu"
+    reports: ClassVar[tuple[str, ...]] = ("faults",)
     gpa: int = 0
     size: int
     value: int
@@ -185,16 +218,28 @@ class GuestWrite(Step):
     path: str | None = None
     count_faults: bool = False
 
+    @property
+    def access_size(self) -> int:
+        """The bytes the access touches at ``gpa``."""
+        return self.size
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestExec(Step):
     """``guest_exec``: an instruction fetch at ``gpa`` on ``vcpu``."""
 
     op: ClassVar[str] = "guest_exec"
+    actor: ClassVar[str] = "vcpu"
+    reports: ClassVar[tuple[str, ...]] = ("faults",)
     gpa: int = 0
     vcpu: int = 0
     path: str | None = None
     count_faults: bool = False
+
+    @property
+    def access_size(self) -> int:
+        """The bytes the fetch touches at ``gpa`` (:data:`~kvmmem.types.EXEC_FETCH_SIZE`)."""
+        return EXEC_FETCH_SIZE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,6 +247,8 @@ class HostRead(Step):
     """``host_read``: a userspace load of ``size`` bytes at ``memory`` + ``offset``."""
 
     op: ClassVar[str] = "host_read"
+    actor: ClassVar[str] = "host"
+    reports: ClassVar[tuple[str, ...]] = ("value",)
     memory: str
     offset: int = 0
     size: int
@@ -212,6 +259,7 @@ class HostWrite(Step):
     """``host_write``: a userspace store of ``value`` (``size`` bytes) at memory + offset."""
 
     op: ClassVar[str] = "host_write"
+    actor: ClassVar[str] = "host"
     memory: str
     offset: int = 0
     size: int
@@ -223,6 +271,7 @@ class HostMmap(Step):
     """``host_mmap``: create the mapping ``name`` (the fields of :class:`Mapping`)."""
 
     op: ClassVar[str] = "host_mmap"
+    actor: ClassVar[str] = "host"
     name: str
     size: int
     kind: str
@@ -241,6 +290,7 @@ class HostMunmap(Step):
     """``host_munmap``: unmap ``size`` bytes (``None``: the mapping's whole range)."""
 
     op: ClassVar[str] = "host_munmap"
+    actor: ClassVar[str] = "host"
     memory: str
     offset: int = 0
     size: int | None = None
@@ -251,6 +301,7 @@ class HostMprotect(Step):
     """``host_mprotect``: change ``size`` bytes at ``memory`` + ``offset`` to ``prot`` bits."""
 
     op: ClassVar[str] = "host_mprotect"
+    actor: ClassVar[str] = "host"
     memory: str
     offset: int = 0
     size: int
@@ -262,6 +313,7 @@ class HostMadvise(Step):
     """``host_madvise``: madvise(``advice``) on ``size`` bytes at ``memory`` + ``offset``."""
 
     op: ClassVar[str] = "host_madvise"
+    actor: ClassVar[str] = "host"
     memory: str
     offset: int = 0
     size: int
@@ -300,6 +352,8 @@ class Prefault(Step):
     """``prefault``: KVM_PRE_FAULT_MEMORY of ``size`` bytes at ``gpa`` on ``vcpu``."""
 
     op: ClassVar[str] = "prefault"
+    actor: ClassVar[str] = "vcpu"
+    reports: ClassVar[tuple[str, ...]] = ("remaining",)
     gpa: int = 0
     size: int
     vcpu: int = 0
@@ -310,6 +364,7 @@ class GetDirtyLog(Step):
     """``get_dirty_log``: KVM_GET_DIRTY_LOG of ``slot`` (reports and clears)."""
 
     op: ClassVar[str] = "get_dirty_log"
+    reports: ClassVar[tuple[str, ...]] = ("dirty",)
     slot: int
 
 
@@ -323,14 +378,27 @@ class ClearDirtyLog(Step):
     num_pages: int
 
 
-STEP_TYPES: dict[str, type[Step]] = {
-    cls.op: cls
-    for cls in (GuestRead, GuestWrite, GuestExec, HostRead, HostWrite, HostMmap, HostMunmap,
-                HostMprotect, HostMadvise, SetMemslot, Prefault, GetDirtyLog, ClearDirtyLog)
-}
+AnyStep: TypeAlias = (GuestRead | GuestWrite | GuestExec | HostRead | HostWrite | HostMmap
+                      | HostMunmap | HostMprotect | HostMadvise | SetMemslot | Prefault
+                      | GetDirtyLog | ClearDirtyLog)
+"""Every step kind, in the order SCENARIOS.md lists them: what a driver's ``match`` covers."""
+
+GuestAccess: TypeAlias = GuestRead | GuestWrite | GuestExec
+"""The guest accesses (they alone can end in ``mmio``, ``fault``, ``abort``, ``exit``)."""
+
+STEP_TYPES: dict[str, type[Step]] = {cls.op: cls for cls in AnyStep.__args__}
 """Step kind name -> class, in the order SCENARIOS.md lists them."""
 
-GUEST_STEPS = ("guest_read", "guest_write", "guest_exec")
+GUEST_STEPS = tuple(cls.op for cls in GuestAccess.__args__)
+"""The guest accesses' kind names."""
+
+
+def as_step(step: Step) -> AnyStep:
+    """``step`` as one of the step kinds (:data:`AnyStep`), for a ``match`` that ends in
+    ``assert_never``.  Raises TypeError for a :class:`Step` of no kind (the bare base)."""
+    if isinstance(step, AnyStep):
+        return step
+    raise TypeError(f"{type(step).__name__} is not a scenario step kind")
 
 
 # --- the scenario --------------------------------------------------------------------

@@ -19,7 +19,7 @@ from device memory), ``remaining`` on a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from kvmmem.errors import InputError, KernelError, ValidationError
 from kvmmem.host import HostSignal, Mm
@@ -31,9 +31,9 @@ from kvmmem.kvm.stats import EventLog
 from kvmmem.kvm.vcpu import Access
 from kvmmem.kvm.vm import Vm
 from kvmmem.scenario.model import (
-    MEMSLOT_FLAGS,
     ClearDirtyLog,
     GetDirtyLog,
+    GuestAccess,
     GuestExec,
     GuestRead,
     GuestWrite,
@@ -48,9 +48,9 @@ from kvmmem.scenario.model import (
     Scenario,
     SetMemslot,
     Step,
+    as_step,
 )
 from kvmmem.sync import Op, drive
-from kvmmem.types import EXEC_FETCH_SIZE
 
 
 @dataclass
@@ -196,39 +196,42 @@ class Runner:
 
     def _step_op(self, step: Step) -> Op[dict[str, Any]]:
         vm, mm = self.vm, self.mm
-        if isinstance(step, GuestRead | GuestWrite | GuestExec):
-            return (yield from self.guest_op(step))
-        if isinstance(step, HostRead):
-            value = yield from mm.host_read_op(self.hva(step.memory, step.offset), step.size)
-            return {"result": "ok", "value": value}
-        if isinstance(step, HostWrite):
-            yield from mm.host_write_op(self.hva(step.memory, step.offset), step.size,
-                                        step.value)
-        elif isinstance(step, HostMmap):
-            yield from self.mmap_op(step)
-        elif isinstance(step, HostMunmap):
-            yield from mm.munmap_op(*self.munmap_range(step))
-        elif isinstance(step, HostMprotect):
-            yield from mm.mprotect_op(self.hva(step.memory, step.offset), step.size, step.prot)
-        elif isinstance(step, HostMadvise):
-            yield from mm.madvise_op(self.hva(step.memory, step.offset), step.size, step.advice)
-        elif isinstance(step, SetMemslot):
-            yield from self.set_memslot_op(step)
-        elif isinstance(step, Prefault):
-            try:
-                left = yield from kvm_vcpu_pre_fault_memory_op(vm, vm.vcpus[step.vcpu],
-                                                               step.gpa, step.size)
-            except PrefaultHang:
-                # x86 before v6.15: retries until a signal; the real harness's watchdog
-                # reports {"result": "timeout", "seconds": S}
-                return {"result": "timeout"}
-            return {"result": "ok", "remaining": left}
-        elif isinstance(step, GetDirtyLog):
-            return {"result": "ok", "dirty": kvm_get_dirty_log(vm, step.slot)}
-        elif isinstance(step, ClearDirtyLog):
-            kvm_clear_dirty_log(vm, step.slot, step.first_page, step.num_pages)
-        else:  # pragma: no cover - the loader knows every step kind
-            raise InputError(f"step {step.index}: unknown step {step.op!r}")
+        match as_step(step):
+            case GuestRead() | GuestWrite() | GuestExec() as access:
+                return (yield from self.guest_op(access))
+            case HostRead() as read:
+                value = yield from mm.host_read_op(self.hva(read.memory, read.offset), read.size)
+                return {"result": "ok", "value": value}
+            case HostWrite() as write:
+                yield from mm.host_write_op(self.hva(write.memory, write.offset), write.size,
+                                            write.value)
+            case HostMmap() as mmap:
+                yield from self.mmap_op(mmap)
+            case HostMunmap() as munmap:
+                yield from mm.munmap_op(*self.munmap_range(munmap))
+            case HostMprotect() as mprotect:
+                yield from mm.mprotect_op(self.hva(mprotect.memory, mprotect.offset),
+                                          mprotect.size, mprotect.prot)
+            case HostMadvise() as madvise:
+                yield from mm.madvise_op(self.hva(madvise.memory, madvise.offset), madvise.size,
+                                         madvise.advice)
+            case SetMemslot() as memslot:
+                yield from self.set_memslot_op(memslot)
+            case Prefault() as prefault:
+                try:
+                    left = yield from kvm_vcpu_pre_fault_memory_op(
+                        vm, vm.vcpus[prefault.vcpu], prefault.gpa, prefault.size)
+                except PrefaultHang:
+                    # x86 before v6.15: retries until a signal; the real harness's watchdog
+                    # reports {"result": "timeout", "seconds": S}
+                    return {"result": "timeout"}
+                return {"result": "ok", "remaining": left}
+            case GetDirtyLog() as get:
+                return {"result": "ok", "dirty": kvm_get_dirty_log(vm, get.slot)}
+            case ClearDirtyLog() as clear:
+                kvm_clear_dirty_log(vm, clear.slot, clear.first_page, clear.num_pages)
+            case unknown:
+                assert_never(unknown)
         return {"result": "ok"}
 
     def set_memslot_op(self, step: SetMemslot) -> Op[None]:
@@ -239,25 +242,27 @@ class Runner:
             hva = self.hva(step.memory, step.offset)
         else:
             hva = 0
-        flags = 0
-        for name in step.flags:
-            flags |= MEMSLOT_FLAGS[name]
-        yield from self.vm.set_user_memory_region_op(step.slot, step.gpa, step.size, hva, flags)
+        yield from self.vm.set_user_memory_region_op(step.slot, step.gpa, step.size, hva,
+                                                     step.flag_bits)
 
-    def guest_op(self, step: GuestRead | GuestWrite | GuestExec) -> Op[dict[str, Any]]:
+    def guest_op(self, step: GuestAccess) -> Op[dict[str, Any]]:
         """A guest access on the step's vCPU (and path, when the step names one)."""
         vcpu = self.vm.vcpus[step.vcpu]
         path = step.path if step.path is not None else vcpu.path
         taken = self.vm.stats.pf_taken
-        if isinstance(step, GuestRead):
-            r = yield from vcpu.access_op(step.gpa, step.size, Access.READ, path=path)
-        elif isinstance(step, GuestWrite):
-            r = yield from vcpu.access_op(step.gpa, step.size, Access.WRITE, step.value,
-                                          path=path)
-            if r.result == "ok" and self.check:
-                validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu)
-        else:
-            r = yield from vcpu.access_op(step.gpa, EXEC_FETCH_SIZE, Access.EXEC, path=path)
+        match step:
+            case GuestRead():
+                r = yield from vcpu.access_op(step.gpa, step.access_size, Access.READ, path=path)
+            case GuestWrite():
+                r = yield from vcpu.access_op(step.gpa, step.access_size, Access.WRITE,
+                                              step.value, path=path)
+                if r.result == "ok" and self.check:
+                    validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu)
+            case GuestExec():
+                r = yield from vcpu.access_op(step.gpa, step.access_size, Access.EXEC,
+                                              path=path)
+            case unknown:
+                assert_never(unknown)
         out = r.to_outcome()
         if step.count_faults:
             out["faults"] = self.vm.stats.pf_taken - taken
@@ -369,7 +374,7 @@ def arch_unsupported(scenario: Scenario, arch: str) -> str | None:
     if arch == "x86":
         return None
     for step in scenario.all_steps():
-        if isinstance(step, GuestRead | GuestWrite | GuestExec) and step.path == "emulated":
+        if isinstance(step, GuestAccess) and step.path == "emulated":
             return (f"{scenario.source}:{step.line}: {step.op}.path: the emulated path is "
                     f"x86's instruction emulator; {arch} has none")
     return None
