@@ -75,8 +75,7 @@ class MmStruct:
 
     ``physmem`` is shared by every address space of a host (a fresh one is made
     when omitted).  ``thp`` is ``/sys/kernel/mm/transparent_hugepage/enabled``
-    (this host: ``"madvise"``).  ``mm_mt`` is the VMA tree (start -> Vma),
-    ``vmacache`` the last VMA found (None after any unlink)."""
+    (this host: ``"madvise"``).  ``mm_mt`` is the VMA tree (start -> Vma)."""
 
     def __init__(
         self,
@@ -103,7 +102,7 @@ class MmStruct:
         self.mm_mt: Any = SortedDict()  # start -> Vma
         self.anon_vma_seq = 0
         self.ino_seq = 0
-        self.vmacache: Vma | None = None  # last VMA found (vmacache); None on any unlink
+        self._vmacache: Vma | None = None  # last VMA found; a memo, left out of state fingerprints
         self.free_area_cache = mmap_base
         self.cached_hole_size = 0
         self.closed = False
@@ -132,7 +131,7 @@ class MmStruct:
 
     def vma_lookup(self, hva: int) -> Vma | None:
         """``vma_lookup()``: the VMA containing ``hva``, or None."""
-        c = self.vmacache
+        c = self._vmacache
         if c is not None and c.start <= hva < c.end:
             return c
         vmas = self.mm_mt
@@ -140,9 +139,13 @@ class MmStruct:
         if i:
             vma: Vma = vmas.peekitem(i - 1)[1]
             if vma.end > hva:
-                self.vmacache = vma
+                self._vmacache = vma
                 return vma
         return None
+
+    def vmacache_invalidate(self) -> None:
+        """``vmacache_invalidate``: forget the last VMA found (after any unlink)."""
+        self._vmacache = None
 
     def for_each_vma(self) -> Iterator[Vma]:
         """``for_each_vma()``: every VMA in address order."""

@@ -24,7 +24,7 @@ def vma_link(mm: MmStruct, vma: Vma) -> None:
 def vma_unlink(mm: MmStruct, vma: Vma) -> None:
     """Remove ``vma`` from the tree and its file's ``i_mmap`` (``vma_iter_clear`` +
     ``unlink_file_vma``); forgets the cached lookup."""
-    mm.vmacache = None
+    mm.vmacache_invalidate()
     del mm.mm_mt[vma.start]
     if vma.file is not None:
         maps = vma.file.mappings
