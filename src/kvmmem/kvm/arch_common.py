@@ -57,6 +57,19 @@ class ArchKvm:
     emulates_page_crossing = False
     """Whether an instruction emulator completes a page-crossing access page by page
     (x86 ``emulator_read_write_onepage``); arm64 and riscv complete or exit it whole."""
+    has_emulated_path = False
+    """Whether a vCPU can run every access through KVM's instruction emulator (x86's
+    ``x86_emulate_instruction``: the ``emulated`` access path)."""
+    walk_sets_accessed = False
+    """Whether the hardware's stage-2 walk sets a leaf's accessed flag itself (x86 EPT
+    with A/D bits); arm64 takes an access flag fault instead."""
+    has_memory_type = True
+    """Whether stage-2 leaves carry a memory type the fault path derives (invariant 3);
+    the riscv G-stage has none, the platform's PMAs decide."""
+    break_before_make = False
+    """Whether the architecture requires break-before-make on a live leaf (arm64)."""
+    default_phys_bits = 52
+    """The guest-physical width the memslot hooks check against when the VM gives none."""
 
     # --- faults ------------------------------------------------------------
 
@@ -68,6 +81,11 @@ class ArchKvm:
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """The stage-2 fault handler for an access that missed in the walk."""
         raise NotImplementedError
+
+    def elide_tlb_flush_if_young(self, vm: Vm) -> bool:
+        """``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG``: whether ``clear_flush_young``
+        skips its TLB flush (x86 only, v6.13)."""
+        return False
 
     # --- notifier zap ------------------------------------------------------
 

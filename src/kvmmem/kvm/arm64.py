@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvmmem.arch.pgtable import Perm
 from kvmmem.errors import KernelError
 from kvmmem.host.vma import VM_MIXEDMAP, VM_PFNMAP, VM_WRITE
 from kvmmem.kvm.arch_common import (
@@ -65,11 +66,29 @@ def get_vma_page_shift(vma: Vma, hva: int) -> int:
     return vma.page_shift
 
 
+def stage2_map(vm: Vm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
+               execute: bool, device: bool, access: Access | None) -> None:
+    """``user_mem_abort``'s last step, under mmu_lock: a permission fault on a leaf of
+    the same size and output relaxes it (``kvm_pgtable_stage2_relax_perms``), where
+    ``kvm_pgtable_stage2_map`` would answer -EAGAIN; anything else is mapped."""
+    old = vm.stage2.walk(gpa)
+    if old is not None and old.size == size and old.pfn == pfn and old.device == device:
+        vm.stage2.relax_perms(gpa & ~(size - 1),
+                              Perm(True, write or old.perm.write, execute or old.perm.execute))
+        if access is not None:
+            vm.stats.pf_fixed += 1
+        return
+    vm.install(slot, gpa, pfn, size, write=write, execute=execute, device=device,
+               access=access)
+
+
 class Arm64Kvm(ArchKvm):
     """The arm64 stage-2 MMU."""
 
     name = "arm64"
     max_user_slots = 32767
+    break_before_make = True
+    default_phys_bits = 40
 
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``kvm_handle_guest_abort``."""
@@ -83,6 +102,9 @@ class Arm64Kvm(ArchKvm):
             if gpa >> HOST_IPA_LIMIT:
                 return ADDRESS_SIZE_FAULT
             return PREFETCH_ABORT if access is Access.EXEC else DATA_ABORT
+        log = vm.log
+        if log is not None:
+            log.emit("kvm_guest_fault", ipa=gpa)
         gfn = gpa >> PAGE_SHIFT
         slot = vcpu.gfn_to_memslot(gfn)
         write = access is Access.WRITE
@@ -90,6 +112,8 @@ class Arm64Kvm(ArchKvm):
             # The I/O branch: io_mem_abort with a valid syndrome (plain LDR/STR).
             if access is Access.EXEC:
                 return PREFETCH_ABORT
+            if log is not None:
+                log.emit("kvm_mmio_emulate")  # pc, instr, cpsr: not modelled
             return MMIO
         leaf = vm.stage2.walk(gpa)
         if leaf is not None and not leaf.young:
@@ -179,11 +203,11 @@ class Arm64Kvm(ArchKvm):
             # per granule, from the pfn on (what a VMA-sized PFNMAP block comes to when
             # the first page's frame is not block aligned)
             for i in range(size >> PAGE_SHIFT):
-                vm.install(slot, gpa + (i << PAGE_SHIFT), pfn + i, PAGE_SIZE,
+                stage2_map(vm, slot, gpa + (i << PAGE_SHIFT), pfn + i, PAGE_SIZE,
                            write=writable, execute=exec_fault, device=device,
                            access=access if i == 0 else None)
         else:
-            vm.install(slot, gpa, pfn, size, write=writable, execute=exec_fault,
+            stage2_map(vm, slot, gpa, pfn, size, write=writable, execute=exec_fault,
                        device=device, access=access)
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)

@@ -126,7 +126,7 @@ def validate_permission_containment(vm: Vm) -> None:
 def validate_memory_type(vm: Vm) -> None:
     """Invariant 3: frames without struct page are mapped device/uncached,
     RAM normal cacheable (riscv G-stage has no attribute bits: its PMAs decide)."""
-    if vm.arch_name == "riscv":
+    if not vm.arch.has_memory_type:
         return
     pm = vm.mm.physmem
     for leaf in vm.stage2.for_each_leaf():
@@ -142,7 +142,7 @@ def validate_memory_type(vm: Vm) -> None:
 def validate_break_before_make(vm: Vm) -> None:
     """Invariant 7 (arm64): no valid-to-valid change of output or size without
     an invalid entry and a TLB invalidation in between."""
-    if vm.arch_name == "arm64":
+    if vm.arch.break_before_make:
         vm.stage2.validate_bbm()
 
 

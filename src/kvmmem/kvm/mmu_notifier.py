@@ -95,7 +95,7 @@ class KvmMmuNotifier:
         set -- except on x86, which selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG``
         (v6.13; ``kvm_handle_hva_range(..., kvm_age_gfn, flush_on_ret=false)``)."""
         vm = self.vm
-        flush = not (vm.arch_name == "x86" and vm.variant.x86_elide_flush_if_young)
+        flush = not vm.arch.elide_tlb_flush_if_young(vm)
         return self._age(start, end, True, flush, "kvm_age_hva")
 
     def clear_young(self, start: Hva, end: Hva) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.sync import Op, drive
+from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from kvmmem.kvm.vm import Vm
 
 CALL = "KVM_PRE_FAULT_MEMORY"
+_SRCU_READ_LOCK = acquire("srcu", shared=True)
+_SRCU_READ_UNLOCK = release("srcu", shared=True)
 
 
 class PrefaultHang(Exception):
@@ -45,20 +47,29 @@ def kvm_vcpu_pre_fault_memory_op(vm: Vm, vcpu: Vcpu, gpa: int, size: int,
         raise KernelError("EINVAL", CALL, "gpa and size must be page aligned")
     if (gpa + size) & U64 <= gpa:
         raise KernelError("EINVAL", CALL, "empty or wrapping range")
+    # The loop reads the memslots under kvm->srcu (srcu_read_lock around it), so a
+    # memslot delete or move (kvm_swap_active_memslots' synchronize_srcu) waits for
+    # it before its zap: nothing is installed for a slot after the slot is zapped.
+    yield _SRCU_READ_LOCK
     done = 0
-    while size > 0:
-        try:
+    failed: KernelError | PrefaultHang | None = None
+    try:
+        while size > 0:
             mapped = yield from vm.arch.pre_fault_memory(vm, vcpu, gpa)
-        except KernelError:
-            if done:
-                return size
-            raise
-        mapped = min(mapped, size)
-        vm.stats.prefault_pages += mapped // PAGE_SIZE
-        gpa += mapped
-        size -= mapped
-        done += mapped
-    return 0
+            mapped = min(mapped, size)
+            vm.stats.prefault_pages += mapped // PAGE_SIZE
+            gpa += mapped
+            size -= mapped
+            done += mapped
+    except KernelError as err:
+        if not done:
+            failed = err
+    except PrefaultHang as err:
+        failed = err
+    yield _SRCU_READ_UNLOCK
+    if failed is not None:
+        raise failed
+    return size
 
 
 def kvm_vcpu_pre_fault_memory(vm: Vm, vcpu: Vcpu, gpa: int, size: int, flags: int = 0) -> int:

@@ -57,6 +57,8 @@ class RiscvKvm(ArchKvm):
 
     name = "riscv"
     max_user_slots = 32767
+    has_memory_type = False
+    default_phys_bits = 50
 
     def mmio_exit_error(self, gpa: int, length: int) -> str | None:
         """``kvm_riscv_vcpu_mmio_load``/``_store`` refuse a fault address that is not

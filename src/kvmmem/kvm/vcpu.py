@@ -244,7 +244,7 @@ class Vcpu:
         vm = self.vm
         emulated = (path or self.path) == "emulated"
         vm.vcpu_enter_guest(self.index)  # KVM_RUN: obsolete roots freed, one loaded
-        if emulated and vm.arch_name != "x86":
+        if emulated and not vm.arch.has_emulated_path:
             raise InputError(f"path: the emulated access path is x86's instruction emulator; "
                              f"{vm.arch_name} has none (use path: native)")
         if not emulated and not vm.arch.emulates_page_crossing \
@@ -359,10 +359,12 @@ class Vcpu:
             decision = yield from vm.arch.handle_fault(vm, self, gpa, access)
             yield _SRCU_READ_UNLOCK
             kind = decision.kind
-            if kind is Fault.RESUME:
-                continue
-            if kind is Fault.RETRY:
-                vm.stats.pf_retry += 1
+            if kind is Fault.RESUME or kind is Fault.RETRY:
+                if kind is Fault.RETRY:
+                    vm.stats.pf_retry += 1
+                # Back into the guest: vcpu_enter_guest frees a root made obsolete
+                # meanwhile (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before the access re-faults.
+                vm.vcpu_enter_guest(self.index)
                 continue
             if kind is Fault.MMIO:
                 vm.stats.pf_emulate += 1

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from kvmmem.arch import make_stage2
-from kvmmem.arch.pgtable import Perm, Tlbi, Translation
+from kvmmem.arch.pgtable import Tlbi, Translation
 from kvmmem.errors import InputError
 from kvmmem.host import Mm
 from kvmmem.kvm.memslot import (
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from kvmmem.kvm.arch_common import ArchKvm
 
 ARCHES = ("x86", "arm64", "riscv")
-_PG_LEVEL = {PAGE_SIZE: 1, 1 << 21: 2, 1 << 30: 3}
-"""Sizes as the tracepoints print levels (PG_LEVEL_4K = 1, PG_LEVEL_2M, PG_LEVEL_1G)."""
 
 
 class Vm:
@@ -90,8 +88,6 @@ class Vm:
         self.arch: ArchKvm = make_arch_kvm(arch)
         self.stage2 = make_stage2(arch, ipa_bits=ipa_bits)
         self.stage2.tlbi_listeners.append(self._on_tlbi)
-        self._walk_sets_young = arch == "x86"
-        """Whether the hardware walk of :meth:`stage2_lookup` sets the accessed flag."""
         self.zapping = False
         self.prepare_vma_checks = True
         """arm64/riscv: whether the prepare-time VMA walk refuses (EPERM, EINVAL).
@@ -175,41 +171,22 @@ class Vm:
         stage2 = self.stage2
         if gpa >> stage2.ipa_bits:
             return None
-        # x86: EPT with A/D enabled (what KVM turns on, enable_ept_ad_bits): the
-        # CPU's walk sets the accessed flag (Intel SDM 29.3.5)
-        return stage2.translate(gpa, self._walk_sets_young)
+        return stage2.translate(gpa, self.arch.walk_sets_accessed)
 
     def install(self, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
                 execute: bool, device: bool, access: Access | None,
-                lookup: int | None = None) -> None:
+                lookup: int | None = None, prefetch: bool = False) -> None:
         """Install the leaf of ``size`` covering ``gpa`` -> ``pfn`` (caller holds
         mmu_lock).  ``access`` is the faulting access (None for a prefetch or
         a premap, which count no ``pf_fixed``); ``lookup`` as for
-        :meth:`Stage2.map` (riscv)."""
+        :meth:`Stage2.map` (riscv); ``prefetch`` as for :meth:`Stage2.map` (x86
+        ``make_spte``: the leaf starts without its accessed bit).  The generic
+        install: what an architecture does around it (arm64's permission relaxing,
+        x86's ``kvmmmu`` tracepoints) is in its fault path."""
         base_gpa = gpa & ~(size - 1)
         base_pfn = pfn - ((gpa - base_gpa) >> PAGE_SHIFT)
-        if self.arch_name == "arm64":
-            # A permission fault on a leaf of the same size and output relaxes
-            # it (kvm_pgtable_stage2_relax_perms); map() would return -EAGAIN.
-            old = self.stage2.walk(gpa)
-            if old is not None and old.size == size and old.pfn == pfn \
-                    and old.device == device:
-                self.stage2.relax_perms(base_gpa, Perm(True, write or old.perm.write,
-                                                       execute or old.perm.execute))
-                if access is not None:
-                    self.stats.pf_fixed += 1
-                return
-        log = self.log
-        if log is not None:
-            log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn,
-                     level=_PG_LEVEL.get(size, 0))
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
-                        device=device, prefetch=access is None and self.arch_name == "x86",
-                        lookup=lookup)
-        if log is not None:
-            log.emit("kvm_mmu_set_spte", gfn=base_gpa >> PAGE_SHIFT, pfn=base_pfn,
-                     level=_PG_LEVEL.get(size, 0),
-                     perm=("r" + ("w" if write else "-") + ("x" if execute else "-")))
+                        device=device, prefetch=prefetch, lookup=lookup)
         if access is not None:
             self.stats.pf_fixed += 1
         del slot

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from kvmmem.kvm.vm import Vm
 
 INVALID_OPCODE = FaultResult(Fault.ABORT, abort="#UD")
+_PG_LEVEL = {PAGE_SIZE: 1, PMD_SIZE: 2, PUD_SIZE: 3}
+"""Sizes as the tracepoints print levels (PG_LEVEL_4K = 1, PG_LEVEL_2M, PG_LEVEL_1G)."""
 _MMU_READ_LOCK = acquire("mmu_lock", shared=True)
 _MMU_READ_UNLOCK = release("mmu_lock", shared=True)
 
@@ -49,15 +51,39 @@ def lpage_disallowed(slot: MemorySlot, gfn: int, size: int) -> bool:
     return frame < slot.base_gfn or frame + npages > slot.base_gfn + slot.npages
 
 
+def is_obsolete_root(vm: Vm, vcpu: Vcpu) -> bool:
+    """``is_obsolete_sp`` of the vCPU's root: a ``kvm_mmu_zap_all_fast`` (memslot delete
+    or move) has made it obsolete since the vCPU last entered the guest."""
+    return vcpu.index in vm.obsolete_roots
+
+
+def is_page_fault_stale(vm: Vm, vcpu: Vcpu, mmu_seq: int, gfn: int) -> bool:
+    """``is_page_fault_stale``, under mmu_lock: the vCPU's root is obsolete, or an
+    invalidation covering ``gfn`` is in progress or completed since ``mmu_seq``
+    (``mmu_invalidate_retry_gfn``; not with the ``no-invalidate-retry`` mutation)."""
+    if is_obsolete_root(vm, vcpu):
+        return True
+    return vm.variant.invalidate_retry and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn)
+
+
 class X86Kvm(ArchKvm):
     """x86 with the TDP MMU (EPT entries)."""
 
     name = "x86"
     emulates_page_crossing = True
+    has_emulated_path = True
+    walk_sets_accessed = True
+    """EPT with A/D enabled (what KVM turns on, ``enable_ept_ad_bits``): the CPU's walk
+    sets the accessed flag (Intel SDM 29.3.5)."""
     max_user_slots = 32764
     nr_address_spaces = 2
     has_pre_fault_memory = True
     max_level_size = PUD_SIZE
+
+    def elide_tlb_flush_if_young(self, vm: Vm) -> bool:
+        """x86 selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`` (v6.13;
+        ``x86_elide_flush_if_young``)."""
+        return vm.variant.x86_elide_flush_if_young
 
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``kvm_mmu_page_fault`` -> ``kvm_tdp_page_fault`` for a guest access
@@ -76,9 +102,8 @@ class X86Kvm(ArchKvm):
         write = access is Access.WRITE
         slot = vcpu.gfn_to_memslot(gfn)
         mmu_seq = vm.mmu_invalidate_seq
-        stale_root = prefetch and vcpu.index in vm.obsolete_roots
         if slot is None:
-            if stale_root:
+            if is_obsolete_root(vm, vcpu):
                 # kvm_handle_noslot_fault continues (MMIO caching) to is_page_fault_stale
                 return RETRY
             # kvm_handle_noslot_fault: MMIO (emulated); no instruction to fetch -> #UD at CPL3.
@@ -101,25 +126,40 @@ class X86Kvm(ArchKvm):
         if is_error_noslot_pfn(fin.pfn):
             return EFAULT
         yield _MMU_READ_LOCK
-        if stale_root:
-            # is_page_fault_stale: the root is obsolete (is_obsolete_sp)
-            yield _MMU_READ_UNLOCK
-            kvm_release_faultin_page(mm, fin)
-            return RETRY
-        if variant.invalidate_retry and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn):
+        if is_page_fault_stale(vm, vcpu, mmu_seq, gfn):
             yield _MMU_READ_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
         size = self.hugepage_adjust(vm, slot, gfn, fin.hva)
         device = not mm.physmem.pfn_valid(fin.pfn)
-        vm.install(slot, gpa, fin.pfn, size, write=fin.map_writable, execute=True,
-                   device=device, access=None if prefetch else access)
+        self.tdp_mmu_map(vm, slot, gpa, fin.pfn, size, write=fin.map_writable,
+                         device=device, access=None if prefetch else access)
+        if fin.map_writable:
+            # make_spte, under mmu_lock: a writable SPTE in a logged slot is logged
+            # right away (mark_page_dirty_in_slot).
+            vm.mark_page_dirty(slot, gfn)
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
-        if fin.map_writable:
-            # make_spte: a writable SPTE in a logged slot is logged right away.
-            vm.mark_page_dirty(slot, gfn)
         return RESUME
+
+    @staticmethod
+    def tdp_mmu_map(vm: Vm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
+                    device: bool, access: Access | None) -> None:
+        """``kvm_tdp_mmu_map`` -> ``tdp_mmu_map_handle_target_level``: the leaf with
+        ``ACC_ALL`` (R, X; W when ``write``), with their ``kvmmmu`` tracepoints
+        (``kvm_mmu_spte_requested``, ``kvm_mmu_set_spte``; arch/x86/kvm/mmu/mmutrace.h).
+        ``access`` None: a prefetch (``make_spte`` leaves the accessed bit clear)."""
+        log = vm.log
+        base_gpa = gpa & ~(size - 1)
+        if log is not None:
+            log.emit("kvm_mmu_spte_requested", gfn=gpa >> PAGE_SHIFT, pfn=pfn,
+                     level=_PG_LEVEL.get(size, 0))
+        vm.install(slot, gpa, pfn, size, write=write, execute=True, device=device,
+                   access=access, prefetch=access is None)
+        if log is not None:
+            log.emit("kvm_mmu_set_spte", gfn=base_gpa >> PAGE_SHIFT,
+                     pfn=pfn - ((gpa - base_gpa) >> PAGE_SHIFT), level=_PG_LEVEL.get(size, 0),
+                     perm="r" + ("w" if write else "-") + "x")
 
     def hugepage_adjust(self, vm: Vm, slot: MemorySlot, gfn: int, hva: int) -> int:
         """``kvm_mmu_hugepage_adjust``: 4K under dirty tracking; otherwise the
