@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from kvmmem.errors import InputError, KernelError, ValidationError
+from kvmmem.kvm.arch_common import PG_LEVEL_2M, PG_LEVEL_4K
+from kvmmem.kvm.arches import ArchMemslotHooks
 from kvmmem.kvm.memslot import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -25,11 +27,8 @@ from kvmmem.kvm.memslot import (
     KVM_MEM_SLOTS_NUM,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
-    PG_LEVEL_2M,
-    PG_LEVEL_4K,
     ULONG_MAX,
     X86_TASK_SIZE_MAX,
-    ArchMemslotHooks,
     KvmMrChange,
     KvmUserspaceMemoryRegion,
     MemorySlot,

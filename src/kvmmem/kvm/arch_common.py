@@ -4,20 +4,30 @@ An :class:`ArchKvm` is the per-architecture half of KVM's MMU
 (``arch/*/kvm/mmu.c``): the stage-2 fault handler, the notifier zap
 (``kvm_unmap_gfn_range``), the memslot hooks (``kvm_arch_prepare_memory_region``,
 ``kvm_arch_commit_memory_region``, ``kvm_arch_flush_shadow_memslot``),
-dirty-log write protection and ``KVM_PRE_FAULT_MEMORY``.  ``kvm/arm64.py``,
-``kvm/x86.py`` and ``kvm/riscv.py`` implement it; ``make_arch_kvm`` picks one.
+dirty-log write protection and ``KVM_PRE_FAULT_MEMORY``, and the attributes in
+which the architectures differ (the generic code tests no architecture by name).
+``kvm/arm64.py``, ``kvm/x86.py`` and ``kvm/riscv.py`` implement it;
+:func:`kvmmem.kvm.arches.make_arch_kvm` picks one.
+
+The memslot hooks here are arm64's (``arch/arm64/kvm/mmu.c``), which riscv copied
+into ``arch/riscv/kvm/mmu.c`` and keeps with the differences the attributes name;
+x86 overrides all three.  They decide; the stage-2 work is the ``hooks`` object's
+(:class:`MemslotHookContext`, implemented by
+:class:`~kvmmem.kvm.arches.ArchMemslotHooks`: the VM's primitives and options).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from kvmmem.errors import KernelError
+from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.sync import Op
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, align_down
+from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
-    from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
+    from kvmmem.kvm.memslot import MemorySlot
     from kvmmem.kvm.vcpu import Access, FaultResult, Vcpu
     from kvmmem.kvm.vm import Vm
 
@@ -36,6 +46,43 @@ def fault_supports_stage2_huge_mapping(slot: MemorySlot, hva: int, map_size: int
         return False
     block = align_down(hva, map_size)
     return block >= uaddr_start and block + map_size <= uaddr_end
+
+
+PG_LEVEL_4K = 1
+PG_LEVEL_2M = 2
+"""Page-table levels for ``write_protect_memslot`` (x86 PG_LEVEL_4K / PG_LEVEL_2M)."""
+
+
+class MemslotHookContext(Protocol):
+    """What an architecture's memslot hooks work with
+    (:class:`kvmmem.kvm.arches.ArchMemslotHooks`): the VM's options and its stage-2
+    primitives, each an :data:`Op`."""
+
+    variant: Variant
+    phys_bits: int
+    slot_zap_all: bool
+    eager_page_split: bool
+    pml: bool
+    external_page_track: bool
+
+    def kvm_dirty_log_manual_protect_and_init_set(self) -> bool: ...
+
+    def prepare_vma_walk(self, old: MemorySlot | None, new: MemorySlot,
+                         change: KvmMrChange) -> Op[None]: ...
+
+    def zap_all(self) -> Op[None]: ...
+
+    def zap_memslot(self, slot: MemorySlot) -> Op[None]: ...
+
+    def write_protect_memslot(self, slot: MemorySlot, min_level: int) -> Op[None]: ...
+
+    def clear_dirty_memslot(self, slot: MemorySlot) -> Op[None]: ...
+
+    def split_memslot(self, slot: MemorySlot) -> Op[None]: ...
+
+    def recover_huge_pages(self, slot: MemorySlot) -> Op[None]: ...
+
+    def flush_remote_tlbs_memslot(self, slot: MemorySlot) -> Op[None]: ...
 
 
 def memslot_is_logging(slot: MemorySlot) -> bool:
@@ -70,6 +117,9 @@ class ArchKvm:
     """Whether the architecture requires break-before-make on a live leaf (arm64)."""
     default_phys_bits = 52
     """The guest-physical width the memslot hooks check against when the VM gives none."""
+    splits_on_log_enable = False
+    """Whether enabling dirty logging always calls the eager split
+    (``kvm_mmu_split_memory_region``: arm64), not only with ``eager_page_split``."""
 
     # --- faults ------------------------------------------------------------
 
@@ -96,6 +146,52 @@ class ArchKvm:
 
     # --- memslot hooks ---------------------------------------------------------
 
+    def memslot_phys_bits(self, ipa_bits: int) -> int | None:
+        """The width the memslot hooks check a slot's end against, given the stage-2
+        table's input width: the IPA / G-stage GPA size (None: :attr:`default_phys_bits`)."""
+        return ipa_bits
+
+    def ipa_limit_inclusive(self, variant: Variant) -> bool:
+        """Whether prepare refuses a slot that *reaches* the IPA size (``>=``; arm64
+        before v5.12, riscv still) rather than one that exceeds it."""
+        return variant.ipa_limit_off_by_one
+
+    def prepare_memory_region(self, hooks: MemslotHookContext, old: MemorySlot | None,
+                              new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_prepare_memory_region`` (arm64; riscv's copy): a slot ending
+        beyond the IPA size is EFAULT, then the VMA walk (:meth:`prepare_vma_walk`,
+        reached through ``hooks``)."""
+        if change == KvmMrChange.DELETE or new is None:
+            return
+        limit = 1 << (hooks.phys_bits - PAGE_SHIFT)
+        end = new.base_gfn + new.npages
+        if self.ipa_limit_inclusive(hooks.variant):
+            if end >= limit:
+                raise KernelError("EFAULT", CALL, f"{self.name}: slot reaches the GPA size")
+        elif end > limit:
+            raise KernelError("EFAULT", CALL, f"{self.name}: slot beyond the IPA size")
+        yield from hooks.prepare_vma_walk(old, new, change)
+
+    def flush_shadow_memslot(self, hooks: MemslotHookContext, slot: MemorySlot) -> Op[None]:
+        """``kvm_arch_flush_shadow_memslot`` (arm64 ``unmap_stage2_range``, riscv
+        ``kvm_riscv_gstage_unmap_range``): the slot's range."""
+        yield from hooks.zap_memslot(slot)
+
+    def commit_memory_region(self, hooks: MemslotHookContext, old: MemorySlot | None,
+                             new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_commit_memory_region`` (arm64; riscv's copy): a slot that logs
+        (CREATE and MOVE included) is write-protected (``kvm_mmu_wp_memory_region``)
+        and split (:attr:`splits_on_log_enable`, or with ``eager_page_split``),
+        unless manual protect with ``KVM_DIRTY_LOG_INITIALLY_SET``."""
+        logging = new is not None and bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES)
+        if new is None or not logging or change == KvmMrChange.DELETE:
+            return
+        if hooks.kvm_dirty_log_manual_protect_and_init_set():
+            return
+        yield from hooks.write_protect_memslot(new, PG_LEVEL_4K)
+        if self.splits_on_log_enable or hooks.eager_page_split:
+            yield from hooks.split_memslot(new)
+
     def prepare_vma_walk(
         self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
     ) -> Op[None]:
@@ -113,18 +209,3 @@ class ArchKvm:
         raise KernelError("EOPNOTSUPP", "KVM_PRE_FAULT_MEMORY",
                           f"{self.name} has no kvm_arch_vcpu_pre_fault_memory")
         yield  # pragma: no cover
-
-
-def make_arch_kvm(arch: str) -> ArchKvm:
-    """The :class:`ArchKvm` for ``arch`` (``x86``, ``arm64``, ``riscv``)."""
-    if arch == "x86":
-        from kvmmem.kvm.x86 import X86Kvm
-
-        return X86Kvm()
-    if arch == "arm64":
-        from kvmmem.kvm.arm64 import Arm64Kvm
-
-        return Arm64Kvm()
-    from kvmmem.kvm.riscv import RiscvKvm
-
-    return RiscvKvm()

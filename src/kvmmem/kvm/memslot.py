@@ -36,10 +36,10 @@ restore is one more swap, so the address space's generation has moved by
 
 What the VM layer supplies (:class:`MemslotHooks`): the arch prepare/commit
 hooks, the stage-2 flush on DELETE/MOVE and ``kvm_arch_memslots_updated``.
-:class:`ArchMemslotHooks` implements the per-architecture *decisions* of those
-hooks (x86 zap-all quirk, when dirty logging write-protects/splits or lets huge
-pages come back, the IPA/GPA range checks) and leaves the stage-2 work to
-overridable no-op methods; :class:`NoopMemslotHooks` does nothing at all.
+:class:`kvmmem.kvm.arches.ArchMemslotHooks` delegates each hook to the
+architecture's class (``kvm/x86.py``, ``kvm/arm64.py``, ``kvm/riscv.py``), where
+the per-architecture decisions live; :class:`NoopMemslotHooks` does nothing at all.
+This module tests no architecture by name.
 
 Not modelled: memory allocation failure (``ENOMEM``), ``-EIO`` for a dead VM
 or a caller from another mm (the VM layer's ioctl entry), 32-bit hosts
@@ -64,7 +64,6 @@ import numpy.typing as npt
 from kvmmem.errors import InputError, KernelError, ValidationError
 from kvmmem.sync import Op, acquire, point, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva
-from kvmmem.variants import UPSTREAM, Variant
 
 CALL = "KVM_SET_USER_MEMORY_REGION"
 
@@ -736,167 +735,6 @@ class NoopMemslotHooks:
 # Page-table levels for write_protect_memslot (x86 PG_LEVEL_4K / PG_LEVEL_2M).
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
-
-
-class ArchMemslotHooks(NoopMemslotHooks):
-    """The architectures' memslot hooks, decisions included; stage-2 work left
-    to the overridable no-op methods below (the VM subclasses this).
-
-    * prepare: x86 rejects a MOVE with an external page-track user and a last
-      gfn above ``kvm_mmu_max_gfn()`` (``EINVAL``); arm64 a slot ending above
-      the IPA size (``EFAULT``; ``>=`` in the linux-5.4 variant); riscv a slot
-      ending at or above the G-stage GPA size (``EFAULT``, ``>=`` still).
-      Then arm64/riscv call :meth:`prepare_vma_walk` (the VMA walk lives in
-      the VM).  x86 gives CREATE/MOVE fresh arch metadata and copies ``old``'s
-      on FLAGS_ONLY.
-    * flush (DELETE/MOVE): x86 with ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` (default
-      VM type, quirk on by default) zaps *everything* (``kvm_mmu_zap_all_fast``),
-      without it only the slot; arm64/riscv unmap the slot's range.
-    * commit (``kvm_mmu_slot_apply_flags`` on x86): x86 acts only on FLAGS_ONLY
-      of a writable slot: enabling logging splits (``eager_page_split``),
-      write-protects (4K, or 2M + D-bit clear with PML) and flushes; disabling
-      recovers huge pages.  arm64 write-protects and splits whenever the new
-      slot logs (CREATE and MOVE included); riscv likewise.  Manual protect
-      with ``KVM_DIRTY_LOG_INITIALLY_SET`` skips the write protection.
-
-    ``phys_bits``: x86 max GPA bits (52 with shadow paging, MAXPHYADDR with
-    TDP), arm64 IPA bits (``KVM_VM_TYPE_ARM_IPA_SIZE``, default 40), riscv
-    G-stage GPA bits (Sv39x4 41, Sv48x4 50, Sv57x4 59)."""
-
-    def __init__(
-        self,
-        arch: str,
-        variant: Variant = UPSTREAM,
-        *,
-        phys_bits: int | None = None,
-        slot_zap_all: bool = True,
-        eager_page_split: bool = True,
-        pml: bool = False,
-        external_page_track: bool = False,
-    ) -> None:
-        if arch not in _ARCH_DEFAULTS:
-            raise InputError(f"unknown architecture {arch!r} (known: x86, arm64, riscv)")
-        self.arch = arch
-        self.variant = variant
-        self.phys_bits = phys_bits if phys_bits is not None else \
-            {"x86": 52, "arm64": 40, "riscv": 50}[arch]
-        self.slot_zap_all = slot_zap_all
-        self.eager_page_split = eager_page_split
-        self.pml = pml
-        self.external_page_track = external_page_track
-        self.manual_protect_init_set = False
-
-    # --- state the VM may override ------------------------------------------------------
-
-    def kvm_dirty_log_manual_protect_and_init_set(self) -> bool:
-        """``kvm_dirty_log_manual_protect_and_init_set()``."""
-        return self.manual_protect_init_set
-
-    # --- stage-2 primitives (no-ops; the VM implements them) ---------------------------
-
-    def prepare_vma_walk(self, old: MemorySlot | None, new: MemorySlot,
-                         change: KvmMrChange) -> Op[None]:
-        """arm64/riscv prepare's VMA walk (may raise ``EPERM``/``EINVAL``)."""
-        return _nothing()
-
-    def zap_all(self) -> Op[None]:
-        """x86 ``kvm_mmu_zap_all_fast()``: obsolete every root."""
-        return _nothing()
-
-    def zap_memslot(self, slot: MemorySlot) -> Op[None]:
-        """Zap ``slot``'s range: x86 ``kvm_mmu_zap_memslot``, arm64
-        ``unmap_stage2_range``, riscv ``kvm_riscv_gstage_unmap_range`` (with
-        their TLB flushes)."""
-        return _nothing()
-
-    def write_protect_memslot(self, slot: MemorySlot, min_level: int) -> Op[None]:
-        """Remove write access from ``slot``'s leaves of ``min_level`` and up:
-        x86 ``kvm_mmu_slot_remove_write_access``, arm64
-        ``kvm_mmu_wp_memory_region``, riscv ``mmu_wp_memory_region`` (arm64 and
-        riscv flush TLBs inside)."""
-        return _nothing()
-
-    def clear_dirty_memslot(self, slot: MemorySlot) -> Op[None]:
-        """x86 with PML: ``kvm_mmu_slot_leaf_clear_dirty``."""
-        return _nothing()
-
-    def split_memslot(self, slot: MemorySlot) -> Op[None]:
-        """Eager split of huge leaves: x86 ``kvm_mmu_slot_try_split_huge_pages``,
-        arm64 ``kvm_mmu_split_memory_region`` (a no-op unless the VM set an
-        eager-split chunk size), riscv ``mmu_split_memory_region``."""
-        return _nothing()
-
-    def recover_huge_pages(self, slot: MemorySlot) -> Op[None]:
-        """x86 ``kvm_mmu_recover_huge_pages``: let huge mappings come back."""
-        return _nothing()
-
-    def flush_remote_tlbs_memslot(self, slot: MemorySlot) -> Op[None]:
-        """``kvm_flush_remote_tlbs_memslot()``."""
-        return _nothing()
-
-    # --- the hooks -----------------------------------------------------------------------
-
-    def prepare_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
-                              change: KvmMrChange) -> Op[None]:
-        """``kvm_arch_prepare_memory_region()`` of ``self.arch``."""
-        if change == KvmMrChange.DELETE or new is None:
-            return
-        if self.arch == "x86":
-            if change == KvmMrChange.MOVE and self.external_page_track:
-                raise KernelError("EINVAL", CALL, "x86: MOVE with an external page-track user")
-            if change in (KvmMrChange.CREATE, KvmMrChange.MOVE):
-                if new.base_gfn + new.npages - 1 > (1 << (self.phys_bits - PAGE_SHIFT)) - 1:
-                    raise KernelError("EINVAL", CALL, "x86: last gfn above kvm_mmu_max_gfn()")
-                new.arch = {}  # kvm_alloc_memslot_metadata
-            elif old is not None:
-                new.arch = dict(old.arch)
-            return
-        limit = 1 << (self.phys_bits - PAGE_SHIFT)
-        end = new.base_gfn + new.npages
-        if self.arch == "riscv" or self.variant.ipa_limit_off_by_one:
-            if end >= limit:
-                raise KernelError("EFAULT", CALL, f"{self.arch}: slot reaches the GPA size")
-        elif end > limit:
-            raise KernelError("EFAULT", CALL, "arm64: slot beyond the IPA size")
-        yield from self.prepare_vma_walk(old, new, change)
-
-    def flush_shadow_memslot(self, slot: MemorySlot) -> Op[None]:
-        """``kvm_arch_flush_shadow_memslot()`` of ``self.arch``."""
-        if self.arch == "x86" and self.slot_zap_all:
-            yield from self.zap_all()
-        else:
-            yield from self.zap_memslot(slot)
-
-    def commit_memory_region(self, old: MemorySlot | None, new: MemorySlot | None,
-                             change: KvmMrChange) -> Op[None]:
-        """``kvm_arch_commit_memory_region()`` of ``self.arch``."""
-        new_flags = new.flags if new is not None else 0
-        logging = bool(new_flags & KVM_MEM_LOG_DIRTY_PAGES)
-        if self.arch == "x86":
-            # kvm_mmu_slot_apply_flags
-            if change != KvmMrChange.FLAGS_ONLY or new_flags & KVM_MEM_READONLY or new is None:
-                return
-            if not logging:
-                yield from self.recover_huge_pages(new)
-                return
-            if self.kvm_dirty_log_manual_protect_and_init_set():
-                return
-            if self.eager_page_split:
-                yield from self.split_memslot(new)
-            if self.pml:
-                yield from self.clear_dirty_memslot(new)
-                yield from self.write_protect_memslot(new, PG_LEVEL_2M)
-            else:
-                yield from self.write_protect_memslot(new, PG_LEVEL_4K)
-            yield from self.flush_remote_tlbs_memslot(new)
-            return
-        if new is None or not logging or change == KvmMrChange.DELETE:
-            return
-        if self.kvm_dirty_log_manual_protect_and_init_set():
-            return
-        yield from self.write_protect_memslot(new, PG_LEVEL_4K)
-        if self.arch == "arm64" or self.eager_page_split:
-            yield from self.split_memslot(new)
 
 
 # --- the VM-wide memslot state ----------------------------------------------------------

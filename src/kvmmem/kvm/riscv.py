@@ -20,7 +20,6 @@ from kvmmem.kvm.arch_common import (
     fault_supports_stage2_huge_mapping,
     memslot_is_logging,
 )
-from kvmmem.kvm.arm64 import prepare_vma_walk
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
     is_error_noslot_pfn,
@@ -28,9 +27,11 @@ from kvmmem.kvm.faultin import (
     kvm_release_faultin_page,
 )
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
+from kvmmem.kvm.prepare import prepare_vma_walk
 from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
+from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
     from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
@@ -59,6 +60,11 @@ class RiscvKvm(ArchKvm):
     max_user_slots = 32767
     has_memory_type = False
     default_phys_bits = 50
+
+    def ipa_limit_inclusive(self, variant: Variant) -> bool:
+        """riscv's ``kvm_arch_prepare_memory_region`` keeps the 2019 arm ``>=`` check
+        (a slot may not reach the G-stage GPA size)."""
+        return True
 
     def mmio_exit_error(self, gpa: int, length: int) -> str | None:
         """``kvm_riscv_vcpu_mmio_load``/``_store`` refuse a fault address that is not

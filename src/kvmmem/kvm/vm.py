@@ -19,8 +19,8 @@ from kvmmem.arch import make_stage2
 from kvmmem.arch.pgtable import Tlbi, Translation
 from kvmmem.errors import InputError
 from kvmmem.host import Mm
+from kvmmem.kvm.arches import ArchMemslotHooks, make_arch_kvm
 from kvmmem.kvm.memslot import (
-    ArchMemslotHooks,
     KvmMrChange,
     KvmUserspaceMemoryRegion,
     MemorySlot,
@@ -58,8 +58,6 @@ class Vm:
         ipa_bits: int | None = None,
         cpu_features: Iterable[str] = (),
     ) -> None:
-        from kvmmem.kvm.arch_common import make_arch_kvm
-
         if arch not in ARCHES:
             raise InputError(f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
         if granule != PAGE_SIZE:
@@ -294,12 +292,12 @@ class VmMemslotHooks(ArchMemslotHooks):
     """The memslot layer's hooks, doing their stage-2 work on this VM.
 
     The decisions (which architecture zaps what, when logging write-protects
-    or splits) are :class:`~kvmmem.kvm.memslot.ArchMemslotHooks`'; this class
+    or splits) are the architecture's (``X86Kvm.commit_memory_region``...); this class
     supplies the primitives on the VM's stage-2 table and vCPU TLBs."""
 
     def __init__(self, vm: Vm) -> None:
-        super().__init__(vm.arch_name, vm.variant, phys_bits=vm.stage2.ipa_bits
-                         if vm.arch_name != "x86" else None)
+        super().__init__(vm.arch, vm.variant,
+                         phys_bits=vm.arch.memslot_phys_bits(vm.stage2.ipa_bits))
         self.vm = vm
 
     def prepare_vma_walk(self, old: MemorySlot | None, new: MemorySlot,

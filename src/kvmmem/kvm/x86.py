@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.kvm.arch_common import ArchKvm
+from kvmmem.kvm.arch_common import PG_LEVEL_2M, PG_LEVEL_4K, ArchKvm, MemslotHookContext
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
     KVM_PFN_ERR_RO_FAULT,
@@ -21,7 +21,7 @@ from kvmmem.kvm.faultin import (
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
-from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
+from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KvmMrChange
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
 from kvmmem.kvm.prefault import PrefaultHang
 from kvmmem.kvm.vcpu import EFAULT, EMULATE, RESUME, RETRY, Access, Fault, FaultResult
@@ -84,6 +84,64 @@ class X86Kvm(ArchKvm):
         """x86 selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`` (v6.13;
         ``x86_elide_flush_if_young``)."""
         return vm.variant.x86_elide_flush_if_young
+
+    # --- memslot hooks (arch/x86/kvm/x86.c) -------------------------------------------
+
+    def memslot_phys_bits(self, ipa_bits: int) -> int | None:
+        """``kvm_mmu_max_gfn`` is checked against 52 bits (shadow paging's maximum),
+        whatever the TDP table's width."""
+        return None
+
+    def prepare_memory_region(self, hooks: MemslotHookContext, old: MemorySlot | None,
+                              new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_prepare_memory_region`` (x86): a MOVE with an external page-track
+        user and a last gfn above ``kvm_mmu_max_gfn()`` are EINVAL; CREATE and MOVE get
+        fresh arch metadata (``kvm_alloc_memslot_metadata``), FLAGS_ONLY copies old's."""
+        if change == KvmMrChange.DELETE or new is None:
+            return
+        if change == KvmMrChange.MOVE and hooks.external_page_track:
+            raise KernelError("EINVAL", CALL, "x86: MOVE with an external page-track user")
+        if change in (KvmMrChange.CREATE, KvmMrChange.MOVE):
+            if new.base_gfn + new.npages - 1 > (1 << (hooks.phys_bits - PAGE_SHIFT)) - 1:
+                raise KernelError("EINVAL", CALL, "x86: last gfn above kvm_mmu_max_gfn()")
+            new.arch = {}  # kvm_alloc_memslot_metadata
+        elif old is not None:
+            new.arch = dict(old.arch)
+        return
+        yield  # pragma: no cover
+
+    def flush_shadow_memslot(self, hooks: MemslotHookContext, slot: MemorySlot) -> Op[None]:
+        """``kvm_arch_flush_shadow_memslot`` (x86): with ``KVM_X86_QUIRK_SLOT_ZAP_ALL``
+        (default VM type, on by default) every mapping (``kvm_mmu_zap_all_fast``),
+        without it only the slot's (``kvm_mmu_zap_memslot``)."""
+        if hooks.slot_zap_all:
+            yield from hooks.zap_all()
+        else:
+            yield from hooks.zap_memslot(slot)
+
+    def commit_memory_region(self, hooks: MemslotHookContext, old: MemorySlot | None,
+                             new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
+        """``kvm_arch_commit_memory_region`` -> ``kvm_mmu_slot_apply_flags``: only a
+        FLAGS_ONLY change of a writable slot acts.  Enabling logging splits
+        (``eager_page_split``), write-protects (4K, or 2M + D-bit clear with PML) and
+        flushes; disabling recovers huge pages; manual protect with
+        ``KVM_DIRTY_LOG_INITIALLY_SET`` skips the write protection."""
+        new_flags = new.flags if new is not None else 0
+        if change != KvmMrChange.FLAGS_ONLY or new_flags & KVM_MEM_READONLY or new is None:
+            return
+        if not new_flags & KVM_MEM_LOG_DIRTY_PAGES:
+            yield from hooks.recover_huge_pages(new)
+            return
+        if hooks.kvm_dirty_log_manual_protect_and_init_set():
+            return
+        if hooks.eager_page_split:
+            yield from hooks.split_memslot(new)
+        if hooks.pml:
+            yield from hooks.clear_dirty_memslot(new)
+            yield from hooks.write_protect_memslot(new, PG_LEVEL_2M)
+        else:
+            yield from hooks.write_protect_memslot(new, PG_LEVEL_4K)
+        yield from hooks.flush_remote_tlbs_memslot(new)
 
     def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``kvm_mmu_page_fault`` -> ``kvm_tdp_page_fault`` for a guest access
