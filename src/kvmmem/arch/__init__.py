@@ -7,22 +7,17 @@ Uses only the base modules (types, errors).  Entry points:
   ``map``, ``unmap_range``, ``walk``, ``wrprotect_range``,
   ``test_clear_young``, ``collect_dirty``, ``split``, ``collapse``,
   ``for_each_leaf``, ``counters``, ``tlbi_listeners``, ``history``);
-* :data:`ARCHES` - per architecture its :class:`ArchInfo`: the table class
-  and the fault-path policy functions the KVM core calls, each named after
-  and mirroring the kernel's (``max_mapping_size``, ``memory_attr``,
-  ``fault_prot``; the kernel-named helpers such as
-  ``fault_supports_stage2_huge_mapping`` or ``kvm_mmu_max_mapping_level``
-  are in the architecture modules);
+* :data:`ARCHES` - per architecture its :class:`ArchInfo`: the table class,
+  its entry printer and its table rules (break-before-make, freeing empty
+  tables);
 * :mod:`kvmmem.arch.printer` - entries as hex plus decoded fields;
 * :mod:`kvmmem.arch.validate` - ``validate_bbm`` (invariant 7) and
   ``validate_tables``.
 
-The uniform policy signatures::
-
-    max_mapping_size(gfn, hva, slot_base_gfn, slot_npages, slot_hva,
-                     host_map_size, logging, is_device, **arch_options) -> int
-    memory_attr(is_device, **arch_options) -> MemAttr
-    fault_prot(writable, exec_fault, is_device, **arch_options) -> Perm
+The stage-2 fault policy (mapping size, huge mappings, permissions, memory type)
+is not here: it has one copy, in the fault path that uses it (``kvm/arm64.py``
+``user_mem_abort``, ``kvm/x86.py`` ``kvm_mmu_hugepage_adjust``, ``kvm/riscv.py``
+``kvm_riscv_mmu_map``, and ``kvm/arch_common.py`` for what they share).
 """
 
 from __future__ import annotations
@@ -80,17 +75,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ArchInfo:
-    """One architecture: its stage-2 class and fault-path policy."""
+    """One architecture: its stage-2 class, entry printer and table rules."""
 
     name: str
     stage2: type[Stage2]
-    max_mapping_size: Callable[..., int]
-    """(gfn, hva, slot_base_gfn, slot_npages, slot_hva, host_map_size, logging,
-    is_device, **options) -> bytes of the stage-2 mapping to install."""
-    memory_attr: Callable[..., MemAttr]
-    """(is_device, **options) -> the memory type KVM maps with."""
-    fault_prot: Callable[..., Perm]
-    """(writable, exec_fault, is_device, **options) -> the permissions."""
     describe_entry: Callable[..., str]
     """(raw, level) -> decoded fields (printer)."""
     frees_empty_tables: bool
@@ -100,14 +88,12 @@ class ArchInfo:
 Arch = ArchInfo
 
 ARCHES: dict[str, ArchInfo] = {
-    "x86": ArchInfo("x86", X86Tdp, x86.max_mapping_size, x86.memory_attr, x86.fault_prot,
-                    x86.describe_entry, X86Tdp.FREES_EMPTY_TABLES, X86Tdp.BREAK_BEFORE_MAKE),
-    "arm64": ArchInfo("arm64", Arm64Stage2, arm64.max_mapping_size, arm64.memory_attr,
-                      arm64.fault_prot, arm64.describe_entry, Arm64Stage2.FREES_EMPTY_TABLES,
-                      Arm64Stage2.BREAK_BEFORE_MAKE),
-    "riscv": ArchInfo("riscv", RiscvGstage, riscv.max_mapping_size, riscv.memory_attr,
-                      riscv.fault_prot, riscv.describe_entry, RiscvGstage.FREES_EMPTY_TABLES,
-                      RiscvGstage.BREAK_BEFORE_MAKE),
+    "x86": ArchInfo("x86", X86Tdp, x86.describe_entry, X86Tdp.FREES_EMPTY_TABLES,
+                    X86Tdp.BREAK_BEFORE_MAKE),
+    "arm64": ArchInfo("arm64", Arm64Stage2, arm64.describe_entry,
+                      Arm64Stage2.FREES_EMPTY_TABLES, Arm64Stage2.BREAK_BEFORE_MAKE),
+    "riscv": ArchInfo("riscv", RiscvGstage, riscv.describe_entry,
+                      RiscvGstage.FREES_EMPTY_TABLES, RiscvGstage.BREAK_BEFORE_MAKE),
 }
 
 

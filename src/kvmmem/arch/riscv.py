@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from kvmmem.arch.pgtable import MemAttr, Perm, Stage2, TlbiKind
 from kvmmem.errors import InputError
-from kvmmem.types import PAGE_SHIFT, PMD_SIZE, PUD_SIZE
+from kvmmem.types import PAGE_SHIFT
 
 _PAGE_PRESENT = 1 << 0
 _PAGE_READ = 1 << 1
@@ -196,78 +196,3 @@ def describe_entry(raw: int, level: int) -> str:
     if raw & _PAGE_NAPOT:
         fields.append("N=1")
     return " ".join(fields)
-
-
-# --- fault-path policy (arch/riscv/kvm/mmu.c: kvm_riscv_mmu_map) ----------------------------
-
-
-def fault_supports_gstage_huge_mapping(slot_base_gfn: int, slot_npages: int, slot_hva: int,
-                                       hva: int, map_size: int) -> bool:
-    """``fault_supports_gstage_huge_mapping``: gpa and hva congruent modulo the
-    block, and ``ALIGN(uaddr_start) <= hva < ALIGN_DOWN(uaddr_end)``."""
-    uaddr_start = slot_hva
-    uaddr_end = uaddr_start + (slot_npages << PAGE_SHIFT)
-    gpa_start = slot_base_gfn << PAGE_SHIFT
-    if (gpa_start & (map_size - 1)) != (uaddr_start & (map_size - 1)):
-        return False
-    lo = (uaddr_start + map_size - 1) & ~(map_size - 1)
-    hi = uaddr_end & ~(map_size - 1)
-    return lo <= hva < hi
-
-
-def hugetlb_mapping_size(slot_base_gfn: int, slot_npages: int, slot_hva: int, hva: int,
-                         map_size: int) -> int:
-    """``hugetlb_mapping_size``: PUD -> PMD -> page while the slot check fails;
-    other sizes (e.g. Svnapot 64K) are returned unchanged (the caller then
-    fails with -EFAULT, "Invalid VMA page size")."""
-    page = 1 << PAGE_SHIFT
-    if map_size not in (page, PMD_SIZE, PUD_SIZE):
-        return map_size
-    for size in (PUD_SIZE, PMD_SIZE):
-        if map_size >= size and fault_supports_gstage_huge_mapping(
-                slot_base_gfn, slot_npages, slot_hva, hva, size):
-            return size
-    return page
-
-
-def transparent_hugepage_adjust(slot_base_gfn: int, slot_npages: int, slot_hva: int, hva: int,
-                                host_map_size: int) -> int:
-    """``transparent_hugepage_adjust`` (THP support, late 2025): PMD when the
-    slot allows it and the host maps ``hva`` with a leaf of at least PMD size;
-    otherwise the host size (a page)."""
-    if fault_supports_gstage_huge_mapping(slot_base_gfn, slot_npages, slot_hva, hva, PMD_SIZE):
-        return PMD_SIZE if host_map_size >= PMD_SIZE else min(host_map_size, 1 << PAGE_SHIFT)
-    return 1 << PAGE_SHIFT
-
-
-def max_mapping_size(gfn: int, hva: int, slot_base_gfn: int, slot_npages: int, slot_hva: int,
-                     host_map_size: int, logging: bool, is_device: bool, *,
-                     hugetlb: bool = False, thp: bool = True) -> int:
-    """``kvm_riscv_mmu_map``'s size: a page under logging or for VM_PFNMAP;
-    a hugetlb VMA's size through :func:`hugetlb_mapping_size`; otherwise
-    :func:`transparent_hugepage_adjust` (``thp=False``: kernels before the
-    late-2025 THP support, a page)."""
-    del gfn
-    page = 1 << PAGE_SHIFT
-    if logging or is_device:
-        return page
-    if hugetlb:
-        return hugetlb_mapping_size(slot_base_gfn, slot_npages, slot_hva, hva, host_map_size)
-    if not thp:
-        return page
-    return transparent_hugepage_adjust(slot_base_gfn, slot_npages, slot_hva, hva, host_map_size)
-
-
-def memory_attr(is_device: bool, *, ioremap: bool = False) -> MemAttr:
-    """The fault path derives no memory type (Normal/PMA for everything);
-    the prepare-time ``kvm_riscv_mmu_ioremap`` (v5.16..v6.17) mapped device
-    memory non-cacheable (PBMT=IO)."""
-    return MemAttr.DEVICE if (ioremap and is_device) else MemAttr.NORMAL
-
-
-def fault_prot(writable: bool, exec_fault: bool = False, is_device: bool = False, *,
-               ioremap: bool = False) -> Perm:
-    """``kvm_riscv_mmu_map`` maps R, X always and W when writable;
-    ``kvm_riscv_mmu_ioremap`` maps R(W) without X."""
-    del exec_fault, is_device
-    return Perm(True, writable, not ioremap)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from kvmmem.arch.pgtable import MemAttr, Perm, Stage2
 from kvmmem.errors import InputError
-from kvmmem.types import PAGE_SHIFT, PMD_SIZE, PUD_SIZE
+from kvmmem.types import PAGE_SHIFT
 
 VMX_EPT_READABLE_MASK = 1 << 0
 VMX_EPT_WRITABLE_MASK = 1 << 1
@@ -212,69 +212,3 @@ def describe_entry(raw: int, level: int) -> str:
                   f"A={int(bool(raw & VMX_EPT_ACCESS_BIT))}",
                   f"D={int(bool(raw & VMX_EPT_DIRTY_BIT))}"]
     return " ".join(fields + sw) + sve
-
-
-# --- fault-path policy (arch/x86/kvm/mmu/mmu.c) --------------------------------------------
-
-_LEVEL_SIZE = {PG_LEVEL_4K: 1 << PAGE_SHIFT, PG_LEVEL_2M: PMD_SIZE, PG_LEVEL_1G: PUD_SIZE}
-
-
-def lpage_disallowed(gfn: int, slot_base_gfn: int, slot_npages: int, slot_hva: int,
-                     level: int) -> bool:
-    """``lpage_info[level].disallow_lpage`` from slot geometry
-    (``kvm_alloc_memslot_metadata``): the huge frame holding ``gfn`` must lie
-    inside the slot, and gfn and hva must be congruent at that level."""
-    pages = _LEVEL_SIZE[level] >> PAGE_SHIFT
-    if (slot_base_gfn ^ (slot_hva >> PAGE_SHIFT)) & (pages - 1):
-        return True
-    frame = gfn & ~(pages - 1)
-    return frame < slot_base_gfn or frame + pages > slot_base_gfn + slot_npages
-
-
-def host_pfn_mapping_level(host_map_size: int) -> int:
-    """``host_pfn_mapping_level``: the level of the host page-table leaf."""
-    if host_map_size >= PUD_SIZE:
-        return PG_LEVEL_1G
-    if host_map_size >= PMD_SIZE:
-        return PG_LEVEL_2M
-    return PG_LEVEL_4K
-
-
-def kvm_mmu_max_mapping_level(gfn: int, slot_base_gfn: int, slot_npages: int, slot_hva: int,
-                              host_map_size: int, max_level: int = PG_LEVEL_1G) -> int:
-    """``kvm_mmu_max_mapping_level``: the largest level not above
-    ``max_level``, allowed by ``lpage_info`` and by the host mapping."""
-    level = min(max_level, host_pfn_mapping_level(host_map_size))
-    while level > PG_LEVEL_4K and lpage_disallowed(gfn, slot_base_gfn, slot_npages, slot_hva,
-                                                   level):
-        level -= 1
-    return level
-
-
-def max_mapping_size(gfn: int, hva: int, slot_base_gfn: int, slot_npages: int, slot_hva: int,
-                     host_map_size: int, logging: bool, is_device: bool, *,
-                     max_level: int = PG_LEVEL_1G, nx_huge_pages: bool = False,
-                     exec_fault: bool = False) -> int:
-    """``kvm_mmu_hugepage_adjust``: 4K under dirty tracking
-    (``kvm_slot_dirty_track_enabled``) or for an exec fault with the NX
-    huge-page mitigation; else :func:`kvm_mmu_max_mapping_level`.  Device
-    memory is not special on x86 (a huge host PFNMAP leaf maps huge)."""
-    del hva, is_device
-    if logging or (exec_fault and nx_huge_pages):
-        return 1 << PAGE_SHIFT
-    return _LEVEL_SIZE[kvm_mmu_max_mapping_level(gfn, slot_base_gfn, slot_npages, slot_hva,
-                                                 host_map_size, max_level)]
-
-
-def memory_attr(is_device: bool) -> MemAttr:
-    """``vmx_get_mt_mask``: host MMIO (``kvm_is_mmio_pfn``) is UC, RAM WB."""
-    return MemAttr.DEVICE if is_device else MemAttr.NORMAL
-
-
-def fault_prot(writable: bool, exec_fault: bool = False, is_device: bool = False, *,
-               huge: bool = False, nx_huge_pages: bool = False) -> Perm:
-    """The TDP MMU maps with ``ACC_ALL``: R and X always (X dropped on huge
-    pages under the NX huge-page mitigation), W when the host allows it
-    (``map_writable``)."""
-    del exec_fault, is_device
-    return Perm(True, writable, not (huge and nx_huge_pages))

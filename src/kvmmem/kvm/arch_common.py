@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Protocol
 from kvmmem.errors import KernelError
 from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.sync import Op
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, align_down
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, align_down
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
+    from kvmmem.host import Mm
     from kvmmem.kvm.memslot import MemorySlot
     from kvmmem.kvm.vcpu import Access, FaultResult, Vcpu
     from kvmmem.kvm.vm import Vm
@@ -51,6 +52,17 @@ def fault_supports_stage2_huge_mapping(slot: MemorySlot, hva: int, map_size: int
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
 """Page-table levels for ``write_protect_memslot`` (x86 PG_LEVEL_4K / PG_LEVEL_2M)."""
+
+
+def transparent_hugepage_adjust(mm: Mm, slot: MemorySlot, hva: int) -> int:
+    """``transparent_hugepage_adjust`` (arm64; riscv's copy since its THP support,
+    ed7ae7a34bea) for a page-sized, cacheable fault: PMD when the slot allows a PMD
+    block around ``hva`` and the host maps it with a huge leaf
+    (``get_user_mapping_size``); else a page.  The caller aligns the IPA and pfn."""
+    if fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
+            and mm.mapping_size(hva) >= PMD_SIZE:
+        return PMD_SIZE
+    return PAGE_SIZE
 
 
 class MemslotHookContext(Protocol):

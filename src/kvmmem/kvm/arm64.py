@@ -20,6 +20,7 @@ from kvmmem.kvm.arch_common import (
     ArchKvm,
     fault_supports_stage2_huge_mapping,
     memslot_is_logging,
+    transparent_hugepage_adjust,
 )
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
@@ -32,6 +33,7 @@ from kvmmem.kvm.prepare import prepare_vma_walk
 from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
+from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
     from kvmmem.host.vma import Vma
@@ -63,6 +65,35 @@ def get_vma_page_shift(vma: Vma, hva: int) -> int:
                 return shift
         return PAGE_SHIFT
     return vma.page_shift
+
+
+def vma_pagesize(variant: Variant, slot: MemorySlot, vma: Vma, hva: int, logging: bool
+                 ) -> tuple[int, bool]:
+    """``user_mem_abort``'s mapping size from the VMA, before the pfn is known:
+    ``(vma_pagesize, force_pte)``.  Logging forces pages; VM_PFNMAP forces them
+    before v5.14 (``arm64_pfnmap_force_pte``) and is sized from the host page table,
+    not the VMA, once the 7.3-cycle fix is in (``arm64_pfnmap_vma_block`` false);
+    otherwise :func:`get_vma_page_shift`, then the PUD -> PMD -> page downgrade while
+    :func:`fault_supports_stage2_huge_mapping` refuses (a refused PMD forces pages)."""
+    force_pte = logging
+    if force_pte:
+        vma_shift = PAGE_SHIFT
+    elif variant.arm64_pfnmap_force_pte and vma.flags & VM_PFNMAP:
+        vma_shift = PAGE_SHIFT
+        force_pte = True
+    elif vma.flags & VM_PFNMAP and not variant.arm64_pfnmap_vma_block:
+        # "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" (7.3
+        # cycle, stable down to 5.10): the host page table's leaf decides, below
+        vma_shift = PAGE_SHIFT
+    else:
+        vma_shift = get_vma_page_shift(vma, hva)
+    size = 1 << vma_shift
+    if size == PUD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PUD_SIZE):
+        size = PMD_SIZE
+    if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE):
+        size = PAGE_SIZE
+        force_pte = True
+    return size, force_pte
 
 
 def stage2_map(vm: Vm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
@@ -139,30 +170,13 @@ class Arm64Kvm(ArchKvm):
         exec_fault = access is Access.EXEC
         hva = vm.gfn_to_hva(slot, gfn)
         logging = memslot_is_logging(slot)
-        force_pte = logging
 
         yield _MMAP_READ_LOCK
         vma = mm.vma_lookup(hva)
         if vma is None:
             yield _MMAP_READ_UNLOCK
             return EFAULT
-        if force_pte:
-            vma_shift = PAGE_SHIFT
-        elif variant.arm64_pfnmap_force_pte and vma.flags & VM_PFNMAP:
-            vma_shift = PAGE_SHIFT
-            force_pte = True
-        elif vma.flags & VM_PFNMAP and not variant.arm64_pfnmap_vma_block:
-            # "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" (7.3
-            # cycle, stable down to 5.10): the host page table's leaf decides, below
-            vma_shift = PAGE_SHIFT
-        else:
-            vma_shift = get_vma_page_shift(vma, hva)
-        size = 1 << vma_shift
-        if size == PUD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PUD_SIZE):
-            size = PMD_SIZE
-        if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE):
-            size = PAGE_SIZE
-            force_pte = True
+        size, force_pte = vma_pagesize(variant, slot, vma, hva, logging)
         if size > PAGE_SIZE:
             # The fault IPA and gfn are aligned to the block before the pfn is looked
             # up: the block maps the frames that follow the pfn of its first page.
@@ -194,8 +208,7 @@ class Arm64Kvm(ArchKvm):
         # transparent_hugepage_adjust: a THP behind the hva allows a PMD block (IPA and
         # pfn aligned down to it).
         if size == PAGE_SIZE and not force_pte and not device \
-                and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
-                and mm.mapping_size(hva) >= PMD_SIZE:
+                and transparent_hugepage_adjust(mm, slot, hva) == PMD_SIZE:
             size = PMD_SIZE
             gpa = align_down(gpa, PMD_SIZE)
             pfn = align_down(pfn, PMD_SIZE >> PAGE_SHIFT)

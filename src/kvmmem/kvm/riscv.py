@@ -19,6 +19,7 @@ from kvmmem.kvm.arch_common import (
     ArchKvm,
     fault_supports_stage2_huge_mapping,
     memslot_is_logging,
+    transparent_hugepage_adjust,
 )
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
@@ -34,6 +35,7 @@ from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
+    from kvmmem.host.vma import Vma
     from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
     from kvmmem.kvm.vcpu import Vcpu
     from kvmmem.kvm.vm import Vm
@@ -51,6 +53,25 @@ _MMAP_READ_LOCK = acquire("mmap_lock", shared=True)
 _MMAP_READ_UNLOCK = release("mmap_lock", shared=True)
 _MMU_LOCK = acquire("mmu_lock")
 _MMU_UNLOCK = release("mmu_lock")
+
+
+def gstage_mapping_size(variant: Variant, slot: MemorySlot, vma: Vma, hva: int,
+                        logging: bool) -> int:
+    """``kvm_riscv_mmu_map``'s size from the VMA: a page under logging or for
+    VM_PFNMAP, else the VMA's page size (hugetlb); from 49476d58f217 (v7.2,
+    ``riscv_hugetlb_lookup`` 2) ``hugetlb_mapping_size`` goes 1G -> 2M -> 4K while
+    ``fault_supports_gstage_huge_mapping`` refuses (the same rule as arm64's
+    :func:`~kvmmem.kvm.arch_common.fault_supports_stage2_huge_mapping`)."""
+    size = 1 << vma.page_shift
+    if logging or vma.flags & VM_PFNMAP:
+        size = PAGE_SIZE
+    if variant.riscv_hugetlb_lookup == HUGETLB_CHECKED:
+        # hugetlb_mapping_size: 1G, else 2M, else 4K, each where the slot allows it
+        if size == PUD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
+            size = PMD_SIZE
+        if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
+            size = PAGE_SIZE
+    return size
 
 
 class RiscvKvm(ArchKvm):
@@ -104,15 +125,7 @@ class RiscvKvm(ArchKvm):
         if vma is None:
             yield _MMAP_READ_UNLOCK
             return EFAULT
-        size = 1 << vma.page_shift
-        if logging or vma.flags & VM_PFNMAP:
-            size = PAGE_SIZE
-        if variant.riscv_hugetlb_lookup == HUGETLB_CHECKED:
-            # hugetlb_mapping_size: 1G, else 2M, else 4K, each where the slot allows it
-            if size == PUD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
-                size = PMD_SIZE
-            if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, size):
-                size = PAGE_SIZE
+        size = gstage_mapping_size(variant, slot, vma, hva, logging)
         # Before 49476d58f217 (v7.2) a hugetlb size is kept whatever the slot's layout.
         # The gfn is aligned down to the size and its pfn looked up: in every memslot
         # until v6.16 (gfn_to_pfn_prot: no slot there is -EFAULT), in the faulting one,
@@ -156,8 +169,7 @@ class RiscvKvm(ArchKvm):
         # and the PMD-aligned one after transparent_hugepage_adjust
         lookup = fault_gpa
         if size == PAGE_SIZE and not logging and not is_pfnmap \
-                and fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
-                and mm.mapping_size(hva) >= PMD_SIZE:
+                and transparent_hugepage_adjust(mm, slot, hva) == PMD_SIZE:
             size = PMD_SIZE  # THP support (ed7ae7a34bea, late 2025)
             lookup = gpa & ~(PMD_SIZE - 1)
         # kvm_riscv_gstage_map_page derives no memory type (no pgprot_noncached):
