@@ -66,7 +66,8 @@ def _names_by_step(log: StepEventLog) -> dict[int, list[str]]:
 
 @pytest.mark.parametrize("arch", ["x86", "arm64"])
 def test_event_log_names_each_step_like_the_kernel(arch: str) -> None:
-    """Tracepoints per step: slot creation, fault (requested, set), notifier
+    """Tracepoints per step: slot creation, fault (x86: requested, set; arm64:
+    kvm_guest_fault for every abort, kvm_mmio_emulate before an MMIO exit), notifier
     invalidation on munmap (plus the remote flush on x86 only), the EFAULT
     userspace exit and the MMIO exit; a mapping no slot covers fires nothing."""
     result = run_traced(_scenario(), arch)
@@ -75,12 +76,16 @@ def test_event_log_names_each_step_like_the_kernel(arch: str) -> None:
     assert result.mismatches == [] and result.violations == []
     by_step = _names_by_step(log)
     assert by_step[SETUP_STEP] == ["kvm_set_user_memory_region"]
-    assert by_step[0] == ["kvm_mmu_spte_requested", "kvm_mmu_set_spte"]
+    # each arch its own tracepoints: x86's kvmmmu, arm64's kvm_guest_fault (issue 12)
+    fault = ["kvm_mmu_spte_requested", "kvm_mmu_set_spte"] if arch == "x86" else \
+        ["kvm_guest_fault"]
+    assert by_step[0] == fault
     munmap = ["kvm_unmap_hva_range", "kvm_tlb_flush"] if arch == "x86" else \
         ["kvm_unmap_hva_range"]
     assert by_step[1] == munmap
-    assert by_step[2] == ["kvm_userspace_exit"]
-    assert by_step[3] == ["kvm_mmio"]
+    assert by_step[2] == ([] if arch == "x86" else ["kvm_guest_fault"]) + ["kvm_userspace_exit"]
+    assert by_step[3] == (["kvm_mmio"] if arch == "x86" else
+                          ["kvm_guest_fault", "kvm_mmio_emulate", "kvm_mmio"])
     assert 4 not in by_step
     # seq numbers order the whole log
     assert [ev.seq for ev in log.events] == list(range(len(log.events)))
@@ -161,9 +166,13 @@ def test_chrome_trace_structure_tracks_and_nesting() -> None:
             owner = [s for s in spans if s["ts"] < inst["ts"] < s["ts"] + s["dur"]]
             assert len(owner) == 1, inst
             assert owner[0]["tid"] == inst["tid"]
-        set_spte = next(i for i in instants if i["name"] == "kvm_mmu_set_spte")
-        assert set_spte["cat"] == "kvmmmu"
-        assert set_spte["args"]["gfn"] == "0x40001"
+        if pid == 1:  # x86: kvmmmu
+            set_spte = next(i for i in instants if i["name"] == "kvm_mmu_set_spte")
+            assert set_spte["cat"] == "kvmmmu"
+            assert set_spte["args"]["gfn"] == "0x40001"
+        else:  # arm64: kvm_handle_guest_abort's kvm_guest_fault
+            fault = next(i for i in instants if i["name"] == "kvm_guest_fault")
+            assert fault["args"]["ipa"] == "0x40001000"
         step0 = next(s for s in spans if s["name"] == "0 guest_write")
         assert step0["args"]["outcome"] == "ok"
         assert step0["args"]["expect"] == '{"result": "ok"}'
