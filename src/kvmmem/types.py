@@ -1,12 +1,18 @@
-"""Addresses, frame numbers and sizes as distinct types.
+"""Address and frame-number types, page sizes and size parsing.
 
-The four address spaces KVM juggles never mix implicitly: a guest physical
-address (:data:`Gpa`), a guest frame number (:data:`Gfn`), a host virtual
-address (:data:`Hva`) and a host physical frame number (:data:`Pfn`).  They are
-``typing.NewType`` over ``int``: free at run time (the fault path stays lean),
-while ``mypy --strict`` refuses an ``Hva`` where a ``Gpa`` belongs.  Every
-change of kind goes through a named conversion here (``gpa_to_gfn``,
-``gfn_to_gpa``, ...), the way rust-vmm's ``GuestAddress`` does.
+The four address spaces KVM juggles have a name each: a guest physical address
+(:data:`Gpa`), a guest frame number (:data:`Gfn`), a host virtual address
+(:data:`Hva`) and a host physical frame number (:data:`Pfn`), as
+``typing.NewType`` over ``int`` (free at run time), with named conversions here
+(``gpa_to_gfn``, ``gfn_to_gpa``, ...), the way rust-vmm's ``GuestAddress`` does.
+
+What they cover today: the memslot's fields and its translations
+(``MemorySlot.base_gfn``/``userspace_addr``, ``gfn_to_hva``, ``hva_to_gfn``) and
+the host mm's address arguments, where ``mypy --strict`` refuses an ``Hva`` in a
+``Gfn``'s place.  The stage-2 fault paths (``kvm/x86.py``, ``kvm/arm64.py``,
+``kvm/riscv.py``, ``kvm/faultin.py``) and the page-table engine (``kvmmem.arch``)
+work on plain ``int`` gpas, gfns and pfns, so inside them the types catch nothing:
+a mix-up there is found by the tests and the invariants, not by mypy.
 
 Sizes follow the scenario contract (SCENARIOS.md): an integer, hex
 (``0x1000``) or a power-of-two suffix (``4K``, ``2M``, ``1G``, ``1T``).

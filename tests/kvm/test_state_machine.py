@@ -588,7 +588,7 @@ class World:
         host = op.other
         slot = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
         if op.aim and slot is not None:
-            off = vm.gfn_to_hva(slot, gpa >> PAGE_SHIFT) - SCRATCH
+            off = slot.gfn_to_hva(gpa >> PAGE_SHIFT) - SCRATCH
             if isinstance(host, HostWrite):
                 host = dataclasses.replace(host, off=off + (gpa & (PAGE_SIZE - 8)))
             elif isinstance(host, Migrate):
@@ -628,7 +628,7 @@ def lazy_pfnmap_blocks(vm: Vm) -> list[tuple[int, int]]:
         if slot is None:
             continue
         npages = leaf.size >> PAGE_SHIFT
-        if any(vm.mm.host_pte(vm.gfn_to_hva(slot, gfn + i)) is None for i in range(npages)):
+        if any(vm.mm.host_pte(slot.gfn_to_hva(gfn + i)) is None for i in range(npages)):
             out.append((gfn, gfn + npages))
     return out
 

@@ -28,6 +28,7 @@ from kvmmem.kvm.faultin import (
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.memslot import mark_page_dirty_in_slot
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.prepare import prepare_vma_walk
 from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
@@ -168,7 +169,7 @@ class Arm64Kvm(ArchKvm):
         gfn = gpa >> PAGE_SHIFT
         write = access is Access.WRITE
         exec_fault = access is Access.EXEC
-        hva = vm.gfn_to_hva(slot, gfn)
+        hva = slot.gfn_to_hva(gfn)
         logging = memslot_is_logging(slot)
 
         yield _MMAP_READ_LOCK
@@ -227,7 +228,7 @@ class Arm64Kvm(ArchKvm):
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:
-            vm.mark_page_dirty(slot, gfn)
+            mark_page_dirty_in_slot(slot, gfn)
         return RESUME
 
     # --- memslot hooks -------------------------------------------------------

@@ -96,7 +96,7 @@ def gfn_to_hva_memslot_prot(slot: MemorySlot, gfn: int, write: bool) -> tuple[in
     writable = not slot.readonly
     if write and not writable:
         return KVM_HVA_ERR_RO_BAD, False
-    return slot.userspace_addr + ((gfn - slot.base_gfn) << 12), writable
+    return slot.gfn_to_hva(gfn), writable
 
 
 def kvm_faultin_pfn(

@@ -82,7 +82,7 @@ def validate_no_stale_translation(vm: Vm) -> None:
             raise ValidationError("no-stale-translation",
                                   f"{source}: gfn {gfn:#x} -> pfn {pfn:#x} but no memslot "
                                   "covers the gfn")
-        hva = vm.gfn_to_hva(slot, gfn)
+        hva = slot.gfn_to_hva(gfn)
         pte = mm.host_pte(hva)
         if pte is None or pte.pfn != pfn:
             host = "nothing" if pte is None else f"pfn {pte.pfn:#x}"
@@ -105,7 +105,7 @@ def validate_permission_containment(vm: Vm) -> None:
         where = f"{source}: writable gfn {gfn:#x}"
         if slot.readonly:
             raise ValidationError("permission-containment", f"{where} in read-only slot {slot.id}")
-        hva = vm.gfn_to_hva(slot, gfn)
+        hva = slot.gfn_to_hva(gfn)
         vma = mm.vma_lookup(hva)
         if vma is None or not vma.flags & VM_WRITE:
             raise ValidationError("permission-containment",
@@ -167,7 +167,7 @@ def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0) -
         s = vm.gfn_to_memslot(g >> PAGE_SHIFT)
         if s is None:
             return  # part of the access was MMIO
-        hva = vm.gfn_to_hva(s, g >> PAGE_SHIFT) + (g & (PAGE_SIZE - 1))
+        hva = s.gfn_to_hva(g >> PAGE_SHIFT) + (g & (PAGE_SIZE - 1))
         pte = vm.mm.host_pte(hva)
         if pte is None:
             raise ValidationError("coherence", f"guest wrote gpa {g:#x} but hva {hva:#x} has "

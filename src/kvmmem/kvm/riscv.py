@@ -27,6 +27,7 @@ from kvmmem.kvm.faultin import (
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.memslot import mark_page_dirty_in_slot
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.prepare import prepare_vma_walk
 from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
@@ -118,7 +119,7 @@ class RiscvKvm(ArchKvm):
         mm = vm.mm
         variant = vm.variant
         gfn = gpa >> PAGE_SHIFT
-        hva = vm.gfn_to_hva(slot, gfn)
+        hva = slot.gfn_to_hva(gfn)
         logging = memslot_is_logging(slot)
         yield _MMAP_READ_LOCK
         vma = mm.vma_lookup(hva)
@@ -179,7 +180,7 @@ class RiscvKvm(ArchKvm):
         yield _MMU_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:
-            vm.mark_page_dirty(slot, gfn)
+            mark_page_dirty_in_slot(slot, gfn)
         return RESUME
 
     def prepare_vma_walk(

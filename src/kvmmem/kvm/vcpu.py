@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmmem.errors import InputError
 from kvmmem.host.mm import HostSignal
+from kvmmem.kvm.memslot import mark_page_dirty_in_slot
 from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
@@ -393,11 +394,11 @@ class Vcpu:
                 # fails, KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_EMULATION at CPL0.
                 return AccessResult("exit", exit_reason="KVM_EXIT_INTERNAL_ERROR", suberror=1)
             return AccessResult("mmio")
-        hva = Hva(slot.userspace_addr + (gpa - (slot.base_gfn << PAGE_SHIFT)))
+        hva = Hva(slot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1)))
         try:
             if access is Access.WRITE:
                 vm.mm.host_write(hva, size, value)
-                vm.mark_page_dirty(slot, gpa >> PAGE_SHIFT)
+                mark_page_dirty_in_slot(slot, gpa >> PAGE_SHIFT)
                 return AccessResult("ok")
             return AccessResult("ok", value=vm.mm.host_read(hva, size))
         except HostSignal:

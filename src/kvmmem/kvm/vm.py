@@ -31,7 +31,7 @@ from kvmmem.kvm.mmu_notifier import INVALID_GPA, KvmMmuNotifier
 from kvmmem.kvm.stats import EventLog, Stats
 from kvmmem.kvm.vcpu import Access, AccessResult, Vcpu
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import CPU_FEATURES, PAGE_SHIFT, PAGE_SIZE, Hva
+from kvmmem.types import CPU_FEATURES, PAGE_SHIFT, PAGE_SIZE
 from kvmmem.variants import UPSTREAM, Variant, get_variant
 
 if TYPE_CHECKING:
@@ -155,11 +155,6 @@ class Vm:
         return [(slot, int(a), int(b))
                 for slot, a, b in self.memslots.gfn_ranges_for_hva(start, end)]
 
-    @staticmethod
-    def gfn_to_hva(slot: MemorySlot, gfn: int) -> Hva:
-        """``__gfn_to_hva_memslot``."""
-        return Hva(slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT))
-
     # --- stage-2 helpers used by the vCPU and the arch code ------------------
 
     def stage2_lookup(self, gpa: int) -> Translation | None:
@@ -272,13 +267,6 @@ class Vm:
         for name, value in self.stage2.counters.as_dict().items():
             out[f"stage2_{name}"] = value
         return out
-
-    # --- dirty logging ---------------------------------------------------------
-
-    def mark_page_dirty(self, slot: MemorySlot, gfn: int) -> None:
-        """``mark_page_dirty_in_slot``: set the slot's bit when it is logging."""
-        if slot.dirty_bitmap is not None and not slot.readonly:
-            slot.dirty_bitmap[gfn - slot.base_gfn] = True
 
     # --- vCPU entry points (sequential) --------------------------------------
 

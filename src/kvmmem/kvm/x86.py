@@ -21,7 +21,13 @@ from kvmmem.kvm.faultin import (
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
-from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KvmMrChange
+from kvmmem.kvm.memslot import (
+    CALL,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KvmMrChange,
+    mark_page_dirty_in_slot,
+)
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
 from kvmmem.kvm.prefault import PrefaultHang
 from kvmmem.kvm.vcpu import EFAULT, EMULATE, RESUME, RETRY, Access, Fault, FaultResult
@@ -195,7 +201,7 @@ class X86Kvm(ArchKvm):
         if fin.map_writable:
             # make_spte, under mmu_lock: a writable SPTE in a logged slot is logged
             # right away (mark_page_dirty_in_slot).
-            vm.mark_page_dirty(slot, gfn)
+            mark_page_dirty_in_slot(slot, gfn)
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         return RESUME
