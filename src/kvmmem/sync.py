@@ -45,6 +45,9 @@ class Sync:
     kind: SyncKind
     name: str
     shared: bool = False
+    held: int = 0
+    """What the pause changes in the number of locks its thread holds: +1 for an
+    acquire, -1 for a release, 0 for a point (what :func:`drive` sums)."""
 
     def __str__(self) -> str:
         mode = " (read)" if self.shared else ""
@@ -65,7 +68,7 @@ def acquire(lock: str, shared: bool = False) -> Sync:
     """The pause before taking ``lock`` (write side unless ``shared``)."""
     s = _acquires.get((lock, shared))
     if s is None:
-        s = _acquires[(lock, shared)] = Sync(SyncKind.ACQUIRE, lock, shared)
+        s = _acquires[(lock, shared)] = Sync(SyncKind.ACQUIRE, lock, shared, 1)
     return s
 
 
@@ -73,7 +76,7 @@ def release(lock: str, shared: bool = False) -> Sync:
     """The pause after dropping ``lock``."""
     s = _releases.get((lock, shared))
     if s is None:
-        s = _releases[(lock, shared)] = Sync(SyncKind.RELEASE, lock, shared)
+        s = _releases[(lock, shared)] = Sync(SyncKind.RELEASE, lock, shared, -1)
     return s
 
 
@@ -85,13 +88,35 @@ def point(name: str) -> Sync:
     return s
 
 
-def drive(op: Op[T]) -> T:
+class UnbalancedLocks(AssertionError):
+    """An operation finished (or failed) holding a lock it took, or released one it
+    did not take: a bug in the model, never a kernel outcome."""
+
+
+def drive(op: Op[T], held: int = 0) -> T:
     """Run ``op`` to completion with no other thread: the sequential driver.
 
-    Returns what the operation returns; exceptions raised inside propagate."""
+    Returns what the operation returns; exceptions raised inside propagate.
+    Raises :class:`UnbalancedLocks` when the operation's acquires and releases do
+    not pair up (on success and on failure: a failing kernel call drops what it
+    took before it returns its error).  ``held``: the locks the operation already
+    took in pauses its caller consumed before handing it over."""
     try:
         while True:
-            next(op)
+            held += next(op).held
     except StopIteration as stop:
+        if held:
+            raise UnbalancedLocks(f"{_name(op)} returned holding {held} lock(s)") from None
         result: T = stop.value
         return result
+    except UnbalancedLocks:
+        raise
+    except BaseException as exc:
+        if held:
+            raise UnbalancedLocks(f"{_name(op)} raised {type(exc).__name__} holding "
+                                  f"{held} lock(s)") from exc
+        raise
+
+
+def _name(op: Op[T]) -> str:
+    return getattr(op, "__qualname__", type(op).__name__)

@@ -55,8 +55,12 @@ MACHINE_UNSUPPORTED: dict[str, str] = {
         "a scenario about another kernel's behaviour (variant)",
     r"the emulated access path exists only on this host":
         "the emulated path is this host's PVM instruction emulator",
-    r"no VM_PFNMAP source (on this host|inside the machine) inserts frames lazily":
+    r"no VM_PFNMAP source (on this host|inside the machine) inserts (device )?frames lazily":
         "device-lazy: no source inside the machines behaves as the kind describes",
+    r"declares cpu_features fwb and dic; this CPU lacks them":
+        "QEMU's -cpu max has no FWB/DIC: v6.17+ refuses a cacheable VM_PFNMAP slot there",
+    r"this kernel maps a .* without VM_PFNMAP":
+        "dmabuf: before v5.14 DRM shmem mmaps are VM_MIXEDMAP",
 }
 """Reasons a scenario may be unsupported on a machine (regex -> justification)."""
 

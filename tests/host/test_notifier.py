@@ -109,7 +109,7 @@ def test_gup_between_notifier_start_and_zap_keeps_frame(mm: Mm) -> None:
         if s.kind is SyncKind.POINT and s.name == "mmu_notifier_start":
             break
     pfn = mm.get_user_pages(a, False)
-    drive(op)
+    drive(op, held=1)  # mmap_lock (read), taken before the point
     assert mm.host_pte(a) is None
     assert not mm.physmem.is_free(pfn) and mm.physmem.read_int(pfn, 0, 1) == 7
     mm.physmem.put_page(pfn)

@@ -684,7 +684,7 @@ def test_invalid_slot_window(kind: str) -> None:
     assert rec.names() == []
     with pytest.raises(ValidationError):
         validate_memslots(kvm)
-    drive(op)
+    drive(op, held=1)  # slots_lock, taken before the point
     assert rec.names() == ["flush", "prepare", "commit"]
     assert kvm.gfn_to_memslot(35) is None
     validate_memslots(kvm)
