@@ -3,7 +3,9 @@ which tracepoints each architecture fires (issue 12's bugs).
 
 * x86 ``make_spte`` marks a writable SPTE's page dirty under ``mmu_lock``
   (``mark_page_dirty_in_slot`` inside ``tdp_mmu_map_handle_target_level``), not
-  after the lock is dropped.
+  after the lock is dropped; riscv's ``kvm_riscv_mmu_map`` likewise calls
+  ``mark_page_dirty_in_slot`` under ``mmu_lock``, before
+  ``kvm_riscv_gstage_map_page``.
 * ``kvm_vcpu_pre_fault_memory`` holds ``kvm->srcu`` around its loop, so a
   memslot delete's ``synchronize_srcu`` waits for it before the zap
   (scenarios/race-prefault-vs-delete.yaml); x86's ``is_page_fault_stale``
@@ -53,6 +55,25 @@ def test_x86_marks_the_page_dirty_before_dropping_mmu_lock() -> None:
         pause = next(op)
         while True:
             if pause == release("mmu_lock", shared=True):
+                seen_at_unlock = bool(slot.dirty_bitmap[1])
+            pause = op.send(None)
+    except StopIteration as stop:
+        assert stop.value.kind is Fault.RESUME
+    assert seen_at_unlock is True
+
+
+def test_riscv_marks_the_page_dirty_before_dropping_mmu_lock() -> None:
+    """As on x86: ``kvm_riscv_mmu_map`` sets the bit under ``mmu_lock``, so it is
+    set when the fault reaches its ``release mmu_lock`` pause."""
+    vm = _vm("riscv", KVM_MEM_LOG_DIRTY_PAGES)
+    slot = vm.gfn_to_memslot(G >> 12)
+    assert slot is not None and slot.dirty_bitmap is not None
+    op = vm.arch.handle_fault(vm, vm.vcpus[0], G + 0x1000, Access.WRITE)
+    seen_at_unlock = None
+    try:
+        pause = next(op)
+        while True:
+            if pause == release("mmu_lock"):
                 seen_at_unlock = bool(slot.dirty_bitmap[1])
             pause = op.send(None)
     except StopIteration as stop:

@@ -173,14 +173,18 @@ class RiscvKvm(ArchKvm):
                 and transparent_hugepage_adjust(mm, slot, hva) == PMD_SIZE:
             size = PMD_SIZE  # THP support (ed7ae7a34bea, late 2025)
             lookup = gpa & ~(PMD_SIZE - 1)
+        if writable:
+            # kvm_riscv_mmu_map marks a writable mapping's page dirty under mmu_lock,
+            # before kvm_riscv_gstage_map_page (mark_page_dirty_in_slot; mark_page_dirty
+            # in gstage_map before v6.13): a dirty-log harvest that takes mmu_lock
+            # after the fault never misses it.
+            mark_page_dirty_in_slot(slot, gfn)
         # kvm_riscv_gstage_map_page derives no memory type (no pgprot_noncached):
         # PBMT stays 0 and the platform's PMAs decide, device frames included.
         vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True, device=False,
                    access=Access.WRITE if write else Access.READ, lookup=lookup)
         yield _MMU_UNLOCK
         kvm_release_faultin_page(mm, fin)
-        if writable:
-            mark_page_dirty_in_slot(slot, gfn)
         return RESUME
 
     def prepare_vma_walk(
