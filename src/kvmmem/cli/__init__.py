@@ -1,0 +1,64 @@
+"""The ``kvmmem`` command line.
+
+Exit status (SCENARIOS.md): 0 all held; 1 an expectation failed; 2 bad input
+(the message says what and where); 3 an invariant was violated; 4 skipped.
+
+The commands live in one module per group, each registering on :data:`app`
+(:mod:`kvmmem.cli.common`): ``run`` and ``compare`` in :mod:`~kvmmem.cli.cmd_run`,
+``conform`` in :mod:`~kvmmem.cli.cmd_conform`, ``explore`` in
+:mod:`~kvmmem.cli.cmd_explore`, ``bench`` and ``schema`` in
+:mod:`~kvmmem.cli.cmd_bench`, ``machine ...`` in :mod:`~kvmmem.cli.cmd_machine`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from kvmmem.errors import InputError, KernelError
+
+# Each command module registers its commands on ``app`` when imported: this order
+# is the order of the commands in ``kvmmem --help`` (kept out of import sorting).
+# isort: off
+from kvmmem.cli.common import PLOT_FORMATS, SHOWS, app, version
+from kvmmem.cli.cmd_run import compare, run
+from kvmmem.cli.cmd_conform import conform
+from kvmmem.cli.cmd_explore import explore
+from kvmmem.cli.cmd_bench import bench, schema
+from kvmmem.cli.cmd_machine import (
+    machine_app,
+    machine_fetch,
+    machine_list,
+    machine_ping,
+    machine_shell,
+)
+# isort: on
+
+__all__ = [
+    "PLOT_FORMATS",
+    "SHOWS",
+    "app",
+    "bench",
+    "compare",
+    "conform",
+    "explore",
+    "machine_app",
+    "machine_fetch",
+    "machine_list",
+    "machine_ping",
+    "machine_shell",
+    "main",
+    "run",
+    "schema",
+    "version",
+]
+
+
+def main() -> None:
+    """Console entry point: kvmmem's own errors become one line and exit 2."""
+    try:
+        app()
+    except (InputError, KernelError) as exc:
+        typer.echo(f"kvmmem: error: {exc}", err=True)
+        sys.exit(2)
