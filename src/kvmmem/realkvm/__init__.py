@@ -6,7 +6,9 @@
 * :mod:`~kvmmem.realkvm.stats` - binary stats (``KVM_GET_STATS_FD``) by name;
 * :mod:`~kvmmem.realkvm.guest` - the x86 guest's page tables and registers;
   :mod:`~kvmmem.realkvm.x86_code` its routines (iced-x86, host side only);
-* :mod:`~kvmmem.realkvm.harness` - :class:`RealVm`, one method per scenario step;
+* :mod:`~kvmmem.realkvm.harness` - :class:`~kvmmem.realkvm.harness.HarnessVm`, one
+  method per scenario step, and its run loop; :mod:`~kvmmem.realkvm.x86` -
+  :class:`RealVm`, the x86 harness (:mod:`~kvmmem.realkvm.archvm` for arm64, riscv);
 * :mod:`~kvmmem.realkvm.host` - :class:`HostMemory`, real host mappings;
 * :mod:`~kvmmem.realkvm.program` - a scenario as plain JSON data and
   :func:`~kvmmem.realkvm.program.run_program`, which performs it;
@@ -28,7 +30,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvmmem.realkvm.harness import HarnessConflict, RealVm
+    from kvmmem.realkvm.harness import HarnessConflict
     from kvmmem.realkvm.host import HostMemory, MappingUnsupported
     from kvmmem.realkvm.kvm import (
         Kvm,
@@ -41,12 +43,13 @@ if TYPE_CHECKING:
     )
     from kvmmem.realkvm.program import RealRun
     from kvmmem.realkvm.runner import run_scenario, scenario_footprint
+    from kvmmem.realkvm.x86 import RealVm
 
 EXIT_UNAVAILABLE = 4
 """Exit status of a command that needs /dev/kvm on a host without a usable one."""
 
 _HOMES = {
-    "HarnessConflict": "harness", "RealVm": "harness",
+    "HarnessConflict": "harness", "RealVm": "x86",
     "HostMemory": "host", "MappingUnsupported": "host",
     "Kvm": "kvm", "KvmIoctlError": "kvm", "KvmUnavailable": "kvm",
     "KvmUnsupported": "kvm", "VcpuFd": "kvm", "VmFd": "kvm", "probe_kvm": "kvm",

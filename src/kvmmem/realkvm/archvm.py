@@ -1,6 +1,6 @@
 """What the arm64 and riscv real-KVM harnesses share: :class:`ArchVm`.
 
-An :class:`ArchVm` is :class:`~kvmmem.realkvm.harness.RealVm`'s counterpart for an
+An :class:`ArchVm` is :class:`~kvmmem.realkvm.x86.RealVm`'s counterpart for an
 architecture whose registers are reached with ``KVM_{GET,SET}_ONE_REG``
 (:class:`~kvmmem.realkvm.arm64.Arm64Vm`, :class:`~kvmmem.realkvm.riscv.RiscvVm`).  It
 runs on the emulated machine's bare Python, so everything it imports is the standard

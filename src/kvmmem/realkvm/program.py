@@ -29,10 +29,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessVm, RealVm
+from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessVm
 from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_bytes
 from kvmmem.realkvm.kvm import Kvm, KvmUnsupported
 from kvmmem.realkvm.tracefs import FAULT_EVENTS, EventCounter
+from kvmmem.realkvm.x86 import RealVm
 from kvmmem.types import EXEC_FETCH_SIZE, PAGE_SIZE
 
 Outcome = dict[str, Any]

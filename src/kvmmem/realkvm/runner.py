@@ -49,7 +49,7 @@ EXEC_RESERVE = 16
 def scenario_footprint(scenario: Scenario) -> tuple[list[tuple[int, int]], list[int]]:
     """Every guest physical range and memslot id ``scenario`` uses: ``(ranges, ids)``
     (memslot ranges, guest access ranges, prefault ranges), for
-    :class:`~kvmmem.realkvm.harness.RealVm` to keep clear of."""
+    :class:`~kvmmem.realkvm.x86.RealVm` to keep clear of."""
     ranges: list[tuple[int, int]] = []
     slots: list[int] = []
     for step in (*scenario.memslots, *scenario.all_steps()):

@@ -203,7 +203,7 @@ def assemble(base: int) -> tuple[bytes, dict[str, int]]:
 
 def code_blob() -> dict[str, Any]:
     """The code page for base 0 as JSON-ready data: ``{"code": HEX, "entries":
-    {ROUTINE: OFFSET}}`` (what :class:`~kvmmem.realkvm.harness.RealVm` takes as
+    {ROUTINE: OFFSET}}`` (what :class:`~kvmmem.realkvm.x86.RealVm` takes as
     ``code``)."""
     page, entries = assemble(0)
     return {"code": page.hex(), "entries": entries}
