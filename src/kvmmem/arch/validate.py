@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvmmem.arch.arm64 import BBM_RELAXABLE, KVM_PTE_TYPE, KVM_PTE_VALID
-from kvmmem.arch.pgtable import HistoryEvent, PteWrite, Stage2, Tlbi, TlbiKind, tables_consistent
+from kvmmem.arch.arm64_pte import BBM_RELAXABLE, KVM_PTE_TYPE, KVM_PTE_VALID
+from kvmmem.arch.pgtable_tree import Stage2Tree, tables_consistent
+from kvmmem.arch.pgtable_types import HistoryEvent, PteWrite, Tlbi, TlbiKind
 from kvmmem.errors import ValidationError
 
 INVARIANT = "break-before-make"
@@ -105,7 +106,7 @@ def check_bbm_events(events: Sequence[HistoryEvent], state: BbmState, *,
     state.cursor = len(events)
 
 
-def validate_bbm(obj: Stage2 | Sequence[HistoryEvent], *, granule: int = 4096) -> None:
+def validate_bbm(obj: Stage2Tree | Sequence[HistoryEvent], *, granule: int = 4096) -> None:
     """Invariant 7: no valid -> valid change of output address, type or size
     without invalid + TLBI in between.
 
@@ -115,7 +116,7 @@ def validate_bbm(obj: Stage2 | Sequence[HistoryEvent], *, granule: int = 4096) -
     checked) or a plain sequence of :class:`PteWrite` / :class:`Tlbi` events
     (``granule``: the table's page size).  Raises ValidationError.
     """
-    if isinstance(obj, Stage2):
+    if isinstance(obj, Stage2Tree):
         if not obj.BREAK_BEFORE_MAKE or obj.history is None:
             return
         state: BbmState | None = getattr(obj, "_bbm_state", None)
@@ -127,7 +128,7 @@ def validate_bbm(obj: Stage2 | Sequence[HistoryEvent], *, granule: int = 4096) -
     check_bbm_events(obj, BbmState(), granule=granule)
 
 
-def validate_tables(s2: Stage2) -> None:
+def validate_tables(s2: Stage2Tree) -> None:
     """The tree is sound: linked tables live and linked once, valid-entry
     counts right, leaves only at leaf levels with aligned output addresses,
     table accounting matching.  Raises ValidationError."""
