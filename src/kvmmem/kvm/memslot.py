@@ -6,7 +6,9 @@ Mirrors the memslot half of ``virt/kvm/kvm_main.c`` (kernel-semantics.md §1):
   (the v1 ioctl is the same struct with the v2-only fields zero).
 * :class:`MemorySlot` is ``struct kvm_memory_slot``; :class:`MemslotSet` is
   ``struct kvm_memslots`` (one address space: id hash, gfn tree, hva interval
-  tree, generation).
+  tree, generation).  They live in :mod:`kvmmem.kvm.memory_slot` (with the
+  request, the flags and limits, the dirty bitmap) and
+  :mod:`kvmmem.kvm.memslot_set`; this module re-exports them.
 * :class:`VmMemslots` is the memslot state of ``struct kvm``: for every address
   space an *active* and an *inactive* set, ``nr_memslot_pages``,
   ``nr_memslots_dirty_logging``.  As in the kernel (since the scalable memslot
@@ -49,609 +51,80 @@ files (``KVM_MEM_GUEST_MEMFD`` is rejected unless
 :meth:`MemslotHooks.gmem_bind`), the v5.4 memslot rules (509/512 slots, array
 copy per update).
 """
-
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 
-from kvmmem.errors import InputError, KernelError, ValidationError
+from kvmmem.errors import KernelError, ValidationError
+from kvmmem.kvm.memory_slot import (
+    ARM64_TASK_SIZE_MAX,
+    BITS_PER_LONG,
+    CALL,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_MAX_NR_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEM_SLOTS_NUM,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    KVM_MEMSLOT_INVALID,
+    KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
+    LOCK_MEMSLOTS_FROZEN,
+    LOCK_SLOTS,
+    LOCK_SLOTS_ARCH,
+    LOCK_SRCU,
+    POINT_INVALID_PUBLISHED,
+    RISCV_TASK_SIZE_MAX,
+    U32_MAX,
+    U64_MAX,
+    ULONG_MAX,
+    X86_TASK_SIZE_MAX,
+    DirtyBitmap,
+    KvmMrChange,
+    KvmUserspaceMemoryRegion,
+    MemorySlot,
+    MemslotLimits,
+    access_ok,
+    kvm_copy_memslot,
+    kvm_dirty_bitmap_bytes,
+    mark_page_dirty_in_slot,
+    memslot_limits,
+    region,
+    untagged_addr,
+)
+from kvmmem.kvm.memslot_set import (
+    MemslotKeys,
+    MemslotSet,
+    SortedInts,
+    kvm_replace_memslot,
+    validate_memslot_keys,
+    validate_memslot_set,
+)
 from kvmmem.sync import Op, acquire, point, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva
-
-CALL = "KVM_SET_USER_MEMORY_REGION"
-
-# --- include/uapi/linux/kvm.h ---------------------------------------------------------
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_MEM_READONLY = 1 << 1
-KVM_MEM_GUEST_MEMFD = 1 << 2
-# include/linux/kvm_host.h: kernel-internal flag of the transient copy of a slot
-# being deleted or moved.
-KVM_MEMSLOT_INVALID = 1 << 16
-# virt/kvm/kvm_main.c: the only flags the v1 ioctl accepts.
-KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
-
-# --- include/linux/kvm_host.h ---------------------------------------------------------
-KVM_MEM_SLOTS_NUM = 32767  # SHRT_MAX
-KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
-# virt/kvm/kvm_main.c: dirty-bitmap indices are unsigned int.
-KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
-
-U32_MAX = (1 << 32) - 1
-U64_MAX = (1 << 64) - 1
-ULONG_MAX = U64_MAX  # 64-bit hosts only
-BITS_PER_LONG = 64
-
-LOCK_SLOTS = "slots_lock"
-LOCK_SLOTS_ARCH = "slots_arch_lock"
-LOCK_SRCU = "srcu"
-LOCK_MEMSLOTS_FROZEN = "memslots_frozen"
-POINT_INVALID_PUBLISHED = "memslot_invalid_published"
-
-
-class KvmMrChange(IntEnum):
-    """``enum kvm_mr_change`` (include/linux/kvm_host.h), same order."""
-
-    CREATE = 0
-    DELETE = 1
-    MOVE = 2
-    FLAGS_ONLY = 3
-
-
-# --- per-architecture limits -----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MemslotLimits:
-    """The per-architecture constants ``kvm_set_memory_region`` consults.
-
-    ``user_mem_slots`` is ``KVM_USER_MEM_SLOTS`` (= ``KVM_CAP_NR_MEMSLOTS``):
-    ``KVM_MEM_SLOTS_NUM`` minus the arch's internal slots (x86: 3 -> 32764;
-    arm64/riscv: 0 -> 32767).  ``nr_as_ids`` is ``kvm_arch_nr_memslot_as_ids``
-    (x86 2 with SMM, else 1).  ``task_size_max`` is the bound ``access_ok``
-    checks ``userspace_addr + memory_size`` against; ``tbi`` selects arm64's
-    ``untagged_addr`` (top byte ignored).  ``readonly_mem`` is
-    ``kvm_arch_has_readonly_mem``; ``guest_memfd`` is ``CONFIG_KVM_GUEST_MEMFD``.
-    """
-
-    arch: str
-    user_mem_slots: int
-    nr_as_ids: int
-    task_size_max: int
-    tbi: bool = False
-    readonly_mem: bool = True
-    guest_memfd: bool = False
-
-    @property
-    def nr_memslots(self) -> int:
-        """``KVM_CAP_NR_MEMSLOTS``."""
-        return self.user_mem_slots
-
-
-# x86: TASK_SIZE_MAX with 4-level paging is (1 << 47) - PAGE_SIZE, and
-# USER_PTR_MAX == TASK_SIZE_MAX, so a slot may end exactly there (this host:
-# "a last page ending above TASK_SIZE_MAX (0x7ffffffff000) gives EINVAL").
-X86_TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE
-# arm64: TASK_SIZE_64 = 1 << VA_BITS (48 with 4K pages).
-ARM64_TASK_SIZE_MAX = 1 << 48
-# riscv: TASK_SIZE_64 = PGDIR_SIZE * PTRS_PER_PGD / 2; 1 << 47 for Sv48.
-RISCV_TASK_SIZE_MAX = 1 << 47
-
-_ARCH_DEFAULTS: dict[str, tuple[int, int, int, bool]] = {
-    # arch: (KVM_USER_MEM_SLOTS, nr_as_ids, TASK_SIZE_MAX, TBI)
-    "x86": (KVM_MEM_SLOTS_NUM - 3, 2, X86_TASK_SIZE_MAX, False),
-    "arm64": (KVM_MEM_SLOTS_NUM, 1, ARM64_TASK_SIZE_MAX, True),
-    "riscv": (KVM_MEM_SLOTS_NUM, 1, RISCV_TASK_SIZE_MAX, False),
-}
-
-
-def memslot_limits(
-    arch: str,
-    *,
-    nr_as_ids: int | None = None,
-    task_size_max: int | None = None,
-    readonly_mem: bool = True,
-    guest_memfd: bool = False,
-    user_mem_slots: int | None = None,
-) -> MemslotLimits:
-    """The limits of ``arch`` ("x86", "arm64", "riscv"), with optional overrides
-    (``user_mem_slots``: a release's ``KVM_USER_MEM_SLOTS``, Variant.user_mem_slots).
-
-    ``nr_as_ids=1`` on x86 is a VM without SMM (or this host: MULTI_ADDRESS_SPACE
-    is 0).  Raises :class:`InputError` for an unknown arch."""
-    try:
-        slots, as_ids, task_size, tbi = _ARCH_DEFAULTS[arch]
-    except KeyError:
-        raise InputError(f"unknown architecture {arch!r} (known: x86, arm64, riscv)") from None
-    return MemslotLimits(
-        arch=arch,
-        user_mem_slots=slots if user_mem_slots is None else user_mem_slots,
-        nr_as_ids=as_ids if nr_as_ids is None else nr_as_ids,
-        task_size_max=task_size if task_size_max is None else task_size_max,
-        tbi=tbi,
-        readonly_mem=readonly_mem,
-        guest_memfd=guest_memfd,
-    )
-
-
-def untagged_addr(limits: MemslotLimits, addr: int) -> int:
-    """``untagged_addr()``: arm64 sign-extends bit 55 over the top byte (TBI);
-    x86 without LAM and riscv without pointer masking return ``addr``."""
-    if not limits.tbi:
-        return addr
-    if addr & (1 << 55):
-        return addr | (0xFF << 56)
-    return addr & ((1 << 56) - 1)
-
-
-def access_ok(limits: MemslotLimits, addr: int, size: int) -> bool:
-    """``access_ok(addr, size)``: the range lies below the user address limit
-    (x86 ``valid_user_address(addr + size)`` without wrap; the generic
-    ``size <= TASK_SIZE_MAX && addr <= TASK_SIZE_MAX - size``)."""
-    return addr + size <= limits.task_size_max
-
-
-# --- the request -------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class KvmUserspaceMemoryRegion:
-    """``struct kvm_userspace_memory_region2`` (v1 = the first five fields).
-
-    ``slot`` carries the address space in bits 16-31 and the slot id in bits
-    0-15.  ``pad1``/``pad2`` are not checked by the kernel (this host accepts
-    non-zero padding) and are not modelled.  Field widths are those of the
-    UAPI (u32 slot/flags/guest_memfd, u64 otherwise); a value that does not fit
-    raises :class:`InputError`.  Treat it as immutable."""
-
-    slot: int
-    flags: int
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    guest_memfd_offset: int = 0
-    guest_memfd: int = 0
-
-    def __post_init__(self) -> None:
-        slot, flags, gpa = self.slot, self.flags, self.guest_phys_addr
-        size, uaddr = self.memory_size, self.userspace_addr
-        off, fd = self.guest_memfd_offset, self.guest_memfd
-        if (type(slot) is int and type(flags) is int and type(gpa) is int
-                and type(size) is int and type(uaddr) is int and type(off) is int
-                and type(fd) is int and 0 <= slot <= U32_MAX and 0 <= flags <= U32_MAX
-                and 0 <= gpa <= U64_MAX and 0 <= size <= U64_MAX and 0 <= uaddr <= U64_MAX
-                and 0 <= off <= U64_MAX and 0 <= fd <= U32_MAX):
-            return
-        for name, limit in (
-            ("slot", U32_MAX),
-            ("flags", U32_MAX),
-            ("guest_phys_addr", U64_MAX),
-            ("memory_size", U64_MAX),
-            ("userspace_addr", U64_MAX),
-            ("guest_memfd_offset", U64_MAX),
-            ("guest_memfd", U32_MAX),
-        ):
-            value = getattr(self, name)
-            if type(value) is not int or not 0 <= value <= limit:
-                raise InputError(
-                    f"kvm_userspace_memory_region2.{name}: {value!r} is not a "
-                    f"u{limit.bit_length()}"
-                )
-
-    @property
-    def as_id(self) -> int:
-        """``slot >> 16``."""
-        return self.slot >> 16
-
-    @property
-    def id(self) -> int:
-        """``(u16)slot``."""
-        return self.slot & 0xFFFF
-
-
-def region(
-    slot: int,
-    guest_phys_addr: int,
-    memory_size: int,
-    userspace_addr: int,
-    flags: int = 0,
-    *,
-    as_id: int = 0,
-    guest_memfd: int = 0,
-    guest_memfd_offset: int = 0,
-) -> KvmUserspaceMemoryRegion:
-    """Shorthand for a request: ``region(1, gpa, size, hva, flags, as_id=1)``."""
-    return KvmUserspaceMemoryRegion(
-        (as_id << 16) | slot, flags, guest_phys_addr, memory_size, userspace_addr,
-        guest_memfd_offset, guest_memfd,
-    )
-
-
-# --- the slot ----------------------------------------------------------------------------
-
-DirtyBitmap = npt.NDArray[np.bool_]
-
-
-@dataclass(slots=True, eq=False)
-class MemorySlot:
-    """``struct kvm_memory_slot``.
-
-    Identity matters (``eq=False``): the kernel swaps whole slot objects, and
-    the INVALID copy of a slot is a different object with the same geometry.
-    A published slot's geometry and flags never change.  ``dirty_bitmap`` is
-    one bool per page (``None`` unless LOG_DIRTY_PAGES and a bitmap is in
-    use); ``arch`` is the arch-private ``struct kvm_arch_memory_slot``;
-    ``gmem`` is the (fd, offset) guest_memfd binding, if any."""
-
-    id: int
-    as_id: int
-    base_gfn: Gfn
-    npages: int
-    userspace_addr: Hva
-    flags: int
-    dirty_bitmap: DirtyBitmap | None = None
-    arch: dict[str, Any] = field(default_factory=dict)
-    gmem: tuple[int, int] | None = None
-
-    @property
-    def end_gfn(self) -> Gfn:
-        """First gfn after the slot."""
-        return Gfn(self.base_gfn + self.npages)
-
-    @property
-    def size(self) -> int:
-        """Size in bytes."""
-        return self.npages << PAGE_SHIFT
-
-    @property
-    def hva_end(self) -> Hva:
-        """First hva after the slot."""
-        return Hva(self.userspace_addr + (self.npages << PAGE_SHIFT))
-
-    @property
-    def invalid(self) -> bool:
-        """``KVM_MEMSLOT_INVALID`` set (slot being deleted or moved)."""
-        return bool(self.flags & KVM_MEMSLOT_INVALID)
-
-    @property
-    def readonly(self) -> bool:
-        """``memslot_is_readonly()``."""
-        return bool(self.flags & KVM_MEM_READONLY)
-
-    @property
-    def logging(self) -> bool:
-        """``kvm_slot_dirty_track_enabled()``: LOG_DIRTY_PAGES set."""
-        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
-
-    def contains_gfn(self, gfn: int) -> bool:
-        """``base_gfn <= gfn < base_gfn + npages``."""
-        return self.base_gfn <= gfn < self.base_gfn + self.npages
-
-    def gfn_to_hva(self, gfn: int) -> Hva:
-        """``__gfn_to_hva_memslot()``: linear translation, no checks."""
-        return Hva(self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT))
-
-    def hva_to_gfn(self, hva: int) -> Gfn:
-        """``hva_to_gfn_memslot()``: the gfn ``hva`` backs (hva in the slot)."""
-        return Gfn(self.base_gfn + ((hva - self.userspace_addr) >> PAGE_SHIFT))
-
-    def __repr__(self) -> str:
-        names = [n for bit, n in ((KVM_MEM_LOG_DIRTY_PAGES, "LOG_DIRTY"),
-                                   (KVM_MEM_READONLY, "READONLY"),
-                                   (KVM_MEM_GUEST_MEMFD, "GUEST_MEMFD"),
-                                   (KVM_MEMSLOT_INVALID, "INVALID")) if self.flags & bit]
-        return (f"MemorySlot(as={self.as_id} id={self.id} "
-                f"gpa={self.base_gfn << PAGE_SHIFT:#x}-{self.end_gfn << PAGE_SHIFT:#x} "
-                f"hva={self.userspace_addr:#x} {'|'.join(names) or '-'})")
-
-
-def kvm_dirty_bitmap_bytes(slot: MemorySlot) -> int:
-    """``kvm_dirty_bitmap_bytes()``: bytes of one bitmap half (whole longs)."""
-    return ((slot.npages + BITS_PER_LONG - 1) // BITS_PER_LONG) * (BITS_PER_LONG // 8)
-
-
-def mark_page_dirty_in_slot(slot: MemorySlot | None, gfn: int) -> None:
-    """``mark_page_dirty_in_slot()`` (bitmap mode): set ``gfn``'s bit when the
-    slot logs dirty pages and has a bitmap."""
-    if slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and slot.dirty_bitmap is not None:
-        slot.dirty_bitmap[gfn - slot.base_gfn] = True
-
-
-def kvm_copy_memslot(src: MemorySlot) -> MemorySlot:
-    """``kvm_copy_memslot()``: a new slot object with ``src``'s fields; the
-    dirty bitmap is shared, ``arch`` copied by value (a struct copy)."""
-    return MemorySlot(src.id, src.as_id, src.base_gfn, src.npages, src.userspace_addr,
-                      src.flags, src.dirty_bitmap, dict(src.arch), src.gmem)
-
-
-# --- sorted integer keys ------------------------------------------------------------------
-
-
-class SortedInts:
-    """A sorted set of ints in chunks of at most ``2 * load`` (the layout of
-    ``sortedcontainers.SortedList``, reduced to what the memslot indexes need:
-    add, remove, predecessor, ordered iteration).  Every operation is a couple
-    of C-level bisects on lists no longer than ``2 * load``: O(log n) plus a
-    bounded memmove, whatever the number of keys."""
-
-    __slots__ = ("_len", "_lists", "_load", "_maxes")
-
-    def __init__(self, load: int = 256) -> None:
-        self._lists: list[list[int]] = []
-        self._maxes: list[int] = []
-        self._load = load
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __iter__(self) -> Iterator[int]:
-        for lst in self._lists:
-            yield from lst
-
-    def add(self, x: int) -> None:
-        """Insert ``x`` (not already present)."""
-        maxes = self._maxes
-        self._len += 1
-        if not maxes:
-            self._lists.append([x])
-            maxes.append(x)
-            return
-        pos = bisect_left(maxes, x)
-        if pos == len(maxes):
-            pos -= 1
-            lst = self._lists[pos]
-            lst.append(x)
-            maxes[pos] = x
-        else:
-            lst = self._lists[pos]
-            insort(lst, x)
-        if len(lst) > self._load << 1:
-            half = lst[self._load:]
-            del lst[self._load:]
-            maxes[pos] = lst[-1]
-            self._lists.insert(pos + 1, half)
-            maxes.insert(pos + 1, half[-1])
-
-    def remove(self, x: int) -> None:
-        """Remove ``x``; raises ``KeyError`` if absent."""
-        maxes = self._maxes
-        pos = bisect_left(maxes, x)
-        if pos == len(maxes):
-            raise KeyError(x)
-        lst = self._lists[pos]
-        i = bisect_left(lst, x)
-        if lst[i] != x:
-            raise KeyError(x)
-        del lst[i]
-        self._len -= 1
-        if lst:
-            maxes[pos] = lst[-1]
-        else:
-            del self._lists[pos]
-            del maxes[pos]
-
-    def floor(self, x: int) -> int | None:
-        """The largest key ``<= x``, or ``None``."""
-        maxes = self._maxes
-        pos = bisect_right(maxes, x)
-        if pos < len(maxes):
-            lst = self._lists[pos]
-            i = bisect_right(lst, x)
-            if i:
-                return lst[i - 1]
-        if pos:
-            return maxes[pos - 1]
-        return None
-
-    def irange(self, lo: int, hi: int) -> Iterator[int]:
-        """Keys ``k`` with ``lo <= k <= hi``, ascending."""
-        lists = self._lists
-        pos = bisect_left(self._maxes, lo)
-        if pos == len(lists):
-            return
-        lst = lists[pos]
-        for j in range(bisect_left(lst, lo), len(lst)):
-            k = lst[j]
-            if k > hi:
-                return
-            yield k
-        for lst in lists[pos + 1:]:
-            for k in lst:
-                if k > hi:
-                    return
-                yield k
-
-
-# --- one memslot set ---------------------------------------------------------------------
-
-
-class MemslotKeys:
-    """The sorted keys of the two sets of one address space.
-
-    The kernel threads every slot into one rb-tree node per set
-    (``gfn_node[node_idx]``, ``hva_node[node_idx]``).  Here both sets share one
-    sorted list of base gfns and one of userspace starts, holding the union of
-    their keys; each set keeps its own dicts and skips keys that are not its
-    own.  Outside an update the sets are equal; during one they differ by the
-    one slot being changed, so a lookup skips at most a couple of keys, and a
-    slot's keys are sorted in once, when the first set gets it, and sorted out
-    once, when the last set drops it."""
-
-    __slots__ = ("gfn", "hva")
-
-    def __init__(self) -> None:
-        self.gfn = SortedInts()
-        self.hva: dict[int, SortedInts] = {}  # size class -> keys (uaddr << 16 | id)
-
-
-def _size_class(npages: int) -> int:
-    return npages.bit_length() - 1
-
-
-class MemslotSet:
-    """``struct kvm_memslots``: the slots of one address space, as one of the
-    two copies (``node_idx``) the kernel keeps.
-
-    Indexes: slot id -> slot (the kernel's ``id_hash``); base gfn, sorted (the
-    ``gfn_tree``): :meth:`search_memslots` is O(log n); userspace range (the
-    ``hva_tree`` interval tree): :meth:`for_each_memslot_in_hva_range` is
-    O(c log n + k) with c the number of distinct power-of-two slot sizes
-    (slots are bucketed by size class so that only starts within one class
-    length before the range can intersect it).  The sorted keys live in a
-    :class:`MemslotKeys` shared with the sibling set."""
-
-    __slots__ = ("_by_base", "_by_id", "_keys", "_sibling", "as_id", "generation",
-                 "node_idx")
-
-    def __init__(self, as_id: int, node_idx: int, keys: MemslotKeys | None = None) -> None:
-        self.as_id = as_id
-        self.node_idx = node_idx
-        # kvm_create_vm(): address space i starts at generation i.
-        self.generation = as_id
-        self._by_id: dict[int, MemorySlot] = {}
-        self._by_base: dict[int, MemorySlot] = {}
-        self._keys = keys if keys is not None else MemslotKeys()
-        self._sibling: MemslotSet | None = None
-
-    @staticmethod
-    def pair(as_id: int) -> tuple[MemslotSet, MemslotSet]:
-        """The two sets of address space ``as_id`` (``node_idx`` 0 and 1)."""
-        keys = MemslotKeys()
-        a = MemslotSet(as_id, 0, keys)
-        b = MemslotSet(as_id, 1, keys)
-        a._sibling = b
-        b._sibling = a
-        return a, b
-
-    # --- lookups -----------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def id_to_memslot(self, id: int) -> MemorySlot | None:
-        """``id_to_memslot()``: the slot with this id, or ``None``."""
-        return self._by_id.get(id)
-
-    def _floor_base(self, gfn: int) -> int | None:
-        """This set's largest base gfn ``<= gfn``."""
-        keys = self._keys.gfn
-        by_base = self._by_base
-        base = keys.floor(gfn)
-        while base is not None and base not in by_base:
-            base = keys.floor(base - 1) if base else None
-        return base
-
-    def search_memslots(self, gfn: int) -> MemorySlot | None:
-        """``search_memslots()`` / ``__gfn_to_memslot()``: the slot whose gfn
-        range holds ``gfn`` (INVALID slots included, as in the kernel), or
-        ``None``.  O(log n)."""
-        base = self._floor_base(gfn)
-        if base is None:
-            return None
-        slot = self._by_base[base]
-        if gfn < base + slot.npages:
-            return slot
-        return None
-
-    gfn_to_memslot = search_memslots
-
-    def for_each_memslot(self) -> Iterator[MemorySlot]:
-        """``kvm_for_each_memslot()``: every slot, in gfn order."""
-        by_base = self._by_base
-        for base in self._keys.gfn:
-            slot = by_base.get(base)
-            if slot is not None:
-                yield slot
-
-    def for_each_memslot_in_gfn_range(self, start: int, end: int) -> Iterator[MemorySlot]:
-        """``kvm_for_each_memslot_in_gfn_range()``: slots intersecting
-        ``[start, end)``, in gfn order.  O(log n + k)."""
-        if start >= end:
-            return
-        by_base = self._by_base
-        lo = self._floor_base(start)
-        if lo is None or lo + by_base[lo].npages <= start:
-            lo = start
-        for base in self._keys.gfn.irange(lo, end - 1):
-            slot = by_base.get(base)
-            if slot is not None:
-                yield slot
-
-    def for_each_memslot_in_hva_range(self, start: int, end: int) -> list[MemorySlot]:
-        """``kvm_for_each_memslot_in_hva_range()``: slots whose userspace range
-        intersects ``[start, end)``, in address order (ties by id)."""
-        if start >= end:
-            return []
-        found: list[tuple[int, MemorySlot]] = []
-        by_id = self._by_id
-        classes = self._keys.hva
-        for cls, keys in classes.items():
-            # A slot of this class is shorter than 2 ** (cls + 1) pages.
-            lo = start - (2 << (cls + PAGE_SHIFT)) + 1
-            for key in keys.irange(lo << 16 if lo > 0 else 0, ((end - 1) << 16) | 0xFFFF):
-                slot = by_id.get(key & 0xFFFF)
-                if slot is None or slot.userspace_addr != key >> 16 \
-                        or _size_class(slot.npages) != cls:
-                    continue  # the sibling's key
-                if slot.userspace_addr + (slot.npages << PAGE_SHIFT) > start:
-                    found.append((key, slot))
-        if len(classes) > 1:
-            found.sort(key=lambda ks: ks[0])
-        return [slot for _, slot in found]
-
-def kvm_replace_memslot(slots: MemslotSet, old: MemorySlot | None,
-                        new: MemorySlot | None) -> None:
-    """``kvm_replace_memslot()`` on one set: ``old`` -> ``new`` (either may be
-    ``None`` for an insert or a removal).
-
-    A replacement with the same geometry (INVALID copy, FLAGS_ONLY, restore)
-    swaps the object in O(1).  Otherwise ``old``'s keys leave the shared key
-    lists unless the sibling set still holds them, and ``new``'s enter them
-    unless the sibling already did: O(log n)."""
-    by_id = slots._by_id
-    by_base = slots._by_base
-    if old is not None:
-        if new is not None and old.base_gfn == new.base_gfn and old.npages == new.npages \
-                and old.userspace_addr == new.userspace_addr:
-            by_id[new.id] = new
-            by_base[new.base_gfn] = new
-            return
-        del by_id[old.id]
-        del by_base[old.base_gfn]
-        keys = slots._keys
-        other = slots._sibling
-        twin = other._by_id.get(old.id) if other is not None else None
-        if other is None or old.base_gfn not in other._by_base:
-            keys.gfn.remove(old.base_gfn)
-        if twin is None or twin.userspace_addr != old.userspace_addr \
-                or twin.npages.bit_length() != old.npages.bit_length():
-            cls = old.npages.bit_length() - 1
-            lst = keys.hva[cls]
-            lst.remove((old.userspace_addr << 16) | old.id)
-            if not lst:
-                del keys.hva[cls]
-    if new is not None:
-        by_id[new.id] = new
-        by_base[new.base_gfn] = new
-        keys = slots._keys
-        other = slots._sibling
-        twin = other._by_id.get(new.id) if other is not None else None
-        if other is None or new.base_gfn not in other._by_base:
-            keys.gfn.add(new.base_gfn)
-        if twin is None or twin.userspace_addr != new.userspace_addr \
-                or twin.npages.bit_length() != new.npages.bit_length():
-            cls = new.npages.bit_length() - 1
-            lst2 = keys.hva.get(cls)
-            if lst2 is None:
-                lst2 = keys.hva[cls] = SortedInts()
-            lst2.add((new.userspace_addr << 16) | new.id)
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn
+
+__all__ = [
+    "ARM64_TASK_SIZE_MAX", "BITS_PER_LONG", "CALL", "KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS",
+    "KVM_MEMSLOT_INVALID", "KVM_MEM_GUEST_MEMFD", "KVM_MEM_LOG_DIRTY_PAGES",
+    "KVM_MEM_MAX_NR_PAGES", "KVM_MEM_READONLY", "KVM_MEM_SLOTS_NUM",
+    "KVM_SET_USER_MEMORY_REGION_V1_FLAGS", "LOCK_MEMSLOTS_FROZEN", "LOCK_SLOTS",
+    "LOCK_SLOTS_ARCH", "LOCK_SRCU", "PG_LEVEL_2M", "PG_LEVEL_4K", "POINT_INVALID_PUBLISHED",
+    "RISCV_TASK_SIZE_MAX", "U32_MAX", "U64_MAX", "ULONG_MAX", "X86_TASK_SIZE_MAX",
+    "DirtyBitmap", "HookOp", "KvmMrChange", "KvmUserspaceMemoryRegion", "MemoryRegion",
+    "MemorySlot", "MemslotHooks", "MemslotKeys", "MemslotLimits", "MemslotPlan", "MemslotSet",
+    "Memslots", "NoopMemslotHooks", "SortedInts", "VmMemslots", "access_ok",
+    "check_memory_region_flags", "kvm_alloc_dirty_bitmap", "kvm_check_memory_region",
+    "kvm_check_memslot_overlap", "kvm_commit_accounting", "kvm_commit_free",
+    "kvm_copy_memslot", "kvm_dirty_bitmap_bytes", "kvm_prepare_dirty_bitmap",
+    "kvm_replace_memslot", "kvm_set_internal_memslot", "kvm_set_memory_region",
+    "kvm_set_memslot", "kvm_swap_active_memslots", "kvm_vm_ioctl_set_memory_region",
+    "mark_page_dirty_in_slot", "memslot_limits", "region", "untagged_addr",
+    "validate_memslot_keys", "validate_memslot_set", "validate_memslots",
+]
+"""Every memslot name, those of :mod:`kvmmem.kvm.memory_slot` and
+:mod:`kvmmem.kvm.memslot_set` included (callers import them from here)."""
 
 
 # --- hooks the VM layer implements ------------------------------------------------------
@@ -1234,48 +707,6 @@ def kvm_commit_free(kvm: VmMemslots, old: MemorySlot | None, new: MemorySlot | N
         old.dirty_bitmap = None
     elif old.dirty_bitmap is not None and new is not None and new.dirty_bitmap is None:
         old.dirty_bitmap = None
-
-
-# --- consistency checks (never called by the fast paths) --------------------------------
-
-
-def validate_memslot_set(slots: MemslotSet) -> None:
-    """Check one set's indexes against each other: ids, sorted and
-    non-overlapping gfn ranges, its keys present in the shared key lists.
-    Raises :class:`ValidationError`."""
-    inv = "memslot-set"
-    if len(slots._by_id) != len(slots._by_base):
-        raise ValidationError(inv, f"as {slots.as_id}: index sizes differ")
-    prev_end = -1
-    seen = 0
-    for slot in slots.for_each_memslot():
-        seen += 1
-        if slots._by_id.get(slot.id) is not slot:
-            raise ValidationError(inv, f"{slot!r} not in the id index")
-        if slot.as_id != slots.as_id or slot.npages <= 0:
-            raise ValidationError(inv, f"{slot!r} misfiled")
-        if slot.base_gfn < prev_end:
-            raise ValidationError(inv, f"{slot!r} overlaps the previous slot")
-        prev_end = slot.base_gfn + slot.npages
-        hva = slots._keys.hva.get(_size_class(slot.npages))
-        key = (slot.userspace_addr << 16) | slot.id
-        if hva is None or key not in list(hva.irange(key, key)):
-            raise ValidationError(inv, f"{slot!r} missing from the hva keys")
-    if seen != len(slots._by_id):
-        raise ValidationError(inv, f"as {slots.as_id}: gfn keys miss slots")
-
-
-def validate_memslot_keys(a: MemslotSet, b: MemslotSet) -> None:
-    """The shared keys of a pair of sets are exactly the union of their keys.
-    Raises :class:`ValidationError`."""
-    keys = a._keys
-    gfn = sorted(set(a._by_base) | set(b._by_base))
-    if list(keys.gfn) != gfn or len(keys.gfn) != len(gfn):
-        raise ValidationError("memslot-keys", f"as {a.as_id}: stale gfn keys")
-    hva = sorted({(s.userspace_addr << 16) | s.id for st in (a, b) for s in st._by_id.values()})
-    have = sorted(k for lst in keys.hva.values() for k in lst)
-    if have != hva:
-        raise ValidationError("memslot-keys", f"as {a.as_id}: stale hva keys")
 
 
 def validate_memslots(kvm: VmMemslots) -> None:
