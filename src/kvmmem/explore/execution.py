@@ -56,28 +56,27 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmmem.errors import InputError, KernelError, ValidationError
+from kvmmem.errors import InputError, ValidationError
 from kvmmem.kvm.invariants import validate_path_independence, validate_vm
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
 from kvmmem.scenario.model import (
     MEMSLOT_FLAGS,
     STEP_TYPES,
-    GuestExec,
-    GuestRead,
+    GuestAccess,
     GuestWrite,
-    HostMadvise,
     HostMmap,
-    HostMprotect,
     HostMunmap,
     Scenario,
     SetMemslot,
     Step,
+    prot_letters,
 )
 from kvmmem.scenario.runner import Runner, expectation_holds
 from kvmmem.sync import Sync, SyncKind, acquire, point
-from kvmmem.types import EXEC_FETCH_SIZE, PAGE_SHIFT
+from kvmmem.types import PAGE_SHIFT
 
 from .fingerprint import Canon, StatePickler
+from .threads import Footprint, LockOp, LockProtocolError, OpThread, Threads
 
 EXPECTATION = "expectation"
 """The name a failed step expectation is reported under (not an invariant:
@@ -90,95 +89,7 @@ _SRCU_READ_LOCK = acquire("srcu", shared=True)
 _MMU_LOCK = "mmu_lock"
 _MMAP_LOCK = "mmap_lock"
 
-# --- the lock table ----------------------------------------------------------------
-
-
-class LockTable:
-    """Reader/writer locks by name: ``owner`` (exclusive holder) and ``readers``
-    (shared holders with their nesting counts), in grant order."""
-
-    __slots__ = ("owner", "readers")
-
-    def __init__(self) -> None:
-        self.owner: dict[str, int] = {}
-        self.readers: dict[str, dict[int, int]] = {}
-
-    def can_grant(self, sync: Sync) -> bool:
-        """Whether the ``ACQUIRE`` pause ``sync`` could take its lock now."""
-        if sync.name in self.owner:
-            return False
-        return sync.shared or not self.readers.get(sync.name)
-
-    def grant(self, sync: Sync, tid: int) -> None:
-        """Take the lock of ``sync`` for thread ``tid`` (caller checked :meth:`can_grant`)."""
-        if sync.shared:
-            holders = self.readers.setdefault(sync.name, {})
-            holders[tid] = holders.get(tid, 0) + 1
-        else:
-            self.owner[sync.name] = tid
-
-    def release(self, sync: Sync, tid: int) -> str | None:
-        """Drop the lock of the ``RELEASE`` pause ``sync``; returns an error
-        text when ``tid`` did not hold it that way, else None."""
-        if sync.shared:
-            holders = self.readers.get(sync.name)
-            if not holders or tid not in holders:
-                return f"released {sync.name} (read) without holding it"
-            holders[tid] -= 1
-            if not holders[tid]:
-                del holders[tid]
-                if not holders:
-                    del self.readers[sync.name]
-            return None
-        if self.owner.get(sync.name) != tid:
-            return f"released {sync.name} without holding it"
-        del self.owner[sync.name]
-        return None
-
-    def held_by(self, tid: int) -> list[str]:
-        """The locks thread ``tid`` holds, as ``name`` or ``name (read)``."""
-        out = [name for name, owner in self.owner.items() if owner == tid]
-        out += [f"{name} (read)" for name, holders in self.readers.items() if tid in holders]
-        return out
-
-    def canonical(self) -> tuple[Any, ...]:
-        """A hashable, order-independent view (for fingerprints)."""
-        return (tuple(sorted(self.owner.items())),
-                tuple(sorted((n, tuple(sorted(h.items()))) for n, h in self.readers.items())))
-
-
-# --- transitions and their footprints ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LockOp:
-    """A lock taken (``acquire``) or dropped by a transition."""
-
-    name: str
-    shared: bool
-    acquire: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Footprint:
-    """What one transition did to shared state: whether it changed any
-    shared data at all (``writes``) and which locks it took or dropped."""
-
-    writes: bool
-    locks: tuple[LockOp, ...]
-
-    def independent(self, other: Footprint) -> bool:
-        """Two transitions of different threads commute: neither changed shared
-        data (each read everything, so each would see the same state in the
-        other order) and their lock operations commute (different locks, or
-        both on the shared side)."""
-        if self.writes or other.writes:
-            return False
-        for a in self.locks:
-            for b in other.locks:
-                if a.name == b.name and not (a.shared and b.shared):
-                    return False
-        return True
+# --- what the failing execution shows ----------------------------------------------
 
 
 @dataclass(slots=True)
@@ -219,23 +130,13 @@ def _thread_body(runner: Runner, steps: tuple[Step, ...], tid: int,
 
 
 @dataclass(slots=True)
-class ThreadState:
-    """One scenario thread inside an execution."""
+class ThreadState(OpThread):
+    """One scenario thread inside an execution: an :class:`OpThread` running
+    its steps one after the other."""
 
-    name: str
-    steps: tuple[Step, ...]
-    gen: Generator[Sync, None, None]
-    pending: Sync | None = STEP_BEGIN
-    """The pause the thread sits at; None once it finished."""
+    steps: tuple[Step, ...] = ()
     step: int = -1
     """Index of the step it is in (-1 before the first)."""
-    blocked: tuple[Any, ...] | None = None
-    """The retry condition it spins on (see the module docstring), or None."""
-
-    @property
-    def done(self) -> bool:
-        """The thread ran all its steps."""
-        return self.pending is None
 
     def current(self) -> Step | None:
         """The step the thread is inside (None before its first or when done)."""
@@ -257,22 +158,18 @@ class Execution:
         self.scenario = scenario
         self.runner = runner = Runner(scenario, arch, variant, trace=trace)
         self.vm = runner.vm
-        for mapping in scenario.memory.values():
-            try:
-                runner.mmap(mapping)
-            except KernelError as err:
-                raise InputError(f"{scenario.source}:{mapping.line}: memory.{mapping.name}: the "
-                                 f"host refused the mapping with {err.errno} ({err.reason})"
-                                 ) from None
+        runner.make_memory()
         self.setup: list[dict[str, Any]] = []
         for slot in scenario.memslots:
             self.setup.append({"step": slot.index, "op": "set_memslot", **runner.do(slot)})
-        self.locks = LockTable()
+        self.sched = Threads()
+        self.locks = self.sched.locks
         self.threads: list[ThreadState] = []
         for tid, (name, steps) in enumerate(scenario.threads.items()):
             gen = _thread_body(runner, steps, tid, self._record)
             next(gen)  # to the pause before its first step (nothing runs before it)
-            self.threads.append(ThreadState(name, steps, gen))
+            self.threads.append(ThreadState(name, gen, STEP_BEGIN, steps=steps))
+        self.sched.threads = self.threads  # type: ignore[assignment]
         self.outcomes: list[list[dict[str, Any]]] = [[] for _ in self.threads]
         self.trace: list[TraceEvent] | None = [] if trace else None
         self.transitions = 0
@@ -296,27 +193,12 @@ class Execution:
     @property
     def finished(self) -> bool:
         """Every thread ran all its steps."""
-        return all(t.pending is None for t in self.threads)
+        return self.sched.finished
 
     def enabled(self) -> list[int]:
-        """The threads that can run now, in thread order (see the module docstring)."""
-        can: list[int] = []
-        spinning: list[int] = []
-        key: tuple[Any, ...] | None = None
-        for tid, th in enumerate(self.threads):
-            sync = th.pending
-            if sync is None:
-                continue
-            if sync.kind is SyncKind.ACQUIRE and not self.locks.can_grant(sync):
-                continue
-            if th.blocked is not None:
-                if key is None:
-                    key = self.retry_key()
-                if th.blocked == key:
-                    spinning.append(tid)
-                    continue
-            can.append(tid)
-        return can or spinning
+        """The threads that can run now, in thread order (see :mod:`.threads`;
+        a retrying fault waits on :meth:`retry_key`)."""
+        return self.sched.enabled(self.retry_key)
 
     def step(self, tid: int) -> Footprint | None:
         """Run one transition of thread ``tid`` (which must be enabled).
@@ -335,39 +217,29 @@ class Execution:
             th.step += 1
             if lines is not None:
                 lines.append(describe_step(th.steps[th.step]))
-        elif sync.kind is SyncKind.ACQUIRE:
-            self.locks.grant(sync, tid)
-            ops.append(LockOp(sync.name, sync.shared, True))
-            if lines is not None:
-                lines.append(f"got {sync.name}{' (read)' if sync.shared else ''}")
+        elif lines is not None and sync.kind is SyncKind.ACQUIRE:
+            lines.append(f"got {sync.name}{' (read)' if sync.shared else ''}")
         log = self.vm.log
         mark = 0
         if log is not None:
             log.thread = th.name
             mark = len(log.events)
         retries = self.vm.stats.pf_retry
-        th.blocked = None
         self._done_steps.clear()
         failed: Violation | None = None
+        nxt: Sync | None = None
         try:
-            nxt: Sync | None = th.gen.send(None)
-        except StopIteration:
-            nxt = None
+            nxt = self.sched.resume(tid, ops)
+        except LockProtocolError as err:
+            nxt = th.pending
+            failed = Violation("lock-protocol", str(err), self.transitions, tid)
         except ValidationError as err:
-            nxt = None
             failed = Violation(err.invariant, err.detail, self.transitions, tid)
         except InputError:
             raise
         except Exception as exc:  # a model bug that this interleaving exposes
-            nxt = None
             failed = Violation("model-exception", f"{type(exc).__name__}: {exc}",
                                self.transitions, tid)
-        th.pending = nxt
-        if nxt is not None and nxt.kind is SyncKind.RELEASE:
-            ops.append(LockOp(nxt.name, nxt.shared, False))
-            error = self.locks.release(nxt, tid)
-            if error is not None and failed is None:
-                failed = Violation("lock-protocol", f"{th.name}: {error}", self.transitions, tid)
         if failed is None:
             for step, outcome in self._done_steps:
                 if not expectation_holds(step.expect, outcome):
@@ -399,7 +271,11 @@ class Execution:
         self.outcomes[tid].append(out)
         self._done_steps.append((step, out))
 
-    # --- the spin rule -----------------------------------------------------------------
+    # --- in-flight state: what a retrying fault waits on ---------------------------------
+    #
+    # The model does not publish yet what a fault answered RETRY waits for (issue
+    # 12 item 4: the vCPU should record its wait key where it returns RETRY);
+    # until it does, this section is the one place that reads it off the VM.
 
     def retry_key(self) -> tuple[Any, ...]:
         """What a retrying fault waits on: the invalidation sequence, count and
@@ -413,14 +289,18 @@ class Execution:
 
     def _would_retry_again(self, th: ThreadState) -> bool:
         """Whether every gfn of the thread's access would be answered RETRY again
-        in the current state (so re-running the fault can only spin)."""
+        in the current state (so re-running the fault can only spin): an
+        INVALID slot (every arch), or an invalidation in progress - covering
+        the gfn where the arch checks the range (x86's
+        ``mmu_invalidate_retry_gfn``), any where it does not (arm64/riscv
+        ``mmu_invalidate_retry``)."""
         step = th.current()
-        if not isinstance(step, GuestRead | GuestWrite | GuestExec):
+        if not isinstance(step, GuestAccess):
             return False
-        size = EXEC_FETCH_SIZE if isinstance(step, GuestExec) else step.size
+        gpa, size = step.gpa, step.access_size
         vm = self.vm
         retry = vm.variant.invalidate_retry
-        for gfn in range(step.gpa >> PAGE_SHIFT, ((step.gpa + size - 1) >> PAGE_SHIFT) + 1):
+        for gfn in range(gpa >> PAGE_SHIFT, ((gpa + size - 1) >> PAGE_SHIFT) + 1):
             slot = vm.gfn_to_memslot(gfn)
             if slot is None:
                 return False
@@ -469,14 +349,8 @@ class Execution:
 
     def deadlock(self) -> None:
         """Record a deadlock: nothing can run but some threads are unfinished."""
-        waiting = []
-        for tid, th in enumerate(self.threads):
-            if th.pending is None:
-                continue
-            held = ", ".join(self.locks.held_by(tid)) or "nothing"
-            waiting.append(f"{th.name} waits at '{th.pending}' holding {held}")
-        self.violation = Violation("deadlock", "; ".join(waiting), self.transitions, None,
-                                   self.state_lines())
+        self.violation = Violation("deadlock", self.sched.describe_waits(), self.transitions,
+                                   None, self.state_lines())
 
     def _windows(self) -> Windows | None:
         """The exempt windows open now (see the module docstring), or None."""
@@ -495,14 +369,13 @@ class Execution:
                     and th.pending.kind is SyncKind.RELEASE and th.pending.name == _MMU_LOCK:
                 w.dirty.append((step.gpa >> PAGE_SHIFT,
                                 ((step.gpa + step.size - 1) >> PAGE_SHIFT) + 1))
-            elif isinstance(step, HostMunmap | HostMprotect | HostMmap | HostMadvise) \
-                    and self.locks.owner.get(_MMAP_LOCK) == tid:
+            elif step is not None and step.actor == "host" \
+                    and self.locks.holds(tid, _MMAP_LOCK):
                 w.mm_change.append(self._hva_range(step))
         return w if w else None
 
-    def _hva_range(self, step: HostMunmap | HostMprotect | HostMmap | HostMadvise
-                   ) -> tuple[int, int]:
-        """The host address range an mm-changing step works on."""
+    def _hva_range(self, step: Step) -> tuple[int, int]:
+        """The host address range a host step holding mmap_lock for write works on."""
         runner = self.runner
         if isinstance(step, HostMmap):
             if step.at is None:
@@ -512,8 +385,9 @@ class Execution:
         if isinstance(step, HostMunmap):
             start, size = runner.munmap_range(step)
             return (start, start + size)
-        start = runner.hva(step.memory, step.offset)
-        return (start, start + step.size)
+        args = step.args()
+        start = runner.hva(str(args["memory"]), int(str(args.get("offset", 0))))
+        return (start, start + int(str(args["size"])))
 
     # --- fingerprints --------------------------------------------------------------------
 
@@ -662,18 +536,15 @@ def _close_windows(vm: Any, w: Windows) -> Any:
 
 
 def describe_step(step: Step) -> str:
-    """A step as one line: ``guest_read gpa=0x0 size=4``."""
-    skip = {"index", "line", "expect", "thread"}
+    """A step as one line: ``guest_read gpa=0x0 size=0x4`` (its own keys,
+    :meth:`~kvmmem.scenario.model.Step.args`, without those left at nothing,
+    no, or a zero vCPU/offset)."""
     parts = [step.op]
-    for name in getattr(type(step), "__slots__", ()):
-        if name in skip:
+    for name, value in step.args().items():
+        if value is None or value is False or value == () \
+                or (name in ("vcpu", "offset") and value == 0):
             continue
-        value = getattr(step, name)
-        if value is None or value == () or (name in ("vcpu", "offset") and value == 0):
-            continue
-        if name == "prot":
-            from kvmmem.scenario.model import prot_letters
-
+        if name == "prot" and isinstance(value, int):
             value = prot_letters(value)
         elif isinstance(value, int) and not isinstance(value, bool) and name != "slot":
             value = hex(value)

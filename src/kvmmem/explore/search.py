@@ -62,7 +62,8 @@ from typing import Any
 from kvmmem.errors import InputError
 from kvmmem.scenario.model import Scenario
 
-from .execution import Execution, Footprint, Violation, opaque_objects
+from .execution import Execution, Violation, opaque_objects
+from .threads import Footprint
 
 STRATEGIES = ("dfs", "dpor", "random", "pct")
 DEFAULT_SPLIT = 4096
