@@ -1,36 +1,28 @@
-"""What every architecture's KVM MMU provides, and the pieces they share.
+"""The pieces of stage-2 fault handling the architectures share:
+``fault_supports_stage2_huge_mapping`` (arm64; riscv's
+``fault_supports_gstage_huge_mapping`` is the same rule),
+``transparent_hugepage_adjust`` (arm64; riscv's copy) and ``memslot_is_logging``.
 
-An :class:`ArchKvm` is the per-architecture half of KVM's MMU
-(``arch/*/kvm/mmu.c``): the stage-2 fault handler, the notifier zap
-(``kvm_unmap_gfn_range``), the memslot hooks (``kvm_arch_prepare_memory_region``,
-``kvm_arch_commit_memory_region``, ``kvm_arch_flush_shadow_memslot``),
-dirty-log write protection and ``KVM_PRE_FAULT_MEMORY``, and the attributes in
-which the architectures differ (the generic code tests no architecture by name).
-``kvm/arm64.py``, ``kvm/x86.py`` and ``kvm/riscv.py`` implement it;
-:func:`kvmmem.kvm.arches.make_arch_kvm` picks one.
-
-The memslot hooks here are arm64's (``arch/arm64/kvm/mmu.c``), which riscv copied
-into ``arch/riscv/kvm/mmu.c`` and keeps with the differences the attributes name;
-x86 overrides all three.  They decide; the stage-2 work is the ``hooks`` object's
-(:class:`MemslotHookContext`, implemented by
-:class:`~kvmmem.kvm.arches.ArchMemslotHooks`: the VM's primitives and options).
+What every architecture provides (:class:`~kvmmem.kvm.kvm_host.ArchKvm`, the
+``kvm_arch_*`` hooks, and :class:`~kvmmem.kvm.kvm_host.MemslotHookContext`) is
+in :mod:`kvmmem.kvm.kvm_host`; this module re-exports those names.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from kvmmem.errors import KernelError
-from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
-from kvmmem.sync import Op
+from kvmmem.kvm.kvm_host import PG_LEVEL_2M, PG_LEVEL_4K, ArchKvm, MemslotHookContext
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, align_down
-from kvmmem.variants import Variant
+
+__all__ = [
+    "PG_LEVEL_2M", "PG_LEVEL_4K", "ArchKvm", "MemslotHookContext",
+    "fault_supports_stage2_huge_mapping", "memslot_is_logging", "transparent_hugepage_adjust",
+]
 
 if TYPE_CHECKING:
     from kvmmem.host import Mm
     from kvmmem.kvm.memslot import MemorySlot
-    from kvmmem.kvm.vcpu import Access, FaultResult, Vcpu
-    from kvmmem.kvm.vm import Vm
 
 
 def fault_supports_stage2_huge_mapping(slot: MemorySlot, hva: int, map_size: int) -> bool:
@@ -49,11 +41,6 @@ def fault_supports_stage2_huge_mapping(slot: MemorySlot, hva: int, map_size: int
     return block >= uaddr_start and block + map_size <= uaddr_end
 
 
-PG_LEVEL_4K = 1
-PG_LEVEL_2M = 2
-"""Page-table levels for ``write_protect_memslot`` (x86 PG_LEVEL_4K / PG_LEVEL_2M)."""
-
-
 def transparent_hugepage_adjust(mm: Mm, slot: MemorySlot, hva: int) -> int:
     """``transparent_hugepage_adjust`` (arm64; riscv's copy since its THP support,
     ed7ae7a34bea) for a page-sized, cacheable fault: PMD when the slot allows a PMD
@@ -65,159 +52,6 @@ def transparent_hugepage_adjust(mm: Mm, slot: MemorySlot, hva: int) -> int:
     return PAGE_SIZE
 
 
-class MemslotHookContext(Protocol):
-    """What an architecture's memslot hooks work with
-    (:class:`kvmmem.kvm.arches.ArchMemslotHooks`): the VM's options and its stage-2
-    primitives, each an :data:`Op`."""
-
-    variant: Variant
-    phys_bits: int
-    slot_zap_all: bool
-    eager_page_split: bool
-    pml: bool
-    external_page_track: bool
-
-    def kvm_dirty_log_manual_protect_and_init_set(self) -> bool: ...
-
-    def prepare_vma_walk(self, old: MemorySlot | None, new: MemorySlot,
-                         change: KvmMrChange) -> Op[None]: ...
-
-    def zap_all(self) -> Op[None]: ...
-
-    def zap_memslot(self, slot: MemorySlot) -> Op[None]: ...
-
-    def write_protect_memslot(self, slot: MemorySlot, min_level: int) -> Op[None]: ...
-
-    def clear_dirty_memslot(self, slot: MemorySlot) -> Op[None]: ...
-
-    def split_memslot(self, slot: MemorySlot) -> Op[None]: ...
-
-    def recover_huge_pages(self, slot: MemorySlot) -> Op[None]: ...
-
-    def flush_remote_tlbs_memslot(self, slot: MemorySlot) -> Op[None]: ...
-
-
 def memslot_is_logging(slot: MemorySlot) -> bool:
     """``memslot_is_logging`` (arm64/riscv): a dirty bitmap and not read-only."""
     return slot.dirty_bitmap is not None and not slot.readonly
-
-
-class ArchKvm:
-    """Base class: the behaviour shared by all architectures."""
-
-    name = "?"
-    max_user_slots = 32767
-    """Today's ``KVM_USER_MEM_SLOTS``; a VM's own limit follows its variant's release
-    (``vm.memslots.limits.user_mem_slots``, Variant.user_mem_slots: 509/512 before v5.12)."""
-    nr_address_spaces = 1
-    has_pre_fault_memory = False
-    """``CONFIG_KVM_GENERIC_PRE_FAULT_MEMORY``: only x86 selects it in the modelled
-    kernel (the arm64 series was queued in kvmarm in 2025, not modelled)."""
-    emulates_page_crossing = False
-    """Whether an instruction emulator completes a page-crossing access page by page
-    (x86 ``emulator_read_write_onepage``); arm64 and riscv complete or exit it whole."""
-    has_emulated_path = False
-    """Whether a vCPU can run every access through KVM's instruction emulator (x86's
-    ``x86_emulate_instruction``: the ``emulated`` access path)."""
-    walk_sets_accessed = False
-    """Whether the hardware's stage-2 walk sets a leaf's accessed flag itself (x86 EPT
-    with A/D bits); arm64 takes an access flag fault instead."""
-    has_memory_type = True
-    """Whether stage-2 leaves carry a memory type the fault path derives (invariant 3);
-    the riscv G-stage has none, the platform's PMAs decide."""
-    break_before_make = False
-    """Whether the architecture requires break-before-make on a live leaf (arm64)."""
-    default_phys_bits = 52
-    """The guest-physical width the memslot hooks check against when the VM gives none."""
-    splits_on_log_enable = False
-    """Whether enabling dirty logging always calls the eager split
-    (``kvm_mmu_split_memory_region``: arm64), not only with ``eager_page_split``."""
-
-    # --- faults ------------------------------------------------------------
-
-    def mmio_exit_error(self, gpa: int, length: int) -> str | None:
-        """The errno with which KVM_RUN fails instead of exiting for an MMIO access of
-        ``length`` bytes at ``gpa`` (``None``: the exit is made)."""
-        return None
-
-    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
-        """The stage-2 fault handler for an access that missed in the walk."""
-        raise NotImplementedError
-
-    def elide_tlb_flush_if_young(self, vm: Vm) -> bool:
-        """``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG``: whether ``clear_flush_young``
-        skips its TLB flush (x86 only, v6.13)."""
-        return False
-
-    # --- notifier zap ------------------------------------------------------
-
-    def unmap_gfn_range(self, vm: Vm, slot: MemorySlot, start: int, end: int) -> bool:
-        """``kvm_unmap_gfn_range``: zap leaves for gfns ``[start, end)``;
-        returns whether a TLB flush is needed."""
-        return vm.zap_gfn_range(start, end)
-
-    # --- memslot hooks ---------------------------------------------------------
-
-    def memslot_phys_bits(self, ipa_bits: int) -> int | None:
-        """The width the memslot hooks check a slot's end against, given the stage-2
-        table's input width: the IPA / G-stage GPA size (None: :attr:`default_phys_bits`)."""
-        return ipa_bits
-
-    def ipa_limit_inclusive(self, variant: Variant) -> bool:
-        """Whether prepare refuses a slot that *reaches* the IPA size (``>=``; arm64
-        before v5.12, riscv still) rather than one that exceeds it."""
-        return variant.ipa_limit_off_by_one
-
-    def prepare_memory_region(self, hooks: MemslotHookContext, old: MemorySlot | None,
-                              new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
-        """``kvm_arch_prepare_memory_region`` (arm64; riscv's copy): a slot ending
-        beyond the IPA size is EFAULT, then the VMA walk (:meth:`prepare_vma_walk`,
-        reached through ``hooks``)."""
-        if change == KvmMrChange.DELETE or new is None:
-            return
-        limit = 1 << (hooks.phys_bits - PAGE_SHIFT)
-        end = new.base_gfn + new.npages
-        if self.ipa_limit_inclusive(hooks.variant):
-            if end >= limit:
-                raise KernelError("EFAULT", CALL, f"{self.name}: slot reaches the GPA size")
-        elif end > limit:
-            raise KernelError("EFAULT", CALL, f"{self.name}: slot beyond the IPA size")
-        yield from hooks.prepare_vma_walk(old, new, change)
-
-    def flush_shadow_memslot(self, hooks: MemslotHookContext, slot: MemorySlot) -> Op[None]:
-        """``kvm_arch_flush_shadow_memslot`` (arm64 ``unmap_stage2_range``, riscv
-        ``kvm_riscv_gstage_unmap_range``): the slot's range."""
-        yield from hooks.zap_memslot(slot)
-
-    def commit_memory_region(self, hooks: MemslotHookContext, old: MemorySlot | None,
-                             new: MemorySlot | None, change: KvmMrChange) -> Op[None]:
-        """``kvm_arch_commit_memory_region`` (arm64; riscv's copy): a slot that logs
-        (CREATE and MOVE included) is write-protected (``kvm_mmu_wp_memory_region``)
-        and split (:attr:`splits_on_log_enable`, or with ``eager_page_split``),
-        unless manual protect with ``KVM_DIRTY_LOG_INITIALLY_SET``."""
-        logging = new is not None and bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES)
-        if new is None or not logging or change == KvmMrChange.DELETE:
-            return
-        if hooks.kvm_dirty_log_manual_protect_and_init_set():
-            return
-        yield from hooks.write_protect_memslot(new, PG_LEVEL_4K)
-        if self.splits_on_log_enable or hooks.eager_page_split:
-            yield from hooks.split_memslot(new)
-
-    def prepare_vma_walk(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
-    ) -> Op[None]:
-        """The VMA walk of ``kvm_arch_prepare_memory_region`` (arm64, riscv);
-        x86 has none.  Raises KernelError to refuse the change."""
-        return
-        yield  # pragma: no cover
-
-    # --- prefault ------------------------------------------------------------
-
-    def pre_fault_memory(self, vm: Vm, vcpu: Vcpu, gpa: int) -> Op[int]:
-        """``kvm_arch_vcpu_pre_fault_memory`` for one page: bytes mapped from
-        ``gpa`` (> 0) or raises KernelError.  Only reached where
-        :attr:`has_pre_fault_memory` is set."""
-        raise KernelError("EOPNOTSUPP", "KVM_PRE_FAULT_MEMORY",
-                          f"{self.name} has no kvm_arch_vcpu_pre_fault_memory")
-        yield  # pragma: no cover

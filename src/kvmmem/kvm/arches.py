@@ -1,6 +1,6 @@
 """The architectures by name, and the memslot layer's hooks that delegate to them.
 
-:func:`make_arch_kvm` gives the :class:`~kvmmem.kvm.arch_common.ArchKvm` of an
+:func:`make_arch_kvm` gives the :class:`~kvmmem.kvm.kvm_host.ArchKvm` of an
 architecture name.  :class:`ArchMemslotHooks` is what the memslot code
 (:mod:`kvmmem.kvm.memslot`) calls for ``kvm_arch_prepare_memory_region``,
 ``kvm_arch_commit_memory_region`` and ``kvm_arch_flush_shadow_memslot``: it
@@ -12,8 +12,8 @@ stage-2 primitives those methods use (no-ops here; the VM overrides them,
 from __future__ import annotations
 
 from kvmmem.errors import InputError
-from kvmmem.kvm.arch_common import ArchKvm
 from kvmmem.kvm.arm64 import Arm64Kvm
+from kvmmem.kvm.kvm_host import ArchKvm
 from kvmmem.kvm.memslot import KvmMrChange, MemorySlot, NoopMemslotHooks
 from kvmmem.kvm.riscv import RiscvKvm
 from kvmmem.kvm.x86 import X86Kvm
@@ -45,7 +45,7 @@ class ArchMemslotHooks(NoopMemslotHooks):
     ``phys_bits``: x86 max GPA bits (52 with shadow paging, MAXPHYADDR with TDP),
     arm64 IPA bits (``KVM_VM_TYPE_ARM_IPA_SIZE``, default 40), riscv G-stage GPA bits
     (Sv39x4 41, Sv48x4 50, Sv57x4 59); default the architecture's
-    :attr:`~kvmmem.kvm.arch_common.ArchKvm.default_phys_bits`.  ``slot_zap_all``
+    :attr:`~kvmmem.kvm.kvm_host.ArchKvm.default_phys_bits`.  ``slot_zap_all``
     (x86 ``KVM_X86_QUIRK_SLOT_ZAP_ALL``), ``eager_page_split``, ``pml`` (x86) and
     ``external_page_track`` (x86) are the VM's options the hooks read."""
 

@@ -17,30 +17,29 @@ from typing import TYPE_CHECKING
 from kvmmem.arch.pgtable import Perm
 from kvmmem.host.vma import VM_MIXEDMAP, VM_PFNMAP
 from kvmmem.kvm.arch_common import (
-    ArchKvm,
     fault_supports_stage2_huge_mapping,
     memslot_is_logging,
     transparent_hugepage_adjust,
 )
+from kvmmem.kvm.fault import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
     is_error_noslot_pfn,
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.kvm_host import ArchKvm
 from kvmmem.kvm.memslot import mark_page_dirty_in_slot
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.prepare import prepare_vma_walk
-from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
     from kvmmem.host.vma import Vma
+    from kvmmem.kvm.kvm_host import Kvm, KvmVcpu
     from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
-    from kvmmem.kvm.vcpu import Vcpu
-    from kvmmem.kvm.vm import Vm
 
 PREFETCH_ABORT = FaultResult(Fault.ABORT, abort="prefetch abort")
 DATA_ABORT = FaultResult(Fault.ABORT, abort="data abort")
@@ -97,7 +96,7 @@ def vma_pagesize(variant: Variant, slot: MemorySlot, vma: Vma, hva: int, logging
     return size, force_pte
 
 
-def stage2_map(vm: Vm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
+def stage2_map(vm: Kvm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
                execute: bool, device: bool, access: Access | None) -> None:
     """``user_mem_abort``'s last step, under mmu_lock: a permission fault on a leaf of
     the same size and output relaxes it (``kvm_pgtable_stage2_relax_perms``), where
@@ -124,7 +123,7 @@ class Arm64Kvm(ArchKvm):
     """``kvm_arch_commit_memory_region`` calls ``kvm_mmu_split_memory_region`` whenever
     logging is enabled (a no-op unless the VM set an eager-split chunk size)."""
 
-    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
+    def handle_fault(self, vm: Kvm, vcpu: KvmVcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``kvm_handle_guest_abort``."""
         if gpa >> vm.stage2.ipa_bits:
             # kvm_handle_guest_abort's out-of-range branch for a translation fault
@@ -161,7 +160,7 @@ class Arm64Kvm(ArchKvm):
             return RESUME
         return (yield from self.user_mem_abort(vm, slot, gpa, access))
 
-    def user_mem_abort(self, vm: Vm, slot: MemorySlot, gpa: int, access: Access
+    def user_mem_abort(self, vm: Kvm, slot: MemorySlot, gpa: int, access: Access
                        ) -> Op[FaultResult]:
         """``user_mem_abort``: size, pfn, attributes, retry check, install."""
         mm = vm.mm
@@ -234,7 +233,7 @@ class Arm64Kvm(ArchKvm):
     # --- memslot hooks -------------------------------------------------------
 
     def prepare_vma_walk(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
+        self, vm: Kvm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region``.
 
@@ -251,7 +250,7 @@ class Arm64Kvm(ArchKvm):
                                     refuse_cacheable_pfnmap=cacheable_refused)
 
 
-def kvm_supports_cacheable_pfnmap(vm: Vm) -> bool:
+def kvm_supports_cacheable_pfnmap(vm: Kvm) -> bool:
     """``kvm_supports_cacheable_pfnmap``: the CPU has FWB (stage-2 forced write-back)
     and ``CTR_EL0.DIC``, so KVM needs no cache maintenance through a kernel mapping."""
     return {"fwb", "dic"} <= vm.cpu_features

@@ -16,13 +16,13 @@ from kvmmem.errors import KernelError
 from kvmmem.types import PAGE_SHIFT
 
 if TYPE_CHECKING:
+    from kvmmem.kvm.kvm_host import Kvm
     from kvmmem.kvm.memslot import MemorySlot
-    from kvmmem.kvm.vm import Vm
 
 BITS_PER_LONG = 64
 
 
-def _logged_slot(vm: Vm, slot: int, call: str) -> MemorySlot:
+def _logged_slot(vm: Kvm, slot: int, call: str) -> MemorySlot:
     as_id, sid = slot >> 16, slot & 0xFFFF
     if as_id >= vm.arch.nr_address_spaces or sid >= vm.memslots.limits.user_mem_slots:
         raise KernelError("EINVAL", call, f"slot {slot:#x} is out of range")
@@ -32,7 +32,7 @@ def _logged_slot(vm: Vm, slot: int, call: str) -> MemorySlot:
     return memslot
 
 
-def _reprotect(vm: Vm, memslot: MemorySlot, offsets: list[int]) -> None:
+def _reprotect(vm: Kvm, memslot: MemorySlot, offsets: list[int]) -> None:
     flush = False
     for off in offsets:
         flush |= vm.stage2.wrprotect_range((memslot.base_gfn + off) << PAGE_SHIFT, 1 << PAGE_SHIFT)
@@ -40,7 +40,7 @@ def _reprotect(vm: Vm, memslot: MemorySlot, offsets: list[int]) -> None:
         vm.flush_remote_tlbs(zap=False)
 
 
-def kvm_get_dirty_log(vm: Vm, slot: int) -> list[int]:
+def kvm_get_dirty_log(vm: Kvm, slot: int) -> list[int]:
     """``KVM_GET_DIRTY_LOG``: the sorted absolute gfns dirtied since the last
     harvest; their bits are cleared and the pages write-protected again.
 
@@ -55,7 +55,7 @@ def kvm_get_dirty_log(vm: Vm, slot: int) -> list[int]:
     return [memslot.base_gfn + off for off in offsets]
 
 
-def kvm_clear_dirty_log(vm: Vm, slot: int, first_page: int, num_pages: int) -> None:
+def kvm_clear_dirty_log(vm: Kvm, slot: int, first_page: int, num_pages: int) -> None:
     """``KVM_CLEAR_DIRTY_LOG`` with every bit of the user bitmap set.
 
     Raises KernelError EINVAL (bad slot, ``first_page`` not a multiple of 64,

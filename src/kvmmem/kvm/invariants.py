@@ -23,12 +23,13 @@ from kvmmem.errors import KernelError, ValidationError
 from kvmmem.host import Mm, MmuNotifierSubscriptions
 from kvmmem.host.vma import VM_WRITE
 from kvmmem.kvm.arch_common import memslot_is_logging
+from kvmmem.kvm.fault import Access
 from kvmmem.kvm.mmu_notifier import INVALID_GPA
+from kvmmem.kvm.vm import Vm
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.memslot import MemorySlot
-    from kvmmem.kvm.vm import Vm
 
 INVARIANTS = (
     "no-stale-translation",
@@ -197,10 +198,8 @@ def validate_path_independence(vm: Vm) -> list[str]:
     re-created without them; but the two histories that reach this state
     disagree, and that is worth saying.  Raises ValidationError on a
     violation."""
-    from kvmmem.kvm.vm import Vm as VmClass
-
     mm_copy = clone_mm(vm.mm)
-    fresh = VmClass(vm.arch_name, variant=vm.variant, mm=mm_copy, vcpus=1,
+    fresh = Vm(vm.arch_name, variant=vm.variant, mm=mm_copy, vcpus=1,
                     cpu_features=vm.cpu_features)
     notes: list[str] = []
     for slot in sorted(vm.memslots.all_slots(), key=lambda s: (s.as_id, s.id)):
@@ -230,8 +229,6 @@ def validate_path_independence(vm: Vm) -> list[str]:
                      f"{slot.userspace_addr:#x}) could not be created over the current host "
                      f"mappings ({refused.errno}: {refused.reason}); this state is reached only "
                      "by changing the VMAs after creation")
-    from kvmmem.kvm.vcpu import Access
-
     for leaf in vm.stage2.for_each_leaf():
         if _invalidation_covers(vm, leaf.gpa >> PAGE_SHIFT):
             continue

@@ -23,7 +23,7 @@ from kvmmem.sync import Op, acquire, release
 from kvmmem.types import Hva
 
 if TYPE_CHECKING:
-    from kvmmem.kvm.vm import Vm
+    from kvmmem.kvm.kvm_host import Kvm
 
 INVALID_GPA = -1
 
@@ -31,7 +31,7 @@ INVALID_GPA = -1
 class KvmMmuNotifier:
     """The ``struct mmu_notifier`` KVM registers on the VM's mm."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Kvm) -> None:
         self.vm = vm
 
     # --- invalidation ------------------------------------------------------
@@ -111,7 +111,7 @@ class KvmMmuNotifier:
         self.vm.zap_all()
 
 
-def kvm_mmu_invalidate_range_add(vm: Vm, start: int, end: int) -> None:
+def kvm_mmu_invalidate_range_add(vm: Kvm, start: int, end: int) -> None:
     """``kvm_mmu_invalidate_range_add``: widen the recorded in-progress gfn range."""
     if vm.mmu_invalidate_range_start == INVALID_GPA:
         vm.mmu_invalidate_range_start = start
@@ -121,12 +121,12 @@ def kvm_mmu_invalidate_range_add(vm: Vm, start: int, end: int) -> None:
         vm.mmu_invalidate_range_end = max(vm.mmu_invalidate_range_end, end)
 
 
-def mmu_invalidate_retry(vm: Vm, seq: int) -> bool:
+def mmu_invalidate_retry(vm: Kvm, seq: int) -> bool:
     """``mmu_invalidate_retry``: any invalidation in progress, or one completed since ``seq``."""
     return vm.mmu_invalidate_in_progress != 0 or vm.mmu_invalidate_seq != seq
 
 
-def mmu_invalidate_retry_gfn(vm: Vm, seq: int, gfn: int) -> bool:
+def mmu_invalidate_retry_gfn(vm: Kvm, seq: int, gfn: int) -> bool:
     """``mmu_invalidate_retry_gfn``: an in-progress invalidation covering ``gfn``,
     or one completed since ``seq``.
 

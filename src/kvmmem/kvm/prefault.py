@@ -13,8 +13,7 @@ from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from kvmmem.kvm.vcpu import Vcpu
-    from kvmmem.kvm.vm import Vm
+    from kvmmem.kvm.kvm_host import Kvm, KvmVcpu
 
 CALL = "KVM_PRE_FAULT_MEMORY"
 _SRCU_READ_LOCK = acquire("srcu", shared=True)
@@ -29,7 +28,7 @@ class PrefaultHang(Exception):
 U64 = (1 << 64) - 1
 
 
-def kvm_vcpu_pre_fault_memory_op(vm: Vm, vcpu: Vcpu, gpa: int, size: int,
+def kvm_vcpu_pre_fault_memory_op(vm: Kvm, vcpu: KvmVcpu, gpa: int, size: int,
                                  flags: int = 0) -> Op[int]:
     """One ``KVM_PRE_FAULT_MEMORY`` ioctl: returns the bytes of the range left
     (``range.size`` as written back), having made progress; raises
@@ -72,6 +71,6 @@ def kvm_vcpu_pre_fault_memory_op(vm: Vm, vcpu: Vcpu, gpa: int, size: int,
     return size
 
 
-def kvm_vcpu_pre_fault_memory(vm: Vm, vcpu: Vcpu, gpa: int, size: int, flags: int = 0) -> int:
+def kvm_vcpu_pre_fault_memory(vm: Kvm, vcpu: KvmVcpu, gpa: int, size: int, flags: int = 0) -> int:
     """:func:`kvm_vcpu_pre_fault_memory_op` run to completion."""
     return drive(kvm_vcpu_pre_fault_memory_op(vm, vcpu, gpa, size, flags))

@@ -18,11 +18,11 @@ from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
+    from kvmmem.kvm.kvm_host import Kvm
     from kvmmem.kvm.memslot import MemorySlot
-    from kvmmem.kvm.vm import Vm
 
 
-def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, premap: bool,
+def prepare_vma_walk(vm: Kvm, new: MemorySlot, change: KvmMrChange | str, *, premap: bool,
                      check_write: bool, refuse_cacheable_pfnmap: bool = False) -> Op[None]:
     """The prepare-time VMA walk shared by arm64 and riscv (v5.4 arm code,
     copied into riscv): per-VMA EPERM / EINVAL checks and, when ``premap``,
@@ -71,7 +71,7 @@ def prepare_vma_walk(vm: Vm, new: MemorySlot, change: KvmMrChange | str, *, prem
         raise failed
 
 
-def kvm_phys_addr_ioremap(vm: Vm, slot: MemorySlot, gpa: int, pa: int, size: int,
+def kvm_phys_addr_ioremap(vm: Kvm, slot: MemorySlot, gpa: int, pa: int, size: int,
                           writable: bool) -> None:
     """v5.4 ``kvm_phys_addr_ioremap``: 4K Device stage-2 PTEs for
     ``[gpa, gpa+size)`` -> ``pa``, writable if the slot is, installed under

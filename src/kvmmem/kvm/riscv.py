@@ -16,30 +16,29 @@ from typing import TYPE_CHECKING
 
 from kvmmem.host.vma import VM_PFNMAP
 from kvmmem.kvm.arch_common import (
-    ArchKvm,
     fault_supports_stage2_huge_mapping,
     memslot_is_logging,
     transparent_hugepage_adjust,
 )
+from kvmmem.kvm.fault import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
     is_error_noslot_pfn,
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.kvm_host import ArchKvm
 from kvmmem.kvm.memslot import mark_page_dirty_in_slot
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.prepare import prepare_vma_walk
-from kvmmem.kvm.vcpu import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
     from kvmmem.host.vma import Vma
+    from kvmmem.kvm.kvm_host import Kvm, KvmVcpu
     from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
-    from kvmmem.kvm.vcpu import Vcpu
-    from kvmmem.kvm.vm import Vm
 
 INST_ACCESS_FAULT = FaultResult(Fault.ABORT, abort="instruction access fault")
 """An instruction guest-page fault outside every memslot, redirected to the guest as
@@ -94,7 +93,7 @@ class RiscvKvm(ArchKvm):
         riscv 7.2: a 2-byte load at an odd gpa outside every slot)."""
         return "EIO" if gpa & (length - 1) else None
 
-    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
+    def handle_fault(self, vm: Kvm, vcpu: KvmVcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``gstage_page_fault``."""
         gfn = gpa >> PAGE_SHIFT
         slot = vcpu.gfn_to_memslot(gfn)
@@ -113,7 +112,7 @@ class RiscvKvm(ArchKvm):
             return MMIO
         return (yield from self.kvm_riscv_mmu_map(vm, slot, gpa, write))
 
-    def kvm_riscv_mmu_map(self, vm: Vm, slot: MemorySlot, gpa: int, write: bool
+    def kvm_riscv_mmu_map(self, vm: Kvm, slot: MemorySlot, gpa: int, write: bool
                           ) -> Op[FaultResult]:
         """``kvm_riscv_mmu_map``: size from the VMA, pfn, retry check, map RWX."""
         mm = vm.mm
@@ -188,7 +187,7 @@ class RiscvKvm(ArchKvm):
         return RESUME
 
     def prepare_vma_walk(
-        self, vm: Vm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
+        self, vm: Kvm, old: MemorySlot | None, new: MemorySlot, change: KvmMrChange
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region`` (riscv): the EPERM
         and EINVAL checks always; the PFNMAP premap before v6.18

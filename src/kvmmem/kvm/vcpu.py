@@ -22,120 +22,43 @@ Two paths, chosen per vCPU (kvm-on-this-host.md §0, §6):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvmmem.errors import InputError
 from kvmmem.host.mm import HostSignal
+from kvmmem.kvm.fault import (
+    EFAULT,
+    EMULATE,
+    MMIO,
+    RESUME,
+    RETRY,
+    Access,
+    AccessResult,
+    Fault,
+    FaultResult,
+)
 from kvmmem.kvm.memslot import mark_page_dirty_in_slot
 from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
+    from kvmmem.kvm.kvm_host import Kvm
     from kvmmem.kvm.memslot import MemorySlot, MemslotSet
-    from kvmmem.kvm.vm import Vm
+
+__all__ = [
+    "EFAULT", "EMULATE", "MAX_FAULT_RETRIES", "MMIO", "RESUME", "RETRY", "Access",
+    "AccessResult", "Fault", "FaultResult", "TlbEntry", "Vcpu",
+]
+"""The vCPU's names and the fault types of :mod:`kvmmem.kvm.fault` (callers import
+them from here)."""
 
 MAX_FAULT_RETRIES = 64
 """A fault that keeps asking to retry (an invalidation that never ends in a
 sequential run) is reported instead of spinning forever."""
 
 
-class Access(Enum):
-    """The kind of guest access."""
-
-    READ = "read"
-    WRITE = "write"
-    EXEC = "exec"
-
-
-class Fault(Enum):
-    """What a stage-2 fault handler decided."""
-
-    RESUME = "resume"  # mapping installed (or nothing to do): re-execute
-    RETRY = "retry"  # stale: an invalidation raced; re-execute and re-fault
-    MMIO = "mmio"  # exit to userspace with KVM_EXIT_MMIO
-    EMULATE = "emulate"  # x86 RET_PF_EMULATE: run the access through the emulator
-    EFAULT = "efault"  # KVM_RUN fails with EFAULT
-    ERRNO = "errno"  # KVM_RUN fails with another errno (ENOSYS, EOPNOTSUPP, ENOEXEC...)
-    ABORT = "abort"  # an exception is injected into the guest
-
-
-@dataclass(slots=True)
-class FaultResult:
-    """A fault handler's decision; ``errno`` for ERRNO, ``abort`` names the
-    injected exception for ABORT."""
-
-    kind: Fault
-    errno: str = ""
-    abort: str = ""
-
-
 _SRCU_READ_LOCK = acquire("srcu", shared=True)
 _SRCU_READ_UNLOCK = release("srcu", shared=True)
-
-RESUME = FaultResult(Fault.RESUME)
-RETRY = FaultResult(Fault.RETRY)
-MMIO = FaultResult(Fault.MMIO)
-EMULATE = FaultResult(Fault.EMULATE)
-EFAULT = FaultResult(Fault.EFAULT)
-
-
-@dataclass(slots=True)
-class AccessResult:
-    """The outcome of one guest access, in the SCENARIOS.md vocabulary.
-
-    ``result`` is ``ok`` (with ``value`` for reads), ``mmio`` (``gpa``,
-    ``length``, ``is_write``, ``data``), ``fault`` (KVM_RUN -> EFAULT),
-    ``error`` (KVM_RUN -> another ``errno``), ``abort`` (an exception was
-    injected into the guest, named by ``abort``) or ``exit`` (another exit
-    to userspace, ``exit_reason`` and ``suberror``); the last two extend the
-    contract.
-
-    A ``fault`` keeps the access's ``gpa`` and ``length`` here, but its outcome
-    carries ``gpa``/``size``/``flags`` only when ``memory_fault`` is set: when
-    the kernel fills ``kvm_run.memory_fault`` (KVM_EXIT_MEMORY_FAULT), which no
-    architecture does for a failed fault on ordinary (shared) memory: x86
-    ``kvm_handle_error_pfn``, arm64 ``user_mem_abort`` and riscv
-    ``kvm_riscv_mmu_map`` return a bare -EFAULT (seen on x86 6.1 and 7.3 with
-    TDP, arm64 7.3, riscv 7.2, and this host's KVM); only guest_memfd (private)
-    faults fill it, which the model does not have."""
-
-    result: str
-    value: int | None = None
-    gpa: int = 0
-    length: int = 0
-    is_write: bool = False
-    data: int = 0
-    errno: str = ""
-    abort: str = ""
-    exit_reason: str = ""
-    suberror: int = 0
-    memory_fault: bool = False
-
-    def to_outcome(self) -> dict[str, Any]:
-        """The outcome keys of SCENARIOS.md (without ``step``/``op``)."""
-        out: dict[str, Any] = {"result": self.result}
-        if self.result == "ok":
-            if self.value is not None:
-                out["value"] = self.value
-        elif self.result == "mmio":
-            out.update(gpa=self.gpa, len=self.length, is_write=self.is_write)
-            if self.is_write:
-                out["data"] = self.data
-            elif self.value is not None:
-                out["value"] = self.value
-        elif self.result == "fault" and self.memory_fault:
-            out["gpa"] = self.gpa
-            out["size"] = self.length
-        elif self.result == "error":
-            out["errno"] = self.errno
-        elif self.result == "abort":
-            out["abort"] = self.abort
-        elif self.result == "exit":
-            out["exit_reason"] = self.exit_reason
-            out["suberror"] = self.suberror
-        return out
-
 
 @dataclass(slots=True)
 class TlbEntry:
@@ -163,7 +86,7 @@ def _page_fragments(gpa: int, size: int) -> list[tuple[int, int, int]]:
 class Vcpu:
     """A vCPU: its TLB and which access path it uses."""
 
-    vm: Vm
+    vm: Kvm
     index: int
     path: str = "native"
     tlb: dict[int, TlbEntry] = field(default_factory=dict)

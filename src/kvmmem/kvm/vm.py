@@ -6,7 +6,7 @@ vCPUs, dirty logging and prefault.
 ``mmu_invalidate_in_progress`` / the in-progress gfn range /
 ``mn_active_invalidate_count``, one stage-2 table (the architecture's real
 entry format) and the vCPUs.  Everything an architecture does differently
-lives in its :class:`~kvmmem.kvm.arch_common.ArchKvm` (``kvm/arm64.py``,
+lives in its :class:`~kvmmem.kvm.kvm_host.ArchKvm` (``kvm/arm64.py``,
 ``kvm/x86.py``, ``kvm/riscv.py``).
 """
 
@@ -35,7 +35,7 @@ from kvmmem.types import CPU_FEATURES, PAGE_SHIFT, PAGE_SIZE
 from kvmmem.variants import UPSTREAM, Variant, get_variant
 
 if TYPE_CHECKING:
-    from kvmmem.kvm.arch_common import ArchKvm
+    from kvmmem.kvm.kvm_host import ArchKvm
 
 ARCHES = ("x86", "arm64", "riscv")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.kvm.arch_common import PG_LEVEL_2M, PG_LEVEL_4K, ArchKvm, MemslotHookContext
+from kvmmem.kvm.fault import EFAULT, EMULATE, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
     KVM_PFN_ERR_RO_FAULT,
@@ -21,6 +21,7 @@ from kvmmem.kvm.faultin import (
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.kvm_host import PG_LEVEL_2M, PG_LEVEL_4K, ArchKvm, MemslotHookContext
 from kvmmem.kvm.memslot import (
     CALL,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -30,14 +31,12 @@ from kvmmem.kvm.memslot import (
 )
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
 from kvmmem.kvm.prefault import PrefaultHang
-from kvmmem.kvm.vcpu import EFAULT, EMULATE, RESUME, RETRY, Access, Fault, FaultResult
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE
 
 if TYPE_CHECKING:
+    from kvmmem.kvm.kvm_host import Kvm, KvmVcpu
     from kvmmem.kvm.memslot import MemorySlot
-    from kvmmem.kvm.vcpu import Vcpu
-    from kvmmem.kvm.vm import Vm
 
 INVALID_OPCODE = FaultResult(Fault.ABORT, abort="#UD")
 _PG_LEVEL = {PAGE_SIZE: 1, PMD_SIZE: 2, PUD_SIZE: 3}
@@ -57,13 +56,13 @@ def lpage_disallowed(slot: MemorySlot, gfn: int, size: int) -> bool:
     return frame < slot.base_gfn or frame + npages > slot.base_gfn + slot.npages
 
 
-def is_obsolete_root(vm: Vm, vcpu: Vcpu) -> bool:
+def is_obsolete_root(vm: Kvm, vcpu: KvmVcpu) -> bool:
     """``is_obsolete_sp`` of the vCPU's root: a ``kvm_mmu_zap_all_fast`` (memslot delete
     or move) has made it obsolete since the vCPU last entered the guest."""
     return vcpu.index in vm.obsolete_roots
 
 
-def is_page_fault_stale(vm: Vm, vcpu: Vcpu, mmu_seq: int, gfn: int) -> bool:
+def is_page_fault_stale(vm: Kvm, vcpu: KvmVcpu, mmu_seq: int, gfn: int) -> bool:
     """``is_page_fault_stale``, under mmu_lock: the vCPU's root is obsolete, or an
     invalidation covering ``gfn`` is in progress or completed since ``mmu_seq``
     (``mmu_invalidate_retry_gfn``; not with the ``no-invalidate-retry`` mutation)."""
@@ -86,7 +85,7 @@ class X86Kvm(ArchKvm):
     has_pre_fault_memory = True
     max_level_size = PUD_SIZE
 
-    def elide_tlb_flush_if_young(self, vm: Vm) -> bool:
+    def elide_tlb_flush_if_young(self, vm: Kvm) -> bool:
         """x86 selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`` (v6.13;
         ``x86_elide_flush_if_young``)."""
         return vm.variant.x86_elide_flush_if_young
@@ -149,12 +148,12 @@ class X86Kvm(ArchKvm):
             yield from hooks.write_protect_memslot(new, PG_LEVEL_4K)
         yield from hooks.flush_remote_tlbs_memslot(new)
 
-    def handle_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access) -> Op[FaultResult]:
+    def handle_fault(self, vm: Kvm, vcpu: KvmVcpu, gpa: int, access: Access) -> Op[FaultResult]:
         """``kvm_mmu_page_fault`` -> ``kvm_tdp_page_fault`` for a guest access
         (the operation is ``tdp_page_fault``'s own: no forwarding layer)."""
         return self.tdp_page_fault(vm, vcpu, gpa, access, prefetch=False)
 
-    def tdp_page_fault(self, vm: Vm, vcpu: Vcpu, gpa: int, access: Access, *, prefetch: bool
+    def tdp_page_fault(self, vm: Kvm, vcpu: KvmVcpu, gpa: int, access: Access, *, prefetch: bool
                        ) -> Op[FaultResult]:
         """``kvm_tdp_mmu_page_fault``: faultin, stale check, map.
 
@@ -207,7 +206,7 @@ class X86Kvm(ArchKvm):
         return RESUME
 
     @staticmethod
-    def tdp_mmu_map(vm: Vm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
+    def tdp_mmu_map(vm: Kvm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
                     device: bool, access: Access | None) -> None:
         """``kvm_tdp_mmu_map`` -> ``tdp_mmu_map_handle_target_level``: the leaf with
         ``ACC_ALL`` (R, X; W when ``write``), with their ``kvmmmu`` tracepoints
@@ -225,7 +224,7 @@ class X86Kvm(ArchKvm):
                      pfn=pfn - ((gpa - base_gpa) >> PAGE_SHIFT), level=_PG_LEVEL.get(size, 0),
                      perm="r" + ("w" if write else "-") + "x")
 
-    def hugepage_adjust(self, vm: Vm, slot: MemorySlot, gfn: int, hva: int) -> int:
+    def hugepage_adjust(self, vm: Kvm, slot: MemorySlot, gfn: int, hva: int) -> int:
         """``kvm_mmu_hugepage_adjust``: 4K under dirty tracking; otherwise the
         largest level allowed by ``lpage_info`` and the host mapping
         (``host_pfn_mapping_level``)."""
@@ -242,7 +241,7 @@ class X86Kvm(ArchKvm):
 
     # --- KVM_PRE_FAULT_MEMORY ------------------------------------------------
 
-    def pre_fault_memory(self, vm: Vm, vcpu: Vcpu, gpa: int) -> Op[int]:
+    def pre_fault_memory(self, vm: Kvm, vcpu: KvmVcpu, gpa: int) -> Op[int]:
         """``kvm_arch_vcpu_pre_fault_memory`` -> ``kvm_tdp_map_page``: the
         fault path with ``prefetch`` and a read error code; returns the bytes
         from ``gpa`` to the end of the mapping that now covers it.
