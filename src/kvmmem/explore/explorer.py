@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kvmmem.errors import InputError
@@ -32,7 +33,14 @@ from kvmmem.variants import get_variant
 
 from .execution import EXPECTATION, Execution, TraceEvent, Violation
 from .parallel import StopFlag
-from .search import Combined, SearchParams, count_dfs_executions, estimate_dfs_executions
+from .schedule import (
+    Fingerprinted,
+    Forced,
+    count_dfs_executions,
+    estimate_dfs_executions,
+    run_execution,
+)
+from .search import Combined, SearchParams
 from .token import Token, scenario_digest
 
 INTERRUPTED_STATUS = 130
@@ -308,35 +316,10 @@ def replay(scenario: Scenario, token: Token | str) -> ReplayResult:
     token.check(scenario)
     check_target(scenario, token.arch, token.variant)
     ex = Execution(scenario, token.arch, token.variant, trace=True)
-    threads = [t.name for t in ex.threads]
-    choices = list(token.choices)
-    schedule: list[int] = []
-    pos = 0
-    if ex.violation is None:
-        while True:
-            if ex.finished:
-                ex.check_end()
-                break
-            enabled = ex.enabled()
-            if not enabled:
-                ex.deadlock()
-                break
-            if len(enabled) == 1:
-                tid = enabled[0]
-            else:
-                if pos >= len(choices):
-                    raise InputError("--replay: the token's schedule ends before the execution "
-                                     "does (was it made for another version of kvmmem?)")
-                tid = choices[pos]
-                pos += 1
-                if tid not in enabled:
-                    raise InputError(f"--replay: the token picks thread {tid}, which cannot "
-                                     "run at that point")
-            schedule.append(tid)
-            if ex.step(tid) is None or not ex.check():
-                break
+    run = run_execution(ex, Forced(token.choices))
     assert ex.trace is not None
-    return ReplayResult(threads, ex.trace, ex.violation, schedule, ex.outcomes)
+    return ReplayResult([t.name for t in ex.threads], ex.trace, ex.violation, run.schedule,
+                        ex.outcomes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,27 +343,11 @@ def check_determinism(scenario: Scenario, arch: str, variant: str | None = None,
     check_target(scenario, arch, variant)
     compared = 0
     for i in range(samples):
-        rng = random.Random(f"{seed}:{i}")
-        first = Execution(scenario, arch, variant)
-        schedule: list[int] = []
-        prints: list[bytes] = [first.fingerprint()[1]]
-        while not first.finished and first.violation is None:
-            enabled = first.enabled()
-            if not enabled:
-                break
-            tid = enabled[rng.randrange(len(enabled))]
-            schedule.append(tid)
-            if first.step(tid) is None or not first.check():
-                break
-            prints.append(first.fingerprint()[1])
-        second = Execution(scenario, arch, variant)
-        again: list[bytes] = [second.fingerprint()[1]]
-        for tid in schedule:
-            if tid not in second.enabled():
-                raise NondeterminismError(f"schedule {i}: thread {tid} cannot run on replay")
-            if second.step(tid) is None or not second.check():
-                break
-            again.append(second.fingerprint()[1])
+        first = Fingerprinted(rng=random.Random(f"{seed}:{i}"))
+        schedule = run_execution(Execution(scenario, arch, variant), first).schedule
+        second = Fingerprinted(schedule=schedule, mismatch=partial(_cannot_run, i))
+        run_execution(Execution(scenario, arch, variant), second)
+        prints, again = first.prints, second.prints
         if prints != again:
             at = next(j for j, (a, b) in enumerate(zip(prints, again, strict=False)) if a != b) \
                 if any(a != b for a, b in zip(prints, again, strict=False)) else len(again)
@@ -388,3 +355,7 @@ def check_determinism(scenario: Scenario, arch: str, variant: str | None = None,
                                       f"transition {at}")
         compared += len(again) - 1
     return DeterminismCheck(samples, compared)
+
+
+def _cannot_run(schedule: int, tid: int) -> NondeterminismError:
+    return NondeterminismError(f"schedule {schedule}: thread {tid} cannot run on replay")

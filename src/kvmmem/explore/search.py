@@ -63,7 +63,18 @@ from kvmmem.errors import InputError
 from kvmmem.scenario.model import Scenario
 
 from .execution import Execution, Violation, opaque_objects
+from .schedule import (
+    Chooser,
+    Run,
+    allowed,
+    count_dfs_executions,
+    estimate_dfs_executions,
+    run_execution,
+)
 from .threads import Footprint
+
+__all__ = ["STRATEGIES", "Combined", "Combiner", "SearchParams", "Stop", "Task",
+           "count_dfs_executions", "estimate_dfs_executions", "root_tasks", "run_task"]
 
 STRATEGIES = ("dfs", "dpor", "random", "pct")
 DEFAULT_SPLIT = 4096
@@ -267,23 +278,6 @@ def _shown(value: Any) -> str:
 # --- systematic search ---------------------------------------------------------------------
 
 
-def _allowed(enabled: list[int], last: int | None, preempt: int, bound: int | None) -> list[int]:
-    """Candidates under the preemption bound, default choice first (keep
-    running ``last`` when it can run), then thread order."""
-    cont = last is not None and last in enabled
-    out: list[int] = []
-    if cont:
-        assert last is not None
-        out.append(last)
-    for t in enabled:
-        if t == last:
-            continue
-        if cont and bound is not None and preempt + 1 > bound:
-            continue
-        out.append(t)
-    return out
-
-
 class _Systematic(_Explorer):
     """dfs and dpor over the subtree below ``task.prefix`` (a forced schedule)."""
 
@@ -343,81 +337,12 @@ class _Systematic(_Explorer):
         ex = self.start()
         if ex is None:
             return
-        bound = self.params.preemptions
-        schedule: list[int] = []
-        choices: list[int] = []
-        # replay the nodes whose transitions are known
-        for known in stack[:-1]:
-            schedule.append(known.choice)
-            if len(known.enabled) > 1:
-                choices.append(known.choice)
-            ex.step(known.choice)
-        pending: _Node | None = None
-        if stack:
-            if not self._transition(ex, stack[-1], schedule, choices):
-                return
-            pending = stack[-1]
-        # extend, first along the forced prefix, then with default choices
-        while True:
-            depth = len(schedule)
-            preempt = pending.preempt if pending is not None else 0
-            if pending is not None and pending.last is not None \
-                    and pending.choice != pending.last and pending.last in pending.enabled:
-                preempt += 1
-            if ex.finished:
-                data, full = ex.fingerprint()
-                self.seen(full)
-                if pending is not None:
-                    self._close(pending, data)
-                if not self.end_check(ex, data):
-                    self.violated(ex, schedule, choices)
-                self.finish(ex, depth, preempt)
-                return
-            enabled = ex.enabled()
-            data, full = ex.fingerprint()
-            self.seen(full)
-            sleep = self._close(pending, data) if pending is not None else {}
-            if not enabled:
-                ex.deadlock()
-                self.violated(ex, schedule, choices)
-                self.finish(ex, depth, preempt)
-                return
-            last = schedule[-1] if schedule else None
-            if depth < len(self.prefix):
-                forced = self.prefix[depth]
-                if forced not in enabled:  # pragma: no cover - prefixes come from this code
-                    raise RuntimeError("partition prefix does not replay")
-                candidates = [forced]
-                frozen = True
-            else:
-                frozen = False
-                only = self._cached(full, last, enabled, preempt, sleep) if self.reduce \
-                    else None
-                candidates = [t for t in _allowed(enabled, last, preempt, bound)
-                              if t not in sleep and (only is None or t in only)]
-                if not candidates:
-                    self.finish(ex, depth, preempt)
-                    return
-            node = _Node(tuple(enabled), candidates[0], candidates[1:], [], sleep, {}, last,
-                         preempt, data, frozen)
-            stack.append(node)
-            if not self._transition(ex, node, schedule, choices):
-                return
-            pending = node
-
-    def _transition(self, ex: Execution, node: _Node, schedule: list[int],
-                    choices: list[int]) -> bool:
-        """Run ``node.choice`` and check the invariants; False when the execution ended."""
-        schedule.append(node.choice)
-        if len(node.enabled) > 1:
-            choices.append(node.choice)
-        fp = ex.step(node.choice)
-        if fp is None or not ex.check():
-            self.violated(ex, schedule, choices)
-            self.finish(ex, len(schedule), node.preempt)
-            return False
-        node.footprints[node.choice] = fp
-        return True
+        run = run_execution(ex, _Walk(self, stack))
+        if run.end not in ("finished", "pruned"):
+            self.violated(ex, run.schedule, run.choices)
+        # an execution cut by a broken transition records the preemptions before it
+        self.finish(ex, len(run.schedule),
+                    run.before_last if run.end == "transition" else run.preemptions)
 
     def _close(self, node: _Node, data: bytes) -> dict[int, Footprint]:
         """Complete the footprint of the transition taken at ``node`` (did it
@@ -466,91 +391,6 @@ class _Systematic(_Explorer):
         return stored - asleep
 
 
-# --- how many executions plain DFS would run ---------------------------------------------
-
-
-def count_dfs_executions(scenario: Scenario, arch: str, variant: str,
-                         limit: int = 10_000_000,
-                         give_up: Callable[[], bool] | None = None) -> int:
-    """The number of executions an unbounded plain ``dfs`` runs to exhaust the
-    scenario: the number of maximal paths through its state graph, counted
-    without running them.  The model is deterministic, so two schedules that
-    reach the same state (full fingerprint: host, VM, locks, every thread's
-    suspended frames) have the same futures, and the count of a state is the
-    sum over its enabled threads of their successors' counts (1 where the
-    execution ends: finished, deadlocked or an invariant broken).  Each
-    distinct state is expanded once; each edge replays its prefix.
-
-    Raises InputError when a state's count exceeds ``limit`` (the count is
-    then only a lower bound), TimeoutError when ``give_up`` (asked before
-    each distinct state is expanded) says so."""
-    opaque = opaque_objects(scenario)
-    memo: dict[bytes, int] = {}
-
-    def replayed(prefix: list[int]) -> Execution:
-        ex = Execution(scenario, arch, variant, opaque=opaque)
-        for tid in prefix:
-            ex.step(tid)
-        return ex
-
-    def count(prefix: list[int], ex: Execution) -> int:
-        if ex.violation is not None or ex.finished:
-            return 1
-        key = ex.fingerprint()[1]
-        known = memo.get(key)
-        if known is not None:
-            return known
-        if give_up is not None and give_up():
-            raise TimeoutError("gave up counting the schedules")
-        enabled = ex.enabled()
-        total = 0 if enabled else 1
-        for i, tid in enumerate(enabled):
-            child = ex if i == len(enabled) - 1 else replayed(prefix)
-            if child.step(tid) is not None:
-                child.check()
-            total += count([*prefix, tid], child)
-            if total > limit:
-                raise InputError(f"more than {limit} schedules")
-        memo[key] = total
-        return total
-
-    return count([], Execution(scenario, arch, variant, opaque=opaque))
-
-
-def estimate_dfs_executions(scenario: Scenario, arch: str, variant: str,
-                            preemptions: int | None = None, probes: int = 128,
-                            seed: int = 0) -> float:
-    """Knuth's estimate of the executions a ``dfs`` search runs (with an optional
-    preemption bound): the mean, over ``probes`` random schedules, of the
-    product of the number of choices the search has at each point along the
-    schedule (an unbiased estimate of the number of leaves of its tree; D. E.
-    Knuth, "Estimating the efficiency of backtrack programs", 1975).  For when
-    :func:`count_dfs_executions` would take too long; rough (128 probes: within
-    a factor of 2 or 3 on the bundled races)."""
-    opaque = opaque_objects(scenario)
-    rng = _random.Random(seed)
-    total = 0.0
-    for _ in range(probes):
-        ex = Execution(scenario, arch, variant, opaque=opaque)
-        product = 1.0
-        last: int | None = None
-        preempt = 0
-        while ex.violation is None and not ex.finished:
-            enabled = ex.enabled()
-            if not enabled:
-                break
-            allowed = _allowed(enabled, last, preempt, preemptions)
-            product *= len(allowed)
-            tid = allowed[rng.randrange(len(allowed))]
-            if last is not None and tid != last and last in enabled:
-                preempt += 1
-            last = tid
-            if ex.step(tid) is not None:
-                ex.check()
-        total += product
-    return total / probes
-
-
 # --- random and PCT ------------------------------------------------------------------------
 
 
@@ -578,56 +418,117 @@ class _Sampling(_Explorer):
         ex = self.start()
         if ex is None:
             return
-        schedule: list[int] = []
-        choices: list[int] = []
-        pct = self.params.strategy == "pct"
-        nthreads = len(ex.threads)
-        depth_bug = (self.params.preemptions if self.params.preemptions is not None
-                     else DEFAULT_PCT_DEPTH - 1) + 1
-        prio: list[float] = []
-        change: dict[int, int] = {}
-        if pct:
-            order = list(range(nthreads))
-            rng.shuffle(order)
-            prio = [0.0] * nthreads
-            for rank, tid in enumerate(order):
-                prio[tid] = float(depth_bug + rank)
-            horizon = max(self._horizon, 1)
-            for i in range(1, depth_bug):
-                change[rng.randrange(horizon)] = depth_bug - i
-        preempt = 0
-        last: int | None = None
-        while True:
-            data, full = ex.fingerprint()
-            self.seen(full)
-            if ex.finished:
-                if not self.end_check(ex, data):
-                    self.violated(ex, schedule, choices)
-                break
-            enabled = ex.enabled()
-            if not enabled:
-                ex.deadlock()
-                self.violated(ex, schedule, choices)
-                break
-            if pct:
-                tid = max(enabled, key=lambda t: prio[t])
-            else:
-                tid = enabled[rng.randrange(len(enabled))]
-            if last is not None and tid != last and last in enabled:
-                preempt += 1
-            schedule.append(tid)
-            if len(enabled) > 1:
-                choices.append(tid)
-            last = tid
-            if ex.step(tid) is None or not ex.check():
-                self.violated(ex, schedule, choices)
-                break
-            if pct and len(schedule) - 1 in change:
-                prio[tid] = float(change[len(schedule) - 1])
-        self._horizon = max(self._horizon, len(schedule))
-        self.finish(ex, len(schedule), preempt)
+        run = run_execution(ex, _Sample(self, rng, len(ex.threads)))
+        if run.end != "finished":
+            self.violated(ex, run.schedule, run.choices)
+        self._horizon = max(self._horizon, len(run.schedule))
+        self.finish(ex, len(run.schedule), run.preemptions)
 
     _horizon = 64
+
+
+class _Walk(Chooser):
+    """The systematic search's chooser: replays the known nodes of ``stack``
+    (unchecked: they were checked when first run), runs the last one's new
+    choice, then extends the stack with a node per state (sleep sets, state
+    caching, the preemption bound, the forced prefix of a subtask)."""
+
+    def __init__(self, search: _Systematic, stack: list[_Node]) -> None:
+        self.search = search
+        self.stack = stack
+        self.known = len(stack)
+        self.pending: _Node | None = None
+        """The node whose transition led to the current state."""
+        self.node: _Node | None = None
+        self.data = b""
+        self.sleep: dict[int, Footprint] = {}
+        self.full = b""
+
+    def visit(self, ex: Execution, run: Run) -> None:
+        if len(run.schedule) < self.known:
+            return
+        self.data, self.full = ex.fingerprint()
+        self.search.seen(self.full)
+        self.sleep = self.search._close(self.pending, self.data) \
+            if self.pending is not None else {}
+
+    def choose(self, ex: Execution, enabled: list[int], run: Run) -> int | None:
+        depth = len(run.schedule)
+        if depth < self.known:
+            self.verify = depth == self.known - 1
+            self.node = self.stack[depth] if self.verify else None
+            return self.stack[depth].choice
+        self.verify = True
+        search = self.search
+        last = run.schedule[-1] if run.schedule else None
+        preempt = run.preemptions
+        if depth < len(search.prefix):
+            forced = search.prefix[depth]
+            if forced not in enabled:  # pragma: no cover - prefixes come from this code
+                raise RuntimeError("partition prefix does not replay")
+            candidates = [forced]
+            frozen = True
+        else:
+            frozen = False
+            only = search._cached(self.full, last, enabled, preempt, self.sleep) \
+                if search.reduce else None
+            candidates = [t for t in allowed(enabled, last, preempt, search.params.preemptions)
+                          if t not in self.sleep and (only is None or t in only)]
+            if not candidates:
+                return None
+        node = _Node(tuple(enabled), candidates[0], candidates[1:], [], self.sleep, {}, last,
+                     preempt, self.data, frozen)
+        self.stack.append(node)
+        self.node = node
+        return node.choice
+
+    def after(self, tid: int, footprint: Footprint, run: Run) -> None:
+        if self.node is not None:
+            self.node.footprints[self.node.choice] = footprint
+            self.pending = self.node
+
+    def end(self, ex: Execution, run: Run) -> bool:
+        return self.search.end_check(ex, self.data)
+
+
+class _Sample(Chooser):
+    """random and pct: a thread at random, or the highest PCT priority (its
+    priorities and change points drawn from ``rng`` first)."""
+
+    def __init__(self, search: _Sampling, rng: _random.Random, nthreads: int) -> None:
+        self.search = search
+        self.rng = rng
+        self.pct = search.params.strategy == "pct"
+        self.data = b""
+        self.prio: list[float] = []
+        self.change: dict[int, int] = {}
+        if self.pct:
+            preemptions = search.params.preemptions
+            depth_bug = (preemptions if preemptions is not None else DEFAULT_PCT_DEPTH - 1) + 1
+            order = list(range(nthreads))
+            rng.shuffle(order)
+            self.prio = [0.0] * nthreads
+            for rank, tid in enumerate(order):
+                self.prio[tid] = float(depth_bug + rank)
+            horizon = max(search._horizon, 1)
+            for i in range(1, depth_bug):
+                self.change[rng.randrange(horizon)] = depth_bug - i
+
+    def visit(self, ex: Execution, run: Run) -> None:
+        self.data, full = ex.fingerprint()
+        self.search.seen(full)
+
+    def choose(self, ex: Execution, enabled: list[int], run: Run) -> int | None:
+        if self.pct:
+            return max(enabled, key=lambda t: self.prio[t])
+        return enabled[self.rng.randrange(len(enabled))]
+
+    def after(self, tid: int, footprint: Footprint, run: Run) -> None:
+        if self.pct and len(run.schedule) - 1 in self.change:
+            self.prio[tid] = float(self.change[len(run.schedule) - 1])
+
+    def end(self, ex: Execution, run: Run) -> bool:
+        return self.search.end_check(ex, self.data)
 
 
 # --- partitioning and tasks ----------------------------------------------------------------
