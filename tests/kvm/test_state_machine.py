@@ -30,7 +30,8 @@ After every operation (``World.apply``):
 
 ``Race`` runs a guest access and one host mm operation as two threads, at the
 synchronisation points the kernel code yields (kvmmem.sync), in an order
-hypothesis picks, honouring the locks each holds; the invariants are checked
+hypothesis picks, on the explorer's scheduling core (kvmmem.explore.threads:
+the lock table and thread stepping of ``kvmmem explore``); the invariants are checked
 at every pause.  This is how the ``no-invalidate-retry`` mutation shows: the
 fault samples ``mmu_invalidate_seq``, resolves its pfn, and only then takes
 ``mmu_lock``; an munmap that runs entirely in between must make it retry.
@@ -66,6 +67,7 @@ from hypothesis.stateful import (
 )
 
 from kvmmem.errors import KernelError, ValidationError
+from kvmmem.explore.threads import Threads
 from kvmmem.host import PROT_EXEC, PROT_READ, PROT_WRITE
 from kvmmem.host.mm import HostSignal
 from kvmmem.kvm.dirty_log import kvm_get_dirty_log
@@ -80,9 +82,9 @@ from kvmmem.kvm.invariants import (
 )
 from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from kvmmem.kvm.prefault import kvm_vcpu_pre_fault_memory
-from kvmmem.kvm.vcpu import Access
+from kvmmem.kvm.vcpu import Access, AccessResult
 from kvmmem.kvm.vm import ARCHES, Vm
-from kvmmem.sync import Op, Sync, SyncKind
+from kvmmem.sync import Op, SyncKind, drive
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 from kvmmem.variants import MUTATIONS
 
@@ -313,74 +315,28 @@ LAYOUTS: dict[str, tuple[AnyOp, ...]] = {
 # --- the two-thread interleaving driver ------------------------------------------
 
 
-class Thread:
-    """One operation being stepped: the Sync it is paused at and the locks it holds.
-
-    A pause at ``acquire(X)`` is before taking X; at ``release(X)`` after dropping it
-    (kvmmem.sync)."""
-
-    def __init__(self, name: str, op: Op[Any]) -> None:
-        self.name = name
-        self.op = op
-        self.pending: Sync | None = None
-        self.held: dict[str, list[int]] = {}  # lock -> [count, shared]
-        self.done = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def holds_conflicting(self, lock: str, shared: bool) -> bool:
-        h = self.held.get(lock)
-        return h is not None and h[0] > 0 and not (shared and h[1])
-
-    def blocked_by(self, other: Thread) -> bool:
-        p = self.pending
-        return p is not None and p.kind is SyncKind.ACQUIRE \
-            and other.holds_conflicting(p.name, p.shared)
-
-    def step(self) -> None:
-        """Resume until the next pause (taking the lock it was waiting for)."""
-        p = self.pending
-        if p is not None and p.kind is SyncKind.ACQUIRE:
-            h = self.held.setdefault(p.name, [0, int(p.shared)])
-            h[0] += 1
-            h[1] = int(p.shared)
-        try:
-            nxt = next(self.op)
-        except StopIteration as stop:
-            self.done, self.result, self.pending = True, stop.value, None
-            return
-        except (KernelError, HostSignal) as err:
-            self.done, self.error, self.pending = True, err, None
-            return
-        if nxt.kind is SyncKind.RELEASE:
-            h = self.held[nxt.name]
-            h[0] -= 1
-            if h[0] == 0:
-                del self.held[nxt.name]
-        self.pending = nxt
+def caught(op: Op[Any]) -> Op[Any]:
+    """``op`` with the kernel error or signal it raises returned as its result."""
+    try:
+        return (yield from op)
+    except (KernelError, HostSignal) as err:
+        return err
 
 
-def interleave(threads: list[Thread], schedule: tuple[int, ...],
+def interleave(threads: Threads, schedule: tuple[int, ...],
                check: Callable[[], None]) -> None:
-    """Step ``threads`` (two of them) as ``schedule`` picks, a blocked or finished
-    pick falling to the other thread; then the rest, later threads first.
+    """Step ``threads`` (the explorer's scheduling core: the same lock rules
+    as ``kvmmem explore``) as ``schedule`` picks, a blocked or finished pick
+    falling to the other thread; then the rest, later threads first.
     ``check`` runs after every step.  Raises AssertionError on a deadlock."""
-
-    def runnable(t: Thread) -> bool:
-        return not t.done and not any(t.blocked_by(o) for o in threads if o is not t)
-
     picks: Iterator[int] = iter(schedule)
-    while not all(t.done for t in threads):
+    while not threads.finished:
+        enabled = threads.enabled()
+        if not enabled:
+            raise AssertionError("interleaving deadlock: " + threads.describe_waits())
         choice = next(picks, None)
-        order = list(reversed(threads)) if choice is None else \
-            [threads[choice]] + [t for t in threads if t is not threads[choice]]
-        for t in order:
-            if runnable(t):
-                t.step()
-                break
-        else:
-            raise AssertionError("interleaving deadlock: " + ", ".join(
-                f"{t.name} waits at {t.pending} holding {sorted(t.held)}" for t in threads))
+        tid = enabled[-1] if choice is None else choice if choice in enabled else enabled[0]
+        threads.resume(tid, [])
         check()
 
 
@@ -488,11 +444,9 @@ class World:
             self._dirty_log(op)
         else:
             before = self.snapshot() if isinstance(op, Mmap | Munmap) else None
-            t = Thread("host", self.host_op(op))
-            while not t.done:
-                t.step()
-            if isinstance(t.error, KernelError) and before is not None:
-                assert self.snapshot() == before, f"{op} failed ({t.error}) but changed state"
+            error = drive(caught(self.host_op(op)))
+            if isinstance(error, KernelError) and before is not None:
+                assert self.snapshot() == before, f"{op} failed ({error}) but changed state"
         self.check()
 
     def _set_slot(self, op: SetSlot) -> None:
@@ -595,13 +549,15 @@ class World:
                 host = dataclasses.replace(host, off=off)
             else:
                 host = dataclasses.replace(host, off=off, length=PAGE_SIZE)
-        fault = Thread("vcpu0", vm.vcpus[0].access_op(gpa, g.size, access, value))
-        other = Thread("host", self.host_op(host))
-        interleave([fault, other], op.schedule,
-                   lambda: self.check_in_flight(fault.done, other.holds_conflicting(
-                       "mmap_lock", True)))
+        threads = Threads()
+        fault = threads.threads[threads.add(
+            "vcpu0", caught(vm.vcpus[0].access_op(gpa, g.size, access, value)))]
+        other = threads.add("host", caught(self.host_op(host)))
+        interleave(threads, op.schedule,
+                   lambda: self.check_in_flight(fault.done,
+                                                threads.locks.holds(other, "mmap_lock")))
         r = fault.result
-        if r is not None and r.result == "ok" and access is Access.WRITE:
+        if isinstance(r, AccessResult) and r.result == "ok" and access is Access.WRITE:
             self.record_write(gpa, g.size)
 
     def finish(self) -> None:
