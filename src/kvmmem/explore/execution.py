@@ -13,15 +13,8 @@ still interleaves between two accesses.
 
 Scheduling semantics
 --------------------
-* A thread sits at a pause.  At an ``ACQUIRE`` pause it is runnable only when
-  the lock can be granted (reader/writer semantics: any number of shared
-  holders, or one exclusive holder); running it grants the lock, then resumes
-  the code up to its next pause.  A ``RELEASE`` is yielded *after* the code
-  dropped the lock, so the lock table drops it as soon as the pause is seen.
-* ``srcu`` follows the same rules: vCPU faults hold it shared, and
-  ``synchronize_srcu`` is an exclusive acquire + release, which waits for the
-  readers; new readers are not held back by a waiting writer (SRCU readers
-  never are).
+* Threads, locks and who can run are :mod:`kvmmem.explore.threads`'s
+  (reader/writer locks, ``srcu`` readers never held back by a waiting writer).
 * A vCPU whose fault was answered ``RETRY`` while the condition that caused
   it persists (an invalidation in progress covering the gfn, a memslot being
   deleted) would only spin: it is not runnable until that condition changes
