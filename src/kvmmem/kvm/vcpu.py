@@ -267,7 +267,7 @@ class Vcpu:
         ``touch``, performed; without, ``ok`` once the translation exists."""
         vm = self.vm
         if emulated:
-            return self._emulated(gpa, size, access, value)
+            return (yield from self._emulated_op(gpa, size, access, value))
         for _ in range(MAX_FAULT_RETRIES):
             entry = self._translate(gpa, access)
             if entry is not None:
@@ -295,7 +295,7 @@ class Vcpu:
                 return AccessResult("mmio")
             if kind is Fault.EMULATE:
                 vm.stats.pf_emulate += 1
-                return self._emulated(gpa, size, access, value)
+                return (yield from self._emulated_op(gpa, size, access, value))
             if kind is Fault.EFAULT:
                 vm.stats.pf_efault += 1
                 if vm.log is not None:
@@ -306,7 +306,8 @@ class Vcpu:
             return AccessResult("abort", abort=decision.abort)
         return AccessResult("error", errno="EAGAIN")
 
-    def _emulated(self, gpa: int, size: int, access: Access, value: int) -> AccessResult:
+    def _emulated_op(self, gpa: int, size: int, access: Access,
+                     value: int) -> Op[AccessResult]:
         """``kvm_vcpu_read_guest``/``kvm_vcpu_write_guest`` through the hva, as
         the x86 emulator does: anything it cannot complete is MMIO."""
         vm = self.vm
@@ -318,11 +319,14 @@ class Vcpu:
                 return AccessResult("exit", exit_reason="KVM_EXIT_INTERNAL_ERROR", suberror=1)
             return AccessResult("mmio")
         hva = Hva(slot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1)))
+        # kvm_vcpu_{read,write}_guest copy through __copy_{from,to}_user; a page
+        # fault there takes mmap_lock for read (do_user_addr_fault), so the
+        # access pauses where a concurrent mmap_lock writer can block it.
         try:
             if access is Access.WRITE:
-                vm.mm.host_write(hva, size, value)
+                yield from vm.mm.host_write_op(hva, size, value)
                 mark_page_dirty_in_slot(slot, gpa >> PAGE_SHIFT)
                 return AccessResult("ok")
-            return AccessResult("ok", value=vm.mm.host_read(hva, size))
+            return AccessResult("ok", value=(yield from vm.mm.host_read_op(hva, size)))
         except HostSignal:
             return AccessResult("mmio")
