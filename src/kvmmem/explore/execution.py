@@ -15,12 +15,13 @@ Scheduling semantics
 --------------------
 * Threads, locks and who can run are :mod:`kvmmem.explore.threads`'s
   (reader/writer locks, ``srcu`` readers never held back by a waiting writer).
-* A vCPU whose fault was answered ``RETRY`` while the condition that caused
-  it persists (an invalidation in progress covering the gfn, a memslot being
-  deleted) would only spin: it is not runnable until that condition changes
-  (the invalidation sequence, count, range or a memslot set), unless no
-  other thread can run.  Retries caused by a sequence change that is already
-  over are ordinary transitions.
+* A vCPU whose fault was answered ``RETRY`` publishes what it waits on
+  (``Vcpu.fault_wait``, a :class:`~kvmmem.kvm.mmu_notifier.FaultWait`); while
+  that still holds (an invalidation in progress covering the gfn, a memslot
+  being deleted) it would only spin: it is not runnable until the invalidation
+  sequence, count, range or a memslot set changes, unless no other thread can
+  run.  Retries caused by a sequence change that is already over are ordinary
+  transitions.
 * A transition is one thread's run from one pause to the next; after every
   transition the invariants are checked (:meth:`Execution.check`).  No
   runnable thread while some are unfinished is a ``deadlock`` violation; an
@@ -51,7 +52,6 @@ from typing import Any
 
 from kvmmem.errors import InputError, ValidationError
 from kvmmem.kvm.invariants import validate_path_independence, validate_vm
-from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry_gfn
 from kvmmem.scenario.model import (
     MEMSLOT_FLAGS,
     STEP_TYPES,
@@ -217,7 +217,6 @@ class Execution:
         if log is not None:
             log.thread = th.name
             mark = len(log.events)
-        retries = self.vm.stats.pf_retry
         self._done_steps.clear()
         failed: Violation | None = None
         nxt: Sync | None = None
@@ -240,8 +239,7 @@ class Execution:
                                        f"expected {step.expect}, got {outcome}",
                                        self.transitions, tid)
                     break
-        if nxt is _SRCU_READ_LOCK and self.vm.stats.pf_retry != retries \
-                and self._would_retry_again(th):
+        if nxt is _SRCU_READ_LOCK and self._would_retry_again(th):
             th.blocked = self.retry_key()
         if lines is not None and self.trace is not None:
             if log is not None:
@@ -265,10 +263,6 @@ class Execution:
         self._done_steps.append((step, out))
 
     # --- in-flight state: what a retrying fault waits on ---------------------------------
-    #
-    # The model does not publish yet what a fault answered RETRY waits for (issue
-    # 12 item 4: the vCPU should record its wait key where it returns RETRY);
-    # until it does, this section is the one place that reads it off the VM.
 
     def retry_key(self) -> tuple[Any, ...]:
         """What a retrying fault waits on: the invalidation sequence, count and
@@ -281,32 +275,13 @@ class Execution:
                 vm.mmu_invalidate_range_start, vm.mmu_invalidate_range_end, sets)
 
     def _would_retry_again(self, th: ThreadState) -> bool:
-        """Whether every gfn of the thread's access would be answered RETRY again
-        in the current state (so re-running the fault can only spin): an
-        INVALID slot (every arch), or an invalidation in progress - covering
-        the gfn where the arch checks the range (x86's
-        ``mmu_invalidate_retry_gfn``), any where it does not (arm64/riscv
-        ``mmu_invalidate_retry``)."""
+        """Whether the thread's vCPU published a fault wait (it was answered RETRY)
+        that still holds now, so re-running the fault can only spin."""
         step = th.current()
         if not isinstance(step, GuestAccess):
             return False
-        gpa, size = step.gpa, step.access_size
-        vm = self.vm
-        retry = vm.variant.invalidate_retry
-        for gfn in range(gpa >> PAGE_SHIFT, ((gpa + size - 1) >> PAGE_SHIFT) + 1):
-            slot = vm.gfn_to_memslot(gfn)
-            if slot is None:
-                return False
-            if vm.arch_name == "x86":
-                if slot.invalid:
-                    continue
-                if retry and vm.mmu_invalidate_in_progress \
-                        and mmu_invalidate_retry_gfn(vm, vm.mmu_invalidate_seq, gfn):
-                    continue
-                return False
-            if slot.invalid or not (retry and vm.mmu_invalidate_in_progress):
-                return False
-        return True
+        wait = self.vm.vcpus[step.vcpu].fault_wait
+        return wait is not None and wait.holds(self.vm)
 
     # --- checks ------------------------------------------------------------------------
 

@@ -41,11 +41,12 @@ import numpy as np
 from sortedcontainers import SortedDict, SortedList, SortedSet
 
 SKIPPED_ATTRIBUTES = frozenset({"stats", "counters", "log", "_vmacache", "_leaf_cache",
-                                "_decode_cache", "_last_used_slot"})
+                                "_decode_cache", "_last_used_slot", "fault_wait"})
 """Attributes never part of a state: append-only statistics and event logs,
 and pure memoisation caches (the last VMA found, entry encodings, a vCPU's
 last memslot found) whose content depends on which lookups happened, not on
-the state."""
+the state, and a vCPU's published fault wait (in-flight bookkeeping the
+explorer reads; its ``Vcpu.__getstate__`` leaves it out of pickles too)."""
 
 _PRIMITIVES: frozenset[type] = frozenset({int, float, str, bytes, bool, type(None)})
 _FIELDS: dict[type, tuple[str, ...]] = {}

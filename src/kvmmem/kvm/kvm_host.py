@@ -183,6 +183,13 @@ class ArchKvm:
     has_emulated_path = False
     """Whether a vCPU can run every access through KVM's instruction emulator (x86's
     ``x86_emulate_instruction``: the ``emulated`` access path)."""
+    retry_checks_gfn = False
+    """Whether a fault's invalidation retry check tests the faulting gfn against the
+    range being invalidated (x86 ``mmu_invalidate_retry_gfn``) rather than any
+    invalidation in progress (arm64/riscv ``mmu_invalidate_retry``)."""
+    retries_invalid_slot = False
+    """Whether a fault on an INVALID (being deleted or moved) memslot is answered
+    RETRY (x86 ``kvm_mmu_faultin_pfn``); arm64 and riscv handle it as no slot."""
     walk_sets_accessed = False
     """Whether the hardware's stage-2 walk sets a leaf's accessed flag itself (x86 EPT
     with A/D bits); arm64 takes an access flag fault instead."""

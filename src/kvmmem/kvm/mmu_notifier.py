@@ -16,6 +16,7 @@ exclusively.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmmem.host.notifier import MmuNotifierRange
@@ -138,3 +139,32 @@ def mmu_invalidate_retry_gfn(vm: Kvm, seq: int, gfn: int) -> bool:
         if vm.mmu_invalidate_range_start <= gfn < vm.mmu_invalidate_range_end:
             return True
     return vm.mmu_invalidate_seq != seq
+
+
+@dataclass(frozen=True, slots=True)
+class FaultWait:
+    """What a vCPU whose fault was answered RETRY waits on, published by the vCPU
+    (:attr:`kvmmem.kvm.vcpu.Vcpu.fault_wait`) until its next attempt proceeds.
+
+    The fault at ``gfn`` will be answered RETRY again, and the vCPU only spin,
+    while an invalidation is in progress - one covering ``gfn`` with ``ranged``
+    (x86 ``mmu_invalidate_retry_gfn``), any without (arm64/riscv
+    ``mmu_invalidate_retry``) - or, with ``invalid_slot``, while its memslot is
+    INVALID (x86 ``kvm_mmu_faultin_pfn``; arm64 and riscv treat it as no slot).
+    A retry for a sequence change already over, or an obsolete root
+    (``vcpu_enter_guest`` frees it before the next attempt), does not persist."""
+
+    gfn: int
+    ranged: bool
+    invalid_slot: bool
+
+    def holds(self, vm: Kvm) -> bool:
+        """Whether the next attempt would be answered RETRY again now."""
+        slot = vm.gfn_to_memslot(self.gfn)
+        if slot is None:
+            return False
+        if slot.invalid:
+            return self.invalid_slot
+        if not (vm.variant.invalidate_retry and vm.mmu_invalidate_in_progress):
+            return False
+        return not self.ranged or mmu_invalidate_retry_gfn(vm, vm.mmu_invalidate_seq, self.gfn)

@@ -22,7 +22,7 @@ Two paths, chosen per vCPU (kvm-on-this-host.md §0, §6):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmmem.errors import InputError
 from kvmmem.host.mm import HostSignal
@@ -38,6 +38,7 @@ from kvmmem.kvm.fault import (
     FaultResult,
 )
 from kvmmem.kvm.memslot import mark_page_dirty_in_slot
+from kvmmem.kvm.mmu_notifier import FaultWait
 from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
@@ -94,6 +95,15 @@ class Vcpu:
         default=None, init=False, repr=False, compare=False)
     """``vcpu->last_used_slot`` with the set and generation it was found in
     (a lookup cache: not part of the state, see explore/fingerprint.py)."""
+    fault_wait: FaultWait | None = field(default=None, init=False, repr=False, compare=False)
+    """In-flight state the explorer reads: what the fault this vCPU was answered
+    RETRY for waits on, from the RETRY until its next attempt proceeds (None
+    otherwise).  Bookkeeping, not state: left out of pickles and copies."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("fault_wait", None)
+        return state
 
     # --- memslots ------------------------------------------------------------
 
@@ -271,6 +281,7 @@ class Vcpu:
         for _ in range(MAX_FAULT_RETRIES):
             entry = self._translate(gpa, access)
             if entry is not None:
+                self.fault_wait = None
                 if not touch:
                     return AccessResult("ok")
                 return vm.touch_frame(entry.pfn, gpa, size, access, value)
@@ -280,12 +291,16 @@ class Vcpu:
             vm.stats.pf_taken += 1
             # The fault reads the memslots under SRCU (kvm_vcpu_srcu_read_lock in the run loop).
             yield _SRCU_READ_LOCK
+            self.fault_wait = None  # the attempt proceeds
             decision = yield from vm.arch.handle_fault(vm, self, gpa, access)
             yield _SRCU_READ_UNLOCK
             kind = decision.kind
             if kind is Fault.RESUME or kind is Fault.RETRY:
                 if kind is Fault.RETRY:
                     vm.stats.pf_retry += 1
+                    arch = vm.arch
+                    self.fault_wait = FaultWait(gpa >> PAGE_SHIFT, arch.retry_checks_gfn,
+                                                arch.retries_invalid_slot)
                 # Back into the guest: vcpu_enter_guest frees a root made obsolete
                 # meanwhile (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before the access re-faults.
                 vm.vcpu_enter_guest(self.index)
@@ -304,6 +319,7 @@ class Vcpu:
             if kind is Fault.ERRNO:
                 return AccessResult("error", errno=decision.errno)
             return AccessResult("abort", abort=decision.abort)
+        self.fault_wait = None
         return AccessResult("error", errno="EAGAIN")
 
     def _emulated_op(self, gpa: int, size: int, access: Access,

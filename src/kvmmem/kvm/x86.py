@@ -77,6 +77,8 @@ class X86Kvm(ArchKvm):
     name = "x86"
     emulates_page_crossing = True
     has_emulated_path = True
+    retry_checks_gfn = True
+    retries_invalid_slot = True
     walk_sets_accessed = True
     """EPT with A/D enabled (what KVM turns on, ``enable_ept_ad_bits``): the CPU's walk
     sets the accessed flag (Intel SDM 29.3.5)."""
