@@ -237,7 +237,8 @@ class Arm64Kvm(ArchKvm):
     ) -> Op[None]:
         """The VMA walk of ``kvm_arch_prepare_memory_region``.
 
-        Upstream it only rejects VM_PFNMAP with dirty logging; before v5.5 it
+        Upstream it rejects VM_PFNMAP with dirty logging and, since v6.17 on a CPU
+        without FWB and DIC, a cacheable VM_PFNMAP VMA (EINVAL); before v5.5 it
         also rejects a writable slot over a VMA without VM_WRITE
         (``arm64_prepare_write_check``) and before v5.14 premaps VM_PFNMAP ranges
         (``kvm_phys_addr_ioremap``, ``arm64_prepare_premap``, fd6f17bade21): from
