@@ -60,7 +60,7 @@ MACHINE_UNSUPPORTED: dict[str, str] = {
     r"declares cpu_features fwb and dic; this CPU lacks them":
         "QEMU's -cpu max has no FWB/DIC: v6.17+ refuses a cacheable VM_PFNMAP slot there",
     r"this kernel maps a .* without VM_PFNMAP":
-        "dmabuf: before v5.14 DRM shmem mmaps are VM_MIXEDMAP",
+        "dmabuf: 5.10's DRM shmem mmap is VM_MIXEDMAP, not VM_PFNMAP",
 }
 """Reasons a scenario may be unsupported on a machine (regex -> justification)."""
 

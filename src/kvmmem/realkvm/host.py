@@ -378,7 +378,7 @@ class HostMemory:
                       | libc.MAP_NORESERVE | libc.MAP_FIXED)
             raise MappingUnsupported(
                 f"this kernel maps a {source} without VM_PFNMAP (VmFlags: {' '.join(flags)}; "
-                "DRM shmem buffers became VM_PFNMAP in v5.14), so it is not the dmabuf kind")
+                "as 5.10's DRM shmem mmap is VM_MIXEDMAP), so it is not the dmabuf kind")
         return 0
 
     def _dmabuf_source(self, size: int) -> tuple[int, int, str]:
