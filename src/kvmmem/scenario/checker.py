@@ -205,21 +205,7 @@ class _Checker(_ValueChecker):
         if isinstance(node, SequenceNode):
             if not node.value:
                 raise self.err(node, path, "the list of architectures is empty")
-            out: list[str] = []
-            bad = False
-            for i, item in enumerate(node.value):
-                try:
-                    arch = self.choice(item, f"{path}[{i}]", ARCHES, "an architecture")
-                except _Bad:
-                    bad = True
-                    continue
-                if arch in out:
-                    self.err(item, f"{path}[{i}]", f"{arch} is listed twice")
-                    bad = True
-                out.append(arch)
-            if bad:
-                raise _Bad()
-            return tuple(out)
+            return self.word_list(node, path, ARCHES, "architecture", "an architecture")
         return (self.choice(node, path, ARCHES, "an architecture"),)
 
     def granule(self, node: Node, path: str) -> int:
