@@ -69,6 +69,8 @@ def machine_variant(version: str) -> str:
     from kvmmem.variants import DISTRIBUTIONS
     release = version.split("-", 1)[0]
     return f"debian-{release}" if f"debian-{release}" in DISTRIBUTIONS else release
+
+
 PATHS = ("native", "emulated")
 VERDICTS = ("agree", "differ", "unsupported")
 

@@ -40,7 +40,6 @@ Outcome = dict[str, Any]
 Program = dict[str, Any]
 
 
-
 @dataclass(slots=True)
 class RealRun:
     """The result of one scenario on real KVM: ``supported`` (False with ``reason``
