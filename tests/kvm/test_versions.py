@@ -391,3 +391,17 @@ def test_debian_6_12_carries_the_pfnmap_block_fix() -> None:
               and getattr(mainline, f.name) != getattr(debian, f.name)]
     assert differ == ["arm64_pfnmap_vma_block"]
     assert mainline.arm64_pfnmap_vma_block and get_variant("6.1").arm64_pfnmap_vma_block
+
+
+@pytest.mark.parametrize(("variant", "slot1_store"), [("6.12", "fault"), ("7.2", "ok")])
+def test_riscv_hugetlb_block_outside_the_slot_by_release(variant: str,
+                                                         slot1_store: str) -> None:
+    """``kvm_riscv_gstage_map`` before 49476d58f217 (v7.2) keeps a hugetlb VMA's 2 MiB
+    size for a slot starting 4 KiB past a 2 MiB boundary and looks the aligned gfn up in
+    every memslot (``gfn_to_pfn_prot``): none covers it, -EFAULT (real riscv 6.12.117);
+    7.2 maps the page 4K (real riscv 7.2.13).  The congruent slot 0 gets its 2 MiB
+    block in both."""
+    result = run_scenario(load_scenario(SCENARIOS / "row-huge-hugetlb.yaml"), "riscv",
+                          variant)
+    steps = {s["step"]: s["result"] for s in result.steps}
+    assert steps[1] == "ok" and steps[3] == slot1_store
