@@ -365,25 +365,28 @@ class World:
     def check(self) -> None:
         validate_vm(without_lazy_pfnmap_blocks(self.vm))
 
-    def check_in_flight(self, fault_done: bool, mm_writer: bool) -> None:
+    def check_in_flight(self) -> None:
         """The invariants at a pause inside a race, with two windows the kernel
-        itself has (KVM_FINDINGS #11):
+        itself has (KVM_FINDINGS #11), read from what the model publishes:
 
-        * while the fault is in flight its page may be mapped writable but not yet
-          marked dirty: arm64 and riscv call mark_page_dirty_in_slot after
-          dropping mmu_lock (user_mem_abort, kvm_riscv_mmu_map);
-        * while an mm operation holds mmap_lock for writing, the VMA may already
-          be gone or read-only while stage-2 still maps the page writable: munmap
-          detaches the VMAs (vms_gather_munmap_vmas) and mprotect resets vm_flags
-          (mprotect_fixup) before the notifier start zaps; permission containment
-          is checked once the mm operation is done."""
+        * a page the fault has mapped writable but not yet marked dirty
+          (``Vcpu.unmarked_dirty``: arm64's user_mem_abort calls
+          mark_page_dirty_in_slot after dropping mmu_lock);
+        * while an mm operation holds mmap_lock around its changes
+          (``mm.changes_in_flight``), the VMA may already be gone or read-only
+          while stage-2 still maps the page writable: munmap detaches the VMAs
+          (vms_gather_munmap_vmas) and mprotect resets vm_flags (mprotect_fixup)
+          before the notifier start zaps; permission containment is checked once
+          the mm operation is done."""
+        unmarked = any(v.unmarked_dirty is not None for v in self.vm.vcpus)
+        mm_writer = bool(self.vm.mm.changes_in_flight)
         vm = without_lazy_pfnmap_blocks(self.vm)
         validate_no_stale_translation(vm)
         if not mm_writer:
             try:
                 validate_permission_containment(vm)
             except ValidationError as err:
-                if err.invariant != "dirty-log-completeness" or fault_done:
+                if err.invariant != "dirty-log-completeness" or not unmarked:
                     raise
         validate_memory_type(vm)
         validate_break_before_make(vm)
@@ -552,10 +555,8 @@ class World:
         threads = Threads()
         fault = threads.threads[threads.add(
             "vcpu0", caught(vm.vcpus[0].access_op(gpa, g.size, access, value)))]
-        other = threads.add("host", caught(self.host_op(host)))
-        interleave(threads, op.schedule,
-                   lambda: self.check_in_flight(fault.done,
-                                                threads.locks.holds(other, "mmap_lock")))
+        threads.add("host", caught(self.host_op(host)))
+        interleave(threads, op.schedule, self.check_in_flight)
         r = fault.result
         if isinstance(r, AccessResult) and r.result == "ok" and access is Access.WRITE:
             self.record_write(gpa, g.size)

@@ -30,17 +30,25 @@ Scheduling semantics
 Checks while an operation is half done
 --------------------------------------
 ``validate_vm`` is meant for states between complete steps; checking after
-every transition also sees two windows the kernel itself has and that are
-not bugs, which :meth:`Execution.check` exempts (by validating a copy of the
-VM in which the window is closed):
+every transition also sees windows the kernel itself has and that are not
+bugs, which :meth:`Execution.check` exempts by validating a copy of the VM
+in which the window is closed.  The explorer does not work them out from
+step types: the model publishes each while it is open, and
+:meth:`Execution._windows` reads them.
 
-* a memslot update in flight: stage-2 entries premapped by
-  ``kvm_arch_prepare_memory_region`` (linux-5.4) before the new slot is
-  published have no memslot yet; and dirty logging counts from the end of
-  the ioctl that enables it, not from the swap (the write-protection comes
-  in the commit hook, after the swap);
-* a guest write fault between installing its writable entry and marking the
-  page dirty (the model marks it after dropping ``mmu_lock``).
+* A memslot update in flight (``VmMemslots.update_in_flight``, from the
+  validation in ``kvm_set_memory_region`` to its end): stage-2 entries
+  premapped by ``kvm_arch_prepare_memory_region`` (linux-5.4) before the new
+  slot is published have no memslot yet; and dirty logging counts from the
+  end of the ioctl that enables it, not from the swap (the write-protection
+  comes in the commit hook, after the swap).
+* A guest write fault between installing its writable entry and marking the
+  page dirty (``Vcpu.unmarked_dirty``: arm64's ``user_mem_abort`` marks it
+  after dropping ``mmu_lock``).
+* An address-space change holding ``mmap_lock`` (``MmStruct.changes_in_flight``:
+  munmap, mmap over a range, mprotect, madvise, mremap): its VMAs may
+  already say what its PTEs only say after the invalidation; the entries are
+  checked again once it is done.
 """
 
 from __future__ import annotations
@@ -56,11 +64,7 @@ from kvmmem.scenario.model import (
     MEMSLOT_FLAGS,
     STEP_TYPES,
     GuestAccess,
-    GuestWrite,
-    HostMmap,
-    HostMunmap,
     Scenario,
-    SetMemslot,
     Step,
     prot_letters,
 )
@@ -321,41 +325,25 @@ class Execution:
                                    None, self.state_lines())
 
     def _windows(self) -> Windows | None:
-        """The exempt windows open now (see the module docstring), or None."""
+        """The exempt windows open now, as the model publishes them (see the
+        module docstring), or None."""
+        vm = self.vm
         w = Windows()
-        for tid, th in enumerate(self.threads):
-            step = th.current()
-            if isinstance(step, SetMemslot):
-                start = step.gpa >> PAGE_SHIFT
-                w.premap.append((start, start + (step.size >> PAGE_SHIFT)))
-                old = self.vm.memslots.id_to_memslot(step.slot & 0xFFFF, step.slot >> 16)
-                if old is not None:
-                    w.logging.append((int(old.base_gfn), int(old.base_gfn + old.npages)))
-                if "log_dirty" in step.flags:
-                    w.logging.append((start, start + (step.size >> PAGE_SHIFT)))
-            elif isinstance(step, GuestWrite) and th.pending is not None \
-                    and th.pending.kind is SyncKind.RELEASE and th.pending.name == _MMU_LOCK:
-                w.dirty.append((step.gpa >> PAGE_SHIFT,
-                                ((step.gpa + step.size - 1) >> PAGE_SHIFT) + 1))
-            elif step is not None and step.actor == "host" \
-                    and self.locks.holds(tid, _MMAP_LOCK):
-                w.mm_change.append(self._hva_range(step))
+        update = vm.memslots.update_in_flight
+        if update is not None:
+            if update.new is not None:
+                start, npages = update.new
+                w.premap.append((start, start + npages))
+                if update.new_logging:
+                    w.logging.append((start, start + npages))
+            if update.old is not None:
+                start, npages = update.old
+                w.logging.append((start, start + npages))
+        for vcpu in vm.vcpus:
+            if vcpu.unmarked_dirty is not None:
+                w.dirty.append((vcpu.unmarked_dirty, vcpu.unmarked_dirty + 1))
+        w.mm_change.extend(vm.mm.changes_in_flight)
         return w if w else None
-
-    def _hva_range(self, step: Step) -> tuple[int, int]:
-        """The host address range a host step holding mmap_lock for write works on."""
-        runner = self.runner
-        if isinstance(step, HostMmap):
-            if step.at is None:
-                return (0, 0)
-            start = runner.hva(step.at.memory, step.at.offset)
-            return (start, start + step.size)
-        if isinstance(step, HostMunmap):
-            start, size = runner.munmap_range(step)
-            return (start, start + size)
-        args = step.args()
-        start = runner.hva(str(args["memory"]), int(str(args.get("offset", 0))))
-        return (start, start + int(str(args["size"])))
 
     # --- fingerprints --------------------------------------------------------------------
 
@@ -429,9 +417,10 @@ _PICKLERS: dict[tuple[type, ...], StatePickler] = {}
 
 def _state_pickler(execution: type, vm: Any) -> StatePickler:
     """The :class:`StatePickler` for executions of this kind (cached): the
-    scenario, its steps and the execution are opaque; the VM, the mm and the
-    stage-2 table lose their counters and logs."""
-    skipping = (type(vm), type(vm.mm), type(vm.stage2))
+    scenario, its steps and the execution are opaque; the VM, the mm, the
+    stage-2 table and the memslots lose their counters, logs and in-flight
+    bookkeeping."""
+    skipping = (type(vm), type(vm.mm), type(vm.stage2), type(vm.memslots))
     key = (execution, *skipping)
     pickler = _PICKLERS.get(key)
     if pickler is None:
@@ -458,7 +447,7 @@ class Windows:
     (``premap``: entries no slot covers yet; ``logging``: slots whose dirty
     logging is being switched), of guest writes between install and
     mark_page_dirty (``dirty``), and host ranges of mm changes in flight
-    (``mm_change``: the thread holds mmap_lock for write)."""
+    (``mm_change``: an operation holding mmap_lock works on them)."""
 
     premap: list[tuple[int, int]] = field(default_factory=list)
     logging: list[tuple[int, int]] = field(default_factory=list)

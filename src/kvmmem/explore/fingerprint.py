@@ -41,12 +41,15 @@ import numpy as np
 from sortedcontainers import SortedDict, SortedList, SortedSet
 
 SKIPPED_ATTRIBUTES = frozenset({"stats", "counters", "log", "_vmacache", "_leaf_cache",
-                                "_decode_cache", "_last_used_slot", "fault_wait"})
+                                "_decode_cache", "_last_used_slot", "fault_wait",
+                                "unmarked_dirty", "update_in_flight", "changes_in_flight"})
 """Attributes never part of a state: append-only statistics and event logs,
-and pure memoisation caches (the last VMA found, entry encodings, a vCPU's
+pure memoisation caches (the last VMA found, entry encodings, a vCPU's
 last memslot found) whose content depends on which lookups happened, not on
-the state, and a vCPU's published fault wait (in-flight bookkeeping the
-explorer reads; its ``Vcpu.__getstate__`` leaves it out of pickles too)."""
+the state, and the in-flight bookkeeping the model publishes for the
+explorer (a vCPU's fault wait and unmarked dirty gfn, the memslot update
+and the mm changes in progress), which follows from where threads are
+paused (``Vcpu.__getstate__`` leaves the vCPU's out of pickles too)."""
 
 _PRIMITIVES: frozenset[type] = frozenset({int, float, str, bytes, bool, type(None)})
 _FIELDS: dict[type, tuple[str, ...]] = {}

@@ -11,6 +11,7 @@ from kvmmem.host.mm_types import (
     MmStruct,
     invalidate_range_end_op,
     invalidate_range_start_op,
+    mm_changing,
 )
 from kvmmem.host.notifier import NotifierEvent
 from kvmmem.host.pagetable import HPAGE_MASK
@@ -83,25 +84,26 @@ def madvise_op(mm: MmStruct, addr: int, length: int, advice: str | int) -> Op[No
     err: KernelError | None = None
     unmapped = False
     cur = start
-    while True:
-        vma = mm.find_vma(cur)
-        if vma is None:
-            err = KernelError("ENOMEM", call, "range not mapped")
-            break
-        if cur < vma.start:
-            unmapped = True
-            cur = vma.start
+    with mm_changing(mm, (start, end)):
+        while True:
+            vma = mm.find_vma(cur)
+            if vma is None:
+                err = KernelError("ENOMEM", call, "range not mapped")
+                break
+            if cur < vma.start:
+                unmapped = True
+                cur = vma.start
+                if cur >= end:
+                    break
+            tmp = min(vma.end, end)
+            try:
+                yield from madvise_vma_behavior_op(mm, vma, cur, tmp, behavior, call)
+            except KernelError as e:
+                err = e
+                break
+            cur = tmp
             if cur >= end:
                 break
-        tmp = min(vma.end, end)
-        try:
-            yield from madvise_vma_behavior_op(mm, vma, cur, tmp, behavior, call)
-        except KernelError as e:
-            err = e
-            break
-        cur = tmp
-        if cur >= end:
-            break
     yield release(MMAP_LOCK, shared=not write_lock)
     if err is not None:
         raise err

@@ -18,6 +18,7 @@ around a PTE change (``mmu_notifier_invalidate_range_start`` / ``_end``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sortedcontainers import SortedDict
@@ -56,6 +57,18 @@ MMAP_READ_LOCK = acquire(MMAP_LOCK, shared=True)
 MMAP_READ_UNLOCK = release(MMAP_LOCK, shared=True)
 PTE_CHANGED = point("pte_changed")
 MIGRATION_WAIT = point("migration_entry_wait")
+
+
+@contextmanager
+def mm_changing(mm: MmStruct, *ranges: tuple[int, int]) -> Iterator[None]:
+    """Publish ``ranges`` in :attr:`MmStruct.changes_in_flight` for the block (an
+    operation holding ``mmap_lock`` around its VMA and PTE changes)."""
+    mm.changes_in_flight.extend(ranges)
+    try:
+        yield
+    finally:
+        for r in ranges:
+            mm.changes_in_flight.remove(r)
 
 
 class HostSignal(KvmmemError):
@@ -103,6 +116,12 @@ class MmStruct:
         self.anon_vma_seq = 0
         self.ino_seq = 0
         self._vmacache: Vma | None = None  # last VMA found; a memo, left out of state fingerprints
+        self.changes_in_flight: list[tuple[int, int]] = []
+        """Host ranges ``[start, end)`` an address-space change is working on while
+        it holds ``mmap_lock`` (:func:`mm_changing`).  Not kernel state: what a
+        checker of half-done states reads (the VMAs may already say what the
+        PTEs only say after the invalidation).  Left out of state fingerprints:
+        it follows from where the changing thread is paused."""
         self.free_area_cache = mmap_base
         self.cached_hole_size = 0
         self.closed = False

@@ -26,6 +26,7 @@ from kvmmem.host.mm_types import (
     MmStruct,
     invalidate_range_end_op,
     invalidate_range_start_op,
+    mm_changing,
 )
 from kvmmem.host.notifier import NotifierEvent
 from kvmmem.host.pagetable import (
@@ -227,7 +228,8 @@ def mmap_op(
     # --- MAP_FIXED: take out what was there (vms_gather_munmap_vmas + vms_clean_up_area)
     old = mm.vmas_in(start, end)
     if old:
-        yield from detach_range_op(mm, start, end, old)
+        with mm_changing(mm, (start, end)):
+            yield from detach_range_op(mm, start, end, old)
 
     # --- the new VMA (__mmap_new_vma)
     if file is None and vkind in (VmaKind.MEMFD, VmaKind.FILE, VmaKind.FILE_SHARED,
@@ -525,7 +527,8 @@ def munmap_op(mm: MmStruct, addr: int, length: int) -> Op[None]:
         except KernelError:
             yield MMAP_WRITE_UNLOCK
             raise
-        yield from detach_range_op(mm, start, end, vmas)
+        with mm_changing(mm, (start, end)):
+            yield from detach_range_op(mm, start, end, vmas)
     yield MMAP_WRITE_UNLOCK
 
 

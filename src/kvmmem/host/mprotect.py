@@ -15,6 +15,7 @@ from kvmmem.host.mm_types import (
     MmStruct,
     invalidate_range_end_op,
     invalidate_range_start_op,
+    mm_changing,
 )
 from kvmmem.host.notifier import NotifierEvent
 from kvmmem.host.pagetable import (
@@ -83,25 +84,26 @@ def mprotect_op(mm: MmStruct, addr: int, length: int, prot: int) -> Op[None]:
     if first is None or first.start >= end or first.start > start:
         err = KernelError("ENOMEM", call, "range starts in a hole")
     nstart = start
-    while err is None and nstart < end:
-        vma = mm.vma_lookup(nstart)
-        if vma is None:
-            err = KernelError("ENOMEM", call, "hole in the range")
-            break
-        newflags = calc_vm_prot_bits(prot) | (vma.flags & ~VM_ACCESS_FLAGS)
-        if (newflags & ~(newflags >> 4)) & VM_ACCESS_FLAGS:
-            err = KernelError("EACCES", call, "VMA may not get these rights (VM_MAY*)")
-            break
-        tmp = min(end, vma.end)
-        if vma.is_hugetlb() and (nstart % PMD_SIZE or (tmp < vma.end and tmp % PMD_SIZE)):
-            err = KernelError("EINVAL", call, "splitting a hugetlb VMA inside a huge page")
-            break
-        if newflags != vma.flags and (nstart > vma.start or tmp < vma.end) and (
-                len(mm.mm_mt) >= mm.max_map_count):
-            err = KernelError("ENOMEM", call, "max_map_count reached")
-            break
-        yield from mprotect_fixup_op(mm, vma, nstart, tmp, newflags)
-        nstart = tmp
+    with mm_changing(mm, (start, end)):
+        while err is None and nstart < end:
+            vma = mm.vma_lookup(nstart)
+            if vma is None:
+                err = KernelError("ENOMEM", call, "hole in the range")
+                break
+            newflags = calc_vm_prot_bits(prot) | (vma.flags & ~VM_ACCESS_FLAGS)
+            if (newflags & ~(newflags >> 4)) & VM_ACCESS_FLAGS:
+                err = KernelError("EACCES", call, "VMA may not get these rights (VM_MAY*)")
+                break
+            tmp = min(end, vma.end)
+            if vma.is_hugetlb() and (nstart % PMD_SIZE or (tmp < vma.end and tmp % PMD_SIZE)):
+                err = KernelError("EINVAL", call, "splitting a hugetlb VMA inside a huge page")
+                break
+            if newflags != vma.flags and (nstart > vma.start or tmp < vma.end) and (
+                    len(mm.mm_mt) >= mm.max_map_count):
+                err = KernelError("ENOMEM", call, "max_map_count reached")
+                break
+            yield from mprotect_fixup_op(mm, vma, nstart, tmp, newflags)
+            nstart = tmp
     yield MMAP_WRITE_UNLOCK
     if err is not None:
         raise err

@@ -15,6 +15,7 @@ from kvmmem.host.mm_types import (
     MmStruct,
     invalidate_range_end_op,
     invalidate_range_start_op,
+    mm_changing,
 )
 from kvmmem.host.mmap import detach_range_op, do_munmap_op, get_unmapped_area
 from kvmmem.host.notifier import NotifierEvent
@@ -67,20 +68,22 @@ def mremap_op(
         if addr + old_len > new_addr and new_addr + new_len > addr:
             raise KernelError("EINVAL", call, "old and new ranges overlap")
     yield MMAP_WRITE_LOCK
+    changing = [(addr, addr + old_len)] + ([(new_addr, new_addr + new_len)] if fixed else [])
     try:
-        if len(mm.mm_mt) + 4 > mm.max_map_count:
-            raise KernelError("ENOMEM", call, "max_map_count headroom")
-        if fixed and old_len == new_len:
-            result = yield from remap_move_op(mm, addr, old_len, new_addr, call)
-        else:
-            vma, old_len, new_len = check_prep_vma(
-                mm.vma_lookup(addr), addr, old_len, new_len, fixed, new_addr, call)
-            if fixed:
-                result = yield from mremap_to_op(mm, addr, old_len, new_len, new_addr,
-                                                       call)
+        with mm_changing(mm, *changing):
+            if len(mm.mm_mt) + 4 > mm.max_map_count:
+                raise KernelError("ENOMEM", call, "max_map_count headroom")
+            if fixed and old_len == new_len:
+                result = yield from remap_move_op(mm, addr, old_len, new_addr, call)
             else:
-                result = yield from mremap_at_op(mm, vma, addr, old_len, new_len,
-                                                       maymove, call)
+                vma, old_len, new_len = check_prep_vma(
+                    mm.vma_lookup(addr), addr, old_len, new_len, fixed, new_addr, call)
+                if fixed:
+                    result = yield from mremap_to_op(mm, addr, old_len, new_len, new_addr,
+                                                     call)
+                else:
+                    result = yield from mremap_at_op(mm, vma, addr, old_len, new_len,
+                                                     maymove, call)
     except KernelError:
         yield MMAP_WRITE_UNLOCK
         raise

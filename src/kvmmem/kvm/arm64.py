@@ -158,10 +158,10 @@ class Arm64Kvm(ArchKvm):
                 vm.log.emit("kvm_access_fault", ipa=gpa)
             yield release("mmu_lock", shared=True)
             return RESUME
-        return (yield from self.user_mem_abort(vm, slot, gpa, access))
+        return (yield from self.user_mem_abort(vm, vcpu, slot, gpa, access))
 
-    def user_mem_abort(self, vm: Kvm, slot: MemorySlot, gpa: int, access: Access
-                       ) -> Op[FaultResult]:
+    def user_mem_abort(self, vm: Kvm, vcpu: KvmVcpu, slot: MemorySlot, gpa: int,
+                       access: Access) -> Op[FaultResult]:
         """``user_mem_abort``: size, pfn, attributes, retry check, install."""
         mm = vm.mm
         variant = vm.variant
@@ -224,10 +224,13 @@ class Arm64Kvm(ArchKvm):
         else:
             stage2_map(vm, slot, gpa, pfn, size, write=writable, execute=exec_fault,
                        device=device, access=access)
+        if writable:
+            vcpu.unmarked_dirty = gfn  # published until the mark below
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:
             mark_page_dirty_in_slot(slot, gfn)
+            vcpu.unmarked_dirty = None
         return RESUME
 
     # --- memslot hooks -------------------------------------------------------

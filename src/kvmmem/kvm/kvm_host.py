@@ -52,6 +52,9 @@ PG_LEVEL_2M = 2
 class KvmVcpu(Protocol):
     """What the arch code needs of ``struct kvm_vcpu`` (:class:`kvmmem.kvm.vcpu.Vcpu`)."""
 
+    unmarked_dirty: int | None
+    """Published for the explorer: a gfn made writable, not yet marked dirty."""
+
     @property
     def index(self) -> int:
         """``vcpu->vcpu_idx``."""

@@ -54,6 +54,7 @@ copy per update).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -114,6 +115,7 @@ __all__ = [
     "RISCV_TASK_SIZE_MAX", "U32_MAX", "U64_MAX", "ULONG_MAX", "X86_TASK_SIZE_MAX",
     "DirtyBitmap", "HookOp", "KvmMrChange", "KvmUserspaceMemoryRegion", "MemoryRegion",
     "MemorySlot", "MemslotHooks", "MemslotKeys", "MemslotLimits", "MemslotPlan", "MemslotSet",
+    "MemslotUpdate",
     "Memslots", "NoopMemslotHooks", "SortedInts", "VmMemslots", "access_ok",
     "check_memory_region_flags", "kvm_alloc_dirty_bitmap", "kvm_check_memory_region",
     "kvm_check_memslot_overlap", "kvm_commit_accounting", "kvm_commit_free",
@@ -213,6 +215,25 @@ PG_LEVEL_2M = 2
 # --- the VM-wide memslot state ----------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class MemslotUpdate:
+    """A memslot update in flight, as :attr:`VmMemslots.update_in_flight` publishes it.
+
+    Not kernel state (no kernel reader needs it): what a checker of states
+    between two pauses must know to tell an update half done from a bug.
+    ``old`` and ``new`` are the ``(base_gfn, npages)`` of the slot before and
+    after (None for CREATE and DELETE); ``new_logging`` is the new slot's
+    KVM_MEM_LOG_DIRTY_PAGES.  Between the swap that publishes ``new`` and the
+    end of the ioctl, stage-2 entries premapped by the prepare hook may have
+    no slot yet (linux-5.4 arm64), and dirty logging is not in force until the
+    commit hook has write-protected the slot."""
+
+    old: tuple[int, int] | None
+    new: tuple[int, int] | None
+    new_logging: bool
+
+
+
 class VmMemslots:
     """The memslot part of ``struct kvm``: per address space two
     :class:`MemslotSet` s (active and inactive), ``nr_memslot_pages``,
@@ -232,6 +253,10 @@ class VmMemslots:
         self.manual_protect_init_set = False
         self._sets = [MemslotSet.pair(i) for i in range(self.limits.nr_as_ids)]
         self._active = [pair[0] for pair in self._sets]
+        self.update_in_flight: MemslotUpdate | None = None
+        """The update in flight (published by :func:`kvm_set_memory_region` from
+        its validation until it returns), or None.  Left out of state
+        fingerprints: it follows from where the updating thread is paused."""
 
     # --- readers -------------------------------------------------------------------------
 
@@ -428,25 +453,38 @@ def kvm_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[
     yield _ACQUIRE_SLOTS
     try:
         plan = kvm_check_memory_region(kvm, mem)
-        if plan is not None:
-            old, new, change = plan
-            # rule 21
-            gmem = new is not None and bool(mem.flags & KVM_MEM_GUEST_MEMFD)
-            if gmem:
-                assert new is not None
-                kvm.hooks.gmem_bind(new, mem.guest_memfd, mem.guest_memfd_offset)
-            # rule 22
-            try:
-                yield from kvm_set_memslot(kvm, old, new, change)
-            except KernelError:
-                if gmem:
-                    assert new is not None
-                    kvm.hooks.gmem_unbind(new)
-                raise
     except KernelError:
         yield _RELEASE_SLOTS
         raise
-    yield _RELEASE_SLOTS
+    if plan is None:
+        yield _RELEASE_SLOTS
+        return
+    old, new, change = plan
+    kvm.update_in_flight = MemslotUpdate(
+        None if old is None else (int(old.base_gfn), old.npages),
+        None if new is None else (int(new.base_gfn), new.npages),
+        new is not None and bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES))
+    try:
+        # rule 21
+        gmem = new is not None and bool(mem.flags & KVM_MEM_GUEST_MEMFD)
+        if gmem:
+            assert new is not None
+            kvm.hooks.gmem_bind(new, mem.guest_memfd, mem.guest_memfd_offset)
+        # rule 22
+        try:
+            yield from kvm_set_memslot(kvm, old, new, change)
+        except KernelError:
+            if gmem:
+                assert new is not None
+                kvm.hooks.gmem_unbind(new)
+            raise
+    except KernelError:
+        yield _RELEASE_SLOTS
+        raise
+    else:
+        yield _RELEASE_SLOTS
+    finally:
+        kvm.update_in_flight = None
 
 
 MemslotPlan = tuple["MemorySlot | None", "MemorySlot | None", KvmMrChange]

@@ -99,10 +99,17 @@ class Vcpu:
     """In-flight state the explorer reads: what the fault this vCPU was answered
     RETRY for waits on, from the RETRY until its next attempt proceeds (None
     otherwise).  Bookkeeping, not state: left out of pickles and copies."""
+    unmarked_dirty: int | None = field(default=None, init=False, repr=False, compare=False)
+    """In-flight state the explorer reads: the gfn this vCPU's fault has made
+    writable in stage-2 and not yet marked dirty (arm64's ``user_mem_abort``
+    marks it after dropping ``mmu_lock``), or None.  Left out like
+    :attr:`fault_wait`."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("fault_wait", None)
+        state.pop("unmarked_dirty", None)
+        state.pop("_last_used_slot", None)
         return state
 
     # --- memslots ------------------------------------------------------------
