@@ -37,6 +37,7 @@ from kvmmem.scenario import (
     HvaRef,
     Mapping,
     Prefault,
+    PunchHole,
     Scenario,
     SetMemslot,
     load_scenario,
@@ -147,6 +148,7 @@ steps:
   - clear_dirty_log: {slot: 0, first_page: 64, num_pages: 64}
   - host_mprotect: {memory: code, size: 4K, prot: none}
   - host_write: {memory: ring, offset: 8, size: 8, value: 0xffffffffffffffff}
+  - punch_hole: {memory: ram, offset: 16K, size: 8K}
 """
 
 DIRTY_LOG = """\
@@ -228,7 +230,7 @@ def test_threads_load_with_thread_names_and_indices() -> None:
 
 
 def test_every_step_kind_and_the_extensions() -> None:
-    """All 13 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
+    """All 14 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
     got = load_scenario_text(ARM64_ALL_STEPS_OK)
     assert got.arches == ("arm64",) and got.granule == 16384 and got.ipa_bits == 40
     assert got.memory["ring"] == Mapping("ring", 16384, "device-lazy", 3, line=10)
@@ -258,6 +260,8 @@ def test_every_step_kind_and_the_extensions() -> None:
                                                      num_pages=64)
     assert by_op["host_mprotect"].prot == PROT_NONE  # type: ignore[attr-defined]
     assert by_op["host_write"].value == (1 << 64) - 1  # type: ignore[attr-defined]
+    assert by_op["punch_hole"] == PunchHole(index=14, line=35, memory="ram", offset=0x4000,
+                                            size=0x2000)
 
 
 def test_dirty_log_expectations() -> None:
@@ -306,12 +310,13 @@ def test_prot_letters(prot: str, bits: int) -> None:
 
 
 def test_step_table_matches_scenarios_md() -> None:
-    """Every step kind of SCENARIOS.md, plus the clear_dirty_log extension; outcome keys
+    """Every step kind of SCENARIOS.md, plus the clear_dirty_log and punch_hole
+    extensions; outcome keys
     (SCENARIOS.md's, plus the extensions abort, remaining and faults)."""
     assert list(STEP_TYPES) == [
         "guest_read", "guest_write", "guest_exec", "host_read", "host_write", "host_mmap",
         "host_munmap", "host_mprotect", "host_madvise", "set_memslot", "prefault",
-        "get_dirty_log", "clear_dirty_log"]
+        "get_dirty_log", "clear_dirty_log", "punch_hole"]
     assert set(EXPECT_KEYS) == {"result", "value", "errno", "gpa", "len", "is_write", "data",
                                 "size", "flags", "dirty", "signal", "abort", "remaining",
                                 "exit_reason", "suberror", "faults"}

@@ -24,11 +24,13 @@ Access beyond EOF (``pgoff >= i_size`` in pages) is SIGBUS in the fault path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from typing import Protocol
 
 from kvmmem.errors import InputError
 from kvmmem.host.physmem import PG_DIRTY, PhysMem
+from kvmmem.sync import Op
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, Pfn
 
 
@@ -97,6 +99,12 @@ class File:
         mapped only as kind ``dmabuf`` (VM_PFNMAP), its pages pinned by the driver."""
         self.resv: dict[int, None] = {}
         """hugetlbfs shared reservations: huge page indices reserved, not yet allocated."""
+        self.fallocate: Callable[[int, int, int], Op[None]] | None = None
+        """``f_op->fallocate`` where the file's owner supplies its own (a guest_memfd:
+        ``kvm_gmem_fallocate``); None: the generic shmem / disk-file hole punch."""
+        self.fault: Callable[[int], int | None] | None = None
+        """``vm_ops->fault`` where the file's owner supplies its own (a guest_memfd:
+        ``kvm_gmem_fault_user_mapping``): page index -> pfn, None for SIGBUS."""
 
     def __repr__(self) -> str:
         return f"File({self.name!r}, {self.kind.value}, size={self.size:#x})"

@@ -52,6 +52,41 @@ def punch_hole_op(f: File, first: int, last: int) -> Op[None]:
     yield release(f"i_rwsem:{f.ino}")
 
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def vfs_fallocate_op(f: File, mode: int, offset: int, length: int) -> Op[None]:
+    """``vfs_fallocate`` of hole punching (the only mode modelled): its generic checks,
+    then the file's own ``fallocate`` (:attr:`File.fallocate`, a guest_memfd's) or
+    shmem's / a disk filesystem's hole punch of the whole pages in the range.
+
+    Raises KernelError EINVAL (negative offset, length not positive), EOPNOTSUPP
+    (PUNCH_HOLE without KEEP_SIZE, a device file), EFBIG (the range wraps)."""
+    call = f"fallocate({mode:#x}, {offset:#x}, {length:#x})"
+    if offset < 0 or length <= 0:
+        raise KernelError("EINVAL", call, "negative offset or length not positive")
+    if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+        raise KernelError("EOPNOTSUPP", call, "PUNCH_HOLE needs KEEP_SIZE")
+    if offset + length >= 1 << 63:
+        raise KernelError("EFBIG", call, "range beyond the largest file")
+    if f.fallocate is not None:
+        yield from f.fallocate(mode, offset, length)
+        return
+    if f.kind is FileKind.DEVICE or f.dmabuf:
+        raise KernelError("EOPNOTSUPP", call, "the file has no fallocate")
+    if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+        raise ArgumentError("fallocate: mode", "only PUNCH_HOLE | KEEP_SIZE is modelled")
+    unit = 1 << f.unit_shift
+    if offset % unit or length % unit:
+        raise ArgumentError("fallocate: range", "a partial page is zeroed, not modelled: "
+                            f"punch whole {unit >> 10}K pages")
+    end = min(offset + length, f.npages() << f.unit_shift)
+    if end <= offset:
+        return
+    yield from punch_hole_op(f, offset >> PAGE_SHIFT, (end >> PAGE_SHIFT) - 1)
+
+
 def ftruncate_op(mm: MmStruct, file: File, size: int) -> Op[None]:
     """``ftruncate(2)``: shrinking unmaps pages past EOF from every mapping (even
     private COW copies, ``truncate_pagecache``: twice, as the kernel does) and

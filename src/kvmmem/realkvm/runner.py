@@ -32,6 +32,7 @@ from kvmmem.scenario.model import (
     HostWrite,
     Mapping,
     Prefault,
+    PunchHole,
     Scenario,
     SetMemslot,
     Step,
@@ -65,7 +66,7 @@ def scenario_footprint(scenario: Scenario) -> tuple[list[tuple[int, int]], list[
             case GetDirtyLog() | ClearDirtyLog() as log:
                 slots.append(log.slot)
             case HostRead() | HostWrite() | HostMmap() | HostMunmap() | HostMprotect() \
-                    | HostMadvise():
+                    | HostMadvise() | PunchHole():
                 pass  # host addresses only
             case unknown:
                 assert_never(unknown)

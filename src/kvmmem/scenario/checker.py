@@ -86,6 +86,7 @@ class _Checker(_ValueChecker):
             "granule": self.granule, "size": self.size, "u32": self.u32, "u64": self.u64,
             "access_size": self.access_size, "vcpu": self.vcpu, "prot": self.prot,
             "fill": self.fill, "flags": self.flags, "cpu_features": self.cpu_features,
+            "gmem_flags": self.gmem_flags,
             "bool": self.boolean,
             "errno": self.errno_name, "signal": self.signal_name, "gfns": self.gfn_list,
         }
@@ -300,15 +301,32 @@ class _Checker(_ValueChecker):
             rec = self.record(vnode, path, self.fields(schema.MAPPING_KEYS, names),
                               self.required(schema.MAPPING_KEYS))
             known[key] = _line(knode)
-            if rec is None or not self.check_mapping_size(rec, path, allow_empty=False):
+            if rec is None or not self.check_mapping_size(rec, path, allow_empty=False) \
+                    or not self.check_gmem_mapping(rec, path):
                 out[key] = None
                 continue
             out[key] = Mapping(
                 name=key, size=rec["size"][0], kind=rec["kind"][0], prot=rec["prot"][0],
                 fill=rec.get("fill", (None, None))[0], at=rec.get("at", (None, None))[0],
-                line=_line(knode),
+                line=_line(knode), gmem_flags=rec.get("gmem_flags", ((), None))[0],
             )
         return out
+
+    def check_gmem_mapping(self, rec: dict[str, tuple[Any, Node]], path: str) -> bool:
+        """``gmem_flags`` only on kind guest_memfd; ``fill`` and ``at`` only where the
+        guest_memfd is mapped (flag mmap).  Records and returns False if not."""
+        kind = rec["kind"][0]
+        if "gmem_flags" in rec and kind != "guest_memfd":
+            self.err(rec["gmem_flags"][1], _join(path, "gmem_flags"),
+                     f"gmem_flags belong to kind guest_memfd, not {kind}")
+            return False
+        if kind == "guest_memfd" and "mmap" not in rec.get("gmem_flags", ((), None))[0]:
+            for key in ("fill", "at"):
+                if key in rec:
+                    self.err(rec[key][1], _join(path, key),
+                             f"{key} needs a mapped guest_memfd (gmem_flags: [mmap])")
+                    return False
+        return True
 
     # -- memslots ---------------------------------------------------------------------------------
 
@@ -328,6 +346,31 @@ class _Checker(_ValueChecker):
         if "memory" not in rec:
             args.setdefault("hva", 0)
         return args
+
+    def check_gmem_refs(self, rec: dict[str, tuple[Any, Node]], path: str,
+                        memory: dict[str, Mapping | None]) -> bool:
+        """A memslot's ``guest_memfd`` names a guest_memfd mapping, and its ``memory`` a
+        mapping with a host range.  Records and returns False if not."""
+        if "guest_memfd" in rec:
+            name, node = rec["guest_memfd"]
+            m = memory.get(name)
+            if m is not None and m.kind != "guest_memfd":
+                self.err(node, _join(path, "guest_memfd"),
+                         f"{name} is a {m.kind} mapping, not a guest_memfd")
+                return False
+        elif "guest_memfd_offset" in rec:
+            self.err(rec["guest_memfd_offset"][1], _join(path, "guest_memfd_offset"),
+                     "guest_memfd_offset needs guest_memfd")
+            return False
+        if "memory" in rec:
+            name, node = rec["memory"]
+            m = memory.get(name)
+            if m is not None and not m.mapped:
+                self.err(node, _join(path, "memory"),
+                         f"{name} is a guest_memfd without gmem_flags: [mmap]: it has no "
+                         "host address")
+                return False
+        return True
 
     def memslots(self, item: tuple[ScalarNode, Node] | None, memory: dict[str, Mapping | None],
                  sites: dict[str, tuple[str, int]]) -> tuple[SetMemslot, ...] | None:
@@ -367,7 +410,7 @@ class _Checker(_ValueChecker):
                 ok = False
                 continue
             args = self.memslot_args(rec, path)
-            if args is None:
+            if args is None or not self.check_gmem_refs(rec, path, memory):
                 ok = False
                 continue
             out.append(SetMemslot(index=i, line=_line(entry), **args))

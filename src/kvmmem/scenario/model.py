@@ -69,16 +69,21 @@ MAPPING_KINDS = (
     "device",
     "device-lazy",
     "dmabuf",
+    "guest_memfd",
 )
+GMEM_FLAGS: dict[str, int] = {"mmap": 1 << 0, "init_shared": 1 << 1}
+"""``KVM_CREATE_GUEST_MEMFD`` flags by name (GUEST_MEMFD_FLAG_MMAP, _INIT_SHARED, v6.18)."""
 ACCESS_SIZES = (1, 2, 4, 8)
 ADVICES = ("dontneed", "remove", "hugepage", "nohugepage")
 GUEST_PATHS = ("native", "emulated")
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
 MEMSLOT_FLAGS: dict[str, int] = {
     "log_dirty": KVM_MEM_LOG_DIRTY_PAGES,
     "readonly": KVM_MEM_READONLY,
+    "guest_memfd": KVM_MEM_GUEST_MEMFD,
 }
 
 RESULTS = ("ok", "mmio", "fault", "error", "signal", "abort", "exit")
@@ -136,7 +141,9 @@ class Mapping:
 
     ``prot`` holds ``PROT_*`` bits; ``fill`` is the byte the host writes to
     every byte right after mmap (``None``: the mapping is left untouched);
-    ``at`` places it with MAP_FIXED.
+    ``at`` places it with MAP_FIXED.  Kind ``guest_memfd`` creates a
+    guest_memfd of ``size`` with ``gmem_flags`` (names of :data:`GMEM_FLAGS`)
+    and maps it only when they hold ``mmap``.
     """
 
     name: str
@@ -146,6 +153,20 @@ class Mapping:
     fill: int | None = None
     at: HvaRef | None = None
     line: int = 0
+    gmem_flags: tuple[str, ...] = ()
+
+    @property
+    def gmem_flag_bits(self) -> int:
+        """``gmem_flags`` as the uapi bit mask."""
+        bits = 0
+        for name in self.gmem_flags:
+            bits |= GMEM_FLAGS[name]
+        return bits
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the mapping has a host address range (a guest_memfd only with mmap)."""
+        return self.kind != "guest_memfd" or "mmap" in self.gmem_flags
 
 
 # --- steps -------------------------------------------------------------------------
@@ -278,11 +299,13 @@ class HostMmap(Step):
     prot: int
     fill: int | None = None
     at: HvaRef | None = None
+    gmem_flags: tuple[str, ...] = ()
 
     @property
     def mapping(self) -> Mapping:
         """The :class:`Mapping` this step creates."""
-        return Mapping(self.name, self.size, self.kind, self.prot, self.fill, self.at, self.line)
+        return Mapping(self.name, self.size, self.kind, self.prot, self.fill, self.at, self.line,
+                       self.gmem_flags)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -321,12 +344,28 @@ class HostMadvise(Step):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PunchHole(Step):
+    """``punch_hole``: ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`` of
+    ``size`` bytes at ``offset`` into the file behind mapping ``memory`` (a
+    memfd, a file, a guest_memfd)."""
+
+    op: ClassVar[str] = "punch_hole"
+    actor: ClassVar[str] = "host"
+    memory: str
+    offset: int = 0
+    size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SetMemslot(Step):
     """``set_memslot`` (KVM_SET_USER_MEMORY_REGION); also a top-level ``memslots`` entry.
 
     The host address is ``memory`` + ``offset`` when ``memory`` is given
     (then ``hva`` is ``None``), else the raw ``hva`` (default 0).  ``size`` 0
     deletes the slot.  ``flags`` are names from :data:`MEMSLOT_FLAGS`.
+    ``guest_memfd`` names a ``guest_memfd`` mapping whose file the slot binds
+    at ``guest_memfd_offset`` (KVM_SET_USER_MEMORY_REGION2; the ``guest_memfd``
+    flag is given apart, as the ioctl takes it).
     """
 
     op: ClassVar[str] = "set_memslot"
@@ -337,6 +376,14 @@ class SetMemslot(Step):
     offset: int = 0
     hva: int | None = None
     flags: tuple[str, ...] = ()
+    guest_memfd: str | None = None
+    guest_memfd_offset: int = 0
+
+    @property
+    def region2(self) -> bool:
+        """Whether the request needs KVM_SET_USER_MEMORY_REGION2 (a guest_memfd field
+        or flag)."""
+        return self.guest_memfd is not None or "guest_memfd" in self.flags
 
     @property
     def flag_bits(self) -> int:
@@ -380,7 +427,7 @@ class ClearDirtyLog(Step):
 
 AnyStep: TypeAlias = (GuestRead | GuestWrite | GuestExec | HostRead | HostWrite | HostMmap
                       | HostMunmap | HostMprotect | HostMadvise | SetMemslot | Prefault
-                      | GetDirtyLog | ClearDirtyLog)
+                      | GetDirtyLog | ClearDirtyLog | PunchHole)
 """Every step kind, in the order SCENARIOS.md lists them: what a driver's ``match`` covers."""
 
 GuestAccess: TypeAlias = GuestRead | GuestWrite | GuestExec

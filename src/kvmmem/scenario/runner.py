@@ -24,6 +24,7 @@ from typing import Any, assert_never
 from kvmmem.errors import InputError, KernelError, ValidationError
 from kvmmem.host import HostSignal, Mm
 from kvmmem.host.file import File
+from kvmmem.host.truncate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, vfs_fallocate_op
 from kvmmem.kvm.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log
 from kvmmem.kvm.invariants import validate_coherence, validate_path_independence, validate_vm
 from kvmmem.kvm.prefault import PrefaultHang, kvm_vcpu_pre_fault_memory_op
@@ -45,6 +46,7 @@ from kvmmem.scenario.model import (
     HostWrite,
     Mapping,
     Prefault,
+    PunchHole,
     Scenario,
     SetMemslot,
     Step,
@@ -178,6 +180,25 @@ class Runner:
         if file is not None:
             self.files[m.name] = file
 
+    def file_of(self, memory: str, line: int) -> File:
+        """The file behind mapping ``memory``; InputError where it has none."""
+        f = self.files.get(memory)
+        if f is None:
+            kind = self.kind_of(memory)
+            raise InputError(f"{self.scenario.source}:{line}: memory {memory} is kind {kind}: "
+                             "no file behind it")
+        return f
+
+    def kind_of(self, memory: str) -> str:
+        """The kind of the mapping named ``memory`` (a ``memory`` entry or ``host_mmap``)."""
+        m = self.scenario.memory.get(memory)
+        if m is not None:
+            return m.kind
+        for step in self.scenario.all_steps():
+            if isinstance(step, HostMmap) and step.name == memory:
+                return step.kind
+        return "unknown"
+
     # --- steps ---------------------------------------------------------------
 
     def do(self, step: Step) -> dict[str, Any]:
@@ -230,6 +251,10 @@ class Runner:
                 return {"result": "ok", "dirty": kvm_get_dirty_log(vm, get.slot)}
             case ClearDirtyLog() as clear:
                 kvm_clear_dirty_log(vm, clear.slot, clear.first_page, clear.num_pages)
+            case PunchHole() as punch:
+                yield from vfs_fallocate_op(self.file_of(punch.memory, punch.line),
+                                            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                            punch.offset, punch.size)
             case unknown:
                 assert_never(unknown)
         return {"result": "ok"}

@@ -31,6 +31,7 @@ from kvmmem.scenario.model import (
     ADVICES,
     ARCHES,
     FORMAT_VERSION,
+    GMEM_FLAGS,
     GRANULES,
     GUEST_PATHS,
     MAPPING_KINDS,
@@ -68,6 +69,7 @@ TYPES: dict[str, str] = {
     "memory": "the name of a host mapping",
     "hva_ref": "{memory: NAME, offset: N}",
     "flags": "a list of memslot flags",
+    "gmem_flags": "a list of guest_memfd flags: mmap, init_shared",
     "cpu_features": "a list of CPU features: fwb, dic",
     "bool": "true or false",
     "errno": "an errno name (EINVAL, EEXIST, EFAULT, ...)",
@@ -148,6 +150,9 @@ MAPPING_KEYS: tuple[Key, ...] = (
         "(the pages become present); absent: the mapping is left untouched"),
     Key("at", "hva_ref", "place the mapping exactly there (MAP_FIXED), replacing whatever "
         "was mapped"),
+    Key("gmem_flags", "gmem_flags", "kind guest_memfd: the KVM_CREATE_GUEST_MEMFD flags "
+        "(mmap: GUEST_MEMFD_FLAG_MMAP, init_shared: GUEST_MEMFD_FLAG_INIT_SHARED, v6.18); "
+        "the file is mapped (MAP_SHARED) only with mmap", default="[]"),
 )
 
 HVA_REF_KEYS: tuple[Key, ...] = (
@@ -167,6 +172,9 @@ MEMSLOT_KEYS: tuple[Key, ...] = (
     Key("hva", "size", "a raw host address instead of memory (for requests KVM must "
         "refuse)", default="0 when memory is absent"),
     Key("flags", "flags", f"any of {', '.join(MEMSLOT_FLAGS)}", default="[]"),
+    Key("guest_memfd", "memory", "a guest_memfd mapping whose file the slot binds "
+        "(KVM_SET_USER_MEMORY_REGION2 guest_memfd); give the guest_memfd flag too"),
+    Key("guest_memfd_offset", "size", "bytes into the guest_memfd file", default="0"),
 )
 
 # --- steps -------------------------------------------------------------------------------------
@@ -220,8 +228,8 @@ STEP_KINDS: tuple[StepKind, ...] = (
         _MEM, _OFFSET, Key("size", "size", "bytes", required=True),
         _choice("advice", ADVICES, "an advice", "MADV_DONTNEED, MADV_REMOVE, "
                 "MADV_HUGEPAGE, MADV_NOHUGEPAGE", required=True))),
-    StepKind("set_memslot", "KVM_SET_USER_MEMORY_REGION: create, move, change flags of, "
-             "or (size 0) delete a slot", MEMSLOT_KEYS),
+    StepKind("set_memslot", "KVM_SET_USER_MEMORY_REGION (REGION2 with guest_memfd): "
+             "create, move, change flags of, or (size 0) delete a slot", MEMSLOT_KEYS),
     StepKind("prefault", "KVM_PRE_FAULT_MEMORY of size bytes at gpa", (
         Key("gpa", "size", "guest physical address", default="0"),
         Key("size", "size", "bytes", required=True), _VCPU)),
@@ -232,6 +240,12 @@ STEP_KINDS: tuple[StepKind, ...] = (
                  Key("slot", "u32", "the slot id", required=True),
                  Key("first_page", "u64", "first page of the slot", default="0"),
                  Key("num_pages", "u32", "how many pages", required=True))),
+    StepKind("punch_hole", "fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of size "
+             "bytes at offset into the file behind memory (a memfd, file or guest_memfd "
+             "mapping) (extension)", (
+                 Key("memory", "memory", "the mapping whose file is punched", required=True),
+                 Key("offset", "size", "bytes into the file", default="0"),
+                 Key("size", "size", "bytes", required=True))),
 )
 """Every step kind, in the order the documentation lists them."""
 
@@ -319,6 +333,8 @@ def _value_schema(key: Key) -> dict[str, Any]:
         out = _object(HVA_REF_KEYS)
     elif t == "flags":
         out = {"type": "array", "items": {"enum": list(MEMSLOT_FLAGS)}, "uniqueItems": True}
+    elif t == "gmem_flags":
+        out = {"type": "array", "items": {"enum": list(GMEM_FLAGS)}, "uniqueItems": True}
     elif t == "cpu_features":
         out = {"type": "array", "items": {"enum": list(CPU_FEATURES)}, "uniqueItems": True}
     elif t == "bool":

@@ -17,6 +17,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from kvmmem.errors import InputError
 from kvmmem.scenario.model import (
     ACCESS_SIZES,
+    GMEM_FLAGS,
     MEMSLOT_FLAGS,
     PROT_EXEC,
     PROT_NONE,
@@ -321,6 +322,10 @@ class _ValueChecker:
 
     def flags(self, node: Node, path: str) -> tuple[str, ...]:
         return self.word_list(node, path, tuple(MEMSLOT_FLAGS), "flag", "a memslot flag")
+
+    def gmem_flags(self, node: Node, path: str) -> tuple[str, ...]:
+        return self.word_list(node, path, tuple(GMEM_FLAGS), "guest_memfd flag",
+                              "a guest_memfd flag")
 
     def cpu_features(self, node: Node, path: str) -> tuple[str, ...]:
         return self.word_list(node, path, CPU_FEATURES, "CPU feature", "a CPU feature")
