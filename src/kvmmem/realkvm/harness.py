@@ -393,12 +393,14 @@ class HarnessVm:
 
     # --- VM steps ---------------------------------------------------------------------
 
-    def set_memslot(self, slot: int, gpa: int, size: int, hva: int,
-                    flags: int = 0) -> Outcome:
-        """``KVM_SET_USER_MEMORY_REGION`` (``size`` 0 deletes): ``{"result": "ok"}`` or
-        ``{"result": "error", "errno": NAME}``.  Raises :class:`HarnessConflict` when the
-        request touches the harness's slot id or window (the scenario did not declare
-        it)."""
+    def set_memslot(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0,
+                    guest_memfd: int | None = None, guest_memfd_offset: int = 0) -> Outcome:
+        """``KVM_SET_USER_MEMORY_REGION`` (``size`` 0 deletes), or
+        ``KVM_SET_USER_MEMORY_REGION2`` binding the file ``guest_memfd`` (an fd; pass
+        ``0xFFFFFFFF`` for none) at ``guest_memfd_offset`` when ``guest_memfd`` is not
+        ``None``: ``{"result": "ok"}`` or ``{"result": "error", "errno": NAME}``.  Raises
+        :class:`HarnessConflict` when the request touches the harness's slot id or window
+        (the scenario did not declare it)."""
         lay = self.layout
         if slot == lay.slot:
             raise HarnessConflict(f"memslot {slot} is the harness's own; declare every slot "
@@ -407,7 +409,12 @@ class HarnessVm:
             raise HarnessConflict(
                 f"memslot [{gpa:#x}, {gpa + size:#x}) overlaps the harness window at "
                 f"{lay.gpa:#x}; declare every range in reserved_gpas")
-        err = self.vm.set_user_memory_region(slot, flags, gpa, size, hva)
+        if guest_memfd is None:
+            err = self.vm.set_user_memory_region(slot, flags, gpa, size, hva)
+        else:
+            err = self.vm.set_user_memory_region2(slot, flags, gpa, size, hva,
+                                                  guest_memfd & 0xFFFF_FFFF,
+                                                  guest_memfd_offset)
         if err is not None:
             return {"result": "error", "errno": err}
         if size:

@@ -19,6 +19,15 @@ Every mapping kind of SCENARIOS.md is made for real with libc calls
   ``pci_mmap_resource_range`` maps them with ``io_remap_pfn_range``, every
   frame present, no struct page.
 * ``device-lazy`` - no source here; :class:`MappingUnsupported` says why.
+* ``guest_memfd`` - a file ``KVM_CREATE_GUEST_MEMFD`` made on the scenario's VM
+  (:meth:`HostMemory.adopt_guest_memfd` takes the fd), ``MAP_SHARED`` in place when
+  its flags hold ``GUEST_MEMFD_FLAG_MMAP``, else only a name for the file.
+
+The file behind a ``memfd``, ``file``, ``file-shared`` or ``guest_memfd`` mapping
+stays open until :meth:`HostMemory.close`, for ``punch_hole``
+(:meth:`HostMemory.punch_hole`, ``fallocate(PUNCH_HOLE | KEEP_SIZE)``); holding it
+changes nothing a scenario can see (a memfd's pages outlive an munmap, but no name
+denotes them any more).
 * ``dmabuf`` - a DRM shmem dumb buffer (``/dev/dri/card0``, as a virtio-gpu
   device gives inside an arm64 machine: ``DRM_IOCTL_MODE_CREATE_DUMB`` and
   ``MAP_DUMB``), else a udmabuf over a sealed memfd (``/dev/udmabuf``), mmapped in
@@ -125,6 +134,10 @@ class HostMapping:
     hva: int
     size: int
     prot: int
+    fd: int = -1
+    """The file behind the mapping (owned by :class:`HostMemory`), -1 for none."""
+    mapped: bool = True
+    """False for a guest_memfd without ``GUEST_MEMFD_FLAG_MMAP`` (``hva`` is 0)."""
 
 
 def _meminfo(field: str) -> int:
@@ -189,6 +202,8 @@ class HostMemory:
         self._pipe: tuple[int, int] | None = None
         self._drm_fd = -1
         """``/dev/dri/card0`` while dumb buffers exist (their handles die with it)."""
+        self._fds: list[int] = []
+        """Files behind mappings, kept for ``punch_hole``; closed with the arena."""
         try:
             flags = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
             addr, err = 0, errno.EEXIST
@@ -221,6 +236,9 @@ class HostMemory:
         if self._drm_fd >= 0:
             os.close(self._drm_fd)
             self._drm_fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
         self.mappings.clear()
 
     def __enter__(self) -> HostMemory:
@@ -258,14 +276,15 @@ class HostMemory:
         self._check_supported(kind, size)
         hva = at if at is not None else self._place(size)
         map_prot = prot | libc.PROT_WRITE if fill is not None else prot
+        fd = -1
         if kind == "device":
             err = self._map_device(hva, size, map_prot)
         elif kind == "dmabuf":
             err = self._map_dmabuf(hva, size, map_prot)
         else:
-            err = self._map_plain(hva, size, kind, map_prot)
+            err, fd = self._map_plain(hva, size, kind, map_prot)
         # The name denotes the range even when the mmap failed (SCENARIOS.md).
-        self.mappings[name] = HostMapping(name, kind, hva, size, prot)
+        self.mappings[name] = HostMapping(name, kind, hva, size, prot, fd)
         if err:
             return {"result": "error", "errno": libc.errno_name(err)}
         if fill is not None:
@@ -308,7 +327,37 @@ class HostMemory:
                 "(perf rings map every page at mmap time; vvar cannot be placed; no "
                 "dma-buf, vfio or uio device)")
 
-    def _map_plain(self, hva: int, size: int, kind: str, prot: int) -> int:
+    def adopt_guest_memfd(self, name: str, fd: int, size: int, prot: int, mapped: bool,
+                          fill: int | None = None, at: int | None = None) -> Outcome:
+        """Mapping ``name`` over the guest_memfd ``fd`` (this object owns it from now on;
+        -1 when ``KVM_CREATE_GUEST_MEMFD`` failed: the name then stands for no file).
+        ``mapped``: ``MAP_SHARED`` of ``size`` bytes with ``prot`` (at ``at``, else a
+        new arena range), filled through the kernel (a page the guest_memfd refuses to
+        the host, ``kvm_gmem_fault_user_mapping``'s SIGBUS, ends the fill with that
+        signal); else the name denotes the file alone.  Returns ``ok``, ``error`` (the
+        mmap's errno) or ``signal``."""
+        if fd >= 0:
+            self._fds.append(fd)
+        if not mapped:
+            self.mappings[name] = HostMapping(name, "guest_memfd", 0, size, prot, fd, False)
+            return {"result": "ok"}
+        hva = at if at is not None else self._place(size)
+        map_prot = prot | libc.PROT_WRITE if fill is not None else prot
+        self.mappings[name] = HostMapping(name, "guest_memfd", hva, size, prot, fd)
+        _, err = libc.mmap(hva, size, map_prot, libc.MAP_SHARED | libc.MAP_FIXED, fd, 0)
+        if err:
+            return {"result": "error", "errno": libc.errno_name(err)}
+        if fill is not None:
+            page = bytes([fill]) * PAGE_SIZE
+            for off in range(0, size, PAGE_SIZE):
+                if not self._store(hva + off, page):
+                    return self._signal(hva + off, PAGE_SIZE, "w")
+            if map_prot != prot:
+                libc.mprotect(hva, size, prot)
+        return {"result": "ok"}
+
+    def _map_plain(self, hva: int, size: int, kind: str, prot: int) -> tuple[int, int]:
+        """mmap a plain kind in place: ``(errno or 0, the file's fd kept open or -1)``."""
         flags = libc.MAP_FIXED
         fd = -1
         try:
@@ -327,13 +376,14 @@ class HostMemory:
                 flags |= libc.MAP_SHARED if kind == "file-shared" else libc.MAP_PRIVATE
             _, err = libc.mmap(hva, size, prot, flags, fd, 0)
         except OSError as exc:
-            return exc.errno or errno.EIO
-        finally:
             if fd >= 0:
-                os.close(fd)  # the mapping keeps the file
+                os.close(fd)
+            return exc.errno or errno.EIO, -1
+        if fd >= 0:
+            self._fds.append(fd)  # for punch_hole; closed with the arena
         if not err and kind == "thp":
             err = libc.madvise(hva, size, libc.MADV_HUGEPAGE)
-        return err
+        return err, fd
 
     def _map_device(self, hva: int, size: int, prot: int) -> int:
         """One perf user page per 4 KiB page, each MAP_SHARED|MAP_FIXED in place; or the
@@ -483,6 +533,19 @@ class HostMemory:
         if advice not in ADVICE:
             raise ValueError(f"unknown madvise advice {advice!r}")
         return _outcome(libc.madvise(hva, size, ADVICE[advice]))
+
+    def punch_hole(self, name: str, offset: int, size: int) -> Outcome:
+        """``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)`` on the
+        file behind mapping ``name``: ``ok`` or ``error`` with the errno name (EBADF for a
+        guest_memfd KVM refused to create).  Raises :class:`MappingUnsupported` for a
+        mapping with no file here (anonymous kinds, device, dmabuf) and ``KeyError`` for
+        an unknown name."""
+        mapping = self.mappings[name]
+        if mapping.fd < 0 and mapping.kind != "guest_memfd":
+            raise MappingUnsupported(f"punch_hole: memory {name} is kind {mapping.kind}: "
+                                     "no file behind it here")
+        return _outcome(libc.fallocate(
+            mapping.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, size))
 
     # --- loads and stores ---------------------------------------------------------------
 

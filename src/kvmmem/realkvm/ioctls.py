@@ -87,6 +87,7 @@ KVM_CAP_USER_MEMORY2 = 231
 KVM_CAP_MEMORY_FAULT_INFO = 232
 KVM_CAP_GUEST_MEMFD = 234
 KVM_CAP_PRE_FAULT_MEMORY = 236
+KVM_CAP_GUEST_MEMFD_FLAGS = 244
 
 CAPABILITIES: dict[str, int] = {
     name: value for name, value in globals().items() if name.startswith("KVM_CAP_")
@@ -113,6 +114,8 @@ IOCTLS: dict[str, tuple[int, int | None]] = {
     "KVM_CLEAR_DIRTY_LOG": (
         _IOWR(KVMIO, 0xC0, s.kvm_clear_dirty_log), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
     "KVM_GET_STATS_FD": (_IO(KVMIO, 0xCE), KVM_CAP_BINARY_STATS_FD),
+    "KVM_CREATE_GUEST_MEMFD": (
+        _IOWR(KVMIO, 0xD4, s.kvm_create_guest_memfd), KVM_CAP_GUEST_MEMFD),
     # vCPU fd
     "KVM_RUN": (_IO(KVMIO, 0x80), None),
     "KVM_GET_REGS": (_IOR(KVMIO, 0x81, s.kvm_regs), None),
@@ -148,6 +151,7 @@ _KNOWN = {
     "KVM_SET_USER_MEMORY_REGION": 0x4020AE46,
     "KVM_SET_USER_MEMORY_REGION2": 0x40A0AE49,
     "KVM_PRE_FAULT_MEMORY": 0xC040AED5,
+    "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
     "KVM_GET_STATS_FD": 0xAECE,
     "KVM_RUN": 0xAE80,
     "KVM_GET_SREGS": 0x8138AE83,

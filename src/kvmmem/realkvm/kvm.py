@@ -41,6 +41,7 @@ from kvmmem.realkvm.structs import (
     kvm_clear_dirty_log,
     kvm_cpuid2,
     kvm_cpuid_entry2,
+    kvm_create_guest_memfd,
     kvm_dirty_log,
     kvm_enable_cap,
     kvm_pre_fault_memory,
@@ -252,6 +253,15 @@ class VmFd(_Fd):
             slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva,
             guest_memfd=guest_memfd, guest_memfd_offset=guest_memfd_offset)
         return _try(self.fd, "KVM_SET_USER_MEMORY_REGION2", ctypes.addressof(region))
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> tuple[int, str | None]:
+        """``KVM_CREATE_GUEST_MEMFD`` of ``size`` bytes with ``GUEST_MEMFD_FLAG_*``
+        ``flags``: ``(fd, None)`` (the caller owns the fd) or ``(-1, errno name)``."""
+        arg = kvm_create_guest_memfd(size=size, flags=flags)
+        ret = libc.ioctl_ptr(self.fd, IOCTLS["KVM_CREATE_GUEST_MEMFD"][0], ctypes.addressof(arg))
+        if ret < 0:
+            return -1, libc.errno_name(-ret)
+        return ret, None
 
     def get_dirty_log(self, slot: int, npages: int) -> DirtyLog:
         """``KVM_GET_DIRTY_LOG`` of ``slot`` with a bitmap for ``npages`` pages (the kernel

@@ -1,7 +1,7 @@
 """The few libc calls kvmmem needs that Python's ``os``/``mmap`` modules do not
 offer with addresses: ``mmap`` (at a chosen address, MAP_FIXED), ``munmap``,
 ``mprotect``, ``madvise``, ``memset``, ``read``/``write`` on raw addresses (the
-pipe trick of :mod:`kvmmem.realkvm.host`), ``perf_event_open`` (through
+pipe trick of :mod:`kvmmem.realkvm.host`), ``fallocate``, ``perf_event_open`` (through
 ``syscall``) and ``ioctl`` with a pointer argument.
 
 Every wrapper returns ``(value, errno)`` or an errno (0 on success) instead of
@@ -35,6 +35,9 @@ _read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _write = _libc.write
 _write.restype = ctypes.c_ssize_t
 _write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_fallocate = _libc.fallocate
+_fallocate.restype = ctypes.c_int
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _ioctl = _libc.ioctl
@@ -60,6 +63,9 @@ MADV_DONTNEED = 4
 MADV_REMOVE = 9
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 
 SYS_perf_event_open = 298  # x86-64
 
@@ -94,6 +100,12 @@ def mprotect(addr: int, length: int, prot: int) -> int:
 def madvise(addr: int, length: int, advice: int) -> int:
     """``madvise(2)``: 0 or the errno."""
     return 0 if _madvise(addr, length, advice) == 0 else ctypes.get_errno()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """``fallocate(2)`` (``off_t`` is 64-bit on every architecture kvmmem runs on): 0 or
+    the errno."""
+    return 0 if _fallocate(fd, mode, offset, length) == 0 else ctypes.get_errno()
 
 
 def memset(addr: int, byte: int, length: int) -> None:

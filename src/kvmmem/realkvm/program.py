@@ -16,11 +16,17 @@ Shape (every address and size an integer)::
      "x86_code": null | {"code": HEX, "entries": {ROUTINE: OFFSET}}}
 
     MAPPING = {"name", "size", "kind", "prot", "fill": null | BYTE,
-               "at": null | [NAME, OFFSET]}
+               "at": null | [NAME, OFFSET], "gmem_flags": BITS}
     STEP    = {"index": I, "op": NAME, ...the step's keys (SCENARIOS.md)}
 
-``set_memslot`` steps carry ``flags`` as the uapi bit mask.  This module and
-everything it imports at the top is standard library only.
+``set_memslot`` steps carry ``flags`` as the uapi bit mask, and ``guest_memfd`` (the
+name of a guest_memfd mapping, or null) with ``guest_memfd_offset``; a mapping's
+``gmem_flags`` are the ``GUEST_MEMFD_FLAG_*`` bits.  A program that uses
+guest_memfd (a guest_memfd mapping, a slot with the ``guest_memfd`` flag or name)
+runs only where the VM reports ``KVM_CAP_USER_MEMORY2``, ``KVM_CAP_GUEST_MEMFD`` and
+every flag it asks in ``KVM_CAP_GUEST_MEMFD_FLAGS``; elsewhere it is unsupported with
+the capability named.  This module and everything it imports at the top is standard
+library only.
 """
 
 from __future__ import annotations
@@ -31,7 +37,17 @@ from typing import Any
 
 from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessVm
 from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_bytes
+from kvmmem.realkvm.ioctls import (
+    KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_CAP_USER_MEMORY2,
+)
 from kvmmem.realkvm.kvm import Kvm, KvmUnsupported
+from kvmmem.realkvm.structs import (
+    GUEST_MEMFD_FLAG_MMAP,
+    KVM_MEM_GUEST_MEMFD,
+    guest_memfd_flag_names,
+)
 from kvmmem.realkvm.tracefs import FAULT_EVENTS, EventCounter
 from kvmmem.realkvm.x86 import RealVm
 from kvmmem.types import EXEC_FETCH_SIZE, PAGE_SIZE
@@ -128,7 +144,7 @@ def run_program(program: Program, kvm: Kvm | None = None, file_dir: str | None =
             try:
                 _check_capabilities(program, vm)
                 for mapping in program.get("memory", ()):
-                    out.setup.append({"memory": mapping["name"], **_mmap(host, mapping)})
+                    out.setup.append({"memory": mapping["name"], **_mmap(host, vm, mapping)})
                 for slot in program.get("memslots", ()):
                     out.setup.append({"memslot": slot["index"], **_set_memslot(host, vm, slot)})
                 faults = _fault_counter(program)
@@ -166,10 +182,54 @@ def _check_capabilities(program: Program, vm: HarnessVm) -> None:
         raise _Unsupported("the scenario declares cpu_features fwb and dic; this CPU lacks "
                            "them (KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED is 0), so "
                            "cacheable VM_PFNMAP slots are refused here")
+    _check_guest_memfd(program, vm)
     if "prefault" in program.get("needs", ()) and program["arch"] == "x86" \
             and kernel_version() >= (6, 10) and not vm.supports("KVM_PRE_FAULT_MEMORY"):
         raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this KVM uses "
                            "shadow paging (KVM_CAP_PRE_FAULT_MEMORY is 0)")
+
+
+def guest_memfd_needs(program: Program) -> tuple[bool, bool, int]:
+    """What the program asks of guest_memfd: ``(region2, guest_memfd, flags)``: whether
+    a slot needs ``KVM_SET_USER_MEMORY_REGION2`` (a ``guest_memfd`` name or flag),
+    whether anything uses guest_memfd at all, and the union of the
+    ``GUEST_MEMFD_FLAG_*`` bits its guest_memfd mappings ask for."""
+    mappings = [*program.get("memory", ()),
+                *(s["mapping"] for s in program.get("steps", ()) if s["op"] == "host_mmap")]
+    gmem = [m for m in mappings if m["kind"] == "guest_memfd"]
+    flags = 0
+    for m in gmem:
+        flags |= int(m.get("gmem_flags", 0))
+    region2 = any(_region2(s) for s in (*program.get("memslots", ()),
+                                        *program.get("steps", ()))
+                  if s["op"] == "set_memslot")
+    return region2, region2 or bool(gmem), flags
+
+
+def _region2(step: dict[str, Any]) -> bool:
+    return step.get("guest_memfd") is not None or bool(step["flags"] & KVM_MEM_GUEST_MEMFD)
+
+
+def _check_guest_memfd(program: Program, vm: HarnessVm) -> None:
+    """Raise :class:`_Unsupported` naming the capability when the program uses guest_memfd
+    and this VM lacks it: ``KVM_CAP_USER_MEMORY2`` (v6.8) for a guest_memfd slot,
+    ``KVM_CAP_GUEST_MEMFD`` (asked of the VM: x86 6.12 reports 1 on /dev/kvm and 0 on a
+    default VM, which has no private memory then), ``KVM_CAP_GUEST_MEMFD_FLAGS`` (v6.18)
+    for every flag a guest_memfd mapping asks."""
+    region2, gmem, flags = guest_memfd_needs(program)
+    if region2 and not vm.vm.check_extension(KVM_CAP_USER_MEMORY2):
+        raise _Unsupported("the scenario binds a guest_memfd in a memslot "
+                           "(KVM_SET_USER_MEMORY_REGION2); KVM_CAP_USER_MEMORY2 is 0 here")
+    if gmem and not vm.vm.check_extension(KVM_CAP_GUEST_MEMFD):
+        raise _Unsupported("the scenario uses guest_memfd; KVM_CAP_GUEST_MEMFD is 0 on this "
+                           "VM (a kernel or VM type without guest_memfd)")
+    offered = vm.vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS) if flags else 0
+    if flags & ~offered:
+        asked = ", ".join(guest_memfd_flag_names(flags))
+        lacking = ", ".join(guest_memfd_flag_names(flags & ~offered))
+        raise _Unsupported(f"the scenario creates a guest_memfd with gmem_flags {asked}; "
+                           f"KVM_CAP_GUEST_MEMFD_FLAGS is {offered:#x} on this VM "
+                           f"(lacks {lacking})")
 
 
 def _fault_counter(program: Program) -> EventCounter | None:
@@ -199,16 +259,40 @@ def _hva(host: HostMemory, step: dict[str, Any]) -> int:
     return host.hva(step["memory"], step.get("offset", 0))
 
 
-def _mmap(host: HostMemory, mapping: dict[str, Any]) -> Outcome:
+def _mmap(host: HostMemory, vm: HarnessVm, mapping: dict[str, Any]) -> Outcome:
+    """A mapping of any kind; a guest_memfd is ``KVM_CREATE_GUEST_MEMFD`` on ``vm`` (its
+    errno is the outcome, the name then standing for no file), mapped only with
+    ``GUEST_MEMFD_FLAG_MMAP``."""
     at = mapping.get("at")
     hva = host.hva(at[0], at[1]) if at else None
+    if mapping["kind"] == "guest_memfd":
+        flags = int(mapping.get("gmem_flags", 0))
+        fd, err = vm.vm.create_guest_memfd(mapping["size"], flags)
+        mapped = bool(flags & GUEST_MEMFD_FLAG_MMAP)
+        outcome = host.adopt_guest_memfd(mapping["name"], fd, mapping["size"], mapping["prot"],
+                                         mapped and err is None, mapping.get("fill"), hva)
+        return outcome if err is None else {"result": "error", "errno": err}
     return host.mmap(mapping["name"], mapping["size"], mapping["kind"], mapping["prot"],
                      mapping.get("fill"), hva)
 
 
+NO_GUEST_MEMFD = 0xFFFF_FFFF
+"""The ``guest_memfd`` field of a REGION2 slot that names no file (fd -1: EBADF where the
+``KVM_MEM_GUEST_MEMFD`` flag asks for one)."""
+
+
 def _set_memslot(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
+    """``KVM_SET_USER_MEMORY_REGION``, or ``..._REGION2`` when the slot names a
+    guest_memfd or has the flag; ``hva`` is 0 for a slot without ``memory`` or
+    ``hva`` (a gmem-only slot may have ``userspace_addr`` 0)."""
     hva = _hva(host, step) if step.get("memory") is not None else (step.get("hva") or 0)
-    return vm.set_memslot(step["slot"], step["gpa"], step["size"], hva, step["flags"])
+    if not _region2(step):
+        return vm.set_memslot(step["slot"], step["gpa"], step["size"], hva, step["flags"])
+    name = step.get("guest_memfd")
+    fd = host.mappings[name].fd if name is not None else -1
+    return vm.set_memslot(step["slot"], step["gpa"], step["size"], hva, step["flags"],
+                          NO_GUEST_MEMFD if fd < 0 else fd,
+                          int(step.get("guest_memfd_offset") or 0))
 
 
 def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
@@ -226,7 +310,7 @@ def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
     if op == "host_write":
         return host.host_write(_hva(host, step), step["size"], step["value"])
     if op == "host_mmap":
-        return _mmap(host, step["mapping"])
+        return _mmap(host, vm, step["mapping"])
     if op == "host_munmap":
         mapping = host.mappings[step["memory"]]
         offset = step.get("offset", 0)
@@ -244,6 +328,8 @@ def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
         return vm.get_dirty_log(step["slot"])
     if op == "clear_dirty_log":
         return vm.clear_dirty_log(step["slot"], step["first_page"], step["num_pages"])
+    if op == "punch_hole":
+        return host.punch_hole(step["memory"], step.get("offset", 0), step["size"])
     return {"result": "unsupported", "reason": f"step {op!r} has no real-KVM driver"}
 
 

@@ -83,14 +83,18 @@ def unsupported_reason(scenario: Scenario, arch: str = "x86") -> str | None:
 
 
 def _mapping(mapping: Mapping) -> dict[str, Any]:
+    """A mapping as data; ``gmem_flags`` as the ``GUEST_MEMFD_FLAG_*`` bits."""
     return {"name": mapping.name, "size": mapping.size, "kind": mapping.kind,
             "prot": mapping.prot, "fill": mapping.fill,
-            "at": [mapping.at.memory, mapping.at.offset] if mapping.at is not None else None}
+            "at": [mapping.at.memory, mapping.at.offset] if mapping.at is not None else None,
+            "gmem_flags": mapping.gmem_flag_bits}
 
 
 def _step(step: Step) -> dict[str, Any]:
-    """One step as data: ``index``, ``op`` and its own keys (SCENARIOS.md names);
-    a ``host_mmap``'s keys as a ``mapping``, a memslot's ``flags`` as the uapi bits."""
+    """One step as data: ``index``, ``op`` and its own keys (SCENARIOS.md names: a
+    memslot's ``guest_memfd`` name and ``guest_memfd_offset``, a ``punch_hole``'s
+    ``memory``, ``offset``, ``size``); a ``host_mmap``'s keys as a ``mapping``, a
+    memslot's ``flags`` as the uapi bits."""
     out: dict[str, Any] = {"index": step.index, "op": step.op}
     if isinstance(step, HostMmap):
         out["mapping"] = _mapping(step.mapping)

@@ -52,6 +52,28 @@ KVM_MEM_READONLY = 1 << 1
 KVM_MEM_GUEST_MEMFD = 1 << 2
 
 
+class kvm_create_guest_memfd(ctypes.Structure):
+    """``KVM_CREATE_GUEST_MEMFD``'s argument (v6.8): the file's ``size`` and ``flags``."""
+
+    _fields_ = [("size", u64), ("flags", u64), ("reserved", u64 * 6)]
+
+
+GUEST_MEMFD_FLAG_MMAP = 1 << 0
+GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+GUEST_MEMFD_FLAGS: dict[str, int] = {"mmap": GUEST_MEMFD_FLAG_MMAP,
+                                     "init_shared": GUEST_MEMFD_FLAG_INIT_SHARED}
+"""``KVM_CREATE_GUEST_MEMFD`` flags by their scenario names (uapi since v6.18; which
+ones a VM accepts is ``KVM_CAP_GUEST_MEMFD_FLAGS``)."""
+
+
+def guest_memfd_flag_names(bits: int) -> list[str]:
+    """The scenario names of the ``GUEST_MEMFD_FLAG_*`` bits in ``bits`` (an unknown bit
+    as its hex value)."""
+    names = [name for name, bit in GUEST_MEMFD_FLAGS.items() if bits & bit]
+    rest = bits & ~sum(GUEST_MEMFD_FLAGS.values())
+    return names + ([f"{rest:#x}"] if rest else [])
+
+
 # --- kvm_run -----------------------------------------------------------------------
 
 
@@ -393,6 +415,7 @@ KERNEL_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_dirty_log: 16,
     kvm_clear_dirty_log: 24,
     kvm_pre_fault_memory: 64,
+    kvm_create_guest_memfd: 64,
     kvm_enable_cap: 104,
     kvm_vcpu_init: 32,
     kvm_one_reg: 16,
