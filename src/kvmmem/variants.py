@@ -203,6 +203,41 @@ SWITCHES: tuple[Switch, ...] = (
                 "(not identified)",
                 "between v6.12 and v7.2: real riscv 6.12.117 fails EOPNOTSUPP, 7.2.13 "
                 "injects; 7.2 is the first release seen doing it"),)),
+    Switch(
+        "x86_guest_memfd", ("x86",),
+        "KVM_CREATE_GUEST_MEMFD exists (CONFIG_KVM_PRIVATE_MEM, renamed "
+        "CONFIG_KVM_GUEST_MEMFD in v6.18); before, the ioctl is ENOTTY", False,
+        (Change((6, 8), True, None,
+                "KVM: Add KVM_CREATE_GUEST_MEMFD ioctl() for guest-specific backing memory",
+                "the v6.8 guest_memfd series; hash not identified here"),)),
+    Switch(
+        "arm64_guest_memfd", ("arm64",),
+        "arm64 selects KVM_GUEST_MEMFD: KVM_CREATE_GUEST_MEMFD exists and guest_memfd "
+        "slots fault through gmem_abort (before: the ioctl is EINVAL)", False,
+        (Change((6, 18), True, None,
+                "KVM: arm64: Enable support for guest_memfd backed memory",
+                "the v6.18 guest_memfd mmap series (release believed; Debian 6.12 lacks "
+                "it, 7.2 has it); hash not identified"),)),
+    Switch(
+        "gmem_mmap", ("x86", "arm64"),
+        "guest_memfd takes GUEST_MEMFD_FLAG_MMAP and _INIT_SHARED, any VM may bind it "
+        "(check_memory_region_flags), and a slot on an mmap-able file is gmem-only "
+        "(every fault from the file); before, creation takes flags 0 and only a VM "
+        "with private memory binds", False,
+        (Change((6, 18), True, None,
+                "KVM: guest_memfd: Add GUEST_MEMFD_FLAG_MMAP (first posted as "
+                "GUEST_MEMFD_FLAG_SUPPORT_SHARED) and INIT_SHARED",
+                "release believed (Debian 7.2/7.3 report KVM_CAP_GUEST_MEMFD_FLAGS 3); "
+                "hashes not identified"),)),
+    Switch(
+        "gmem_bind_overlap_eexist", ("x86", "arm64"),
+        "kvm_gmem_bind refuses a file range another slot already binds with EEXIST "
+        "(before: EINVAL, the error it starts from)", False,
+        (Change((7, 2), True, None,
+                "(not identified)",
+                "between v6.18 and v7.2: the v6.18-era guest_memfd.c answers EINVAL (and so "
+                "did a 6.18-based host kernel), real arm64 and x86 7.2 and 7.3 answer "
+                "EEXIST; 7.2 is the first release seen doing it"),)),
 )
 """Every switch, in the order of docs/versions.md."""
 
@@ -250,6 +285,17 @@ class Variant:
     arm64_cacheable_pfnmap_check: bool = True
     """arm64 prepare refuses a cacheable VM_PFNMAP VMA (EINVAL) unless the CPU has FWB
     and DIC (v6.17, KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED; hash not identified)."""
+    x86_guest_memfd: bool = True
+    """x86 has KVM_CREATE_GUEST_MEMFD (v6.8, "KVM: Add KVM_CREATE_GUEST_MEMFD ioctl() for
+    guest-specific backing memory")."""
+    arm64_guest_memfd: bool = True
+    """arm64 has guest_memfd and ``gmem_abort`` (v6.18, believed)."""
+    gmem_mmap: bool = True
+    gmem_bind_overlap_eexist: bool = True
+    """A file range bound twice is EEXIST (before: EINVAL); seen on real 7.2 and 7.3,
+    change not identified."""
+    """guest_memfd MMAP/INIT_SHARED flags, gmem-only slots, binding on any VM (v6.18,
+    believed)."""
     riscv_hugetlb_lookup: int = 2
     """riscv hugetlb sizing (:data:`~kvmmem.kvm.riscv.HUGETLB_CHECKED` and friends): the
     block-aligned gfn looked up in every slot (v5.16), in the faulting slot unchecked

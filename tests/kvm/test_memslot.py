@@ -29,6 +29,7 @@ from kvmmem.kvm.memslot import (
     KVM_MEMSLOT_INVALID,
     ULONG_MAX,
     X86_TASK_SIZE_MAX,
+    GmemBinding,
     KvmMrChange,
     KvmUserspaceMemoryRegion,
     MemorySlot,
@@ -191,7 +192,8 @@ def test_guest_memfd_flag_rules() -> None:
     assert errno(kvm, region(0, 0, M2, HVA, GMEM | LOG), v2=True) == "EINVAL"
     assert errno(kvm, region(0, 0, M2, HVA, GMEM | RO), v2=True) == "EINVAL"
     kvm.set_user_memory_region(region(0, 0, M2, HVA, GMEM, guest_memfd=3), v2=True)
-    assert kvm.id_to_memslot(0).gmem == (3, 0)  # type: ignore[union-attr]
+    binding = kvm.id_to_memslot(0).gmem  # type: ignore[union-attr]
+    assert binding is not None and (binding.file, binding.pgoff) == (3, 0)
 
 
 def test_readonly_needs_kvm_arch_has_readonly_mem() -> None:
@@ -912,11 +914,11 @@ class FakeGmem(NoopMemslotHooks):
             if s < end and offset < e:
                 raise KernelError("EEXIST", "KVM_SET_USER_MEMORY_REGION", "bound")
         self.bound.setdefault(fd, []).append((offset, end, slot))
-        slot.gmem = (fd, offset)
+        slot.gmem = GmemBinding(fd, offset // P)
 
     def gmem_unbind(self, slot: MemorySlot) -> None:
         assert slot.gmem is not None
-        fd = slot.gmem[0]
+        fd = slot.gmem.file
         self.bound[fd] = [b for b in self.bound[fd] if b[2] is not slot]
         slot.gmem = None
 

@@ -75,6 +75,10 @@ AROUND = [
     ("arm64_cacheable_pfnmap_check", "6.16", False, "6.17", True),
     ("riscv_hugetlb_lookup", "6.16", 0, "6.17", 1),
     ("riscv_hugetlb_lookup", "7.1", 1, "7.2", 2),
+    ("x86_guest_memfd", "6.7", False, "6.8", True),
+    ("arm64_guest_memfd", "6.17", False, "6.18", True),
+    ("gmem_mmap", "6.17", False, "6.18", True),
+    ("gmem_bind_overlap_eexist", "7.1", False, "7.2", True),
 ]
 
 

@@ -17,7 +17,9 @@ Kinds:
   the first write makes the PTE writable, ``do_page_mkwrite``);
 * ``hugetlbfs`` - 2 MiB pages (anonymous MAP_HUGETLB gets a private one,
   like ``hugetlb_file_setup``);
-* ``device`` - a device node whose mmap maps device frames (no page cache).
+* ``device`` - a device node whose mmap maps device frames (no page cache);
+* ``guest_memfd`` - the inode of a guest_memfd (``kvmmem.kvm.guest_memfd``): pages
+  zeroed on first use, its ``fault`` and ``fallocate`` supplied by KVM.
 
 Access beyond EOF (``pgoff >= i_size`` in pages) is SIGBUS in the fault path.
 """
@@ -53,6 +55,7 @@ class FileKind(Enum):
     REGULAR = "regular"
     HUGETLBFS = "hugetlbfs"
     DEVICE = "device"
+    GUEST_MEMFD = "guest_memfd"
 
 
 class File:
@@ -105,6 +108,9 @@ class File:
         self.fault: Callable[[int], int | None] | None = None
         """``vm_ops->fault`` where the file's owner supplies its own (a guest_memfd:
         ``kvm_gmem_fault_user_mapping``): page index -> pfn, None for SIGBUS."""
+        self.mmap_refused: str | None = None
+        """Why ``f_op->mmap`` refuses (ENODEV), or None (a guest_memfd without
+        GUEST_MEMFD_FLAG_MMAP)."""
 
     def __repr__(self) -> str:
         return f"File({self.name!r}, {self.kind.value}, size={self.size:#x})"

@@ -196,6 +196,18 @@ def do_pte_missing(mm: MmStruct, vma: Vma, hva: int, write: bool, tbl: Any, i: i
         tbl[i] = (pfn << PFN_SHIFT) | _P | _S | _Y | \
             ((_W | _D) if vma.flags & VM_WRITE else 0)
         return VM_FAULT_OK
+    if f.fault is not None:
+        # the file's own vm_ops->fault (kvm_gmem_fault_user_mapping): a page-cache page,
+        # mapped as a shared mapping maps it (no write notification)
+        gpfn = f.fault(index)
+        if gpfn is None:
+            return VM_FAULT_SIGBUS
+        pm.map_one(gpfn)
+        bits = _P | _Y
+        if vma.flags & VM_WRITE:
+            bits |= _W | (_D if write else 0)
+        tbl[i] = (gpfn << PFN_SHIFT) | bits
+        return VM_FAULT_OK
     if f.kind is FileKind.DEVICE:
         if not f.device_lazy:
             return VM_FAULT_SIGBUS  # remap_pfn_range VMAs have no fault handler

@@ -116,6 +116,9 @@ class MmStruct:
         self.anon_vma_seq = 0
         self.ino_seq = 0
         self._vmacache: Vma | None = None  # last VMA found; a memo, left out of state fingerprints
+        self.fdtable: dict[int, object] = {}
+        """The process's open files that are not mappings' own (``current->files``): a
+        guest_memfd is installed here (kvmmem.kvm.guest_memfd) for REGION2 to name."""
         self.changes_in_flight: list[tuple[int, int]] = []
         """Host ranges ``[start, end)`` an address-space change is working on while
         it holds ``mmap_lock`` (:func:`mm_changing`).  Not kernel state: what a
@@ -134,6 +137,15 @@ class MmStruct:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.mm_mt)} vmas)"
+
+    def install_fd(self, obj: object) -> int:
+        """``get_unused_fd_flags`` + ``fd_install``: the lowest fd above stdin, stdout and
+        stderr that is free (also the first free one the model hands out)."""
+        fd = 3
+        while fd in self.fdtable:
+            fd += 1
+        self.fdtable[fd] = obj
+        return fd
 
     def find_vma(self, hva: int) -> Vma | None:
         """``find_vma()``: the first VMA with ``end > hva``, or None."""

@@ -273,6 +273,7 @@ def _mmap_file_arg(kind: VmaKind, file: File | None) -> File | None:
         VmaKind.DEVICE: (FileKind.DEVICE,),
         VmaKind.DEVICE_LAZY: (FileKind.DEVICE,),
         VmaKind.DMABUF: (FileKind.SHMEM,),
+        VmaKind.GUEST_MEMFD: (FileKind.GUEST_MEMFD,),
     }[kind]
     if fk not in ok or (kind is VmaKind.DMABUF) != file.dmabuf:
         what = "a dma-buf" if file.dmabuf else f"a {fk.value} file"
@@ -320,7 +321,8 @@ def _mmap_checks(
         start = got
     flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
     shared = kind in (VmaKind.MEMFD, VmaKind.FILE_SHARED, VmaKind.DEVICE,
-                      VmaKind.DEVICE_LAZY, VmaKind.DMABUF) or (hugetlb and file is not None)
+                      VmaKind.DEVICE_LAZY, VmaKind.DMABUF, VmaKind.GUEST_MEMFD) \
+        or (hugetlb and file is not None)
     if shared:
         if prot & PROT_WRITE and file is not None and not file.writable:
             raise KernelError("EACCES", call, "PROT_WRITE shared mapping of a read-only file")
@@ -341,6 +343,10 @@ def _mmap_checks(
         flags |= VM_IO | VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP
         if file is not None and (pgoff + (length >> PAGE_SHIFT)) > file.npages():
             raise KernelError("EINVAL", call, "beyond the device region")
+    if kind is VmaKind.GUEST_MEMFD and (file is None or file.mmap_refused is not None):
+        # kvm_gmem_mmap: only a guest_memfd created with GUEST_MEMFD_FLAG_MMAP
+        raise KernelError("ENODEV", call, "guest_memfd without GUEST_MEMFD_FLAG_MMAP"
+                          if file is not None else "kind guest_memfd needs its file")
     if kind is VmaKind.DMABUF:
         # drm_gem_shmem_mmap / udmabuf mmap: no VM_IO (the pages are RAM)
         flags |= VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP

@@ -124,6 +124,7 @@ class VmaKind(StrEnum):
     DEVICE = "device"  # VM_IO|VM_PFNMAP, every frame remapped at mmap (remap_pfn_range)
     DEVICE_LAZY = "device-lazy"  # VM_IO|VM_PFNMAP, frames inserted by the fault handler
     DMABUF = "dmabuf"  # VM_PFNMAP over RAM pages a driver pinned, inserted on fault
+    GUEST_MEMFD = "guest_memfd"  # MAP_SHARED of a guest_memfd (kvm_gmem_mmap)
 
     @classmethod
     def parse(cls, kind: object) -> VmaKind:

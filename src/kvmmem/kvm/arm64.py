@@ -15,21 +15,32 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.arch.pgtable import Perm
+from kvmmem.errors import KernelError
 from kvmmem.host.vma import VM_MIXEDMAP, VM_PFNMAP
 from kvmmem.kvm.arch_common import (
     fault_supports_stage2_huge_mapping,
     memslot_is_logging,
     transparent_hugepage_adjust,
 )
-from kvmmem.kvm.fault import EFAULT, MMIO, RESUME, RETRY, Access, Fault, FaultResult
+from kvmmem.kvm.fault import (
+    EFAULT,
+    MMIO,
+    RESUME,
+    RETRY,
+    Access,
+    Fault,
+    FaultResult,
+    memory_fault_exit,
+)
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
     is_error_noslot_pfn,
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.guest_memfd import kvm_gmem_get_pfn, kvm_memslot_is_gmem_only, kvm_slot_has_gmem
 from kvmmem.kvm.kvm_host import ArchKvm
-from kvmmem.kvm.memslot import mark_page_dirty_in_slot
+from kvmmem.kvm.memslot import CALL, mark_page_dirty_in_slot
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.prepare import prepare_vma_walk
 from kvmmem.sync import Op, acquire, release
@@ -116,6 +127,7 @@ class Arm64Kvm(ArchKvm):
     """The arm64 stage-2 MMU."""
 
     name = "arm64"
+    guest_memfd_switch = "arm64_guest_memfd"
     max_user_slots = 32767
     break_before_make = True
     default_phys_bits = 40
@@ -158,7 +170,44 @@ class Arm64Kvm(ArchKvm):
                 vm.log.emit("kvm_access_fault", ipa=gpa)
             yield release("mmu_lock", shared=True)
             return RESUME
+        if kvm_slot_has_gmem(slot):
+            return (yield from self.gmem_abort(vm, vcpu, slot, gpa, access))
         return (yield from self.user_mem_abort(vm, vcpu, slot, gpa, access))
+
+    def gmem_abort(self, vm: Kvm, vcpu: KvmVcpu, slot: MemorySlot, gpa: int,
+                   access: Access) -> Op[FaultResult]:
+        """``gmem_abort`` (v6.18): the page of the slot's guest_memfd, mapped at 4K
+        (``PAGE_SIZE`` always: no VMA, no block), writable unless the slot is read-only,
+        executable on an instruction fetch.  A ``kvm_gmem_get_pfn`` error fills a
+        memory-fault exit for the faulting page with flags 0 and fails KVM_RUN with it."""
+        gfn = gpa >> PAGE_SHIFT
+        exec_fault = access is Access.EXEC
+        mmu_seq = vm.mmu_invalidate_seq
+        try:
+            pfn = kvm_gmem_get_pfn(vm, slot, gfn)
+        except KernelError as err:
+            return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, 0, err.errno)
+        writable = not slot.readonly
+        yield _MMU_READ_LOCK
+        if vm.variant.invalidate_retry and mmu_invalidate_retry(vm, mmu_seq):
+            yield _MMU_READ_UNLOCK
+            return RETRY
+        stage2_map(vm, slot, gfn << PAGE_SHIFT, pfn, PAGE_SIZE, write=writable,
+                   execute=exec_fault, device=False, access=access)
+        if writable:
+            vcpu.unmarked_dirty = gfn
+        yield _MMU_READ_UNLOCK
+        if writable:
+            mark_page_dirty_in_slot(slot, gfn)
+            vcpu.unmarked_dirty = None
+        return RESUME
+
+    def check_gmem_slot(self, variant: Variant, new: MemorySlot) -> None:
+        """``kvm_arch_prepare_memory_region``'s guest_memfd rule (v6.18, with arm64's
+        guest_memfd): only a gmem-only slot; arm64 has no private memory."""
+        if kvm_slot_has_gmem(new) and not kvm_memslot_is_gmem_only(new):
+            raise KernelError("EINVAL", CALL, "arm64: a guest_memfd slot whose file lacks "
+                              "GUEST_MEMFD_FLAG_MMAP (not gmem-only)")
 
     def user_mem_abort(self, vm: Kvm, vcpu: KvmVcpu, slot: MemorySlot, gpa: int,
                        access: Access) -> Op[FaultResult]:

@@ -33,6 +33,7 @@ class Fault(Enum):
     EFAULT = "efault"  # KVM_RUN fails with EFAULT
     ERRNO = "errno"  # KVM_RUN fails with another errno (ENOSYS, EOPNOTSUPP, ENOEXEC...)
     ABORT = "abort"  # an exception is injected into the guest
+    MEMORY_FAULT = "memory_fault"  # KVM_RUN fails (errno) with KVM_EXIT_MEMORY_FAULT filled
 
 
 @dataclass(slots=True)
@@ -43,6 +44,15 @@ class FaultResult:
     kind: Fault
     errno: str = ""
     abort: str = ""
+    gpa: int = 0
+    size: int = 0
+    flags: int = 0
+    """``kvm_run.memory_fault`` of a MEMORY_FAULT (``kvm_prepare_memory_fault_exit``)."""
+
+
+def memory_fault_exit(gpa: int, size: int, flags: int, errno: str = "EFAULT") -> FaultResult:
+    """``kvm_prepare_memory_fault_exit`` + the error KVM_RUN returns with it."""
+    return FaultResult(Fault.MEMORY_FAULT, errno=errno, gpa=gpa, size=size, flags=flags)
 
 
 RESUME = FaultResult(Fault.RESUME)
@@ -70,7 +80,8 @@ class AccessResult:
     ``kvm_handle_error_pfn``, arm64 ``user_mem_abort`` and riscv
     ``kvm_riscv_mmu_map`` return a bare -EFAULT (seen on x86 6.1 and 7.3 with
     TDP, arm64 7.3, riscv 7.2, and this host's KVM); only guest_memfd (private)
-    faults fill it, which the model does not have."""
+    faults fill it: guest_memfd faults (``kvm_gmem_get_pfn`` failing; ``flags`` 0 for
+    a shared gmem-only fault)."""
 
     result: str
     value: int | None = None
@@ -83,6 +94,7 @@ class AccessResult:
     exit_reason: str = ""
     suberror: int = 0
     memory_fault: bool = False
+    flags: int = 0
 
     def to_outcome(self) -> dict[str, Any]:
         """The outcome keys of SCENARIOS.md (without ``step``/``op``)."""
@@ -99,6 +111,7 @@ class AccessResult:
         elif self.result == "fault" and self.memory_fault:
             out["gpa"] = self.gpa
             out["size"] = self.length
+            out["flags"] = self.flags
         elif self.result == "error":
             out["errno"] = self.errno
         elif self.result == "abort":

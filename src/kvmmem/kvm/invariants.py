@@ -17,13 +17,14 @@ an error once no invalidation covers it.  Slots being deleted or moved
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmmem.errors import KernelError, ValidationError
 from kvmmem.host import Mm, MmuNotifierSubscriptions
 from kvmmem.host.vma import VM_WRITE
 from kvmmem.kvm.arch_common import memslot_is_logging
 from kvmmem.kvm.fault import Access
+from kvmmem.kvm.guest_memfd import GmemFile, gmem_page, kvm_memslot_is_gmem_only
 from kvmmem.kvm.mmu_notifier import INVALID_GPA
 from kvmmem.kvm.vm import Vm
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
@@ -83,6 +84,16 @@ def validate_no_stale_translation(vm: Vm) -> None:
             raise ValidationError("no-stale-translation",
                                   f"{source}: gfn {gfn:#x} -> pfn {pfn:#x} but no memslot "
                                   "covers the gfn")
+        if kvm_memslot_is_gmem_only(slot):
+            # served from the guest_memfd, whatever the slot's hva maps
+            held = gmem_page(slot, gfn)
+            if held != pfn:
+                now = "no page (punched or never allocated)" if held is None \
+                    else f"pfn {held:#x}"
+                raise ValidationError("no-stale-translation",
+                                      f"{source}: gfn {gfn:#x} -> pfn {pfn:#x}, but slot "
+                                      f"{slot.id}'s guest_memfd holds {now} there")
+            continue
         hva = slot.gfn_to_hva(gfn)
         pte = mm.host_pte(hva)
         if pte is None or pte.pfn != pfn:
@@ -106,6 +117,8 @@ def validate_permission_containment(vm: Vm) -> None:
         where = f"{source}: writable gfn {gfn:#x}"
         if slot.readonly:
             raise ValidationError("permission-containment", f"{where} in read-only slot {slot.id}")
+        if kvm_memslot_is_gmem_only(slot):
+            continue  # no VMA or host PTE decides (kvm_mmu_faultin_pfn_gmem, gmem_abort)
         hva = slot.gfn_to_hva(gfn)
         vma = mm.vma_lookup(hva)
         if vma is None or not vma.flags & VM_WRITE:
@@ -168,6 +181,13 @@ def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0) -
         s = vm.gfn_to_memslot(g >> PAGE_SHIFT)
         if s is None:
             return  # part of the access was MMIO
+        if kvm_memslot_is_gmem_only(s):
+            held = gmem_page(s, g >> PAGE_SHIFT)
+            if held is None:
+                raise ValidationError("coherence", f"guest wrote gpa {g:#x} but slot {s.id}'s "
+                                      "guest_memfd holds no page there: the write is lost")
+            got |= vm.mm.physmem.read_int(held, g & (PAGE_SIZE - 1), 1) << (8 * i)
+            continue
         hva = s.gfn_to_hva(g >> PAGE_SHIFT) + (g & (PAGE_SIZE - 1))
         pte = vm.mm.host_pte(hva)
         if pte is None:
@@ -201,14 +221,21 @@ def validate_path_independence(vm: Vm) -> list[str]:
     mm_copy = clone_mm(vm.mm)
     fresh = Vm(vm.arch_name, variant=vm.variant, mm=mm_copy, vcpus=1,
                     cpu_features=vm.cpu_features)
+    for f in mm_copy.fdtable.values():
+        if isinstance(f, GmemFile):
+            f.kvm = fresh  # the copied guest_memfd files are the fresh VM's
     notes: list[str] = []
     for slot in sorted(vm.memslots.all_slots(), key=lambda s: (s.as_id, s.id)):
         if slot.invalid:
             continue
         args = (slot.id | (slot.as_id << 16), slot.base_gfn << PAGE_SHIFT,
                 slot.npages << PAGE_SHIFT, slot.userspace_addr, slot.flags)
+        gmem: dict[str, Any] = {}
+        if slot.gmem is not None and slot.gmem.file is not None:
+            gmem = {"guest_memfd": slot.gmem.file.fd,
+                    "guest_memfd_offset": slot.gmem.pgoff << PAGE_SHIFT, "v2": True}
         try:
-            fresh.set_user_memory_region(*args)
+            fresh.set_user_memory_region(*args, **gmem)
             continue
         except KernelError as err:
             refused = err
@@ -216,7 +243,7 @@ def validate_path_independence(vm: Vm) -> list[str]:
         # walk concerns the ioctl only; try again without it
         fresh.prepare_vma_checks = False
         try:
-            fresh.set_user_memory_region(*args)
+            fresh.set_user_memory_region(*args, **gmem)
         except KernelError as err:
             raise ValidationError(
                 "path-independence",

@@ -207,6 +207,26 @@ class ArchKvm:
     """Whether enabling dirty logging always calls the eager split
     (``kvm_mmu_split_memory_region``: arm64), not only with ``eager_page_split``."""
 
+    unknown_vm_ioctl_errno = "EINVAL"
+    """What ``kvm_arch_vm_ioctl`` answers an ioctl it does not know (arm64 and riscv
+    EINVAL; x86 ENOTTY): a VM ioctl compiled out, e.g. KVM_CREATE_GUEST_MEMFD."""
+    guest_memfd_switch = ""
+    """The :class:`~kvmmem.variants.Variant` switch saying whether the release's KVM has
+    guest_memfd (``CONFIG_KVM_GUEST_MEMFD``) on this architecture ("": never)."""
+
+    def has_guest_memfd(self, variant: Variant) -> bool:
+        """Whether KVM_CREATE_GUEST_MEMFD exists in ``variant`` for this architecture."""
+        return bool(self.guest_memfd_switch and getattr(variant, self.guest_memfd_switch))
+
+    def binds_guest_memfd(self, variant: Variant) -> bool:
+        """Whether a default VM accepts KVM_MEM_GUEST_MEMFD (``check_memory_region_flags``:
+        with guest_memfd, before v6.18 only a VM with private memory, which the model has
+        none of; from v6.18 any VM)."""
+        return self.has_guest_memfd(variant) and variant.gmem_mmap
+
+    def check_gmem_slot(self, variant: Variant, new: MemorySlot) -> None:
+        """The arch prepare hook's guest_memfd rule (arm64); nothing by default."""
+
     # --- faults ------------------------------------------------------------
 
     def mmio_exit_error(self, gpa: int, length: int) -> str | None:
@@ -256,6 +276,7 @@ class ArchKvm:
                 raise KernelError("EFAULT", CALL, f"{self.name}: slot reaches the GPA size")
         elif end > limit:
             raise KernelError("EFAULT", CALL, f"{self.name}: slot beyond the IPA size")
+        self.check_gmem_slot(hooks.variant, new)
         yield from hooks.prepare_vma_walk(old, new, change)
 
     def flush_shadow_memslot(self, hooks: MemslotHookContext, slot: MemorySlot) -> Op[None]:

@@ -235,6 +235,19 @@ DirtyBitmap = npt.NDArray[np.bool_]
 
 
 @dataclass(slots=True, eq=False)
+class GmemBinding:
+    """``slot->gmem``: the guest_memfd file a slot binds (a
+    :class:`kvmmem.kvm.guest_memfd.GmemFile`; None once unbound; the bare fd under
+    :class:`~kvmmem.kvm.memslot.NoopMemslotHooks`), the file page the slot starts at
+    (``pgoff``), and whether the slot is gmem-only (``KVM_MEMSLOT_GMEM_ONLY``, v6.18:
+    every fault served from the file)."""
+
+    file: Any
+    pgoff: int
+    gmem_only: bool = False
+
+
+@dataclass(slots=True, eq=False)
 class MemorySlot:
     """``struct kvm_memory_slot``.
 
@@ -243,7 +256,7 @@ class MemorySlot:
     A published slot's geometry and flags never change.  ``dirty_bitmap`` is
     one bool per page (``None`` unless LOG_DIRTY_PAGES and a bitmap is in
     use); ``arch`` is the arch-private ``struct kvm_arch_memory_slot``;
-    ``gmem`` is the (fd, offset) guest_memfd binding, if any."""
+    ``gmem`` is the guest_memfd binding (:class:`GmemBinding`), if any."""
 
     id: int
     as_id: int
@@ -253,7 +266,7 @@ class MemorySlot:
     flags: int
     dirty_bitmap: DirtyBitmap | None = None
     arch: dict[str, Any] = field(default_factory=dict)
-    gmem: tuple[int, int] | None = None
+    gmem: GmemBinding | None = None
 
     @property
     def end_gfn(self) -> Gfn:

@@ -325,6 +325,11 @@ class Vcpu:
                 return AccessResult("fault", gpa=gpa, length=size)
             if kind is Fault.ERRNO:
                 return AccessResult("error", errno=decision.errno)
+            if kind is Fault.MEMORY_FAULT:
+                if decision.errno != "EFAULT":
+                    return AccessResult("error", errno=decision.errno)
+                return AccessResult("fault", gpa=decision.gpa, length=decision.size,
+                                    memory_fault=True, flags=decision.flags)
             return AccessResult("abort", abort=decision.abort)
         self.fault_wait = None
         return AccessResult("error", errno="EAGAIN")

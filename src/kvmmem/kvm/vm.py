@@ -20,6 +20,7 @@ from kvmmem.arch.pgtable import Tlbi, Translation
 from kvmmem.errors import InputError
 from kvmmem.host import Mm
 from kvmmem.kvm.arches import ArchMemslotHooks, make_arch_kvm
+from kvmmem.kvm.guest_memfd import GmemFile, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_unbind
 from kvmmem.kvm.memslot import (
     KvmMrChange,
     KvmUserspaceMemoryRegion,
@@ -94,7 +95,8 @@ class Vm:
         self.log: EventLog | None = None
         # KVM_USER_MEM_SLOTS of the variant's release (509/512 before v5.12).
         self.memslots = VmMemslots(
-            memslot_limits(arch, user_mem_slots=self.variant.user_mem_slots(arch)),
+            memslot_limits(arch, user_mem_slots=self.variant.user_mem_slots(arch),
+                           guest_memfd=self.arch.binds_guest_memfd(self.variant)),
             hooks=VmMemslotHooks(self))
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
@@ -124,22 +126,32 @@ class Vm:
     # --- memslots ----------------------------------------------------------
 
     def set_user_memory_region(
-        self, slot: int, gpa: int, size: int, hva: int, flags: int = 0
+        self, slot: int, gpa: int, size: int, hva: int, flags: int = 0, *,
+        guest_memfd: int = 0, guest_memfd_offset: int = 0, v2: bool = False,
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION`` run to completion; raises KernelError."""
-        drive(self.set_user_memory_region_op(slot, gpa, size, hva, flags))
+        """``KVM_SET_USER_MEMORY_REGION`` (``v2``: ``..._REGION2`` with the guest_memfd
+        fields) run to completion; raises KernelError."""
+        drive(self.set_user_memory_region_op(slot, gpa, size, hva, flags,
+                                             guest_memfd=guest_memfd,
+                                             guest_memfd_offset=guest_memfd_offset, v2=v2))
 
     def set_user_memory_region_op(
-        self, slot: int, gpa: int, size: int, hva: int, flags: int = 0
+        self, slot: int, gpa: int, size: int, hva: int, flags: int = 0, *,
+        guest_memfd: int = 0, guest_memfd_offset: int = 0, v2: bool = False,
     ) -> Op[None]:
         """The memslot update as an operation (pauses at slots_lock, the
         INVALID-slot publication, SRCU synchronisation and mmu_lock)."""
-        region = KvmUserspaceMemoryRegion(slot, flags, gpa, size, hva)
+        region = KvmUserspaceMemoryRegion(slot, flags, gpa, size, hva, guest_memfd_offset,
+                                          guest_memfd)
         if self.log is not None:
             self.log.emit("kvm_set_user_memory_region", slot=slot, flags=flags, gpa=gpa,
                           size=size, hva=hva)
         self.stats.memslot_updates += 1
-        yield from self.memslots.set_user_memory_region_op(region)
+        yield from self.memslots.set_user_memory_region_op(region, v2)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GmemFile:
+        """``KVM_CREATE_GUEST_MEMFD`` (kvmmem.kvm.guest_memfd); raises KernelError."""
+        return kvm_gmem_create(self, size, flags)
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
         """``gfn_to_memslot``: the slot of the active set covering ``gfn``, or None."""
@@ -292,6 +304,14 @@ class VmMemslotHooks(ArchMemslotHooks):
                          change: KvmMrChange) -> Op[None]:
         """arm64/riscv: the architecture's VMA walk (EPERM, EINVAL, 5.4 premap)."""
         return self.vm.arch.prepare_vma_walk(self.vm, old, new, change)
+
+    def gmem_bind(self, slot: MemorySlot, fd: int, offset: int) -> None:
+        """``kvm_gmem_bind`` on this VM."""
+        kvm_gmem_bind(self.vm, slot, fd, offset)
+
+    def gmem_unbind(self, slot: MemorySlot) -> None:
+        """``kvm_gmem_unbind``."""
+        kvm_gmem_unbind(slot)
 
     def zap_all(self) -> Op[None]:
         """``kvm_mmu_zap_all_fast``: every mapping of the VM; every loaded root becomes

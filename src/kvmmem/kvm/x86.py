@@ -13,14 +13,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.kvm.fault import EFAULT, EMULATE, RESUME, RETRY, Access, Fault, FaultResult
+from kvmmem.kvm.fault import (
+    EFAULT,
+    EMULATE,
+    RESUME,
+    RETRY,
+    Access,
+    Fault,
+    FaultResult,
+    memory_fault_exit,
+)
 from kvmmem.kvm.faultin import (
     KVM_PFN_ERR_HWPOISON,
     KVM_PFN_ERR_RO_FAULT,
+    Faultin,
     is_error_noslot_pfn,
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
+from kvmmem.kvm.guest_memfd import kvm_gmem_get_pfn, kvm_memslot_is_gmem_only
 from kvmmem.kvm.kvm_host import PG_LEVEL_2M, PG_LEVEL_4K, ArchKvm, MemslotHookContext
 from kvmmem.kvm.memslot import (
     CALL,
@@ -75,6 +86,8 @@ class X86Kvm(ArchKvm):
     """x86 with the TDP MMU (EPT entries)."""
 
     name = "x86"
+    unknown_vm_ioctl_errno = "ENOTTY"
+    guest_memfd_switch = "x86_guest_memfd"
     emulates_page_crossing = True
     has_emulated_path = True
     retry_checks_gfn = True
@@ -183,7 +196,17 @@ class X86Kvm(ArchKvm):
         if variant.invalidate_retry and vm.mmu_invalidate_in_progress \
                 and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn):
             return RETRY  # the lockless mmu_invalidate_retry_gfn_unsafe pre-check
-        fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
+        gmem = kvm_memslot_is_gmem_only(slot)
+        if gmem:
+            # __kvm_mmu_faultin_pfn -> kvm_mmu_faultin_pfn_gmem (v6.18): the file's page, at
+            # 4K (max_order 0); its error fills a memory-fault exit (flags 0: a shared fault)
+            try:
+                pfn = kvm_gmem_get_pfn(vm, slot, gfn)
+            except KernelError as err:
+                return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, 0, err.errno)
+            fin = Faultin(pfn, not slot.readonly, False, 0)
+        else:
+            fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)
         if fin.pfn == KVM_PFN_ERR_RO_FAULT:
             return EMULATE
         if fin.pfn == KVM_PFN_ERR_HWPOISON:
@@ -195,7 +218,7 @@ class X86Kvm(ArchKvm):
             yield _MMU_READ_UNLOCK
             kvm_release_faultin_page(mm, fin)
             return RETRY
-        size = self.hugepage_adjust(vm, slot, gfn, fin.hva)
+        size = PAGE_SIZE if gmem else self.hugepage_adjust(vm, slot, gfn, fin.hva)
         device = not mm.physmem.pfn_valid(fin.pfn)
         self.tdp_mmu_map(vm, slot, gpa, fin.pfn, size, write=fin.map_writable,
                          device=device, access=None if prefetch else access)

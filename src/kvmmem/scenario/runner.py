@@ -26,6 +26,7 @@ from kvmmem.host import HostSignal, Mm
 from kvmmem.host.file import File
 from kvmmem.host.truncate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, vfs_fallocate_op
 from kvmmem.kvm.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log
+from kvmmem.kvm.guest_memfd import GmemFile
 from kvmmem.kvm.invariants import validate_coherence, validate_path_independence, validate_vm
 from kvmmem.kvm.prefault import PrefaultHang, kvm_vcpu_pre_fault_memory_op
 from kvmmem.kvm.stats import EventLog
@@ -103,6 +104,11 @@ class RunResult:
                 "notes": self.notes}
 
 
+GMEM_NO_FD = 0xFFFFFFFF
+"""The ``guest_memfd`` field of a REGION2 request that names no guest_memfd mapping (fd
+-1 as the u32 the ioctl takes: EBADF where the kernel looks at it)."""
+
+
 def expectation_holds(expect: dict[str, Any] | None, outcome: dict[str, Any]) -> bool:
     """Every key of ``expect`` is in ``outcome`` with an equal value."""
     if not expect:
@@ -130,12 +136,18 @@ class Runner:
             self.vm.log = EventLog()
         self.ranges: dict[str, tuple[int, int]] = {}
         self.files: dict[str, File] = {}
+        self.gmems: dict[str, GmemFile] = {}
+        """The guest_memfd files of the ``guest_memfd`` mappings, by name."""
 
     # --- host mappings -------------------------------------------------------
 
     def hva(self, memory: str, offset: int) -> int:
         """The address ``offset`` bytes into mapping ``memory``."""
-        return self.ranges[memory][0] + offset
+        rng = self.ranges.get(memory)
+        if rng is None:
+            raise InputError(f"{self.scenario.source}: memory {memory} has no host address "
+                             "(a guest_memfd without gmem_flags: [mmap])")
+        return rng[0] + offset
 
     def munmap_range(self, step: HostMunmap) -> tuple[int, int]:
         """The ``(hva, size)`` a ``host_munmap`` step unmaps: ``size`` bytes from
@@ -156,7 +168,15 @@ class Runner:
             addr = self.hva(m.at.memory, m.at.offset)
         kind = m.kind
         file: File | None = None
-        if kind == "device":
+        if kind == "guest_memfd":
+            spec = m.mapping if isinstance(m, HostMmap) else m
+            gmem = self.vm.create_guest_memfd(spec.size, spec.gmem_flag_bits)
+            self.gmems[m.name] = gmem
+            self.files[m.name] = gmem.inode
+            if not spec.mapped:
+                return
+            file = gmem.inode
+        elif kind == "device":
             file = mm.open_device(m.name, m.size // 4096, lazy=False)
         elif kind == "device-lazy":
             file = mm.open_device(m.name, m.size // 4096, lazy=True)
@@ -267,8 +287,20 @@ class Runner:
             hva = self.hva(step.memory, step.offset)
         else:
             hva = 0
-        yield from self.vm.set_user_memory_region_op(step.slot, step.gpa, step.size, hva,
-                                                     step.flag_bits)
+        if not step.region2:
+            yield from self.vm.set_user_memory_region_op(step.slot, step.gpa, step.size, hva,
+                                                         step.flag_bits)
+            return
+        fd = GMEM_NO_FD
+        if step.guest_memfd is not None:
+            gmem = self.gmems.get(step.guest_memfd)
+            if gmem is None:
+                raise InputError(f"{self.scenario.source}:{step.line}: guest_memfd "
+                                 f"{step.guest_memfd} is not a guest_memfd mapping made so far")
+            fd = gmem.fd
+        yield from self.vm.set_user_memory_region_op(
+            step.slot, step.gpa, step.size, hva, step.flag_bits, guest_memfd=fd,
+            guest_memfd_offset=step.guest_memfd_offset, v2=True)
 
     def guest_op(self, step: GuestAccess) -> Op[dict[str, Any]]:
         """A guest access on the step's vCPU (and path, when the step names one)."""
@@ -334,8 +366,10 @@ class Runner:
             try:
                 self.mmap(mapping)
             except KernelError as err:
-                raise InputError(f"{scn.source}:{mapping.line}: memory.{mapping.name}: the host "
-                                 f"refused the mapping with {err.errno} ({err.reason})") from None
+                who = "KVM_CREATE_GUEST_MEMFD failed" if err.call == "KVM_CREATE_GUEST_MEMFD" \
+                    else "the host refused the mapping"
+                raise InputError(f"{scn.source}:{mapping.line}: memory.{mapping.name}: {who} "
+                                 f"with {err.errno} ({err.reason})") from None
 
     def _run_step(self, result: RunResult, step: Step, setup: bool = False) -> bool:
         """Run ``step`` (a ``memslots`` entry when ``setup``), record its outcome and
