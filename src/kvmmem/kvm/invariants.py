@@ -168,10 +168,13 @@ def validate_vm(vm: Vm) -> None:
     validate_break_before_make(vm)
 
 
-def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0) -> None:
+def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0, *,
+                       emulated: bool = False) -> None:
     """Invariant 5, after a guest write of ``value`` that completed: host
     userspace reads the same bytes at the slot's hva (through the host page
-    table, without faulting anything in)."""
+    table, without faulting anything in) -- or, for a gmem-only slot written
+    through the fault path, in the slot's guest_memfd (x86's instruction
+    emulator, ``emulated``, writes through the hva even there)."""
     slot = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     if slot is None:
         return
@@ -181,7 +184,7 @@ def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0) -
         s = vm.gfn_to_memslot(g >> PAGE_SHIFT)
         if s is None:
             return  # part of the access was MMIO
-        if kvm_memslot_is_gmem_only(s):
+        if kvm_memslot_is_gmem_only(s) and not emulated:
             held = gmem_page(s, g >> PAGE_SHIFT)
             if held is None:
                 raise ValidationError("coherence", f"guest wrote gpa {g:#x} but slot {s.id}'s "

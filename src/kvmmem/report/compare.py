@@ -17,8 +17,9 @@ invariant violation in any run makes it exit 3 (a violation wins over a
 failed expectation), as ``kvmmem run`` does.
 
 A run that cannot be made (the scenario has a step the architecture does not
-have, such as x86's ``path: emulated`` on arm64) is a *not applicable*
-column: its cells read ``n/a``, the reason is in the caption and in the JSON
+have, such as x86's ``path: emulated`` on arm64, or a setup the release refuses,
+such as a guest_memfd before v6.18's flags) is a *not applicable* column: its
+cells read ``n/a``, the reason is in the caption and in the JSON
 (``"applicable": false, "reason"``), and it counts for nothing else.
 """
 
@@ -30,6 +31,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from kvmmem.errors import InputError
 from kvmmem.scenario.model import Scenario
 from kvmmem.scenario.runner import RunResult, arch_unsupported, run_scenario
 from kvmmem.variants import get_variant
@@ -241,7 +243,14 @@ def compare_runs(scenario: Scenario, arches: list[str], variants: list[str]) -> 
                 columns.append(Column(arch, variant, RunResult(scenario.name, arch, variant),
                                       claimed, reason))
                 continue
-            result = run_scenario(scenario, arch, variant)
+            try:
+                result = run_scenario(scenario, arch, variant)
+            except InputError as err:
+                # the run's setup cannot be made there (a guest_memfd the release's KVM
+                # cannot create): the column says why
+                columns.append(Column(arch, variant, RunResult(scenario.name, arch, variant),
+                                      claimed, str(err)))
+                continue
             columns.append(Column(arch, result.variant, result, claimed))
     return build_comparison(scenario, columns)
 

@@ -314,7 +314,8 @@ class Runner:
                 r = yield from vcpu.access_op(step.gpa, step.access_size, Access.WRITE,
                                               step.value, path=path)
                 if r.result == "ok" and self.check:
-                    validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu)
+                    validate_coherence(self.vm, step.gpa, step.size, step.value, step.vcpu,
+                                       emulated=path == "emulated")
             case GuestExec():
                 r = yield from vcpu.access_op(step.gpa, step.access_size, Access.EXEC,
                                               path=path)
