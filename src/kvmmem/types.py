@@ -53,6 +53,10 @@ CPU_FEATURES = ("fwb", "dic")
 arm64 FEAT_S2FWB (``fwb``) and ``CTR_EL0.DIC`` (``dic``); other architectures ignore
 them."""
 
+VM_TYPES: dict[str, int] = {"default": 0, "sw_protected": 1}
+"""``KVM_CREATE_VM`` types by name (a scenario's ``vm_type``): x86 KVM_X86_DEFAULT_VM and
+KVM_X86_SW_PROTECTED_VM (v6.8: private memory without a confidential-computing CPU)."""
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30

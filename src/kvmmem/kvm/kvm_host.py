@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
+from sortedcontainers import SortedDict
+
 from kvmmem.errors import KernelError
 from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.sync import Op
@@ -46,6 +48,76 @@ if TYPE_CHECKING:
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
 """Page-table levels for ``write_protect_memslot`` (x86 PG_LEVEL_4K / PG_LEVEL_2M)."""
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+
+
+class MemAttrArray:
+    """``kvm->mem_attr_array`` (v6.8; an xarray of multi-index entries there): disjoint
+    ``[start, end)`` gfn intervals -> attributes (absent: 0)."""
+
+    __slots__ = ("_ranges",)
+
+    def __init__(self) -> None:
+        self._ranges: SortedDict = SortedDict()  # start -> (end, attrs)
+
+    def get(self, gfn: int) -> int:
+        """``kvm_get_memory_attributes``."""
+        i = self._ranges.bisect_right(gfn)
+        if i:
+            start = self._ranges.keys()[i - 1]
+            end, attrs = self._ranges[start]
+            if gfn < end:
+                return int(attrs)
+        return 0
+
+    def uniform(self, start: int, end: int, attrs: int) -> bool:
+        """``kvm_range_has_memory_attributes(kvm, start, end, ~0, attrs)``: every gfn of
+        ``[start, end)`` has exactly ``attrs``."""
+        pos = start
+        for s, (e, a) in self._overlapping(start, end):
+            if a != attrs or (s > pos and attrs):
+                return False  # another value, or a gap (attributes 0) before this range
+            pos = max(pos, e)
+        return pos >= end or not attrs
+
+    def set(self, start: int, end: int, attrs: int) -> None:
+        """Give ``[start, end)`` the attributes ``attrs`` (0 erases)."""
+        for s, (e, a) in list(self._overlapping(start, end)):
+            del self._ranges[s]
+            if s < start:
+                self._ranges[s] = (start, a)
+            if e > end:
+                self._ranges[end] = (e, a)
+        if attrs:
+            self._ranges[start] = (end, attrs)
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        """Every ``(start, end, attrs)``, in gfn order."""
+        return [(s, e, a) for s, (e, a) in self._ranges.items()]
+
+    def _overlapping(self, start: int, end: int) -> list[tuple[int, tuple[int, int]]]:
+        out = []
+        i = self._ranges.bisect_right(start)
+        if i:
+            i -= 1
+        keys = self._ranges.keys()
+        while i < len(keys):
+            s = keys[i]
+            if s >= end:
+                break
+            e, a = self._ranges[s]
+            if e > start:
+                out.append((s, (e, a)))
+            i += 1
+        return out
+
+
+
+def kvm_mem_is_private(kvm: Kvm, gfn: int) -> bool:
+    """``kvm_mem_is_private``: the gfn's attributes say PRIVATE."""
+    return bool(kvm.mem_attr_array.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+
 
 
 
@@ -71,6 +143,7 @@ class Kvm(Protocol):
 
     mmu_invalidate_seq: int
     mmu_invalidate_in_progress: int
+    mem_attr_array: MemAttrArray
     mmu_invalidate_range_start: int
     mmu_invalidate_range_end: int
     mn_active_invalidate_count: int
@@ -80,6 +153,11 @@ class Kvm(Protocol):
 
     @property
     def arch_name(self) -> str: ...
+
+    @property
+    def has_private_mem(self) -> bool:
+        """``kvm_arch_has_private_mem``."""
+        ...
 
     @property
     def cpu_features(self) -> frozenset[str]: ...
@@ -214,15 +292,19 @@ class ArchKvm:
     """The :class:`~kvmmem.variants.Variant` switch saying whether the release's KVM has
     guest_memfd (``CONFIG_KVM_GUEST_MEMFD``) on this architecture ("": never)."""
 
+    def has_memory_attributes(self, variant: Variant) -> bool:
+        """Whether KVM_SET_MEMORY_ATTRIBUTES exists (``CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES``:
+        x86 with guest_memfd, v6.8; never arm64 or riscv up to 7.3)."""
+        return self.name == "x86" and self.has_guest_memfd(variant)
+
     def has_guest_memfd(self, variant: Variant) -> bool:
         """Whether KVM_CREATE_GUEST_MEMFD exists in ``variant`` for this architecture."""
         return bool(self.guest_memfd_switch and getattr(variant, self.guest_memfd_switch))
 
-    def binds_guest_memfd(self, variant: Variant) -> bool:
-        """Whether a default VM accepts KVM_MEM_GUEST_MEMFD (``check_memory_region_flags``:
-        with guest_memfd, before v6.18 only a VM with private memory, which the model has
-        none of; from v6.18 any VM)."""
-        return self.has_guest_memfd(variant) and variant.gmem_mmap
+    def binds_guest_memfd(self, variant: Variant, private_mem: bool = False) -> bool:
+        """Whether the VM accepts KVM_MEM_GUEST_MEMFD (``check_memory_region_flags``: with
+        guest_memfd, before v6.18 only a VM with private memory; from v6.18 any VM)."""
+        return self.has_guest_memfd(variant) and (variant.gmem_mmap or private_mem)
 
     def check_gmem_slot(self, variant: Variant, new: MemorySlot) -> None:
         """The arch prepare hook's guest_memfd rule (arm64); nothing by default."""

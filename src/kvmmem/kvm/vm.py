@@ -21,6 +21,8 @@ from kvmmem.errors import InputError
 from kvmmem.host import Mm
 from kvmmem.kvm.arches import ArchMemslotHooks, make_arch_kvm
 from kvmmem.kvm.guest_memfd import GmemFile, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_unbind
+from kvmmem.kvm.kvm_host import MemAttrArray
+from kvmmem.kvm.memory_attributes import kvm_vm_ioctl_set_mem_attributes_op
 from kvmmem.kvm.memslot import (
     KvmMrChange,
     KvmUserspaceMemoryRegion,
@@ -32,7 +34,7 @@ from kvmmem.kvm.mmu_notifier import INVALID_GPA, KvmMmuNotifier
 from kvmmem.kvm.stats import EventLog, Stats
 from kvmmem.kvm.vcpu import Access, AccessResult, Vcpu
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import CPU_FEATURES, PAGE_SHIFT, PAGE_SIZE
+from kvmmem.types import CPU_FEATURES, PAGE_SHIFT, PAGE_SIZE, VM_TYPES
 from kvmmem.variants import UPSTREAM, Variant, get_variant
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class Vm:
         granule: int = PAGE_SIZE,
         ipa_bits: int | None = None,
         cpu_features: Iterable[str] = (),
+        vm_type: str = "default",
     ) -> None:
         if arch not in ARCHES:
             raise InputError(f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
@@ -81,6 +84,17 @@ class Vm:
         missing = self.variant.arch_unsupported(arch)
         if missing is not None:
             raise InputError(missing)
+        if vm_type not in VM_TYPES:
+            raise InputError(f"vm_type: unknown VM type {vm_type!r} (known: "
+                             f"{', '.join(VM_TYPES)})")
+        if vm_type == "sw_protected" and (arch != "x86"
+                                          or not self.variant.x86_guest_memfd):
+            raise InputError(f"vm_type: sw_protected is x86's KVM_X86_SW_PROTECTED_VM (v6.8); "
+                             f"{arch} KVM of {self.variant.name} has no such VM type")
+        self.vm_type = vm_type
+        """The KVM_CREATE_VM type: ``default`` or x86 ``sw_protected``."""
+        self.mem_attr_array = MemAttrArray()
+        """Per-gfn memory attributes (KVM_SET_MEMORY_ATTRIBUTES, kvmmem.kvm.memory_attributes)."""
         self.mm = mm if mm is not None else Mm()
         # The host kernel is the variant's release too (host mm history).
         self.mm.hugetlb_madv_dontneed = self.variant.hugetlb_madv_dontneed
@@ -96,7 +110,8 @@ class Vm:
         # KVM_USER_MEM_SLOTS of the variant's release (509/512 before v5.12).
         self.memslots = VmMemslots(
             memslot_limits(arch, user_mem_slots=self.variant.user_mem_slots(arch),
-                           guest_memfd=self.arch.binds_guest_memfd(self.variant)),
+                           guest_memfd=self.arch.binds_guest_memfd(
+                               self.variant, self.has_private_mem)),
             hooks=VmMemslotHooks(self))
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
@@ -148,6 +163,16 @@ class Vm:
                           size=size, hva=hva)
         self.stats.memslot_updates += 1
         yield from self.memslots.set_user_memory_region_op(region, v2)
+
+    @property
+    def has_private_mem(self) -> bool:
+        """``kvm_arch_has_private_mem``: an x86 ``KVM_X86_SW_PROTECTED_VM``."""
+        return self.vm_type == "sw_protected"
+
+    def set_memory_attributes_op(self, gpa: int, size: int, attributes: int,
+                                 flags: int = 0) -> Op[None]:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (kvmmem.kvm.memory_attributes), as an op."""
+        return kvm_vm_ioctl_set_mem_attributes_op(self, gpa, size, attributes, flags)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> GmemFile:
         """``KVM_CREATE_GUEST_MEMFD`` (kvmmem.kvm.guest_memfd); raises KernelError."""

@@ -34,6 +34,7 @@ from kvmmem.scenario.model import (
     Prefault,
     PunchHole,
     Scenario,
+    SetMemoryAttributes,
     SetMemslot,
     Step,
     as_step,
@@ -59,7 +60,7 @@ def scenario_footprint(scenario: Scenario) -> tuple[list[tuple[int, int]], list[
                 slots.append(memslot.slot)
                 if memslot.size:
                     ranges.append((memslot.gpa, memslot.size))
-            case GuestRead() | GuestWrite() | Prefault() as access:
+            case GuestRead() | GuestWrite() | Prefault() | SetMemoryAttributes() as access:
                 ranges.append((access.gpa, access.size))
             case GuestExec() as fetch:
                 ranges.append((fetch.gpa, EXEC_RESERVE))

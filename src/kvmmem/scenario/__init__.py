@@ -24,6 +24,7 @@ from kvmmem.scenario.model import (
     Prefault,
     PunchHole,
     Scenario,
+    SetMemoryAttributes,
     SetMemslot,
     Step,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "Prefault",
     "PunchHole",
     "Scenario",
+    "SetMemoryAttributes",
     "SetMemslot",
     "Step",
     "load_scenario",

@@ -86,7 +86,7 @@ class _Checker(_ValueChecker):
             "granule": self.granule, "size": self.size, "u32": self.u32, "u64": self.u64,
             "access_size": self.access_size, "vcpu": self.vcpu, "prot": self.prot,
             "fill": self.fill, "flags": self.flags, "cpu_features": self.cpu_features,
-            "gmem_flags": self.gmem_flags,
+            "gmem_flags": self.gmem_flags, "mem_attributes": self.mem_attributes,
             "bool": self.boolean,
             "errno": self.errno_name, "signal": self.signal_name, "gfns": self.gfn_list,
         }
@@ -187,6 +187,7 @@ class _Checker(_ValueChecker):
             threads=threads,
             ipa_bits=values.get("ipa_bits"),
             cpu_features=values.get("cpu_features", ()),
+            vm_type=values.get("vm_type", "default"),
             source=self.filename,
         )
 

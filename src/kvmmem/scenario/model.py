@@ -73,6 +73,8 @@ MAPPING_KINDS = (
 )
 GMEM_FLAGS: dict[str, int] = {"mmap": 1 << 0, "init_shared": 1 << 1}
 """``KVM_CREATE_GUEST_MEMFD`` flags by name (GUEST_MEMFD_FLAG_MMAP, _INIT_SHARED, v6.18)."""
+MEMORY_ATTRIBUTES: dict[str, int] = {"private": 1 << 3}
+"""``KVM_SET_MEMORY_ATTRIBUTES`` attributes by name (KVM_MEMORY_ATTRIBUTE_PRIVATE, v6.8)."""
 ACCESS_SIZES = (1, 2, 4, 8)
 ADVICES = ("dontneed", "remove", "hugepage", "nohugepage")
 GUEST_PATHS = ("native", "emulated")
@@ -357,6 +359,27 @@ class PunchHole(Step):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SetMemoryAttributes(Step):
+    """``set_memory_attributes``: KVM_SET_MEMORY_ATTRIBUTES of ``size`` bytes at ``gpa``
+    to ``attributes`` (names of :data:`MEMORY_ATTRIBUTES`; none: shared), with the
+    ioctl's ``flags`` (0; anything else is the kernel's EINVAL)."""
+
+    op: ClassVar[str] = "set_memory_attributes"
+    gpa: int = 0
+    size: int
+    attributes: tuple[str, ...] = ()
+    flags: int = 0
+
+    @property
+    def attribute_bits(self) -> int:
+        """``attributes`` as the uapi bit mask."""
+        bits = 0
+        for name in self.attributes:
+            bits |= MEMORY_ATTRIBUTES[name]
+        return bits
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SetMemslot(Step):
     """``set_memslot`` (KVM_SET_USER_MEMORY_REGION); also a top-level ``memslots`` entry.
 
@@ -427,7 +450,7 @@ class ClearDirtyLog(Step):
 
 AnyStep: TypeAlias = (GuestRead | GuestWrite | GuestExec | HostRead | HostWrite | HostMmap
                       | HostMunmap | HostMprotect | HostMadvise | SetMemslot | Prefault
-                      | GetDirtyLog | ClearDirtyLog | PunchHole)
+                      | GetDirtyLog | ClearDirtyLog | PunchHole | SetMemoryAttributes)
 """Every step kind, in the order SCENARIOS.md lists them: what a driver's ``match`` covers."""
 
 GuestAccess: TypeAlias = GuestRead | GuestWrite | GuestExec
@@ -476,6 +499,7 @@ class Scenario:
     threads: dict[str, tuple[Step, ...]] | None = None
     ipa_bits: int | None = None
     cpu_features: tuple[str, ...] = ()
+    vm_type: str = "default"
     source: str = "<string>"
     variant_given: bool = False
 

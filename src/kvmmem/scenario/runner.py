@@ -49,6 +49,7 @@ from kvmmem.scenario.model import (
     Prefault,
     PunchHole,
     Scenario,
+    SetMemoryAttributes,
     SetMemslot,
     Step,
     as_step,
@@ -127,7 +128,7 @@ class Runner:
         self.mm = Mm()
         self.vm = Vm(arch, variant=self.variant, mm=self.mm, vcpus=scenario.vcpus,
                      granule=scenario.granule, ipa_bits=scenario.ipa_bits,
-                     cpu_features=scenario.cpu_features)
+                     cpu_features=scenario.cpu_features, vm_type=scenario.vm_type)
         self.check = check
         self.keep_going = keep_going
         """After the first invariant violation, run the remaining steps unchecked (as the
@@ -271,6 +272,9 @@ class Runner:
                 return {"result": "ok", "dirty": kvm_get_dirty_log(vm, get.slot)}
             case ClearDirtyLog() as clear:
                 kvm_clear_dirty_log(vm, clear.slot, clear.first_page, clear.num_pages)
+            case SetMemoryAttributes() as attrs:
+                yield from vm.set_memory_attributes_op(attrs.gpa, attrs.size,
+                                                       attrs.attribute_bits, attrs.flags)
             case PunchHole() as punch:
                 yield from vfs_fallocate_op(self.file_of(punch.memory, punch.line),
                                             FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -433,6 +437,9 @@ def arch_unsupported(scenario: Scenario, arch: str) -> str | None:
     runs on those it can and says why not on the others."""
     if arch == "x86":
         return None
+    if scenario.vm_type != "default":
+        return (f"{scenario.source}: vm_type: {scenario.vm_type} is an x86 VM type; {arch} "
+                "has none")
     for step in scenario.all_steps():
         if isinstance(step, GuestAccess) and step.path == "emulated":
             return (f"{scenario.source}:{step.line}: {step.op}.path: the emulated path is "

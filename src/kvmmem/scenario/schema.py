@@ -35,11 +35,12 @@ from kvmmem.scenario.model import (
     GRANULES,
     GUEST_PATHS,
     MAPPING_KINDS,
+    MEMORY_ATTRIBUTES,
     MEMSLOT_FLAGS,
     RESULT_KEYS,
     RESULTS,
 )
-from kvmmem.types import CPU_FEATURES
+from kvmmem.types import CPU_FEATURES, VM_TYPES
 from kvmmem.variants import MUTATIONS, VARIANTS
 
 MAX_VCPUS = 1024
@@ -70,6 +71,7 @@ TYPES: dict[str, str] = {
     "hva_ref": "{memory: NAME, offset: N}",
     "flags": "a list of memslot flags",
     "gmem_flags": "a list of guest_memfd flags: mmap, init_shared",
+    "mem_attributes": "a list of memory attributes: private",
     "cpu_features": "a list of CPU features: fwb, dic",
     "bool": "true or false",
     "errno": "an errno name (EINVAL, EEXIST, EFAULT, ...)",
@@ -128,6 +130,9 @@ TOP_KEYS: tuple[Key, ...] = (
         "asks about: arm64 fwb (FEAT_S2FWB) and dic (CTR_EL0.DIC), which decide whether a "
         "cacheable VM_PFNMAP slot is accepted (v6.17); ignored by x86 and riscv",
         default="[] (none, as QEMU's -cpu max)"),
+    _choice("vm_type", tuple(VM_TYPES), "a VM type", "the KVM_CREATE_VM type: default, or "
+            "sw_protected (x86 KVM_X86_SW_PROTECTED_VM, v6.8: private memory, memory "
+            "attributes, guest_memfd slots before v6.18)", default="default"),
     Key("memory", "mappings", "host mappings made, in order, before the first step",
         default="{}"),
     Key("memslots", "memslots", "memslots made, in order, after memory and before the "
@@ -240,6 +245,13 @@ STEP_KINDS: tuple[StepKind, ...] = (
                  Key("slot", "u32", "the slot id", required=True),
                  Key("first_page", "u64", "first page of the slot", default="0"),
                  Key("num_pages", "u32", "how many pages", required=True))),
+    StepKind("set_memory_attributes", "KVM_SET_MEMORY_ATTRIBUTES of size bytes at gpa "
+             "(extension)", (
+                 Key("gpa", "size", "guest physical address", default="0"),
+                 Key("size", "size", "bytes", required=True),
+                 Key("attributes", "mem_attributes", "the attributes the range gets (private: "
+                     "KVM_MEMORY_ATTRIBUTE_PRIVATE); none makes it shared", default="[]"),
+                 Key("flags", "u64", "the ioctl's flags (must be 0)", default="0"))),
     StepKind("punch_hole", "fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of size "
              "bytes at offset into the file behind memory (a memfd, file or guest_memfd "
              "mapping) (extension)", (
@@ -333,6 +345,8 @@ def _value_schema(key: Key) -> dict[str, Any]:
         out = _object(HVA_REF_KEYS)
     elif t == "flags":
         out = {"type": "array", "items": {"enum": list(MEMSLOT_FLAGS)}, "uniqueItems": True}
+    elif t == "mem_attributes":
+        out = {"type": "array", "items": {"enum": list(MEMORY_ATTRIBUTES)}, "uniqueItems": True}
     elif t == "gmem_flags":
         out = {"type": "array", "items": {"enum": list(GMEM_FLAGS)}, "uniqueItems": True}
     elif t == "cpu_features":

@@ -18,6 +18,7 @@ from kvmmem.errors import InputError
 from kvmmem.scenario.model import (
     ACCESS_SIZES,
     GMEM_FLAGS,
+    MEMORY_ATTRIBUTES,
     MEMSLOT_FLAGS,
     PROT_EXEC,
     PROT_NONE,
@@ -322,6 +323,10 @@ class _ValueChecker:
 
     def flags(self, node: Node, path: str) -> tuple[str, ...]:
         return self.word_list(node, path, tuple(MEMSLOT_FLAGS), "flag", "a memslot flag")
+
+    def mem_attributes(self, node: Node, path: str) -> tuple[str, ...]:
+        return self.word_list(node, path, tuple(MEMORY_ATTRIBUTES), "memory attribute",
+                              "a memory attribute")
 
     def gmem_flags(self, node: Node, path: str) -> tuple[str, ...]:
         return self.word_list(node, path, tuple(GMEM_FLAGS), "guest_memfd flag",
