@@ -39,6 +39,7 @@ from kvmmem.scenario import (
     Prefault,
     PunchHole,
     Scenario,
+    SetMemoryAttributes,
     SetMemslot,
     load_scenario,
     load_scenario_text,
@@ -149,6 +150,7 @@ steps:
   - host_mprotect: {memory: code, size: 4K, prot: none}
   - host_write: {memory: ring, offset: 8, size: 8, value: 0xffffffffffffffff}
   - punch_hole: {memory: ram, offset: 16K, size: 8K}
+  - set_memory_attributes: {gpa: 0x40000000, size: 4K, attributes: [private], flags: 0}
 """
 
 DIRTY_LOG = """\
@@ -230,7 +232,7 @@ def test_threads_load_with_thread_names_and_indices() -> None:
 
 
 def test_every_step_kind_and_the_extensions() -> None:
-    """All 14 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
+    """All 15 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
     got = load_scenario_text(ARM64_ALL_STEPS_OK)
     assert got.arches == ("arm64",) and got.granule == 16384 and got.ipa_bits == 40
     assert got.memory["ring"] == Mapping("ring", 16384, "device-lazy", 3, line=10)
@@ -262,6 +264,9 @@ def test_every_step_kind_and_the_extensions() -> None:
     assert by_op["host_write"].value == (1 << 64) - 1  # type: ignore[attr-defined]
     assert by_op["punch_hole"] == PunchHole(index=14, line=35, memory="ram", offset=0x4000,
                                             size=0x2000)
+    assert by_op["set_memory_attributes"] == SetMemoryAttributes(
+        index=15, line=36, gpa=0x40000000, size=0x1000, attributes=("private",))
+    assert by_op["set_memory_attributes"].attribute_bits == 8  # type: ignore[attr-defined]
 
 
 def test_dirty_log_expectations() -> None:
@@ -316,7 +321,7 @@ def test_step_table_matches_scenarios_md() -> None:
     assert list(STEP_TYPES) == [
         "guest_read", "guest_write", "guest_exec", "host_read", "host_write", "host_mmap",
         "host_munmap", "host_mprotect", "host_madvise", "set_memslot", "prefault",
-        "get_dirty_log", "clear_dirty_log", "punch_hole"]
+        "get_dirty_log", "clear_dirty_log", "punch_hole", "set_memory_attributes"]
     assert set(EXPECT_KEYS) == {"result", "value", "errno", "gpa", "len", "is_write", "data",
                                 "size", "flags", "dirty", "signal", "abort", "remaining",
                                 "exit_reason", "suberror", "faults"}

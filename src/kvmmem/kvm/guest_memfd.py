@@ -198,10 +198,12 @@ def kvm_gmem_invalidate_end_op(kvm: Kvm) -> Op[None]:
 
 def kvm_gmem_get_supported_flags(kvm: Kvm) -> int:
     """``kvm_gmem_get_supported_flags`` (= KVM_CAP_GUEST_MEMFD_FLAGS): MMAP, plus
-    INIT_SHARED where the arch allows it for this VM (x86: a VM without private
-    memory, which every VM the model has is); none before v6.18."""
+    INIT_SHARED where the arch allows it for this VM (``kvm_arch_supports_gmem_init_shared``:
+    x86 only for a VM without private memory); none before v6.18."""
     if not kvm.variant.gmem_mmap:
         return 0
+    if kvm.has_private_mem:
+        return GUEST_MEMFD_FLAG_MMAP
     return GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
 
 

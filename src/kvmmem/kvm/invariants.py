@@ -24,7 +24,13 @@ from kvmmem.host import Mm, MmuNotifierSubscriptions
 from kvmmem.host.vma import VM_WRITE
 from kvmmem.kvm.arch_common import memslot_is_logging
 from kvmmem.kvm.fault import Access
-from kvmmem.kvm.guest_memfd import GmemFile, gmem_page, kvm_memslot_is_gmem_only
+from kvmmem.kvm.guest_memfd import (
+    GmemFile,
+    gmem_page,
+    kvm_memslot_is_gmem_only,
+    kvm_slot_has_gmem,
+)
+from kvmmem.kvm.kvm_host import kvm_mem_is_private
 from kvmmem.kvm.mmu_notifier import INVALID_GPA
 from kvmmem.kvm.vm import Vm
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
@@ -69,6 +75,15 @@ def _for_each_mapped_page(vm: Vm) -> list[tuple[int, int, bool, bool, str]]:
     return out
 
 
+def served_from_gmem(vm: Vm, slot: MemorySlot, gfn: int) -> bool:
+    """Whether the fault path serves ``gfn`` of ``slot`` from its guest_memfd: the gfn is
+    private (and the slot binds a file), or the slot is gmem-only.  A shared gfn of any
+    other slot is served through the slot's hva."""
+    if kvm_memslot_is_gmem_only(slot):
+        return True
+    return kvm_slot_has_gmem(slot) and vm.has_private_mem and kvm_mem_is_private(vm, gfn)
+
+
 def validate_no_stale_translation(vm: Vm) -> None:
     """Invariant 1: every valid stage-2 leaf and TLB entry maps its gfn to the
     pfn the host page table maps the slot's hva to; no freed frame is mapped."""
@@ -84,7 +99,13 @@ def validate_no_stale_translation(vm: Vm) -> None:
             raise ValidationError("no-stale-translation",
                                   f"{source}: gfn {gfn:#x} -> pfn {pfn:#x} but no memslot "
                                   "covers the gfn")
-        if kvm_memslot_is_gmem_only(slot):
+        if vm.has_private_mem and kvm_mem_is_private(vm, gfn) \
+                and not kvm_slot_has_gmem(slot):
+            raise ValidationError("no-stale-translation",
+                                  f"{source}: private gfn {gfn:#x} -> pfn {pfn:#x}, but slot "
+                                  f"{slot.id} has no guest_memfd: private memory reached "
+                                  "through a shared mapping")
+        if served_from_gmem(vm, slot, gfn):
             # served from the guest_memfd, whatever the slot's hva maps
             held = gmem_page(slot, gfn)
             if held != pfn:
@@ -117,7 +138,7 @@ def validate_permission_containment(vm: Vm) -> None:
         where = f"{source}: writable gfn {gfn:#x}"
         if slot.readonly:
             raise ValidationError("permission-containment", f"{where} in read-only slot {slot.id}")
-        if kvm_memslot_is_gmem_only(slot):
+        if served_from_gmem(vm, slot, gfn):
             continue  # no VMA or host PTE decides (kvm_mmu_faultin_pfn_gmem, gmem_abort)
         hva = slot.gfn_to_hva(gfn)
         vma = mm.vma_lookup(hva)
@@ -184,7 +205,7 @@ def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0, *
         s = vm.gfn_to_memslot(g >> PAGE_SHIFT)
         if s is None:
             return  # part of the access was MMIO
-        if kvm_memslot_is_gmem_only(s) and not emulated:
+        if served_from_gmem(vm, s, g >> PAGE_SHIFT) and not emulated:
             held = gmem_page(s, g >> PAGE_SHIFT)
             if held is None:
                 raise ValidationError("coherence", f"guest wrote gpa {g:#x} but slot {s.id}'s "
@@ -223,7 +244,9 @@ def validate_path_independence(vm: Vm) -> list[str]:
     violation."""
     mm_copy = clone_mm(vm.mm)
     fresh = Vm(vm.arch_name, variant=vm.variant, mm=mm_copy, vcpus=1,
-                    cpu_features=vm.cpu_features)
+                    cpu_features=vm.cpu_features, vm_type=vm.vm_type)
+    for start, end, attrs in vm.mem_attr_array.ranges():
+        fresh.mem_attr_array.set(start, end, attrs)
     for f in mm_copy.fdtable.values():
         if isinstance(f, GmemFile):
             f.kvm = fresh  # the copied guest_memfd files are the fresh VM's

@@ -31,8 +31,9 @@ from kvmmem.kvm.faultin import (
     kvm_faultin_pfn,
     kvm_release_faultin_page,
 )
-from kvmmem.kvm.guest_memfd import kvm_gmem_get_pfn, kvm_memslot_is_gmem_only
+from kvmmem.kvm.guest_memfd import kvm_gmem_get_pfn, kvm_memslot_is_gmem_only, kvm_slot_has_gmem
 from kvmmem.kvm.kvm_host import PG_LEVEL_2M, PG_LEVEL_4K, ArchKvm, MemslotHookContext
+from kvmmem.kvm.memory_attributes import KVM_MEMORY_EXIT_FLAG_PRIVATE, kvm_mem_is_private
 from kvmmem.kvm.memslot import (
     CALL,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -178,9 +179,17 @@ class X86Kvm(ArchKvm):
         variant = vm.variant
         gfn = gpa >> PAGE_SHIFT
         write = access is Access.WRITE
+        # kvm_mmu_page_fault (v6.10): on a KVM_X86_SW_PROTECTED_VM a fault is private when
+        # the gfn's attributes say so at fault time (PFERR_PRIVATE_ACCESS); the CPU says
+        # it for SNP and TDX, which the model does not have
+        private = vm.has_private_mem and kvm_mem_is_private(vm, gfn)
+        mf_flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
         slot = vcpu.gfn_to_memslot(gfn)
         mmu_seq = vm.mmu_invalidate_seq
         if slot is None:
+            if private:
+                # kvm_handle_noslot_fault: a private access outside every slot
+                return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, mf_flags)
             if is_obsolete_root(vm, vcpu):
                 # kvm_handle_noslot_fault continues (MMIO caching) to is_page_fault_stale
                 return RETRY
@@ -196,14 +205,21 @@ class X86Kvm(ArchKvm):
         if variant.invalidate_retry and vm.mmu_invalidate_in_progress \
                 and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn):
             return RETRY  # the lockless mmu_invalidate_retry_gfn_unsafe pre-check
-        gmem = kvm_memslot_is_gmem_only(slot)
+        if private != (vm.has_private_mem and kvm_mem_is_private(vm, gfn)):
+            # kvm_mmu_faultin_pfn: the attribute changed under the fault
+            return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, mf_flags)
+        gmem = private or kvm_memslot_is_gmem_only(slot)
         if gmem:
-            # __kvm_mmu_faultin_pfn -> kvm_mmu_faultin_pfn_gmem (v6.18): the file's page, at
-            # 4K (max_order 0); its error fills a memory-fault exit (flags 0: a shared fault)
+            # __kvm_mmu_faultin_pfn -> kvm_mmu_faultin_pfn_gmem (private: v6.8; gmem-only
+            # slots: v6.18): the file's page, at 4K (max_order 0); no guest_memfd behind
+            # the slot, or its error, fills a memory-fault exit (PRIVATE for a private
+            # fault)
+            if not kvm_slot_has_gmem(slot):
+                return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, mf_flags)
             try:
                 pfn = kvm_gmem_get_pfn(vm, slot, gfn)
             except KernelError as err:
-                return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, 0, err.errno)
+                return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, mf_flags, err.errno)
             fin = Faultin(pfn, not slot.readonly, False, 0)
         else:
             fin = yield from kvm_faultin_pfn(mm, variant, slot, gfn, write)

@@ -447,6 +447,21 @@ class HarnessVm:
         err = self.vm.clear_dirty_log(slot, first_page, num_pages)
         return {"result": "ok"} if err is None else {"result": "error", "errno": err}
 
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int,
+                              flags: int = 0) -> Outcome:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` of ``[gpa, gpa + size)`` to ``attributes`` (the
+        uapi bits): ``ok`` or ``error`` with the errno name, also where the kernel has no
+        such ioctl (its unknown-ioctl errno: the model predicts those too).  Raises
+        :class:`HarnessConflict` when the range touches the harness window (the scenario
+        did not declare it)."""
+        lay = self.layout
+        if size and gpa < lay.gpa + HARNESS_WINDOW and gpa + size > lay.gpa:
+            raise HarnessConflict(
+                f"memory attributes of [{gpa:#x}, {gpa + size:#x}) would change the harness "
+                f"window at {lay.gpa:#x}; declare every range in reserved_gpas")
+        err = self.vm.set_memory_attributes(gpa, size, attributes, flags)
+        return {"result": "ok"} if err is None else {"result": "error", "errno": err}
+
     def supports(self, ioctl: str) -> bool:
         """Whether this VM's KVM offers ``ioctl`` (its capability is non-zero)."""
         return self.vm.supports(ioctl)

@@ -28,11 +28,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import Protocol
 
 from kvmmem.realkvm import libc
 from kvmmem.realkvm.ioctls import (
     IOCTLS,
     KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_VM_TYPES,
     ioctl_number,
 )
 from kvmmem.realkvm.stats import StatsFd
@@ -44,6 +46,7 @@ from kvmmem.realkvm.structs import (
     kvm_create_guest_memfd,
     kvm_dirty_log,
     kvm_enable_cap,
+    kvm_memory_attributes,
     kvm_pre_fault_memory,
     kvm_regs,
     kvm_run,
@@ -51,6 +54,7 @@ from kvmmem.realkvm.structs import (
     kvm_userspace_memory_region,
     kvm_userspace_memory_region2,
 )
+from kvmmem.types import VM_TYPES
 
 KVM_API_VERSION = 12
 KVM_DEV = "/dev/kvm"
@@ -205,6 +209,27 @@ class Kvm(_Fd):
         return VmFd(self, _call(self.fd, "KVM_CREATE_VM", vm_type))
 
 
+class _Extensions(Protocol):
+    def check_extension(self, cap: int) -> int: ...
+
+
+def require_vm_type(kvm: _Extensions, vm_type: int) -> None:
+    """Raise :class:`KvmUnsupported` unless ``KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)`` on
+    ``kvm`` (``/dev/kvm``) has bit ``1 << vm_type`` (x86, v6.8: ``kvm_caps.supported_vm_types``;
+    ``KVM_X86_SW_PROTECTED_VM`` only with ``CONFIG_KVM_SW_PROTECTED_VM``).  Type 0 (the
+    default VM) always passes, also on kernels without the capability."""
+    if vm_type == 0:
+        return
+    offered = kvm.check_extension(KVM_CAP_VM_TYPES)
+    if not offered >> vm_type & 1:
+        names = [name for name, number in VM_TYPES.items() if number == vm_type]
+        label = f"{names[0]} ({vm_type})" if names else str(vm_type)
+        raise KvmUnsupported(
+            f"VM type {label} is not offered by this KVM: KVM_CAP_VM_TYPES is {offered:#x} "
+            f"(bit {vm_type} clear; x86 lists KVM_X86_SW_PROTECTED_VM only with "
+            f"CONFIG_KVM_SW_PROTECTED_VM, and kernels before v6.8 have no VM types)")
+
+
 @dataclass(frozen=True, slots=True)
 class DirtyLog:
     """The result of ``KVM_GET_DIRTY_LOG``: ``errno`` (name) or the dirty page indexes
@@ -253,6 +278,16 @@ class VmFd(_Fd):
             slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva,
             guest_memfd=guest_memfd, guest_memfd_offset=guest_memfd_offset)
         return _try(self.fd, "KVM_SET_USER_MEMORY_REGION2", ctypes.addressof(region))
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int,
+                              flags: int = 0) -> str | None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` of ``[address, address + size)`` to
+        ``attributes`` (``KVM_MEMORY_ATTRIBUTE_*``) with ``flags``: ``None`` or the errno
+        name.  Issued whatever the VM reports: a kernel without the ioctl answers with its
+        unknown-VM-ioctl errno (x86 ``kvm_arch_vm_ioctl`` ENOTTY), itself an outcome."""
+        arg = kvm_memory_attributes(address=address, size=size, attributes=attributes,
+                                    flags=flags)
+        return _try(self.fd, "KVM_SET_MEMORY_ATTRIBUTES", ctypes.addressof(arg))
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> tuple[int, str | None]:
         """``KVM_CREATE_GUEST_MEMFD`` of ``size`` bytes with ``GUEST_MEMFD_FLAG_*``

@@ -9,7 +9,7 @@ makes one from a loaded scenario; :func:`run_program` performs it.
 Shape (every address and size an integer)::
 
     {"scenario": NAME, "arch": "x86" | "arm64" | "riscv", "path": "native",
-     "timeout": SECONDS, "ipa_bits": null | N,
+     "timeout": SECONDS, "ipa_bits": null | N, "vm_type": TYPE,
      "reserved_gpas": [[GPA, SIZE], ...], "reserved_slots": [ID, ...],
      "needs": ["prefault", ...],
      "memory": [MAPPING, ...], "memslots": [STEP, ...], "steps": [STEP, ...],
@@ -25,8 +25,12 @@ name of a guest_memfd mapping, or null) with ``guest_memfd_offset``; a mapping's
 guest_memfd (a guest_memfd mapping, a slot with the ``guest_memfd`` flag or name)
 runs only where the VM reports ``KVM_CAP_USER_MEMORY2``, ``KVM_CAP_GUEST_MEMFD`` and
 every flag it asks in ``KVM_CAP_GUEST_MEMFD_FLAGS``; elsewhere it is unsupported with
-the capability named.  This module and everything it imports at the top is standard
-library only.
+the capability named.  ``vm_type`` is ``KVM_CREATE_VM``'s x86 type number
+(``kvmmem.types.VM_TYPES``; 0 when absent): a type ``KVM_CAP_VM_TYPES`` does not list
+makes the program unsupported, naming the capability.  ``set_memory_attributes``
+steps carry ``attributes`` as the uapi bits (``KVM_MEMORY_ATTRIBUTE_PRIVATE`` is
+``1 << 3``) and ``flags``.  This module and everything it imports at the top is
+standard library only.
 """
 
 from __future__ import annotations
@@ -115,9 +119,13 @@ def make_vm(program: Program, kvm: Kvm | None) -> HarnessVm:
     ranges = [(int(g), int(s)) for g, s in program.get("reserved_gpas", ())]
     slots = [int(s) for s in program.get("reserved_slots", ())]
     timeout = float(program.get("timeout", DEFAULT_TIMEOUT))
+    vm_type = int(program.get("vm_type") or 0)
     if arch == "x86":
         return RealVm(ranges, slots, path=program.get("path", "native"), timeout=timeout,
-                      kvm=kvm, code=program.get("x86_code"))
+                      kvm=kvm, code=program.get("x86_code"), vm_type=vm_type)
+    if vm_type:
+        raise KvmUnsupported(f"VM type {vm_type} is x86's (KVM_CREATE_VM's type on {arch} is "
+                             "another thing); the harness creates no such VM here")
     if arch == "arm64":
         from kvmmem.realkvm.arm64 import Arm64Vm
         return Arm64Vm(ranges, slots, timeout=timeout, kvm=kvm,
@@ -330,12 +338,45 @@ def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
         return vm.clear_dirty_log(step["slot"], step["first_page"], step["num_pages"])
     if op == "punch_hole":
         return host.punch_hole(step["memory"], step.get("offset", 0), step["size"])
+    if op == "set_memory_attributes":
+        return vm.set_memory_attributes(step["gpa"], step["size"], int(step["attributes"]),
+                                        int(step.get("flags", 0)))
     return {"result": "unsupported", "reason": f"step {op!r} has no real-KVM driver"}
+
+
+PROBED_CAPABILITIES = ("KVM_CAP_USER_MEMORY2", "KVM_CAP_MEMORY_FAULT_INFO",
+                       "KVM_CAP_MEMORY_ATTRIBUTES", "KVM_CAP_GUEST_MEMFD", "KVM_CAP_VM_TYPES",
+                       "KVM_CAP_PRE_FAULT_MEMORY", "KVM_CAP_GUEST_MEMFD_FLAGS")
+"""The capabilities :func:`probe` reports, asked of /dev/kvm and of a default VM (they
+may differ: x86 6.12 reports KVM_CAP_GUEST_MEMFD 1 on /dev/kvm, 0 on a default VM)."""
+
+
+def probe_capabilities(kvm: Kvm | None = None) -> dict[str, dict[str, int]]:
+    """:data:`PROBED_CAPABILITIES` as ``{"dev": {NAME: VALUE}, "vm": {NAME: VALUE}}``
+    (``KVM_CHECK_EXTENSION`` on /dev/kvm and on a new default VM); ``{}`` without a
+    usable /dev/kvm."""
+    from kvmmem.realkvm.ioctls import CAPABILITIES
+    from kvmmem.realkvm.kvm import KvmUnavailable
+    try:
+        own = kvm is None
+        dev = Kvm() if kvm is None else kvm
+    except KvmUnavailable:
+        return {}
+    try:
+        with dev.create_vm() as vm:
+            return {"dev": {n: dev.check_extension(CAPABILITIES[n]) for n in PROBED_CAPABILITIES},
+                    "vm": {n: vm.check_extension(CAPABILITIES[n]) for n in PROBED_CAPABILITIES}}
+    except OSError:
+        return {}
+    finally:
+        if own:
+            dev.close()
 
 
 def probe(file_dir: str | None = None, device_bar: str | None = None) -> dict[str, Any]:
     """What this machine offers scenarios: ``arch``, ``release``, free hugetlb bytes,
-    where ``file`` and ``device`` mappings come from."""
+    where ``file`` and ``device`` mappings come from, and the memory capabilities
+    (:func:`probe_capabilities`)."""
     return {"arch": host_arch(), "release": os.uname().release,
             "hugetlb_free": hugetlb_free_bytes(), "file_dir": file_dir,
-            "device_bar": device_bar}
+            "device_bar": device_bar, "capabilities": probe_capabilities()}

@@ -39,6 +39,7 @@ from kvmmem.scenario.model import (
     Step,
     as_step,
 )
+from kvmmem.types import VM_TYPES
 
 Outcome = dict[str, Any]
 
@@ -95,7 +96,8 @@ def _step(step: Step) -> dict[str, Any]:
     """One step as data: ``index``, ``op`` and its own keys (SCENARIOS.md names: a
     memslot's ``guest_memfd`` name and ``guest_memfd_offset``, a ``punch_hole``'s
     ``memory``, ``offset``, ``size``); a ``host_mmap``'s keys as a ``mapping``, a
-    memslot's ``flags`` as the uapi bits."""
+    memslot's ``flags`` and a ``set_memory_attributes``'s ``attributes`` as the uapi
+    bits."""
     out: dict[str, Any] = {"index": step.index, "op": step.op}
     if isinstance(step, HostMmap):
         out["mapping"] = _mapping(step.mapping)
@@ -103,6 +105,8 @@ def _step(step: Step) -> dict[str, Any]:
     out.update(step.args())
     if isinstance(step, SetMemslot):
         out["flags"] = step.flag_bits
+    if isinstance(step, SetMemoryAttributes):
+        out["attributes"] = step.attribute_bits
     return out
 
 
@@ -116,6 +120,7 @@ def scenario_program(scenario: Scenario, arch: str = "x86", path: str = "native"
     program: Program = {
         "scenario": scenario.name, "arch": arch, "path": path, "timeout": timeout,
         "ipa_bits": scenario.ipa_bits, "cpu_features": list(scenario.cpu_features),
+        "vm_type": VM_TYPES[scenario.vm_type],
         "reserved_gpas": [list(r) for r in ranges],
         "reserved_slots": slots, "needs": needs,
         "memory": [_mapping(m) for m in scenario.memory.values()],

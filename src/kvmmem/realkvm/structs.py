@@ -66,6 +66,17 @@ GUEST_MEMFD_FLAGS: dict[str, int] = {"mmap": GUEST_MEMFD_FLAG_MMAP,
 ones a VM accepts is ``KVM_CAP_GUEST_MEMFD_FLAGS``)."""
 
 
+class kvm_memory_attributes(ctypes.Structure):
+    """``KVM_SET_MEMORY_ATTRIBUTES``'s argument (v6.8): the gpa range ``[address, address
+    + size)``, its new ``attributes`` (``KVM_MEMORY_ATTRIBUTE_*``) and ``flags`` (none
+    defined: the kernel refuses any with EINVAL)."""
+
+    _fields_ = [("address", u64), ("size", u64), ("attributes", u64), ("flags", u64)]
+
+
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+
+
 def guest_memfd_flag_names(bits: int) -> list[str]:
     """The scenario names of the ``GUEST_MEMFD_FLAG_*`` bits in ``bits`` (an unknown bit
     as its hex value)."""
@@ -416,6 +427,7 @@ KERNEL_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_clear_dirty_log: 24,
     kvm_pre_fault_memory: 64,
     kvm_create_guest_memfd: 64,
+    kvm_memory_attributes: 32,
     kvm_enable_cap: 104,
     kvm_vcpu_init: 32,
     kvm_one_reg: 16,

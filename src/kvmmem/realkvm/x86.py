@@ -52,7 +52,7 @@ from kvmmem.realkvm.harness import (
     choose_layout,
     public,
 )
-from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, VcpuFd, VmFd
+from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, VcpuFd, VmFd, require_vm_type
 from kvmmem.realkvm.structs import GPR_NAMES, KVM_EXIT_MMIO, kvm_regs
 from kvmmem.types import PAGE_SIZE, GiB
 
@@ -89,7 +89,10 @@ class RealVm(HarnessVm):
     manager (or call :meth:`close`): every fd and mapping is released, also when the
     constructor fails half-way.  ``code``: the guest code page as
     :func:`kvmmem.realkvm.x86_code.code_blob` gives it (encoded here when absent; an
-    agent inside an emulated machine, which has no iced-x86, is sent it)."""
+    agent inside an emulated machine, which has no iced-x86, is sent it).  ``vm_type``:
+    ``KVM_CREATE_VM``'s type (``kvmmem.types.VM_TYPES``); a type other than 0 that
+    ``KVM_CAP_VM_TYPES`` does not list raises
+    :class:`~kvmmem.realkvm.kvm.KvmUnsupported` naming the capability."""
 
     layout: HarnessLayout
     vm: VmFd
@@ -98,7 +101,7 @@ class RealVm(HarnessVm):
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
                  reserved_slots: Iterable[int] = (), path: str = "native",
                  timeout: float = DEFAULT_TIMEOUT, kvm: Kvm | None = None,
-                 code: dict[str, Any] | None = None) -> None:
+                 code: dict[str, Any] | None = None, vm_type: int = 0) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, not {path!r}")
         super().__init__(reserved_gpas, reserved_slots, timeout, kvm)
@@ -110,10 +113,12 @@ class RealVm(HarnessVm):
         self._doorbell_va = 0
         self._probe_va = 0
         self._code = code
+        self.vm_type = vm_type
         self._start()
 
     def _setup(self, kvm: Kvm) -> None:
-        self._vm = self.vm = kvm.create_vm()
+        require_vm_type(kvm, self.vm_type)
+        self._vm = self.vm = kvm.create_vm(self.vm_type)
         for ioctl in ("KVM_SET_USER_MEMORY_REGION", "KVM_SET_CPUID2"):
             self.vm.require(ioctl)
         self._phys_bits = kvm.phys_bits()

@@ -245,6 +245,12 @@ STEP_KINDS: tuple[StepKind, ...] = (
                  Key("slot", "u32", "the slot id", required=True),
                  Key("first_page", "u64", "first page of the slot", default="0"),
                  Key("num_pages", "u32", "how many pages", required=True))),
+    StepKind("punch_hole", "fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of size "
+             "bytes at offset into the file behind memory (a memfd, file or guest_memfd "
+             "mapping) (extension)", (
+                 Key("memory", "memory", "the mapping whose file is punched", required=True),
+                 Key("offset", "size", "bytes into the file", default="0"),
+                 Key("size", "size", "bytes", required=True))),
     StepKind("set_memory_attributes", "KVM_SET_MEMORY_ATTRIBUTES of size bytes at gpa "
              "(extension)", (
                  Key("gpa", "size", "guest physical address", default="0"),
@@ -252,12 +258,6 @@ STEP_KINDS: tuple[StepKind, ...] = (
                  Key("attributes", "mem_attributes", "the attributes the range gets (private: "
                      "KVM_MEMORY_ATTRIBUTE_PRIVATE); none makes it shared", default="[]"),
                  Key("flags", "u64", "the ioctl's flags (must be 0)", default="0"))),
-    StepKind("punch_hole", "fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of size "
-             "bytes at offset into the file behind memory (a memfd, file or guest_memfd "
-             "mapping) (extension)", (
-                 Key("memory", "memory", "the mapping whose file is punched", required=True),
-                 Key("offset", "size", "bytes into the file", default="0"),
-                 Key("size", "size", "bytes", required=True))),
 )
 """Every step kind, in the order the documentation lists them."""
 
