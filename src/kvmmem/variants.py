@@ -335,6 +335,9 @@ class Variant:
     """The fault path re-checks ``mmu_invalidate_retry`` under mmu_lock."""
     zap_flushes_tlb: bool = True
     """A stage-2 zap requests the TLB invalidation it needs."""
+    gmem_invalidate: bool = True
+    """A guest_memfd hole punch invalidates KVM's mappings of the range
+    (``kvm_gmem_invalidate_begin``/``_end``)."""
 
     @property
     def is_mutation(self) -> bool:
@@ -368,6 +371,8 @@ MUTATION_FIELDS: dict[str, tuple[str, dict[str, bool]]] = {
                                 {"remapped_always_writable": True}),
     "no-tlb-flush": ("mutation: stage-2 zaps request no TLB invalidation",
                      {"zap_flushes_tlb": False}),
+    "no-gmem-invalidate": ("mutation: a guest_memfd hole punch leaves KVM's mappings of the "
+                           "range alone", {"gmem_invalidate": False}),
 }
 MUTATIONS = tuple(MUTATION_FIELDS)
 

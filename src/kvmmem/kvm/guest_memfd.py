@@ -143,7 +143,7 @@ class GmemFile:
         then end the invalidation."""
         yield acquire(self._lock)
         ranges = self._gfn_ranges(start, end)
-        kvm = self.kvm
+        kvm = self.kvm if self.kvm is not None and self.kvm.variant.gmem_invalidate else None
         if ranges and kvm is not None:
             yield from kvm_gmem_invalidate_begin_op(kvm, ranges)
         last = min(end, self.inode.npages()) - 1

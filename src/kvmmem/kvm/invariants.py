@@ -111,8 +111,9 @@ def validate_no_stale_translation(vm: Vm) -> None:
             if held != pfn:
                 now = "no page (punched or never allocated)" if held is None \
                     else f"pfn {held:#x}"
+                kind = "gfn" if kvm_memslot_is_gmem_only(slot) else "private gfn"
                 raise ValidationError("no-stale-translation",
-                                      f"{source}: gfn {gfn:#x} -> pfn {pfn:#x}, but slot "
+                                      f"{source}: {kind} {gfn:#x} -> pfn {pfn:#x}, but slot "
                                       f"{slot.id}'s guest_memfd holds {now} there")
             continue
         hva = slot.gfn_to_hva(gfn)
