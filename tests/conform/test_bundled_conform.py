@@ -39,6 +39,14 @@ ALLOWED_UNSUPPORTED: dict[str, str] = {
     r"cannot be reached through the guest's page tables":
         "a gpa beyond this host's MAXPHYADDR (or straddling 2^47) cannot be reached by "
         "the guest",
+    r"KVM_CAP_(USER_MEMORY2|GUEST_MEMFD|GUEST_MEMFD_FLAGS) is 0":
+        "guest_memfd: some hosts' KVM is built without it (kvm-on-this-host.md: the "
+        "6.18-based host kernel reports KVM_CAP_GUEST_MEMFD 0); the machines conform it",
+    r"KVM_CAP_MEMORY_ATTRIBUTES is 0 on /dev/kvm":
+        "memory attributes: a kernel built without CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES "
+        "(this host's: ENOTTY); the x86 machines conform it",
+    r"KVM_CAP_VM_TYPES":
+        "vm_type sw_protected: no kernel here offers KVM_X86_SW_PROTECTED_VM",
 }
 """Reasons an x86 scenario may be unsupported on this host (regex -> justification)."""
 

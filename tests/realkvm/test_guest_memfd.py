@@ -122,6 +122,7 @@ class _FakeVm:
 
     def __init__(self, caps: dict[int, int]) -> None:
         self.vm = _Caps(caps)
+        self.kvm = None  # no /dev/kvm behind the fake
         self.calls: list[tuple[Any, ...]] = []
 
     def supports(self, ioctl: str) -> bool:

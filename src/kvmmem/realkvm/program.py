@@ -44,6 +44,7 @@ from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_byt
 from kvmmem.realkvm.ioctls import (
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_USER_MEMORY2,
 )
 from kvmmem.realkvm.kvm import Kvm, KvmUnsupported
@@ -191,6 +192,7 @@ def _check_capabilities(program: Program, vm: HarnessVm) -> None:
                            "them (KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED is 0), so "
                            "cacheable VM_PFNMAP slots are refused here")
     _check_guest_memfd(program, vm)
+    _check_memory_attributes(program, vm)
     if "prefault" in program.get("needs", ()) and program["arch"] == "x86" \
             and kernel_version() >= (6, 10) and not vm.supports("KVM_PRE_FAULT_MEMORY"):
         raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this KVM uses "
@@ -238,6 +240,23 @@ def _check_guest_memfd(program: Program, vm: HarnessVm) -> None:
         raise _Unsupported(f"the scenario creates a guest_memfd with gmem_flags {asked}; "
                            f"KVM_CAP_GUEST_MEMFD_FLAGS is {offered:#x} on this VM "
                            f"(lacks {lacking})")
+
+
+def _check_memory_attributes(program: Program, vm: HarnessVm) -> None:
+    """Raise :class:`_Unsupported` when an x86 kernel of v6.8 or later has no memory
+    attributes at all (``KVM_CAP_MEMORY_ATTRIBUTES`` 0 on /dev/kvm): it was built without
+    ``CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES`` (no SW_PROTECTED, SEV or TDX), a
+    configuration the model, which follows releases, does not describe.  Older kernels
+    and other architectures answer the ioctl as the model predicts (ENOTTY, EINVAL)."""
+    kvm = vm.kvm
+    if program["arch"] != "x86" or kernel_version() < (6, 8) or kvm is None:
+        return
+    if not any(s.get("op") == "set_memory_attributes" for s in program.get("steps", ())):
+        return
+    if not kvm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES):
+        raise _Unsupported("the scenario sets memory attributes; KVM_CAP_MEMORY_ATTRIBUTES "
+                           "is 0 on /dev/kvm (a kernel built without "
+                           "CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES)")
 
 
 def _fault_counter(program: Program) -> EventCounter | None:
