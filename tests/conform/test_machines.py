@@ -57,6 +57,8 @@ MACHINE_UNSUPPORTED: dict[str, str] = {
         "the emulated path is this host's PVM instruction emulator",
     r"no VM_PFNMAP source (on this host|inside the machine) inserts (device )?frames lazily":
         "device-lazy: no source inside the machines behaves as the kind describes",
+    r"KVM_CAP_VM_TYPES":
+        "vm_type sw_protected: Debian's x86 kernels lack CONFIG_KVM_SW_PROTECTED_VM",
     r"declares cpu_features fwb and dic; this CPU lacks them":
         "QEMU's -cpu max has no FWB/DIC: v6.17+ refuses a cacheable VM_PFNMAP slot there",
     r"this kernel maps a .* without VM_PFNMAP":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmmem.errors import InputError
 from kvmmem.explore import SearchParams, explore
 from kvmmem.explore.explorer import ExploreResult
 from kvmmem.explore.search import count_dfs_executions
@@ -69,14 +70,19 @@ RACES = sorted((SCENARIOS).glob("race-*.yaml"))
 def test_dpor_runs_ten_times_fewer_executions_than_plain_dfs(path: Path) -> None:
     """On every bundled race where the threads really interleave, DPOR
     exhausts the scenario in at least 10 times fewer executions than plain DFS
-    needs (counted exactly).  The exception is KVM_PRE_FAULT_MEMORY on arm64
-    and riscv (race-prefault-vs-munmap, race-prefault-vs-delete): it fails at
-    once with EINVAL, there is no race to reduce."""
+    needs (counted exactly, or known to exceed 100,000: a guest_memfd punch has
+    more than 10 million DFS schedules, DPOR needs a few hundred).  The
+    exception is KVM_PRE_FAULT_MEMORY on arm64 and riscv (race-prefault-vs-munmap,
+    race-prefault-vs-delete): it fails at once with EINVAL, there is no race to
+    reduce."""
     scenario = load_scenario(path)
     for arch in scenario.arches:
         dpor = explore(scenario, arch, "upstream", SearchParams(strategy="dpor"))
         assert dpor.verdict == "exhausted"
-        dfs = count_dfs_executions(scenario, arch, "upstream")
+        try:
+            dfs = count_dfs_executions(scenario, arch, "upstream", limit=100_000)
+        except InputError:
+            dfs = 100_000  # at least that many: the bound still shows the reduction
         if path.stem in ("race-prefault-vs-munmap", "race-prefault-vs-delete") \
                 and arch != "x86":
             assert dfs <= 2 * dpor.executions

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmmem.errors import KernelError
+from kvmmem.errors import KernelError, ValidationError
 from kvmmem.host import PROT_READ, PROT_WRITE, HostSignal
 from kvmmem.host.truncate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, vfs_fallocate_op
 from kvmmem.kvm.fault import Fault
@@ -199,6 +199,24 @@ def test_punch_hole_invalidates_through_guest_memfd_not_the_notifier() -> None:
     assert vm.guest_access(GPA + 0x1000, 4, Access.READ).value == 0
     assert vm.mm.host_read(hva + 0x2000, 4) == 6
     validate_vm(vm)
+
+
+@pytest.mark.parametrize("arch", ["x86", "arm64"])
+def test_no_gmem_invalidate_leaves_the_punched_page_mapped(arch: str) -> None:
+    """The mutation no-gmem-invalidate (a punch without kvm_gmem_invalidate_begin):
+    stage-2 keeps the page the file freed, which no-stale-translation reports.  The
+    slot's hva is not the file's mapping (else the truncation's MMU-notifier event for
+    that mapping would zap the slot too)."""
+    vm = Vm(arch, variant="no-gmem-invalidate")
+    gmem = vm.create_guest_memfd(M2, MMAP_SHARED)
+    hva = vm.mm.mmap(M2, PROT_READ | PROT_WRITE, "anon")
+    vm.set_user_memory_region(0, GPA, M2, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem.fd,
+                              v2=True)
+    vm.guest_access(GPA, 4, Access.WRITE, 1)
+    drive(vfs_fallocate_op(gmem.inode, PUNCH, 0, 4096))
+    with pytest.raises(ValidationError) as err:
+        validate_vm(vm)
+    assert err.value.invariant == "no-stale-translation"
 
 
 def test_fallocate_errnos() -> None:
