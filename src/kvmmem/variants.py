@@ -238,6 +238,28 @@ SWITCHES: tuple[Switch, ...] = (
                 "between v6.18 and v7.2: the v6.18-era guest_memfd.c answers EINVAL (and so "
                 "did a 6.18-based host kernel), real arm64 and x86 7.2 and 7.3 answer "
                 "EEXIST; 7.2 is the first release seen doing it"),)),
+    Switch(
+        "x86_dirty_log_initially_set", ("x86",),
+        "KVM_DIRTY_LOG_MANUAL_CAPS includes KVM_DIRTY_LOG_INITIALLY_SET: "
+        "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 takes args[0] 3 (new bitmaps all set, enabling "
+        "logging write-protects nothing); before, only 1 (3: EINVAL)", False,
+        (Change((5, 7), True, "3c9bd4006bfc",
+                "KVM: x86: enable dirty log gradually in small chunks"),)),
+    Switch(
+        "arm64_dirty_log_initially_set", ("arm64",),
+        "as x86_dirty_log_initially_set, for arm64", False,
+        (Change((5, 8), True, None,
+                "KVM: arm64: Support enabling dirty log gradually in small chunks",
+                "Keqian Zhu; hash seen abbreviated as c862626 only; release believed; "
+                "real arm64 5.10.223 accepts 3"),)),
+    Switch(
+        "riscv_dirty_log_initially_set", ("riscv",),
+        "as x86_dirty_log_initially_set, for riscv", False,
+        (Change((6, 19), True, None,
+                "KVM: riscv: Support enabling dirty log gradually in small chunks",
+                "Quan Zhou, Dong Yang; queued by Anup Patel for Linux 6.19 (2025-11-07); "
+                "hash not identified; real riscv 6.12.117 refuses 3 with EINVAL, 7.2.13 "
+                "accepts it"),)),
 )
 """Every switch, in the order of docs/versions.md."""
 
@@ -330,6 +352,15 @@ class Variant:
     injected into the guest; before, ``gstage_page_fault``'s default case made KVM_RUN
     fail with EOPNOTSUPP.  Changed between v6.12 and v7.2, commit not identified (real
     riscv 6.12.117 fails, 7.2.13 injects): the model switches at 7.2."""
+    x86_dirty_log_initially_set: bool = True
+    """x86 ``KVM_DIRTY_LOG_MANUAL_CAPS`` has KVM_DIRTY_LOG_INITIALLY_SET (v5.7,
+    3c9bd4006bfc "KVM: x86: enable dirty log gradually in small chunks")."""
+    arm64_dirty_log_initially_set: bool = True
+    """arm64 likewise (v5.8, "KVM: arm64: Support enabling dirty log gradually in small
+    chunks", release believed)."""
+    riscv_dirty_log_initially_set: bool = True
+    """riscv likewise (v6.19, "KVM: riscv: Support enabling dirty log gradually in small
+    chunks"; before, INITIALLY_SET is EINVAL)."""
     # --- mutations -----------------------------------------------------------------
     invalidate_retry: bool = True
     """The fault path re-checks ``mmu_invalidate_retry`` under mmu_lock."""

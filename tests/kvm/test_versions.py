@@ -79,6 +79,9 @@ AROUND = [
     ("arm64_guest_memfd", "6.17", False, "6.18", True),
     ("gmem_mmap", "6.17", False, "6.18", True),
     ("gmem_bind_overlap_eexist", "7.1", False, "7.2", True),
+    ("x86_dirty_log_initially_set", "5.6", False, "5.7", True),
+    ("arm64_dirty_log_initially_set", "5.7", False, "5.8", True),
+    ("riscv_dirty_log_initially_set", "6.18", False, "6.19", True),
 ]
 
 

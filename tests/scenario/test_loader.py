@@ -51,6 +51,7 @@ from kvmmem.scenario.model import (
     PROT_READ,
     PROT_WRITE,
     RESULT_KEYS,
+    EnableCap,
     prot_letters,
 )
 
@@ -151,6 +152,7 @@ steps:
   - host_write: {memory: ring, offset: 8, size: 8, value: 0xffffffffffffffff}
   - punch_hole: {memory: ram, offset: 16K, size: 8K}
   - set_memory_attributes: {gpa: 0x40000000, size: 4K, attributes: [private], flags: 0}
+  - enable_cap: {cap: manual_dirty_log_protect2, args: [3, 0x8000000000000000]}
 """
 
 DIRTY_LOG = """\
@@ -232,7 +234,7 @@ def test_threads_load_with_thread_names_and_indices() -> None:
 
 
 def test_every_step_kind_and_the_extensions() -> None:
-    """All 15 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
+    """All 16 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
     got = load_scenario_text(ARM64_ALL_STEPS_OK)
     assert got.arches == ("arm64",) and got.granule == 16384 and got.ipa_bits == 40
     assert got.memory["ring"] == Mapping("ring", 16384, "device-lazy", 3, line=10)
@@ -267,6 +269,28 @@ def test_every_step_kind_and_the_extensions() -> None:
     assert by_op["set_memory_attributes"] == SetMemoryAttributes(
         index=15, line=36, gpa=0x40000000, size=0x1000, attributes=("private",))
     assert by_op["set_memory_attributes"].attribute_bits == 8  # type: ignore[attr-defined]
+    cap = by_op["enable_cap"]
+    assert cap == EnableCap(index=16, line=37, cap="manual_dirty_log_protect2",
+                            cap_args=(3, 1 << 63))
+    assert isinstance(cap, EnableCap) and cap.cap_number == 168
+    assert cap.all_args == (3, 1 << 63, 0, 0)
+    assert cap.args() == {"cap": "manual_dirty_log_protect2", "args": (3, 1 << 63), "flags": 0}
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ("enable_cap: {cap: dirty_log_ring, args: [1]}", "cap: 'dirty_log_ring' is not"),
+    ("enable_cap: {cap: manual_dirty_log_protect2, args: [1, 2, 3, 4, 5]}",
+     "struct kvm_enable_cap has 4 args, got 5"),
+    ("enable_cap: {cap: manual_dirty_log_protect2, args: 1}", "expected a list of at most 4"),
+    ("enable_cap: {cap: manual_dirty_log_protect2, args: [-1]}", "args[0]"),
+    ("enable_cap: {args: [1]}", "cap"),
+])
+def test_enable_cap_mistakes(step: str, message: str) -> None:
+    """enable_cap: ``cap`` is a known name, ``args`` at most four u64."""
+    text = f"kvmmem: 1\nname: cap\nsteps:\n  - {step}\n"
+    with pytest.raises(InputError) as err:
+        load_scenario_text(text, "cap.yaml")
+    assert message in str(err.value)
 
 
 def test_dirty_log_expectations() -> None:
@@ -315,13 +339,14 @@ def test_prot_letters(prot: str, bits: int) -> None:
 
 
 def test_step_table_matches_scenarios_md() -> None:
-    """Every step kind of SCENARIOS.md, plus the clear_dirty_log and punch_hole
-    extensions; outcome keys
+    """Every step kind of SCENARIOS.md, plus the clear_dirty_log, punch_hole,
+    set_memory_attributes and enable_cap extensions; outcome keys
     (SCENARIOS.md's, plus the extensions abort, remaining and faults)."""
     assert list(STEP_TYPES) == [
         "guest_read", "guest_write", "guest_exec", "host_read", "host_write", "host_mmap",
         "host_munmap", "host_mprotect", "host_madvise", "set_memslot", "prefault",
-        "get_dirty_log", "clear_dirty_log", "punch_hole", "set_memory_attributes"]
+        "get_dirty_log", "clear_dirty_log", "punch_hole", "set_memory_attributes",
+        "enable_cap"]
     assert set(EXPECT_KEYS) == {"result", "value", "errno", "gpa", "len", "is_write", "data",
                                 "size", "flags", "dirty", "signal", "abort", "remaining",
                                 "exit_reason", "suberror", "faults"}

@@ -1,11 +1,19 @@
-"""Dirty logging in bitmap mode: ``KVM_GET_DIRTY_LOG`` and ``KVM_CLEAR_DIRTY_LOG``.
+"""Dirty logging in bitmap mode: ``KVM_GET_DIRTY_LOG``, ``KVM_CLEAR_DIRTY_LOG`` and
+``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``.
 
-Mirrors ``kvm_get_dirty_log_protect`` and ``kvm_clear_dirty_log_protect``
-(virt/kvm/kvm_main.c; kernel-semantics.md §7.1) without manual protect:
-GET hands back the dirty pages, clears their bits and write-protects them
-again (``kvm_arch_mmu_enable_log_dirty_pt_masked``) so the next write
-faults and is logged; CLEAR clears the bits of a 64-page-aligned window and
-write-protects exactly the pages that were dirty in it.
+Mirrors ``kvm_get_dirty_log_protect``, ``kvm_clear_dirty_log_protect`` and the
+capability's case of ``kvm_vm_ioctl_enable_cap_generic`` (virt/kvm/kvm_main.c;
+kernel-semantics.md §7.1).  Without manual protect GET hands back the dirty
+pages, clears their bits and write-protects them again
+(``kvm_arch_mmu_enable_log_dirty_pt_masked``) so the next write faults and is
+logged.  With manual protect (``kvm->manual_dirty_log_protect``) GET only
+copies the bitmap; CLEAR clears the bits of a 64-page-aligned window and
+write-protects exactly the pages that were dirty in it (it works on any logging
+slot, manual protect or not: kvm_main.c checks nothing).  With
+``KVM_DIRTY_LOG_INITIALLY_SET`` a new bitmap starts all set
+(``kvm_prepare_memory_region``, kvm/memslot.py) and enabling logging
+write-protects nothing (each arch's ``kvm_arch_commit_memory_region``): the
+pages are protected lazily by CLEAR.
 """
 
 from __future__ import annotations
@@ -20,6 +28,52 @@ if TYPE_CHECKING:
     from kvmmem.kvm.memslot import MemorySlot
 
 BITS_PER_LONG = 64
+
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+
+
+def kvm_dirty_log_manual_caps(vm: Kvm) -> int:
+    """``KVM_DIRTY_LOG_MANUAL_CAPS`` of the VM's arch at its release (what
+    KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) returns): the generic
+    default is MANUAL_PROTECT_ENABLE alone; an arch that write-protects lazily defines
+    it with INITIALLY_SET too - x86 since v5.7 (3c9bd4006bfc "KVM: x86: enable dirty
+    log gradually in small chunks"), arm64 since v5.8 ("KVM: arm64: Support enabling
+    dirty log gradually in small chunks", c862626, hash seen abbreviated), riscv since
+    v6.19 ("KVM: riscv: Support enabling dirty log gradually in small chunks"; real
+    riscv 6.12 refuses INITIALLY_SET, 7.2 takes it)."""
+    v = vm.variant
+    init_set = {"x86": v.x86_dirty_log_initially_set,
+                "arm64": v.arm64_dirty_log_initially_set,
+                "riscv": v.riscv_dirty_log_initially_set}[vm.arch.name]
+    caps = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+    if init_set:
+        caps |= KVM_DIRTY_LOG_INITIALLY_SET
+    return caps
+
+
+def kvm_vm_ioctl_enable_cap(vm: Kvm, cap: int, flags: int, args: tuple[int, ...]) -> None:
+    """``KVM_ENABLE_CAP`` on the VM (``kvm_vm_ioctl_enable_cap_generic``).  Modelled:
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, whose ``args[0]`` becomes
+    ``kvm->manual_dirty_log_protect`` (0 turns manual protect off again); the options
+    allowed are MANUAL_PROTECT_ENABLE, and with it :func:`kvm_dirty_log_manual_caps`
+    (INITIALLY_SET alone is refused).  Any other capability falls to the arch's
+    ``kvm_vm_ioctl_enable_cap``, which refuses the ones it does not know.
+
+    Raises KernelError EINVAL (``flags`` not 0 or an option not allowed: one test, so
+    neither comes first; an unknown capability)."""
+    call = "KVM_ENABLE_CAP"
+    if cap != KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+        raise KernelError("EINVAL", call, f"capability {cap} is not enabled by the model")
+    arg0 = args[0] if args else 0
+    allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+    if arg0 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+        allowed = kvm_dirty_log_manual_caps(vm)
+    if flags or arg0 & ~allowed:
+        raise KernelError("EINVAL", call, f"flags {flags:#x} / args[0] {arg0:#x} not "
+                                          f"within {allowed:#x}")
+    vm.set_manual_dirty_log_protect(arg0)
 
 
 def _logged_slot(vm: Kvm, slot: int, call: str) -> MemorySlot:
@@ -41,8 +95,11 @@ def _reprotect(vm: Kvm, memslot: MemorySlot, offsets: list[int]) -> None:
 
 
 def kvm_get_dirty_log(vm: Kvm, slot: int) -> list[int]:
-    """``KVM_GET_DIRTY_LOG``: the sorted absolute gfns dirtied since the last
-    harvest; their bits are cleared and the pages write-protected again.
+    """``KVM_GET_DIRTY_LOG``: the sorted absolute gfns whose bits are set.  Without
+    manual protect those bits are cleared and the pages write-protected again
+    (dirtied since the last harvest); with it the bitmap is only copied (no clear, no
+    flush: ``kvm_get_dirty_log_protect``'s manual branch), KVM_CLEAR_DIRTY_LOG does the
+    rest.
 
     Raises KernelError EINVAL (slot id out of range) or ENOENT (no such slot,
     or logging is off)."""
@@ -50,8 +107,9 @@ def kvm_get_dirty_log(vm: Kvm, slot: int) -> list[int]:
     bitmap = memslot.dirty_bitmap
     assert bitmap is not None
     offsets = [int(i) for i in bitmap.nonzero()[0]]
-    bitmap[:] = False
-    _reprotect(vm, memslot, offsets)
+    if not vm.manual_dirty_log_protect:
+        bitmap[:] = False
+        _reprotect(vm, memslot, offsets)
     return [memslot.base_gfn + off for off in offsets]
 
 

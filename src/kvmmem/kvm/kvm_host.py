@@ -147,6 +147,7 @@ class Kvm(Protocol):
     mmu_invalidate_range_start: int
     mmu_invalidate_range_end: int
     mn_active_invalidate_count: int
+    manual_dirty_log_protect: int
 
     @property
     def arch(self) -> ArchKvm: ...
@@ -188,6 +189,8 @@ class Kvm(Protocol):
 
     @property
     def obsolete_roots(self) -> set[int]: ...
+
+    def set_manual_dirty_log_protect(self, value: int) -> None: ...
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None: ...
 

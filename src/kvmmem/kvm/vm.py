@@ -113,6 +113,9 @@ class Vm:
                            guest_memfd=self.arch.binds_guest_memfd(
                                self.variant, self.has_private_mem)),
             hooks=VmMemslotHooks(self))
+        self.manual_dirty_log_protect = 0
+        """``kvm->manual_dirty_log_protect``: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's
+        ``args[0]`` (kvm/dirty_log.py), 0 until it is enabled."""
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = INVALID_GPA
@@ -130,6 +133,17 @@ class Vm:
         made obsolete and that have not entered the guest since.  Before v6.15 a
         KVM_PRE_FAULT_MEMORY on such a vCPU retries forever
         (``x86_prefault_frees_obsolete_root``, kvm/x86.py)."""
+
+    def set_manual_dirty_log_protect(self, value: int) -> None:
+        """Set ``kvm->manual_dirty_log_protect`` (KVM_ENABLE_CAP, already checked) and
+        what ``kvm_dirty_log_manual_protect_and_init_set()`` tells the memslot code
+        (new bitmaps all set) and the arch commit hooks (no write protection)."""
+        self.manual_dirty_log_protect = value
+        init_set = bool(value & 2)  # KVM_DIRTY_LOG_INITIALLY_SET
+        self.memslots.manual_protect_init_set = init_set
+        hooks = self.memslots.hooks
+        if isinstance(hooks, VmMemslotHooks):
+            hooks.manual_protect_init_set = init_set
 
     def close(self) -> None:
         """Destroy the VM: unregister from the mm and drop every mapping."""

@@ -143,7 +143,7 @@ class _Slot:
 class HarnessVm:
     """What every architecture's harness VM shares: the fds it owns and their release,
     the slot bookkeeping, and the VM-level steps (``set_memslot``, ``prefault``,
-    ``get_dirty_log``, ``clear_dirty_log``, ``supports``, ``stats``).  A subclass
+    ``get_dirty_log``, ``clear_dirty_log``, ``enable_cap``, ``supports``, ``stats``).  A subclass
     (:class:`~kvmmem.realkvm.x86.RealVm` for x86,
     :class:`~kvmmem.realkvm.archvm.ArchVm` for the ONE_REG architectures) creates the
     VM, its code and vCPUs in ``_setup`` and gives a vCPU's fd by index in
@@ -445,6 +445,13 @@ class HarnessVm:
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome:
         """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
         err = self.vm.clear_dirty_log(slot, first_page, num_pages)
+        return {"result": "ok"} if err is None else {"result": "error", "errno": err}
+
+    def enable_cap(self, cap: int, args: list[int], flags: int = 0) -> Outcome:
+        """``KVM_ENABLE_CAP`` on the VM: ``ok`` or ``error`` with the errno exactly as the
+        kernel answers (a kernel without the capability answers EINVAL: the model
+        predicts that too, so it is no reason to call the step unsupported)."""
+        err = self.vm.enable_cap(cap, *args, flags=flags)
         return {"result": "ok"} if err is None else {"result": "error", "errno": err}
 
     def set_memory_attributes(self, gpa: int, size: int, attributes: int,

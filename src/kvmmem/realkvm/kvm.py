@@ -320,9 +320,10 @@ class VmFd(_Fd):
                                   dirty_bitmap=ctypes.addressof(bitmap))
         return _try(self.fd, "KVM_CLEAR_DIRTY_LOG", ctypes.addressof(arg))
 
-    def enable_cap(self, cap: int, *args: int) -> str | None:
-        """``KVM_ENABLE_CAP`` on the VM: ``None`` or the errno name."""
-        arg = kvm_enable_cap(cap=cap)
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> str | None:
+        """``KVM_ENABLE_CAP`` on the VM (``struct kvm_enable_cap {cap, flags, args[4]}``):
+        ``None`` or the errno name."""
+        arg = kvm_enable_cap(cap=cap, flags=flags)
         for i, value in enumerate(args):
             arg.args[i] = value
         return _try(self.fd, "KVM_ENABLE_CAP", ctypes.addressof(arg))

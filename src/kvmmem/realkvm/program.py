@@ -29,8 +29,9 @@ the capability named.  ``vm_type`` is ``KVM_CREATE_VM``'s x86 type number
 (``kvmmem.types.VM_TYPES``; 0 when absent): a type ``KVM_CAP_VM_TYPES`` does not list
 makes the program unsupported, naming the capability.  ``set_memory_attributes``
 steps carry ``attributes`` as the uapi bits (``KVM_MEMORY_ATTRIBUTE_PRIVATE`` is
-``1 << 3``) and ``flags``.  This module and everything it imports at the top is
-standard library only.
+``1 << 3``) and ``flags``.  ``enable_cap`` steps carry ``cap`` as the ``KVM_CAP_*``
+number (``manual_dirty_log_protect2`` is 168), ``args`` (up to four) and ``flags``.
+This module and everything it imports at the top is standard library only.
 """
 
 from __future__ import annotations
@@ -360,6 +361,9 @@ def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
     if op == "set_memory_attributes":
         return vm.set_memory_attributes(step["gpa"], step["size"], int(step["attributes"]),
                                         int(step.get("flags", 0)))
+    if op == "enable_cap":
+        return vm.enable_cap(int(step["cap"]), [int(a) for a in step.get("args") or ()],
+                             int(step.get("flags", 0)))
     return {"result": "unsupported", "reason": f"step {op!r} has no real-KVM driver"}
 
 

@@ -20,6 +20,7 @@ from kvmmem.realkvm.kvm import Kvm
 from kvmmem.realkvm.program import Program, RealRun, run_program
 from kvmmem.scenario.model import (
     ClearDirtyLog,
+    EnableCap,
     GetDirtyLog,
     GuestExec,
     GuestRead,
@@ -68,8 +69,8 @@ def scenario_footprint(scenario: Scenario) -> tuple[list[tuple[int, int]], list[
             case GetDirtyLog() | ClearDirtyLog() as log:
                 slots.append(log.slot)
             case HostRead() | HostWrite() | HostMmap() | HostMunmap() | HostMprotect() \
-                    | HostMadvise() | PunchHole():
-                pass  # host addresses only
+                    | HostMadvise() | PunchHole() | EnableCap():
+                pass  # host addresses only, or no address at all
             case unknown:
                 assert_never(unknown)
     return ranges, sorted(set(slots))
@@ -97,7 +98,7 @@ def _step(step: Step) -> dict[str, Any]:
     memslot's ``guest_memfd`` name and ``guest_memfd_offset``, a ``punch_hole``'s
     ``memory``, ``offset``, ``size``); a ``host_mmap``'s keys as a ``mapping``, a
     memslot's ``flags`` and a ``set_memory_attributes``'s ``attributes`` as the uapi
-    bits."""
+    bits, an ``enable_cap``'s ``cap`` as its ``KVM_CAP_*`` number."""
     out: dict[str, Any] = {"index": step.index, "op": step.op}
     if isinstance(step, HostMmap):
         out["mapping"] = _mapping(step.mapping)
@@ -107,6 +108,9 @@ def _step(step: Step) -> dict[str, Any]:
         out["flags"] = step.flag_bits
     if isinstance(step, SetMemoryAttributes):
         out["attributes"] = step.attribute_bits
+    if isinstance(step, EnableCap):
+        out["cap"] = step.cap_number
+        out["args"] = list(step.cap_args)
     return out
 
 

@@ -9,6 +9,7 @@ from kvmmem.scenario.loader import load_scenario, load_scenario_text
 from kvmmem.scenario.model import (
     STEP_TYPES,
     ClearDirtyLog,
+    EnableCap,
     GetDirtyLog,
     GuestExec,
     GuestRead,
@@ -32,6 +33,7 @@ from kvmmem.scenario.model import (
 __all__ = [
     "STEP_TYPES",
     "ClearDirtyLog",
+    "EnableCap",
     "GetDirtyLog",
     "GuestExec",
     "GuestRead",

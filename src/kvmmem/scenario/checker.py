@@ -87,6 +87,7 @@ class _Checker(_ValueChecker):
             "access_size": self.access_size, "vcpu": self.vcpu, "prot": self.prot,
             "fill": self.fill, "flags": self.flags, "cpu_features": self.cpu_features,
             "gmem_flags": self.gmem_flags, "mem_attributes": self.mem_attributes,
+            "cap_args": self.cap_args,
             "bool": self.boolean,
             "errno": self.errno_name, "signal": self.signal_name, "gfns": self.gfn_list,
         }
@@ -556,6 +557,8 @@ class _Checker(_ValueChecker):
                 return None
         else:
             args = {key: value for key, (value, _) in rec.items()}
+            if op == "enable_cap" and "args" in args:
+                args["cap_args"] = args.pop("args")  # Step.args is a method
         cls = STEP_TYPES[op]
         return cls(index=index, line=_line(node), expect=expect, thread=thread, **args)
 

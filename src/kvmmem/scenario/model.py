@@ -28,6 +28,8 @@ what the contract says):
 
 * ``clear_dirty_log: {slot, first_page, num_pages}`` - a step issuing
   KVM_CLEAR_DIRTY_LOG (``first_page`` defaults to 0).
+* ``enable_cap: {cap, args, flags}`` - KVM_ENABLE_CAP on the VM; ``cap`` names one of
+  :data:`VM_CAPS` (``manual_dirty_log_protect2``).
 * ``ipa_bits`` (top level, 32..52) - the guest physical address size asked for
   at VM creation (arm64 ``KVM_VM_TYPE_ARM_IPA_SIZE``); ``None`` means the
   architecture's default.
@@ -73,6 +75,13 @@ MAPPING_KINDS = (
 )
 GMEM_FLAGS: dict[str, int] = {"mmap": 1 << 0, "init_shared": 1 << 1}
 """``KVM_CREATE_GUEST_MEMFD`` flags by name (GUEST_MEMFD_FLAG_MMAP, _INIT_SHARED, v6.18)."""
+VM_CAPS: dict[str, int] = {"manual_dirty_log_protect2": 168}
+"""``enable_cap`` capabilities by name -> their ``KVM_CAP_*`` number
+(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+ENABLE_CAP_ARGS = 4
+"""``struct kvm_enable_cap`` has ``__u64 args[4]``."""
 MEMORY_ATTRIBUTES: dict[str, int] = {"private": 1 << 3}
 """``KVM_SET_MEMORY_ATTRIBUTES`` attributes by name (KVM_MEMORY_ATTRIBUTE_PRIVATE, v6.8)."""
 ACCESS_SIZES = (1, 2, 4, 8)
@@ -431,7 +440,8 @@ class Prefault(Step):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetDirtyLog(Step):
-    """``get_dirty_log``: KVM_GET_DIRTY_LOG of ``slot`` (reports and clears)."""
+    """``get_dirty_log``: KVM_GET_DIRTY_LOG of ``slot`` (reports; clears and re-protects
+    unless manual protect is on)."""
 
     op: ClassVar[str] = "get_dirty_log"
     reports: ClassVar[tuple[str, ...]] = ("dirty",)
@@ -448,9 +458,39 @@ class ClearDirtyLog(Step):
     num_pages: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnableCap(Step):
+    """``enable_cap`` (extension): KVM_ENABLE_CAP on the VM fd with capability ``cap`` (a
+    name of :data:`VM_CAPS`), ``args`` (up to four u64; missing ones are 0; the field
+    is ``cap_args``, as :meth:`Step.args` is taken) and ``flags``.
+    ``manual_dirty_log_protect2``: ``args[0]`` is KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE (1)
+    | KVM_DIRTY_LOG_INITIALLY_SET (2)."""
+
+    op: ClassVar[str] = "enable_cap"
+    cap: str
+    cap_args: tuple[int, ...] = ()
+    flags: int = 0
+
+    def args(self) -> dict[str, object]:
+        """The step's own keys under their file names: ``cap``, ``args``, ``flags``."""
+        return {"cap": self.cap, "args": self.cap_args, "flags": self.flags}
+
+    @property
+    def cap_number(self) -> int:
+        """``cap`` as its ``KVM_CAP_*`` number."""
+        return VM_CAPS[self.cap]
+
+    @property
+    def all_args(self) -> tuple[int, int, int, int]:
+        """``args`` padded with zeros to the struct's four."""
+        a = (*self.cap_args, 0, 0, 0, 0)
+        return (a[0], a[1], a[2], a[3])
+
+
 AnyStep: TypeAlias = (GuestRead | GuestWrite | GuestExec | HostRead | HostWrite | HostMmap
                       | HostMunmap | HostMprotect | HostMadvise | SetMemslot | Prefault
-                      | GetDirtyLog | ClearDirtyLog | PunchHole | SetMemoryAttributes)
+                      | GetDirtyLog | ClearDirtyLog | PunchHole | SetMemoryAttributes
+                      | EnableCap)
 """Every step kind, in the order SCENARIOS.md lists them: what a driver's ``match`` covers."""
 
 GuestAccess: TypeAlias = GuestRead | GuestWrite | GuestExec

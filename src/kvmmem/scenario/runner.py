@@ -25,7 +25,7 @@ from kvmmem.errors import InputError, KernelError, ValidationError
 from kvmmem.host import HostSignal, Mm
 from kvmmem.host.file import File
 from kvmmem.host.truncate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, vfs_fallocate_op
-from kvmmem.kvm.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log
+from kvmmem.kvm.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log, kvm_vm_ioctl_enable_cap
 from kvmmem.kvm.guest_memfd import GmemFile
 from kvmmem.kvm.invariants import validate_coherence, validate_path_independence, validate_vm
 from kvmmem.kvm.prefault import PrefaultHang, kvm_vcpu_pre_fault_memory_op
@@ -34,6 +34,7 @@ from kvmmem.kvm.vcpu import Access
 from kvmmem.kvm.vm import Vm
 from kvmmem.scenario.model import (
     ClearDirtyLog,
+    EnableCap,
     GetDirtyLog,
     GuestAccess,
     GuestExec,
@@ -279,6 +280,8 @@ class Runner:
                 yield from vfs_fallocate_op(self.file_of(punch.memory, punch.line),
                                             FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                             punch.offset, punch.size)
+            case EnableCap() as enable:
+                kvm_vm_ioctl_enable_cap(vm, enable.cap_number, enable.flags, enable.cap_args)
             case unknown:
                 assert_never(unknown)
         return {"result": "ok"}

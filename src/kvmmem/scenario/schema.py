@@ -30,6 +30,7 @@ from kvmmem.scenario.model import (
     ACCESS_SIZES,
     ADVICES,
     ARCHES,
+    ENABLE_CAP_ARGS,
     FORMAT_VERSION,
     GMEM_FLAGS,
     GRANULES,
@@ -39,6 +40,7 @@ from kvmmem.scenario.model import (
     MEMSLOT_FLAGS,
     RESULT_KEYS,
     RESULTS,
+    VM_CAPS,
 )
 from kvmmem.types import CPU_FEATURES, VM_TYPES
 from kvmmem.variants import MUTATIONS, VARIANTS
@@ -72,6 +74,7 @@ TYPES: dict[str, str] = {
     "flags": "a list of memslot flags",
     "gmem_flags": "a list of guest_memfd flags: mmap, init_shared",
     "mem_attributes": "a list of memory attributes: private",
+    "cap_args": "a list of at most 4 integers 0 .. 2^64 - 1",
     "cpu_features": "a list of CPU features: fwb, dic",
     "bool": "true or false",
     "errno": "an errno name (EINVAL, EEXIST, EFAULT, ...)",
@@ -238,7 +241,8 @@ STEP_KINDS: tuple[StepKind, ...] = (
     StepKind("prefault", "KVM_PRE_FAULT_MEMORY of size bytes at gpa", (
         Key("gpa", "size", "guest physical address", default="0"),
         Key("size", "size", "bytes", required=True), _VCPU)),
-    StepKind("get_dirty_log", "KVM_GET_DIRTY_LOG of the slot (reports and clears)", (
+    StepKind("get_dirty_log", "KVM_GET_DIRTY_LOG of the slot (reports; clears and "
+             "re-protects unless manual protect is on)", (
         Key("slot", "u32", "the slot id", required=True),)),
     StepKind("clear_dirty_log", "KVM_CLEAR_DIRTY_LOG of num_pages from first_page "
              "(extension)", (
@@ -258,6 +262,14 @@ STEP_KINDS: tuple[StepKind, ...] = (
                  Key("attributes", "mem_attributes", "the attributes the range gets (private: "
                      "KVM_MEMORY_ATTRIBUTE_PRIVATE); none makes it shared", default="[]"),
                  Key("flags", "u64", "the ioctl's flags (must be 0)", default="0"))),
+    StepKind("enable_cap", "KVM_ENABLE_CAP on the VM: turn a capability on (extension)", (
+        _choice("cap", tuple(VM_CAPS), "a capability", "the capability: "
+                "manual_dirty_log_protect2 (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; args[0]: "
+                "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE 1 | KVM_DIRTY_LOG_INITIALLY_SET 2)",
+                required=True),
+        Key("args", "cap_args", "struct kvm_enable_cap's args; missing ones are 0",
+            default="[]"),
+        Key("flags", "u32", "struct kvm_enable_cap's flags (must be 0)", default="0"))),
 )
 """Every step kind, in the order the documentation lists them."""
 
@@ -345,6 +357,8 @@ def _value_schema(key: Key) -> dict[str, Any]:
         out = _object(HVA_REF_KEYS)
     elif t == "flags":
         out = {"type": "array", "items": {"enum": list(MEMSLOT_FLAGS)}, "uniqueItems": True}
+    elif t == "cap_args":
+        out = {"type": "array", "items": _uint(U64_MAX), "maxItems": ENABLE_CAP_ARGS}
     elif t == "mem_attributes":
         out = {"type": "array", "items": {"enum": list(MEMORY_ATTRIBUTES)}, "uniqueItems": True}
     elif t == "gmem_flags":

@@ -17,6 +17,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from kvmmem.errors import InputError
 from kvmmem.scenario.model import (
     ACCESS_SIZES,
+    ENABLE_CAP_ARGS,
     GMEM_FLAGS,
     MEMORY_ATTRIBUTES,
     MEMSLOT_FLAGS,
@@ -327,6 +328,25 @@ class _ValueChecker:
     def mem_attributes(self, node: Node, path: str) -> tuple[str, ...]:
         return self.word_list(node, path, tuple(MEMORY_ATTRIBUTES), "memory attribute",
                               "a memory attribute")
+
+    def cap_args(self, node: Node, path: str) -> tuple[int, ...]:
+        """``enable_cap`` ``args``: at most :data:`ENABLE_CAP_ARGS` u64 values."""
+        if not isinstance(node, SequenceNode):
+            raise self.err(node, path, f"expected a list of at most {ENABLE_CAP_ARGS} "
+                                       f"integers, got {_show(node)}")
+        if len(node.value) > ENABLE_CAP_ARGS:
+            raise self.err(node, path, f"struct kvm_enable_cap has {ENABLE_CAP_ARGS} args, "
+                                       f"got {len(node.value)}")
+        out: list[int] = []
+        bad = False
+        for i, item in enumerate(node.value):
+            try:
+                out.append(self.u64(item, f"{path}[{i}]"))
+            except _Bad:
+                bad = True
+        if bad:
+            raise _Bad()
+        return tuple(out)
 
     def gmem_flags(self, node: Node, path: str) -> tuple[str, ...]:
         return self.word_list(node, path, tuple(GMEM_FLAGS), "guest_memfd flag",
