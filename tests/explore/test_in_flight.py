@@ -27,14 +27,17 @@ def test_memslot_update_published_from_validation_to_the_end() -> None:
     hva = vm.mm.mmap(2 * MB, PROT_READ | PROT_WRITE, "anon")
     vm.set_user_memory_region(0, 0, 2 * MB, hva)
     op = vm.set_user_memory_region_op(0, 0, 2 * MB, hva, KVM_MEM_LOG_DIRTY_PAGES)
+    old = vm.memslots.id_to_memslot(0)
     seen: list[tuple[str, MemslotUpdate | None]] = []
     for sync in op:
         seen.append((str(sync), vm.memslots.update_in_flight))
     # before slots_lock is granted nothing is validated yet
     assert seen[0] == ("acquire slots_lock", None)
-    # then at every pause, the release of slots_lock included
-    want = MemslotUpdate((0, 512), (0, 512), True)
-    assert [u for _, u in seen[1:]] == [want] * (len(seen) - 1)
+    # then at every pause, the release of slots_lock included: the old slot and the
+    # new one (logging), which the swap publishes on the way
+    new = vm.memslots.id_to_memslot(0)
+    assert new is not old and new is not None and new.flags == KVM_MEM_LOG_DIRTY_PAGES
+    assert [u for _, u in seen[1:]] == [MemslotUpdate(old, new)] * (len(seen) - 1)
     assert seen[-1][0] == "release slots_lock"
     assert vm.memslots.update_in_flight is None
 

@@ -60,6 +60,7 @@ from typing import Any
 
 from kvmmem.errors import InputError, ValidationError
 from kvmmem.kvm.invariants import validate_path_independence, validate_vm
+from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from kvmmem.scenario.model import (
     MEMSLOT_FLAGS,
     STEP_TYPES,
@@ -331,14 +332,14 @@ class Execution:
         w = Windows()
         update = vm.memslots.update_in_flight
         if update is not None:
-            if update.new is not None:
-                start, npages = update.new
-                w.premap.append((start, start + npages))
-                if update.new_logging:
-                    w.logging.append((start, start + npages))
-            if update.old is not None:
-                start, npages = update.old
-                w.logging.append((start, start + npages))
+            new, old = update.new, update.old
+            if new is not None:
+                span = (int(new.base_gfn), int(new.base_gfn) + new.npages)
+                w.premap.append(span)
+                if new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                    w.logging.append(span)
+            if old is not None:
+                w.logging.append((int(old.base_gfn), int(old.base_gfn) + old.npages))
         for vcpu in vm.vcpus:
             if vcpu.unmarked_dirty is not None:
                 w.dirty.append((vcpu.unmarked_dirty, vcpu.unmarked_dirty + 1))

@@ -54,8 +54,7 @@ copy per update).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -216,22 +215,20 @@ PG_LEVEL_2M = 2
 # --- the VM-wide memslot state ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class MemslotUpdate:
+class MemslotUpdate(NamedTuple):
     """A memslot update in flight, as :attr:`VmMemslots.update_in_flight` publishes it.
 
     Not kernel state (no kernel reader needs it): what a checker of states
     between two pauses must know to tell an update half done from a bug.
-    ``old`` and ``new`` are the ``(base_gfn, npages)`` of the slot before and
-    after (None for CREATE and DELETE); ``new_logging`` is the new slot's
-    KVM_MEM_LOG_DIRTY_PAGES.  Between the swap that publishes ``new`` and the
-    end of the ioctl, stage-2 entries premapped by the prepare hook may have
-    no slot yet (linux-5.4 arm64), and dirty logging is not in force until the
-    commit hook has write-protected the slot."""
+    ``old`` and ``new`` are the slot before and after (None for CREATE and
+    DELETE; a published slot's geometry and flags never change).  Between the
+    swap that publishes ``new`` and the end of the ioctl, stage-2 entries
+    premapped by the prepare hook may have no slot yet (linux-5.4 arm64), and
+    dirty logging is not in force until the commit hook has write-protected the
+    slot.  (A tuple: one is made per update, and a memslot update is hot.)"""
 
-    old: tuple[int, int] | None
-    new: tuple[int, int] | None
-    new_logging: bool
+    old: MemorySlot | None
+    new: MemorySlot | None
 
 
 
@@ -461,10 +458,7 @@ def kvm_set_memory_region(kvm: VmMemslots, mem: KvmUserspaceMemoryRegion) -> Op[
         yield _RELEASE_SLOTS
         return
     old, new, change = plan
-    kvm.update_in_flight = MemslotUpdate(
-        None if old is None else (int(old.base_gfn), old.npages),
-        None if new is None else (int(new.base_gfn), new.npages),
-        new is not None and bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES))
+    kvm.update_in_flight = MemslotUpdate(old, new)
     try:
         # rule 21
         gmem = new is not None and bool(mem.flags & KVM_MEM_GUEST_MEMFD)
