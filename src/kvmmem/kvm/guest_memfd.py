@@ -39,7 +39,11 @@ from kvmmem.errors import KernelError
 from kvmmem.host.file import File, FileKind
 from kvmmem.host.truncate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, punch_hole_op
 from kvmmem.kvm.memory_slot import GmemBinding
-from kvmmem.kvm.mmu_notifier import INVALID_GPA, kvm_mmu_invalidate_range_add
+from kvmmem.kvm.mmu_notifier import (
+    kvm_mmu_invalidate_begin,
+    kvm_mmu_invalidate_end,
+    kvm_mmu_unmap_gfn_range,
+)
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
@@ -171,13 +175,10 @@ def kvm_gmem_invalidate_begin_op(kvm: Kvm, ranges: list[tuple[MemorySlot, int, i
     (``kvm_mmu_invalidate_begin``), record each gfn range and unmap it
     (``kvm_mmu_unmap_gfn_range``), flush."""
     yield acquire("mmu_lock")
-    kvm.mmu_invalidate_in_progress += 1
-    if kvm.mmu_invalidate_in_progress == 1:
-        kvm.mmu_invalidate_range_start = kvm.mmu_invalidate_range_end = INVALID_GPA
+    kvm_mmu_invalidate_begin(kvm)
     flush = False
     for slot, start, end in ranges:
-        kvm_mmu_invalidate_range_add(kvm, start, end)
-        flush |= kvm.arch.unmap_gfn_range(kvm, slot, start, end)
+        flush |= kvm_mmu_unmap_gfn_range(kvm, slot, start, end)
     if flush:
         kvm.flush_remote_tlbs()
     if kvm.log is not None:
@@ -188,8 +189,7 @@ def kvm_gmem_invalidate_begin_op(kvm: Kvm, ranges: list[tuple[MemorySlot, int, i
 def kvm_gmem_invalidate_end_op(kvm: Kvm) -> Op[None]:
     """``__kvm_gmem_invalidate_end``: ``kvm_mmu_invalidate_end`` under ``mmu_lock``."""
     yield acquire("mmu_lock")
-    kvm.mmu_invalidate_seq += 1
-    kvm.mmu_invalidate_in_progress -= 1
+    kvm_mmu_invalidate_end(kvm)
     yield release("mmu_lock")
 
 

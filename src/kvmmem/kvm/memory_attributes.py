@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
 from kvmmem.kvm.kvm_host import KVM_MEMORY_ATTRIBUTE_PRIVATE, MemAttrArray, kvm_mem_is_private
-from kvmmem.kvm.mmu_notifier import INVALID_GPA, kvm_mmu_invalidate_range_add
+from kvmmem.kvm.mmu_notifier import (
+    kvm_mmu_invalidate_begin,
+    kvm_mmu_invalidate_end,
+    kvm_mmu_unmap_gfn_range,
+)
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
@@ -86,13 +90,12 @@ def kvm_vm_set_mem_attributes_op(kvm: Kvm, start: int, end: int, attributes: int
     if ranges:
         # kvm_handle_gfn_range(pre_set_range): on_lock = kvm_mmu_invalidate_begin
         yield acquire("mmu_lock")
-        kvm.mmu_invalidate_in_progress += 1
-        if kvm.mmu_invalidate_in_progress == 1:
-            kvm.mmu_invalidate_range_start = kvm.mmu_invalidate_range_end = INVALID_GPA
+        kvm_mmu_invalidate_begin(kvm)
         flush = False
         for slot, s, e in ranges:
-            kvm_mmu_invalidate_range_add(kvm, s, e)
-            flush |= kvm.arch.unmap_gfn_range(kvm, slot, s, e)
+            # kvm_pre_set_memory_attributes -> kvm_arch_pre_set_memory_attributes (x86:
+            # kvm_unmap_gfn_range, private and shared alike without mirrored TDP)
+            flush |= kvm_mmu_unmap_gfn_range(kvm, slot, s, e)
         if flush:
             kvm.flush_remote_tlbs()
         yield release("mmu_lock")
@@ -102,7 +105,6 @@ def kvm_vm_set_mem_attributes_op(kvm: Kvm, start: int, end: int, attributes: int
     if ranges:
         # kvm_handle_gfn_range(post_set_range): on_lock = kvm_mmu_invalidate_end
         yield acquire("mmu_lock")
-        kvm.mmu_invalidate_seq += 1
-        kvm.mmu_invalidate_in_progress -= 1
+        kvm_mmu_invalidate_end(kvm)
         yield release("mmu_lock")
     yield release("slots_lock")

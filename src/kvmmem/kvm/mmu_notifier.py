@@ -25,6 +25,7 @@ from kvmmem.types import Hva
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm
+    from kvmmem.kvm.memory_slot import MemorySlot
 
 INVALID_GPA = -1
 
@@ -51,16 +52,14 @@ class KvmMmuNotifier:
             return
         yield acquire("mmu_lock")
         vm.stats.notifier_invalidations += 1
-        # kvm_mmu_invalidate_begin
-        vm.mmu_invalidate_in_progress += 1
-        if vm.mmu_invalidate_in_progress == 1:
-            vm.mmu_invalidate_range_start = INVALID_GPA
-            vm.mmu_invalidate_range_end = INVALID_GPA
+        kvm_mmu_invalidate_begin(vm)
         flush = False
         for slot, gfn_start, gfn_end in ranges:
-            if not vm.variant.notifier_counts_every_range:
-                kvm_mmu_invalidate_range_add(vm, gfn_start, gfn_end)
-            flush |= vm.arch.unmap_gfn_range(vm, slot, gfn_start, gfn_end)
+            if vm.variant.notifier_counts_every_range:
+                # v5.4: no range recorded, every invalidation counts
+                flush |= vm.arch.unmap_gfn_range(vm, slot, gfn_start, gfn_end)
+            else:
+                flush |= kvm_mmu_unmap_gfn_range(vm, slot, gfn_start, gfn_end)
         if flush:
             vm.flush_remote_tlbs()
         yield release("mmu_lock")
@@ -71,8 +70,7 @@ class KvmMmuNotifier:
         vm = self.vm
         if vm.gfn_ranges_for_hva(rng.start, rng.end) or vm.variant.notifier_counts_every_range:
             yield acquire("mmu_lock")
-            vm.mmu_invalidate_seq += 1
-            vm.mmu_invalidate_in_progress -= 1
+            kvm_mmu_invalidate_end(vm)
             yield release("mmu_lock")
         vm.mn_active_invalidate_count -= 1
         yield release("memslots_frozen", shared=True)
@@ -110,6 +108,30 @@ class KvmMmuNotifier:
     def release(self) -> None:
         """``kvm_mmu_notifier_release`` -> ``kvm_flush_shadow_all``: drop every mapping."""
         self.vm.zap_all()
+
+
+def kvm_mmu_invalidate_begin(vm: Kvm) -> None:
+    """``kvm_mmu_invalidate_begin`` (caller holds ``mmu_lock``): raise the in-progress
+    count; the first one starts with no range recorded."""
+    vm.mmu_invalidate_in_progress += 1
+    if vm.mmu_invalidate_in_progress == 1:
+        vm.mmu_invalidate_range_start = INVALID_GPA
+        vm.mmu_invalidate_range_end = INVALID_GPA
+
+
+def kvm_mmu_invalidate_end(vm: Kvm) -> None:
+    """``kvm_mmu_invalidate_end`` (caller holds ``mmu_lock``): bump the sequence, then
+    drop the in-progress count."""
+    vm.mmu_invalidate_seq += 1
+    vm.mmu_invalidate_in_progress -= 1
+
+
+def kvm_mmu_unmap_gfn_range(vm: Kvm, slot: MemorySlot, start: int, end: int) -> bool:
+    """``kvm_mmu_unmap_gfn_range`` (caller holds ``mmu_lock``, inside an invalidation):
+    record ``[start, end)`` as being invalidated, then unmap it; True if a TLB flush
+    is due."""
+    kvm_mmu_invalidate_range_add(vm, start, end)
+    return vm.arch.unmap_gfn_range(vm, slot, start, end)
 
 
 def kvm_mmu_invalidate_range_add(vm: Kvm, start: int, end: int) -> None:
