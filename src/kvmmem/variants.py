@@ -260,6 +260,33 @@ SWITCHES: tuple[Switch, ...] = (
                 "Quan Zhou, Dong Yang; queued by Anup Patel for Linux 6.19 (2025-11-07); "
                 "hash not identified; real riscv 6.12.117 refuses 3 with EINVAL, 7.2.13 "
                 "accepts it"),)),
+    Switch(
+        "x86_dirty_ring", ("x86",),
+        "x86 offers KVM_CAP_DIRTY_LOG_RING (the per-vCPU dirty ring, kvm/dirty_ring.py); "
+        "before, KVM_ENABLE_CAP of it is EINVAL", False,
+        (Change((5, 11), True, None, "KVM: X86: Implement ring-based dirty memory tracking",
+                "Peter Xu's dirty ring series; release believed, hash not identified"),)),
+    Switch(
+        "dirty_ring_acq_rel", ("x86",),
+        "x86 also offers KVM_CAP_DIRTY_LOG_RING_ACQ_REL (the ring with acquire/release "
+        "ordering); before, only KVM_CAP_DIRTY_LOG_RING", False,
+        (Change((6, 1), True, None,
+                "KVM: Add KVM_CAP_DIRTY_LOG_RING_ACQ_REL capability and config option",
+                "Marc Zyngier; release believed, hash not identified"),)),
+    Switch(
+        "riscv_dirty_ring", ("riscv",),
+        "riscv offers the dirty ring as KVM_CAP_DIRTY_LOG_RING_ACQ_REL (not "
+        "KVM_CAP_DIRTY_LOG_RING, no WITH_BITMAP); before, it is EINVAL", False,
+        (Change((6, 17), True, None, "RISC-V: KVM: Enable ring-based dirty memory tracking",
+                "Quan Zhou; posted June 2025, release believed, hash not identified; real "
+                "riscv 6.12.117 offers no ring, 7.2.13 offers ACQ_REL (a 2 MiB size is "
+                "E2BIG there) and refuses KVM_CAP_DIRTY_LOG_RING"),)),
+    Switch(
+        "arm64_dirty_ring", ("arm64",),
+        "arm64 offers the dirty ring as KVM_CAP_DIRTY_LOG_RING_ACQ_REL, with "
+        "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP; before, both are EINVAL", False,
+        (Change((6, 1), True, None, "KVM: arm64: Enable ring-based dirty memory tracking",
+                "Gavin Shan; release believed, hash not identified"),)),
 )
 """Every switch, in the order of docs/versions.md."""
 
@@ -361,6 +388,17 @@ class Variant:
     riscv_dirty_log_initially_set: bool = True
     """riscv likewise (v6.19, "KVM: riscv: Support enabling dirty log gradually in small
     chunks"; before, INITIALLY_SET is EINVAL)."""
+    x86_dirty_ring: bool = True
+    """x86 offers KVM_CAP_DIRTY_LOG_RING (v5.11, "KVM: X86: Implement ring-based dirty
+    memory tracking")."""
+    dirty_ring_acq_rel: bool = True
+    """x86 offers KVM_CAP_DIRTY_LOG_RING_ACQ_REL too (v6.1)."""
+    riscv_dirty_ring: bool = True
+    """riscv offers KVM_CAP_DIRTY_LOG_RING_ACQ_REL (v6.17, "RISC-V: KVM: Enable ring-based
+    dirty memory tracking", release believed; real 6.12 lacks it, 7.2 has it)."""
+    arm64_dirty_ring: bool = True
+    """arm64 offers KVM_CAP_DIRTY_LOG_RING_ACQ_REL and _WITH_BITMAP (v6.1, "KVM: arm64:
+    Enable ring-based dirty memory tracking")."""
     # --- mutations -----------------------------------------------------------------
     invalidate_retry: bool = True
     """The fault path re-checks ``mmu_invalidate_retry`` under mmu_lock."""

@@ -52,6 +52,8 @@ from kvmmem.scenario.model import (
     PROT_WRITE,
     RESULT_KEYS,
     EnableCap,
+    HarvestDirtyRing,
+    ResetDirtyRings,
     prot_letters,
 )
 
@@ -153,6 +155,8 @@ steps:
   - punch_hole: {memory: ram, offset: 16K, size: 8K}
   - set_memory_attributes: {gpa: 0x40000000, size: 4K, attributes: [private], flags: 0}
   - enable_cap: {cap: manual_dirty_log_protect2, args: [3, 0x8000000000000000]}
+  - harvest_dirty_ring: {vcpu: 1}
+  - reset_dirty_rings: {}
 """
 
 DIRTY_LOG = """\
@@ -234,7 +238,7 @@ def test_threads_load_with_thread_names_and_indices() -> None:
 
 
 def test_every_step_kind_and_the_extensions() -> None:
-    """All 16 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
+    """All 18 step kinds, merge keys, arm64 granule, ipa_bits, guest path, raw hva."""
     got = load_scenario_text(ARM64_ALL_STEPS_OK)
     assert got.arches == ("arm64",) and got.granule == 16384 and got.ipa_bits == 40
     assert got.memory["ring"] == Mapping("ring", 16384, "device-lazy", 3, line=10)
@@ -275,10 +279,13 @@ def test_every_step_kind_and_the_extensions() -> None:
     assert isinstance(cap, EnableCap) and cap.cap_number == 168
     assert cap.all_args == (3, 1 << 63, 0, 0)
     assert cap.args() == {"cap": "manual_dirty_log_protect2", "args": (3, 1 << 63), "flags": 0}
+    assert by_op["harvest_dirty_ring"] == HarvestDirtyRing(index=17, line=38, vcpu=1)
+    assert by_op["reset_dirty_rings"] == ResetDirtyRings(index=18, line=39)
+    assert by_op["reset_dirty_rings"].args() == {}
 
 
 @pytest.mark.parametrize(("step", "message"), [
-    ("enable_cap: {cap: dirty_log_ring, args: [1]}", "cap: 'dirty_log_ring' is not"),
+    ("enable_cap: {cap: dirty_log_rings, args: [1]}", "cap: 'dirty_log_rings' is not"),
     ("enable_cap: {cap: manual_dirty_log_protect2, args: [1, 2, 3, 4, 5]}",
      "struct kvm_enable_cap has 4 args, got 5"),
     ("enable_cap: {cap: manual_dirty_log_protect2, args: 1}", "expected a list of at most 4"),
@@ -346,10 +353,10 @@ def test_step_table_matches_scenarios_md() -> None:
         "guest_read", "guest_write", "guest_exec", "host_read", "host_write", "host_mmap",
         "host_munmap", "host_mprotect", "host_madvise", "set_memslot", "prefault",
         "get_dirty_log", "clear_dirty_log", "punch_hole", "set_memory_attributes",
-        "enable_cap"]
+        "enable_cap", "harvest_dirty_ring", "reset_dirty_rings"]
     assert set(EXPECT_KEYS) == {"result", "value", "errno", "gpa", "len", "is_write", "data",
                                 "size", "flags", "dirty", "signal", "abort", "remaining",
-                                "exit_reason", "suberror", "faults"}
+                                "exit_reason", "suberror", "faults", "reset"}
     assert {k for keys in RESULT_KEYS.values() for k in keys} | {"result"} == set(EXPECT_KEYS)
 
 

@@ -198,7 +198,7 @@ class Arm64Kvm(ArchKvm):
             vcpu.unmarked_dirty = gfn
         yield _MMU_READ_UNLOCK
         if writable:
-            mark_page_dirty_in_slot(slot, gfn)
+            mark_page_dirty_in_slot(slot, gfn, vcpu)
             vcpu.unmarked_dirty = None
         return RESUME
 
@@ -278,7 +278,7 @@ class Arm64Kvm(ArchKvm):
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         if writable:
-            mark_page_dirty_in_slot(slot, gfn)
+            mark_page_dirty_in_slot(slot, gfn, vcpu)
             vcpu.unmarked_dirty = None
         return RESUME
 

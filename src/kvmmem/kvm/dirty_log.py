@@ -58,12 +58,20 @@ def kvm_vm_ioctl_enable_cap(vm: Kvm, cap: int, flags: int, args: tuple[int, ...]
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, whose ``args[0]`` becomes
     ``kvm->manual_dirty_log_protect`` (0 turns manual protect off again); the options
     allowed are MANUAL_PROTECT_ENABLE, and with it :func:`kvm_dirty_log_manual_caps`
-    (INITIALLY_SET alone is refused).  Any other capability falls to the arch's
+    (INITIALLY_SET alone is refused).  The dirty ring's capabilities go to
+    kvm/dirty_ring.py (their errnos are documented there).  Any other capability falls to the arch's
     ``kvm_vm_ioctl_enable_cap``, which refuses the ones it does not know.
 
     Raises KernelError EINVAL (``flags`` not 0 or an option not allowed: one test, so
     neither comes first; an unknown capability)."""
     call = "KVM_ENABLE_CAP"
+    from kvmmem.kvm import dirty_ring as ring
+    if cap in (ring.KVM_CAP_DIRTY_LOG_RING, ring.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+        ring.kvm_vm_ioctl_enable_dirty_log_ring(vm, cap, args[0] if args else 0)
+        return
+    if cap == ring.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP:
+        ring.kvm_vm_ioctl_enable_dirty_log_ring_with_bitmap(vm, flags)
+        return
     if cap != KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
         raise KernelError("EINVAL", call, f"capability {cap} is not enabled by the model")
     arg0 = args[0] if args else 0
@@ -86,12 +94,28 @@ def _logged_slot(vm: Kvm, slot: int, call: str) -> MemorySlot:
     return memslot
 
 
-def _reprotect(vm: Kvm, memslot: MemorySlot, offsets: list[int]) -> None:
-    flush = False
+def reprotect_offsets(vm: Kvm, memslot: MemorySlot, offsets: list[int],
+                      flush: bool = True) -> None:
+    """``kvm_arch_mmu_enable_log_dirty_pt_masked`` for the slot's pages ``offsets``:
+    write-protect them so the next write faults and is logged; with ``flush`` the
+    caller's TLB flush follows (the dirty ring's reset flushes once, at its end)."""
+    need = False
     for off in offsets:
-        flush |= vm.stage2.wrprotect_range((memslot.base_gfn + off) << PAGE_SHIFT, 1 << PAGE_SHIFT)
-    if flush or offsets:
+        need |= vm.stage2.wrprotect_range((memslot.base_gfn + off) << PAGE_SHIFT, 1 << PAGE_SHIFT)
+    if flush and (need or offsets):
         vm.flush_remote_tlbs(zap=False)
+
+
+_reprotect = reprotect_offsets
+
+
+def kvm_use_dirty_bitmap(vm: Kvm, call: str) -> None:
+    """``kvm_use_dirty_bitmap()`` as GET/CLEAR check it first: a VM with a dirty ring
+    keeps no bitmaps unless KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP was enabled.
+
+    Raises KernelError ENXIO then."""
+    if vm.dirty_ring_size and not vm.dirty_ring_with_bitmap:
+        raise KernelError("ENXIO", call, "the VM uses a dirty ring without a bitmap")
 
 
 def kvm_get_dirty_log(vm: Kvm, slot: int) -> list[int]:
@@ -102,7 +126,8 @@ def kvm_get_dirty_log(vm: Kvm, slot: int) -> list[int]:
     rest.
 
     Raises KernelError EINVAL (slot id out of range) or ENOENT (no such slot,
-    or logging is off)."""
+    or logging is off), ENXIO (a dirty-ring VM without bitmap)."""
+    kvm_use_dirty_bitmap(vm, "KVM_GET_DIRTY_LOG")
     memslot = _logged_slot(vm, slot, "KVM_GET_DIRTY_LOG")
     bitmap = memslot.dirty_bitmap
     assert bitmap is not None
@@ -118,8 +143,10 @@ def kvm_clear_dirty_log(vm: Kvm, slot: int, first_page: int, num_pages: int) -> 
 
     Raises KernelError EINVAL (bad slot, ``first_page`` not a multiple of 64,
     a window outside the slot or a length not a multiple of 64 short of the
-    slot's end) or ENOENT (no slot or logging off), in the kernel's order."""
+    slot's end), ENOENT (no slot or logging off) or ENXIO (a dirty-ring VM without
+    bitmap), in the kernel's order."""
     call = "KVM_CLEAR_DIRTY_LOG"
+    kvm_use_dirty_bitmap(vm, call)
     as_id, sid = slot >> 16, slot & 0xFFFF
     if as_id >= vm.arch.nr_address_spaces or sid >= vm.memslots.limits.user_mem_slots:
         raise KernelError("EINVAL", call, f"slot {slot:#x} is out of range")

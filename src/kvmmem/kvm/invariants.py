@@ -23,6 +23,7 @@ from kvmmem.errors import KernelError, ValidationError
 from kvmmem.host import Mm, MmuNotifierSubscriptions
 from kvmmem.host.vma import VM_WRITE
 from kvmmem.kvm.arch_common import memslot_is_logging
+from kvmmem.kvm.dirty_ring import ring_pushed
 from kvmmem.kvm.fault import Access
 from kvmmem.kvm.guest_memfd import (
     GmemFile,
@@ -31,6 +32,7 @@ from kvmmem.kvm.guest_memfd import (
     kvm_slot_has_gmem,
 )
 from kvmmem.kvm.kvm_host import kvm_mem_is_private
+from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from kvmmem.kvm.mmu_notifier import INVALID_GPA
 from kvmmem.kvm.vm import Vm
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
@@ -152,7 +154,22 @@ def validate_permission_containment(vm: Vm) -> None:
                                   f"{where}, but the host PTE at hva {hva:#x} is read-only "
                                   "(copy-on-write or read-only page)")
         logging = memslot_is_logging(slot)
-        if logging and source == "stage-2" and slot.dirty_bitmap is not None \
+        if vm.dirty_ring_size and source == "stage-2":
+            # Ring mode: the leaf must have been pushed into some vCPU's ring since its
+            # last reset (a reset write-protects it again), or set in the bitmap (arm64
+            # WITH_BITMAP, writes without a running vCPU).  Where the arch marks every
+            # writable mapping (x86 make_spte, riscv kvm_riscv_mmu_map) the LOG_DIRTY
+            # flag decides; arm64 marks only under memslot_is_logging (a bitmap: a
+            # ring-only arm64 VM maps read faults writable unmarked, as the kernel does).
+            if vm.arch_name in ("x86", "riscv"):
+                logging = bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES) and not slot.readonly
+            if logging and not ring_pushed(vm, slot, gfn) and not (
+                    slot.dirty_bitmap is not None and slot.dirty_bitmap[gfn - slot.base_gfn]):
+                raise ValidationError("dirty-log-completeness",
+                                      f"{where} in logged slot {slot.id} is in no dirty ring "
+                                      "since its last reset: a write through it would be "
+                                      "missed")
+        elif logging and source == "stage-2" and slot.dirty_bitmap is not None \
                 and not slot.dirty_bitmap[gfn - slot.base_gfn]:
             raise ValidationError("dirty-log-completeness",
                                   f"{where} in logged slot {slot.id} is not marked dirty: a "

@@ -27,7 +27,7 @@ MMU notifier, prepare and prefault depend on this module and never on ``vm.py``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from sortedcontainers import SortedDict
@@ -41,6 +41,7 @@ from kvmmem.variants import Variant
 if TYPE_CHECKING:
     from kvmmem.arch.pgtable import Stage2, Translation
     from kvmmem.host import Mm
+    from kvmmem.kvm.dirty_ring import DirtyRing
     from kvmmem.kvm.fault import Access, AccessResult, FaultResult
     from kvmmem.kvm.memslot import MemorySlot, VmMemslots
     from kvmmem.kvm.stats import EventLog, Stats
@@ -128,6 +129,16 @@ class KvmVcpu(Protocol):
     """Published for the explorer: a gfn made writable, not yet marked dirty."""
 
     @property
+    def vm(self) -> Kvm:
+        """``vcpu->kvm``."""
+        ...
+
+    @property
+    def dirty_ring(self) -> DirtyRing | None:
+        """``vcpu->dirty_ring`` (kvm/dirty_ring.py), None without a ring."""
+        ...
+
+    @property
     def index(self) -> int:
         """``vcpu->vcpu_idx``."""
         ...
@@ -148,12 +159,12 @@ class Kvm(Protocol):
     mmu_invalidate_range_end: int
     mn_active_invalidate_count: int
     manual_dirty_log_protect: int
+    dirty_ring_size: int
+    dirty_ring_with_bitmap: bool
+    created_vcpus: int
 
     @property
     def arch(self) -> ArchKvm: ...
-
-    @property
-    def arch_name(self) -> str: ...
 
     @property
     def has_private_mem(self) -> bool:
@@ -191,6 +202,12 @@ class Kvm(Protocol):
     def obsolete_roots(self) -> set[int]: ...
 
     def set_manual_dirty_log_protect(self, value: int) -> None: ...
+
+    @property
+    def vcpus(self) -> Sequence[KvmVcpu]: ...
+
+    @property
+    def arch_name(self) -> str: ...
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None: ...
 

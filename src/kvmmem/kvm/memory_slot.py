@@ -13,13 +13,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from kvmmem.errors import InputError
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva
+
+if TYPE_CHECKING:
+    from kvmmem.kvm.dirty_ring import DirtyRing
+    from kvmmem.kvm.kvm_host import Kvm
+
+
+class RunningVcpu(Protocol):
+    """What ``mark_page_dirty_in_slot`` needs of the running vCPU."""
+
+    @property
+    def vm(self) -> Kvm: ...
+
+    @property
+    def dirty_ring(self) -> DirtyRing | None: ...
 
 CALL = "KVM_SET_USER_MEMORY_REGION"
 
@@ -325,10 +339,18 @@ def kvm_dirty_bitmap_bytes(slot: MemorySlot) -> int:
     return ((slot.npages + BITS_PER_LONG - 1) // BITS_PER_LONG) * (BITS_PER_LONG // 8)
 
 
-def mark_page_dirty_in_slot(slot: MemorySlot | None, gfn: int) -> None:
-    """``mark_page_dirty_in_slot()`` (bitmap mode): set ``gfn``'s bit when the
-    slot logs dirty pages and has a bitmap."""
-    if slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and slot.dirty_bitmap is not None:
+def mark_page_dirty_in_slot(slot: MemorySlot | None, gfn: int,
+                            vcpu: RunningVcpu | None = None) -> None:
+    """``mark_page_dirty_in_slot()``: when the slot logs dirty pages, push ``gfn`` into
+    the running vCPU's dirty ring (``vcpu``, ``kvm_get_running_vcpu()``; a VM with a
+    ring, kvm/dirty_ring.py), else set its bit when the slot has a bitmap."""
+    if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        return
+    if vcpu is not None and vcpu.vm.dirty_ring_size:
+        from kvmmem.kvm.dirty_ring import mark_page_dirty_ring
+        if mark_page_dirty_ring(vcpu.vm, vcpu.dirty_ring, slot, gfn):
+            return
+    if slot.dirty_bitmap is not None:
         slot.dirty_bitmap[gfn - slot.base_gfn] = True
 
 

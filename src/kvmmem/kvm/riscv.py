@@ -110,10 +110,10 @@ class RiscvKvm(ArchKvm):
                     return EXEC_EOPNOTSUPP
                 return INST_ACCESS_FAULT
             return MMIO
-        return (yield from self.kvm_riscv_mmu_map(vm, slot, gpa, write))
+        return (yield from self.kvm_riscv_mmu_map(vm, slot, gpa, write, vcpu))
 
-    def kvm_riscv_mmu_map(self, vm: Kvm, slot: MemorySlot, gpa: int, write: bool
-                          ) -> Op[FaultResult]:
+    def kvm_riscv_mmu_map(self, vm: Kvm, slot: MemorySlot, gpa: int, write: bool,
+                          vcpu: KvmVcpu | None = None) -> Op[FaultResult]:
         """``kvm_riscv_mmu_map``: size from the VMA, pfn, retry check, map RWX."""
         mm = vm.mm
         variant = vm.variant
@@ -177,7 +177,7 @@ class RiscvKvm(ArchKvm):
             # before kvm_riscv_gstage_map_page (mark_page_dirty_in_slot; mark_page_dirty
             # in gstage_map before v6.13): a dirty-log harvest that takes mmu_lock
             # after the fault never misses it.
-            mark_page_dirty_in_slot(slot, gfn)
+            mark_page_dirty_in_slot(slot, gfn, vcpu)
         # kvm_riscv_gstage_map_page derives no memory type (no pgprot_noncached):
         # PBMT stays 0 and the platform's PMAs decide, device frames included.
         vm.install(slot, gpa, fin.pfn, size, write=writable, execute=True, device=False,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmmem.errors import InputError
 from kvmmem.host.mm import HostSignal
+from kvmmem.kvm.dirty_ring import KVM_EXIT_DIRTY_RING_FULL, kvm_dirty_ring_check_request
 from kvmmem.kvm.fault import (
     EFAULT,
     EMULATE,
@@ -43,6 +44,7 @@ from kvmmem.sync import Op, acquire, drive, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
+    from kvmmem.kvm.dirty_ring import DirtyRing
     from kvmmem.kvm.kvm_host import Kvm
     from kvmmem.kvm.memslot import MemorySlot, MemslotSet
 
@@ -60,6 +62,8 @@ sequential run) is reported instead of spinning forever."""
 
 _SRCU_READ_LOCK = acquire("srcu", shared=True)
 _SRCU_READ_UNLOCK = release("srcu", shared=True)
+DIRTY_RING_FULL = AccessResult("exit", exit_reason=KVM_EXIT_DIRTY_RING_FULL)
+"""KVM_RUN's exit when ``kvm_dirty_ring_check_request`` finds the ring soft-full."""
 
 @dataclass(slots=True)
 class TlbEntry:
@@ -99,6 +103,9 @@ class Vcpu:
     """In-flight state the explorer reads: what the fault this vCPU was answered
     RETRY for waits on, from the RETRY until its next attempt proceeds (None
     otherwise).  Bookkeeping, not state: left out of pickles and copies."""
+    dirty_ring: DirtyRing | None = None
+    """``vcpu->dirty_ring``: allocated at creation in a VM with a dirty ring
+    (kvm/dirty_ring.py), else None."""
     unmarked_dirty: int | None = field(default=None, init=False, repr=False, compare=False)
     """In-flight state the explorer reads: the gfn this vCPU's fault has made
     writable in stage-2 and not yet marked dirty (arm64's ``user_mem_abort``
@@ -170,8 +177,11 @@ class Vcpu:
         """A guest access run to completion (the sequential driver).
 
         An access inside one page that hits the TLB completes here without
-        entering the operation machinery (what the hardware does on a hit)."""
-        if (path or self.path) == "native" and (gpa & (PAGE_SIZE - 1)) + size <= PAGE_SIZE:
+        entering the operation machinery (what the hardware does on a hit), unless a
+        pending request stops the entry (the dirty ring's soft-full exit)."""
+        ring = self.dirty_ring
+        if (path or self.path) == "native" and (gpa & (PAGE_SIZE - 1)) + size <= PAGE_SIZE \
+                and (ring is None or not ring.soft_full_request):
             entry = self.tlb.get(gpa >> PAGE_SHIFT)
             if entry is not None and (access is Access.READ or (
                     entry.writable if access is Access.WRITE else entry.executable)):
@@ -185,6 +195,8 @@ class Vcpu:
         vm = self.vm
         emulated = (path or self.path) == "emulated"
         vm.vcpu_enter_guest(self.index)  # KVM_RUN: obsolete roots freed, one loaded
+        if kvm_dirty_ring_check_request(self.dirty_ring):
+            return DIRTY_RING_FULL
         if emulated and not vm.arch.has_emulated_path:
             raise InputError(f"path: the emulated access path is x86's instruction emulator; "
                              f"{vm.arch_name} has none (use path: native)")
@@ -311,6 +323,10 @@ class Vcpu:
                 # Back into the guest: vcpu_enter_guest frees a root made obsolete
                 # meanwhile (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before the access re-faults.
                 vm.vcpu_enter_guest(self.index)
+                if kvm_dirty_ring_check_request(self.dirty_ring):
+                    # The fault pushed the ring to its soft limit: KVM_RUN returns before
+                    # the guest retries the access (which is therefore not done).
+                    return DIRTY_RING_FULL
                 continue
             if kind is Fault.MMIO:
                 vm.stats.pf_emulate += 1
@@ -353,7 +369,7 @@ class Vcpu:
         try:
             if access is Access.WRITE:
                 yield from vm.mm.host_write_op(hva, size, value)
-                mark_page_dirty_in_slot(slot, gpa >> PAGE_SHIFT)
+                mark_page_dirty_in_slot(slot, gpa >> PAGE_SHIFT, self)
                 return AccessResult("ok")
             return AccessResult("ok", value=(yield from vm.mm.host_read_op(hva, size)))
         except HostSignal:

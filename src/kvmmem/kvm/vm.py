@@ -61,6 +61,8 @@ class Vm:
         ipa_bits: int | None = None,
         cpu_features: Iterable[str] = (),
         vm_type: str = "default",
+        dirty_ring: int = 0,
+        dirty_ring_with_bitmap: bool = False,
     ) -> None:
         if arch not in ARCHES:
             raise InputError(f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
@@ -121,7 +123,28 @@ class Vm:
         self.mmu_invalidate_range_start = INVALID_GPA
         self.mmu_invalidate_range_end = INVALID_GPA
         self.mn_active_invalidate_count = 0
-        self.vcpus = [Vcpu(self, i) for i in range(vcpus)]
+        self.dirty_ring_size = 0
+        """``kvm->dirty_ring_size``: bytes of each vCPU's dirty ring, 0 without one."""
+        self.dirty_ring_with_bitmap = False
+        """``kvm->dirty_ring_with_bitmap`` (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, arm64)."""
+        self.created_vcpus = 0
+        if dirty_ring:
+            # The VMM enables the ring right after KVM_CREATE_VM, before any vCPU
+            # (KVM_ENABLE_CAP; KernelError as the kernel answers it).
+            from kvmmem.kvm.dirty_ring import (
+                KVM_CAP_DIRTY_LOG_RING,
+                KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                dirty_ring_caps,
+                kvm_vm_ioctl_enable_dirty_log_ring,
+                kvm_vm_ioctl_enable_dirty_log_ring_with_bitmap,
+            )
+            cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL \
+                if KVM_CAP_DIRTY_LOG_RING_ACQ_REL in dirty_ring_caps(self) \
+                else KVM_CAP_DIRTY_LOG_RING
+            kvm_vm_ioctl_enable_dirty_log_ring(self, cap, dirty_ring)
+            if dirty_ring_with_bitmap:
+                kvm_vm_ioctl_enable_dirty_log_ring_with_bitmap(self, 0)
+        self.vcpus = [self._create_vcpu(i) for i in range(vcpus)]
         self.notifier = KvmMmuNotifier(self)
         self.mm.mmu_notifier_register(self.notifier)
         self.closed = False
@@ -133,6 +156,15 @@ class Vm:
         made obsolete and that have not entered the guest since.  Before v6.15 a
         KVM_PRE_FAULT_MEMORY on such a vCPU retries forever
         (``x86_prefault_frees_obsolete_root``, kvm/x86.py)."""
+
+    def _create_vcpu(self, index: int) -> Vcpu:
+        """``kvm_vm_ioctl_create_vcpu``: the vCPU, with its dirty ring in a ring VM."""
+        vcpu = Vcpu(self, index)
+        if self.dirty_ring_size:
+            from kvmmem.kvm.dirty_ring import kvm_dirty_ring_alloc
+            vcpu.dirty_ring = kvm_dirty_ring_alloc(self, index)
+        self.created_vcpus += 1
+        return vcpu
 
     def set_manual_dirty_log_protect(self, value: int) -> None:
         """Set ``kvm->manual_dirty_log_protect`` (KVM_ENABLE_CAP, already checked) and

@@ -241,7 +241,7 @@ class X86Kvm(ArchKvm):
         if fin.map_writable:
             # make_spte, under mmu_lock: a writable SPTE in a logged slot is logged
             # right away (mark_page_dirty_in_slot).
-            mark_page_dirty_in_slot(slot, gfn)
+            mark_page_dirty_in_slot(slot, gfn, vcpu)
         yield _MMU_READ_UNLOCK
         kvm_release_faultin_page(mm, fin)
         return RESUME

@@ -86,8 +86,9 @@ class ArchVm(HarnessVm):
 
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
                  reserved_slots: Iterable[int] = (), timeout: float = DEFAULT_TIMEOUT,
-                 kvm: Kvm | None = None, ipa_bits: int | None = None) -> None:
-        super().__init__(reserved_gpas, reserved_slots, timeout, kvm)
+                 kvm: Kvm | None = None, ipa_bits: int | None = None,
+                 dirty_ring: tuple[int, bool] = (0, False)) -> None:
+        super().__init__(reserved_gpas, reserved_slots, timeout, kvm, dirty_ring)
         self.ipa_bits = ipa_bits
         self.phys_bits = 40
         self.vcpus: list[Vcpu] = []
@@ -141,6 +142,7 @@ class ArchVm(HarnessVm):
 
     def _setup(self, kvm: Kvm) -> None:
         self._vm = self.vm = self._create_vm(kvm)
+        self._enable_requested_ring()
         self.vm.require("KVM_SET_USER_MEMORY_REGION")
         self.layout = choose_layout(self.reserved_gpas, self.reserved_slots,
                                     self.vm.max_memslots() or 32, self.phys_bits)

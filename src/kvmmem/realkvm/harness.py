@@ -46,6 +46,11 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from kvmmem.realkvm import libc
+from kvmmem.realkvm.ioctls import (
+    KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+)
 from kvmmem.realkvm.kvm import Kvm, KvmIoctlError, KvmUnsupported, VcpuFd, VmFd
 from kvmmem.realkvm.stats import StatsFd
 from kvmmem.realkvm.structs import (
@@ -154,7 +159,8 @@ class HarnessVm:
     vcpus: list[Any]
 
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]], reserved_slots: Iterable[int],
-                 timeout: float, kvm: Kvm | None) -> None:
+                 timeout: float, kvm: Kvm | None,
+                 dirty_ring: tuple[int, bool] = (0, False)) -> None:
         self.reserved_gpas = tuple(reserved_gpas)
         self.reserved_slots = tuple(reserved_slots)
         self.timeout = timeout
@@ -166,6 +172,12 @@ class HarnessVm:
         self._vm: VmFd | None = None
         self._mem = 0
         self._vm_stats: StatsFd | None = None
+        self.dirty_ring_size = 0
+        """Bytes of each vCPU's dirty ring (:meth:`enable_dirty_ring`), 0 without one."""
+        self._ring_request = dirty_ring
+        """``(size, with_bitmap)`` the subclass's ``_setup`` enables right after creating
+        the VM (:meth:`_enable_requested_ring`): before the harness's own memslot, which
+        WITH_BITMAP must precede, and before any vCPU."""
 
     def _start(self) -> None:
         """Open /dev/kvm (unless one was given) and run ``_setup``; on any failure release
@@ -453,6 +465,71 @@ class HarnessVm:
         predicts that too, so it is no reason to call the step unsupported)."""
         err = self.vm.enable_cap(cap, *args, flags=flags)
         return {"result": "ok"} if err is None else {"result": "error", "errno": err}
+
+    def enable_dirty_ring(self, size: int, with_bitmap: bool = False) -> None:
+        """Enable the dirty ring before any vCPU or memslot exists, as a VMM does right
+        after KVM_CREATE_VM: KVM_ENABLE_CAP of KVM_CAP_DIRTY_LOG_RING_ACQ_REL where this KVM
+        offers it, else KVM_CAP_DIRTY_LOG_RING, with ``args[0]`` = ``size`` bytes; with
+        ``with_bitmap`` then KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP.
+
+        Raises :class:`~kvmmem.realkvm.kvm.KvmUnsupported` naming the capability this
+        KVM lacks (both ring capabilities 0; WITH_BITMAP 0) or the errno it refused the
+        setup with (a size it refuses: the scenario is not applicable, as the model
+        says)."""
+        assert not self.vcpus, "the ring is enabled before any vCPU"
+        if self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            cap, name = KVM_CAP_DIRTY_LOG_RING_ACQ_REL, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL"
+        elif self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING):
+            cap, name = KVM_CAP_DIRTY_LOG_RING, "KVM_CAP_DIRTY_LOG_RING"
+        else:
+            raise KvmUnsupported("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING and "
+                                 "KVM_CAP_DIRTY_LOG_RING_ACQ_REL are 0)")
+        err = self.vm.enable_cap(cap, size)
+        if err is not None:
+            raise KvmUnsupported(f"dirty_ring: KVM_ENABLE_CAP of {name} ({size} bytes) failed "
+                                 f"with {err}")
+        self.dirty_ring_size = size
+        if with_bitmap:
+            if not self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP):
+                raise KvmUnsupported("this KVM lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (0)")
+            err = self.vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+            if err is not None:
+                raise KvmUnsupported("dirty_ring_with_bitmap: KVM_ENABLE_CAP of "
+                                     f"KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP failed with {err}")
+
+    def _enable_requested_ring(self) -> None:
+        """The dirty ring asked for at construction, if any (:meth:`enable_dirty_ring`)."""
+        size, with_bitmap = self._ring_request
+        if size:
+            self.enable_dirty_ring(size, with_bitmap)
+
+    def ready_first_vcpu(self) -> None:
+        """Create vCPU 0 now if no step has yet (the scenario's VM has it from the start)."""
+        self._vcpu_fd(0)
+
+    def harvest_dirty_ring(self, vcpu: int) -> Outcome:
+        """The VMM reading vCPU ``vcpu``'s ring (mmapped on first use) from its fetch
+        index: ``ok`` with ``dirty``, the absolute gfns (host page size) of the entries
+        flagged dirty, in ring order; each is flagged reset.  An entry of a slot the
+        harness does not know is skipped, as in the model."""
+        fd = self._vcpu_fd(vcpu)
+        err = fd.map_dirty_ring(self.dirty_ring_size)
+        if err is not None:
+            return {"result": "error", "errno": err}
+        shift = mmap.PAGESIZE.bit_length() - 1
+        gfns: list[int] = []
+        for slot, offset in fd.harvest_dirty_ring():
+            info = self.slots.get(slot & 0xFFFF) if slot >> 16 == 0 else None
+            if info is not None:
+                gfns.append((info.gpa >> shift) + offset)
+        return {"result": "ok", "dirty": gfns}
+
+    def reset_dirty_rings(self) -> Outcome:
+        """``KVM_RESET_DIRTY_RINGS``: ``ok`` with ``reset`` (the entries reset, the ioctl's
+        return value) or ``error``."""
+        count, err = self.vm.reset_dirty_rings()
+        return {"result": "ok", "reset": count} if err is None else {"result": "error",
+                                                                     "errno": err}
 
     def set_memory_attributes(self, gpa: int, size: int, attributes: int,
                               flags: int = 0) -> Outcome:

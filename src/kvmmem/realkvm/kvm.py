@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import platform
 import signal
@@ -39,11 +40,15 @@ from kvmmem.realkvm.ioctls import (
 )
 from kvmmem.realkvm.stats import StatsFd
 from kvmmem.realkvm.structs import (
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_GFN_F_RESET,
+    KVM_DIRTY_LOG_PAGE_OFFSET,
     cpuid2_buffer,
     kvm_clear_dirty_log,
     kvm_cpuid2,
     kvm_cpuid_entry2,
     kvm_create_guest_memfd,
+    kvm_dirty_gfn,
     kvm_dirty_log,
     kvm_enable_cap,
     kvm_memory_attributes,
@@ -328,6 +333,11 @@ class VmFd(_Fd):
             arg.args[i] = value
         return _try(self.fd, "KVM_ENABLE_CAP", ctypes.addressof(arg))
 
+    def reset_dirty_rings(self) -> tuple[int, str | None]:
+        """``KVM_RESET_DIRTY_RINGS``: ``(entries reset, None)`` or ``(0, errno name)``."""
+        ret = libc.ioctl_ptr(self.fd, IOCTLS["KVM_RESET_DIRTY_RINGS"][0], 0)
+        return (ret, None) if ret >= 0 else (0, libc.errno_name(-ret))
+
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         """``KVM_CREATE_VCPU`` and map its ``kvm_run``; raises :class:`KvmIoctlError`."""
         fd = _call(self.fd, "KVM_CREATE_VCPU", vcpu_id)
@@ -375,6 +385,40 @@ class VcpuFd(_Fd):
             raise KvmIoctlError(err, "mmap(kvm_run)")
         self.run_addr = addr
         self.run = kvm_run.from_address(addr)
+        self.ring_addr = 0
+        self.ring_size = 0
+        self.ring_fetch = 0
+        """The VMM's fetch index into the mapped dirty ring (:meth:`harvest_dirty_ring`)."""
+
+    def map_dirty_ring(self, size: int) -> str | None:
+        """mmap this vCPU's dirty ring (``size`` bytes, the VM's ring size) shared and
+        writable at ``KVM_DIRTY_LOG_PAGE_OFFSET`` pages into the vCPU fd: ``None`` or the
+        errno name (idempotent)."""
+        if self.ring_addr:
+            return None
+        addr, err = libc.mmap(0, size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED,
+                              self.fd, KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        if err:
+            return libc.errno_name(err)
+        self.ring_addr, self.ring_size = addr, size
+        return None
+
+    def harvest_dirty_ring(self) -> list[tuple[int, int]]:
+        """Read the mapped ring from the fetch index: each entry flagged
+        ``KVM_DIRTY_GFN_F_DIRTY`` is collected as ``(slot, offset)`` and flagged
+        ``KVM_DIRTY_GFN_F_RESET`` (the kernel's ``kvm_dirty_ring_reset`` then takes it),
+        as QEMU's ``kvm_dirty_ring_reap_one`` does."""
+        entries = self.ring_size // ctypes.sizeof(kvm_dirty_gfn)
+        ring = (kvm_dirty_gfn * entries).from_address(self.ring_addr)
+        out: list[tuple[int, int]] = []
+        while True:
+            entry = ring[self.ring_fetch & (entries - 1)]
+            if entry.flags != KVM_DIRTY_GFN_F_DIRTY:
+                break
+            out.append((entry.slot, entry.offset))
+            entry.flags |= KVM_DIRTY_GFN_F_RESET
+            self.ring_fetch += 1
+        return out
 
     def check_extension(self, cap: int) -> int:
         """Capabilities are asked of the VM (a vCPU fd does not answer
@@ -383,6 +427,9 @@ class VcpuFd(_Fd):
 
     def close(self) -> None:
         """Unmap ``kvm_run`` and close the fd (idempotent)."""
+        if self.ring_addr:
+            libc.munmap(self.ring_addr, self.ring_size)
+            self.ring_addr = 0
         if self.run_addr:
             if _Alarm.run is self.run:
                 _Alarm.run = None

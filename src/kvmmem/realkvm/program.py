@@ -31,6 +31,11 @@ makes the program unsupported, naming the capability.  ``set_memory_attributes``
 steps carry ``attributes`` as the uapi bits (``KVM_MEMORY_ATTRIBUTE_PRIVATE`` is
 ``1 << 3``) and ``flags``.  ``enable_cap`` steps carry ``cap`` as the ``KVM_CAP_*``
 number (``manual_dirty_log_protect2`` is 168), ``args`` (up to four) and ``flags``.
+``dirty_ring`` (bytes, 0 or absent: none) enables each vCPU's dirty ring right after
+KVM_CREATE_VM (``_ACQ_REL`` where offered), ``dirty_ring_with_bitmap`` then
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP; a KVM without them, or refusing the size, makes the
+program unsupported naming the capability or errno.  ``harvest_dirty_ring`` steps carry
+``vcpu``; ``reset_dirty_rings`` none.
 This module and everything it imports at the top is standard library only.
 """
 
@@ -43,6 +48,8 @@ from typing import Any
 from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessVm
 from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_bytes
 from kvmmem.realkvm.ioctls import (
+    KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_CAP_MEMORY_ATTRIBUTES,
@@ -112,9 +119,12 @@ def host_arch() -> str:
 def make_vm(program: Program, kvm: Kvm | None) -> HarnessVm:
     """A real VM of the program's architecture with room for its footprint.
 
+    The program's dirty ring (``dirty_ring``, ``dirty_ring_with_bitmap``) is enabled
+    right after KVM_CREATE_VM, before the harness's memslot and any vCPU.
+
     Raises :class:`~kvmmem.realkvm.kvm.KvmUnsupported` when this machine's KVM is of
-    another architecture, :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without
-    /dev/kvm."""
+    another architecture or refuses the dirty ring (naming the capability or errno),
+    :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without /dev/kvm."""
     arch = program["arch"]
     if arch != host_arch():
         raise KvmUnsupported(f"this machine's KVM is {host_arch()}; the program is for {arch}")
@@ -122,19 +132,20 @@ def make_vm(program: Program, kvm: Kvm | None) -> HarnessVm:
     slots = [int(s) for s in program.get("reserved_slots", ())]
     timeout = float(program.get("timeout", DEFAULT_TIMEOUT))
     vm_type = int(program.get("vm_type") or 0)
+    ring = (int(program.get("dirty_ring") or 0), bool(program.get("dirty_ring_with_bitmap")))
     if arch == "x86":
         return RealVm(ranges, slots, path=program.get("path", "native"), timeout=timeout,
-                      kvm=kvm, code=program.get("x86_code"), vm_type=vm_type)
+                      kvm=kvm, code=program.get("x86_code"), vm_type=vm_type, dirty_ring=ring)
     if vm_type:
         raise KvmUnsupported(f"VM type {vm_type} is x86's (KVM_CREATE_VM's type on {arch} is "
                              "another thing); the harness creates no such VM here")
     if arch == "arm64":
         from kvmmem.realkvm.arm64 import Arm64Vm
         return Arm64Vm(ranges, slots, timeout=timeout, kvm=kvm,
-                       ipa_bits=program.get("ipa_bits"))
+                       ipa_bits=program.get("ipa_bits"), dirty_ring=ring)
     if arch == "riscv":
         from kvmmem.realkvm.riscv import RiscvVm
-        return RiscvVm(ranges, slots, timeout=timeout, kvm=kvm)
+        return RiscvVm(ranges, slots, timeout=timeout, kvm=kvm, dirty_ring=ring)
     raise KvmUnsupported(f"no real-KVM harness for architecture {arch!r}")
 
 
@@ -361,7 +372,17 @@ def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
     if op == "set_memory_attributes":
         return vm.set_memory_attributes(step["gpa"], step["size"], int(step["attributes"]),
                                         int(step.get("flags", 0)))
+    if op == "harvest_dirty_ring":
+        if not vm.dirty_ring_size:
+            return {"result": "unsupported", "reason": "harvest_dirty_ring needs dirty_ring"}
+        return vm.harvest_dirty_ring(int(step.get("vcpu", 0)))
+    if op == "reset_dirty_rings":
+        return vm.reset_dirty_rings()
     if op == "enable_cap":
+        if int(step["cap"]) in (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            # The harness makes vCPUs on first use; the contract's VM has its vCPUs when
+            # the steps run, and the ring's capability is refused once one exists.
+            vm.ready_first_vcpu()
         return vm.enable_cap(int(step["cap"]), [int(a) for a in step.get("args") or ()],
                              int(step.get("flags", 0)))
     return {"result": "unsupported", "reason": f"step {op!r} has no real-KVM driver"}

@@ -25,6 +25,7 @@ from kvmmem.scenario.model import (
     GuestExec,
     GuestRead,
     GuestWrite,
+    HarvestDirtyRing,
     HostMadvise,
     HostMmap,
     HostMprotect,
@@ -34,6 +35,7 @@ from kvmmem.scenario.model import (
     Mapping,
     Prefault,
     PunchHole,
+    ResetDirtyRings,
     Scenario,
     SetMemoryAttributes,
     SetMemslot,
@@ -69,7 +71,8 @@ def scenario_footprint(scenario: Scenario) -> tuple[list[tuple[int, int]], list[
             case GetDirtyLog() | ClearDirtyLog() as log:
                 slots.append(log.slot)
             case HostRead() | HostWrite() | HostMmap() | HostMunmap() | HostMprotect() \
-                    | HostMadvise() | PunchHole() | EnableCap():
+                    | HostMadvise() | PunchHole() | EnableCap() | HarvestDirtyRing() \
+                    | ResetDirtyRings():
                 pass  # host addresses only, or no address at all
             case unknown:
                 assert_never(unknown)
@@ -125,6 +128,8 @@ def scenario_program(scenario: Scenario, arch: str = "x86", path: str = "native"
         "scenario": scenario.name, "arch": arch, "path": path, "timeout": timeout,
         "ipa_bits": scenario.ipa_bits, "cpu_features": list(scenario.cpu_features),
         "vm_type": VM_TYPES[scenario.vm_type],
+        "dirty_ring": scenario.dirty_ring,
+        "dirty_ring_with_bitmap": scenario.dirty_ring_with_bitmap,
         "reserved_gpas": [list(r) for r in ranges],
         "reserved_slots": slots, "needs": needs,
         "memory": [_mapping(m) for m in scenario.memory.values()],

@@ -189,6 +189,7 @@ KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_DIRTY_RING_FULL = 31
 KVM_EXIT_MEMORY_FAULT = 39
 
 EXIT_REASONS: dict[int, str] = {
@@ -330,6 +331,18 @@ class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+class kvm_dirty_gfn(ctypes.Structure):
+    """One entry of a vCPU's dirty ring (mmapped at ``KVM_DIRTY_LOG_PAGE_OFFSET``)."""
+
+    _fields_ = [("flags", u32), ("slot", u32), ("offset", u64)]
+
+
+KVM_DIRTY_GFN_F_DIRTY = 1 << 0
+KVM_DIRTY_GFN_F_RESET = 1 << 1
+KVM_DIRTY_LOG_PAGE_OFFSET = 64
+"""Pages into the vCPU fd where the ring is mapped (x86 and arm64 uapi; riscv has none)."""
+
+
 # --- arm64 and riscv: vCPU init, ONE_REG, MP state -----------------------------------
 
 
@@ -429,6 +442,7 @@ KERNEL_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_create_guest_memfd: 64,
     kvm_memory_attributes: 32,
     kvm_enable_cap: 104,
+    kvm_dirty_gfn: 16,
     kvm_vcpu_init: 32,
     kvm_one_reg: 16,
     kvm_mp_state: 4,

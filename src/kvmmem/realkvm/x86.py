@@ -101,10 +101,11 @@ class RealVm(HarnessVm):
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
                  reserved_slots: Iterable[int] = (), path: str = "native",
                  timeout: float = DEFAULT_TIMEOUT, kvm: Kvm | None = None,
-                 code: dict[str, Any] | None = None, vm_type: int = 0) -> None:
+                 code: dict[str, Any] | None = None, vm_type: int = 0,
+                 dirty_ring: tuple[int, bool] = (0, False)) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, not {path!r}")
-        super().__init__(reserved_gpas, reserved_slots, timeout, kvm)
+        super().__init__(reserved_gpas, reserved_slots, timeout, kvm, dirty_ring)
         self.path = path
         self.vcpus: list[_Vcpu] = []
         self._entries: dict[str, int] = {}
@@ -119,6 +120,7 @@ class RealVm(HarnessVm):
     def _setup(self, kvm: Kvm) -> None:
         require_vm_type(kvm, self.vm_type)
         self._vm = self.vm = kvm.create_vm(self.vm_type)
+        self._enable_requested_ring()
         for ioctl in ("KVM_SET_USER_MEMORY_REGION", "KVM_SET_CPUID2"):
             self.vm.require(ioctl)
         self._phys_bits = kvm.phys_bits()

@@ -190,6 +190,9 @@ class _Checker(_ValueChecker):
             cpu_features=values.get("cpu_features", ()),
             vm_type=values.get("vm_type", "default"),
             source=self.filename,
+            dirty_ring=values.get("dirty_ring", 0),
+            dirty_ring_with_bitmap=values.get("dirty_ring_with_bitmap", False),
+            dirty_ring_line=_line(top["dirty_ring"][1]) if "dirty_ring" in top else 0,
         )
 
     def check_version(self, root: MappingNode, top: dict[str, tuple[ScalarNode, Node]]) -> None:
@@ -656,7 +659,8 @@ class _Checker(_ValueChecker):
                                    f"{value:#x} does not fit in the {size} {unit} read")
         if "dirty" in out and "dirty" not in STEP_TYPES[op].reports:
             raise self.err(nodes["dirty"], _join(path, "dirty"),
-                           f"{op} reports no dirty list (only {_reporters('dirty')} does)")
+                           f"{op} reports no dirty list (only {_reporters('dirty')} "
+                           f"{'do' if ' and ' in _reporters('dirty') else 'does'})")
 
     def errno_name(self, node: Node, path: str) -> str:
         text = self.string(node, path)

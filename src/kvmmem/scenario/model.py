@@ -29,7 +29,11 @@ what the contract says):
 * ``clear_dirty_log: {slot, first_page, num_pages}`` - a step issuing
   KVM_CLEAR_DIRTY_LOG (``first_page`` defaults to 0).
 * ``enable_cap: {cap, args, flags}`` - KVM_ENABLE_CAP on the VM; ``cap`` names one of
-  :data:`VM_CAPS` (``manual_dirty_log_protect2``).
+  :data:`VM_CAPS` (``manual_dirty_log_protect2``, the dirty ring's three).
+* ``dirty_ring`` (top level, bytes) and ``dirty_ring_with_bitmap`` - the VM's dirty
+  ring, enabled before any vCPU (kernel-semantics.md §7.2); ``harvest_dirty_ring:
+  {vcpu}`` reads a vCPU's ring (``dirty``: gfns in ring order) and
+  ``reset_dirty_rings`` is KVM_RESET_DIRTY_RINGS (``reset``: the entries reset).
 * ``ipa_bits`` (top level, 32..52) - the guest physical address size asked for
   at VM creation (arm64 ``KVM_VM_TYPE_ARM_IPA_SIZE``); ``None`` means the
   architecture's default.
@@ -75,9 +79,11 @@ MAPPING_KINDS = (
 )
 GMEM_FLAGS: dict[str, int] = {"mmap": 1 << 0, "init_shared": 1 << 1}
 """``KVM_CREATE_GUEST_MEMFD`` flags by name (GUEST_MEMFD_FLAG_MMAP, _INIT_SHARED, v6.18)."""
-VM_CAPS: dict[str, int] = {"manual_dirty_log_protect2": 168}
+VM_CAPS: dict[str, int] = {"manual_dirty_log_protect2": 168, "dirty_log_ring": 192,
+                           "dirty_log_ring_acq_rel": 223,
+                           "dirty_log_ring_with_bitmap": 225}
 """``enable_cap`` capabilities by name -> their ``KVM_CAP_*`` number
-(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
+(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING, _ACQ_REL, _WITH_BITMAP)."""
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 ENABLE_CAP_ARGS = 4
@@ -99,7 +105,7 @@ MEMSLOT_FLAGS: dict[str, int] = {
 
 RESULTS = ("ok", "mmio", "fault", "error", "signal", "abort", "exit")
 RESULT_KEYS: dict[str, tuple[str, ...]] = {
-    "ok": ("value", "dirty", "remaining", "faults"),
+    "ok": ("value", "dirty", "remaining", "faults", "reset"),
     "mmio": ("gpa", "len", "is_write", "data", "value", "faults"),
     "fault": ("gpa", "size", "flags", "faults"),
     "error": ("errno", "faults"),
@@ -125,6 +131,7 @@ EXPECT_KEYS = (
     "exit_reason",
     "suberror",
     "faults",
+    "reset",
 )
 
 
@@ -487,10 +494,30 @@ class EnableCap(Step):
         return (a[0], a[1], a[2], a[3])
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HarvestDirtyRing(Step):
+    """``harvest_dirty_ring`` (extension): the VMM reads ``vcpu``'s dirty ring from its
+    fetch index, collecting the entries flagged KVM_DIRTY_GFN_F_DIRTY and flagging each
+    KVM_DIRTY_GFN_F_RESET; ``dirty`` is their absolute gfns in ring order."""
+
+    op: ClassVar[str] = "harvest_dirty_ring"
+    reports: ClassVar[tuple[str, ...]] = ("dirty",)
+    vcpu: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResetDirtyRings(Step):
+    """``reset_dirty_rings`` (extension): KVM_RESET_DIRTY_RINGS; ``reset`` is its return
+    value, the entries reset (their pages are write-protected again)."""
+
+    op: ClassVar[str] = "reset_dirty_rings"
+    reports: ClassVar[tuple[str, ...]] = ("reset",)
+
+
 AnyStep: TypeAlias = (GuestRead | GuestWrite | GuestExec | HostRead | HostWrite | HostMmap
                       | HostMunmap | HostMprotect | HostMadvise | SetMemslot | Prefault
                       | GetDirtyLog | ClearDirtyLog | PunchHole | SetMemoryAttributes
-                      | EnableCap)
+                      | EnableCap | HarvestDirtyRing | ResetDirtyRings)
 """Every step kind, in the order SCENARIOS.md lists them: what a driver's ``match`` covers."""
 
 GuestAccess: TypeAlias = GuestRead | GuestWrite | GuestExec
@@ -542,6 +569,9 @@ class Scenario:
     vm_type: str = "default"
     source: str = "<string>"
     variant_given: bool = False
+    dirty_ring: int = 0
+    dirty_ring_with_bitmap: bool = False
+    dirty_ring_line: int = 0
 
     @property
     def is_concurrent(self) -> bool:

@@ -26,6 +26,7 @@ from kvmmem.host import HostSignal, Mm
 from kvmmem.host.file import File
 from kvmmem.host.truncate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, vfs_fallocate_op
 from kvmmem.kvm.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log, kvm_vm_ioctl_enable_cap
+from kvmmem.kvm.dirty_ring import kvm_dirty_ring_harvest, kvm_vm_ioctl_reset_dirty_pages
 from kvmmem.kvm.guest_memfd import GmemFile
 from kvmmem.kvm.invariants import validate_coherence, validate_path_independence, validate_vm
 from kvmmem.kvm.prefault import PrefaultHang, kvm_vcpu_pre_fault_memory_op
@@ -40,6 +41,7 @@ from kvmmem.scenario.model import (
     GuestExec,
     GuestRead,
     GuestWrite,
+    HarvestDirtyRing,
     HostMadvise,
     HostMmap,
     HostMprotect,
@@ -49,6 +51,7 @@ from kvmmem.scenario.model import (
     Mapping,
     Prefault,
     PunchHole,
+    ResetDirtyRings,
     Scenario,
     SetMemoryAttributes,
     SetMemslot,
@@ -127,9 +130,19 @@ class Runner:
         self.arch = arch
         self.variant = variant or scenario.variant
         self.mm = Mm()
-        self.vm = Vm(arch, variant=self.variant, mm=self.mm, vcpus=scenario.vcpus,
-                     granule=scenario.granule, ipa_bits=scenario.ipa_bits,
-                     cpu_features=scenario.cpu_features, vm_type=scenario.vm_type)
+        try:
+            self.vm = Vm(arch, variant=self.variant, mm=self.mm, vcpus=scenario.vcpus,
+                         granule=scenario.granule, ipa_bits=scenario.ipa_bits,
+                         cpu_features=scenario.cpu_features, vm_type=scenario.vm_type,
+                         dirty_ring=scenario.dirty_ring,
+                         dirty_ring_with_bitmap=scenario.dirty_ring_with_bitmap)
+        except KernelError as err:
+            # The ring's KVM_ENABLE_CAP is part of the VM's setup, as a guest_memfd
+            # memory entry's creation is (make_memory): a refusal is the file's problem.
+            raise InputError(f"{scenario.source}:{scenario.dirty_ring_line}: dirty_ring: "
+                             f"KVM_ENABLE_CAP of the dirty ring ({scenario.dirty_ring} bytes"
+                             f"{', with bitmap' if scenario.dirty_ring_with_bitmap else ''}) "
+                             f"failed with {err.errno} ({err.reason})") from None
         self.check = check
         self.keep_going = keep_going
         """After the first invariant violation, run the remaining steps unchecked (as the
@@ -282,6 +295,15 @@ class Runner:
                                             punch.offset, punch.size)
             case EnableCap() as enable:
                 kvm_vm_ioctl_enable_cap(vm, enable.cap_number, enable.flags, enable.cap_args)
+            case HarvestDirtyRing() as harvest:
+                if not vm.dirty_ring_size:
+                    raise InputError(f"{self.scenario.source}:{harvest.line}: "
+                                     "harvest_dirty_ring needs a VM with a dirty ring (the "
+                                     "top-level dirty_ring)")
+                ring = vm.vcpus[harvest.vcpu].dirty_ring
+                return {"result": "ok", "dirty": kvm_dirty_ring_harvest(vm, ring)}
+            case ResetDirtyRings():
+                return {"result": "ok", "reset": kvm_vm_ioctl_reset_dirty_pages(vm)}
             case unknown:
                 assert_never(unknown)
         return {"result": "ok"}

@@ -144,6 +144,13 @@ TOP_KEYS: tuple[Key, ...] = (
         "compare, conform); give steps or threads"),
     Key("threads", "threads", "a concurrent scenario: named lists of steps run side by "
         "side (kvmmem explore); give steps or threads"),
+    Key("dirty_ring", "size", "bytes of each vCPU's dirty ring: KVM_ENABLE_CAP of "
+        "KVM_CAP_DIRTY_LOG_RING_ACQ_REL (where offered, else KVM_CAP_DIRTY_LOG_RING) right "
+        "after KVM_CREATE_VM, before any vCPU; a size the kernel refuses makes the "
+        "scenario not applicable (naming the errno); absent: no ring", default="0 (none)"),
+    Key("dirty_ring_with_bitmap", "bool", "with dirty_ring, enable "
+        "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP too (arm64): logged slots keep a bitmap for "
+        "writes without a running vCPU, and KVM_GET_DIRTY_LOG works", default="false"),
 )
 
 # --- host mappings ------------------------------------------------------------------------
@@ -265,11 +272,20 @@ STEP_KINDS: tuple[StepKind, ...] = (
     StepKind("enable_cap", "KVM_ENABLE_CAP on the VM: turn a capability on (extension)", (
         _choice("cap", tuple(VM_CAPS), "a capability", "the capability: "
                 "manual_dirty_log_protect2 (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; args[0]: "
-                "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE 1 | KVM_DIRTY_LOG_INITIALLY_SET 2)",
+                "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE 1 | KVM_DIRTY_LOG_INITIALLY_SET 2), "
+                "dirty_log_ring / dirty_log_ring_acq_rel (KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]; "
+                "args[0]: the ring's size in bytes), dirty_log_ring_with_bitmap "
+                "(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, arm64)",
                 required=True),
         Key("args", "cap_args", "struct kvm_enable_cap's args; missing ones are 0",
             default="[]"),
         Key("flags", "u32", "struct kvm_enable_cap's flags (must be 0)", default="0"))),
+    StepKind("harvest_dirty_ring", "the VMM reads the vCPU's dirty ring from its fetch "
+             "index: the entries flagged dirty, each then flagged reset; reports their gfns "
+             "in ring order (extension; needs dirty_ring)", (
+                 Key("vcpu", "vcpu", "the vCPU whose ring is read", default="0"),)),
+    StepKind("reset_dirty_rings", "KVM_RESET_DIRTY_RINGS: the harvested entries are reset "
+             "and their pages write-protected again; reports how many (extension)", ()),
 )
 """Every step kind, in the order the documentation lists them."""
 
@@ -297,6 +313,7 @@ EXPECT_KEYS: tuple[Key, ...] = (
     Key("suberror", "u64", "exit: the internal error's suberror"),
     Key("faults", "u64", "a guest access with count_faults: the stage-2 faults KVM took "
         "for it (real kernels report it on arm64: kvm_guest_fault events)"),
+    Key("reset", "u64", "reset_dirty_rings: the entries reset (the ioctl's return value)"),
 )
 """The keys ``expect`` takes: every outcome key (RESULT_KEYS says which result has which)."""
 
