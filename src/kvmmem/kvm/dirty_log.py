@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.types import PAGE_SHIFT
+from kvmmem.kvm import dirty_ring as ring
+from kvmmem.kvm.dirty_ring import kvm_arch_mmu_enable_log_dirty_pt_masked
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm
@@ -65,7 +66,6 @@ def kvm_vm_ioctl_enable_cap(vm: Kvm, cap: int, flags: int, args: tuple[int, ...]
     Raises KernelError EINVAL (``flags`` not 0 or an option not allowed: one test, so
     neither comes first; an unknown capability)."""
     call = "KVM_ENABLE_CAP"
-    from kvmmem.kvm import dirty_ring as ring
     if cap in (ring.KVM_CAP_DIRTY_LOG_RING, ring.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
         ring.kvm_vm_ioctl_enable_dirty_log_ring(vm, cap, args[0] if args else 0)
         return
@@ -94,19 +94,7 @@ def _logged_slot(vm: Kvm, slot: int, call: str) -> MemorySlot:
     return memslot
 
 
-def reprotect_offsets(vm: Kvm, memslot: MemorySlot, offsets: list[int],
-                      flush: bool = True) -> None:
-    """``kvm_arch_mmu_enable_log_dirty_pt_masked`` for the slot's pages ``offsets``:
-    write-protect them so the next write faults and is logged; with ``flush`` the
-    caller's TLB flush follows (the dirty ring's reset flushes once, at its end)."""
-    need = False
-    for off in offsets:
-        need |= vm.stage2.wrprotect_range((memslot.base_gfn + off) << PAGE_SHIFT, 1 << PAGE_SHIFT)
-    if flush and (need or offsets):
-        vm.flush_remote_tlbs(zap=False)
-
-
-_reprotect = reprotect_offsets
+_reprotect = kvm_arch_mmu_enable_log_dirty_pt_masked
 
 
 def kvm_use_dirty_bitmap(vm: Kvm, call: str) -> None:

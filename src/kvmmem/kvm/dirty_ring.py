@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.types import PAGE_SIZE
+from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm
@@ -93,6 +93,10 @@ class DirtyRing:
     def used(self) -> int:
         """``kvm_dirty_ring_used``."""
         return self.dirty_index - self.reset_index
+
+    def push(self, slot: int, offset: int) -> None:
+        """:func:`kvm_dirty_ring_push` (what ``mark_page_dirty_in_slot`` calls)."""
+        kvm_dirty_ring_push(self, slot, offset)
 
 
 def dirty_ring_caps(vm: Kvm) -> dict[int, int]:
@@ -199,28 +203,34 @@ def kvm_dirty_ring_check_request(ring: DirtyRing | None) -> bool:
     return False
 
 
-def mark_page_dirty_ring(vm: Kvm, ring: DirtyRing | None, slot: MemorySlot, gfn: int) -> bool:
-    """``mark_page_dirty_in_slot``'s ring branch: True when it pushed (the VM has a
-    ring and a vCPU runs), so the bitmap is left alone."""
-    if ring is None or not vm.dirty_ring_size:
-        return False
-    kvm_dirty_ring_push(ring, slot.as_id << 16 | slot.id, gfn - slot.base_gfn)
-    return True
+def kvm_arch_mmu_enable_log_dirty_pt_masked(vm: Kvm, memslot: MemorySlot, offsets: list[int],
+                                            flush: bool = True) -> None:
+    """``kvm_arch_mmu_enable_log_dirty_pt_masked`` for the slot's pages ``offsets``:
+    write-protect them so the next write faults and is logged; with ``flush`` the
+    caller's TLB flush follows (the dirty ring's reset flushes once, at its end).  Shared
+    with KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG (kvm/dirty_log.py)."""
+    need = False
+    for off in offsets:
+        need |= vm.stage2.wrprotect_range((memslot.base_gfn + off) << PAGE_SHIFT, 1 << PAGE_SHIFT)
+    if flush and (need or offsets):
+        vm.flush_remote_tlbs(zap=False)
+
+
+def _rings(vm: Kvm) -> list[DirtyRing]:
+    return [ring for vcpu in vm.vcpus if isinstance(ring := vcpu.dirty_ring, DirtyRing)]
 
 
 def kvm_reset_dirty_gfn(vm: Kvm, slot: int, offset: int, mask: int) -> None:
     """``kvm_reset_dirty_gfn``: write-protect the pages ``offset + bit`` of ``mask``
     in the slot again (``kvm_arch_mmu_enable_log_dirty_pt_masked``)."""
-    from kvmmem.kvm.dirty_log import reprotect_offsets
-
     as_id, sid = slot >> 16, slot & 0xFFFF
     if as_id >= vm.arch.nr_address_spaces or sid >= vm.memslots.limits.user_mem_slots:
         return
     memslot = vm.memslots.id_to_memslot(sid, as_id)
     if memslot is None or not mask or offset + mask.bit_length() - 1 >= memslot.npages:
         return
-    reprotect_offsets(vm, memslot, [offset + b for b in range(BITS_PER_LONG) if mask >> b & 1],
-                      flush=False)
+    kvm_arch_mmu_enable_log_dirty_pt_masked(
+        vm, memslot, [offset + b for b in range(BITS_PER_LONG) if mask >> b & 1], flush=False)
 
 
 def kvm_dirty_ring_reset(vm: Kvm, ring: DirtyRing) -> int:
@@ -265,9 +275,8 @@ def kvm_vm_ioctl_reset_dirty_pages(vm: Kvm) -> int:
     if not vm.dirty_ring_size:
         raise KernelError("EINVAL", "KVM_RESET_DIRTY_RINGS", "the VM has no dirty ring")
     cleared = 0
-    for vcpu in vm.vcpus:
-        if vcpu.dirty_ring is not None:
-            cleared += kvm_dirty_ring_reset(vm, vcpu.dirty_ring)
+    for ring in _rings(vm):
+        cleared += kvm_dirty_ring_reset(vm, ring)
     if cleared:
         vm.flush_remote_tlbs(zap=False)
     return cleared
@@ -300,15 +309,24 @@ def ring_pushed(vm: Kvm, slot: MemorySlot, gfn: int) -> bool:
     """Whether some vCPU's ring holds ``gfn`` of ``slot`` pushed and not yet reset
     (the dirty-log completeness invariant in ring mode)."""
     key = (slot.as_id << 16 | slot.id, gfn - slot.base_gfn)
-    return any(vcpu.dirty_ring is not None and key in vcpu.dirty_ring.pushed
-               for vcpu in vm.vcpus)
+    return any(key in ring.pushed for ring in _rings(vm))
 
 
 __all__ = [
-    "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
-    "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP", "DirtyGfn", "DirtyRing",
-    "dirty_ring_caps", "kvm_dirty_ring_alloc", "kvm_dirty_ring_check_request",
-    "kvm_dirty_ring_harvest", "kvm_dirty_ring_push", "kvm_dirty_ring_reset",
-    "kvm_vm_ioctl_enable_dirty_log_ring", "kvm_vm_ioctl_enable_dirty_log_ring_with_bitmap",
-    "kvm_vm_ioctl_reset_dirty_pages", "mark_page_dirty_ring", "ring_pushed",
+    "KVM_CAP_DIRTY_LOG_RING",
+    "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+    "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+    "DirtyGfn",
+    "DirtyRing",
+    "dirty_ring_caps",
+    "kvm_arch_mmu_enable_log_dirty_pt_masked",
+    "kvm_dirty_ring_alloc",
+    "kvm_dirty_ring_check_request",
+    "kvm_dirty_ring_harvest",
+    "kvm_dirty_ring_push",
+    "kvm_dirty_ring_reset",
+    "kvm_vm_ioctl_enable_dirty_log_ring",
+    "kvm_vm_ioctl_enable_dirty_log_ring_with_bitmap",
+    "kvm_vm_ioctl_reset_dirty_pages",
+    "ring_pushed",
 ]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 from sortedcontainers import SortedDict
 
 from kvmmem.errors import KernelError
+from kvmmem.kvm.memory_slot import DirtyRingPush
 from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.sync import Op
 from kvmmem.types import PAGE_SHIFT
@@ -41,7 +42,6 @@ from kvmmem.variants import Variant
 if TYPE_CHECKING:
     from kvmmem.arch.pgtable import Stage2, Translation
     from kvmmem.host import Mm
-    from kvmmem.kvm.dirty_ring import DirtyRing
     from kvmmem.kvm.fault import Access, AccessResult, FaultResult
     from kvmmem.kvm.memslot import MemorySlot, VmMemslots
     from kvmmem.kvm.stats import EventLog, Stats
@@ -134,7 +134,7 @@ class KvmVcpu(Protocol):
         ...
 
     @property
-    def dirty_ring(self) -> DirtyRing | None:
+    def dirty_ring(self) -> DirtyRingPush | None:
         """``vcpu->dirty_ring`` (kvm/dirty_ring.py), None without a ring."""
         ...
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -21,19 +21,29 @@ import numpy.typing as npt
 from kvmmem.errors import InputError
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva
 
-if TYPE_CHECKING:
-    from kvmmem.kvm.dirty_ring import DirtyRing
-    from kvmmem.kvm.kvm_host import Kvm
+
+class DirtyRingPush(Protocol):
+    """A vCPU's dirty ring as ``mark_page_dirty_in_slot`` sees it
+    (:class:`kvmmem.kvm.dirty_ring.DirtyRing`)."""
+
+    def push(self, slot: int, offset: int) -> None:
+        """``kvm_dirty_ring_push``."""
+        ...
+
+
+class _RingVm(Protocol):
+    @property
+    def dirty_ring_size(self) -> int: ...
 
 
 class RunningVcpu(Protocol):
     """What ``mark_page_dirty_in_slot`` needs of the running vCPU."""
 
     @property
-    def vm(self) -> Kvm: ...
+    def vm(self) -> _RingVm: ...
 
     @property
-    def dirty_ring(self) -> DirtyRing | None: ...
+    def dirty_ring(self) -> DirtyRingPush | None: ...
 
 CALL = "KVM_SET_USER_MEMORY_REGION"
 
@@ -346,10 +356,9 @@ def mark_page_dirty_in_slot(slot: MemorySlot | None, gfn: int,
     ring, kvm/dirty_ring.py), else set its bit when the slot has a bitmap."""
     if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         return
-    if vcpu is not None and vcpu.vm.dirty_ring_size:
-        from kvmmem.kvm.dirty_ring import mark_page_dirty_ring
-        if mark_page_dirty_ring(vcpu.vm, vcpu.dirty_ring, slot, gfn):
-            return
+    if vcpu is not None and vcpu.vm.dirty_ring_size and vcpu.dirty_ring is not None:
+        vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, gfn - slot.base_gfn)
+        return
     if slot.dirty_bitmap is not None:
         slot.dirty_bitmap[gfn - slot.base_gfn] = True
 
