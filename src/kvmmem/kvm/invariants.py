@@ -155,14 +155,12 @@ def validate_permission_containment(vm: Vm) -> None:
                                   "(copy-on-write or read-only page)")
         logging = memslot_is_logging(slot)
         if vm.dirty_ring_size and source == "stage-2":
-            # Ring mode: the leaf must have been pushed into some vCPU's ring since its
-            # last reset (a reset write-protects it again), or set in the bitmap (arm64
-            # WITH_BITMAP, writes without a running vCPU).  Where the arch marks every
-            # writable mapping (x86 make_spte, riscv kvm_riscv_mmu_map) the LOG_DIRTY
-            # flag decides; arm64 marks only under memslot_is_logging (a bitmap: a
-            # ring-only arm64 VM maps read faults writable unmarked, as the kernel does).
-            if vm.arch_name in ("x86", "riscv"):
-                logging = bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES) and not slot.readonly
+            # Ring mode: a writable leaf of a LOG_DIRTY slot must have been pushed into
+            # some vCPU's ring since its last reset (a reset write-protects it again),
+            # or set in the bitmap (arm64 WITH_BITMAP, writes without a running vCPU).
+            # On every arch: arm64 ring-only VMs break it, as the kernel does
+            # (docs/findings.md#finding-13).
+            logging = bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES) and not slot.readonly
             if logging and not ring_pushed(vm, slot, gfn) and not (
                     slot.dirty_bitmap is not None and slot.dirty_bitmap[gfn - slot.base_gfn]):
                 raise ValidationError("dirty-log-completeness",
