@@ -676,16 +676,3 @@ class _Checker(_ValueChecker):
                                        "(like SIGSEGV, SIGBUS)")
         return text
 
-    def gfn_list(self, node: Node, path: str) -> list[int]:
-        if not isinstance(node, SequenceNode):
-            raise self.err(node, path, f"expected a list of gfns, got {_show(node)}")
-        out: list[int] = []
-        bad = False
-        for i, item in enumerate(node.value):
-            try:
-                out.append(self.u64(item, f"{path}[{i}]"))
-            except _Bad:
-                bad = True
-        if bad:
-            raise _Bad()
-        return out

@@ -337,6 +337,15 @@ class _ValueChecker:
         if len(node.value) > ENABLE_CAP_ARGS:
             raise self.err(node, path, f"struct kvm_enable_cap has {ENABLE_CAP_ARGS} args, "
                                        f"got {len(node.value)}")
+        return tuple(self.u64_items(node, path))
+
+    def gfn_list(self, node: Node, path: str) -> list[int]:
+        if not isinstance(node, SequenceNode):
+            raise self.err(node, path, f"expected a list of gfns, got {_show(node)}")
+        return self.u64_items(node, path)
+
+    def u64_items(self, node: SequenceNode, path: str) -> list[int]:
+        """Every item of a list as a u64, each mistake recorded (then _Bad)."""
         out: list[int] = []
         bad = False
         for i, item in enumerate(node.value):
@@ -346,7 +355,7 @@ class _ValueChecker:
                 bad = True
         if bad:
             raise _Bad()
-        return tuple(out)
+        return out
 
     def gmem_flags(self, node: Node, path: str) -> tuple[str, ...]:
         return self.word_list(node, path, tuple(GMEM_FLAGS), "guest_memfd flag",
