@@ -173,7 +173,8 @@ def kvm_gmem_invalidate_begin_op(kvm: Kvm, ranges: list[tuple[MemorySlot, int, i
                                  ) -> Op[None]:
     """``__kvm_gmem_invalidate_begin``: under ``mmu_lock``, raise the in-progress count
     (``kvm_mmu_invalidate_begin``), record each gfn range and unmap it
-    (``kvm_mmu_unmap_gfn_range``), flush."""
+    (``kvm_mmu_unmap_gfn_range``), flush.  A memory-attribute conversion's first half
+    does the same (kvmmem.kvm.memory_attributes)."""
     yield acquire("mmu_lock")
     kvm_mmu_invalidate_begin(kvm)
     flush = False
@@ -181,8 +182,6 @@ def kvm_gmem_invalidate_begin_op(kvm: Kvm, ranges: list[tuple[MemorySlot, int, i
         flush |= kvm_mmu_unmap_gfn_range(kvm, slot, start, end)
     if flush:
         kvm.flush_remote_tlbs()
-    if kvm.log is not None:
-        kvm.log.emit("kvm_gmem_invalidate", ranges=[(s, e) for _, s, e in ranges])
     yield release("mmu_lock")
 
 

@@ -25,12 +25,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
+from kvmmem.kvm.guest_memfd import kvm_gmem_invalidate_begin_op
 from kvmmem.kvm.kvm_host import KVM_MEMORY_ATTRIBUTE_PRIVATE, MemAttrArray, kvm_mem_is_private
-from kvmmem.kvm.mmu_notifier import (
-    kvm_mmu_invalidate_begin,
-    kvm_mmu_invalidate_end,
-    kvm_mmu_unmap_gfn_range,
-)
+from kvmmem.kvm.mmu_notifier import kvm_mmu_invalidate_end
 from kvmmem.sync import Op, acquire, release
 from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
@@ -88,17 +85,11 @@ def kvm_vm_set_mem_attributes_op(kvm: Kvm, start: int, end: int, attributes: int
               for slot in kvm.for_each_memslot()
               if slot.base_gfn < end and start < slot.base_gfn + slot.npages]
     if ranges:
-        # kvm_handle_gfn_range(pre_set_range): on_lock = kvm_mmu_invalidate_begin
-        yield acquire("mmu_lock")
-        kvm_mmu_invalidate_begin(kvm)
-        flush = False
-        for slot, s, e in ranges:
-            # kvm_pre_set_memory_attributes -> kvm_arch_pre_set_memory_attributes (x86:
-            # kvm_unmap_gfn_range, private and shared alike without mirrored TDP)
-            flush |= kvm_mmu_unmap_gfn_range(kvm, slot, s, e)
-        if flush:
-            kvm.flush_remote_tlbs()
-        yield release("mmu_lock")
+        # kvm_handle_gfn_range(pre_set_range): on_lock = kvm_mmu_invalidate_begin, the
+        # handler kvm_pre_set_memory_attributes -> kvm_arch_pre_set_memory_attributes
+        # (x86: kvm_unmap_gfn_range, private and shared alike without mirrored TDP) - the
+        # same locked begin-and-unmap as the guest_memfd invalidation
+        yield from kvm_gmem_invalidate_begin_op(kvm, ranges)
     arr.set(start, end, attributes)
     if kvm.log is not None:
         kvm.log.emit("kvm_vm_set_mem_attributes", start=start, end=end, attrs=attributes)
