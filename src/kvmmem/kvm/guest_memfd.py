@@ -20,19 +20,20 @@ the guest_memfd's own invalidation (``kvm_gmem_invalidate_begin``/``_end``, unde
 notifier; the host mappings of the file are zapped by the truncation.
 
 Which releases have it (kvmmem.variants): x86 from v6.8 (a default VM can create
-a file but bind it only since v6.18: before, ``KVM_MEM_GUEST_MEMFD`` needed a VM
-with private memory, which the model does not have yet), arm64 from v6.18,
+a file but bind it only since v6.18: before, ``KVM_MEM_GUEST_MEMFD`` needs a VM
+with private memory, a ``sw_protected`` one), arm64 from v6.18,
 riscv never up to 7.3.  The creation flags MMAP and INIT_SHARED are v6.18.
 
-Not modelled yet: private memory (``KVM_SET_MEMORY_ATTRIBUTES``,
-``KVM_X86_SW_PROTECTED_VM``) and ``KVM_EXIT_MEMORY_FAULT`` for a private/shared
-mismatch; huge folios (every release modelled maps guest_memfd pages at 4K,
-``*max_order = 0``); hwpoison; closing the file while slots are bound; binding a
+Private gfns (``KVM_SET_MEMORY_ATTRIBUTES`` on an x86 ``KVM_X86_SW_PROTECTED_VM``)
+are served from the file too: :mod:`kvmmem.kvm.memory_attributes` and x86's fault
+path.  Not modelled: huge folios (every release modelled maps guest_memfd pages at
+4K, ``*max_order = 0``); hwpoison; closing the file while slots are bound; binding a
 file of another VM (one VM per scenario).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 from kvmmem.errors import KernelError
@@ -80,7 +81,6 @@ class GmemFile:
     def __deepcopy__(self, memo: dict[int, Any]) -> GmemFile:
         """A copy of the file for another process image (path independence): the same
         pages, bound to no VM and no slot (the copy's owner adopts it)."""
-        import copy
         clone = GmemFile.__new__(GmemFile)
         memo[id(self)] = clone
         clone.kvm = None
