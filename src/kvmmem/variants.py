@@ -407,6 +407,9 @@ class Variant:
     gmem_invalidate: bool = True
     """A guest_memfd hole punch invalidates KVM's mappings of the range
     (``kvm_gmem_invalidate_begin``/``_end``)."""
+    ring_reset_reprotects: bool = True
+    """KVM_RESET_DIRTY_RINGS write-protects the reset pages again
+    (``kvm_reset_dirty_gfn`` -> ``kvm_arch_mmu_enable_log_dirty_pt_masked``)."""
 
     @property
     def is_mutation(self) -> bool:
@@ -442,6 +445,8 @@ MUTATION_FIELDS: dict[str, tuple[str, dict[str, bool]]] = {
                      {"zap_flushes_tlb": False}),
     "no-gmem-invalidate": ("mutation: a guest_memfd hole punch leaves KVM's mappings of the "
                            "range alone", {"gmem_invalidate": False}),
+    "no-ring-reprotect": ("mutation: KVM_RESET_DIRTY_RINGS leaves the reset pages writable",
+                          {"ring_reset_reprotects": False}),
 }
 MUTATIONS = tuple(MUTATION_FIELDS)
 

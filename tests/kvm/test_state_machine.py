@@ -803,10 +803,11 @@ def known_sequence(mutation: str, arch: str) -> list[AnyOp]:
     return ops
 
 
-HOST_MUTATIONS = tuple(m for m in MUTATIONS if m != "no-gmem-invalidate")
-"""The mutations this machine's operations can reach: it makes no guest_memfd, so
-no-gmem-invalidate is shown by race-gmem-punch-vs-fault and
-tests/kvm/test_guest_memfd.py instead."""
+HOST_MUTATIONS = tuple(m for m in MUTATIONS if m not in ("no-gmem-invalidate",
+                                                         "no-ring-reprotect"))
+"""The mutations this machine's operations can reach: it makes no guest_memfd and no
+dirty ring, so no-gmem-invalidate and no-ring-reprotect are shown by their races
+(race-gmem-punch-vs-fault, race-dirty-ring-reset-vs-write) instead."""
 
 
 @pytest.mark.parametrize("arch", ARCHES)

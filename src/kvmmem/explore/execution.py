@@ -466,7 +466,7 @@ def _close_windows(vm: Any, w: Windows) -> Any:
     already say what its PTEs will only say after the invalidation; the
     entries are checked again once it drops mmap_lock); every page of a slot
     whose logging is being switched, and of a guest write between install and
-    mark_page_dirty, marked dirty."""
+    mark_page_dirty, marked dirty (in the bitmap, or in ring mode as pushed)."""
     clone = copy.deepcopy(vm)
 
     def drop(start: int, end: int) -> None:
@@ -482,11 +482,16 @@ def _close_windows(vm: Any, w: Windows) -> Any:
         if hva_end > hva_start:
             for _slot, start, end in clone.gfn_ranges_for_hva(hva_start, hva_end):
                 drop(start, end)
+    ring = clone.vcpus[0].dirty_ring if clone.dirty_ring_size else None
     for start, end in w.logging + w.dirty:
         for gfn in range(start, end):
             slot = clone.memslots.gfn_to_memslot(gfn)
-            if slot is not None and slot.dirty_bitmap is not None:
+            if slot is None:
+                continue
+            if slot.dirty_bitmap is not None:
                 slot.dirty_bitmap[gfn - slot.base_gfn] = True
+            elif ring is not None:  # ring mode: as if pushed (kvm_dirty_ring_push)
+                ring.pushed[(slot.as_id << 16 | slot.id, gfn - slot.base_gfn)] = 1
     return clone
 
 

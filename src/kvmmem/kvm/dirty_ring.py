@@ -229,6 +229,8 @@ def kvm_reset_dirty_gfn(vm: Kvm, slot: int, offset: int, mask: int) -> None:
     memslot = vm.memslots.id_to_memslot(sid, as_id)
     if memslot is None or not mask or offset + mask.bit_length() - 1 >= memslot.npages:
         return
+    if not vm.variant.ring_reset_reprotects:
+        return  # the mutation no-ring-reprotect
     kvm_arch_mmu_enable_log_dirty_pt_masked(
         vm, memslot, [offset + b for b in range(BITS_PER_LONG) if mask >> b & 1], flush=False)
 
