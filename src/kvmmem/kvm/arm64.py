@@ -128,6 +128,9 @@ class Arm64Kvm(ArchKvm):
 
     name = "arm64"
     guest_memfd_switch = "arm64_guest_memfd"
+    dirty_log_initially_set_switch = "arm64_dirty_log_initially_set"
+    dirty_ring_switch = "arm64_dirty_ring"
+    dirty_ring_with_bitmap = True
     max_user_slots = 32767
     break_before_make = True
     default_phys_bits = 40

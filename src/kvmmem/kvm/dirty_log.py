@@ -44,12 +44,8 @@ def kvm_dirty_log_manual_caps(vm: Kvm) -> int:
     dirty log gradually in small chunks", c862626, hash seen abbreviated), riscv since
     v6.19 ("KVM: riscv: Support enabling dirty log gradually in small chunks"; real
     riscv 6.12 refuses INITIALLY_SET, 7.2 takes it)."""
-    v = vm.variant
-    init_set = {"x86": v.x86_dirty_log_initially_set,
-                "arm64": v.arm64_dirty_log_initially_set,
-                "riscv": v.riscv_dirty_log_initially_set}[vm.arch.name]
     caps = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
-    if init_set:
+    if vm.arch.switch_on(vm.variant, vm.arch.dirty_log_initially_set_switch):
         caps |= KVM_DIRTY_LOG_INITIALLY_SET
     return caps
 

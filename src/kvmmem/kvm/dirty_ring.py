@@ -104,17 +104,16 @@ def dirty_ring_caps(vm: Kvm) -> dict[int, int]:
     release: the maximum size in bytes for the ring ones, 1 for WITH_BITMAP; absent
     ones are 0."""
     v = vm.variant
-    max_bytes = KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE
-    arch = vm.arch_name
+    arch = vm.arch
     caps: dict[int, int] = {}
-    if arch == "x86" and v.x86_dirty_ring:
+    if not arch.switch_on(v, arch.dirty_ring_switch):
+        return caps
+    max_bytes = KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE
+    if arch.dirty_ring_plain:
         caps[KVM_CAP_DIRTY_LOG_RING] = max_bytes
-        if v.dirty_ring_acq_rel:
-            caps[KVM_CAP_DIRTY_LOG_RING_ACQ_REL] = max_bytes
-    if arch == "riscv" and v.riscv_dirty_ring:
+    if not arch.dirty_ring_plain or v.dirty_ring_acq_rel:
         caps[KVM_CAP_DIRTY_LOG_RING_ACQ_REL] = max_bytes
-    if arch == "arm64" and v.arm64_dirty_ring:
-        caps[KVM_CAP_DIRTY_LOG_RING_ACQ_REL] = max_bytes
+    if arch.dirty_ring_with_bitmap:
         caps[KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP] = 1
     return caps
 

@@ -311,15 +311,34 @@ class ArchKvm:
     guest_memfd_switch = ""
     """The :class:`~kvmmem.variants.Variant` switch saying whether the release's KVM has
     guest_memfd (``CONFIG_KVM_GUEST_MEMFD``) on this architecture ("": never)."""
+    memory_attributes = False
+    """Whether the arch selects ``CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES`` with guest_memfd
+    (x86, v6.8; neither arm64 nor riscv up to 7.3)."""
+    dirty_log_initially_set_switch = ""
+    """The switch saying whether KVM_DIRTY_LOG_INITIALLY_SET is offered (the arch
+    defines ``KVM_DIRTY_LOG_MANUAL_CAPS`` with it; kvmmem.kvm.dirty_log)."""
+    dirty_ring_switch = ""
+    """The switch saying whether the release's KVM has the dirty ring on this arch
+    (kvmmem.kvm.dirty_ring; "": never)."""
+    dirty_ring_plain = False
+    """The ring is offered as KVM_CAP_DIRTY_LOG_RING (x86; its ACQ_REL form from
+    v6.1), not only as KVM_CAP_DIRTY_LOG_RING_ACQ_REL (arm64, riscv)."""
+    dirty_ring_with_bitmap = False
+    """KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is offered with the ring (arm64)."""
+
+    @staticmethod
+    def switch_on(variant: Variant, switch: str) -> bool:
+        """Whether ``variant`` has the named switch on ("": an arch that never has it)."""
+        return bool(switch and getattr(variant, switch))
 
     def has_memory_attributes(self, variant: Variant) -> bool:
-        """Whether KVM_SET_MEMORY_ATTRIBUTES exists (``CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES``:
-        x86 with guest_memfd, v6.8; never arm64 or riscv up to 7.3)."""
-        return self.name == "x86" and self.has_guest_memfd(variant)
+        """Whether KVM_SET_MEMORY_ATTRIBUTES exists (``CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES``
+        comes with guest_memfd where the arch selects it)."""
+        return self.memory_attributes and self.has_guest_memfd(variant)
 
     def has_guest_memfd(self, variant: Variant) -> bool:
         """Whether KVM_CREATE_GUEST_MEMFD exists in ``variant`` for this architecture."""
-        return bool(self.guest_memfd_switch and getattr(variant, self.guest_memfd_switch))
+        return self.switch_on(variant, self.guest_memfd_switch)
 
     def binds_guest_memfd(self, variant: Variant, private_mem: bool = False) -> bool:
         """Whether the VM accepts KVM_MEM_GUEST_MEMFD (``check_memory_region_flags``: with

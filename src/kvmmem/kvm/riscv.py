@@ -79,6 +79,8 @@ class RiscvKvm(ArchKvm):
 
     name = "riscv"
     max_user_slots = 32767
+    dirty_log_initially_set_switch = "riscv_dirty_log_initially_set"
+    dirty_ring_switch = "riscv_dirty_ring"
     has_memory_type = False
     default_phys_bits = 50
 

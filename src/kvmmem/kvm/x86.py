@@ -89,6 +89,10 @@ class X86Kvm(ArchKvm):
     name = "x86"
     unknown_vm_ioctl_errno = "ENOTTY"
     guest_memfd_switch = "x86_guest_memfd"
+    memory_attributes = True
+    dirty_log_initially_set_switch = "x86_dirty_log_initially_set"
+    dirty_ring_switch = "x86_dirty_ring"
+    dirty_ring_plain = True
     emulates_page_crossing = True
     has_emulated_path = True
     retry_checks_gfn = True
