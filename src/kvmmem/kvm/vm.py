@@ -89,8 +89,8 @@ class Vm:
         if vm_type not in VM_TYPES:
             raise InputError(f"vm_type: unknown VM type {vm_type!r} (known: "
                              f"{', '.join(VM_TYPES)})")
-        if vm_type == "sw_protected" and (arch != "x86"
-                                          or not self.variant.x86_guest_memfd):
+        if vm_type == "sw_protected" and not make_arch_kvm(arch).has_memory_attributes(
+                self.variant):
             raise InputError(f"vm_type: sw_protected is x86's KVM_X86_SW_PROTECTED_VM (v6.8); "
                              f"{arch} KVM of {self.variant.name} has no such VM type")
         self.vm_type = vm_type
