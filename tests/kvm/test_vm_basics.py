@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmmem.errors import KernelError
 from kvmmem.host import PROT_NONE, PROT_READ, PROT_WRITE
@@ -424,6 +426,30 @@ def test_clear_dirty_log_clears_and_reprotects_only_the_window(arch: str) -> Non
     assert kvm_get_dirty_log(vm, 0) == [(G >> 12) + 70]
     assert access(vm, G + P, 4, WRITE, 11) == {"result": "ok"}
     assert kvm_get_dirty_log(vm, 0) == [(G >> 12) + 1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(arch=st.sampled_from(ARCHES),
+       dirty=st.sets(st.integers(0, 99), max_size=12),
+       mask=st.sets(st.integers(0, 99), max_size=12),
+       window=st.sampled_from([(0, 64), (64, 36), (0, 100)]))
+def test_clear_dirty_log_user_bitmap(arch: str, dirty: set[int], mask: set[int],
+                                     window: tuple[int, int]) -> None:
+    """``kvm_clear_dirty_log_protect`` with a partial user bitmap: exactly the pages whose
+    user bit is set, that lie in the window and are dirty, lose their bit and are
+    write-protected again; every other dirty page keeps its bit and its writable entry."""
+    first, num = window
+    vm, _ = slot_vm(arch, flags=LOG, size=100 * P)
+    for page in sorted(dirty):
+        assert access(vm, G + page * P, 4, WRITE, page + 1) == {"result": "ok"}
+    pages = [p for p in mask if first <= p < first + num]
+    kvm_clear_dirty_log(vm, 0, first, num, pages)
+    cleared = dirty & set(pages)
+    for page in dirty:
+        leaf = vm.stage2.walk(G + page * P)
+        assert leaf is not None and leaf.perm.write == (page not in cleared), page
+    validate_vm(vm)
+    assert kvm_get_dirty_log(vm, 0) == sorted((G >> 12) + p for p in dirty - cleared)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -18,6 +18,7 @@ pages are protected lazily by CLEAR.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
@@ -122,8 +123,14 @@ def kvm_get_dirty_log(vm: Kvm, slot: int) -> list[int]:
     return [memslot.base_gfn + off for off in offsets]
 
 
-def kvm_clear_dirty_log(vm: Kvm, slot: int, first_page: int, num_pages: int) -> None:
-    """``KVM_CLEAR_DIRTY_LOG`` with every bit of the user bitmap set.
+def kvm_clear_dirty_log(vm: Kvm, slot: int, first_page: int, num_pages: int,
+                        pages: Iterable[int] | None = None) -> None:
+    """``KVM_CLEAR_DIRTY_LOG`` (``kvm_clear_dirty_log_protect``): the user bitmap has a
+    bit for each page of the window ``[first_page, first_page + num_pages)``; ``pages``
+    are the slot pages whose bits are set (``None``: all of them).  Each set bit that is
+    also set in the slot's bitmap is cleared and its page write-protected again
+    (``atomic_long_fetch_andnot`` then ``kvm_arch_mmu_enable_log_dirty_pt_masked``); a
+    set bit for a clean page does nothing, a clear bit leaves its page dirty.
 
     Raises KernelError EINVAL (bad slot, ``first_page`` not a multiple of 64,
     a window outside the slot or a length not a multiple of 64 short of the
@@ -143,7 +150,14 @@ def kvm_clear_dirty_log(vm: Kvm, slot: int, first_page: int, num_pages: int) -> 
         raise KernelError("EINVAL", call, "the window does not fit the slot")
     bitmap = memslot.dirty_bitmap
     assert bitmap is not None
-    window = bitmap[first_page:first_page + num_pages]
-    offsets = [first_page + int(i) for i in window.nonzero()[0]]
-    window[:] = False
+    if pages is None:
+        window = bitmap[first_page:first_page + num_pages]
+        offsets = [first_page + int(i) for i in window.nonzero()[0]]
+        window[:] = False
+    else:
+        # the window's bits only: the kernel reads ceil(num_pages / 64) words, and a
+        # bit past num_pages can only lie past the slot's end (the checks above)
+        offsets = [p for p in sorted(set(pages))
+                   if first_page <= p < first_page + num_pages and bitmap[p]]
+        bitmap[offsets] = False
     _reprotect(vm, memslot, offsets)

@@ -454,9 +454,11 @@ class HarnessVm:
         base = info.gpa >> shift if info is not None else 0
         return {"result": "ok", "dirty": [base + p for p in log.pages]}
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> Outcome:
-        """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``."""
-        err = self.vm.clear_dirty_log(slot, first_page, num_pages)
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        pages: list[int] | None = None) -> Outcome:
+        """``KVM_CLEAR_DIRTY_LOG`` of ``num_pages`` pages from ``first_page``; the user
+        bitmap sets the bits of ``pages`` (slot page numbers), or every bit."""
+        err = self.vm.clear_dirty_log(slot, first_page, num_pages, pages)
         return {"result": "ok"} if err is None else {"result": "error", "errno": err}
 
     def enable_cap(self, cap: int, args: list[int], flags: int = 0) -> Outcome:

@@ -25,7 +25,7 @@ import os
 import platform
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -316,11 +316,19 @@ class VmFd(_Fd):
                  for b in range(64) if word >> b & 1]
         return DirtyLog(None, tuple(pages))
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> str | None:
-        """``KVM_CLEAR_DIRTY_LOG`` of every page in ``[first_page, first_page+num_pages)``:
-        ``None`` or the errno name."""
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        pages: Sequence[int] | None = None) -> str | None:
+        """``KVM_CLEAR_DIRTY_LOG`` of ``[first_page, first_page+num_pages)``; bit ``i`` of
+        the user bitmap is page ``first_page + i``: set for each of ``pages``, or for
+        every page: ``None`` or the errno name."""
         nwords = max(1, (num_pages + 63) // 64)
-        bitmap = (ctypes.c_uint64 * nwords)(*([~0 & (2**64 - 1)] * nwords))
+        if pages is None:
+            bitmap = (ctypes.c_uint64 * nwords)(*([~0 & (2**64 - 1)] * nwords))
+        else:
+            bitmap = (ctypes.c_uint64 * nwords)()
+            for page in pages:
+                bit = page - first_page
+                bitmap[bit >> 6] |= 1 << (bit & 63)
         arg = kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
                                   dirty_bitmap=ctypes.addressof(bitmap))
         return _try(self.fd, "KVM_CLEAR_DIRTY_LOG", ctypes.addressof(arg))

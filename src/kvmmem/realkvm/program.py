@@ -366,7 +366,8 @@ def _step(host: HostMemory, vm: HarnessVm, step: dict[str, Any]) -> Outcome:
     if op == "get_dirty_log":
         return vm.get_dirty_log(step["slot"])
     if op == "clear_dirty_log":
-        return vm.clear_dirty_log(step["slot"], step["first_page"], step["num_pages"])
+        return vm.clear_dirty_log(step["slot"], step["first_page"], step["num_pages"],
+                                  step.get("pages"))
     if op == "punch_hole":
         return host.punch_hole(step["memory"], step.get("offset", 0), step["size"])
     if op == "set_memory_attributes":

@@ -90,6 +90,7 @@ class _Checker(_ValueChecker):
             "cap_args": self.cap_args,
             "bool": self.boolean,
             "errno": self.errno_name, "signal": self.signal_name, "gfns": self.gfn_list,
+            "pages": self.page_list,
         }
         return simple[t]
 
@@ -584,6 +585,16 @@ class _Checker(_ValueChecker):
             names.elsewhere.pop(name, None)
 
     def value_fits(self, op: str, rec: dict[str, tuple[Any, Node]], path: str) -> bool:
+        if op == "clear_dirty_log" and "pages" in rec:
+            first = rec["first_page"][0] if "first_page" in rec else 0
+            end = first + rec["num_pages"][0]
+            pages, pnode = rec["pages"]
+            outside = [p for p in pages if not first <= p < end]
+            if outside:
+                self.err(pnode, _join(path, "pages"),
+                         f"page {outside[0]} is outside the window [{first}, {end}): the user "
+                         "bitmap of KVM_CLEAR_DIRTY_LOG covers the window only")
+                return False
         if "value" in rec:  # a store of ``size`` bytes: guest_write, host_write
             value, vnode = rec["value"]
             size = rec["size"][0]

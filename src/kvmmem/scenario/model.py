@@ -26,8 +26,9 @@ The objects follow the file one to one:
 Extensions beyond SCENARIOS.md (all optional; files without them mean exactly
 what the contract says):
 
-* ``clear_dirty_log: {slot, first_page, num_pages}`` - a step issuing
-  KVM_CLEAR_DIRTY_LOG (``first_page`` defaults to 0).
+* ``clear_dirty_log: {slot, first_page, num_pages, pages}`` - a step issuing
+  KVM_CLEAR_DIRTY_LOG (``first_page`` defaults to 0; ``pages``, the bits set in the
+  user bitmap, to the whole window).
 * ``enable_cap: {cap, args, flags}`` - KVM_ENABLE_CAP on the VM; ``cap`` names one of
   :data:`VM_CAPS` (``manual_dirty_log_protect2``, the dirty ring's three).
 * ``dirty_ring`` (top level, bytes) and ``dirty_ring_with_bitmap`` - the VM's dirty
@@ -457,12 +458,15 @@ class GetDirtyLog(Step):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClearDirtyLog(Step):
-    """``clear_dirty_log`` (extension): KVM_CLEAR_DIRTY_LOG of ``num_pages`` from ``first_page``."""
+    """``clear_dirty_log`` (extension): KVM_CLEAR_DIRTY_LOG of ``num_pages`` from
+    ``first_page``; ``pages``: the slot's pages whose bits the user bitmap sets (``None``:
+    every page of the window)."""
 
     op: ClassVar[str] = "clear_dirty_log"
     slot: int
     first_page: int = 0
     num_pages: int
+    pages: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -285,7 +285,7 @@ class Runner:
             case GetDirtyLog() as get:
                 return {"result": "ok", "dirty": kvm_get_dirty_log(vm, get.slot)}
             case ClearDirtyLog() as clear:
-                kvm_clear_dirty_log(vm, clear.slot, clear.first_page, clear.num_pages)
+                kvm_clear_dirty_log(vm, clear.slot, clear.first_page, clear.num_pages, clear.pages)
             case SetMemoryAttributes() as attrs:
                 yield from vm.set_memory_attributes_op(attrs.gpa, attrs.size,
                                                        attrs.attribute_bits, attrs.flags)

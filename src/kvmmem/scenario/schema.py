@@ -80,6 +80,7 @@ TYPES: dict[str, str] = {
     "errno": "an errno name (EINVAL, EEXIST, EFAULT, ...)",
     "signal": "a signal name (SIGSEGV, SIGBUS, ...)",
     "gfns": "a list of gfns",
+    "pages": "a list of page numbers within a slot",
     "mappings": "a mapping of name -> host mapping",
     "memslots": "a list of memslots",
     "steps": "a list of steps",
@@ -255,7 +256,10 @@ STEP_KINDS: tuple[StepKind, ...] = (
              "(extension)", (
                  Key("slot", "u32", "the slot id", required=True),
                  Key("first_page", "u64", "first page of the slot", default="0"),
-                 Key("num_pages", "u32", "how many pages", required=True))),
+                 Key("num_pages", "u32", "how many pages", required=True),
+                 Key("pages", "pages", "the pages (numbered from the slot's start, as "
+                     "first_page is) whose bits the user bitmap sets; each must lie in "
+                     "the window", default="every page of the window"))),
     StepKind("punch_hole", "fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of size "
              "bytes at offset into the file behind memory (a memfd, file or guest_memfd "
              "mapping) (extension)", (
@@ -388,7 +392,7 @@ def _value_schema(key: Key) -> dict[str, Any]:
         out = {"type": "string", "pattern": "^E[A-Z0-9]+$"}
     elif t == "signal":
         out = {"type": "string", "pattern": "^SIG[A-Z0-9+-]+$"}
-    elif t == "gfns":
+    elif t in ("gfns", "pages"):
         out = {"type": "array", "items": _uint(U64_MAX)}
     elif t == "mappings":
         out = {"type": "object", "additionalProperties": {"$ref": "#/$defs/mapping"}}

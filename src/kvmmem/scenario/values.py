@@ -344,6 +344,12 @@ class _ValueChecker:
             raise self.err(node, path, f"expected a list of gfns, got {_show(node)}")
         return self.u64_items(node, path)
 
+    def page_list(self, node: Node, path: str) -> tuple[int, ...]:
+        """``clear_dirty_log`` ``pages``: distinct page numbers, sorted."""
+        if not isinstance(node, SequenceNode):
+            raise self.err(node, path, f"expected a list of page numbers, got {_show(node)}")
+        return tuple(sorted(set(self.u64_items(node, path))))
+
     def u64_items(self, node: SequenceNode, path: str) -> list[int]:
         """Every item of a list as a u64, each mistake recorded (then _Bad)."""
         out: list[int] = []
