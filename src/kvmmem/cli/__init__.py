@@ -55,10 +55,39 @@ __all__ = [
 ]
 
 
+OPTIONAL_VALUE = {"--explain": "all"}
+"""Options whose value may be left out (``run FILE --explain`` or ``--explain 3,4``),
+with the value they then take.  The command-line parser wants a value for every
+non-flag option, so :func:`optional_values` writes them as ``--explain=VALUE``."""
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """``argv`` with each option of :data:`OPTIONAL_VALUE` joined to its value: the next
+    argument when it is a comma list of numbers, else the option's default value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in OPTIONAL_VALUE:
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            if nxt and all(part.strip().isdigit() for part in nxt.split(",")):
+                out.append(f"{arg}={nxt}")
+                i += 2
+                continue
+            out.append(f"{arg}={OPTIONAL_VALUE[arg]}")
+        elif arg == "--":
+            out.extend(argv[i:])
+            break
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main() -> None:
     """Console entry point: kvmmem's own errors become one line and exit 2."""
     try:
-        app()
+        app(optional_values(sys.argv[1:]))
     except (InputError, KernelError) as exc:
         typer.echo(f"kvmmem: error: {exc}", err=True)
         sys.exit(2)

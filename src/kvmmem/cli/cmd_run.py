@@ -41,6 +41,11 @@ def run(
     plot: Annotated[Path | None, typer.Option(
         help="draw the final guest physical map (slots, backings, stage-2 sizes) to a PNG")]
     = None,
+    explain: Annotated[str | None, typer.Option(
+        metavar="[STEPS]",
+        help="show the kernel functions each step went through, the facts each decided "
+             "on and the one that decided the outcome (with --json: an explain object per "
+             "step); STEPS: step numbers, comma list (default: every step)")] = None,
 ) -> None:
     """Run a scenario on the model, step by step, checking every invariant.
 
@@ -51,6 +56,7 @@ def run(
     Exit status: 0 all held; 1 an expectation failed; 2 bad input (one line);
     3 an invariant was violated."""
     from kvmmem.kvm.vm import ARCHES
+    from kvmmem.report.explain import explain_text, run_explained
     from kvmmem.report.text import print_run
     from kvmmem.report.trace import events_text, run_traced, write_chrome_trace
     from kvmmem.scenario.loader import load_scenario
@@ -64,13 +70,17 @@ def run(
     scenario = load_scenario(file)
     if scenario.steps is None:
         _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
+    explained = _explain_steps(explain, len(scenario.steps or ()))
     runs = _applicable(scenario, arches or list(scenario.arches), arches is not None, "run")
     status = 0
     # Piped output is not cut at 80 columns (hex values are wide).
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     results = []
     for a, v in _variant_pairs(scenario, runs, variants, arches is not None, "run"):
-        if trace is not None or "events" in shows:
+        if explain is not None:
+            result = run_explained(scenario, a, v, explained, events=trace is not None
+                                   or "events" in shows)
+        elif trace is not None or "events" in shows:
             result = run_traced(scenario, a, v)
         else:
             result = run_scenario(scenario, a, v)
@@ -79,6 +89,11 @@ def run(
             typer.echo(_dumps(result.to_json()))
         else:
             print_run(console, result, [s for s in shows if s != "events"])
+            for outcome in result.steps:
+                tree = result.explanations.get(outcome["step"])
+                if tree is not None:
+                    console.print(explain_text(outcome, tree), highlight=False, markup=False,
+                                  soft_wrap=True)
             if "events" in shows:
                 console.print(events_text(result), highlight=False, markup=False,
                               soft_wrap=True)
@@ -93,6 +108,22 @@ def run(
     except OSError as err:
         _fail(f"cannot write {err.filename}: {err.strerror}")
     raise typer.Exit(status)
+
+
+def _explain_steps(value: str | None, nsteps: int) -> frozenset[int] | None:
+    """``--explain``'s steps: None for every step (or no --explain); else the step
+    numbers given, each checked against the file's ``nsteps`` steps."""
+    if value is None or value == "all":
+        return None
+    out = set()
+    for part in value.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            _fail(f"--explain: {part!r} is not a step number (0 .. {nsteps - 1})")
+        if int(part) >= nsteps:
+            _fail(f"--explain: the scenario has steps 0 .. {nsteps - 1}, not {part}")
+        out.add(int(part))
+    return frozenset(out)
 
 
 @app.command()

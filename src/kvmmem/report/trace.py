@@ -23,7 +23,10 @@ Format that Perfetto (ui.perfetto.dev) and chrome://tracing open::
   the outcome in ``args``;
 * each tracepoint is a thread-scoped instant event (``"ph": "i"``) on the
   track of the step that caused it, inside that step's span;
-* a violated invariant is a process-scoped instant event.
+* a violated invariant is a process-scoped instant event;
+* with ``--explain``, the kernel functions each step went through
+  (:mod:`kvmmem.report.explain`) are complete events nested inside the step's span,
+  category ``explain``, with their source file, result and facts in ``args``.
 
 The model has no clock: time is a logical microsecond counter, one tick per
 event, so a trace shows order and nesting, not durations.
@@ -174,11 +177,28 @@ def _run_events(result: RunResult, scenario: Scenario, pid: int) -> list[dict[st
                 grouped.setdefault(at, []).append(ev)
     clock = 0
 
-    def span(name: str, actor: str, events: list[Event], args: dict[str, Any],
-             actor_of_event: bool = False) -> None:
+    def nested(node: dict[str, Any], tid: int) -> None:
+        """An explanation's node and its children as nested complete events."""
         nonlocal clock
         start = clock
         clock += 1
+        for child in node["children"]:
+            nested(child, tid)
+        args = {"source": node["source"], "result": node["result"], **node["facts"]}
+        if node.get("decisive"):
+            args["decisive"] = True
+        out.append({"name": node["function"], "cat": "explain", "ph": "X", "ts": start,
+                    "dur": clock - start, "pid": pid, "tid": tid, "args": args})
+        clock += 1
+
+    def span(name: str, actor: str, events: list[Event], args: dict[str, Any],
+             actor_of_event: bool = False, tree: dict[str, Any] | None = None) -> None:
+        nonlocal clock
+        start = clock
+        clock += 1
+        if tree is not None:
+            for child in tree["children"]:
+                nested(child, tracks.tid(actor))
         instants = []
         for ev in events:
             where = ev.thread if actor_of_event or ev.thread != "main" else actor
@@ -210,7 +230,8 @@ def _run_events(result: RunResult, scenario: Scenario, pid: int) -> list[dict[st
             args["expectation"] = "FAILED"
         if isinstance(step, Prefault):
             args["range"] = f"{step.gpa:#x}+{step.size:#x}"
-        span(f"{index} {op}", step_actor(step, op), grouped.get(index, []), args)
+        span(f"{index} {op}", step_actor(step, op), grouped.get(index, []), args,
+             tree=result.explanations.get(index))
     if unplaced:
         span("events (step unknown)", "kvm", unplaced, {}, actor_of_event=True)
     for v in result.violations:

@@ -18,6 +18,7 @@ from device memory), ``remaining`` on a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
@@ -60,6 +61,9 @@ from kvmmem.scenario.model import (
 )
 from kvmmem.sync import Op, drive
 
+StepWrapper = Callable[[Step, Callable[[], dict[str, Any]]], dict[str, Any]]
+"""``(step, do) -> outcome``: runs ``do`` (the step) and returns its outcome."""
+
 
 @dataclass
 class Mismatch:
@@ -92,6 +96,9 @@ class RunResult:
     events: EventLog | None = None
     expects: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     """Every expectation of the file by ``("setup" | "step", index)``, met or not."""
+    explanations: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """``kvmmem run --explain``: step index -> the step's ``explain`` tree
+    (kvmmem.report.explain)."""
 
     @property
     def exit_status(self) -> int:
@@ -104,8 +111,12 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``kvmmem run --json`` object."""
+        steps = self.steps
+        if self.explanations:
+            steps = [{**o, "explain": self.explanations[o["step"]]}
+                     if o["step"] in self.explanations else o for o in steps]
         return {"scenario": self.scenario, "arch": self.arch, "variant": self.variant,
-                "steps": self.steps, "violations": self.violations, "setup": self.setup,
+                "steps": steps, "violations": self.violations, "setup": self.setup,
                 "notes": self.notes}
 
 
@@ -149,6 +160,9 @@ class Runner:
         kernel would go on) instead of stopping there: conform compares them."""
         if trace:
             self.vm.log = EventLog()
+        self.explain: StepWrapper | None = None
+        """Set by ``kvmmem run --explain`` (kvmmem.report.explain): runs each step
+        (not the top-level memslots) and records its explanation."""
         self.ranges: dict[str, tuple[int, int]] = {}
         self.files: dict[str, File] = {}
         self.gmems: dict[str, GmemFile] = {}
@@ -407,7 +421,10 @@ class Runner:
         outcome: dict[str, Any] = {"step": step.index, "op": step.op}
         record = result.setup if setup else result.steps
         try:
-            outcome.update(self.do(step))
+            if self.explain is None or setup:
+                outcome.update(self.do(step))
+            else:
+                outcome.update(self.explain(step, lambda: self.do(step)))
         except ValidationError as err:
             outcome.update({"result": "violation"})
             record.append(outcome)
