@@ -51,7 +51,7 @@ MADVICE: dict[str, int] = {
 
 
 def madvise_op(mm: MmStruct, addr: int, length: int, advice: str | int) -> Op[None]:
-    """``madvise(2)``: ``dontneed``, ``remove``, ``hugepage``, ``nohugepage``,
+    """``madvise(2)`` (``do_madvise``): ``dontneed``, ``remove``, ``hugepage``, ``nohugepage``,
     ``pageout`` (a no-op without swap), ``willneed``, ``normal``.
 
     DONTNEED zaps (MMU_NOTIFY_CLEAR per VMA): private pages are dropped

@@ -269,7 +269,8 @@ def kvm_dirty_ring_reset(vm: Kvm, ring: DirtyRing) -> int:
 
 
 def kvm_vm_ioctl_reset_dirty_pages(vm: Kvm) -> int:
-    """``KVM_RESET_DIRTY_RINGS``: reset every vCPU's ring; returns the entries reset
+    """``KVM_RESET_DIRTY_RINGS`` (``kvm_vm_ioctl_reset_dirty_pages``): reset every
+    vCPU's ring; returns the entries reset
     (the ioctl's return value).
 
     Raises KernelError EINVAL (the VM has no ring)."""

@@ -30,7 +30,8 @@ U64 = (1 << 64) - 1
 
 def kvm_vcpu_pre_fault_memory_op(vm: Kvm, vcpu: KvmVcpu, gpa: int, size: int,
                                  flags: int = 0) -> Op[int]:
-    """One ``KVM_PRE_FAULT_MEMORY`` ioctl: returns the bytes of the range left
+    """One ``KVM_PRE_FAULT_MEMORY`` ioctl (``kvm_vcpu_pre_fault_memory``): returns the
+    bytes of the range left
     (``range.size`` as written back), having made progress; raises
     KernelError when no page was processed (EINVAL, ENOENT, EAGAIN, EFAULT,
     EOPNOTSUPP...), leaving the range as it was."""

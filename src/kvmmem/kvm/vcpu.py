@@ -352,7 +352,8 @@ class Vcpu:
 
     def _emulated_op(self, gpa: int, size: int, access: Access,
                      value: int) -> Op[AccessResult]:
-        """``kvm_vcpu_read_guest``/``kvm_vcpu_write_guest`` through the hva, as
+        """``emulator_read_write``: ``kvm_vcpu_read_guest``/``kvm_vcpu_write_guest``
+        through the hva, as
         the x86 emulator does: anything it cannot complete is MMIO."""
         vm = self.vm
         slot = self.gfn_to_memslot(gpa >> PAGE_SHIFT)

@@ -98,7 +98,7 @@ SOURCES: dict[str, Source] = {
               "arm64": ("handle_exit", "arch/arm64/kvm/handle_exit.c"),
               "riscv": ("kvm_riscv_vcpu_exit", "arch/riscv/kvm/vcpu_exit.c")}),
     "kvmmem.kvm.vcpu:Vcpu._emulated_op": _s(
-        "x86_emulate_instruction", "arch/x86/kvm/x86.c", "slot", "hva"),
+        "emulator_read_write", "arch/x86/kvm/x86.c", "slot", "hva"),
     "kvmmem.kvm.prefault:kvm_vcpu_pre_fault_memory_op": _s(
         "kvm_vcpu_pre_fault_memory", _KVM_MAIN, "left"),
     # --- arm64 ---------------------------------------------------------------------
