@@ -274,3 +274,49 @@ def test_optional_value_of_explain() -> None:
         ["run", "--explain=all", "--json", "f"]
     assert optional_values(["run", "f", "--explain", "1,3"]) == ["run", "f", "--explain=1,3"]
     assert optional_values(["run", "--", "--explain"]) == ["run", "--", "--explain"]
+
+
+def test_explore_replay_explains_each_thread_step() -> None:
+    """``explore --replay TOKEN --explain``: the steps of the failing execution of the
+    device-write-vs-mprotect race under no-invalidate-retry, each under its own root
+    although their pauses interleave: the vCPU's fault maps the page writable without
+    any ``mmu_invalidate_retry`` on its path, after the host's mprotect went through
+    the MMU notifier."""
+    from kvmmem.explore import explore
+    from kvmmem.report.explain import replay_explained
+
+    scn = load_scenario(SCENARIOS / "race-device-write-vs-mprotect.yaml")
+    found = explore(scn, "arm64", "no-invalidate-retry")
+    assert found.violation is not None and found.token is not None
+    replayed, steps = replay_explained(scn, found.token)
+    assert replayed.violation is not None
+    assert replayed.violation.invariant == found.violation.invariant
+    by_thread = {entry["thread"]: entry["explain"] for entry in steps}
+
+    def names(tree: dict[str, Any]) -> list[str]:
+        return [tree["function"]] + [n for c in tree["children"] for n in names(c)]
+
+    vcpu = names(by_thread["vcpu"])
+    assert "user_mem_abort" in vcpu and "kvm_pgtable_stage2_map" in vcpu
+    assert "mmu_invalidate_retry" not in vcpu
+    assert "kvm_mmu_notifier_invalidate_range_start" in names(by_thread["host"])
+
+
+def test_compare_explain_names_where_the_paths_part() -> None:
+    """``compare --explain`` on the read-only-VMA slot, arm64 linux-5.4 vs upstream: v5.4's
+    prepare refused the writable slot (EPERM), so its fault ends in the no-slot MMIO
+    branch of ``kvm_handle_guest_abort``; upstream reaches ``user_mem_abort`` and the
+    write is refused by GUP's ``check_vma_flags``."""
+    from kvmmem.report.compare import compare_runs, divergences
+
+    scn = load_scenario(SCENARIOS / "ro-vma-at-create.yaml")
+    cmp = compare_runs(scn, ["arm64"], ["linux-5.4", "upstream"], explain=True)
+    found = {d["op"]: d for d in divergences(cmp)}
+    write = found["guest_write"]
+    assert write["path"] == ["KVM_RUN", "handle_exit", "kvm_handle_guest_abort"]
+    assert write["diverge"][0] is None and write["diverge"][1]["function"] == "user_mem_abort"
+    assert [n["function"] for n in write["decided"]] == ["kvm_handle_guest_abort",
+                                                        "get_user_pages_unlocked"]
+    assert write["decided"][0]["source"] == "virt/kvm/arm/mmu.c"
+    assert "divergences" in cmp.to_json()
+    assert "divergences" not in compare_runs(scn, ["arm64"], ["upstream"]).to_json()

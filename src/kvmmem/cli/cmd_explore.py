@@ -39,6 +39,11 @@ def explore(
         help="replay a schedule: a token printed by explore, or its .replay file")] = None,
     replay_dir: Annotated[Path, typer.Option(
         help="where the replay token of a violation is written")] = Path("."),
+    explain: Annotated[str | None, typer.Option(
+        metavar="",
+        help="with --replay: show, for every step of the replayed execution, the kernel "
+             "functions it went through and the one that decided its outcome (kvmmem run "
+             "--explain)")] = None,
     determinism: Annotated[int, typer.Option(
         help="first run N random schedules twice each and compare the state after "
              "every transition (prints what it compared on stderr)")] = 0,
@@ -94,12 +99,29 @@ def explore(
         if arches is not None or variants is not None:
             _fail("--replay: the token names its architecture and variant; "
                   "drop --arch and --variant")
-        replayed = run_replay(scenario, token)
+        explained: list[dict[str, Any]] = []
+        if explain is not None:
+            from kvmmem.report.explain import replay_explained
+
+            replayed, explained = replay_explained(scenario, token)
+        else:
+            replayed = run_replay(scenario, token)
         if as_json:
-            typer.echo(_dumps(replay_json(scenario.name, token, replayed)))
+            out = replay_json(scenario.name, token, replayed)
+            if explain is not None:
+                out["explain"] = explained
+            typer.echo(_dumps(out))
         else:
             print_replay(console, scenario.name, token, replayed)
+            if explained:
+                from kvmmem.report.explain import explain_text
+
+                for entry in explained:
+                    console.print(f"[{entry['thread']}] " + explain_text(entry, entry["explain"]),
+                                  highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(replayed.exit_status)
+    if explain is not None:
+        _fail("--explain: give it with --replay TOKEN (the paths of one execution's steps)")
     status = 0
     try:
         runs = _variant_pairs(scenario, arches or list(scenario.arches), variants,

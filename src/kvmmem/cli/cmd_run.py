@@ -137,6 +137,11 @@ def compare(
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")]
     = False,
+    explain: Annotated[str | None, typer.Option(
+        metavar="",
+        help="for each step whose outcome differs, where the runs' kernel paths part and "
+             "the function that decided each (kvmmem run --explain); in --json: "
+             "divergences")] = None,
 ) -> None:
     """Run one scenario on several architectures and variants; one table, a
     column per run, cells differing from the first column marked.
@@ -145,7 +150,12 @@ def compare(
     claims (one of its architectures, its variant) failed an expectation;
     else 0 (differences alone are what compare is for)."""
     from kvmmem.kvm.vm import ARCHES
-    from kvmmem.report.compare import compare_runs, comparison_table
+    from kvmmem.report.compare import (
+        compare_runs,
+        comparison_table,
+        divergences,
+        divergences_text,
+    )
     from kvmmem.scenario.loader import load_scenario
 
     arches = _split(arch, ARCHES, "arch")
@@ -154,7 +164,7 @@ def compare(
     if scenario.steps is None:
         _fail(f"{file}: this scenario has threads; run it with `kvmmem explore`")
     cmp = compare_runs(scenario, arches or list(scenario.arches),
-                       variants or [scenario.variant])
+                       variants or [scenario.variant], explain=explain is not None)
     if not any(c.applicable for c in cmp.columns):
         _fail(str(cmp.columns[0].reason))
     if as_json:
@@ -162,5 +172,9 @@ def compare(
     else:
         # Piped output is not cut at 80 columns: a comparison is wide.
         width = None if sys.stdout.isatty() else 240
-        Console(highlight=False, width=width).print(comparison_table(cmp))
+        out = Console(highlight=False, width=width)
+        out.print(comparison_table(cmp))
+        if explain is not None:
+            out.print(divergences_text(divergences(cmp)), highlight=False, markup=False,
+                      soft_wrap=True)
     raise typer.Exit(cmp.exit_status)

@@ -168,6 +168,8 @@ class Comparison:
             "runs": [c.result.to_json() for c in self.columns if c.applicable],
             "differences": self.differences,
             "status": self.exit_status,
+            **({"divergences": divergences(self)} if any(
+                c.result.explanations for c in self.columns) else {}),
         }
 
 
@@ -227,8 +229,10 @@ def build_comparison(scenario: Scenario, columns: list[Column]) -> Comparison:
     return Comparison(scenario, columns, rows)
 
 
-def compare_runs(scenario: Scenario, arches: list[str], variants: list[str]) -> Comparison:
+def compare_runs(scenario: Scenario, arches: list[str], variants: list[str], *,
+                 explain: bool = False) -> Comparison:
     """Run ``scenario`` on every (arch, variant) pair, arch-major, and compare.
+    ``explain``: record each step's explanation too (:func:`divergences`).
 
     Raises InputError for an unknown architecture or variant, or a scenario
     with threads."""
@@ -244,7 +248,12 @@ def compare_runs(scenario: Scenario, arches: list[str], variants: list[str]) -> 
                                       claimed, reason))
                 continue
             try:
-                result = run_scenario(scenario, arch, variant)
+                if explain:
+                    from kvmmem.report.explain import run_explained
+
+                    result = run_explained(scenario, arch, variant)
+                else:
+                    result = run_scenario(scenario, arch, variant)
             except InputError as err:
                 # the run's setup cannot be made there (a guest_memfd the release's KVM
                 # cannot create): the column says why
@@ -253,6 +262,89 @@ def compare_runs(scenario: Scenario, arches: list[str], variants: list[str]) -> 
                 continue
             columns.append(Column(arch, result.variant, result, claimed))
     return build_comparison(scenario, columns)
+
+
+def _flatten(tree: dict[str, Any], depth: int = 0) -> list[tuple[int, dict[str, Any]]]:
+    out = [(depth, tree)]
+    for child in tree["children"]:
+        out.extend(_flatten(child, depth + 1))
+    return out
+
+
+def _brief(node: dict[str, Any] | None) -> dict[str, Any] | None:
+    if node is None:
+        return None
+    return {"function": node["function"], "source": node["source"], "result": node["result"],
+            "facts": node["facts"]}
+
+
+def divergences(cmp: Comparison) -> list[dict[str, Any]]:
+    """``compare --explain``: for each step whose outcome differs between the first
+    column and another, where their explained paths part (the first node, in call
+    order, whose function or result differs; None on the side whose path had ended)
+    and the node that decided each outcome::
+
+        {"step", "op", "columns": [A, B], "path": [common functions...],
+         "diverge": [node A, node B], "decided": [node A, node B]}
+
+    A node is ``{"function", "source", "result", "facts"}``.  Runs made without
+    explanations give nothing."""
+    out: list[dict[str, Any]] = []
+    first = cmp.columns[0] if cmp.columns else None
+    for row in cmp.rows:
+        if row.kind != "step" or first is None or row.step is None:
+            continue
+        base = first.result.explanations.get(row.step)
+        for col, differs in zip(cmp.columns, row.differs, strict=True):
+            other = col.result.explanations.get(row.step)
+            if not differs or base is None or other is None:
+                continue
+            a, b = _flatten(base), _flatten(other)
+            i = 0
+            while i < min(len(a), len(b)) and a[i][0] == b[i][0] \
+                    and a[i][1]["function"] == b[i][1]["function"]:
+                i += 1
+            if i == len(a) == len(b):
+                # the same calls: the last one whose result differs
+                i = max(k for k in range(len(a))
+                        if k == 0 or a[k][1]["result"] != b[k][1]["result"])
+            depth = a[i][0] if i < len(a) else b[i][0]
+            path, want = [], depth - 1
+            for d, n in reversed(a[:i]):
+                if d == want:
+                    path.insert(0, n["function"])
+                    want -= 1
+            out.append({
+                "step": row.step, "op": row.label.split(" ", 1)[-1],
+                "columns": [first.label, col.label], "path": path,
+                "diverge": [_brief(a[i][1]) if i < len(a) else None,
+                            _brief(b[i][1]) if i < len(b) else None],
+                "decided": [_brief(next((n for _, n in a if n.get("decisive")), None)),
+                            _brief(next((n for _, n in b if n.get("decisive")), None))]})
+    return out
+
+
+def divergences_text(found: list[dict[str, Any]]) -> str:
+    """:func:`divergences` as text, one block per differing step and column."""
+    def node(n: dict[str, Any] | None) -> str:
+        if n is None:
+            return "(its path had ended)"
+        result = f" -> {n['result']}" if n["result"] else ""
+        facts = " ".join(f"{k}={v}" for k, v in n["facts"].items())
+        return f"{n['function']} [{n['source']}]{result}" + (f"  {facts}" if facts else "")
+
+    lines: list[str] = []
+    for d in found:
+        a, b = d["columns"]
+        width = max(len(a), len(b))
+        lines.append(f"step {d['step']} {d['op']}: {a} and {b} part in "
+                     + (" -> ".join(d["path"]) or "the step itself"))
+        for label, n in zip((a, b), d["diverge"], strict=True):
+            lines.append(f"  {label:<{width}}  {node(n)}")
+        lines.append("  decided by:")
+        for label, n in zip((a, b), d["decided"], strict=True):
+            lines.append(f"  {label:<{width}}  {node(n)}")
+    return "\n".join(lines)
 
 
 def comparison_table(cmp: Comparison) -> Table:

@@ -45,6 +45,7 @@ from kvmmem.report.text import outcome_text
 from kvmmem.report.trace import StepEventLog
 from kvmmem.scenario.model import Scenario, Step
 from kvmmem.scenario.runner import Runner, RunResult, StepWrapper
+from kvmmem.variants import get_variant
 
 _RETURNS = frozenset(dis.opmap[name] for name in ("RETURN_VALUE", "RETURN_CONST")
                      if name in dis.opmap)
@@ -100,6 +101,8 @@ class Explainer:
         caller runs it): their node becomes the forwarding node's child, and its
         result the forwarding node's."""
         self._forwarder: dict[int, Node] = {}
+        self._roots: list[tuple[Step, Node]] = []
+        self._root_code: CodeType | None = None
 
     @contextmanager
     def step(self, root: Node) -> Iterator[Node]:
@@ -114,16 +117,51 @@ class Explainer:
             yield root
         finally:
             sys.settrace(previous)
+            self._close_unfinished()
             self._stack = []
             self._open = {}
             self._forwarded = {}
             self._forwarder = {}
+
+    @contextmanager
+    def steps(self) -> Iterator[list[tuple[Step, Node]]]:
+        """Record every step the runner runs inside the ``with`` block, each under its
+        own root, however their pauses interleave (``explore --replay``): yields the
+        list of ``(step, root)`` it fills, in the order the steps started."""
+        found: list[tuple[Step, Node]] = []
+        self._roots = found
+        self._root_code = Runner.step_op.__code__
+        base = Node("", "")
+        self._stack = [base]
+        self._open = {}
+        previous = sys.gettrace()
+        sys.settrace(self._global)
+        try:
+            yield found
+        finally:
+            sys.settrace(previous)
+            self._close_unfinished()
+            self._stack = []
+            self._open = {}
+            self._root_code = None
+
+    def _close_unfinished(self) -> None:
+        """Nodes whose function had not returned when recording stopped (an explored
+        execution stops at its violation): their facts as they stand."""
+        for frame, node in self._open.items():
+            node.result = node.result or "(not finished)"
+            source = self.table.get(frame.f_code)
+            if source is not None:
+                local = frame.f_locals
+                node.facts = {n: _show(local[n]) for n in source.facts if n in local}
 
     # --- the trace functions ------------------------------------------------------
 
     def _global(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event != "call":
             return None
+        if frame.f_code is self._root_code:
+            return self._step_root(frame)
         source = self.table.get(frame.f_code)
         if source is None:
             return None
@@ -140,6 +178,33 @@ class Explainer:
         self._stack.append(node)
         frame.f_trace_lines = False
         return self._local
+
+    def _step_root(self, frame: FrameType) -> Any:
+        """A step starting (or resumed) under :meth:`steps`: its root is the base of
+        what it calls."""
+        node = self._open.get(frame)
+        if node is None:
+            step = frame.f_locals["step"]
+            node = Node(ROOT_CALLS.get(step.op, step.op), "")
+            self._roots.append((step, node))
+            self._open[frame] = node
+        self._stack.append(node)
+        frame.f_trace_lines = False
+        return self._root_local
+
+    def _root_local(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event != "return":
+            return self._root_local
+        node = self._open.get(frame)
+        if node is not None and self._stack and self._stack[-1] is node:
+            self._stack.pop()
+        op = frame.f_code.co_code[frame.f_lasti] if frame.f_lasti >= 0 else -1
+        if node is not None and op not in _YIELDS:
+            del self._open[frame]
+            if isinstance(arg, dict):
+                node.result = outcome_text(arg)
+                mark_decisive(node, arg)
+        return self._root_local
 
     def _local(self, frame: FrameType, event: str, arg: Any) -> Any:
         node = self._open.get(frame)
@@ -340,3 +405,19 @@ def explain_text(step: dict[str, Any], tree: dict[str, Any]) -> str:
                      + ("the vCPU's translation was present, no exit)" if tree["function"] ==
                         "KVM_RUN" else "nothing to explain)"))
     return "\n".join(lines)
+
+
+def replay_explained(scenario: Scenario, token: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """``kvmmem explore --replay TOKEN --explain``: the replay
+    (:func:`kvmmem.explore.replay`) and, for every thread step it ran, in the order the
+    steps started, ``{"thread", "step", "op", "explain"}``."""
+    from kvmmem.explore import replay
+    from kvmmem.explore.token import Token
+
+    tok = Token.decode(token) if isinstance(token, str) else token
+    explainer = Explainer(tok.arch, get_variant(tok.variant).release)
+    with explainer.steps() as found:
+        replayed = replay(scenario, tok)
+    out = [{"thread": step.thread, "step": step.index, "op": step.op,
+            "explain": root.to_json()} for step, root in found if step.thread is not None]
+    return replayed, out
