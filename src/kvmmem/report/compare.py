@@ -309,7 +309,8 @@ def divergences(cmp: Comparison) -> list[dict[str, Any]]:
                 i = max(k for k in range(len(a))
                         if k == 0 or a[k][1]["result"] != b[k][1]["result"])
             depth = a[i][0] if i < len(a) else b[i][0]
-            path, want = [], depth - 1
+            path: list[str] = []
+            want = depth - 1
             for d, n in reversed(a[:i]):
                 if d == want:
                     path.insert(0, n["function"])
