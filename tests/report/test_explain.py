@@ -263,6 +263,7 @@ def test_explaining_changes_no_outcome(path: Path) -> None:
         assert told.steps == plain.steps and told.violations == plain.violations
         assert told.exit_status == plain.exit_status
         assert set(told.explanations) == {o["step"] for o in told.steps}
+        assert set(told.setup_explanations) == {o["step"] for o in told.setup}
         for outcome in told.steps:
             assert explain_text(outcome, told.explanations[outcome["step"]])
     assert sys.gettrace() is None or "coverage" in type(sys.gettrace()).__module__
@@ -318,5 +319,9 @@ def test_compare_explain_names_where_the_paths_part() -> None:
     assert [n["function"] for n in write["decided"]] == ["kvm_handle_guest_abort",
                                                         "get_user_pages_unlocked"]
     assert write["decided"][0]["source"] == "virt/kvm/arm/mmu.c"
+    setup = next(d for d in divergences(cmp) if d.get("setup"))
+    assert setup["decided"][0]["function"] == "kvm_arch_prepare_memory_region"
+    assert setup["decided"][0]["result"].startswith("-EPERM")
+    assert setup["decided"][1] is None  # upstream makes the slot: nothing refused it
     assert "divergences" in cmp.to_json()
     assert "divergences" not in compare_runs(scn, ["arm64"], ["upstream"]).to_json()

@@ -45,7 +45,8 @@ def run(
         metavar="[STEPS]",
         help="show the kernel functions each step went through, the facts each decided "
              "on and the one that decided the outcome (with --json: an explain object per "
-             "step); STEPS: step numbers, comma list (default: every step)")] = None,
+             "step); STEPS: step numbers, comma list (default: every step and top-level "
+             "memslot)")] = None,
 ) -> None:
     """Run a scenario on the model, step by step, checking every invariant.
 
@@ -89,11 +90,13 @@ def run(
             typer.echo(_dumps(result.to_json()))
         else:
             print_run(console, result, [s for s in shows if s != "events"])
-            for outcome in result.steps:
-                tree = result.explanations.get(outcome["step"])
-                if tree is not None:
-                    console.print(explain_text(outcome, tree), highlight=False, markup=False,
-                                  soft_wrap=True)
+            for outcomes, trees, setup in ((result.setup, result.setup_explanations, True),
+                                           (result.steps, result.explanations, False)):
+                for outcome in outcomes:
+                    tree = trees.get(outcome["step"])
+                    if tree is not None:
+                        console.print(explain_text(outcome, tree, setup), highlight=False,
+                                      markup=False, soft_wrap=True)
             if "events" in shows:
                 console.print(events_text(result), highlight=False, markup=False,
                               soft_wrap=True)

@@ -279,10 +279,11 @@ def _brief(node: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def divergences(cmp: Comparison) -> list[dict[str, Any]]:
-    """``compare --explain``: for each step whose outcome differs between the first
-    column and another, where their explained paths part (the first node, in call
-    order, whose function or result differs; None on the side whose path had ended)
-    and the node that decided each outcome::
+    """``compare --explain``: for each step (and top-level memslot, ``"setup": true``)
+    whose outcome differs between the first column and another, where their explained
+    paths part (the first node, in call order, whose function differs; with the same
+    calls, the last whose result differs; None on the side whose path had ended) and
+    the node that decided each outcome::
 
         {"step", "op", "columns": [A, B], "path": [common functions...],
          "diverge": [node A, node B], "decided": [node A, node B]}
@@ -292,11 +293,14 @@ def divergences(cmp: Comparison) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     first = cmp.columns[0] if cmp.columns else None
     for row in cmp.rows:
-        if row.kind != "step" or first is None or row.step is None:
+        if row.kind not in ("step", "setup") or first is None or row.step is None:
             continue
-        base = first.result.explanations.get(row.step)
+        setup = row.kind == "setup"
+        base = (first.result.setup_explanations if setup
+                else first.result.explanations).get(row.step)
         for col, differs in zip(cmp.columns, row.differs, strict=True):
-            other = col.result.explanations.get(row.step)
+            other = (col.result.setup_explanations if setup
+                     else col.result.explanations).get(row.step)
             if not differs or base is None or other is None:
                 continue
             a, b = _flatten(base), _flatten(other)
@@ -316,7 +320,8 @@ def divergences(cmp: Comparison) -> list[dict[str, Any]]:
                     path.insert(0, n["function"])
                     want -= 1
             out.append({
-                "step": row.step, "op": row.label.split(" ", 1)[-1],
+                "step": row.step, "op": "set_memslot" if setup else row.label.split(" ", 1)[-1],
+                **({"setup": True} if setup else {}),
                 "columns": [first.label, col.label], "path": path,
                 "diverge": [_brief(a[i][1]) if i < len(a) else None,
                             _brief(b[i][1]) if i < len(b) else None],
@@ -338,7 +343,8 @@ def divergences_text(found: list[dict[str, Any]]) -> str:
     for d in found:
         a, b = d["columns"]
         width = max(len(a), len(b))
-        lines.append(f"step {d['step']} {d['op']}: {a} and {b} part in "
+        where = f"setup memslot s{d['step']}" if d.get("setup") else f"step {d['step']}"
+        lines.append(f"{where} {d['op']}: {a} and {b} part in "
                      + (" -> ".join(d["path"]) or "the step itself"))
         for label, n in zip((a, b), d["diverge"], strict=True):
             lines.append(f"  {label:<{width}}  {node(n)}")

@@ -294,10 +294,10 @@ def _show(value: object) -> str:
         return f"{pfn}, writable={'yes' if value.map_writable else 'no'}"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int):
-        return PFN_ERROR_NAMES.get(value, hex(value) if value > 9 or value < 0 else str(value))
     if isinstance(value, Enum):
         return value.name
+    if isinstance(value, int):
+        return PFN_ERROR_NAMES.get(value, hex(value) if value > 9 or value < 0 else str(value))
     if value is None:
         return "none"
     if isinstance(value, TlbEntry):
@@ -360,32 +360,39 @@ def run_explained(scenario: Scenario, arch: str, variant: str | None = None,
     if events:
         runner.vm.log = StepEventLog()
     trees: dict[int, dict[str, Any]] = {}
-    runner.explain = step_explainer(Explainer(arch, runner.vm.variant.release), trees, steps)
+    setup: dict[int, dict[str, Any]] = {}
+    runner.explain = step_explainer(Explainer(arch, runner.vm.variant.release), trees,
+                                    setup, steps)
     result = runner.run()
     result.explanations = trees
+    result.setup_explanations = setup
     return result
 
 
 def step_explainer(explainer: Explainer, trees: dict[int, dict[str, Any]],
+                   setup_trees: dict[int, dict[str, Any]],
                    steps: frozenset[int] | None = None) -> StepWrapper:
     """The :data:`~kvmmem.scenario.runner.StepWrapper` putting ``explainer``'s tree of
-    each step of ``steps`` (all when None) in ``trees``, by step index."""
-    def wrap(step: Step, do: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if steps is not None and step.index not in steps:
+    each step of ``steps`` (all when None) in ``trees`` and of every top-level memslot
+    (when all steps are explained) in ``setup_trees``, by index."""
+    def wrap(step: Step, setup: bool, do: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if (steps is not None and step.index not in steps) if not setup else steps is not None:
             return do()
         root = Node(ROOT_CALLS.get(step.op, step.op), "")
         with explainer.step(root):
             outcome = do()
         root.result = outcome_text(outcome)
         mark_decisive(root, outcome)
-        trees[step.index] = root.to_json()
+        (setup_trees if setup else trees)[step.index] = root.to_json()
         return outcome
     return wrap
 
 
-def explain_text(step: dict[str, Any], tree: dict[str, Any]) -> str:
-    """The ``explain`` tree of one step outcome as indented text."""
-    lines = [f"step {step['step']} {step['op']}: {tree['function']} -> {tree['result']}"]
+def explain_text(step: dict[str, Any], tree: dict[str, Any], setup: bool = False) -> str:
+    """The ``explain`` tree of one step outcome (``setup``: of a top-level memslot) as
+    indented text."""
+    label = f"setup memslot s{step['step']}" if setup else f"step {step['step']}"
+    lines = [f"{label} {step['op']}: {tree['function']} -> {tree['result']}"]
 
     def walk(node: dict[str, Any], depth: int) -> None:
         pad = "  " * depth

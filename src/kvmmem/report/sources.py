@@ -116,8 +116,6 @@ SOURCES: dict[str, Source] = {
         "transparent_hugepage_adjust", _arm64("mmu.c")),
     "kvmmem.kvm.arm64:stage2_map": _s(
         "kvm_pgtable_stage2_map", _arm64("hyp/pgtable.c"), "size", "write", "device", "old"),
-    "kvmmem.kvm.arm64:Arm64Kvm.prepare_vma_walk": _s(
-        "kvm_arch_prepare_memory_region", _arm64("mmu.c"), "cacheable_refused"),
     "kvmmem.kvm.prepare:prepare_vma_walk": _s(
         "kvm_arch_prepare_memory_region", _arm64("mmu.c"), "vma", "writable",
         arch={"riscv": ("kvm_arch_prepare_memory_region", "arch/riscv/kvm/mmu.c")}),

@@ -61,8 +61,9 @@ from kvmmem.scenario.model import (
 )
 from kvmmem.sync import Op, drive
 
-StepWrapper = Callable[[Step, Callable[[], dict[str, Any]]], dict[str, Any]]
-"""``(step, do) -> outcome``: runs ``do`` (the step) and returns its outcome."""
+StepWrapper = Callable[[Step, bool, Callable[[], dict[str, Any]]], dict[str, Any]]
+"""``(step, setup, do) -> outcome``: runs ``do`` (the step; ``setup``: a top-level
+``memslots`` entry) and returns its outcome."""
 
 
 @dataclass
@@ -99,6 +100,8 @@ class RunResult:
     explanations: dict[int, dict[str, Any]] = field(default_factory=dict)
     """``kvmmem run --explain``: step index -> the step's ``explain`` tree
     (kvmmem.report.explain)."""
+    setup_explanations: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """The same for the top-level ``memslots`` entries, by their index."""
 
     @property
     def exit_status(self) -> int:
@@ -111,13 +114,15 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``kvmmem run --json`` object."""
-        steps = self.steps
-        if self.explanations:
-            steps = [{**o, "explain": self.explanations[o["step"]]}
-                     if o["step"] in self.explanations else o for o in steps]
+        def explained(outcomes: list[dict[str, Any]],
+                      trees: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{**o, "explain": trees[o["step"]]} if o["step"] in trees else o
+                    for o in outcomes]
+
         return {"scenario": self.scenario, "arch": self.arch, "variant": self.variant,
-                "steps": steps, "violations": self.violations, "setup": self.setup,
-                "notes": self.notes}
+                "steps": explained(self.steps, self.explanations),
+                "violations": self.violations,
+                "setup": explained(self.setup, self.setup_explanations), "notes": self.notes}
 
 
 GMEM_NO_FD = 0xFFFFFFFF
@@ -161,8 +166,8 @@ class Runner:
         if trace:
             self.vm.log = EventLog()
         self.explain: StepWrapper | None = None
-        """Set by ``kvmmem run --explain`` (kvmmem.report.explain): runs each step
-        (not the top-level memslots) and records its explanation."""
+        """Set by ``kvmmem run --explain`` (kvmmem.report.explain): runs each step and
+        top-level memslot, recording its explanation."""
         self.ranges: dict[str, tuple[int, int]] = {}
         self.files: dict[str, File] = {}
         self.gmems: dict[str, GmemFile] = {}
@@ -421,10 +426,10 @@ class Runner:
         outcome: dict[str, Any] = {"step": step.index, "op": step.op}
         record = result.setup if setup else result.steps
         try:
-            if self.explain is None or setup:
+            if self.explain is None:
                 outcome.update(self.do(step))
             else:
-                outcome.update(self.explain(step, lambda: self.do(step)))
+                outcome.update(self.explain(step, setup, lambda: self.do(step)))
         except ValidationError as err:
             outcome.update({"result": "violation"})
             record.append(outcome)
