@@ -211,6 +211,51 @@ def test_cacheable_pfnmap_refused_by_prepare_arm64() -> None:
     assert node.source == "arch/arm64/kvm/mmu.c" and "FWB" in node.result
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_absent_pfnmap_pte_is_filled_by_the_driver(arch: str) -> None:
+    """VM_PFNMAP with the PTE absent: ``hva_to_pfn_remapped`` asks
+    ``fixup_user_fault`` (the driver's fault handler inserts the frame), then the
+    install decides."""
+    vm, _ = slot_vm(arch, kind="device-lazy", fill=None)
+    out, root = access(vm, G, READ)
+    assert out == {"result": "ok", "value": 0}
+    names = [n.function for n in root.walk()]
+    assert names.index("hva_to_pfn_remapped") < names.index("fixup_user_fault")
+    assert decisive(root) == per_arch("kvm_tdp_mmu_map", "kvm_pgtable_stage2_map",
+                                      "kvm_riscv_mmu_map")[arch]
+
+
+def test_private_access_without_guest_memfd_x86() -> None:
+    """x86 sw_protected VM: a private gfn of a slot with no guest_memfd fails with a
+    memory-fault exit decided in ``kvm_tdp_mmu_page_fault`` (its faultin part,
+    ``kvm_mmu_faultin_pfn``)."""
+    from kvmmem.kvm.memory_attributes import KVM_MEMORY_ATTRIBUTE_PRIVATE
+    from kvmmem.sync import drive
+
+    vm = Vm("x86", vm_type="sw_protected")
+    hva = vm.mm.mmap(4 * P, RW, "anon", fill=0x5A)
+    vm.set_user_memory_region(0, G, 4 * P, hva, 0)
+    drive(vm.set_memory_attributes_op(G, P, KVM_MEMORY_ATTRIBUTE_PRIVATE))
+    out, root = access(vm, G, READ)
+    assert out["result"] == "fault" and out["flags"] == 8
+    assert decisive(root) == "kvm_tdp_mmu_page_fault"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_logged_read_maps_readonly_on_arm64_and_riscv(arch: str) -> None:
+    """LOG_DIRTY read: the install decides; arm64 and riscv install it read-only
+    (``writable`` no in the fault handler's facts), x86 writable."""
+    vm, _ = slot_vm(arch, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    out, root = access(vm, G, READ)
+    assert out == {"result": "ok", "value": 0x11111111}
+    handler = per_arch("kvm_tdp_mmu_page_fault", "user_mem_abort", "kvm_riscv_mmu_map")[arch]
+    node = next(n for n in root.walk() if n.function == handler)
+    if arch != "x86":
+        assert node.facts["writable"] == "no" and node.facts["logging"] == "yes"
+    assert decisive(root) == per_arch("kvm_tdp_mmu_map", "kvm_pgtable_stage2_map",
+                                      "kvm_riscv_mmu_map")[arch]
+
+
 # --- sources, versions, outcomes unchanged ---------------------------------------------------
 
 def test_every_source_entry_exists_and_its_docstring_names_the_function() -> None:
