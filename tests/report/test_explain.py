@@ -256,6 +256,32 @@ def test_logged_read_maps_readonly_on_arm64_and_riscv(arch: str) -> None:
                                       "kvm_riscv_mmu_map")[arch]
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("row", ["exec-ram", "readonly-read", "readonly-exec",
+                                 "pfnmap-present", "log-dirty-readonly-write"])
+def test_mapping_rows_are_decided_by_the_install(arch: str, row: str) -> None:
+    """The rows that end in a mapping are decided by the install: an instruction fetch
+    from RAM, a read and a fetch in a KVM_MEM_READONLY slot, a write to a present
+    writable PFNMAP PTE.  A write in a LOG_DIRTY|READONLY slot is MMIO, decided where
+    any read-only slot's write is."""
+    flags = {"readonly-read": KVM_MEM_READONLY, "readonly-exec": KVM_MEM_READONLY,
+             "log-dirty-readonly-write": KVM_MEM_READONLY | KVM_MEM_LOG_DIRTY_PAGES
+             }.get(row, 0)
+    kind = "device" if row == "pfnmap-present" else "anon"
+    vm, _ = slot_vm(arch, kind=kind, flags=flags, fill=None if kind == "device" else 0x11)
+    access_kind = {"exec-ram": EXEC, "readonly-exec": EXEC, "pfnmap-present": WRITE,
+                   "log-dirty-readonly-write": WRITE}.get(row, READ)
+    out, root = access(vm, G, access_kind)
+    if row == "log-dirty-readonly-write":
+        assert out["result"] == "mmio"
+        assert decisive(root) == per_arch("emulator_read_write", "kvm_handle_guest_abort",
+                                          "gstage_page_fault")[arch]
+        return
+    assert out["result"] == "ok"
+    assert decisive(root) == per_arch("kvm_tdp_mmu_map", "kvm_pgtable_stage2_map",
+                                      "kvm_riscv_mmu_map")[arch]
+
+
 # --- sources, versions, outcomes unchanged ---------------------------------------------------
 
 def test_every_source_entry_exists_and_its_docstring_names_the_function() -> None:
