@@ -50,6 +50,21 @@ from kvmmem.variants import get_variant
 _RETURNS = frozenset(dis.opmap[name] for name in ("RETURN_VALUE", "RETURN_CONST")
                      if name in dis.opmap)
 _YIELDS = frozenset(dis.opmap[name] for name in ("YIELD_VALUE",) if name in dis.opmap)
+_RESUME = dis.opmap.get("RESUME", -1)
+
+
+def _how_left(frame: FrameType) -> int:
+    """How a ``return`` trace event left ``frame``: 1 returned, 0 paused at a yield,
+    -1 an exception unwound it (read from the instruction it stopped at; on Python
+    3.13 a paused generator stands at the RESUME after its YIELD_VALUE)."""
+    code = frame.f_code.co_code
+    at = frame.f_lasti
+    op = code[at] if at >= 0 else -1
+    if op in _RETURNS:
+        return 1
+    if op in _YIELDS or (op == _RESUME and at >= 2 and code[at - 2] in _YIELDS):
+        return 0
+    return -1
 _INSTALLS = frozenset({"kvm_pgtable_stage2_map", "kvm_tdp_mmu_map", "kvm_riscv_mmu_map",
                        "kvm_arch_vcpu_pre_fault_memory"})
 """Kernel functions whose success is the installed mapping a successful access names."""
@@ -198,8 +213,7 @@ class Explainer:
         node = self._open.get(frame)
         if node is not None and self._stack and self._stack[-1] is node:
             self._stack.pop()
-        op = frame.f_code.co_code[frame.f_lasti] if frame.f_lasti >= 0 else -1
-        if node is not None and op not in _YIELDS:
+        if node is not None and _how_left(frame) != 0:
             del self._open[frame]
             if isinstance(arg, dict):
                 node.result = outcome_text(arg)
@@ -220,11 +234,11 @@ class Explainer:
             return self._local
         if self._stack and self._stack[-1] is node:
             self._stack.pop()
-        op = frame.f_code.co_code[frame.f_lasti] if frame.f_lasti >= 0 else -1
-        if op in _YIELDS:
+        how = _how_left(frame)
+        if how == 0:
             return self._local  # paused: the node stays open
         del self._open[frame]
-        if op in _RETURNS:
+        if how == 1:
             if isinstance(arg, GeneratorType) and arg.gi_frame is not None:
                 self._forwarded[arg.gi_frame] = node
                 node.result = ""
