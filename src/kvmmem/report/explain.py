@@ -122,21 +122,8 @@ class Explainer:
     @contextmanager
     def step(self, root: Node) -> Iterator[Node]:
         """Record the calls made inside the ``with`` block under ``root``."""
-        self._stack = [root]
-        self._open = {}
-        self._forwarded = {}
-        self._forwarder = {}
-        previous = sys.gettrace()
-        sys.settrace(self._global)
-        try:
+        with self._recording(root, None):
             yield root
-        finally:
-            sys.settrace(previous)
-            self._close_unfinished()
-            self._stack = []
-            self._open = {}
-            self._forwarded = {}
-            self._forwarder = {}
 
     @contextmanager
     def steps(self) -> Iterator[list[tuple[Step, Node]]]:
@@ -145,19 +132,29 @@ class Explainer:
         list of ``(step, root)`` it fills, in the order the steps started."""
         found: list[tuple[Step, Node]] = []
         self._roots = found
-        self._root_code = Runner.step_op.__code__
-        base = Node("", "")
+        with self._recording(Node("", ""), Runner.step_op.__code__):
+            yield found
+
+    @contextmanager
+    def _recording(self, base: Node, root_code: CodeType | None) -> Iterator[None]:
+        """The trace function installed, calls recorded below ``base`` (and below a
+        new root for each frame of ``root_code``), then everything put back."""
         self._stack = [base]
         self._open = {}
+        self._forwarded = {}
+        self._forwarder = {}
+        self._root_code = root_code
         previous = sys.gettrace()
         sys.settrace(self._global)
         try:
-            yield found
+            yield
         finally:
             sys.settrace(previous)
             self._close_unfinished()
             self._stack = []
             self._open = {}
+            self._forwarded = {}
+            self._forwarder = {}
             self._root_code = None
 
     def _close_unfinished(self) -> None:
