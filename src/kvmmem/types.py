@@ -21,6 +21,7 @@ Sizes follow the scenario contract (SCENARIOS.md): an integer, hex
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import NewType
 
 from kvmmem.errors import InputError
@@ -37,6 +38,10 @@ Pfn = NewType("Pfn", int)
 """Host physical frame number."""
 
 PAGE_SHIFT = 12
+"""The 4 KiB page of x86, riscv and arm64's default build.  Code whose answer depends on
+the host's page size reads the :class:`PageGeometry` of its mm or VM instead (``mm.pg``,
+``vm.pg``); these constants stay for what is 4 KiB whatever the host (x86 EPT and the
+riscv G-stage, guest page tables, the real-KVM harness's own layouts)."""
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
 PMD_SHIFT = 21
@@ -61,6 +66,98 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
+
+
+# --- the host page size (a property of the kernel build) -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PageGeometry:
+    """The page-size constants of one kernel build: ``PAGE_SHIFT`` and what follows from
+    it (``arch/arm64/include/asm/pgtable-hwdef.h``, ``asm/page-def.h``; x86 and riscv
+    have 4 KiB pages only).
+
+    arm64 is built with 4 KiB, 16 KiB or 64 KiB pages (``CONFIG_ARM64_{4K,16K,64K}_PAGES``);
+    a table page holds ``PAGE_SIZE / 8`` entries, so each level translates
+    ``PAGE_SHIFT - 3`` bits: the PMD maps 2 MiB, 32 MiB or 512 MiB.  The contiguous hint
+    groups ``CONT_PTES`` / ``CONT_PMDS`` entries (``CONFIG_ARM64_CONT_PTE_SHIFT`` 4, 7, 5;
+    ``CONFIG_ARM64_CONT_PMD_SHIFT`` 4, 5, 5): 64 KiB / 32 MiB with 4 KiB pages, 2 MiB /
+    1 GiB with 16 KiB, 2 MiB / 16 GiB with 64 KiB; arm64's hugetlb sizes
+    (``hugetlbpage_init``) are those four levels, PUD only with 4 KiB pages
+    (``pud_sect_supported``).  ``PUD_SHIFT`` is that of a 48- or 52-bit VA build: 30
+    (4 levels), 36 (16 KiB, 4 levels), 42 (64 KiB, 3 levels: the PUD folded into the
+    PGD); the PMD is never folded there (``__PAGETABLE_PMD_FOLDED`` unset).
+
+    The same instance is shared by everything of one host (:data:`PAGES_4K` ...); get
+    one with :func:`page_geometry`."""
+
+    name: str
+    """``4K``, ``16K`` or ``64K``."""
+    page_shift: int
+    page_size: int
+    page_mask: int
+    """``PAGE_MASK``: ``~(PAGE_SIZE - 1)``."""
+    pmd_shift: int
+    pmd_size: int
+    pud_shift: int
+    pud_size: int
+    pgdir_shift: int
+    """What one entry of the level above the PUD maps (the P4D, folded into the PGD):
+    512 GiB with 4 KiB pages (x86-64's 4 levels), 128 TiB with 16 KiB pages (4 levels),
+    4 TiB with 64 KiB pages (3 levels: the same as the folded PUD)."""
+    ptrs_per_pte: int
+    """Entries of a PTE table (``PTRS_PER_PTE``), also the pages a PMD maps."""
+    cont_pte_shift: int
+    """``CONT_PTE_SHIFT``: the size a run of contiguous-hint PTEs maps (arm64)."""
+    cont_pmd_shift: int
+    """``CONT_PMD_SHIFT`` (arm64)."""
+
+    @property
+    def pages_per_pmd(self) -> int:
+        """Base pages in one PMD-sized (huge) page: ``HPAGE_PMD_NR``."""
+        return self.ptrs_per_pte
+
+    @property
+    def hpage_mask(self) -> int:
+        """``HPAGE_PMD_MASK``: ``~(PMD_SIZE - 1)``."""
+        return ~(self.pmd_size - 1)
+
+    def __repr__(self) -> str:
+        return f"PageGeometry({self.name})"
+
+    def __copy__(self) -> PageGeometry:
+        return self
+
+    def __deepcopy__(self, memo: object) -> PageGeometry:
+        return self  # one instance per page size (identity comparisons hold in copies)
+
+
+def _geometry(name: str, page_shift: int, pud_shift: int, pgdir_shift: int, cont_ptes: int,
+              cont_pmds: int) -> PageGeometry:
+    pmd_shift = page_shift + page_shift - 3
+    return PageGeometry(name, page_shift, 1 << page_shift, ~((1 << page_shift) - 1),
+                        pmd_shift, 1 << pmd_shift, pud_shift, 1 << pud_shift, pgdir_shift,
+                        1 << (page_shift - 3), page_shift + cont_ptes, pmd_shift + cont_pmds)
+
+
+PAGES_4K = _geometry("4K", 12, 30, 39, 4, 4)
+PAGES_16K = _geometry("16K", 14, 36, 47, 7, 5)
+PAGES_64K = _geometry("64K", 16, 42, 42, 5, 5)
+PAGE_GEOMETRIES: dict[int, PageGeometry] = {g.page_size: g for g in (PAGES_4K, PAGES_16K,
+                                                                      PAGES_64K)}
+"""The host page sizes a kernel can be built with, by page size in bytes."""
+
+
+def page_geometry(page_size: int | PageGeometry) -> PageGeometry:
+    """The :class:`PageGeometry` of a page size in bytes (4096, 16384, 65536; a
+    geometry is returned as is).  Raises :class:`InputError` for any other value."""
+    if isinstance(page_size, PageGeometry):
+        return page_size
+    g = PAGE_GEOMETRIES.get(page_size) if isinstance(page_size, int) \
+        and not isinstance(page_size, bool) else None
+    if g is None:
+        raise InputError(f"page_size: {page_size!r} is not a host page size (4K, 16K or 64K)")
+    return g
 
 
 # --- conversions (each names the kernel helper it mirrors) -------------------

@@ -114,14 +114,16 @@ def test_arm64_table_descriptor_kvm_init_table_pte() -> None:
 
 def test_arm64_16k_and_64k_output_address_fields() -> None:
     """OA is bits [47:granule shift] (``KVM_PTE_ADDR_MASK`` GENMASK(47, PAGE_SHIFT));
-    16K: 32M blocks at level 2; 64K: 512M blocks at level 2."""
+    16K: 32M blocks at level 2; 64K: 512M blocks at level 2.  Pfns count granules (the
+    host's pages: stage-2 uses the host ``PAGE_SIZE``)."""
     s16 = Arm64Stage2(granule=16384)
-    s16.map(0x4000, 0x4, 16384, PERM_RW)
+    s16.map(0x4000, 0x1, 16384, PERM_RW)
     assert raw_at(s16, 0x4000) == 0x0040_0000_0000_47FF
-    s16.map(32 << 20, (32 << 20) >> 12, 32 << 20, PERM_RWX)
+    assert s16.walk(0x4000) is not None and s16.walk(0x4000).pfn == 1  # type: ignore[union-attr]
+    s16.map(32 << 20, (32 << 20) >> 14, 32 << 20, PERM_RWX)
     assert raw_at(s16, 32 << 20) == 0x0200_07FD
     s64 = Arm64Stage2(granule=65536)
-    s64.map(512 << 20, (512 << 20) >> 12, 512 << 20, PERM_RWX)
+    s64.map(512 << 20, (512 << 20) >> 16, 512 << 20, PERM_RWX)
     assert raw_at(s64, 512 << 20) == 0x2000_07FD
     with pytest.raises(InputError, match="leaf size"):
         s64.map(0, 0, 2 << 20, PERM_RW)

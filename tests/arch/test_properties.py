@@ -41,8 +41,9 @@ class MLeaf:
 class Model:
     """What the stage-2 table should contain, one dict entry per leaf."""
 
-    def __init__(self, arch: str, sizes: tuple[int, ...]) -> None:
+    def __init__(self, arch: str, sizes: tuple[int, ...], shift: int = 12) -> None:
         self.arch = arch
+        self.shift = shift  # the granule's: pfns count granules
         self.sizes = sizes
         self.leaves: dict[int, MLeaf] = {}
 
@@ -62,7 +63,7 @@ class Model:
         child = self.sizes[self.sizes.index(leaf.size) - 1]
         for i in range(leaf.size // child):
             self.leaves[base + i * child] = replace(leaf, size=child,
-                                                    pfn=leaf.pfn + i * (child >> 12))
+                                                    pfn=leaf.pfn + i * (child >> self.shift))
 
     # --- operations --------------------------------------------------------------------
 
@@ -74,7 +75,7 @@ class Model:
                     hostw=arch == "x86" and perm.write)
         c = self.containing(gpa)
         if arch == "riscv" and c is not None and c[1].size < size \
-                and ((c[1].pfn << 12) & ~(size - 1)) == pfn << 12:
+                and ((c[1].pfn << self.shift) & ~(size - 1)) == pfn << self.shift:
             self.leaves[c[0]] = replace(c[1], perm=perm, attr=attr, young=True, dirty=True)
             return
         if c is not None and c[1].size > size:
@@ -112,11 +113,11 @@ class Model:
         if sum(lf.size for _b, lf in inside) != size:
             return
         first = inside[0][1]
-        if (first.pfn << 12) & (size - 1):
+        if (first.pfn << self.shift) & (size - 1):
             return
         for b, lf in inside:
             if (lf.perm, lf.attr, lf.hostw) != (first.perm, first.attr, first.hostw) \
-                    or (lf.pfn - first.pfn) << 12 != b - base:
+                    or (lf.pfn - first.pfn) << self.shift != b - base:
                 return
         for b, _lf in inside:
             del self.leaves[b]
@@ -166,7 +167,8 @@ class Model:
         for b in self.meeting(start, end):
             leaf = self.leaves[b]
             if leaf.dirty:
-                out.extend(range(max(b, start) >> 12, min(b + leaf.size, end) >> 12))
+                out.extend(range(max(b, start) >> self.shift,
+                                 min(b + leaf.size, end) >> self.shift))
                 if clear:
                     self.leaves[b] = replace(leaf, dirty=False)
         return out
@@ -213,7 +215,8 @@ def run_sequence(arch: str, ops: list[tuple[Any, ...]], **geometry: Any) -> None
     window = 4 * big
     attrs = [MemAttr.NORMAL, MemAttr.DEVICE] + ([MemAttr.NORMAL_NC] if arch != "x86" else [])
     lengths = [page, 3 * page, mid, mid + page, big, 2 * big]
-    m = Model(arch, sizes)
+    sh = s2.page_shift
+    m = Model(arch, sizes, sh)
 
     def addr(r: int, k: int, j: int) -> int:
         # most operations aim at an existing leaf (chosen by r*4+k) so that
@@ -230,7 +233,7 @@ def run_sequence(arch: str, ops: list[tuple[Any, ...]], **geometry: Any) -> None
             _k, si, r, k, p, perm, ai, prefetch = op
             size = sizes[si % len(sizes)]
             gpa = addr(r, k, p % 3) & ~(size - 1)
-            pfn = (p * size) >> 12
+            pfn = (p * size) >> sh
             attr = attrs[ai % len(attrs)]
             s2.map(gpa, pfn, size, perm, attr, prefetch=prefetch)
             m.map(gpa, size, pfn, perm, attr, prefetch)
@@ -238,10 +241,10 @@ def run_sequence(arch: str, ops: list[tuple[Any, ...]], **geometry: Any) -> None
             # every page of one mid-size block, contiguous frames: collapsible
             _k, r, k, p, perm = op
             base = addr(r, k, 0) & ~(mid - 1)
-            pfn0 = (p * mid) >> 12
+            pfn0 = (p * mid) >> sh
             for i in range(mid // page):
-                s2.map(base + i * page, pfn0 + i * (page >> 12), page, perm)
-                m.map(base + i * page, page, pfn0 + i * (page >> 12), perm, MemAttr.NORMAL,
+                s2.map(base + i * page, pfn0 + i * (page >> sh), page, perm)
+                m.map(base + i * page, page, pfn0 + i * (page >> sh), perm, MemAttr.NORMAL,
                       False)
         elif kind in ("unmap", "wrprotect", "young", "dirty"):
             start = addr(op[1], op[2], op[3]) & ~(page - 1)
@@ -279,7 +282,7 @@ def run_sequence(arch: str, ops: list[tuple[Any, ...]], **geometry: Any) -> None
         for b, leaf in m.leaves.items():
             probe = b + leaf.size - page
             got = s2.walk(probe)
-            assert got is not None and got.pfn == leaf.pfn + ((leaf.size - page) >> 12)
+            assert got is not None and got.pfn == leaf.pfn + ((leaf.size - page) >> sh)
         validate_tables(s2)
     validate_bbm(s2)
     # unmapping everything leaves no table behind

@@ -17,10 +17,11 @@ to build one.
 Addresses and frames
 --------------------
 ``gpa`` is a guest physical address (IPA on arm64); ``pfn`` a host frame
-number in 4 KiB units (:data:`kvmmem.types.PAGE_SHIFT`), whatever the
-granule.  Table pages live at model physical addresses from
-:data:`TABLE_BASE` (32 TiB) upwards so that a table entry's output address
-names its child table; slot ``i`` is at ``TABLE_BASE + i * granule``.
+number in units of the granule (``pa >> page_shift``): the granule is the host's
+``PAGE_SIZE`` (arm64 stage-2 always uses it; x86 EPT and the riscv G-stage are 4 KiB,
+as those hosts' pages are), so a pfn is the host's.  Table pages live at model
+physical addresses from :data:`TABLE_BASE` (32 TiB) upwards so that a table entry's
+output address names its child table; slot ``i`` is at ``TABLE_BASE + i * granule``.
 
 The API (stable; the KVM core calls it with ``kvm->mmu_lock`` held)
 --------------------------------------------------------------------
@@ -108,7 +109,7 @@ from kvmmem.arch.pgtable_types import (
 )
 from kvmmem.arch.validate import validate_bbm
 from kvmmem.errors import InputError
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, format_size
+from kvmmem.types import format_size
 
 __all__ = [
     "PERM_NONE",
@@ -184,7 +185,7 @@ class Stage2(Stage2Tree):
         if attr is None:
             attr = MemAttr.DEVICE if device else MemAttr.NORMAL
         target = self._leaf_depth.get(size)
-        pa = pfn << PAGE_SHIFT
+        pa = pfn << self.page_shift
         if target is None or (gpa | pa) & (size - 1) or gpa < 0 or gpa + size > self._limit \
                 or pa >> self.max_pa_bits or pfn < 0:
             self._bad_map(gpa, pfn, size)
@@ -200,7 +201,7 @@ class Stage2(Stage2Tree):
 
     def _bad_map(self, gpa: int, pfn: int, size: int) -> NoReturn:
         self.level_of_size(size)
-        pa = pfn << PAGE_SHIFT
+        pa = pfn << self.page_shift
         if pfn < 0 or pa >> self.max_pa_bits:
             raise InputError(f"pfn: {pfn:#x} is beyond the {self.max_pa_bits}-bit output "
                              "address range")
@@ -439,7 +440,7 @@ class Stage2(Stage2Tree):
         return True
 
     def collect_dirty(self, gpa: int, size: int, clear: bool = True) -> list[int]:
-        """Gfns (4 KiB frames, clipped to the range) of every leaf whose
+        """Gfns (granule-sized frames, clipped to the range) of every leaf whose
         hardware dirty bit is set (EPT D, riscv D; arm64 stage-2 has none
         that KVM uses, so none).  With ``clear`` the bits are cleared, as
         ``kvm_tdp_mmu_clear_dirty_slot`` does under PML."""
@@ -452,8 +453,8 @@ class Stage2(Stage2Tree):
                   if p & self._DIRTY])
         out: list[int] = []
         for base, d, _pte in found:
-            lo = max(base, gpa) >> PAGE_SHIFT
-            hi = min(base + self._size[d], end) >> PAGE_SHIFT
+            lo = max(base, gpa) >> self.page_shift
+            hi = min(base + self._size[d], end) >> self.page_shift
             out.extend(range(lo, hi))
         return out
 
@@ -492,7 +493,7 @@ class Stage2(Stage2Tree):
             t[idx] = new
             self.counters.hw_ad_updates += 1
             pte = new
-        return self._make_leaf(gpa & ~(PAGE_SIZE - 1), pte, d, True)
+        return self._make_leaf(gpa & ~(self.granule - 1), pte, d, True)
 
     # --- block <-> table ----------------------------------------------------------
 
@@ -516,10 +517,12 @@ class Stage2(Stage2Tree):
         in place, no flush - the translation is unchanged)."""
         self._write(slot, idx, old, self._table_pte(child), gpa, d)
 
-    def split_range(self, gpa: int, size: int, to_size: int = PAGE_SIZE) -> int:
+    def split_range(self, gpa: int, size: int, to_size: int | None = None) -> int:
         """Split every block meeting the range until its leaves are at most
-        ``to_size``; returns entries written."""
+        ``to_size`` (default: the granule); returns entries written."""
         self._check_range(gpa, size, "split_range")
+        if to_size is None:
+            to_size = self.granule
         written = 0
         again = True
         while again:
@@ -582,8 +585,11 @@ class Stage2(Stage2Tree):
 
     # --- flushes a caller requests ----------------------------------------------------
 
-    def flush_tlb_gpa(self, gpa: int, size: int = PAGE_SIZE) -> None:
-        """Record an invalidation of one entry's translation at ``gpa``."""
+    def flush_tlb_gpa(self, gpa: int, size: int | None = None) -> None:
+        """Record an invalidation of one entry's translation at ``gpa`` (``size``:
+        the entry's, default the granule)."""
+        if size is None:
+            size = self.granule
         self._tlbi(TlbiKind.ADDR, gpa & ~(size - 1), size)
 
     def flush_remote_tlbs_range(self, gpa: int, size: int) -> None:

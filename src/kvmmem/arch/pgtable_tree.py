@@ -36,7 +36,7 @@ from kvmmem.arch.pgtable_types import (
     WalkStep,
 )
 from kvmmem.errors import InputError
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, format_size
+from kvmmem.types import format_size
 
 
 class Stage2Tree:
@@ -356,7 +356,7 @@ class Stage2Tree:
         _slot, _idx, d, pte = self._find(gpa)
         if not pte & self._V or self._is_table(pte, d):
             return None
-        return self._make_leaf(gpa & ~(PAGE_SIZE - 1), pte, d, True)
+        return self._make_leaf(gpa & ~(self.granule - 1), pte, d, True)
 
     def translate(self, gpa: int, young: bool = False) -> Translation | None:
         """What a TLB caches from :meth:`walk`: the :class:`Translation`
@@ -396,8 +396,9 @@ class Stage2Tree:
                 self.counters.hw_ad_updates += 1
         perm = dec[0]
         size = self._size[d]
-        pa = ((pte & OAM) << RSH) + (gpa & ~(PAGE_SIZE - 1) & (size - 1))
-        return Translation(pa >> PAGE_SHIFT, perm.write, perm.execute)
+        shift = self.page_shift
+        pa = ((pte & OAM) << RSH) + (gpa & (size - 1))
+        return Translation(pa >> shift, perm.write, perm.execute)
 
     def _make_leaf(self, gpa: int, pte: int, d: int, offset: bool) -> Leaf:
         bits = pte & ~self._OAM
@@ -409,8 +410,8 @@ class Stage2Tree:
         if offset:
             pa += gpa & (size - 1)
         perm, attr, young, dirty, accessible = dec
-        return Leaf(gpa, pa >> PAGE_SHIFT, size, self.levels[d], perm, attr, young, dirty, pte,
-                    accessible)
+        return Leaf(gpa, pa >> self.page_shift, size, self.levels[d], perm, attr, young, dirty,
+                    pte, accessible, self.page_shift)
 
     def walk_path(self, gpa: int) -> list[WalkStep]:
         """Every entry the hardware reads to translate ``gpa``, root first

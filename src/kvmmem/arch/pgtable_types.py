@@ -15,8 +15,6 @@ from typing import NamedTuple, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
-from kvmmem.types import PAGE_SHIFT
-
 TABLE_BASE = 1 << 45
 """Model physical address of table slot 0 (32 TiB): far above the frames the
 host model hands out, below every format's output-address limit."""
@@ -93,6 +91,8 @@ class Leaf(NamedTuple):
     accessible: bool
     """False when the hardware would fault on this entry although it is valid
     (arm64 access flag clear; riscv A clear without Svadu)."""
+    page_shift: int = 12
+    """The granule's shift: ``pfn`` counts granule-sized (host) pages."""
 
     @property
     def writable(self) -> bool:
@@ -122,7 +122,7 @@ class Leaf(NamedTuple):
     @property
     def base_pfn(self) -> int:
         """First frame the leaf maps."""
-        return self.pfn - ((self.gpa & (self.size - 1)) >> PAGE_SHIFT)
+        return self.pfn - ((self.gpa & (self.size - 1)) >> self.page_shift)
 
 
 class TlbiKind(Enum):

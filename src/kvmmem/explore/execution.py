@@ -71,7 +71,6 @@ from kvmmem.scenario.model import (
 )
 from kvmmem.scenario.runner import Runner, expectation_holds
 from kvmmem.sync import Sync, SyncKind, acquire, point
-from kvmmem.types import PAGE_SHIFT
 
 from .fingerprint import Canon, StatePickler
 from .threads import Footprint, LockOp, LockProtocolError, OpThread, Threads
@@ -377,11 +376,12 @@ class Execution:
             flags = [n for n, bit in MEMSLOT_FLAGS.items() if slot.flags & bit]
             if slot.invalid:
                 flags.append("INVALID")
-            out.append(f"memslot {slot.id}: gpa {slot.base_gfn << PAGE_SHIFT:#x}+"
-                       f"{slot.npages << PAGE_SHIFT:#x} -> hva {slot.userspace_addr:#x}"
+            shift = slot.page_shift
+            out.append(f"memslot {slot.id}: gpa {slot.base_gfn << shift:#x}+"
+                       f"{slot.npages << shift:#x} -> hva {slot.userspace_addr:#x}"
                        + (f" [{', '.join(flags)}]" if flags else ""))
             for i in range(min(slot.npages, 16)):
-                hva = slot.userspace_addr + (i << PAGE_SHIFT)
+                hva = slot.userspace_addr + (i << shift)
                 pte = mm.host_pte(hva)
                 text = "none" if pte is None else \
                     f"pfn {pte.pfn:#x}{' w' if pte.writable else ' ro'}"

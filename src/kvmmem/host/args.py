@@ -10,7 +10,6 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmmem.errors import ArgumentError
-from kvmmem.host.pagetable import PAGE_MASK
 from kvmmem.types import PAGE_SIZE
 
 ULONG_MAX = (1 << 64) - 1
@@ -30,9 +29,10 @@ def bool_arg(value: object, what: str) -> bool:
     return value
 
 
-def page_align(n: int) -> int:
-    """``PAGE_ALIGN`` on an unsigned long (wraps to 0 on overflow)."""
-    return (n + PAGE_SIZE - 1) & PAGE_MASK & ULONG_MAX
+def page_align(n: int, page_size: int = PAGE_SIZE) -> int:
+    """``PAGE_ALIGN`` on an unsigned long (wraps to 0 on overflow), for pages of
+    ``page_size`` bytes (the host's: ``mm.page_size``)."""
+    return (n + page_size - 1) & ~(page_size - 1) & ULONG_MAX
 
 
 def concat_pfns(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:

@@ -15,8 +15,8 @@ Kinds:
   (an optional uniform ``fill`` byte, zero after EOF or in punched holes),
   shared writable mappings are write-notified (read faults map read-only,
   the first write makes the PTE writable, ``do_page_mkwrite``);
-* ``hugetlbfs`` - 2 MiB pages (anonymous MAP_HUGETLB gets a private one,
-  like ``hugetlb_file_setup``);
+* ``hugetlbfs`` - PMD-sized pages, 2 MiB with 4 KiB base pages (anonymous MAP_HUGETLB
+  gets a private one, like ``hugetlb_file_setup``);
 * ``device`` - a device node whose mmap maps device frames (no page cache);
 * ``guest_memfd`` - the inode of a guest_memfd (``kvmmem.kvm.guest_memfd``): pages
   zeroed on first use, its ``fault`` and ``fallocate`` supplied by KVM.
@@ -33,7 +33,7 @@ from typing import Protocol
 from kvmmem.errors import InputError
 from kvmmem.host.physmem import PG_DIRTY, PhysMem
 from kvmmem.sync import Op
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, Pfn
+from kvmmem.types import Pfn
 
 
 class Mapping(Protocol):
@@ -87,7 +87,7 @@ class File:
         self.size = size
         self.writable = writable
         self.cache: dict[int, int] = {}
-        """Page cache: index -> pfn (hugetlbfs: 2 MiB index -> head pfn)."""
+        """Page cache: index -> pfn (hugetlbfs: huge page index -> head pfn)."""
         self.mappings: list[tuple[object, Mapping]] = []
         """``i_mmap``: (address space, VMA) for every VMA mapping this file, in map order
         (:func:`kvmmem.host.rmap.for_each_mapping` walks it with their types)."""
@@ -124,8 +124,10 @@ class File:
 
     @property
     def unit_shift(self) -> int:
-        """Page-cache granule: 21 for hugetlbfs, else 12."""
-        return PMD_SHIFT if self.kind is FileKind.HUGETLBFS else PAGE_SHIFT
+        """Page-cache granule: the PMD's shift for hugetlbfs (21 with 4 KiB pages), else
+        ``PAGE_SHIFT``."""
+        pg = self.physmem.pg
+        return pg.pmd_shift if self.kind is FileKind.HUGETLBFS else pg.page_shift
 
     def npages(self) -> int:
         """Pages inside i_size (the last one may be partial); index >= this is SIGBUS."""
@@ -150,11 +152,12 @@ class File:
     def _init_content(self, pfn: int, index: int) -> None:
         if not self._fill or index in self._holes:
             return
-        off = index << PAGE_SHIFT
-        end = min(self._fill_end, off + PAGE_SIZE)
+        page_size = self.physmem.page_size
+        off = index * page_size
+        end = min(self._fill_end, off + page_size)
         if end <= off:
             return
-        if end - off == PAGE_SIZE:
+        if end - off == page_size:
             self.physmem.fill(pfn, self._fill)
         else:
             self.physmem.write(pfn, 0, bytes((self._fill,)) * (end - off))
@@ -174,7 +177,7 @@ class File:
         return new
 
     def add_huge_page(self, index: int, head: int) -> None:
-        """Insert a hugetlb page (already allocated) at 2 MiB index ``index``."""
+        """Insert a hugetlb page (already allocated) at huge page index ``index``."""
         self.cache[index] = head
 
     def drop_pages(self, first: int, last: int | None = None, *, hole: bool) -> list[int]:
@@ -185,8 +188,9 @@ class File:
         afterwards).  Returns the pfns removed, in index order."""
         keys = sorted(k for k in self.cache if k >= first and (last is None or k <= last))
         removed = [self.cache.pop(k) for k in keys]
-        if hole and self._fill_end and self.unit_shift == PAGE_SHIFT:
-            last_filled = (self._fill_end - 1) >> PAGE_SHIFT
+        page_shift = self.physmem.page_shift
+        if hole and self._fill_end and self.unit_shift == page_shift:
+            last_filled = (self._fill_end - 1) >> page_shift
             stop = last_filled if last is None else min(last, last_filled)
             for i in range(first, stop + 1):
                 self._holes[i] = None
@@ -200,11 +204,12 @@ class File:
             if self._fill_end > size:
                 self._fill_end = size
             # truncate_inode_partial_folio: zero the tail of the page holding EOF
-            if size & (PAGE_SIZE - 1) and self.unit_shift == PAGE_SHIFT:
-                pfn = self.cache.get(size >> PAGE_SHIFT)
+            page_shift, page_size = self.physmem.page_shift, self.physmem.page_size
+            if size & (page_size - 1) and self.unit_shift == page_shift:
+                pfn = self.cache.get(size >> page_shift)
                 if pfn is not None:
-                    tail = PAGE_SIZE - (size & (PAGE_SIZE - 1))
-                    self.physmem.write(pfn, size & (PAGE_SIZE - 1), bytes(tail))
+                    tail = page_size - (size & (page_size - 1))
+                    self.physmem.write(pfn, size & (page_size - 1), bytes(tail))
         self.size = size
 
     # --- read(2)/write(2) through the page cache ---------------------------------
@@ -220,15 +225,17 @@ class File:
         size = max(0, min(size, self.size - offset))
         out = bytearray()
         shift = self.unit_shift
+        page_shift, page_size = self.physmem.page_shift, self.physmem.page_size
         while size > 0:
             index = offset >> shift
             within = offset & ((1 << shift) - 1)
-            n = min(size, PAGE_SIZE - (within & (PAGE_SIZE - 1)))
+            n = min(size, page_size - (within & (page_size - 1)))
             pfn = self.cache.get(index)
             if pfn is not None:
-                out += self.physmem.read(pfn + (within >> PAGE_SHIFT), within & 0xFFF, n)
+                out += self.physmem.read(pfn + (within >> page_shift), within & (page_size - 1),
+                                         n)
             else:
-                page = offset >> PAGE_SHIFT
+                page = offset >> page_shift
                 filled = self._fill and page not in self._holes and offset < self._fill_end
                 out += bytes((self._fill if filled else 0,)) * n
             offset += n
@@ -251,10 +258,11 @@ class File:
         if end > self.size:
             self.size = end
         pos = 0
+        page_shift, page_size = self.physmem.page_shift, self.physmem.page_size
         while pos < len(data):
-            index = (offset + pos) >> PAGE_SHIFT
-            within = (offset + pos) & (PAGE_SIZE - 1)
-            n = min(len(data) - pos, PAGE_SIZE - within)
+            index = (offset + pos) >> page_shift
+            within = (offset + pos) & (page_size - 1)
+            n = min(len(data) - pos, page_size - within)
             pfn = self.get_page(index)
             self.physmem.write(pfn, within, bytes(data[pos : pos + n]))
             self.physmem.set_flags(pfn, PG_DIRTY)
@@ -262,8 +270,8 @@ class File:
         return len(data)
 
     def huge_index(self, offset: int) -> int:
-        """2 MiB page index of byte ``offset`` (hugetlbfs)."""
-        return offset // PMD_SIZE
+        """Huge page index of byte ``offset`` (hugetlbfs)."""
+        return offset >> self.physmem.pg.pmd_shift
 
     def snapshot(self) -> tuple[object, ...]:
         """A comparable picture of the inode and its page cache."""

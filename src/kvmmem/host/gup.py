@@ -39,7 +39,7 @@ from kvmmem.host.pagetable import (
 )
 from kvmmem.host.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 from kvmmem.sync import Op, drive
-from kvmmem.types import PAGE_SHIFT, Pfn
+from kvmmem.types import Pfn
 
 
 def _addr(hva: object, call: str) -> int:
@@ -68,14 +68,15 @@ def gup_fast(mm: MmStruct, addr: int, write: bool) -> Pfn | None:
     """``gup_fast()`` for one page: :func:`get_user_page_fast_only` on an
     address and flag already checked (KVM's ``hva_to_pfn_fast``, whose hva is
     a slot's user address)."""
-    slot = mm.pt.pmd.get(addr >> 21)
+    pt = mm.pt
+    slot = pt.pmd.get(addr >> pt.pmd_shift)
     if slot is None:
         return None
     if isinstance(slot, int):
         e = slot
-        pfn = (e >> PFN_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
+        pfn = (e >> PFN_SHIFT) + ((addr >> pt.page_shift) & pt.pte_mask)
     else:
-        e = slot[(addr >> PAGE_SHIFT) & 511]
+        e = slot[(addr >> pt.page_shift) & pt.pte_mask]
         pfn = e >> PFN_SHIFT
     if not e & PTE_PRESENT or e & (PTE_SPECIAL | PTE_PROTNONE | PTE_MIGRATION):
         return None
@@ -173,7 +174,7 @@ def follow_pfnmap(mm: MmStruct, hva: int) -> tuple[Pfn, bool] | None:
         return None
     pfn = e >> PFN_SHIFT
     if huge:
-        pfn += (a >> PAGE_SHIFT) & 511
+        pfn += (a >> mm.pt.page_shift) & mm.pt.pte_mask
     return Pfn(pfn), bool(e & PTE_WRITE)
 
 

@@ -1,5 +1,7 @@
 """Transparent huge pages (``mm/huge_memory.c``): the anonymous PMD fault, the
-write fault on a PMD leaf, and splitting a PMD leaf into 512 PTEs."""
+write fault on a PMD leaf, and splitting a PMD leaf into ``PTRS_PER_PTE`` PTEs (512 with
+4 KiB pages: a 2 MiB THP; 2048 with arm64's 16 KiB pages: 32 MiB; 8192 with 64 KiB:
+512 MiB).  Only PMD-sized THPs are modelled (not mTHP)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from kvmmem.host.mm_types import (
 )
 from kvmmem.host.notifier import NotifierEvent
 from kvmmem.host.pagetable import (
-    HPAGE_MASK,
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_MIGRATION,
@@ -32,22 +33,23 @@ from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_HUGETLB, RAM_BASE
 from kvmmem.host.rmap import anon_vma_prepare
 from kvmmem.host.vma import VM_HUGEPAGE, VM_NOHUGEPAGE, Vma
 from kvmmem.sync import Op, drive
-from kvmmem.types import PAGES_PER_PMD, PMD_SIZE
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
 
 def split_huge_pmd_op(mm: MmStruct, idx: int) -> Op[None]:
-    """``__split_huge_pmd()``: turn the THP leaf at PMD ``idx`` into 512 PTEs.
+    """``__split_huge_pmd()``: turn the THP leaf at PMD ``idx`` into PTEs.
 
-    Notifies MMU_NOTIFY_CLEAR over the 2 MiB.  The folio stays compound
-    (refcount +511, one per PTE); the huge zero page becomes 512 zero-page
-    PTEs."""
+    Notifies MMU_NOTIFY_CLEAR over the PMD.  The folio stays compound
+    (refcount + one per PTE after the first); the huge zero page becomes
+    zero-page PTEs."""
     leaf = mm.pt.pmd.get(idx)
     if not isinstance(leaf, int) or is_hugetlb_leaf(mm, leaf):
         return
-    haddr = idx << 21
-    rng = yield from invalidate_range_start_op(mm, haddr, haddr + PMD_SIZE, NotifierEvent.CLEAR)
+    pg = mm.pg
+    haddr = idx << pg.pmd_shift
+    rng = yield from invalidate_range_start_op(mm, haddr, haddr + pg.pmd_size,
+                                               NotifierEvent.CLEAR)
     leaf = mm.pt.pmd.get(idx)
     if isinstance(leaf, int):
         head = leaf >> PFN_SHIFT
@@ -57,18 +59,20 @@ def split_huge_pmd_op(mm: MmStruct, idx: int) -> Op[None]:
         if mm.physmem.is_huge_zero(head):
             arr[:] = (mm.physmem.zero_pfn << PFN_SHIFT) | (bits & ~_W) | _S
         else:
-            arr[:] = ((np.arange(PAGES_PER_PMD, dtype=np.int64) + head) << PFN_SHIFT) | bits
+            ppm = pg.pages_per_pmd
+            arr[:] = ((np.arange(ppm, dtype=np.int64) + head) << PFN_SHIFT) | bits
             if not bits & PTE_MIGRATION:
-                mm.physmem.get_pages(np.array([head], dtype=np.int64), PAGES_PER_PMD - 1)
+                mm.physmem.get_pages(np.array([head], dtype=np.int64), ppm - 1)
     yield from invalidate_range_end_op(mm, rng)
 
 
 def split_huge_pmd_address_op(mm: MmStruct, addr: int) -> Op[None]:
     """``split_huge_pmd_address``: split a THP leaf that ``addr`` cuts in two."""
-    if addr & (PMD_SIZE - 1):
-        slot = mm.pt.pmd.get(addr >> 21)
+    pt = mm.pt
+    if addr & (pt.pmd_size - 1):
+        slot = pt.pmd.get(addr >> pt.pmd_shift)
         if isinstance(slot, int):
-            yield from split_huge_pmd_op(mm, addr >> 21)
+            yield from split_huge_pmd_op(mm, addr >> pt.pmd_shift)
 
 
 def is_hugetlb_leaf(mm: MmStruct, leaf: int) -> bool:
@@ -84,21 +88,23 @@ def thp_suitable(mm: MmStruct, vma: Vma, hva: int) -> bool:
         return False
     if mm.thp == "madvise" and not vma.flags & VM_HUGEPAGE:
         return False
-    haddr = hva & HPAGE_MASK
-    return haddr >= vma.start and haddr + PMD_SIZE <= vma.end
+    pg = mm.pg
+    haddr = hva & pg.hpage_mask
+    return haddr >= vma.start and haddr + pg.pmd_size <= vma.end
 
 
 def do_huge_pmd_anonymous_page(mm: MmStruct, vma: Vma, hva: int, write: bool) -> int:
-    """``do_huge_pmd_anonymous_page``: map a 2 MiB THP (or the huge zero page on a read)."""
+    """``do_huge_pmd_anonymous_page``: map a PMD-sized THP (or the huge zero page on a
+    read)."""
     pm = mm.physmem
-    idx = hva >> 21
+    idx = hva >> mm.pt.pmd_shift
     mm.stats["thp_faults"] += 1
     if not write:
         mm.pt.pmd[idx] = (pm.huge_zero_pfn << PFN_SHIFT) | _P | _S | _Y
         return VM_FAULT_OK
     anon_vma_prepare(mm, vma)
     head = pm.alloc_huge()
-    pfns = np.arange(head, head + PAGES_PER_PMD, dtype=np.int64)
+    pfns = np.arange(head, head + pm.pages_per_pmd, dtype=np.int64)
     pm.set_flags_bulk(pfns, PG_ANON | PG_ANON_EXCLUSIVE)
     pm.add_mapcount(pfns, 1)
     mm.pt.pmd[idx] = (head << PFN_SHIFT) | _P | _W | _D | _Y
@@ -108,7 +114,8 @@ def do_huge_pmd_anonymous_page(mm: MmStruct, vma: Vma, hva: int, write: bool) ->
 def huge_pmd_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool, leaf: int) -> Op[int]:
     """``huge_pmd_set_accessed`` / ``do_huge_pmd_wp_page`` / ``do_huge_zero_wp_pmd``."""
     pm = mm.physmem
-    idx = hva >> 21
+    pg = mm.pg
+    idx = hva >> pg.pmd_shift
     if leaf & PTE_MIGRATION:
         yield MIGRATION_WAIT
         return VM_FAULT_RETRY
@@ -120,13 +127,14 @@ def huge_pmd_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool, leaf: int) 
         # do_huge_zero_wp_pmd (v6.12+): a fresh THP replaces the huge zero page
         anon_vma_prepare(mm, vma)
         new = pm.alloc_huge()
-        haddr = hva & HPAGE_MASK
-        rng = yield from invalidate_range_start_op(mm, haddr, haddr + PMD_SIZE, NotifierEvent.CLEAR)
+        haddr = hva & pg.hpage_mask
+        rng = yield from invalidate_range_start_op(mm, haddr, haddr + pg.pmd_size,
+                                                   NotifierEvent.CLEAR)
         if mm.pt.pmd.get(idx) != leaf:
             pm.put_page(new)
             yield from invalidate_range_end_op(mm, rng)
             return VM_FAULT_OK
-        pfns = np.arange(new, new + PAGES_PER_PMD, dtype=np.int64)
+        pfns = np.arange(new, new + pg.pages_per_pmd, dtype=np.int64)
         pm.set_flags_bulk(pfns, PG_ANON | PG_ANON_EXCLUSIVE)
         pm.add_mapcount(pfns, 1)
         mm.pt.pmd[idx] = (new << PFN_SHIFT) | _P | _W | _D | _Y
@@ -135,15 +143,15 @@ def huge_pmd_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool, leaf: int) 
     if pm._flags[head - RAM_BASE_PFN] & PG_ANON_EXCLUSIVE:
         mm.pt.pmd[idx] = leaf | _W | _D | _Y
         return VM_FAULT_OK
-    # not exclusive (cannot happen without fork): fall back to 4K COW
+    # not exclusive (cannot happen without fork): fall back to a page-sized COW
     yield from split_huge_pmd_op(mm, idx)
     return VM_FAULT_RETRY
 
 
 def split_huge_pmd_hva_op(mm: MmStruct, hva: int) -> Op[None]:
-    """``split_huge_pmd_address``: split the THP mapping ``hva`` into 4 KiB PTEs.
+    """``split_huge_pmd_address``: split the THP mapping ``hva`` into PTEs.
 
-    MMU_NOTIFY_CLEAR over the 2 MiB; nothing happens if ``hva`` is not
+    MMU_NOTIFY_CLEAR over the PMD; nothing happens if ``hva`` is not
     THP-mapped.  Raises KernelError EINVAL for a hugetlb mapping."""
     a = ulong_arg(hva, "split_huge_pmd: hva")
     yield MMAP_READ_LOCK
@@ -151,8 +159,8 @@ def split_huge_pmd_hva_op(mm: MmStruct, hva: int) -> Op[None]:
     if vma is not None and vma.is_hugetlb():
         yield MMAP_READ_UNLOCK
         raise KernelError("EINVAL", f"split_huge_pmd({a:#x})", "hugetlb pages do not split")
-    if isinstance(mm.pt.pmd.get(a >> 21), int):
-        yield from split_huge_pmd_op(mm, a >> 21)
+    if isinstance(mm.pt.pmd.get(a >> mm.pt.pmd_shift), int):
+        yield from split_huge_pmd_op(mm, a >> mm.pt.pmd_shift)
     yield MMAP_READ_UNLOCK
 
 

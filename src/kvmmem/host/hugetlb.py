@@ -1,7 +1,9 @@
 """hugetlb (``mm/hugetlb.c``): the fault (``hugetlb_fault``) and the rule that a
 hugetlb VMA is only cut at huge-page boundaries (``hugetlb_vm_op_split``).
 
-2 MiB pages only, reservations per page index, no PMD sharing."""
+PMD-sized pages only (the default hstate, ``HPAGE_SIZE``: 2 MiB with 4 KiB base pages,
+32 MiB with arm64's 16 KiB, 512 MiB with 64 KiB), reservations per huge page index, no
+PMD sharing."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from kvmmem.host.mm_types import (
 )
 from kvmmem.host.notifier import NotifierEvent
 from kvmmem.host.pagetable import (
-    HPAGE_MASK,
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_MIGRATION,
@@ -32,7 +33,6 @@ from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, RAM_BASE_PFN
 from kvmmem.host.rmap import anon_vma_prepare
 from kvmmem.host.vma import VM_MAYSHARE, VM_SHARED, VM_WRITE, Vma
 from kvmmem.sync import Op
-from kvmmem.types import PAGES_PER_PMD, PMD_SIZE
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
@@ -40,13 +40,15 @@ _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 def hugetlb_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool) -> Op[int]:
     """``hugetlb_fault`` -> ``hugetlb_no_page`` / ``hugetlb_wp``."""
     pm = mm.physmem
-    idx = hva >> 21
-    haddr = hva & HPAGE_MASK
+    pg = mm.pg
+    ppm = pg.pages_per_pmd
+    idx = hva >> pg.pmd_shift
+    haddr = hva & pg.hpage_mask
     leaf = mm.pt.pmd.get(idx)
     f = vma.file
     if f is None:
         return VM_FAULT_SIGBUS
-    hindex = vma.pgoff_of(haddr) >> 9
+    hindex = vma.pgoff_of(haddr) >> (pg.pmd_shift - pg.page_shift)
     if not isinstance(leaf, int) or not leaf:
         if hindex >= f.npages():
             return VM_FAULT_SIGBUS
@@ -72,10 +74,10 @@ def hugetlb_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool) -> Op[int]:
             vma.resv.pop(hindex, None)
             head = got
             anon_vma_prepare(mm, vma)
-            pm.set_flags_bulk(np.arange(head, head + PAGES_PER_PMD, dtype=np.int64),
+            pm.set_flags_bulk(np.arange(head, head + ppm, dtype=np.int64),
                               PG_ANON | PG_ANON_EXCLUSIVE)
             bits = _P | _Y | ((_W | _D) if write else 0)
-        pm.add_mapcount(np.arange(head, head + PAGES_PER_PMD, dtype=np.int64), 1)
+        pm.add_mapcount(np.arange(head, head + ppm, dtype=np.int64), 1)
         mm.pt.pmd[idx] = (head << PFN_SHIFT) | bits
         return VM_FAULT_OK
     if leaf & PTE_MIGRATION:
@@ -90,15 +92,16 @@ def hugetlb_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool) -> Op[int]:
         new = pm.alloc_hugetlb(reserved=False)
         if new is None:
             return VM_FAULT_SIGBUS
-        rng = yield from invalidate_range_start_op(mm, haddr, haddr + PMD_SIZE, NotifierEvent.CLEAR)
-        for k in range(PAGES_PER_PMD):
+        rng = yield from invalidate_range_start_op(mm, haddr, haddr + pg.pmd_size,
+                                                   NotifierEvent.CLEAR)
+        for k in range(ppm):
             pm.copy_page(new + k, head + k)
-        pfns_new = np.arange(new, new + PAGES_PER_PMD, dtype=np.int64)
+        pfns_new = np.arange(new, new + ppm, dtype=np.int64)
         pm.set_flags_bulk(pfns_new, PG_ANON | PG_ANON_EXCLUSIVE)
         pm.add_mapcount(pfns_new, 1)
         mm.pt.pmd[idx] = (new << PFN_SHIFT) | _P | _W | _D | _Y
         yield from invalidate_range_end_op(mm, rng)
-        pm.add_mapcount(np.arange(head, head + PAGES_PER_PMD, dtype=np.int64), -1)
+        pm.add_mapcount(np.arange(head, head + ppm, dtype=np.int64), -1)
         pm.put_page(head)
         return VM_FAULT_OK
     mm.pt.pmd[idx] = leaf | _Y | (_D if write else 0)
@@ -106,9 +109,9 @@ def hugetlb_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool) -> Op[int]:
 
 
 def hugetlb_vm_op_split(vmas: list[Vma], start: int, end: int, call: str) -> None:
-    """``hugetlb_vm_op_split``: a hugetlb VMA can only be cut at 2 MiB boundaries."""
+    """``hugetlb_vm_op_split``: a hugetlb VMA can only be cut at huge page boundaries."""
     first, last = vmas[0], vmas[-1]
-    if first.start < start and first.is_hugetlb() and start % PMD_SIZE:
+    if first.start < start and first.is_hugetlb() and start % first.pg.pmd_size:
         raise KernelError("EINVAL", call, "splitting a hugetlb VMA inside a huge page")
-    if last.end > end and last.is_hugetlb() and end % PMD_SIZE:
+    if last.end > end and last.is_hugetlb() and end % last.pg.pmd_size:
         raise KernelError("EINVAL", call, "splitting a hugetlb VMA inside a huge page")

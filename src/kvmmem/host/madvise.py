@@ -14,7 +14,6 @@ from kvmmem.host.mm_types import (
     mm_changing,
 )
 from kvmmem.host.notifier import NotifierEvent
-from kvmmem.host.pagetable import HPAGE_MASK
 from kvmmem.host.truncate import punch_hole_op
 from kvmmem.host.vma import (
     VM_HUGEPAGE,
@@ -29,7 +28,7 @@ from kvmmem.host.vma import (
 )
 from kvmmem.host.vma_tree import vma_modify_flags_op
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import PAGE_SIZE, PAGES_PER_PMD, PMD_SIZE
+from kvmmem.types import format_size
 
 MADV_NORMAL = 0
 MADV_WILLNEED = 3
@@ -69,9 +68,9 @@ def madvise_op(mm: MmStruct, addr: int, length: int, advice: str | int) -> Op[No
     call = f"madvise({start:#x}, {length:#x}, {advice!r})"
     if behavior not in MADVICE.values():
         raise KernelError("EINVAL", call, "unknown or unmodelled advice")
-    if start & (PAGE_SIZE - 1):
+    if start & (mm.page_size - 1):
         raise KernelError("EINVAL", call, "address not page aligned")
-    alen = page_align(length)
+    alen = page_align(length, mm.page_size)
     if length and not alen:
         raise KernelError("EINVAL", call, "length overflows")
     end = start + alen
@@ -126,9 +125,11 @@ def madvise_vma_behavior_op(mm: MmStruct, vma: Vma, start: int, end: int, behavi
             if not mm.hugetlb_madv_dontneed:
                 # madvise_dontneed_free_valid_vma before v5.18: VM_HUGETLB is refused
                 raise KernelError("EINVAL", call, "MADV_DONTNEED on hugetlb before v5.18")
-            if start % PMD_SIZE:
-                raise KernelError("EINVAL", call, "hugetlb start not 2M aligned")
-            end = end & HPAGE_MASK  # madvise_dontneed_free_valid_vma rounds down
+            huge = vma.pg.pmd_size
+            if start % huge:
+                raise KernelError("EINVAL", call,
+                                  f"hugetlb start not {format_size(huge)} aligned")
+            end = end & ~(huge - 1)  # madvise_dontneed_free_valid_vma rounds down
             if end <= start:
                 return
         elif vma.flags & VM_PFNMAP:
@@ -153,8 +154,9 @@ def madvise_vma_behavior_op(mm: MmStruct, vma: Vma, start: int, end: int, behavi
         if f.kind is FileKind.HUGETLBFS:
             # hugetlbfs_punch_hole removes whole huge pages only (partial ones are
             # zeroed in the kernel; not modelled)
-            first = (first + PAGES_PER_PMD - 1) // PAGES_PER_PMD * PAGES_PER_PMD
-            last = (last + 1) // PAGES_PER_PMD * PAGES_PER_PMD - 1
+            ppm = vma.pg.pages_per_pmd
+            first = (first + ppm - 1) // ppm * ppm
+            last = (last + 1) // ppm * ppm - 1
         yield from punch_hole_op(f, first, last)
     elif behavior in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
         flags = vma.flags
@@ -166,7 +168,8 @@ def madvise_vma_behavior_op(mm: MmStruct, vma: Vma, start: int, end: int, behavi
             newflags = (flags & ~VM_HUGEPAGE) | VM_NOHUGEPAGE
         if newflags == flags:
             return
-        if vma.is_hugetlb() and (start % PMD_SIZE or (end < vma.end and end % PMD_SIZE)):
+        huge = vma.pg.pmd_size
+        if vma.is_hugetlb() and (start % huge or (end < vma.end and end % huge)):
             raise KernelError("EINVAL", call, "splitting a hugetlb VMA inside a huge page")
         yield from vma_modify_flags_op(mm, vma, start, end, newflags)
     elif behavior == MADV_PAGEOUT and vma.flags & (VM_LOCKED | VM_PFNMAP | VM_HUGETLB):

@@ -8,20 +8,20 @@ from kvmmem.errors import ArgumentError, InputError, KernelError
 from kvmmem.host.args import bool_arg
 from kvmmem.host.file import File, FileKind
 from kvmmem.host.mm_types import MmStruct
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 
 
 def memfd_create(mm: MmStruct, name: str, size: int, *, hugetlb: bool = False) -> File:
     """``memfd_create(name)`` + ``ftruncate(size)``: a shmem (or hugetlbfs) file.
 
     Raises :class:`KernelError` EINVAL for a hugetlbfs size that is not a
-    multiple of 2 MiB; InputError for wrong types."""
+    multiple of the huge page size (``PMD_SIZE``: 2 MiB with 4 KiB pages); InputError
+    for wrong types."""
     if not isinstance(name, str):
         raise InputError(f"memfd_create: name must be a str, got {name!r}")
     size = size_arg(size, "memfd_create")
     bool_arg(hugetlb, "memfd_create: hugetlb")
     if hugetlb:
-        if size % PMD_SIZE:
+        if size % mm.pg.pmd_size:
             raise KernelError("EINVAL", f"ftruncate({name}, {size:#x})", "hugetlbfs size")
         return File(mm.physmem, mm.new_ino(), name, FileKind.HUGETLBFS, size)
     return File(mm.physmem, mm.new_ino(), name, FileKind.SHMEM, size)
@@ -53,7 +53,7 @@ def open_device(mm: MmStruct, name: str, npages: int, *, lazy: bool = False) -> 
     if not isinstance(name, str):
         raise InputError(f"open_device: name must be a str, got {name!r}")
     base = mm.physmem.add_device_region(npages)
-    return File(mm.physmem, mm.new_ino(), name, FileKind.DEVICE, npages * PAGE_SIZE,
+    return File(mm.physmem, mm.new_ino(), name, FileKind.DEVICE, npages * mm.page_size,
                 device_base=base, device_lazy=lazy)
 
 
@@ -67,11 +67,11 @@ def create_dmabuf(mm: MmStruct, name: str, size: int) -> File:
     if not isinstance(name, str):
         raise InputError(f"create_dmabuf: name must be a str, got {name!r}")
     size = size_arg(size, "create_dmabuf")
-    if size == 0 or size % PAGE_SIZE:
+    if size == 0 or size % mm.page_size:
         raise KernelError("EINVAL", f"create_dmabuf({name}, {size:#x})",
                           "size must be a positive multiple of the page size")
     f = File(mm.physmem, mm.new_ino(), name, FileKind.SHMEM, size, dmabuf=True)
-    for index in reversed(range(size >> PAGE_SHIFT)):
+    for index in reversed(range(size >> mm.page_shift)):
         f.get_page(index)
     return f
 

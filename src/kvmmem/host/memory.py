@@ -33,7 +33,6 @@ from kvmmem.host.mm_types import (
 )
 from kvmmem.host.notifier import NotifierEvent
 from kvmmem.host.pagetable import (
-    PAGE_MASK,
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_MIGRATION,
@@ -47,7 +46,6 @@ from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, RAM_BASE_P
 from kvmmem.host.rmap import anon_vma_prepare
 from kvmmem.host.vma import VM_HUGETLB, VM_SHARED, VM_WRITE, Vma, VmaKind
 from kvmmem.sync import Op
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PMD, PMD_SIZE
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
@@ -63,16 +61,17 @@ def zap_page_range_op(
     ``cache_only`` keeps private anonymous (COW) pages (``even_cows=0``)."""
     pt = mm.pt
     pm = mm.physmem
+    pmd_shift, pmd_size, page_shift = pt.pmd_shift, pt.pmd_size, pt.page_shift
     puts: list[npt.NDArray[np.int64]] = []
     for idx in pt.indices(start, end):
         slot = pt.pmd.get(idx)
         if slot is None:
             continue
-        base = idx << 21
+        base = idx << pmd_shift
         lo = max(start, base)
-        hi = min(end, base + PMD_SIZE)
+        hi = min(end, base + pmd_size)
         if isinstance(slot, int):
-            if hi - lo != PMD_SIZE:
+            if hi - lo != pmd_size:
                 if is_hugetlb_leaf(mm, slot):
                     continue  # callers align hugetlb ranges
                 yield from split_huge_pmd_op(mm, idx)
@@ -85,10 +84,11 @@ def zap_page_range_op(
                     continue
                 del pt.pmd[idx]
                 if not slot & _S:
-                    pm.add_mapcount(np.arange(head, head + PAGES_PER_PMD, dtype=np.int64), -1)
+                    pm.add_mapcount(np.arange(head, head + pm.pages_per_pmd, dtype=np.int64),
+                                    -1)
                     puts.append(np.array([head], dtype=np.int64))
                 continue
-        arr = pt.view(slot)[(lo - base) >> PAGE_SHIFT : (hi - base) >> PAGE_SHIFT]
+        arr = pt.view(slot)[(lo - base) >> page_shift : (hi - base) >> page_shift]
         nzi = np.flatnonzero(arr)
         if not nzi.size:
             continue
@@ -123,17 +123,18 @@ def free_pgtables(mm: MmStruct, start: int, end: int, *, only_empty_full: bool =
     """``free_pgtables``: drop PTE tables in ``[start, end)`` no VMA covers any more.
 
     With ``only_empty_full`` (MADV_DONTNEED, ``CONFIG_PT_RECLAIM``) drop
-    the tables whose whole 2 MiB was zapped instead."""
+    the tables whose whole PMD range (2 MiB with 4 KiB pages) was zapped instead."""
     pt = mm.pt
+    pmd_shift, pmd_size = pt.pmd_shift, pt.pmd_size
     for idx in pt.indices(start, end):
         slot = pt.pmd.get(idx)
         if slot is None or isinstance(slot, int):
             continue
-        base = idx << 21
+        base = idx << pmd_shift
         if only_empty_full:
-            if start <= base and base + PMD_SIZE <= end and not pt.view(slot).any():
+            if start <= base and base + pmd_size <= end and not pt.view(slot).any():
                 del pt.pmd[idx]
-        elif not mm.vmas_in(base, base + PMD_SIZE):
+        elif not mm.vmas_in(base, base + pmd_size):
             del pt.pmd[idx]
 
 
@@ -146,15 +147,16 @@ def handle_mm_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool) -> Op[int]
     mm.stats["faults"] += 1
     if vma.flags & VM_HUGETLB:
         return (yield from hugetlb_fault_op(mm, vma, hva, write))
-    idx = hva >> 21
-    slot = mm.pt.pmd.get(idx)
+    pt = mm.pt
+    idx = hva >> pt.pmd_shift
+    slot = pt.pmd.get(idx)
     if isinstance(slot, int):
         return (yield from huge_pmd_fault_op(mm, vma, hva, write, slot))
     if slot is None:
         if thp_suitable(mm, vma, hva):
             return do_huge_pmd_anonymous_page(mm, vma, hva, write)
-        slot = mm.pt.new_table(idx)
-    i = (hva >> PAGE_SHIFT) & 511
+        slot = pt.new_table(idx)
+    i = (hva >> pt.page_shift) & pt.pte_mask
     e = slot[i]
     if not e:
         return do_pte_missing(mm, vma, hva, write, slot, i)
@@ -268,9 +270,10 @@ def wp_page_copy_op(mm: MmStruct, vma: Vma, hva: int, tbl: Any, i: int, e: int) 
     if old != pm.zero_pfn:
         pm.copy_page(new, old)
     pm.set_flags(new, PG_ANON | PG_ANON_EXCLUSIVE)
-    page = hva & PAGE_MASK
-    rng = yield from invalidate_range_start_op(mm, page, page + PAGE_SIZE, NotifierEvent.CLEAR)
-    if id(mm.pt.pmd.get(hva >> 21)) != id(tbl) or tbl[i] != e:
+    page = hva & mm.pg.page_mask
+    rng = yield from invalidate_range_start_op(mm, page, page + mm.page_size,
+                                               NotifierEvent.CLEAR)
+    if id(mm.pt.pmd.get(hva >> mm.pt.pmd_shift)) != id(tbl) or tbl[i] != e:
         pm.put_page(new)  # !pte_same: somebody else resolved it
         yield from invalidate_range_end_op(mm, rng)
         return VM_FAULT_OK
@@ -292,6 +295,6 @@ def remap_pfn_range(mm: MmStruct, vma: Vma) -> None:
     writable = _W if vma.flags & VM_WRITE and vma.flags & VM_SHARED else 0
     base_pfn = f.device_base + vma.pgoff
     vma.pgoff = base_pfn  # pci_mmap_resource_range / /dev/mem: vm_pgoff holds the pfn
-    for hva in range(vma.start, vma.end, PAGE_SIZE):
-        pfn = base_pfn + ((hva - vma.start) >> PAGE_SHIFT)
+    for hva in range(vma.start, vma.end, mm.page_size):
+        pfn = base_pfn + ((hva - vma.start) >> mm.page_shift)
         set_pte(mm.pt, hva, (pfn << PFN_SHIFT) | _P | _S | writable)

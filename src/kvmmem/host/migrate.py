@@ -28,7 +28,7 @@ from kvmmem.host.pagetable import (
 from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_HUGETLB, RAM_BASE_PFN
 from kvmmem.host.rmap import rmap_walk
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PMD, PMD_SIZE, Pfn
+from kvmmem.types import Pfn
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
@@ -75,7 +75,7 @@ def migrate_folio_op(mm: MmStruct, old: int, huge: bool, hva: int) -> Op[Pfn]:
     lock = f"folio_lock:{old:#x}"
     yield acquire(lock)
     maps = rmap_walk(mm, old, huge, hva)
-    size = PMD_SIZE if huge else PAGE_SIZE
+    size = mm.pg.pmd_size if huge else mm.page_size
     # try_to_migrate: each mapping -> migration entry, under CLEAR notifications
     saved: list[tuple[MmStruct, int, int]] = []
     for owner, at in maps:
@@ -103,7 +103,7 @@ def migrate_folio_op(mm: MmStruct, old: int, huge: bool, hva: int) -> Op[Pfn]:
                 raise KernelError("ENOMEM", f"migrate({hva:#x})", "hugetlb pool empty")
         else:
             new = pm.alloc_huge()
-        n = PAGES_PER_PMD
+        n = pm.pages_per_pmd
     else:
         new = pm.alloc_page()
         n = 1
@@ -127,11 +127,11 @@ def migrate_folio_op(mm: MmStruct, old: int, huge: bool, hva: int) -> Op[Pfn]:
     pm._ref[old - RAM_BASE_PFN] = 1
     pm.put_page(old)
     yield release(lock)
-    return Pfn(new + ((hva >> PAGE_SHIFT) & (n - 1)))
+    return Pfn(new + ((hva >> mm.page_shift) & (n - 1)))
 
 
 def _put_entry(mm: MmStruct, at: int, huge: bool, ent: int) -> None:
     if huge:
-        mm.pt.pmd[at >> 21] = ent
+        mm.pt.pmd[at >> mm.pt.pmd_shift] = ent
     else:
         set_pte(mm.pt, at, ent)

@@ -88,7 +88,7 @@ from kvmmem.host.pagetable import PTE_MIGRATION, HostPte, decode
 from kvmmem.host.pagetable import mapping_size as pt_mapping_size
 from kvmmem.host.vma import Vma, VmaKind
 from kvmmem.sync import Op
-from kvmmem.types import PAGE_SIZE, Hva, Pfn
+from kvmmem.types import Hva, Pfn
 
 __all__ = [
     "DEFAULT_MAX_MAP_COUNT",
@@ -154,16 +154,17 @@ class Mm(MmStruct):
     def host_pte(self, hva: int) -> HostPte | None:
         """The host page-table entry mapping ``hva`` (None when none is present).
 
-        ``pfn`` is the 4 KiB frame behind ``hva`` (the subpage inside a 2 MiB
-        leaf; ``leaf_pfn`` is the leaf's first frame).  Migration entries are not
+        ``pfn`` is the frame behind ``hva`` (the subpage inside a PMD leaf;
+        ``leaf_pfn`` is the leaf's first frame).  Migration entries are not
         present; PROT_NONE entries are, with ``protnone`` set."""
         e, huge = self.pt.entry(ulong_arg(hva, "host_pte: hva"))
         if not e or e & PTE_MIGRATION:
             return None
-        return decode(e, hva, huge)
+        return decode(e, hva, huge, self.pg)
 
     def host_mapping_size(self, hva: int) -> int:
-        """``host_pfn_mapping_level`` as bytes: 2 MiB for a huge leaf, 4096 for a PTE, 0 if none."""
+        """``host_pfn_mapping_level`` as bytes: ``PMD_SIZE`` for a huge leaf, ``PAGE_SIZE``
+        for a PTE, 0 if none."""
         return pt_mapping_size(self.pt, ulong_arg(hva, "host_mapping_size: hva"))
 
     def mapping_size(self, addr: int) -> int:
@@ -204,7 +205,7 @@ class Mm(MmStruct):
     # --- mmap, munmap -------------------------------------------------------------
 
     def get_unmapped_area(
-        self, length: int, *, hint: int = 0, align: int = PAGE_SIZE
+        self, length: int, *, hint: int = 0, align: int | None = None
     ) -> int | None:
         """:func:`kvmmem.host.mmap.get_unmapped_area` on this mm."""
         return mmap.get_unmapped_area(self, length, hint=hint, align=align)

@@ -30,7 +30,7 @@ from kvmmem.host.pagetable import PageTable
 from kvmmem.host.physmem import PhysMem
 from kvmmem.host.vma import Vma
 from kvmmem.sync import Op, acquire, point, release
-from kvmmem.types import Hva
+from kvmmem.types import Hva, PageGeometry, page_geometry
 
 TASK_SIZE = 0x7FFFFFFFF000
 """x86-64 user address-space top with 4-level paging (``TASK_SIZE_MAX``)."""
@@ -88,7 +88,12 @@ class MmStruct:
 
     ``physmem`` is shared by every address space of a host (a fresh one is made
     when omitted).  ``thp`` is ``/sys/kernel/mm/transparent_hugepage/enabled``
-    (this host: ``"madvise"``).  ``mm_mt`` is the VMA tree (start -> Vma)."""
+    (this host: ``"madvise"``).  ``mm_mt`` is the VMA tree (start -> Vma).
+
+    ``page_size`` is the host kernel's ``PAGE_SIZE`` (4096; 16384 or 65536 for an arm64
+    kernel built with 16 KiB or 64 KiB pages), a property of the host: it must match
+    ``physmem``'s when both are given (InputError), and is ``physmem``'s when only that
+    is.  Every path whose answer depends on it reads :attr:`pg`."""
 
     def __init__(
         self,
@@ -97,12 +102,22 @@ class MmStruct:
         thp: str = "madvise",
         mmap_base: int = MMAP_BASE,
         max_map_count: int = DEFAULT_MAX_MAP_COUNT,
+        page_size: int | PageGeometry | None = None,
     ) -> None:
         if physmem is not None and not isinstance(physmem, PhysMem):
             raise InputError(f"physmem: expected a PhysMem, got {physmem!r}")
         if thp not in ("always", "madvise", "never"):
             raise InputError(f"thp: expected always|madvise|never, got {thp!r}")
-        self.physmem = physmem if physmem is not None else PhysMem()
+        if physmem is None:
+            physmem = PhysMem() if page_size is None else PhysMem(page_size=page_size)
+        elif page_size is not None and page_geometry(page_size) is not physmem.pg:
+            raise InputError(f"page_size: {page_geometry(page_size).name} differs from the "
+                             f"physmem's {physmem.pg.name} pages (one page size per host)")
+        self.physmem = physmem
+        self.pg: PageGeometry = physmem.pg
+        """The host's page geometry (``PAGE_SIZE``, ``PMD_SIZE``, ...: kvmmem.types)."""
+        self.page_size = self.pg.page_size
+        self.page_shift = self.pg.page_shift
         self.thp = thp
         self.mmap_base = mmap_base
         self.max_map_count = max_map_count
@@ -110,7 +125,7 @@ class MmStruct:
         """``MADV_DONTNEED`` works on hugetlb VMAs (v5.18, 90e7e7f5ef3f "mm: enable
         MADV_DONTNEED for hugetlb mappings"); before, EINVAL.  A VM sets it from its
         variant's release (kvmmem.variants, ``hugetlb_madv_dontneed``)."""
-        self.pt = PageTable()
+        self.pt = PageTable(self.pg)
         self.notifiers = MmuNotifierSubscriptions()
         self.mm_mt: Any = SortedDict()  # start -> Vma
         self.anon_vma_seq = 0

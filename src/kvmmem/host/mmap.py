@@ -30,7 +30,6 @@ from kvmmem.host.mm_types import (
 )
 from kvmmem.host.notifier import NotifierEvent
 from kvmmem.host.pagetable import (
-    HPAGE_MASK,
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_PRESENT,
@@ -64,7 +63,7 @@ from kvmmem.host.vma import (
 )
 from kvmmem.host.vma_tree import split_vma, vma_link, vma_merge, vma_unlink
 from kvmmem.sync import Op, drive
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PMD, PMD_SIZE, Hva
+from kvmmem.types import Hva, format_size
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
@@ -128,11 +127,14 @@ def arch_unmap_area(mm: MmStruct, end: int) -> None:
 
 
 def get_unmapped_area(
-    mm: MmStruct, length: int, *, hint: int = 0, align: int = PAGE_SIZE
+    mm: MmStruct, length: int, *, hint: int = 0, align: int | None = None
 ) -> int | None:
-    """``arch_get_unmapped_area_topdown``: use ``hint`` (rounded up) if free, else top-down."""
+    """``arch_get_unmapped_area_topdown``: use ``hint`` (rounded up) if free, else top-down.
+    ``align`` defaults to the page size."""
+    if align is None:
+        align = mm.page_size
     if hint:
-        hint = page_align(hint)
+        hint = page_align(hint, mm.page_size)
         if hint & (align - 1) == 0 and hint <= TASK_SIZE - length and not mm.vmas_in(
             hint, hint + length
         ):
@@ -191,30 +193,32 @@ def mmap_op(
                          "read-only mapping: map rw, fill, then mprotect)")
     file = _mmap_file_arg(vkind, file)
     call = f"mmap({a:#x}, {length:#x}, {vkind.value})"
-    if offset & (PAGE_SIZE - 1):
+    pg = mm.pg
+    huge = format_size(pg.pmd_size)
+    if offset & (pg.page_size - 1):
         raise KernelError("EINVAL", call, "offset not page aligned")
     if vkind is VmaKind.HUGETLB and file is None:
-        length = (length + PMD_SIZE - 1) & HPAGE_MASK & ULONG_MAX  # ksys_mmap_pgoff
+        length = (length + pg.pmd_size - 1) & pg.hpage_mask & ULONG_MAX  # ksys_mmap_pgoff
     if length == 0:
         raise KernelError("EINVAL", call, "length 0")
-    length = page_align(length)
+    length = page_align(length, pg.page_size)
     if length == 0 or length > TASK_SIZE:
         raise KernelError("ENOMEM", call, "length too large")
-    pgoff = offset >> PAGE_SHIFT
-    if pgoff + (length >> PAGE_SHIFT) > ULONG_MAX:
+    pgoff = offset >> pg.page_shift
+    if pgoff + (length >> pg.page_shift) > ULONG_MAX:
         raise KernelError("EOVERFLOW", call, "offset + length overflows")
     hugetlb = vkind is VmaKind.HUGETLB
-    if hugetlb and file is not None and length % PMD_SIZE:
-        raise KernelError("EINVAL", call, "hugetlbfs length not 2M aligned")
-    if hugetlb and pgoff % PAGES_PER_PMD:
-        raise KernelError("EINVAL", call, "hugetlbfs offset not 2M aligned")
+    if hugetlb and file is not None and length % pg.pmd_size:
+        raise KernelError("EINVAL", call, f"hugetlbfs length not {huge} aligned")
+    if hugetlb and pgoff % pg.pages_per_pmd:
+        raise KernelError("EINVAL", call, f"hugetlbfs offset not {huge} aligned")
     if fixed or noreplace:
-        if a & (PAGE_SIZE - 1):
+        if a & (pg.page_size - 1):
             raise KernelError("EINVAL", call, "fixed address not page aligned")
         if a == 0 or a > TASK_SIZE - length:
             raise KernelError("ENOMEM", call, "fixed range outside the address space")
-        if hugetlb and a % PMD_SIZE:
-            raise KernelError("EINVAL", call, "hugetlb address not 2M aligned")
+        if hugetlb and a % pg.pmd_size:
+            raise KernelError("EINVAL", call, f"hugetlb address not {huge} aligned")
 
     yield MMAP_WRITE_LOCK
     try:
@@ -237,11 +241,11 @@ def mmap_op(
                                   VmaKind.DMABUF):
         file = _anon_file(mm, vkind, length)
     if vkind in (VmaKind.ANON, VmaKind.THP):
-        pgoff = start >> PAGE_SHIFT  # do_mmap: anonymous vm_pgoff is the address
-    vma = Vma(start, end, flags, vkind, file, pgoff)
+        pgoff = start >> pg.page_shift  # do_mmap: anonymous vm_pgoff is the address
+    vma = Vma(start, end, flags, vkind, file, pgoff, pg=pg)
     if hugetlb and not flags & VM_NORESERVE:
-        first = pgoff >> 9
-        keys = range(first, first + (length >> 21))
+        first = pgoff >> (pg.pmd_shift - pg.page_shift)
+        keys = range(first, first + (length >> pg.pmd_shift))
         if flags & VM_MAYSHARE and file is not None:
             for k in keys:
                 if k not in file.cache:
@@ -296,7 +300,7 @@ def _anon_file(mm: MmStruct, kind: VmaKind, length: int) -> File:
         return create_dmabuf(mm, f"dmabuf:kvmmem-{mm.ino_seq + 1}", length)
     if kind in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY):
         return open_device(mm, f"/dev/kvmmem-bar{mm.ino_seq + 1}",
-                                length >> PAGE_SHIFT, lazy=kind is VmaKind.DEVICE_LAZY)
+                           length >> mm.page_shift, lazy=kind is VmaKind.DEVICE_LAZY)
     return open_file(mm, f"/tmp/kvmmem-file-{mm.ino_seq + 1}", length)
 
 
@@ -306,15 +310,16 @@ def _mmap_checks(
 ) -> tuple[int, int]:
     """The part of ``do_mmap`` that needs the address space: placement and VM flags."""
     hugetlb = kind is VmaKind.HUGETLB
+    pg = mm.pg
     if fixed or noreplace:
         start = a
         if noreplace and mm.vmas_in(start, start + length):
             raise KernelError("EEXIST", call, "MAP_FIXED_NOREPLACE over a mapping")
     else:
-        align = PAGE_SIZE
+        align = pg.page_size
         if hugetlb or (kind in (VmaKind.ANON, VmaKind.THP) and not a
-                       and length % PMD_SIZE == 0 and mm.thp != "never"):
-            align = PMD_SIZE  # hugetlb_get_unmapped_area / thp_get_unmapped_area
+                       and length % pg.pmd_size == 0 and mm.thp != "never"):
+            align = pg.pmd_size  # hugetlb_get_unmapped_area / thp_get_unmapped_area
         got = get_unmapped_area(mm, length, hint=a, align=align)
         if got is None:
             raise KernelError("ENOMEM", call, "no free range")
@@ -341,7 +346,7 @@ def _mmap_checks(
         flags |= VM_HUGEPAGE  # the madvise(MADV_HUGEPAGE) that defines the kind
     if kind in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY):
         flags |= VM_IO | VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP
-        if file is not None and (pgoff + (length >> PAGE_SHIFT)) > file.npages():
+        if file is not None and (pgoff + (length >> pg.page_shift)) > file.npages():
             raise KernelError("EINVAL", call, "beyond the device region")
     if kind is VmaKind.GUEST_MEMFD and (file is None or file.mmap_refused is not None):
         # kvm_gmem_mmap: only a guest_memfd created with GUEST_MEMFD_FLAG_MMAP
@@ -350,10 +355,10 @@ def _mmap_checks(
     if kind is VmaKind.DMABUF:
         # drm_gem_shmem_mmap / udmabuf mmap: no VM_IO (the pages are RAM)
         flags |= VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP
-        if file is not None and (pgoff + (length >> PAGE_SHIFT)) > file.npages():
+        if file is not None and (pgoff + (length >> pg.page_shift)) > file.npages():
             raise KernelError("EINVAL", call, "beyond the buffer")
     if kind not in (VmaKind.ANON, VmaKind.THP) and (length > _MAX_LFS_FILESIZE or
-                             pgoff > (_MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
+                             pgoff > (_MAX_LFS_FILESIZE - length) >> pg.page_shift):
         raise KernelError("EOVERFLOW", call, "offset + length beyond the largest file")
     if len(mm.mm_mt) > mm.max_map_count:
         raise KernelError("ENOMEM", call, "max_map_count reached")
@@ -366,9 +371,9 @@ def _mmap_checks(
             raise KernelError("ENOMEM", call, "max_map_count reached")
     if hugetlb and not noreserve:
         # hugetlb_reserve_pages: the last check, so nothing needs undoing after it
-        need = length >> 21
+        need = length >> pg.pmd_shift
         if file is not None:
-            first = pgoff >> 9
+            first = pgoff >> (pg.pmd_shift - pg.page_shift)
             need = sum(1 for k in range(first, first + need)
                        if k not in file.cache and k not in file.resv)
         if not mm.physmem.hugetlb_reserve(need):
@@ -425,7 +430,7 @@ def populate_op(mm: MmStruct, start: int, end: int, fill: int | None) -> Op[None
         if _bulk_populate(mm, vma, addr, stop, write, fill):
             addr = stop
             continue
-        step = PMD_SIZE if vma.is_hugetlb() else PAGE_SIZE
+        step = mm.pg.pmd_size if vma.is_hugetlb() else mm.page_size
         while addr < stop:
             r = yield from fault_in_op(mm, addr, write)
             if isinstance(r, str):
@@ -434,9 +439,10 @@ def populate_op(mm: MmStruct, start: int, end: int, fill: int | None) -> Op[None
                     raise HostSignal(r, addr)
                 break  # populate_vma_page_range stops silently
             if fill is not None:
-                if step == PMD_SIZE:
-                    head = r & ~(PAGES_PER_PMD - 1)
-                    for k in range(PAGES_PER_PMD):
+                if step != mm.page_size:
+                    ppm = mm.pg.pages_per_pmd
+                    head = r & ~(ppm - 1)
+                    for k in range(ppm):
                         pm.fill(head + k, fill)
                 else:
                     pm.fill(r, fill)
@@ -464,12 +470,13 @@ def _bulk_populate(mm: MmStruct, vma: Vma, start: int, end: int, write: bool,
                 or vma.pgoff_of(end - 1) >= f.npages()):
             return False
         first = vma.pgoff_of(start)
-        n = (end - start) >> PAGE_SHIFT
+        n = (end - start) >> mm.page_shift
         if any(first <= k < first + n for k in f.cache) if len(f.cache) < n else any(
                 k in f.cache for k in range(first, first + n)):
             return False
     f = vma.file
-    n = (end - start) >> PAGE_SHIFT
+    pt = mm.pt
+    n = (end - start) >> pt.page_shift
     pfns = pm.alloc_pages_bulk(n)
     if fill:
         pm.set_fill_bulk(pfns, fill)
@@ -489,13 +496,13 @@ def _bulk_populate(mm: MmStruct, vma: Vma, start: int, end: int, write: bool,
     pos = 0
     addr = start
     while addr < end:
-        idx_pmd = addr >> 21
-        base = idx_pmd << 21
-        hi = min(end, base + PMD_SIZE)
-        k = (hi - addr) >> PAGE_SHIFT
-        tbl = mm.pt.new_table(idx_pmd)
-        lo_i = (addr - base) >> PAGE_SHIFT
-        mm.pt.view(tbl)[lo_i : lo_i + k] = ents[pos : pos + k]
+        idx_pmd = addr >> pt.pmd_shift
+        base = idx_pmd << pt.pmd_shift
+        hi = min(end, base + pt.pmd_size)
+        k = (hi - addr) >> pt.page_shift
+        tbl = pt.new_table(idx_pmd)
+        lo_i = (addr - base) >> pt.page_shift
+        pt.view(tbl)[lo_i : lo_i + k] = ents[pos : pos + k]
         pos += k
         addr = hi
     return True
@@ -516,9 +523,9 @@ def munmap_op(mm: MmStruct, addr: int, length: int) -> Op[None]:
     start = ulong_arg(addr, "munmap: addr")
     length = ulong_arg(length, "munmap: length")
     call = f"munmap({start:#x}, {length:#x})"
-    if start & (PAGE_SIZE - 1) or start > TASK_SIZE or length > TASK_SIZE - start:
+    if start & (mm.page_size - 1) or start > TASK_SIZE or length > TASK_SIZE - start:
         raise KernelError("EINVAL", call, "bad address or length")
-    length = page_align(length)
+    length = page_align(length, mm.page_size)
     if length == 0:
         raise KernelError("EINVAL", call, "length 0")
     end = start + length

@@ -49,7 +49,6 @@ from kvmmem.host.vma import (
 )
 from kvmmem.host.vma_tree import vma_modify_flags_op
 from kvmmem.sync import Op, drive
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
@@ -66,11 +65,11 @@ def mprotect_op(mm: MmStruct, addr: int, length: int, prot: int) -> Op[None]:
     length = ulong_arg(length, "mprotect: length")
     prot = ulong_arg(prot, "mprotect: prot")
     call = f"mprotect({start:#x}, {length:#x}, {prot:#x})"
-    if start & (PAGE_SIZE - 1):
+    if start & (mm.page_size - 1):
         raise KernelError("EINVAL", call, "address not page aligned")
     if not length:
         return
-    length = page_align(length)
+    length = page_align(length, mm.page_size)
     end = start + length
     if length == 0 or end > ULONG_MAX or end <= start:
         raise KernelError("ENOMEM", call, "range wraps")
@@ -95,7 +94,8 @@ def mprotect_op(mm: MmStruct, addr: int, length: int, prot: int) -> Op[None]:
                 err = KernelError("EACCES", call, "VMA may not get these rights (VM_MAY*)")
                 break
             tmp = min(end, vma.end)
-            if vma.is_hugetlb() and (nstart % PMD_SIZE or (tmp < vma.end and tmp % PMD_SIZE)):
+            huge = vma.pg.pmd_size
+            if vma.is_hugetlb() and (nstart % huge or (tmp < vma.end and tmp % huge)):
                 err = KernelError("EINVAL", call, "splitting a hugetlb VMA inside a huge page")
                 break
             if newflags != vma.flags and (nstart > vma.start or tmp < vma.end) and (
@@ -133,19 +133,21 @@ def _notify_ranges_protection(
 ) -> list[tuple[int, int]]:
     """Where ``change_pud_range`` starts MMU_NOTIFY_PROTECTION_VMA ranges.
 
-    Per 512 GiB P4D chunk: from the first populated 1 GiB PUD to the chunk
-    end; hugetlb (``hugetlb_change_protection``) notifies the whole range."""
+    Per P4D chunk (512 GiB with 4 KiB pages): from the first populated PUD (1 GiB)
+    to the chunk end; hugetlb (``hugetlb_change_protection``) notifies the whole
+    range."""
     if vma.is_hugetlb():
         return [(start, end)]
     out: list[tuple[int, int]] = []
-    p4d = 1 << 39
+    p4d = 1 << mm.pg.pgdir_shift
+    pud_shift = mm.pg.pud_shift
     addr = start
     while addr < end:
         chunk_end = min(end, (addr & ~(p4d - 1)) + p4d)
-        pud = addr >> 30
-        while (pud << 30) < chunk_end:
+        pud = addr >> pud_shift
+        while (pud << pud_shift) < chunk_end:
             if mm.pt.pud_populated(pud):
-                out.append((max(addr, pud << 30), chunk_end))
+                out.append((max(addr, pud << pud_shift), chunk_end))
                 break
             pud += 1
         addr = chunk_end
@@ -192,15 +194,16 @@ def change_pte_range_op(mm: MmStruct, vma: Vma, start: int, end: int) -> Op[None
     """``change_pte_range`` / ``change_huge_pmd``: rewrite the entries of ``[start, end)``
     for the VMA's flags (splitting a THP the range cuts)."""
     pt = mm.pt
+    pmd_shift, pmd_size, page_shift = pt.pmd_shift, pt.pmd_size, pt.page_shift
     accessible = bool(vma.flags & VM_ACCESS_FLAGS)
     for idx in pt.indices(start, end):
         slot = pt.pmd.get(idx)
         if slot is None:
             continue
-        base = idx << 21
-        lo, hi = max(start, base), min(end, base + PMD_SIZE)
+        base = idx << pmd_shift
+        lo, hi = max(start, base), min(end, base + pmd_size)
         if isinstance(slot, int):
-            if hi - lo != PMD_SIZE and not vma.is_hugetlb():
+            if hi - lo != pmd_size and not vma.is_hugetlb():
                 yield from split_huge_pmd_op(mm, idx)
                 slot = pt.pmd.get(idx)
                 if slot is None or isinstance(slot, int):
@@ -222,7 +225,7 @@ def change_pte_range_op(mm: MmStruct, vma: Vma, start: int, end: int) -> Op[None
                     new |= _W
                 pt.pmd[idx] = new
                 continue
-        arr = pt.view(slot)[(lo - base) >> PAGE_SHIFT : (hi - base) >> PAGE_SHIFT]
+        arr = pt.view(slot)[(lo - base) >> page_shift : (hi - base) >> page_shift]
         nzi = np.flatnonzero((arr & _P) != 0)
         if not nzi.size:
             continue

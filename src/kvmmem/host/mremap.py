@@ -19,11 +19,11 @@ from kvmmem.host.mm_types import (
 )
 from kvmmem.host.mmap import detach_range_op, do_munmap_op, get_unmapped_area
 from kvmmem.host.notifier import NotifierEvent
-from kvmmem.host.pagetable import HPAGE_MASK, set_pte
+from kvmmem.host.pagetable import set_pte
 from kvmmem.host.vma import VM_DONTEXPAND, VM_MAYSHARE, VM_PFNMAP, VM_SHARED, Vma
 from kvmmem.host.vma_tree import vma_link, vma_merge
 from kvmmem.sync import Op, drive
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, Hva
+from kvmmem.types import Hva
 
 
 def mremap_op(
@@ -50,9 +50,10 @@ def mremap_op(
     new_addr = 0 if fixed_addr is None else ulong_arg(fixed_addr, "mremap: fixed_addr")
     call = f"mremap({addr:#x}, {old_len:#x}, {new_len:#x})"
     # check_mremap_params
-    old_len = page_align(old_len)
-    new_len = page_align(new_len)
-    if addr & (PAGE_SIZE - 1):
+    page_size = mm.page_size
+    old_len = page_align(old_len, page_size)
+    new_len = page_align(new_len, page_size)
+    if addr & (page_size - 1):
         raise KernelError("EINVAL", call, "old address not page aligned")
     if not new_len:
         raise KernelError("EINVAL", call, "new length 0")
@@ -61,7 +62,7 @@ def mremap_op(
     if fixed:
         if new_addr > TASK_SIZE - new_len:
             raise KernelError("EINVAL", call, "new range outside the address space")
-        if new_addr & (PAGE_SIZE - 1):
+        if new_addr & (page_size - 1):
             raise KernelError("EINVAL", call, "new address not page aligned")
         if not maymove:
             raise KernelError("EINVAL", call, "MREMAP_FIXED without MREMAP_MAYMOVE")
@@ -105,9 +106,10 @@ def check_prep_vma(vma: Vma | None, addr: int, old_len: int, new_len: int,
     if vma is None:
         raise KernelError("EFAULT", call, "no VMA at the old address")
     if vma.is_hugetlb():  # align_hugetlb
-        old_len = (old_len + PMD_SIZE - 1) & HPAGE_MASK
-        new_len = (new_len + PMD_SIZE - 1) & HPAGE_MASK
-        if addr % PMD_SIZE or (fixed and new_addr % PMD_SIZE) or new_len > old_len:
+        huge = vma.pg.pmd_size
+        old_len = (old_len + huge - 1) & ~(huge - 1)
+        new_len = (new_len + huge - 1) & ~(huge - 1)
+        if addr % huge or (fixed and new_addr % huge) or new_len > old_len:
             raise KernelError("EINVAL", call, "hugetlb: unaligned or growing")
     if not (new_len > old_len or fixed):
         return vma, old_len, new_len  # shrink / no-op in place: no more checks
@@ -137,9 +139,9 @@ def mremap_at_op(mm: MmStruct, vma: Vma, addr: int, old_len: int, new_len: int,
         return addr
     if not maymove:
         raise KernelError("ENOMEM", call, "cannot grow in place without MREMAP_MAYMOVE")
-    align = PAGE_SIZE
-    if vma.is_anonymous() and new_len % PMD_SIZE == 0 and mm.thp != "never":
-        align = PMD_SIZE
+    align = mm.page_size
+    if vma.is_anonymous() and new_len % mm.pg.pmd_size == 0 and mm.thp != "never":
+        align = mm.pg.pmd_size
     got = get_unmapped_area(mm, new_len, align=align)
     if got is None:
         raise KernelError("ENOMEM", call, "no free range to move to")
@@ -193,14 +195,15 @@ def move_vma_op(mm: MmStruct, vma: Vma, old_addr: int, old_len: int, new_len: in
     """``move_vma``: ``copy_vma`` at the new place, ``move_page_tables``, unmap the old."""
     if len(mm.mm_mt) + 2 > mm.max_map_count:
         raise KernelError("ENOMEM", call, "max_map_count headroom")
+    pg = mm.pg
     new_pgoff = vma.pgoff_of(old_addr)
     if vma.is_anonymous() and not vma.anon_vma:
-        new_pgoff = new_addr >> PAGE_SHIFT  # copy_vma: never faulted, so it may merge
+        new_pgoff = new_addr >> pg.page_shift  # copy_vma: never faulted, so it may merge
     new = Vma(new_addr, new_addr + new_len, vma.flags, vma.kind, vma.file, new_pgoff,
-              vma.anon_vma)
+              vma.anon_vma, pg=pg)
     if vma.resv:
-        lo = new_pgoff >> 9
-        hi = lo + (old_len >> 21)
+        lo = new_pgoff >> (pg.pmd_shift - pg.page_shift)
+        hi = lo + (old_len >> pg.pmd_shift)
         moved = [k for k in vma.resv if lo <= k < hi]
         for k in moved:
             del vma.resv[k]
@@ -219,18 +222,19 @@ def move_vma_op(mm: MmStruct, vma: Vma, old_addr: int, old_len: int, new_len: in
 
 
 def move_page_tables_op(mm: MmStruct, old: int, new: int, length: int) -> Op[None]:
-    """``move_page_tables``: whole THP PMDs move when both sides are 2 MiB aligned,
+    """``move_page_tables``: whole THP PMDs move when both sides are PMD aligned,
     other THPs are split first; PTEs move one by one."""
     pt = mm.pt
+    pmd_shift, pmd_size, page_shift = pt.pmd_shift, pt.pmd_size, pt.page_shift
     delta = new - old
     for idx in pt.indices(old, old + length):
         slot = pt.pmd.get(idx)
-        base = idx << 21
+        base = idx << pmd_shift
         if isinstance(slot, int):
-            if (base >= old and base + PMD_SIZE <= old + length
-                    and (base + delta) % PMD_SIZE == 0):
+            if (base >= old and base + pmd_size <= old + length
+                    and (base + delta) % pmd_size == 0):
                 del pt.pmd[idx]
-                pt.pmd[(base + delta) >> 21] = slot
+                pt.pmd[(base + delta) >> pmd_shift] = slot
                 continue
             if not is_hugetlb_leaf(mm, slot):
                 yield from split_huge_pmd_op(mm, idx)
@@ -238,12 +242,12 @@ def move_page_tables_op(mm: MmStruct, old: int, new: int, length: int) -> Op[Non
         slot = pt.pmd.get(idx)
         if slot is None or isinstance(slot, int):
             continue
-        base = idx << 21
-        lo, hi = max(old, base), min(old + length, base + PMD_SIZE)
+        base = idx << pmd_shift
+        lo, hi = max(old, base), min(old + length, base + pmd_size)
         arr = pt.view(slot)
-        for i in np.flatnonzero(arr[(lo - base) >> PAGE_SHIFT : (hi - base) >> PAGE_SHIFT]):
-            src = lo + (int(i) << PAGE_SHIFT)
-            k = (src - base) >> PAGE_SHIFT
+        for i in np.flatnonzero(arr[(lo - base) >> page_shift : (hi - base) >> page_shift]):
+            src = lo + (int(i) << page_shift)
+            k = (src - base) >> page_shift
             e = int(arr[k])
             arr[k] = 0
             set_pte(mm.pt, src + delta, e)

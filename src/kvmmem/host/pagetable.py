@@ -2,11 +2,16 @@
 
 Two levels are modelled, as KVM sees them through ``host_pfn_mapping_level``:
 
-* a PMD slot per 2 MiB of virtual address space (key ``hva >> 21``) holding
-  either a **PTE table** (an ``array('q')`` of 512 entries, 8 bytes per page:
-  lean enough for 10^6 pages) or a **huge leaf** (an int: THP or hugetlb
-  2 MiB mapping, ``pmd_trans_huge`` / ``pmd_leaf``);
-* an entry is ``pfn << 12 | bits``; 0 is ``pte_none``.
+* a PMD slot per ``PMD_SIZE`` of virtual address space (key ``hva >> PMD_SHIFT``)
+  holding either a **PTE table** (an ``array('q')`` of ``PTRS_PER_PTE`` entries, 8 bytes
+  per page: lean enough for 10^6 pages) or a **huge leaf** (an int: a PMD-sized THP or
+  hugetlb mapping, ``pmd_trans_huge`` / ``pmd_leaf``);
+* an entry is ``pfn << 12 | bits`` (a model encoding: the pfn in host pages whatever
+  their size); 0 is ``pte_none``.
+
+The geometry is the host's (:class:`~kvmmem.types.PageGeometry`, ``PageTable.pg``): with
+4 KiB pages a PMD maps 2 MiB through 512 PTEs, with arm64's 16 KiB pages 32 MiB through
+2048, with 64 KiB pages 512 MiB through 8192.
 
 PTE tables are allocated on the first fault in their 2 MiB (``__pte_alloc``)
 and freed by munmap (``free_pgtables``) or when a MADV_DONTNEED zap of a
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, Pfn
+from kvmmem.types import PAGE_SIZE, PAGES_4K, PMD_SIZE, PageGeometry, Pfn
 
 # PTE bits (model encoding, not an architecture's)
 PTE_PRESENT = 1 << 0
@@ -42,9 +47,11 @@ PFN_SHIFT = 12
 PTE_FLAGS_MASK = (1 << PFN_SHIFT) - 1
 
 PTRS_PER_PTE = 512
+"""With 4 KiB pages (``PageTable.ptrs_per_pte`` for the host's)."""
 PAGE_MASK = ~(PAGE_SIZE - 1)
+"""With 4 KiB pages (``pg.page_mask`` for the host's)."""
 HPAGE_MASK = ~(PMD_SIZE - 1)
-_EMPTY = array("q", [0]) * PTRS_PER_PTE
+"""With 4 KiB pages (``pg.hpage_mask`` for the host's)."""
 
 Table = array  # array('q') of PTRS_PER_PTE entries
 
@@ -53,9 +60,10 @@ Table = array  # array('q') of PTRS_PER_PTE entries
 class HostPte:
     """What the host page table holds for one address (``pte_t`` / ``pmd_t`` decoded).
 
-    ``pfn`` is the 4 KiB frame behind the address (what GUP returns; inside a
-    2 MiB leaf the subpage), ``huge_size`` the leaf size (4096 or 2 MiB) and
-    :attr:`leaf_pfn` the leaf's own frame (``pte_pfn`` / ``pmd_pfn``)."""
+    ``pfn`` is the frame behind the address (what GUP returns; inside a PMD leaf
+    the subpage), ``huge_size`` the leaf size (``PAGE_SIZE`` or ``PMD_SIZE``) and
+    :attr:`leaf_pfn` the leaf's own frame (``pte_pfn`` / ``pmd_pfn``); ``page_shift``
+    the host's ``PAGE_SHIFT``."""
 
     pfn: Pfn
     writable: bool
@@ -64,54 +72,65 @@ class HostPte:
     huge_size: int
     special: bool
     protnone: bool
+    page_shift: int = 12
 
     @property
     def leaf_pfn(self) -> Pfn:
-        """The first frame of the leaf (``pmd_pfn`` for a 2 MiB mapping)."""
-        return Pfn(self.pfn & ~((self.huge_size >> PAGE_SHIFT) - 1))
+        """The first frame of the leaf (``pmd_pfn`` for a PMD mapping)."""
+        return Pfn(self.pfn & ~((self.huge_size >> self.page_shift) - 1))
 
 
-def decode(entry: int, hva: int, huge: bool) -> HostPte | None:
-    """The :class:`HostPte` of ``entry`` (a PTE, or a PMD leaf if ``huge``) seen at ``hva``;
-    None if not present."""
+def decode(entry: int, hva: int, huge: bool, pg: PageGeometry = PAGES_4K) -> HostPte | None:
+    """The :class:`HostPte` of ``entry`` (a PTE, or a PMD leaf if ``huge``) seen at ``hva``
+    on a host of page geometry ``pg``; None if not present."""
     if not entry & PTE_PRESENT:
         return None
     pfn = entry >> PFN_SHIFT
     if huge:
-        pfn += (hva & (PMD_SIZE - 1)) >> PAGE_SHIFT
+        pfn += (hva & (pg.pmd_size - 1)) >> pg.page_shift
     return HostPte(
         pfn=Pfn(pfn),
         writable=bool(entry & PTE_WRITE),
         dirty=bool(entry & PTE_DIRTY),
         young=bool(entry & PTE_YOUNG),
-        huge_size=PMD_SIZE if huge else PAGE_SIZE,
+        huge_size=pg.pmd_size if huge else pg.page_size,
         special=bool(entry & PTE_SPECIAL),
         protnone=bool(entry & PTE_PROTNONE),
+        page_shift=pg.page_shift,
     )
 
 
 class PageTable:
-    """The page table of one address space: PMD index -> PTE table or huge leaf."""
+    """The page table of one address space: PMD index -> PTE table or huge leaf.
 
-    __slots__ = ("pmd",)
+    ``pg`` is the host's page geometry; ``page_shift``, ``pmd_shift``, ``pte_mask``
+    (``PTRS_PER_PTE - 1``) and ``pmd_size`` are its numbers the walks use."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_empty", "page_shift", "pg", "pmd", "pmd_shift", "pmd_size", "pte_mask")
+
+    def __init__(self, pg: PageGeometry = PAGES_4K) -> None:
         self.pmd: dict[int, array[int] | int] = {}
+        self.pg = pg
+        self.page_shift = pg.page_shift
+        self.pmd_shift = pg.pmd_shift
+        self.pmd_size = pg.pmd_size
+        self.pte_mask = pg.ptrs_per_pte - 1
+        self._empty = array("q", [0]) * pg.ptrs_per_pte
 
     def new_table(self, idx: int) -> array[int]:
         """``__pte_alloc``: an empty PTE table at PMD index ``idx``."""
-        tbl = _EMPTY[:]
+        tbl = self._empty[:]
         self.pmd[idx] = tbl
         return tbl
 
     def entry(self, hva: int) -> tuple[int, bool]:
         """``(entry, is_huge_leaf)`` mapping ``hva``; ``(0, False)`` when none."""
-        slot = self.pmd.get(hva >> 21)
+        slot = self.pmd.get(hva >> self.pmd_shift)
         if slot is None:
             return 0, False
         if isinstance(slot, int):
             return slot, True
-        return slot[(hva >> PAGE_SHIFT) & 511], False
+        return slot[(hva >> self.page_shift) & self.pte_mask], False
 
     def view(self, tbl: array[int]) -> npt.NDArray[np.int64]:
         """A writable numpy view of a PTE table."""
@@ -119,18 +138,20 @@ class PageTable:
 
     def indices(self, start: int, end: int) -> list[int]:
         """PMD indices with a slot in ``[start, end)`` (addresses), ascending."""
-        lo = start >> 21
-        hi = (end - 1) >> 21
+        lo = start >> self.pmd_shift
+        hi = (end - 1) >> self.pmd_shift
         if hi - lo + 1 <= len(self.pmd):
             return [i for i in range(lo, hi + 1) if i in self.pmd]
         return sorted(i for i in self.pmd if lo <= i <= hi)
 
     def pud_populated(self, pud: int) -> bool:
-        """Some PMD slot exists in the 1 GiB region ``pud`` (``!pud_none``)."""
-        lo = pud << 9
-        if len(self.pmd) < 512:
-            return any(lo <= i < lo + 512 for i in self.pmd)
-        return any(i in self.pmd for i in range(lo, lo + 512))
+        """Some PMD slot exists in the PUD-sized region ``pud`` (``!pud_none``: 1 GiB with
+        4 KiB pages)."""
+        n = 1 << (self.pg.pud_shift - self.pmd_shift)
+        lo = pud * n
+        if len(self.pmd) < n:
+            return any(lo <= i < lo + n for i in self.pmd)
+        return any(i in self.pmd for i in range(lo, lo + n))
 
     def snapshot(self) -> tuple[object, ...]:
         """A comparable picture: every huge leaf and every non-empty PTE table.
@@ -156,24 +177,24 @@ class PageTable:
 def set_pte(pt: PageTable, hva: int, entry: int) -> None:
     """``set_pte_at``: store ``entry`` in the PTE for ``hva``, allocating the PTE table
     (``__pte_alloc``) when the PMD slot holds none."""
-    idx = hva >> 21
+    idx = hva >> pt.pmd_shift
     slot = pt.pmd.get(idx)
     if slot is None or isinstance(slot, int):
         slot = pt.new_table(idx)
-    slot[(hva >> PAGE_SHIFT) & 511] = entry
+    slot[(hva >> pt.page_shift) & pt.pte_mask] = entry
 
 
 def present_pfn(pt: PageTable, addr: int, write: bool) -> int:
-    """The 4 KiB pfn an access at ``addr`` can use right now, or -1: the entry is
+    """The pfn an access at ``addr`` can use right now, or -1: the entry is
     present, not PROT_NONE, not a migration entry, and writable for a write."""
-    slot = pt.pmd.get(addr >> 21)
+    slot = pt.pmd.get(addr >> pt.pmd_shift)
     if slot is None:
         return -1
     if isinstance(slot, int):
         e = slot
-        sub = (addr >> PAGE_SHIFT) & 511
+        sub = (addr >> pt.page_shift) & pt.pte_mask
     else:
-        e = slot[(addr >> PAGE_SHIFT) & 511]
+        e = slot[(addr >> pt.page_shift) & pt.pte_mask]
         sub = 0
     if not e & PTE_PRESENT or e & (PTE_PROTNONE | PTE_MIGRATION) or (
             write and not e & PTE_WRITE):
@@ -183,20 +204,20 @@ def present_pfn(pt: PageTable, addr: int, write: bool) -> int:
 
 def touch_pte(pt: PageTable, addr: int, write: bool) -> None:
     """The MMU sets the accessed (and dirty) bit of the entry used."""
-    idx = addr >> 21
+    idx = addr >> pt.pmd_shift
     slot = pt.pmd.get(idx)
     bits = PTE_YOUNG | (PTE_DIRTY if write else 0)
     if isinstance(slot, int):
         pt.pmd[idx] = slot | bits
     elif slot is not None:
-        i = (addr >> PAGE_SHIFT) & 511
+        i = (addr >> pt.page_shift) & pt.pte_mask
         slot[i] |= bits
 
 
 def mapping_size(pt: PageTable, addr: int) -> int:
-    """``host_pfn_mapping_level`` as bytes: 2 MiB for a huge leaf, 4096 for a PTE, 0
-    when nothing usable is present (none, or a migration entry)."""
+    """``host_pfn_mapping_level`` as bytes: ``PMD_SIZE`` for a huge leaf, ``PAGE_SIZE``
+    for a PTE, 0 when nothing usable is present (none, or a migration entry)."""
     e, huge = pt.entry(addr)
     if not e & PTE_PRESENT or e & PTE_MIGRATION:
         return 0
-    return PMD_SIZE if huge else PAGE_SIZE
+    return pt.pmd_size if huge else 1 << pt.page_shift

@@ -1,18 +1,22 @@
 """Physical memory: RAM frames with struct-page state, device frames without.
 
+A frame is one page of the host kernel's ``PAGE_SIZE`` (:attr:`PhysMem.pg`: 4 KiB, or
+arm64's 16 KiB / 64 KiB); pfns count in those pages.
+
 Mirrors the parts of ``struct page`` / ``struct folio`` that KVM's behaviour
 depends on (``include/linux/mm.h``, ``mm/page_alloc.c``):
 
 * a **refcount** (``page_count``/``get_page``/``put_page``): a frame returns to
   the allocator only when it drops to zero, exactly like ``folio_put``;
-* a **mapcount** per 4 KiB subpage (``page_mapcount``): how many host PTEs (or
+* a **mapcount** per subpage (``page_mapcount``): how many host PTEs (or
   PMDs) map it;
 * **content**, stored sparsely: a frame whose bytes are all equal keeps one
   fill byte; a bytearray is created only on the first non-uniform write;
 * a **generation**, bumped every time the frame is freed, so a checker can
   tell that a stale translation points at a frame that was freed (and maybe
   reused) since it was taken;
-* **compound** 2 MiB frames (order 9) for hugetlb and THP: head pfn 512-aligned,
+* **compound** PMD-sized frames for hugetlb and THP (2 MiB, order 9, with 4 KiB pages;
+  32 MiB with 16 KiB, 512 MiB with 64 KiB): head pfn aligned to the order,
   refcount kept on the head (``folio_ref_count``), mapcount per subpage.
 
 Freed frames are reused LIFO (the most recently freed frame is handed out
@@ -42,13 +46,18 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmmem.errors import InputError, KernelError
-from kvmmem.types import PAGE_SIZE, PAGES_PER_PMD, Pfn
+from kvmmem.types import PAGES_4K, PageGeometry, Pfn, page_geometry
 
 RAM_BASE_PFN = 0x200
-"""First RAM pfn (2 MiB); 512-aligned so compound frames are naturally aligned."""
+"""First RAM pfn (2 MiB physical with 4 KiB pages, 8 MiB with 16 KiB, 32 MiB with 64
+KiB); compound frames are aligned in pfn space (a frame below the first aligned head is
+an ordinary free frame)."""
 DEVICE_BASE_PFN = 0x8000000
-"""First device pfn (512 GiB physical): far above any RAM the model allocates."""
+"""First device pfn (512 GiB physical with 4 KiB pages): far above any RAM the model
+allocates."""
 HUGE_ORDER = 9
+"""The order of a PMD-sized compound frame with 4 KiB pages (``HPAGE_PMD_ORDER``: 11 with
+16 KiB pages, 13 with 64 KiB; :attr:`PhysMem.huge_order`)."""
 
 # page flags (one byte per frame); names after the kernel's PG_* bits
 PG_FREE = 0x01  # on the allocator's free list (refcount 0)
@@ -60,7 +69,6 @@ PG_HWPOISON = 0x20  # PG_hwpoison: memory_failure() marked it
 PG_HUGETLB = 0x40  # folio_test_hugetlb: belongs to the hugetlb pool
 PG_DIRTY = 0x80  # PG_dirty
 
-_ZERO_PAGE = bytes(PAGE_SIZE)
 _MASK64 = (1 << 64) - 1
 
 
@@ -70,9 +78,19 @@ class PhysMem:
     ``hugetlb_pages`` sizes the hugetlb pool (``/proc/sys/vm/nr_hugepages``):
     ``None`` means unlimited, ``0`` mirrors a host with no huge pages (then a
     hugetlb mmap fails with ENOMEM unless it is MAP_NORESERVE, and its first
-    touch is SIGBUS)."""
+    touch is SIGBUS).  ``page_size`` is the kernel's ``PAGE_SIZE`` (4096, 16384 or
+    65536, or a :class:`~kvmmem.types.PageGeometry`): a frame is one page, a compound
+    (THP or hugetlb) frame one PMD (``pg.pages_per_pmd`` frames)."""
 
-    def __init__(self, *, hugetlb_pages: int | None = None) -> None:
+    def __init__(self, *, hugetlb_pages: int | None = None,
+                 page_size: int | PageGeometry = PAGES_4K) -> None:
+        self.pg: PageGeometry = page_geometry(page_size)
+        """The host's page geometry (``PAGE_SIZE``, ``PMD_SIZE``, ...)."""
+        self.page_size = self.pg.page_size
+        self.page_shift = self.pg.page_shift
+        self.pages_per_pmd = self.pg.pages_per_pmd
+        self.huge_order = self.pg.pmd_shift - self.pg.page_shift
+        self._zero_page = bytes(self.page_size)
         if hugetlb_pages is not None and (
             not isinstance(hugetlb_pages, int) or isinstance(hugetlb_pages, bool)
             or hugetlb_pages < 0
@@ -135,7 +153,7 @@ class PhysMem:
         self._content.pop(i + RAM_BASE_PFN, None)
 
     def alloc_page(self) -> Pfn:
-        """``alloc_page(GFP_HIGHUSER | __GFP_ZERO)``: a zeroed 4 KiB RAM frame.
+        """``alloc_page(GFP_HIGHUSER | __GFP_ZERO)``: a zeroed RAM frame (one page).
 
         Returns its pfn with refcount 1 and mapcount 0; reuses the most
         recently freed frame first (LIFO)."""
@@ -153,38 +171,45 @@ class PhysMem:
         if self._free_huge:
             head = self._free_huge.pop()
         else:
-            aligned = (self._top + PAGES_PER_PMD - 1) & ~(PAGES_PER_PMD - 1)
-            if aligned + PAGES_PER_PMD > self._cap:
-                self._grow(aligned + PAGES_PER_PMD)
+            ppm = self.pages_per_pmd
+            # the head is aligned in pfn space (RAM_BASE_PFN is 512-aligned only)
+            aligned = ((RAM_BASE_PFN + self._top + ppm - 1) & ~(ppm - 1)) - RAM_BASE_PFN
+            if aligned + ppm > self._cap:
+                self._grow(aligned + ppm)
             # frames skipped for alignment become ordinary free frames
             for i in range(aligned - 1, self._top - 1, -1):
                 self._flags[i] = PG_FREE
                 self._free.append(RAM_BASE_PFN + i)
             head = RAM_BASE_PFN + aligned
-            self._top = aligned + PAGES_PER_PMD
+            self._top = aligned + ppm
+        ppm = self.pages_per_pmd
         i = head - RAM_BASE_PFN
-        sl = slice(i, i + PAGES_PER_PMD)
+        sl = slice(i, i + ppm)
         np.frombuffer(self._ref, dtype=np.int32)[sl] = 0
         np.frombuffer(self._map, dtype=np.int32)[sl] = 0
         np.frombuffer(self._fill, dtype=np.uint8)[sl] = 0
         np.frombuffer(self._flags, dtype=np.uint8)[sl] = PG_TAIL
         self._flags[i] = PG_HEAD
         self._ref[i] = 1
-        for p in range(head, head + PAGES_PER_PMD):
-            self._content.pop(p, None)
+        if self._content:
+            for p in range(head, head + ppm):
+                self._content.pop(p, None)
         return head
 
-    def alloc_huge(self, order: int = HUGE_ORDER) -> Pfn:
-        """``folio_alloc(order=9)``: a zeroed 2 MiB compound frame (THP).
+    def alloc_huge(self, order: int | None = None) -> Pfn:
+        """``folio_alloc(order=HPAGE_PMD_ORDER)``: a zeroed PMD-sized compound frame (THP:
+        2 MiB with 4 KiB pages, order 9).
 
-        Returns the head pfn (512-aligned), refcount 1 on the head.  Raises
-        :class:`InputError` for any order other than 9."""
-        if order != HUGE_ORDER:
-            raise InputError(f"alloc_huge: only order {HUGE_ORDER} (2 MiB) is modelled")
+        Returns the head pfn (aligned to the order), refcount 1 on the head.  Raises
+        :class:`InputError` for any order other than the PMD's."""
+        if order is not None and order != self.huge_order:
+            raise InputError(f"alloc_huge: only order {self.huge_order} (the PMD size) is "
+                             "modelled")
         return Pfn(self._alloc_compound())
 
     def alloc_hugetlb(self, *, reserved: bool) -> Pfn | None:
-        """``alloc_hugetlb_folio``: a 2 MiB page from the hugetlb pool.
+        """``alloc_hugetlb_folio``: a PMD-sized page (2 MiB with 4 KiB pages) from the
+        hugetlb pool.
 
         ``reserved`` consumes one reservation made at mmap time.  Returns the
         head pfn, or None when the pool has no free page (the fault then
@@ -198,16 +223,17 @@ class PhysMem:
         if self._hugetlb_free:
             head = self._hugetlb_free.pop()
             i = head - RAM_BASE_PFN
-            sl = slice(i, i + PAGES_PER_PMD)
+            sl = slice(i, i + self.pages_per_pmd)
             np.frombuffer(self._map, dtype=np.int32)[sl] = 0
             np.frombuffer(self._fill, dtype=np.uint8)[sl] = 0
             np.frombuffer(self._flags, dtype=np.uint8)[sl] = PG_TAIL | PG_HUGETLB
-            for p in range(head, head + PAGES_PER_PMD):
-                self._content.pop(p, None)
+            if self._content:
+                for p in range(head, head + self.pages_per_pmd):
+                    self._content.pop(p, None)
         else:
             head = self._alloc_compound()
             i = head - RAM_BASE_PFN
-            np.frombuffer(self._flags, dtype=np.uint8)[i : i + PAGES_PER_PMD] |= PG_HUGETLB
+            np.frombuffer(self._flags, dtype=np.uint8)[i : i + self.pages_per_pmd] |= PG_HUGETLB
         self._flags[head - RAM_BASE_PFN] = PG_HEAD | PG_HUGETLB
         self._ref[head - RAM_BASE_PFN] = 1
         self._hugetlb_in_use += 1
@@ -228,7 +254,7 @@ class PhysMem:
 
     @property
     def huge_zero_pfn(self) -> Pfn:
-        """The huge zero page (head pfn of a 2 MiB all-zero frame), made on first use."""
+        """The huge zero page (head pfn of a PMD-sized all-zero frame), made on first use."""
         if self._huge_zero is None:
             self._huge_zero = Pfn(self._alloc_compound())
         return self._huge_zero
@@ -236,15 +262,16 @@ class PhysMem:
     def is_huge_zero(self, pfn: int) -> bool:
         """``is_huge_zero_pfn``: ``pfn`` lies in the huge zero page."""
         hz = self._huge_zero
-        return hz is not None and hz <= pfn < hz + PAGES_PER_PMD
+        return hz is not None and hz <= pfn < hz + self.pages_per_pmd
 
     def add_device_region(self, npages: int) -> Pfn:
         """A device memory region (a PCI BAR) of ``npages`` frames without struct page.
 
-        Returns its base pfn; the region is 2 MiB aligned in pfn space."""
+        Returns its base pfn; the region is PMD aligned in pfn space."""
         if not isinstance(npages, int) or isinstance(npages, bool) or npages <= 0:
             raise InputError(f"add_device_region: npages must be a positive int, got {npages!r}")
-        base = (self._dev_top + PAGES_PER_PMD - 1) & ~(PAGES_PER_PMD - 1)
+        ppm = self.pages_per_pmd
+        base = (self._dev_top + ppm - 1) & ~(ppm - 1)
         self._dev_bases.append(base)
         self._dev_sizes.append(npages)
         self._dev_top = base + npages
@@ -272,22 +299,22 @@ class PhysMem:
         """``compound_head()``: the head pfn of the frame holding ``pfn``."""
         i = pfn - RAM_BASE_PFN
         if self._flags[i] & PG_TAIL:
-            return Pfn(pfn & ~(PAGES_PER_PMD - 1))
+            return Pfn(pfn & ~(self.pages_per_pmd - 1))
         return Pfn(pfn)
 
     def is_compound(self, pfn: int) -> bool:
-        """The frame is part of a 2 MiB compound frame."""
+        """The frame is part of a PMD-sized compound frame."""
         return bool(self._flags[pfn - RAM_BASE_PFN] & (PG_HEAD | PG_TAIL))
 
     def page_count(self, pfn: int) -> int:
         """``page_count()``: the refcount of the folio holding ``pfn``."""
         i = self._index(pfn, "page_count")
         if self._flags[i] & PG_TAIL:
-            i = (pfn & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN
+            i = (pfn & ~(self.pages_per_pmd - 1)) - RAM_BASE_PFN
         return self._ref[i]
 
     def page_mapcount(self, pfn: int) -> int:
-        """``page_mapcount()``: how many host page-table entries map this 4 KiB subpage."""
+        """``page_mapcount()``: how many host page-table entries map this subpage."""
         return self._map[self._index(pfn, "page_mapcount")]
 
     def is_free(self, pfn: int) -> bool:
@@ -334,7 +361,7 @@ class PhysMem:
         would BUG)."""
         i = self._index(pfn, "get_page")
         if self._flags[i] & PG_TAIL:
-            i = (pfn & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN
+            i = (pfn & ~(self.pages_per_pmd - 1)) - RAM_BASE_PFN
         if self._ref[i] <= 0:
             raise InputError(f"get_page: pfn {pfn:#x} is free (refcount 0)")
         self._ref[i] += 1
@@ -348,7 +375,7 @@ class PhysMem:
         if self._flags[i] & PG_HWPOISON:
             return False
         if self._flags[i] & PG_TAIL:
-            i = (pfn & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN
+            i = (pfn & ~(self.pages_per_pmd - 1)) - RAM_BASE_PFN
         if self._ref[i] <= 0:
             return False
         self._ref[i] += 1
@@ -361,7 +388,7 @@ class PhysMem:
         bumped.  The zero pages are never freed."""
         i = self._index(pfn, "put_page")
         if self._flags[i] & PG_TAIL:
-            i = (pfn & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN
+            i = (pfn & ~(self.pages_per_pmd - 1)) - RAM_BASE_PFN
         if self._ref[i] <= 0:
             raise InputError(f"put_page: pfn {pfn:#x} refcount underflow")
         self._ref[i] -= 1
@@ -375,7 +402,7 @@ class PhysMem:
             return
         fl = self._flags[i]
         if fl & PG_HEAD:
-            sl = slice(i, i + PAGES_PER_PMD)
+            sl = slice(i, i + self.pages_per_pmd)
             np.frombuffer(self._gen, dtype=np.uint32)[sl] += 1
             np.frombuffer(self._map, dtype=np.int32)[sl] = 0
             if fl & PG_HUGETLB:
@@ -402,7 +429,7 @@ class PhysMem:
         flags = np.frombuffer(self._flags, dtype=np.uint8)
         tail = (flags[idx] & PG_TAIL) != 0
         if tail.any():
-            idx = np.where(tail, (pfns & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN, idx)
+            idx = np.where(tail, (pfns & ~(self.pages_per_pmd - 1)) - RAM_BASE_PFN, idx)
         ref = np.frombuffer(self._ref, dtype=np.int32)
         np.subtract.at(ref, idx, 1)
         vals = ref[idx]
@@ -437,7 +464,7 @@ class PhysMem:
         flags = np.frombuffer(self._flags, dtype=np.uint8)
         tail = (flags[idx] & PG_TAIL) != 0
         if tail.any():
-            idx = np.where(tail, (pfns & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN, idx)
+            idx = np.where(tail, (pfns & ~(self.pages_per_pmd - 1)) - RAM_BASE_PFN, idx)
         np.add.at(np.frombuffer(self._ref, dtype=np.int32), idx, n)
 
     def add_mapcount(self, pfns: npt.NDArray[np.int64], delta: int) -> None:
@@ -450,11 +477,11 @@ class PhysMem:
         i = pfn - RAM_BASE_PFN
         self._map[i] += 1
         if self._flags[i] & PG_TAIL:
-            i = (pfn & ~(PAGES_PER_PMD - 1)) - RAM_BASE_PFN
+            i = (pfn & ~(self.pages_per_pmd - 1)) - RAM_BASE_PFN
         self._ref[i] += 1
 
     def alloc_pages_bulk(self, n: int) -> npt.NDArray[np.int64]:
-        """``alloc_pages_bulk``: ``n`` zeroed 4 KiB frames (refcount 1), LIFO reuse first.
+        """``alloc_pages_bulk``: ``n`` zeroed frames (refcount 1), LIFO reuse first.
 
         Returns their pfns in the order ``alloc_page`` would have returned them."""
         take = min(n, len(self._free))
@@ -509,16 +536,16 @@ class PhysMem:
             raise InputError("read: negative offset or size")
         out = bytearray()
         while size > 0:
-            pfn += offset >> 12
-            offset &= PAGE_SIZE - 1
-            n = min(size, PAGE_SIZE - offset)
+            pfn += offset >> self.page_shift
+            offset &= self.page_size - 1
+            n = min(size, self.page_size - offset)
             data = self._frame_bytes(pfn)
             if data is not None:
                 out += data[offset : offset + n]
             elif RAM_BASE_PFN <= pfn < RAM_BASE_PFN + self._top:
                 out += bytes((self._fill[pfn - RAM_BASE_PFN],)) * n
             else:
-                out += _ZERO_PAGE[:n]
+                out += self._zero_page[:n]
             size -= n
             offset += n
         return bytes(out)
@@ -544,9 +571,9 @@ class PhysMem:
             raise InputError("write: negative offset")
         mv = memoryview(bytes(data))
         while len(mv):
-            pfn += offset >> 12
-            offset &= PAGE_SIZE - 1
-            n = min(len(mv), PAGE_SIZE - offset)
+            pfn += offset >> self.page_shift
+            offset &= self.page_size - 1
+            n = min(len(mv), self.page_size - offset)
             self._store(pfn, offset, mv[:n])
             mv = mv[n:]
             offset += n
@@ -558,12 +585,12 @@ class PhysMem:
             if buf is None:
                 if not any(chunk):
                     return
-                buf = store[pfn] = bytearray(PAGE_SIZE)
+                buf = store[pfn] = bytearray(self.page_size)
             buf[offset : offset + len(chunk)] = chunk
             return
         buf = self._content.get(pfn)
         n = len(chunk)
-        if n == PAGE_SIZE:
+        if n == self.page_size:
             raw = bytes(chunk)
             if raw.count(raw[0]) == n:
                 self._fill[pfn - RAM_BASE_PFN] = raw[0]
@@ -576,7 +603,7 @@ class PhysMem:
             b = self._fill[i]
             if raw.count(b) == n:
                 return
-            buf = self._content[pfn] = bytearray((b,)) * PAGE_SIZE
+            buf = self._content[pfn] = bytearray((b,)) * self.page_size
         buf[offset : offset + len(chunk)] = chunk
 
     def write_int(self, pfn: int, offset: int, size: int, value: int) -> None:
@@ -586,7 +613,7 @@ class PhysMem:
     def fill(self, pfn: int, byte: int) -> None:
         """Set every byte of frame ``pfn`` to ``byte``."""
         if pfn >= DEVICE_BASE_PFN:
-            self._dev_content[pfn] = bytearray((byte,)) * PAGE_SIZE
+            self._dev_content[pfn] = bytearray((byte,)) * self.page_size
             return
         self._fill[pfn - RAM_BASE_PFN] = byte
         self._content.pop(pfn, None)
@@ -595,7 +622,7 @@ class PhysMem:
         """``copy_user_highpage()``: frame ``dst`` gets the bytes of frame ``src``."""
         data = self._frame_bytes(src)
         if dst >= DEVICE_BASE_PFN:
-            self._dev_content[dst] = bytearray(self.read(src, 0, PAGE_SIZE))
+            self._dev_content[dst] = bytearray(self.read(src, 0, self.page_size))
             return
         if data is not None:
             self._content[dst] = bytearray(data)
@@ -610,7 +637,7 @@ class PhysMem:
         data = self._frame_bytes(pfn)
         if data is None:
             return self._fill[pfn - RAM_BASE_PFN] if pfn < DEVICE_BASE_PFN else 0
-        return data[0] if data.count(data[0]) == PAGE_SIZE else None
+        return data[0] if data.count(data[0]) == self.page_size else None
 
     # --- introspection -----------------------------------------------------------------------
 

@@ -14,8 +14,6 @@ from kvmmem.host.args import ulong_arg
 from kvmmem.host.file import File
 from kvmmem.host.mm_types import MmStruct
 from kvmmem.host.pagetable import (
-    HPAGE_MASK,
-    PAGE_MASK,
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_PRESENT,
@@ -24,7 +22,7 @@ from kvmmem.host.pagetable import (
     PTE_YOUNG,
 )
 from kvmmem.host.vma import VM_ACCESS_FLAGS, VM_SOFTDIRTY, Vma
-from kvmmem.types import PAGE_SHIFT, PAGES_PER_PMD, PMD_SIZE, Hva
+from kvmmem.types import Hva
 
 _P, _W, _D, _Y, _S = PTE_PRESENT, PTE_WRITE, PTE_DIRTY, PTE_YOUNG, PTE_SPECIAL
 
@@ -73,20 +71,21 @@ def rmap_walk(mm: MmStruct, head: int, huge: bool, hva: int) -> list[tuple[MmStr
     """``rmap_walk``: every (mm, address) mapping the folio ``head``."""
     pm = mm.physmem
     out: list[tuple[MmStruct, int]] = []
+    mask = mm.pg.hpage_mask if huge else mm.pg.page_mask
     if pm.is_anon(head):
-        return [(mm, hva & (HPAGE_MASK if huge else PAGE_MASK))]
+        return [(mm, hva & mask)]
     vma = mm.vma_lookup(hva)
     f = None if vma is None else vma.file
     if f is None:
-        return [(mm, hva & (HPAGE_MASK if huge else PAGE_MASK))]
+        return [(mm, hva & mask)]
     index = None
     for k, cached in f.cache.items():
         if cached == head:
             index = k
             break
     if index is None:
-        return [(mm, hva & (HPAGE_MASK if huge else PAGE_MASK))]
-    pgoff = index * PAGES_PER_PMD if huge else index
+        return [(mm, hva & mask)]
+    pgoff = index * mm.pg.pages_per_pmd if huge else index
     for owner, v in for_each_mapping(f):
         if v.pgoff <= pgoff < v.pgoff + v.npages:
             at = v.hva_of(pgoff)
@@ -118,15 +117,16 @@ def test_young(mm: MmStruct, start: int, end: int) -> bool:
     """``mmu_notifier_test_young`` or a host accessed bit in ``[start, end)``."""
     s = ulong_arg(start, "test_young: start")
     e = ulong_arg(end, "test_young: end")
-    for idx in mm.pt.indices(s, e):
-        slot = mm.pt.pmd[idx]
+    pt = mm.pt
+    for idx in pt.indices(s, e):
+        slot = pt.pmd[idx]
         if isinstance(slot, int):
             if slot & _Y:
                 return True
         else:
-            base = idx << 21
-            lo, hi = max(s, base), min(e, base + PMD_SIZE)
-            if (mm.pt.view(slot)[(lo - base) >> PAGE_SHIFT:(hi - base) >> PAGE_SHIFT]
+            base = idx << pt.pmd_shift
+            lo, hi = max(s, base), min(e, base + pt.pmd_size)
+            if (pt.view(slot)[(lo - base) >> pt.page_shift:(hi - base) >> pt.page_shift]
                     & _Y).any():
                 return True
     return mm.notifiers.test_young(Hva(s), Hva(e))
@@ -134,15 +134,16 @@ def test_young(mm: MmStruct, start: int, end: int) -> bool:
 
 def _clear_young_ptes(mm: MmStruct, s: int, e: int) -> bool:
     young = False
-    for idx in mm.pt.indices(s, e):
-        slot = mm.pt.pmd[idx]
+    pt = mm.pt
+    for idx in pt.indices(s, e):
+        slot = pt.pmd[idx]
         if isinstance(slot, int):
             young |= bool(slot & _Y)
-            mm.pt.pmd[idx] = slot & ~_Y
+            pt.pmd[idx] = slot & ~_Y
         else:
-            base = idx << 21
-            lo, hi = max(s, base), min(e, base + PMD_SIZE)
-            arr = mm.pt.view(slot)[(lo - base) >> PAGE_SHIFT:(hi - base) >> PAGE_SHIFT]
+            base = idx << pt.pmd_shift
+            lo, hi = max(s, base), min(e, base + pt.pmd_size)
+            arr = pt.view(slot)[(lo - base) >> pt.page_shift:(hi - base) >> pt.page_shift]
             young |= bool((arr & _Y).any())
             arr &= ~_Y
     return young

@@ -9,10 +9,9 @@ from kvmmem.host.file import File, FileKind
 from kvmmem.host.memory import tlb_finish_mmu, zap_page_range_op
 from kvmmem.host.mm_types import MmStruct, invalidate_range_end_op, invalidate_range_start_op
 from kvmmem.host.notifier import NotifierEvent
-from kvmmem.host.pagetable import HPAGE_MASK
 from kvmmem.host.rmap import for_each_mapping
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import PAGE_SHIFT, PAGES_PER_PMD, PMD_SIZE
+from kvmmem.types import format_size
 
 
 def unmap_mapping_range_op(f: File, first: int, last: int | None,
@@ -31,8 +30,9 @@ def unmap_mapping_range_op(f: File, first: int, last: int | None,
         s: int = vma.hva_of(lo)
         e: int = vma.hva_of(hi + 1)
         if vma.is_hugetlb():
-            s &= HPAGE_MASK
-            e = (e + PMD_SIZE - 1) & HPAGE_MASK
+            huge = vma.pg.pmd_size
+            s &= ~(huge - 1)
+            e = (e + huge - 1) & ~(huge - 1)
         rng = yield from invalidate_range_start_op(mm, s, e, NotifierEvent.CLEAR)
         puts = yield from zap_page_range_op(mm, s, e, cache_only=not even_cows)
         yield from invalidate_range_end_op(mm, rng)
@@ -46,7 +46,8 @@ def punch_hole_op(f: File, first: int, last: int) -> Op[None]:
     yield acquire(f"i_rwsem:{f.ino}")
     yield from unmap_mapping_range_op(f, first, last, even_cows=False)
     if f.kind is FileKind.HUGETLBFS:
-        f.drop_pages(first // PAGES_PER_PMD, last // PAGES_PER_PMD, hole=True)
+        ppm = f.physmem.pages_per_pmd
+        f.drop_pages(first // ppm, last // ppm, hole=True)
     else:
         f.drop_pages(first, last, hole=True)
     yield release(f"i_rwsem:{f.ino}")
@@ -84,7 +85,8 @@ def vfs_fallocate_op(f: File, mode: int, offset: int, length: int) -> Op[None]:
     end = min(offset + length, f.npages() << f.unit_shift)
     if end <= offset:
         return
-    yield from punch_hole_op(f, offset >> PAGE_SHIFT, (end >> PAGE_SHIFT) - 1)
+    page_shift = f.physmem.page_shift
+    yield from punch_hole_op(f, offset >> page_shift, (end >> page_shift) - 1)
 
 
 def ftruncate_op(mm: MmStruct, file: File, size: int) -> Op[None]:
@@ -92,8 +94,8 @@ def ftruncate_op(mm: MmStruct, file: File, size: int) -> Op[None]:
     private COW copies, ``truncate_pagecache``: twice, as the kernel does) and
     drops them from the page cache; later accesses there are SIGBUS.
 
-    Raises KernelError EINVAL (negative size, hugetlbfs size not 2M
-    aligned) or EBADF-like InputError for a read-only or device file."""
+    Raises KernelError EINVAL (negative size, hugetlbfs size not a multiple of the
+    huge page size) or EBADF-like InputError for a read-only or device file."""
     if not isinstance(file, File):
         raise ArgumentError("ftruncate: file", f"expected a File, got {file!r}", "EBADF")
     if not isinstance(size, int) or isinstance(size, bool):
@@ -105,18 +107,19 @@ def ftruncate_op(mm: MmStruct, file: File, size: int) -> Op[None]:
         raise KernelError("EINVAL", call, "file not open for writing")
     if file.kind is FileKind.DEVICE:
         raise KernelError("EINVAL", call, "not a regular file")
-    if file.kind is FileKind.HUGETLBFS and size % PMD_SIZE:
-        raise KernelError("EINVAL", call, "hugetlbfs size not 2M aligned")
+    huge = mm.pg.pmd_size
+    if file.kind is FileKind.HUGETLBFS and size % huge:
+        raise KernelError("EINVAL", call, f"hugetlbfs size not {format_size(huge)} aligned")
     yield acquire(f"i_rwsem:{file.ino}")
     old = file.size
     if size < old:
         unit = 1 << file.unit_shift
         holebegin = (size + unit - 1) // unit
-        first4k = holebegin * (unit >> PAGE_SHIFT)
-        yield from unmap_mapping_range_op(file, first4k, None, even_cows=True)
+        first_page = holebegin * (unit >> mm.page_shift)
+        yield from unmap_mapping_range_op(file, first_page, None, even_cows=True)
         file.set_size(size)
         file.drop_pages(holebegin, None, hole=False)
-        yield from unmap_mapping_range_op(file, first4k, None, even_cows=True)
+        yield from unmap_mapping_range_op(file, first_page, None, even_cows=True)
         if file.resv:
             stale = [k for k in file.resv if k >= holebegin]
             for k in stale:

@@ -23,7 +23,6 @@ from kvmmem.host.mm_types import (
 from kvmmem.host.pagetable import present_pfn, touch_pte
 from kvmmem.host.vma import VM_ACCESS_FLAGS, VM_WRITE, Vma
 from kvmmem.sync import Op, drive
-from kvmmem.types import PAGE_SIZE
 
 
 def access_permitted(vma: Vma, write: bool) -> bool:
@@ -36,7 +35,7 @@ def access_permitted(vma: Vma, write: bool) -> bool:
 def fault_in_op(mm: MmStruct, addr: int, write: bool) -> Op[int | str]:
     """A user access at ``addr``: ``do_user_addr_fault`` until the PTE allows it.
 
-    Returns the 4 KiB pfn to use, or the signal name (``"SIGSEGV"``,
+    Returns the pfn to use, or the signal name (``"SIGSEGV"``,
     ``"SIGBUS"``).  The caller holds ``mmap_lock`` for read (so the VMA
     stays; the PTE may change under a concurrent zap, hence the re-check)."""
     pm = mm.physmem
@@ -66,15 +65,16 @@ def access_op(mm: MmStruct, hva: int, size: int, write: bool) -> Op[list[tuple[i
     """Fault in every page an access touches; returns ``(pfn, offset, n)`` chunks.
 
     Raises HostSignal (lock still held by the caller)."""
-    if (hva & (PAGE_SIZE - 1)) + size <= PAGE_SIZE:
+    page_size = mm.page_size
+    if (hva & (page_size - 1)) + size <= page_size:
         r = yield from fault_in_op(mm, hva, write)
         if isinstance(r, str):
             raise HostSignal(r, hva)
-        return [(r, hva & (PAGE_SIZE - 1), size)]
+        return [(r, hva & (page_size - 1), size)]
     chunks: list[tuple[int, int]] = []
     addr, left = hva, size
     while left:
-        n = min(left, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+        n = min(left, page_size - (addr & (page_size - 1)))
         chunks.append((addr, n))
         addr += n
         left -= n
@@ -84,7 +84,7 @@ def access_op(mm: MmStruct, hva: int, size: int, write: bool) -> Op[list[tuple[i
             r = yield from fault_in_op(mm, a, write)
             if isinstance(r, str):
                 raise HostSignal(r, a)
-            out.append((r, a & (PAGE_SIZE - 1), n))
+            out.append((r, a & (page_size - 1), n))
         if len(out) == 1 or all(
             present_pfn(mm.pt, a, write) == pfn for (a, _), (pfn, _, _) in zip(
                 chunks, out, strict=True)

@@ -15,21 +15,24 @@ from kvmmem.host.file import File
 from kvmmem.host.mm_types import MmStruct
 from kvmmem.host.pagetable import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT, PTE_SPECIAL
 from kvmmem.host.physmem import PG_FREE, RAM_BASE_PFN
-from kvmmem.types import PAGE_SIZE, PAGES_PER_PMD, PMD_SIZE
+from kvmmem.types import format_size
 
 
 def validate_vmas(mm: MmStruct) -> None:
-    """The VMA tree is sorted, non-overlapping, page aligned; hugetlb VMAs 2 MiB aligned."""
+    """The VMA tree is sorted, non-overlapping, page aligned; hugetlb VMAs aligned to the
+    huge page size (2 MiB with 4 KiB pages)."""
     prev_end = 0
+    page_size, huge = mm.page_size, mm.pg.pmd_size
     for vma in mm.for_each_vma():
         if vma.start >= vma.end:
             raise ValidationError("vma-order", f"{vma!r} is empty or inverted")
-        if vma.start % PAGE_SIZE or vma.end % PAGE_SIZE:
+        if vma.start % page_size or vma.end % page_size:
             raise ValidationError("vma-aligned", f"{vma!r} is not page aligned")
         if vma.start < prev_end:
             raise ValidationError("vma-overlap", f"{vma!r} overlaps the VMA before it")
-        if vma.is_hugetlb() and (vma.start % PMD_SIZE or vma.end % PMD_SIZE):
-            raise ValidationError("vma-hugetlb", f"{vma!r} is not 2M aligned")
+        if vma.is_hugetlb() and (vma.start % huge or vma.end % huge):
+            raise ValidationError("vma-hugetlb",
+                                  f"{vma!r} is not {format_size(huge)} aligned")
         if vma.file is not None and not any(
             v is vma and m is mm for m, v in vma.file.mappings
         ):
@@ -46,20 +49,21 @@ def validate_page_table(
     ``exact`` demands refcount == mappings + page-cache references (true when no
     GUP reference is outstanding); otherwise refcount >= that."""
     pm = mm.physmem
+    pg = mm.pg
     maps: dict[int, int] = {}
     refs: dict[int, int] = {}
     for idx in sorted(mm.pt.pmd):
         slot = mm.pt.pmd[idx]
-        base = idx << 21
+        base = idx << pg.pmd_shift
         if isinstance(slot, int):
             entries = [(base, slot, True)]
         else:
             arr = np.frombuffer(slot, dtype=np.int64)
             nz = np.flatnonzero(arr)
-            entries = [(base + int(i) * PAGE_SIZE, int(arr[i]), False) for i in nz]
+            entries = [(base + int(i) * pg.page_size, int(arr[i]), False) for i in nz]
         for hva, e, huge in entries:
             vma = mm.vma_lookup(hva)
-            if vma is None or (huge and vma.end < hva + PMD_SIZE):
+            if vma is None or (huge and vma.end < hva + pg.pmd_size):
                 raise ValidationError("pte-outside-vma", f"entry {e:#x} at {hva:#x} has no VMA")
             if not e & (PTE_PRESENT | PTE_MIGRATION) or e & PTE_SPECIAL:
                 continue
@@ -68,7 +72,7 @@ def validate_page_table(
                 raise ValidationError("pte-maps-free", f"{hva:#x} maps free frame {pfn:#x}")
             head = int(pm.compound_head(pfn))
             refs[head] = refs.get(head, 0) + 1
-            for k in range(PAGES_PER_PMD if huge else 1):
+            for k in range(pg.pages_per_pmd if huge else 1):
                 maps[pfn + k] = maps.get(pfn + k, 0) + 1
     files: dict[int, File] = {f.ino: f for f in extra_files}
     for vma in mm.for_each_vma():

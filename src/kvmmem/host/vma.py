@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import InputError
-from kvmmem.types import PAGE_SHIFT, PMD_SHIFT, Hva
+from kvmmem.types import PAGES_4K, Hva, PageGeometry
 
 if TYPE_CHECKING:
     from kvmmem.host.file import File
@@ -119,7 +119,7 @@ class VmaKind(StrEnum):
     MEMFD = "memfd"  # MAP_SHARED of a memfd (shmem)
     FILE = "file"  # MAP_PRIVATE of a file
     FILE_SHARED = "file-shared"  # MAP_SHARED of a file
-    HUGETLB = "hugetlb"  # MAP_HUGETLB (2 MiB pages)
+    HUGETLB = "hugetlb"  # MAP_HUGETLB (PMD-sized pages: 2 MiB with 4 KiB base pages)
     THP = "thp"  # anonymous + MADV_HUGEPAGE
     DEVICE = "device"  # VM_IO|VM_PFNMAP, every frame remapped at mmap (remap_pfn_range)
     DEVICE_LAZY = "device-lazy"  # VM_IO|VM_PFNMAP, frames inserted by the fault handler
@@ -148,9 +148,10 @@ class Vma:
     mapped at, as ``do_mmap`` sets it), ``anon_vma`` identifies the anon_vma
     (0: none yet; assigned on the first anonymous page, ``anon_vma_prepare``).
     ``resv`` lists the hugetlb page indices still reserved (private hugetlb).
+    ``pg`` is the host's page geometry (what ``PAGE_SHIFT`` and the hugetlb size are).
     """
 
-    __slots__ = ("anon_vma", "end", "file", "flags", "kind", "pgoff", "resv", "start")
+    __slots__ = ("anon_vma", "end", "file", "flags", "kind", "pg", "pgoff", "resv", "start")
 
     def __init__(
         self,
@@ -161,6 +162,8 @@ class Vma:
         file: File | None = None,
         pgoff: int = 0,
         anon_vma: int = 0,
+        *,
+        pg: PageGeometry = PAGES_4K,
     ) -> None:
         self.start = Hva(start)
         self.end = Hva(end)
@@ -169,6 +172,7 @@ class Vma:
         self.file = file
         self.pgoff = pgoff
         self.anon_vma = anon_vma
+        self.pg = pg
         self.resv: dict[int, None] = {}
 
     @property
@@ -188,13 +192,14 @@ class Vma:
 
     @property
     def npages(self) -> int:
-        """Size in 4 KiB pages."""
-        return (self.end - self.start) >> PAGE_SHIFT
+        """Size in (base) pages."""
+        return (self.end - self.start) >> self.pg.page_shift
 
     @property
     def page_shift(self) -> int:
-        """``vma_kernel_pagesize`` as a shift: 21 for hugetlb, else 12."""
-        return PMD_SHIFT if self.flags & VM_HUGETLB else PAGE_SHIFT
+        """``vma_kernel_pagesize`` as a shift: the hstate's for hugetlb (the PMD's: 21 with
+        4 KiB pages), else ``PAGE_SHIFT``."""
+        return self.pg.pmd_shift if self.flags & VM_HUGETLB else self.pg.page_shift
 
     def contains(self, hva: int) -> bool:
         """``start <= hva < end``."""
@@ -202,11 +207,11 @@ class Vma:
 
     def pgoff_of(self, hva: int) -> int:
         """``linear_page_index()``: the file page (or anon index) mapped at ``hva``."""
-        return self.pgoff + ((hva - self.start) >> PAGE_SHIFT)
+        return self.pgoff + ((hva - self.start) >> self.pg.page_shift)
 
     def hva_of(self, pgoff: int) -> Hva:
         """The address at which file page ``pgoff`` is mapped (may lie outside the VMA)."""
-        return Hva(self.start + ((pgoff - self.pgoff) << PAGE_SHIFT))
+        return Hva(self.start + ((pgoff - self.pgoff) << self.pg.page_shift))
 
     # --- flags -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from kvmmem.host.huge_memory import split_huge_pmd_address_op
 from kvmmem.host.mm_types import MmStruct
 from kvmmem.host.vma import VM_HUGEPAGE, VM_SPECIAL, Vma, VmaKind
 from kvmmem.sync import Op
-from kvmmem.types import PAGE_SHIFT, Hva
+from kvmmem.types import Hva
 
 
 def vma_link(mm: MmStruct, vma: Vma) -> None:
@@ -39,10 +39,11 @@ def split_vma(mm: MmStruct, vma: Vma, addr: int) -> Vma:
 
     The caller has checked hugetlb alignment and that a THP straddling
     ``addr`` was split (``vma_adjust_trans_huge``)."""
+    pg = vma.pg
     upper = Vma(addr, vma.end, vma.flags, vma.kind, vma.file,
-                vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), vma.anon_vma)
+                vma.pgoff + ((addr - vma.start) >> pg.page_shift), vma.anon_vma, pg=pg)
     if vma.resv:
-        cut = upper.pgoff >> 9
+        cut = upper.pgoff >> (pg.pmd_shift - pg.page_shift)
         upper.resv = {k: None for k in vma.resv if k >= cut}
         vma.resv = {k: None for k in vma.resv if k < cut}
     vma.end = Hva(addr)

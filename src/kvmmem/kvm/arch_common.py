@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmmem.kvm.kvm_host import PG_LEVEL_2M, PG_LEVEL_4K, ArchKvm, MemslotHookContext
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, align_down
+from kvmmem.types import align_down
 
 __all__ = [
     "PG_LEVEL_2M", "PG_LEVEL_4K", "ArchKvm", "MemslotHookContext",
@@ -29,12 +29,14 @@ def fault_supports_stage2_huge_mapping(slot: MemorySlot, hva: int, map_size: int
     """``fault_supports_stage2_huge_mapping`` (arm64; riscv's
     ``fault_supports_gstage_huge_mapping`` is the same rule): a block of
     ``map_size`` is allowed only if gpa and hva are congruent modulo the
-    block and the block around ``hva`` lies inside the slot."""
-    if map_size == PAGE_SIZE:
+    block and the block around ``hva`` lies inside the slot.  ``PAGE_SIZE`` is the host's
+    (the slot's ``page_shift``)."""
+    page_shift = slot.page_shift
+    if map_size == 1 << page_shift:
         return True
-    gpa_start = slot.base_gfn << PAGE_SHIFT
+    gpa_start = slot.base_gfn << page_shift
     uaddr_start = slot.userspace_addr
-    uaddr_end = uaddr_start + (slot.npages << PAGE_SHIFT)
+    uaddr_end = uaddr_start + (slot.npages << page_shift)
     if (gpa_start & (map_size - 1)) != (uaddr_start & (map_size - 1)):
         return False
     block = align_down(hva, map_size)
@@ -45,11 +47,14 @@ def transparent_hugepage_adjust(mm: Mm, slot: MemorySlot, hva: int) -> int:
     """``transparent_hugepage_adjust`` (arm64; riscv's copy since its THP support,
     ed7ae7a34bea) for a page-sized, cacheable fault: PMD when the slot allows a PMD
     block around ``hva`` and the host maps it with a huge leaf
-    (``get_user_mapping_size``); else a page.  The caller aligns the IPA and pfn."""
-    if fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE) \
-            and mm.mapping_size(hva) >= PMD_SIZE:
-        return PMD_SIZE
-    return PAGE_SIZE
+    (``get_user_mapping_size``); else a page.  The caller aligns the IPA and pfn.
+    ``PMD_SIZE`` is the host's (2 MiB with 4 KiB pages, 32 MiB with 16 KiB, 512 MiB
+    with 64 KiB: only PMD-sized THPs are considered)."""
+    pmd_size = mm.pg.pmd_size
+    if fault_supports_stage2_huge_mapping(slot, hva, pmd_size) \
+            and mm.mapping_size(hva) >= pmd_size:
+        return pmd_size
+    return mm.page_size
 
 
 def memslot_is_logging(slot: MemorySlot) -> bool:

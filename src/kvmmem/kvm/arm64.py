@@ -44,7 +44,7 @@ from kvmmem.kvm.memslot import CALL, mark_page_dirty_in_slot
 from kvmmem.kvm.mmu_notifier import mmu_invalidate_retry
 from kvmmem.kvm.prepare import prepare_vma_walk
 from kvmmem.sync import Op, acquire, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, align_down
+from kvmmem.types import align_down
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
@@ -67,14 +67,18 @@ _MMU_READ_UNLOCK = release("mmu_lock", shared=True)
 def get_vma_page_shift(vma: Vma, hva: int) -> int:
     """``get_vma_page_shift``: hugetlb -> the hstate's shift; VM_PFNMAP -> the
     largest of PUD/PMD whose block around ``hva`` is congruent with the
-    physical address guessed from ``vm_pgoff`` and inside the VMA; else 4K."""
+    physical address guessed from ``vm_pgoff`` and inside the VMA; else ``PAGE_SHIFT``.
+    The sizes are the host's (``vma.pg``); the PUD is tried because the PMD level is
+    not folded in any modelled build (``__PAGETABLE_PMD_FOLDED`` unset)."""
+    pg = vma.pg
     if vma.flags & VM_PFNMAP:
-        pa = (vma.pgoff << PAGE_SHIFT) + (hva - vma.start)
-        for size, shift in ((PUD_SIZE, 30), (PMD_SIZE, 21)):
+        pa = (vma.pgoff << pg.page_shift) + (hva - vma.start)
+        for shift in (pg.pud_shift, pg.pmd_shift):
+            size = 1 << shift
             if ((hva ^ pa) & (size - 1)) == 0 and align_down(hva, size) >= vma.start \
                     and align_down(hva, size) + size <= vma.end:
                 return shift
-        return PAGE_SHIFT
+        return pg.page_shift
     return vma.page_shift
 
 
@@ -84,27 +88,39 @@ def vma_pagesize(variant: Variant, slot: MemorySlot, vma: Vma, hva: int, logging
     ``(vma_pagesize, force_pte)``.  Logging forces pages; VM_PFNMAP forces them
     before v5.14 (``arm64_pfnmap_force_pte``) and is sized from the host page table,
     not the VMA, once the 7.3-cycle fix is in (``arm64_pfnmap_vma_block`` false);
-    otherwise :func:`get_vma_page_shift`, then the PUD -> PMD -> page downgrade while
-    :func:`fault_supports_stage2_huge_mapping` refuses (a refused PMD forces pages)."""
+    otherwise :func:`get_vma_page_shift`, then the kernel's ``switch (vma_shift)``: PUD
+    kept where :func:`fault_supports_stage2_huge_mapping` allows it, else PMD; a contiguous
+    PMD size (a CONT_PMD hugetlb page: 32 MiB with 4 KiB pages, 1 GiB with 16 KiB,
+    16 GiB with 64 KiB) is mapped as PMD blocks; a PMD the slot does not allow, or a
+    contiguous PTE size (CONT_PTE: 64 KiB / 2 MiB / 2 MiB), forces pages (``force_pte``).
+    Every size is the host's: stage-2 uses the host ``PAGE_SIZE`` as its granule."""
+    pg = vma.pg
     force_pte = logging
     if force_pte:
-        vma_shift = PAGE_SHIFT
+        vma_shift = pg.page_shift
     elif variant.arm64_pfnmap_force_pte and vma.flags & VM_PFNMAP:
-        vma_shift = PAGE_SHIFT
+        vma_shift = pg.page_shift
         force_pte = True
     elif vma.flags & VM_PFNMAP and not variant.arm64_pfnmap_vma_block:
         # "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" (7.3
         # cycle, stable down to 5.10): the host page table's leaf decides, below
-        vma_shift = PAGE_SHIFT
+        vma_shift = pg.page_shift
     else:
         vma_shift = get_vma_page_shift(vma, hva)
-    size = 1 << vma_shift
-    if size == PUD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PUD_SIZE):
-        size = PMD_SIZE
-    if size == PMD_SIZE and not fault_supports_stage2_huge_mapping(slot, hva, PMD_SIZE):
-        size = PAGE_SIZE
-        force_pte = True
-    return size, force_pte
+    # switch (vma_shift), its fallthroughs in order
+    if vma_shift == pg.pud_shift:
+        if fault_supports_stage2_huge_mapping(slot, hva, pg.pud_size):
+            return pg.pud_size, force_pte
+        vma_shift = pg.pmd_shift
+    if vma_shift == pg.cont_pmd_shift:
+        vma_shift = pg.pmd_shift
+    if vma_shift == pg.pmd_shift:
+        if fault_supports_stage2_huge_mapping(slot, hva, pg.pmd_size):
+            return pg.pmd_size, force_pte
+        vma_shift = pg.cont_pte_shift
+    if vma_shift == pg.cont_pte_shift:
+        return pg.page_size, True
+    return 1 << vma_shift, force_pte
 
 
 def stage2_map(vm: Kvm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
@@ -153,7 +169,7 @@ class Arm64Kvm(ArchKvm):
         log = vm.log
         if log is not None:
             log.emit("kvm_guest_fault", ipa=gpa)
-        gfn = gpa >> PAGE_SHIFT
+        gfn = gpa >> vm.pg.page_shift
         slot = vcpu.gfn_to_memslot(gfn)
         write = access is Access.WRITE
         if slot is None or slot.invalid or (write and slot.readonly):
@@ -179,23 +195,24 @@ class Arm64Kvm(ArchKvm):
 
     def gmem_abort(self, vm: Kvm, vcpu: KvmVcpu, slot: MemorySlot, gpa: int,
                    access: Access) -> Op[FaultResult]:
-        """``gmem_abort`` (v6.18): the page of the slot's guest_memfd, mapped at 4K
-        (``PAGE_SIZE`` always: no VMA, no block), writable unless the slot is read-only,
+        """``gmem_abort`` (v6.18): the page of the slot's guest_memfd, mapped at
+        ``PAGE_SIZE`` always (no VMA, no block), writable unless the slot is read-only,
         executable on an instruction fetch.  A ``kvm_gmem_get_pfn`` error fills a
         memory-fault exit for the faulting page with flags 0 and fails KVM_RUN with it."""
-        gfn = gpa >> PAGE_SHIFT
+        page_shift = vm.pg.page_shift
+        gfn = gpa >> page_shift
         exec_fault = access is Access.EXEC
         mmu_seq = vm.mmu_invalidate_seq
         try:
             pfn = kvm_gmem_get_pfn(vm, slot, gfn)
         except KernelError as err:
-            return memory_fault_exit(gfn << PAGE_SHIFT, PAGE_SIZE, 0, err.errno)
+            return memory_fault_exit(gfn << page_shift, 1 << page_shift, 0, err.errno)
         writable = not slot.readonly
         yield _MMU_READ_LOCK
         if vm.variant.invalidate_retry and mmu_invalidate_retry(vm, mmu_seq):
             yield _MMU_READ_UNLOCK
             return RETRY
-        stage2_map(vm, slot, gfn << PAGE_SHIFT, pfn, PAGE_SIZE, write=writable,
+        stage2_map(vm, slot, gfn << page_shift, pfn, 1 << page_shift, write=writable,
                    execute=exec_fault, device=False, access=access)
         if writable:
             vcpu.unmarked_dirty = gfn
@@ -217,7 +234,9 @@ class Arm64Kvm(ArchKvm):
         """``user_mem_abort``: size, pfn, attributes, retry check, install."""
         mm = vm.mm
         variant = vm.variant
-        gfn = gpa >> PAGE_SHIFT
+        pg = vm.pg
+        page_shift, page_size = pg.page_shift, pg.page_size
+        gfn = gpa >> page_shift
         write = access is Access.WRITE
         exec_fault = access is Access.EXEC
         hva = slot.gfn_to_hva(gfn)
@@ -229,11 +248,11 @@ class Arm64Kvm(ArchKvm):
             yield _MMAP_READ_UNLOCK
             return EFAULT
         size, force_pte = vma_pagesize(variant, slot, vma, hva, logging)
-        if size > PAGE_SIZE:
+        if size > page_size:
             # The fault IPA and gfn are aligned to the block before the pfn is looked
             # up: the block maps the frames that follow the pfn of its first page.
             gpa = align_down(gpa, size)
-            gfn = gpa >> PAGE_SHIFT
+            gfn = gpa >> page_shift
         vm_flags = vma.flags
         mmu_seq = vm.mmu_invalidate_seq
         yield _MMAP_READ_UNLOCK
@@ -259,18 +278,27 @@ class Arm64Kvm(ArchKvm):
         pfn = fin.pfn
         # transparent_hugepage_adjust: a THP behind the hva allows a PMD block (IPA and
         # pfn aligned down to it).
-        if size == PAGE_SIZE and not force_pte and not device \
-                and transparent_hugepage_adjust(mm, slot, hva) == PMD_SIZE:
-            size = PMD_SIZE
-            gpa = align_down(gpa, PMD_SIZE)
-            pfn = align_down(pfn, PMD_SIZE >> PAGE_SHIFT)
-        if size > PAGE_SIZE and pfn & ((size >> PAGE_SHIFT) - 1):
+        if size == page_size and not force_pte and not device \
+                and transparent_hugepage_adjust(mm, slot, hva) == pg.pmd_size:
+            size = pg.pmd_size
+            gpa = align_down(gpa, size)
+            pfn = align_down(pfn, size >> page_shift)
+        if size > page_size and pfn & ((size >> page_shift) - 1):
             # kvm_pgtable_stage2_map: kvm_block_mapping_supported refuses a block whose
             # output address is not aligned to it, and the walk descends to map one page
             # per granule, from the pfn on (what a VMA-sized PFNMAP block comes to when
             # the first page's frame is not block aligned)
-            for i in range(size >> PAGE_SHIFT):
-                stage2_map(vm, slot, gpa + (i << PAGE_SHIFT), pfn + i, PAGE_SIZE,
+            for i in range(size >> page_shift):
+                stage2_map(vm, slot, gpa + (i << page_shift), pfn + i, page_size,
+                           write=writable, execute=exec_fault, device=device,
+                           access=access if i == 0 else None)
+        elif size not in vm.stage2.leaf_sizes:
+            # a PUD-sized PFNMAP block with 16K/64K pages (64 GiB / 4 TiB): stage-2 has
+            # no block that large (KVM_PGTABLE_MIN_BLOCK_LEVEL 2), so the walk maps the
+            # range with the largest blocks it has
+            block = max(s for s in vm.stage2.leaf_sizes if s <= size)
+            for i in range(size // block):
+                stage2_map(vm, slot, gpa + i * block, pfn + i * (block >> page_shift), block,
                            write=writable, execute=exec_fault, device=device,
                            access=access if i == 0 else None)
         else:

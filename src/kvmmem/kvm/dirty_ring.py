@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm
@@ -138,7 +137,8 @@ def kvm_vm_ioctl_enable_dirty_log_ring(vm: Kvm, cap: int, size: int) -> None:
     size &= 0xFFFFFFFF  # the u32 parameter
     if not size or size & (size - 1):
         raise KernelError("EINVAL", call, f"ring size {size} is not a power of two")
-    if size < kvm_dirty_ring_get_rsvd_entries(vm) * KVM_DIRTY_GFN_SIZE or size < PAGE_SIZE:
+    if size < kvm_dirty_ring_get_rsvd_entries(vm) * KVM_DIRTY_GFN_SIZE \
+            or size < vm.pg.page_size:
         raise KernelError("EINVAL", call, f"ring size {size} is below the minimum")
     if size > KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE:
         raise KernelError("E2BIG", call, f"ring size {size} is above 65536 entries")
@@ -210,7 +210,8 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(vm: Kvm, memslot: MemorySlot, offset
     with KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG (kvm/dirty_log.py)."""
     need = False
     for off in offsets:
-        need |= vm.stage2.wrprotect_range((memslot.base_gfn + off) << PAGE_SHIFT, 1 << PAGE_SHIFT)
+        shift = memslot.page_shift
+        need |= vm.stage2.wrprotect_range((memslot.base_gfn + off) << shift, 1 << shift)
     if flush and (need or offsets):
         vm.flush_remote_tlbs(zap=False)
 

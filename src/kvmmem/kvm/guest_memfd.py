@@ -46,7 +46,6 @@ from kvmmem.kvm.mmu_notifier import (
     kvm_mmu_unmap_gfn_range,
 )
 from kvmmem.sync import Op, acquire, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm
@@ -107,7 +106,7 @@ class GmemFile:
         """``kvm_gmem_fault_user_mapping``: the page for a fault on an mmap of the file,
         or None for SIGBUS: beyond i_size, or a file without INIT_SHARED (its pages are
         not the host's to touch)."""
-        if index << PAGE_SHIFT >= self.inode.size:
+        if index << self.inode.physmem.page_shift >= self.inode.size:
             return None
         if not self.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
             return None
@@ -122,16 +121,17 @@ class GmemFile:
             raise KernelError("EOPNOTSUPP", call, "guest_memfd needs FALLOC_FL_KEEP_SIZE")
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
             raise KernelError("EOPNOTSUPP", call, "a mode guest_memfd does not support")
-        if offset % PAGE_SIZE or length % PAGE_SIZE:
+        shift = self.inode.physmem.page_shift
+        if offset % (1 << shift) or length % (1 << shift):
             raise KernelError("EINVAL", call, "range not page aligned")
         if mode & FALLOC_FL_PUNCH_HOLE:
-            yield from self.punch_hole_op(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT)
+            yield from self.punch_hole_op(offset >> shift, (offset + length) >> shift)
             return
         # kvm_gmem_allocate
         if offset + length > self.inode.size:
             raise KernelError("EINVAL", call, "allocation beyond the file's size")
         yield acquire(self._lock, shared=True)
-        for index in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT):
+        for index in range(offset >> shift, (offset + length) >> shift):
             self.inode.get_page(index)
         yield release(self._lock, shared=True)
 
@@ -218,7 +218,7 @@ def kvm_gmem_create(kvm: Kvm, size: int, flags: int) -> GmemFile:
     if flags & ~kvm_gmem_get_supported_flags(kvm):
         raise KernelError("EINVAL", CALL_CREATE, f"flags {flags:#x} not supported "
                           f"(KVM_CAP_GUEST_MEMFD_FLAGS {kvm_gmem_get_supported_flags(kvm):#x})")
-    if size <= 0 or size >= 1 << 63 or size % PAGE_SIZE:
+    if size <= 0 or size >= 1 << 63 or size % kvm.pg.page_size:
         raise KernelError("EINVAL", CALL_CREATE, f"size {size:#x} not a positive page multiple")
     mm = kvm.mm
     inode = File(mm.physmem, mm.new_ino(), "[kvm-gmem]", FileKind.GUEST_MEMFD, size)
@@ -241,12 +241,13 @@ def kvm_gmem_bind(kvm: Kvm, slot: MemorySlot, fd: int, offset: int) -> None:
         raise KernelError("EINVAL", CALL_BIND, f"fd {fd} is not a guest_memfd")
     if gmem.kvm is not kvm:
         raise KernelError("EINVAL", CALL_BIND, f"guest_memfd {fd} belongs to another VM")
-    size = slot.npages << PAGE_SHIFT
-    if offset < 0 or offset % PAGE_SIZE or offset + size > gmem.inode.size:
+    shift = slot.page_shift
+    size = slot.npages << shift
+    if offset < 0 or offset % (1 << shift) or offset + size > gmem.inode.size:
         raise KernelError("EINVAL", CALL_BIND, f"guest_memfd_offset {offset:#x} + size "
                           f"{size:#x} outside the file ({gmem.inode.size:#x} bytes) or "
                           "unaligned")
-    start = offset >> PAGE_SHIFT
+    start = offset >> shift
     end = start + slot.npages
     if any(first < end and start < last for first, last, _ in gmem.bindings):
         raise KernelError("EEXIST" if kvm.variant.gmem_bind_overlap_eexist else "EINVAL",

@@ -35,7 +35,6 @@ from kvmmem.kvm.kvm_host import kvm_mem_is_private
 from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from kvmmem.kvm.mmu_notifier import INVALID_GPA
 from kvmmem.kvm.vm import Vm
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.memslot import MemorySlot
@@ -67,9 +66,10 @@ def _slot_of(vm: Vm, gfn: int) -> MemorySlot | None:
 def _for_each_mapped_page(vm: Vm) -> list[tuple[int, int, bool, bool, str]]:
     """(gfn, pfn, writable, device, source) for every stage-2 page and TLB entry."""
     out: list[tuple[int, int, bool, bool, str]] = []
+    shift = vm.pg.page_shift
     for leaf in vm.stage2.for_each_leaf():
-        for i in range(leaf.size >> PAGE_SHIFT):
-            out.append(((leaf.gpa >> PAGE_SHIFT) + i, leaf.pfn + i, leaf.writable,
+        for i in range(leaf.size >> shift):
+            out.append(((leaf.gpa >> shift) + i, leaf.pfn + i, leaf.writable,
                         leaf.device, "stage-2"))
     for vcpu in vm.vcpus:
         for gfn, entry in vcpu.tlb.items():
@@ -212,28 +212,30 @@ def validate_coherence(vm: Vm, gpa: int, size: int, value: int, vcpu: int = 0, *
     table, without faulting anything in) -- or, for a gmem-only slot written
     through the fault path, in the slot's guest_memfd (x86's instruction
     emulator, ``emulated``, writes through the hva even there)."""
-    slot = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    shift = vm.pg.page_shift
+    mask = (1 << shift) - 1
+    slot = vm.gfn_to_memslot(gpa >> shift)
     if slot is None:
         return
     got = 0
     for i in range(size):
         g = gpa + i
-        s = vm.gfn_to_memslot(g >> PAGE_SHIFT)
+        s = vm.gfn_to_memslot(g >> shift)
         if s is None:
             return  # part of the access was MMIO
-        if served_from_gmem(vm, s, g >> PAGE_SHIFT) and not emulated:
-            held = gmem_page(s, g >> PAGE_SHIFT)
+        if served_from_gmem(vm, s, g >> shift) and not emulated:
+            held = gmem_page(s, g >> shift)
             if held is None:
                 raise ValidationError("coherence", f"guest wrote gpa {g:#x} but slot {s.id}'s "
                                       "guest_memfd holds no page there: the write is lost")
-            got |= vm.mm.physmem.read_int(held, g & (PAGE_SIZE - 1), 1) << (8 * i)
+            got |= vm.mm.physmem.read_int(held, g & mask, 1) << (8 * i)
             continue
-        hva = s.gfn_to_hva(g >> PAGE_SHIFT) + (g & (PAGE_SIZE - 1))
+        hva = s.gfn_to_hva(g >> shift) + (g & mask)
         pte = vm.mm.host_pte(hva)
         if pte is None:
             raise ValidationError("coherence", f"guest wrote gpa {g:#x} but hva {hva:#x} has "
                                   "no host page: the write is lost")
-        got |= vm.mm.physmem.read_int(pte.pfn, hva & (PAGE_SIZE - 1), 1) << (8 * i)
+        got |= vm.mm.physmem.read_int(pte.pfn, hva & mask, 1) << (8 * i)
     if got != value & ((1 << (8 * size)) - 1):
         raise ValidationError("coherence", f"guest wrote {value:#x} at gpa {gpa:#x} (vcpu "
                               f"{vcpu}) but host userspace reads {got:#x} at the same hva")
@@ -267,15 +269,16 @@ def validate_path_independence(vm: Vm) -> list[str]:
         if isinstance(f, GmemFile):
             f.kvm = fresh  # the copied guest_memfd files are the fresh VM's
     notes: list[str] = []
+    shift = vm.pg.page_shift
     for slot in sorted(vm.memslots.all_slots(), key=lambda s: (s.as_id, s.id)):
         if slot.invalid:
             continue
-        args = (slot.id | (slot.as_id << 16), slot.base_gfn << PAGE_SHIFT,
-                slot.npages << PAGE_SHIFT, slot.userspace_addr, slot.flags)
+        args = (slot.id | (slot.as_id << 16), slot.base_gfn << shift,
+                slot.npages << shift, slot.userspace_addr, slot.flags)
         gmem: dict[str, Any] = {}
         if slot.gmem is not None and slot.gmem.file is not None:
             gmem = {"guest_memfd": slot.gmem.file.fd,
-                    "guest_memfd_offset": slot.gmem.pgoff << PAGE_SHIFT, "v2": True}
+                    "guest_memfd_offset": slot.gmem.pgoff << shift, "v2": True}
         try:
             fresh.set_user_memory_region(*args, **gmem)
             continue
@@ -290,16 +293,16 @@ def validate_path_independence(vm: Vm) -> list[str]:
             raise ValidationError(
                 "path-independence",
                 f"this state cannot be reached from scratch: re-creating slot {slot.id} "
-                f"(gpa {slot.base_gfn << PAGE_SHIFT:#x}, hva {slot.userspace_addr:#x}) over the "
+                f"(gpa {slot.base_gfn << shift:#x}, hva {slot.userspace_addr:#x}) over the "
                 f"current host mappings fails with {err.errno}") from None
         finally:
             fresh.prepare_vma_checks = True
-        notes.append(f"slot {slot.id} (gpa {slot.base_gfn << PAGE_SHIFT:#x}, hva "
+        notes.append(f"slot {slot.id} (gpa {slot.base_gfn << shift:#x}, hva "
                      f"{slot.userspace_addr:#x}) could not be created over the current host "
                      f"mappings ({refused.errno}: {refused.reason}); this state is reached only "
                      "by changing the VMAs after creation")
     for leaf in vm.stage2.for_each_leaf():
-        if _invalidation_covers(vm, leaf.gpa >> PAGE_SHIFT):
+        if _invalidation_covers(vm, leaf.gpa >> shift):
             continue
         r = fresh.guest_access(leaf.gpa, 1, Access.READ)
         got = fresh.stage2_lookup(leaf.gpa)

@@ -36,7 +36,6 @@ from kvmmem.errors import KernelError
 from kvmmem.kvm.memory_slot import DirtyRingPush
 from kvmmem.kvm.memslot import CALL, KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.sync import Op
-from kvmmem.types import PAGE_SHIFT
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
     from kvmmem.kvm.fault import Access, AccessResult, FaultResult
     from kvmmem.kvm.memslot import MemorySlot, VmMemslots
     from kvmmem.kvm.stats import EventLog, Stats
+    from kvmmem.types import PageGeometry
 
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
@@ -179,6 +179,11 @@ class Kvm(Protocol):
 
     @property
     def mm(self) -> Mm: ...
+
+    @property
+    def pg(self) -> PageGeometry:
+        """The host's page geometry (the mm's: ``PAGE_SIZE``, ``PMD_SIZE``, ...)."""
+        ...
 
     @property
     def stage2(self) -> Stage2: ...
@@ -390,7 +395,7 @@ class ArchKvm:
         reached through ``hooks``)."""
         if change == KvmMrChange.DELETE or new is None:
             return
-        limit = 1 << (hooks.phys_bits - PAGE_SHIFT)
+        limit = 1 << (hooks.phys_bits - new.page_shift)
         end = new.base_gfn + new.npages
         if self.ipa_limit_inclusive(hooks.variant):
             if end >= limit:

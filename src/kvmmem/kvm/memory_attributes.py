@@ -29,7 +29,6 @@ from kvmmem.kvm.guest_memfd import kvm_gmem_invalidate_begin_op
 from kvmmem.kvm.kvm_host import KVM_MEMORY_ATTRIBUTE_PRIVATE, MemAttrArray, kvm_mem_is_private
 from kvmmem.kvm.mmu_notifier import kvm_mmu_invalidate_end
 from kvmmem.sync import Op, acquire, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm
@@ -66,10 +65,11 @@ def kvm_vm_ioctl_set_mem_attributes_op(kvm: Kvm, address: int, size: int, attrib
                           f"VM (KVM_CAP_MEMORY_ATTRIBUTES {kvm_supported_mem_attributes(kvm):#x})")
     if not size or address + size >= _U64:
         raise KernelError("EINVAL", CALL, "size zero or the range wraps")
-    if address % PAGE_SIZE or size % PAGE_SIZE:
+    shift = kvm.pg.page_shift
+    if address % (1 << shift) or size % (1 << shift):
         raise KernelError("EINVAL", CALL, "address or size not page aligned")
-    yield from kvm_vm_set_mem_attributes_op(kvm, address >> PAGE_SHIFT,
-                                            (address + size) >> PAGE_SHIFT, attributes)
+    yield from kvm_vm_set_mem_attributes_op(kvm, address >> shift,
+                                            (address + size) >> shift, attributes)
 
 
 def kvm_vm_set_mem_attributes_op(kvm: Kvm, start: int, end: int, attributes: int) -> Op[None]:

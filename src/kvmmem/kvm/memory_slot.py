@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmmem.errors import InputError
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva
+from kvmmem.types import PAGE_SIZE, Gfn, Hva
 
 
 class DirtyRingPush(Protocol):
@@ -98,6 +98,9 @@ class MemslotLimits:
     checks ``userspace_addr + memory_size`` against; ``tbi`` selects arm64's
     ``untagged_addr`` (top byte ignored).  ``readonly_mem`` is
     ``kvm_arch_has_readonly_mem``; ``guest_memfd`` is ``CONFIG_KVM_GUEST_MEMFD``.
+    ``page_shift`` is the host's ``PAGE_SHIFT`` (12; 14 or 16 on an arm64 host built
+    with 16 KiB or 64 KiB pages): the unit of gfns and the alignment every address and
+    size of a request must have.
     """
 
     arch: str
@@ -107,6 +110,7 @@ class MemslotLimits:
     tbi: bool = False
     readonly_mem: bool = True
     guest_memfd: bool = False
+    page_shift: int = 12
 
     @property
     def nr_memslots(self) -> int:
@@ -139,9 +143,11 @@ def memslot_limits(
     readonly_mem: bool = True,
     guest_memfd: bool = False,
     user_mem_slots: int | None = None,
+    page_shift: int = 12,
 ) -> MemslotLimits:
     """The limits of ``arch`` ("x86", "arm64", "riscv"), with optional overrides
-    (``user_mem_slots``: a release's ``KVM_USER_MEM_SLOTS``, Variant.user_mem_slots).
+    (``user_mem_slots``: a release's ``KVM_USER_MEM_SLOTS``, Variant.user_mem_slots;
+    ``page_shift``: the host's ``PAGE_SHIFT``).
 
     ``nr_as_ids=1`` on x86 is a VM without SMM (or this host: MULTI_ADDRESS_SPACE
     is 0).  Raises :class:`InputError` for an unknown arch."""
@@ -157,6 +163,7 @@ def memslot_limits(
         tbi=tbi,
         readonly_mem=readonly_mem,
         guest_memfd=guest_memfd,
+        page_shift=page_shift,
     )
 
 
@@ -280,7 +287,8 @@ class MemorySlot:
     A published slot's geometry and flags never change.  ``dirty_bitmap`` is
     one bool per page (``None`` unless LOG_DIRTY_PAGES and a bitmap is in
     use); ``arch`` is the arch-private ``struct kvm_arch_memory_slot``;
-    ``gmem`` is the guest_memfd binding (:class:`GmemBinding`), if any."""
+    ``gmem`` is the guest_memfd binding (:class:`GmemBinding`), if any;
+    ``page_shift`` the host's ``PAGE_SHIFT`` (gfns and ``npages`` count host pages)."""
 
     id: int
     as_id: int
@@ -291,6 +299,7 @@ class MemorySlot:
     dirty_bitmap: DirtyBitmap | None = None
     arch: dict[str, Any] = field(default_factory=dict)
     gmem: GmemBinding | None = None
+    page_shift: int = 12
 
     @property
     def end_gfn(self) -> Gfn:
@@ -300,12 +309,12 @@ class MemorySlot:
     @property
     def size(self) -> int:
         """Size in bytes."""
-        return self.npages << PAGE_SHIFT
+        return self.npages << self.page_shift
 
     @property
     def hva_end(self) -> Hva:
         """First hva after the slot."""
-        return Hva(self.userspace_addr + (self.npages << PAGE_SHIFT))
+        return Hva(self.userspace_addr + (self.npages << self.page_shift))
 
     @property
     def invalid(self) -> bool:
@@ -328,11 +337,11 @@ class MemorySlot:
 
     def gfn_to_hva(self, gfn: int) -> Hva:
         """``__gfn_to_hva_memslot()``: linear translation, no checks."""
-        return Hva(self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT))
+        return Hva(self.userspace_addr + ((gfn - self.base_gfn) << self.page_shift))
 
     def hva_to_gfn(self, hva: int) -> Gfn:
         """``hva_to_gfn_memslot()``: the gfn ``hva`` backs (hva in the slot)."""
-        return Gfn(self.base_gfn + ((hva - self.userspace_addr) >> PAGE_SHIFT))
+        return Gfn(self.base_gfn + ((hva - self.userspace_addr) >> self.page_shift))
 
     def __repr__(self) -> str:
         names = [n for bit, n in ((KVM_MEM_LOG_DIRTY_PAGES, "LOG_DIRTY"),
@@ -340,7 +349,8 @@ class MemorySlot:
                                    (KVM_MEM_GUEST_MEMFD, "GUEST_MEMFD"),
                                    (KVM_MEMSLOT_INVALID, "INVALID")) if self.flags & bit]
         return (f"MemorySlot(as={self.as_id} id={self.id} "
-                f"gpa={self.base_gfn << PAGE_SHIFT:#x}-{self.end_gfn << PAGE_SHIFT:#x} "
+                f"gpa={self.base_gfn << self.page_shift:#x}-"
+                f"{self.end_gfn << self.page_shift:#x} "
                 f"hva={self.userspace_addr:#x} {'|'.join(names) or '-'})")
 
 
@@ -367,4 +377,4 @@ def kvm_copy_memslot(src: MemorySlot) -> MemorySlot:
     """``kvm_copy_memslot()``: a new slot object with ``src``'s fields; the
     dirty bitmap is shared, ``arch`` copied by value (a struct copy)."""
     return MemorySlot(src.id, src.as_id, src.base_gfn, src.npages, src.userspace_addr,
-                      src.flags, src.dirty_bitmap, dict(src.arch), src.gmem)
+                      src.flags, src.dirty_bitmap, dict(src.arch), src.gmem, src.page_shift)

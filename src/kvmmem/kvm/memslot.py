@@ -104,7 +104,7 @@ from kvmmem.kvm.memslot_set import (
     validate_memslot_set,
 )
 from kvmmem.sync import Op, acquire, point, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Gfn
+from kvmmem.types import Gfn
 
 __all__ = [
     "ARM64_TASK_SIZE_MAX", "BITS_PER_LONG", "CALL", "KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS",
@@ -200,7 +200,7 @@ class NoopMemslotHooks:
 
     def gmem_bind(self, slot: MemorySlot, fd: int, offset: int) -> None:
         """Records the binding in ``slot.gmem`` (the fd stands for the file)."""
-        slot.gmem = GmemBinding(fd, offset >> PAGE_SHIFT)
+        slot.gmem = GmemBinding(fd, offset >> slot.page_shift)
 
     def gmem_unbind(self, slot: MemorySlot) -> None:
         """Drops the binding."""
@@ -249,7 +249,8 @@ class VmMemslots:
         self.nr_memslots_dirty_logging = 0
         self.use_dirty_bitmap = True
         self.manual_protect_init_set = False
-        self._sets = [MemslotSet.pair(i) for i in range(self.limits.nr_as_ids)]
+        self._sets = [MemslotSet.pair(i, self.limits.page_shift)
+                      for i in range(self.limits.nr_as_ids)]
         self._active = [pair[0] for pair in self._sets]
         self.update_in_flight: MemslotUpdate | None = None
         """The update in flight (published by :func:`kvm_set_memory_region` from
@@ -316,9 +317,9 @@ class VmMemslots:
         out: list[tuple[MemorySlot, Gfn, Gfn]] = []
         for slot in self.slots_for_hva_range(start, end):
             hva_start = max(start, slot.userspace_addr)
-            hva_end = min(end, slot.userspace_addr + (slot.npages << PAGE_SHIFT))
+            hva_end = min(end, slot.hva_end)
             out.append((slot, slot.hva_to_gfn(hva_start),
-                        slot.hva_to_gfn(hva_end + PAGE_SIZE - 1)))
+                        slot.hva_to_gfn(hva_end + (1 << slot.page_shift) - 1)))
         return out
 
     # --- the ioctl -----------------------------------------------------------------------
@@ -504,14 +505,18 @@ def kvm_check_memory_region(kvm: VmMemslots,
     size = mem.memory_size
     gpa = mem.guest_phys_addr
     uaddr = mem.userspace_addr
+    # PAGE_SIZE is the host's: 16 KiB or 64 KiB on an arm64 kernel built so, where a
+    # 4 KiB slot is EINVAL (seen on Debian's 7.3 arm64-16k kernel)
+    page_shift = limits.page_shift
+    page_mask = (1 << page_shift) - 1
     # rule 3 (the unsigned-long truncation cannot happen on a 64-bit host)
-    if size & (PAGE_SIZE - 1):
+    if size & page_mask:
         raise KernelError("EINVAL", CALL, "memory_size not page aligned")
     # rule 4
-    if gpa & (PAGE_SIZE - 1):
+    if gpa & page_mask:
         raise KernelError("EINVAL", CALL, "guest_phys_addr not page aligned")
     # rule 5
-    if uaddr & (PAGE_SIZE - 1):
+    if uaddr & page_mask:
         raise KernelError("EINVAL", CALL, "userspace_addr not page aligned")
     if limits.tbi and uaddr != untagged_addr(limits, uaddr):
         raise KernelError("EINVAL", CALL, "userspace_addr is tagged")
@@ -519,7 +524,7 @@ def kvm_check_memory_region(kvm: VmMemslots,
         raise KernelError("EINVAL", CALL, "userspace range fails access_ok()")
     # rule 6
     if mem.flags & KVM_MEM_GUEST_MEMFD and (
-            mem.guest_memfd_offset & (PAGE_SIZE - 1)
+            mem.guest_memfd_offset & page_mask
             or mem.guest_memfd_offset + size > U64_MAX):
         raise KernelError("EINVAL", CALL, "guest_memfd_offset misaligned or wraps")
     # rule 7
@@ -528,7 +533,7 @@ def kvm_check_memory_region(kvm: VmMemslots,
     # rule 8
     if gpa + size > U64_MAX:
         raise KernelError("EINVAL", CALL, "guest_phys_addr + memory_size wraps")
-    npages = size >> PAGE_SHIFT
+    npages = size >> page_shift
     # rule 9
     if id < limits.user_mem_slots and npages > KVM_MEM_MAX_NR_PAGES:
         raise KernelError("EINVAL", CALL, "more than KVM_MEM_MAX_NR_PAGES pages")
@@ -544,7 +549,7 @@ def kvm_check_memory_region(kvm: VmMemslots,
             raise KernelError("EIO", CALL, "nr_memslot_pages underflow")
         # rule 13
         return old, None, _DELETE
-    base_gfn = gpa >> PAGE_SHIFT
+    base_gfn = gpa >> page_shift
     if old is None or not old.npages:
         # rules 14, 15
         change = _CREATE
@@ -575,7 +580,8 @@ def kvm_check_memory_region(kvm: VmMemslots,
         raise KernelError("EEXIST", CALL, "guest physical range overlaps another slot")
     # rule 20 (kzalloc cannot fail here)
     # (plain ints for the Gfn/Hva fields: NewType calls cost a function call)
-    new = MemorySlot(id, as_id, base_gfn, npages, uaddr, mem.flags)  # type: ignore[arg-type]
+    new = MemorySlot(id, as_id, base_gfn, npages, uaddr, mem.flags,  # type: ignore[arg-type]
+                     page_shift=page_shift)
     return old, new, change
 
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 from kvmmem.errors import ValidationError
 from kvmmem.kvm.memory_slot import MemorySlot
-from kvmmem.types import PAGE_SHIFT
 
 # --- sorted integer keys ------------------------------------------------------------------
 
@@ -131,9 +130,11 @@ class MemslotKeys:
     slot's keys are sorted in once, when the first set gets it, and sorted out
     once, when the last set drops it."""
 
-    __slots__ = ("gfn", "hva")
+    __slots__ = ("gfn", "hva", "page_shift")
 
-    def __init__(self) -> None:
+    def __init__(self, page_shift: int = 12) -> None:
+        self.page_shift = page_shift
+        """The host's ``PAGE_SHIFT`` (slot sizes are in its pages)."""
         self.gfn = SortedInts()
         self.hva: dict[int, SortedInts] = {}  # size class -> keys (uaddr << 16 | id)
 
@@ -168,9 +169,10 @@ class MemslotSet:
         self._sibling: MemslotSet | None = None
 
     @staticmethod
-    def pair(as_id: int) -> tuple[MemslotSet, MemslotSet]:
-        """The two sets of address space ``as_id`` (``node_idx`` 0 and 1)."""
-        keys = MemslotKeys()
+    def pair(as_id: int, page_shift: int = 12) -> tuple[MemslotSet, MemslotSet]:
+        """The two sets of address space ``as_id`` (``node_idx`` 0 and 1), of slots
+        counting pages of ``1 << page_shift`` bytes."""
+        keys = MemslotKeys(page_shift)
         a = MemslotSet(as_id, 0, keys)
         b = MemslotSet(as_id, 1, keys)
         a._sibling = b
@@ -239,15 +241,16 @@ class MemslotSet:
         found: list[tuple[int, MemorySlot]] = []
         by_id = self._by_id
         classes = self._keys.hva
+        page_shift = self._keys.page_shift
         for cls, keys in classes.items():
             # A slot of this class is shorter than 2 ** (cls + 1) pages.
-            lo = start - (2 << (cls + PAGE_SHIFT)) + 1
+            lo = start - (2 << (cls + page_shift)) + 1
             for key in keys.irange(lo << 16 if lo > 0 else 0, ((end - 1) << 16) | 0xFFFF):
                 slot = by_id.get(key & 0xFFFF)
                 if slot is None or slot.userspace_addr != key >> 16 \
                         or _size_class(slot.npages) != cls:
                     continue  # the sibling's key
-                if slot.userspace_addr + (slot.npages << PAGE_SHIFT) > start:
+                if slot.userspace_addr + (slot.npages << page_shift) > start:
                     found.append((key, slot))
         if len(classes) > 1:
             found.sort(key=lambda ks: ks[0])

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from kvmmem.errors import KernelError
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm, KvmVcpu
@@ -43,7 +42,8 @@ def kvm_vcpu_pre_fault_memory_op(vm: Kvm, vcpu: KvmVcpu, gpa: int, size: int,
         raise KernelError("EINVAL", CALL, f"{vm.arch_name} does not implement it")
     if flags:
         raise KernelError("EINVAL", CALL, "flags must be 0")
-    if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1):
+    page_size = vm.pg.page_size
+    if gpa & (page_size - 1) or size & (page_size - 1):
         raise KernelError("EINVAL", CALL, "gpa and size must be page aligned")
     if (gpa + size) & U64 <= gpa:
         raise KernelError("EINVAL", CALL, "empty or wrapping range")
@@ -57,7 +57,7 @@ def kvm_vcpu_pre_fault_memory_op(vm: Kvm, vcpu: KvmVcpu, gpa: int, size: int,
         while size > 0:
             mapped = yield from vm.arch.pre_fault_memory(vm, vcpu, gpa)
             mapped = min(mapped, size)
-            vm.stats.prefault_pages += mapped // PAGE_SIZE
+            vm.stats.prefault_pages += mapped // page_size
             gpa += mapped
             size -= mapped
             done += mapped

@@ -15,7 +15,6 @@ from kvmmem.errors import KernelError
 from kvmmem.host.vma import VM_PFNMAP, VM_WRITE
 from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.sync import Op, acquire, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import Kvm
@@ -33,7 +32,8 @@ def prepare_vma_walk(vm: Kvm, new: MemorySlot, change: KvmMrChange | str, *, pre
     writable = not new.readonly
     refuse = vm.prepare_vma_checks
     hva: int = new.userspace_addr
-    reg_end = hva + (new.npages << PAGE_SHIFT)
+    page_shift = new.page_shift
+    reg_end = hva + (new.npages << page_shift)
     premapped: list[tuple[int, int]] = []
     yield acquire("mmap_lock", shared=True)
     failed: KernelError | None = None
@@ -56,8 +56,8 @@ def prepare_vma_walk(vm: Kvm, new: MemorySlot, change: KvmMrChange | str, *, pre
                                       "a cacheable VM_PFNMAP VMA and no FWB+DIC "
                                       "(kvm_supports_cacheable_pfnmap)")
                 if premap:
-                    gpa = (new.base_gfn << PAGE_SHIFT) + (vm_start - new.userspace_addr)
-                    pa = (vma.pgoff << PAGE_SHIFT) + (vm_start - vma.start)
+                    gpa = (new.base_gfn << page_shift) + (vm_start - new.userspace_addr)
+                    pa = (vma.pgoff << page_shift) + (vm_start - vma.start)
                     premapped.append((gpa, vm_end - vm_start))
                     kvm_phys_addr_ioremap(vm, new, gpa, pa, vm_end - vm_start, writable)
             hva = vm_end
@@ -73,14 +73,16 @@ def prepare_vma_walk(vm: Kvm, new: MemorySlot, change: KvmMrChange | str, *, pre
 
 def kvm_phys_addr_ioremap(vm: Kvm, slot: MemorySlot, gpa: int, pa: int, size: int,
                           writable: bool) -> None:
-    """v5.4 ``kvm_phys_addr_ioremap``: 4K Device stage-2 PTEs for
-    ``[gpa, gpa+size)`` -> ``pa``, writable if the slot is, installed under
-    mmu_lock but outside the invalidation protocol; -EFAULT if a valid PTE
+    """v5.4 ``kvm_phys_addr_ioremap``: page-sized (``PAGE_SIZE``, the host's) Device
+    stage-2 PTEs for ``[gpa, gpa+size)`` -> ``pa``, writable if the slot is, installed
+    under mmu_lock but outside the invalidation protocol; -EFAULT if a valid PTE
     is already there (``KVM_S2PTE_FLAG_IS_IOMAP``)."""
-    for off in range(0, size, PAGE_SIZE):
+    page_shift = slot.page_shift
+    page_size = 1 << page_shift
+    for off in range(0, size, page_size):
         if vm.stage2.walk(gpa + off) is not None:
             raise KernelError("EFAULT", "KVM_SET_USER_MEMORY_REGION",
                               f"ioremap: gpa {gpa + off:#x} is already mapped")
-        vm.install(slot, gpa + off, (pa + off) >> PAGE_SHIFT, PAGE_SIZE, write=writable,
+        vm.install(slot, gpa + off, (pa + off) >> page_shift, page_size, write=writable,
                    execute=False, device=True, access=None)
         vm.stats.premapped_pages += 1

@@ -7,7 +7,9 @@ run can be read side by side: ``pf_taken``, ``pf_fixed``, ``pf_emulate``,
 ``pages_2m``, ``pages_1g``, ``remote_tlb_flush``,
 ``remote_tlb_flush_requests``, ``mmu_shadow_zapped``.  kvmmem adds a few of
 its own (``pf_retry``, ``pf_efault``, ``prefault_pages``,
-``notifier_invalidations``, ``premapped_pages``).
+``notifier_invalidations``, ``premapped_pages``), and for an arm64 host with 16 KiB or
+64 KiB pages the live leaves of its sizes (``pages_16k``, ``pages_32m``; ``pages_64k``,
+``pages_512m``: :data:`PAGE_SIZE_LEAF_COUNTERS`).
 
 The event log uses the kernel's tracepoint names (``kvm_mmu_spte_requested``,
 ``kvm_mmu_set_spte``, ``kvm_unmap_hva_range``, ``kvm_mmio``,
@@ -47,7 +49,14 @@ COUNTERS: tuple[str, ...] = (
 
 LEAF_SIZE_COUNTERS: dict[int, str] = {4096: "pages_4k", 1 << 21: "pages_2m",
                                       1 << 30: "pages_1g"}
-"""Leaf size -> the counter of live stage-2 leaves of that size."""
+"""Leaf size -> the counter of live stage-2 leaves of that size (4 KiB host pages)."""
+PAGE_SIZE_LEAF_COUNTERS: dict[int, dict[int, str]] = {
+    4096: LEAF_SIZE_COUNTERS,
+    16384: {16384: "pages_16k", 32 << 20: "pages_32m"},
+    65536: {65536: "pages_64k", 512 << 20: "pages_512m"},
+}
+"""Host page size -> its stage-2 leaf sizes' counters (arm64 16K and 64K hosts have page
+and PMD blocks only: ``KVM_PGTABLE_MIN_BLOCK_LEVEL`` 2)."""
 
 
 @dataclass(slots=True)
@@ -58,6 +67,8 @@ class Stats:
     size, as KVM's stats of those names are (x86 ``kvm_update_page_stats`` counts
     up on install and down on zap).  They are counted from the page table when
     read, through ``leaves`` (the VM's stage-2 leaf sizes); without it they stay 0.
+    On a host with 16 KiB or 64 KiB pages (``page_size``) the counters of its leaf sizes
+    follow them (:data:`PAGE_SIZE_LEAF_COUNTERS`; the 4 KiB ones stay 0).
     """
 
     exits: int = 0
@@ -79,12 +90,16 @@ class Stats:
     leaves: Callable[[], Iterable[int]] | None = field(default=None, repr=False,
                                                        compare=False)
     """The sizes of the live stage-2 leaves (set by the VM)."""
+    page_size: int = field(default=4096, repr=False, compare=False)
+    """The host's ``PAGE_SIZE`` (which leaf counters exist)."""
 
     def _pages(self) -> dict[str, int]:
-        out = dict.fromkeys(LEAF_SIZE_COUNTERS.values(), 0)
+        counters = dict(LEAF_SIZE_COUNTERS)
+        counters.update(PAGE_SIZE_LEAF_COUNTERS.get(self.page_size, {}))
+        out = dict.fromkeys(counters.values(), 0)
         if self.leaves is not None:
             for size in self.leaves():
-                key = LEAF_SIZE_COUNTERS.get(size)
+                key = counters.get(size)
                 if key is not None:
                     out[key] += 1
         return out
@@ -105,10 +120,16 @@ class Stats:
         return self._pages()["pages_1g"]
 
     def as_dict(self) -> dict[str, int]:
-        """Every counter by name, in the order of :data:`COUNTERS`."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "leaves"}
-        values.update(self._pages())
-        return {name: values[name] for name in COUNTERS}
+        """Every counter by name, in the order of :data:`COUNTERS` (then the leaf counters
+        of a 16 KiB or 64 KiB host)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name not in ("leaves", "page_size")}
+        pages = self._pages()
+        values.update(pages)
+        out = {name: values[name] for name in COUNTERS}
+        for name in pages:
+            out.setdefault(name, pages[name])
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from kvmmem.kvm.fault import (
 from kvmmem.kvm.memslot import mark_page_dirty_in_slot
 from kvmmem.kvm.mmu_notifier import FaultWait
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import PAGE_SHIFT, PAGE_SIZE, Hva
+from kvmmem.types import Hva
 
 if TYPE_CHECKING:
     from kvmmem.kvm.dirty_ring import DirtyRing
@@ -74,14 +74,14 @@ class TlbEntry:
     executable: bool
 
 
-def _page_fragments(gpa: int, size: int) -> list[tuple[int, int, int]]:
-    """``[gpa, gpa + size)`` cut at 4 KiB page boundaries: ``(gpa, length, offset in
-    the access)`` per page, in order."""
+def _page_fragments(gpa: int, size: int, page_size: int) -> list[tuple[int, int, int]]:
+    """``[gpa, gpa + size)`` cut at (stage-2, i.e. host) page boundaries: ``(gpa, length,
+    offset in the access)`` per page, in order."""
     out = []
     done = 0
     while done < size:
         frag_gpa = gpa + done
-        frag_len = min(size - done, PAGE_SIZE - (frag_gpa & (PAGE_SIZE - 1)))
+        frag_len = min(size - done, page_size - (frag_gpa & (page_size - 1)))
         out.append((frag_gpa, frag_len, done))
         done += frag_len
     return out
@@ -89,12 +89,14 @@ def _page_fragments(gpa: int, size: int) -> list[tuple[int, int, int]]:
 
 @dataclass
 class Vcpu:
-    """A vCPU: its TLB and which access path it uses."""
+    """A vCPU: its TLB (gfn -> translation; gfns in host pages, ``page_shift``, the VM's
+    ``PAGE_SHIFT``) and which access path it uses."""
 
     vm: Kvm
     index: int
     path: str = "native"
     tlb: dict[int, TlbEntry] = field(default_factory=dict)
+    page_shift: int = field(default=12, init=False)
     _last_used_slot: tuple[MemslotSet, int, MemorySlot] | None = field(
         default=None, init=False, repr=False, compare=False)
     """``vcpu->last_used_slot`` with the set and generation it was found in
@@ -111,6 +113,9 @@ class Vcpu:
     writable in stage-2 and not yet marked dirty (arm64's ``user_mem_abort``
     marks it after dropping ``mmu_lock``), or None.  Left out like
     :attr:`fault_wait`."""
+
+    def __post_init__(self) -> None:
+        self.page_shift = self.vm.pg.page_shift
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -156,7 +161,7 @@ class Vcpu:
 
     def _translate(self, gpa: int, access: Access) -> TlbEntry | None:
         """The TLB, then a stage-2 walk: a translation allowing ``access``, or None."""
-        gfn = gpa >> PAGE_SHIFT
+        gfn = gpa >> self.page_shift
         tlb = self.tlb
         entry = tlb.get(gfn)
         if entry is None:
@@ -180,9 +185,10 @@ class Vcpu:
         entering the operation machinery (what the hardware does on a hit), unless a
         pending request stops the entry (the dirty ring's soft-full exit)."""
         ring = self.dirty_ring
-        if (path or self.path) == "native" and (gpa & (PAGE_SIZE - 1)) + size <= PAGE_SIZE \
+        shift = self.page_shift
+        if (path or self.path) == "native" and (gpa & ((1 << shift) - 1)) + size <= 1 << shift \
                 and (ring is None or not ring.soft_full_request):
-            entry = self.tlb.get(gpa >> PAGE_SHIFT)
+            entry = self.tlb.get(gpa >> shift)
             if entry is not None and (access is Access.READ or (
                     entry.writable if access is Access.WRITE else entry.executable)):
                 return self.vm.touch_frame(entry.pfn, gpa, size, access, value)
@@ -200,15 +206,16 @@ class Vcpu:
         if emulated and not vm.arch.has_emulated_path:
             raise InputError(f"path: the emulated access path is x86's instruction emulator; "
                              f"{vm.arch_name} has none (use path: native)")
+        page_size = 1 << self.page_shift
         if not emulated and not vm.arch.emulates_page_crossing \
-                and (gpa & (PAGE_SIZE - 1)) + size > PAGE_SIZE:
+                and (gpa & (page_size - 1)) + size > page_size:
             return (yield from self._whole_access_op(gpa, size, access, value))
         got = 0
         mmio_gpa = -1
         mmio_len = 0
         mmio_data = 0
         ram_part = False
-        for frag_gpa, frag_len, done in _page_fragments(gpa, size):
+        for frag_gpa, frag_len, done in _page_fragments(gpa, size, page_size):
             frag_val = (value >> (8 * done)) & ((1 << (8 * frag_len)) - 1)
             r = yield from self._fragment_op(frag_gpa, frag_len, access, frag_val, emulated)
             if r.result == "ok":
@@ -246,7 +253,7 @@ class Vcpu:
         instruction).  Seen on real arm64 6.1, 6.12, 7.3 and riscv 6.12, 7.2
         (``selftest-readonly-mem``, ``row-no-slot-mmio``)."""
         vm = self.vm
-        frags = _page_fragments(gpa, size)
+        frags = _page_fragments(gpa, size, 1 << self.page_shift)
         data = value & ((1 << (8 * size)) - 1)
         for _ in range(MAX_FAULT_RETRIES):
             for frag_gpa, frag_len, _off in frags:
@@ -306,7 +313,7 @@ class Vcpu:
                 return vm.touch_frame(entry.pfn, gpa, size, access, value)
             # A translation that faults is not kept: an EPT violation / stage-2
             # abort invalidates what the TLB cached for the faulting address.
-            self.tlb.pop(gpa >> PAGE_SHIFT, None)
+            self.tlb.pop(gpa >> self.page_shift, None)
             vm.stats.pf_taken += 1
             # The fault reads the memslots under SRCU (kvm_vcpu_srcu_read_lock in the run loop).
             yield _SRCU_READ_LOCK
@@ -318,7 +325,7 @@ class Vcpu:
                 if kind is Fault.RETRY:
                     vm.stats.pf_retry += 1
                     arch = vm.arch
-                    self.fault_wait = FaultWait(gpa >> PAGE_SHIFT, arch.retry_checks_gfn,
+                    self.fault_wait = FaultWait(gpa >> self.page_shift, arch.retry_checks_gfn,
                                                 arch.retries_invalid_slot)
                 # Back into the guest: vcpu_enter_guest frees a root made obsolete
                 # meanwhile (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before the access re-faults.
@@ -356,21 +363,22 @@ class Vcpu:
         through the hva, as
         the x86 emulator does: anything it cannot complete is MMIO."""
         vm = self.vm
-        slot = self.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        shift = self.page_shift
+        slot = self.gfn_to_memslot(gpa >> shift)
         if slot is None or slot.invalid or (access is Access.WRITE and slot.readonly):
             if access is Access.EXEC:
                 # The emulator cannot fetch an instruction from MMIO: emulation
                 # fails, KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_EMULATION at CPL0.
                 return AccessResult("exit", exit_reason="KVM_EXIT_INTERNAL_ERROR", suberror=1)
             return AccessResult("mmio")
-        hva = Hva(slot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1)))
+        hva = Hva(slot.gfn_to_hva(gpa >> shift) + (gpa & ((1 << shift) - 1)))
         # kvm_vcpu_{read,write}_guest copy through __copy_{from,to}_user; a page
         # fault there takes mmap_lock for read (do_user_addr_fault), so the
         # access pauses where a concurrent mmap_lock writer can block it.
         try:
             if access is Access.WRITE:
                 yield from vm.mm.host_write_op(hva, size, value)
-                mark_page_dirty_in_slot(slot, gpa >> PAGE_SHIFT, self)
+                mark_page_dirty_in_slot(slot, gpa >> shift, self)
                 return AccessResult("ok")
             return AccessResult("ok", value=(yield from vm.mm.host_read_op(hva, size)))
         except HostSignal:

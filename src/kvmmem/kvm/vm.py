@@ -34,7 +34,7 @@ from kvmmem.kvm.mmu_notifier import INVALID_GPA, KvmMmuNotifier
 from kvmmem.kvm.stats import EventLog, Stats
 from kvmmem.kvm.vcpu import Access, AccessResult, Vcpu
 from kvmmem.sync import Op, acquire, drive, release
-from kvmmem.types import CPU_FEATURES, PAGE_SHIFT, PAGE_SIZE, VM_TYPES
+from kvmmem.types import CPU_FEATURES, VM_TYPES, PageGeometry, format_size
 from kvmmem.variants import UPSTREAM, Variant, get_variant
 
 if TYPE_CHECKING:
@@ -42,13 +42,39 @@ if TYPE_CHECKING:
 
 ARCHES = ("x86", "arm64", "riscv")
 
+PAGE_SIZES: dict[str, tuple[int, ...]] = {"x86": (4096,), "arm64": (4096, 16384, 65536),
+                                          "riscv": (4096,)}
+"""The host page sizes each architecture's kernel can be built with: arm64
+``CONFIG_ARM64_{4K,16K,64K}_PAGES``; x86-64 and riscv64 have 4 KiB pages only (riscv's
+Svnapot sizes are hugetlb sizes, not base pages)."""
+
+
+def check_page_size(arch: str, pg: PageGeometry, granule: int | None = None) -> None:
+    """Raise :class:`InputError` unless ``arch`` runs hosts with ``pg``'s pages and
+    ``granule`` (the scenario's stage-2 ``granule``, if given) is that page size: arm64
+    stage-2 always uses the host ``PAGE_SIZE`` as its granule (``kvm_get_vtcr``: VTCR_EL2.TG0
+    from ``PAGE_SHIFT``), the other architectures 4 KiB."""
+    if pg.page_size not in PAGE_SIZES.get(arch, (4096,)):
+        raise InputError(f"page_size: {pg.name} host pages are arm64's (CONFIG_ARM64_"
+                         f"{pg.name}_PAGES); {arch} hosts have 4K pages")
+    if granule is not None and granule != pg.page_size:
+        raise InputError(f"granule: {format_size(granule)} differs from page_size "
+                         f"{pg.name}: the stage-2 granule is the host's PAGE_SIZE "
+                         f"(set page_size: {format_size(granule)}, or drop granule)")
+
 
 class Vm:
     """One VM (``KVM_CREATE_VM``) on the host address space ``mm``.
 
     ``arch`` is ``x86``, ``arm64`` or ``riscv``; ``variant`` a name from
-    :mod:`kvmmem.variants` or a :class:`Variant`.  Raises
-    :class:`InputError` for an unknown arch, variant or granule."""
+    :mod:`kvmmem.variants` or a :class:`Variant`.
+
+    The host page size is the mm's (``mm.pg``; a fresh 4 KiB mm when ``mm`` is None):
+    arm64 hosts run 4 KiB, 16 KiB or 64 KiB pages, x86 and riscv 4 KiB only.  gfns,
+    memslot alignment, the stage-2 granule (arm64 uses the host ``PAGE_SIZE``:
+    ``granule`` may only repeat it) and the block sizes follow it.  Raises
+    :class:`InputError` for an unknown arch, variant or granule, a page size the arch
+    has not, or a granule other than the page size."""
 
     def __init__(
         self,
@@ -57,7 +83,7 @@ class Vm:
         variant: str | Variant = UPSTREAM,
         mm: Mm | None = None,
         vcpus: int = 1,
-        granule: int = PAGE_SIZE,
+        granule: int | None = None,
         ipa_bits: int | None = None,
         cpu_features: Iterable[str] = (),
         vm_type: str = "default",
@@ -66,12 +92,6 @@ class Vm:
     ) -> None:
         if arch not in ARCHES:
             raise InputError(f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
-        if granule != PAGE_SIZE:
-            raise InputError(
-                f"granule: {granule // 1024}K stage-2 granules need a host with that page size; "
-                "the host model has 4K pages, so the VM model supports granule 4K (the 16K/64K "
-                "tables themselves are in kvmmem.arch)"
-            )
         if not isinstance(vcpus, int) or vcpus < 1:
             raise InputError(f"vcpus: must be a positive integer, got {vcpus!r}")
         self.arch_name = arch
@@ -98,22 +118,28 @@ class Vm:
         self.mem_attr_array = MemAttrArray()
         """Per-gfn memory attributes (KVM_SET_MEMORY_ATTRIBUTES, kvmmem.kvm.memory_attributes)."""
         self.mm = mm if mm is not None else Mm()
+        self.pg: PageGeometry = self.mm.pg
+        """The host's page geometry, the mm's (``PAGE_SIZE``, ``PMD_SIZE``, ...)."""
+        check_page_size(arch, self.pg, granule)
         # The host kernel is the variant's release too (host mm history).
         self.mm.hugetlb_madv_dontneed = self.variant.hugetlb_madv_dontneed
         self.arch: ArchKvm = make_arch_kvm(arch)
-        self.stage2 = make_stage2(arch, ipa_bits=ipa_bits)
+        # arm64 stage-2 always uses the host PAGE_SIZE as its granule (kvm_get_vtcr
+        # picks VTCR_EL2.TG0 from it); x86 EPT and the riscv G-stage are 4K.
+        self.stage2 = make_stage2(arch, granule=self.pg.page_size, ipa_bits=ipa_bits)
         self.stage2.tlbi_listeners.append(self._on_tlbi)
         self.zapping = False
         self.prepare_vma_checks = True
         """arm64/riscv: whether the prepare-time VMA walk refuses (EPERM, EINVAL).
         Off only for re-creating a reached state (validate_path_independence)."""
-        self.stats = Stats(leaves=self._leaf_sizes)
+        self.stats = Stats(leaves=self._leaf_sizes, page_size=self.pg.page_size)
         self.log: EventLog | None = None
         # KVM_USER_MEM_SLOTS of the variant's release (509/512 before v5.12).
         self.memslots = VmMemslots(
             memslot_limits(arch, user_mem_slots=self.variant.user_mem_slots(arch),
                            guest_memfd=self.arch.binds_guest_memfd(
-                               self.variant, self.has_private_mem)),
+                               self.variant, self.has_private_mem),
+                           page_shift=self.pg.page_shift),
             hooks=VmMemslotHooks(self))
         self.manual_dirty_log_protect = 0
         """``kvm->manual_dirty_log_protect``: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's
@@ -260,7 +286,7 @@ class Vm:
         install: what an architecture does around it (arm64's permission relaxing,
         x86's ``kvmmmu`` tracepoints) is in its fault path."""
         base_gpa = gpa & ~(size - 1)
-        base_pfn = pfn - ((gpa - base_gpa) >> PAGE_SHIFT)
+        base_pfn = pfn - ((gpa - base_gpa) >> self.pg.page_shift)
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
                         device=device, prefetch=prefetch, lookup=lookup)
         if access is not None:
@@ -270,7 +296,7 @@ class Vm:
     def touch_frame(self, pfn: int, gpa: int, size: int, access: Access, value: int
                     ) -> AccessResult:
         """Perform the access on host frame ``pfn`` (the memory the guest reaches)."""
-        offset = gpa & (PAGE_SIZE - 1)
+        offset = gpa & (self.pg.page_size - 1)
         pm = self.mm.physmem
         if access is Access.WRITE:
             pm.write_int(pfn, offset, size, value)
@@ -303,8 +329,9 @@ class Vm:
             for vcpu in self.vcpus:
                 vcpu.tlb_flush()
             return
-        start = tlbi.gpa >> PAGE_SHIFT
-        end = (tlbi.gpa + tlbi.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        shift = self.pg.page_shift
+        start = tlbi.gpa >> shift
+        end = (tlbi.gpa + tlbi.size + (1 << shift) - 1) >> shift
         for vcpu in self.vcpus:
             vcpu.tlb_flush_gfn_range(start, end)
 
@@ -313,7 +340,8 @@ class Vm:
         caller must still flush TLBs (x86, riscv; arm64 invalidates per entry)."""
         self.zapping = True
         try:
-            return self.stage2.unmap_range(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+            shift = self.pg.page_shift
+            return self.stage2.unmap_range(start << shift, (end - start) << shift)
         finally:
             self.zapping = False
 
@@ -335,8 +363,9 @@ class Vm:
 
     def stage2_test_young(self, gfn_start: int, gfn_end: int, clear: bool) -> bool:
         """``kvm_age_gfn`` / ``kvm_test_age_gfn`` over ``[gfn_start, gfn_end)``."""
+        shift = self.pg.page_shift
         return self.stage2.test_clear_young(
-            gfn_start << PAGE_SHIFT, (gfn_end - gfn_start) << PAGE_SHIFT, clear
+            gfn_start << shift, (gfn_end - gfn_start) << shift, clear
         )
 
     def _leaf_sizes(self) -> Iterator[int]:
@@ -406,7 +435,8 @@ class VmMemslotHooks(ArchMemslotHooks):
         """Remove write access from the slot's leaves, then flush."""
         vm = self.vm
         yield acquire("mmu_lock")
-        if vm.stage2.wrprotect_range(slot.base_gfn << PAGE_SHIFT, slot.npages << PAGE_SHIFT):
+        shift = slot.page_shift
+        if vm.stage2.wrprotect_range(slot.base_gfn << shift, slot.npages << shift):
             vm.flush_remote_tlbs(zap=False)
         else:
             for vcpu in vm.vcpus:
@@ -414,10 +444,11 @@ class VmMemslotHooks(ArchMemslotHooks):
         yield release("mmu_lock")
 
     def split_memslot(self, slot: MemorySlot) -> Op[None]:
-        """Eager split of the slot's huge leaves into 4K."""
+        """Eager split of the slot's huge leaves into pages."""
         vm = self.vm
+        shift = slot.page_shift
         yield acquire("mmu_lock")
-        vm.stage2.split_range(slot.base_gfn << PAGE_SHIFT, slot.npages << PAGE_SHIFT)
+        vm.stage2.split_range(slot.base_gfn << shift, slot.npages << shift, 1 << shift)
         yield release("mmu_lock")
 
     def recover_huge_pages(self, slot: MemorySlot) -> Op[None]:

@@ -3,9 +3,11 @@
 Every mapping kind of SCENARIOS.md is made for real with libc calls
 (``mmap``/``munmap``/``mprotect``/``madvise``):
 
-* ``anon`` - private anonymous; ``thp`` - the same, 2 MiB aligned, with
+* ``anon`` - private anonymous; ``thp`` - the same, PMD aligned (2 MiB; 32 MiB on
+  a 16 KiB-page kernel: :data:`HOST_PAGES`, this kernel's page geometry), with
   ``MADV_HUGEPAGE``; ``hugetlb`` - ``MAP_HUGETLB`` (only when the host's hugetlb
-  pool has enough free 2 MiB pages: kvmmem never changes ``vm.nr_hugepages``);
+  pool has enough free default-size huge pages: kvmmem never changes
+  ``vm.nr_hugepages``);
 * ``memfd`` - ``MAP_SHARED`` of a memfd; ``file``/``file-shared`` -
   ``MAP_PRIVATE``/``MAP_SHARED`` of an unlinked temporary file (nothing is left
   on disk);
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap as _mmap
 import os
 import struct
 import tempfile
@@ -57,7 +60,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmmem.realkvm import libc
-from kvmmem.types import PAGE_SIZE, PMD_SIZE, align_up
+from kvmmem.types import PAGE_GEOMETRIES, PAGE_SIZE, PAGES_4K, align_up
+
+HOST_PAGES = PAGE_GEOMETRIES.get(_mmap.PAGESIZE, PAGES_4K)
+"""The page geometry of the kernel this runs on (an arm64 machine may run 16 KiB pages).
+Placement, THP alignment and the hugetlb pool use its PMD size; stores and device pages
+stay in 4 KiB steps (a scenario's sizes are 4 KiB multiples; the kernel rounds a
+mapping up to its page size, as the model does)."""
+PMD_SIZE = HOST_PAGES.pmd_size
 
 Outcome = dict[str, Any]
 
@@ -160,7 +170,8 @@ def _thp_mode() -> str:
 
 
 def hugetlb_free_bytes() -> int:
-    """Bytes of free 2 MiB hugetlb pages in the host pool (0 without a pool)."""
+    """Bytes of free default-size (PMD: 2 MiB, 32 MiB with 16 KiB pages) hugetlb pages in
+    the host pool (0 without a pool)."""
     if _meminfo("Hugepagesize") != PMD_SIZE >> 10:
         return 0
     return _meminfo("HugePages_Free") * PMD_SIZE
@@ -295,13 +306,15 @@ class HostMemory:
 
     def _check_supported(self, kind: str, size: int) -> None:
         if kind == "hugetlb":
-            if size % PMD_SIZE:
-                raise MappingUnsupported("a hugetlb mapping must be a multiple of 2 MiB")
+            # MAP_HUGETLB rounds the length up to the huge page size (ksys_mmap_pgoff)
+            need = align_up(size, PMD_SIZE)
+            huge = PMD_SIZE >> 20
             free = hugetlb_free_bytes()
-            if free < size:
+            if free < need:
                 raise MappingUnsupported(
-                    f"hugetlb needs {size >> 21} free 2 MiB pages and the host pool has "
-                    f"{free >> 21} (HugePages_Free); kvmmem does not change vm.nr_hugepages")
+                    f"hugetlb needs {need // PMD_SIZE} free {huge} MiB pages and the host "
+                    f"pool has {free // PMD_SIZE} (HugePages_Free); kvmmem does not change "
+                    "vm.nr_hugepages")
         elif kind == "thp" and _thp_mode() == "never":
             raise MappingUnsupported("transparent huge pages are disabled on this host "
                                      "(/sys/kernel/mm/transparent_hugepage/enabled)")
@@ -439,7 +452,7 @@ class HostMemory:
             # The mmap offset of a dumb buffer is its DRM fake offset, which these kernels
             # leave in vm_pgoff.  The model's dma-buf has vm_pgoff 0, so arm64's block
             # sizing sees the same congruence only when the fake offset is a multiple of
-            # 2 MiB: a padding buffer fills the offset space up to the next multiple.
+            # PMD_SIZE: a padding buffer fills the offset space up to the next multiple.
             # (Buffers are kept until the card is closed: a freed offset is not reused at
             # once.)
             _, offset = self._dumb_buffer(PAGE_SIZE)
@@ -450,7 +463,7 @@ class HostMemory:
             if offset % PMD_SIZE:
                 raise MappingUnsupported(
                     f"the DRM fake offset of a new dumb buffer is {offset:#x}, not a multiple "
-                    "of 2 MiB as the model's dma-buf (vm_pgoff 0) needs")
+                    f"of {PMD_SIZE >> 20} MiB as the model's dma-buf (vm_pgoff 0) needs")
             return self._drm_fd, offset, "DRM shmem dumb buffer"
         if os.path.exists(UDMABUF):
             memfd = os.memfd_create("kvmmem-udmabuf", os.MFD_CLOEXEC | MFD_ALLOW_SEALING)

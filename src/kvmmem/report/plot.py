@@ -41,8 +41,11 @@ KIND_COLORS: dict[str, str] = {
     "device-lazy": "#ff9da7",
     "dmabuf": "#9c755f",
 }
-SIZE_COLORS: dict[int, str] = {4096: "#9c9ede", 1 << 21: "#637939", 1 << 30: "#8c6d31"}
-SIZE_NAMES: dict[int, str] = {4096: "4K", 1 << 21: "2M", 1 << 30: "1G"}
+SIZE_COLORS: dict[int, str] = {4096: "#9c9ede", 1 << 21: "#637939", 1 << 30: "#8c6d31",
+                               16384: "#6b6ecf", 32 << 20: "#8ca252",
+                               65536: "#393b79", 512 << 20: "#b5cf6b"}
+SIZE_NAMES: dict[int, str] = {4096: "4K", 1 << 21: "2M", 1 << 30: "1G", 16384: "16K",
+                              32 << 20: "32M", 65536: "64K", 512 << 20: "512M"}
 
 LANES = ("stage-2", "backing", "memslot")
 

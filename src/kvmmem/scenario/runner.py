@@ -211,9 +211,9 @@ class Runner:
                 return
             file = gmem.inode
         elif kind == "device":
-            file = mm.open_device(m.name, m.size // 4096, lazy=False)
+            file = mm.open_device(m.name, -(-m.size // mm.page_size), lazy=False)
         elif kind == "device-lazy":
-            file = mm.open_device(m.name, m.size // 4096, lazy=True)
+            file = mm.open_device(m.name, -(-m.size // mm.page_size), lazy=True)
         elif kind == "dmabuf":
             file = mm.create_dmabuf(m.name, m.size)
         elif kind in ("file", "file-shared"):
