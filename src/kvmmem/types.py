@@ -53,10 +53,10 @@ PAGES_PER_PMD = PMD_SIZE // PAGE_SIZE
 EXEC_FETCH_SIZE = 4
 """Bytes a ``guest_exec`` step fetches (one instruction)."""
 
-CPU_FEATURES = ("fwb", "dic")
+CPU_FEATURES = ("fwb", "dic", "mte")
 """Optional host CPU features the kernel asks about (a scenario's ``cpu_features``):
-arm64 FEAT_S2FWB (``fwb``) and ``CTR_EL0.DIC`` (``dic``); other architectures ignore
-them."""
+arm64 FEAT_S2FWB (``fwb``), ``CTR_EL0.DIC`` (``dic``) and the Memory Tagging Extension
+(``mte``: ``system_supports_mte``); other architectures ignore them."""
 
 VM_TYPES: dict[str, int] = {"default": 0, "sw_protected": 1}
 """``KVM_CREATE_VM`` types by name (a scenario's ``vm_type``): x86 KVM_X86_DEFAULT_VM and

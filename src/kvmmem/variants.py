@@ -135,10 +135,100 @@ SWITCHES: tuple[Switch, ...] = (
         "kvm_arch_prepare_memory_region refuses (EINVAL) a VM_PFNMAP VMA with a "
         "cacheable memory type unless the CPU has FWB and CTR_EL0.DIC "
         "(kvm_supports_cacheable_pfnmap)", False,
-        (Change((6, 17), True, None,
-                "KVM: arm64: cacheable PFNMAP support (KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED)",
-                "Ankit Agrawal's series, capability 243; hash not identified.  Real arm64 "
-                "7.2.13 and 7.3.4 refuse a DRM shmem buffer's slot on QEMU's -cpu max"),)),
+        (Change((6, 17), True, "2a8dfab26677",
+                "KVM: arm64: Block cacheable PFNMAP mapping",
+                "Ankit Agrawal's series (capability 243, KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED, "
+                "f55ce5a6cd33 \"KVM: arm64: Expose new KVM cap for cacheable PFNMAP\").  Real "
+                "arm64 7.2.13 and 7.3.4 refuse a DRM shmem buffer's slot on QEMU's -cpu max"),)),
+    Switch(
+        "arm64_cacheable_pfnmap_fault", ("arm64",),
+        "user_mem_abort maps a cacheable VM_PFNMAP/VM_MIXEDMAP page outside the kernel's "
+        "linear map (Grace-style device memory) Normal write-back when the CPU has FWB and "
+        "DIC and fails the fault with EFAULT when it lacks them; before, every such page "
+        "is device memory (kvm_is_device_pfn: Device-nGnRE, or Normal-NC with "
+        "VM_ALLOW_ANY_UNCACHED)", False,
+        (Change((6, 17), True, "0c67288e0c8b",
+                "KVM: arm64: Allow cacheable stage 2 mapping using VMA flags",
+                "with 2a8dfab26677 \"KVM: arm64: Block cacheable PFNMAP mapping\" (the "
+                "EFAULT) and 216887f79d98 \"KVM: arm64: Assume non-PFNMAP/MIXEDMAP VMAs "
+                "can be mapped cacheable\" in the same series"),)),
+    Switch(
+        "arm64_allow_any_uncached", ("arm64",),
+        "vfio-pci marks its BAR mappings VM_ALLOW_ANY_UNCACHED (a39d3a966a09 \"vfio: "
+        "Convey kvm that the vfio-pci device is wc safe\") and user_mem_abort maps "
+        "device memory of such a VMA Normal-NC instead of Device-nGnRE", False,
+        (Change((6, 9), True, "8c47ce3e1d2c",
+                "KVM: arm64: Set io memory s2 pte as normalnc for vfio pci device",
+                "with c034ec84e879 (KVM_PGTABLE_PROT_NORMAL_NC), 5c656fcdd6c6 (the VMA "
+                "flag) and a39d3a966a09 (vfio-pci sets it), applied to kvmarm for 6.9"),)),
+    Switch(
+        "arm64_dic_eager_exec", ("arm64",),
+        "user_mem_abort makes a cacheable mapping executable at once when the CPU has "
+        "CTR_EL0.DIC (no I-cache invalidation needed); before, execute permission "
+        "came only with an instruction fetch fault (needs_exec)", False,
+        (Change((5, 10), True, None,
+                "KVM: arm64: Convert user_mem_abort() to generic page-table API",
+                "Will Deacon's page-table rework; hash not identified"),)),
+    Switch(
+        "arm64_mte", ("arm64",),
+        "KVM_CAP_ARM_MTE exists: KVM_ENABLE_CAP of it (before any vCPU, on a CPU with "
+        "MTE) makes an MTE VM, whose kvm_arch_prepare_memory_region refuses a VM_SHARED "
+        "VMA (EINVAL) and whose user_mem_abort fails a cacheable fault on one (EFAULT); "
+        "before, the capability is unknown (EINVAL)", False,
+        (Change((5, 14), True, "673638f434ee",
+                "KVM: arm64: Expose KVM_ARM_CAP_MTE",
+                "with ea7fc1bb1cd1 \"KVM: arm64: Introduce MTE VM feature\""),)),
+    Switch(
+        "arm64_mte_allowed_check", ("arm64",),
+        "an MTE VM's kvm_arch_prepare_memory_region refuses a VMA without VM_MTE_ALLOWED "
+        "(EINVAL) and its user_mem_abort fails a cacheable fault on one (EFAULT), "
+        "VM_SHARED no longer matters; before, only VM_SHARED is refused", False,
+        (Change((6, 2), True, "d89585fbb308",
+                "KVM: arm64: unify the tests for VMAs in memslots when MTE is enabled",
+                "with c911f0d46879 \"KVM: arm64: permit all VM_MTE_ALLOWED mappings with "
+                "MTE enabled\" and 2dbf12ae132c \"KVM: arm64: Simplify the "
+                "sanitise_mte_tags() logic\" (kvm-arm64/mte-map-shared)"),)),
+    Switch(
+        "hugetlb_mte_allowed", ("host",),
+        "an anonymous MAP_HUGETLB mapping gets VM_MTE_ALLOWED on an MTE CPU (by "
+        "MAP_ANONYMOUS until v6.13, on purpose since 25c17c4b55de \"hugetlb: arm64: add "
+        "mte support\"); the stable kernels 5.10.y to 6.12.y dropped it (\"arm64: mte: Do "
+        "not allow PROT_MTE on MAP_HUGETLB user mappings\", Catalin Marinas, February "
+        "2025)", False,
+        (Change((5, 10), True, "9f3419315f3c",
+                "arm64: mte: Add PROT_MTE support to mmap() and mprotect()"),)),
+    Switch(
+        "vfio_pci_mmap", ("host",),
+        "how vfio-pci maps a BAR: 0 remap_pfn_range of the whole VMA at mmap, vm_pgoff the "
+        "pfn; 1 the first fault remaps the whole VMA (io_remap_pfn_range), vm_pgoff the pfn; "
+        "2 vm_pgoff keeps the region offset (index << 28 | page) and the first fault "
+        "inserts the faulting page then the rest of the VMA (vmf_insert_pfn); 3 each fault "
+        "inserts a page or a PMD/PUD special leaf (huge_fault), nothing more", 0,
+        (Change((5, 8), 1, "11c4cd07ba11",
+                "vfio-pci: Fault mmaps to enable vma tracking"),
+         Change((6, 10), 2, "aac6db75a9fc",
+                "vfio/pci: Use unmap_mapping_range()",
+                "with d71a989cf5d9 \"vfio/pci: Insert full vma on mmap'd MMIO fault\", "
+                "both in v6.10-rc4"),
+         Change((6, 12), 3, "f9e54c3a2f5b",
+                "vfio/pci: implement huge_fault support",
+                "on Peter Xu's huge pfnmap series (follow_pfnmap_start, PMD/PUD special "
+                "leaves: x86 both, arm64 PMD only)"))),
+    Switch(
+        "vfio_huge_fault_pfn_check", ("host",),
+        "vfio-pci's huge_fault falls back (VM_FAULT_FALLBACK) when the leaf's pfn is not "
+        "aligned to its order; before, only the address was checked", False,
+        (Change((6, 13), True, "09dfc8a5f2ce",
+                "vfio/pci: Fallback huge faults for unaligned pfn",
+                "posted 2 January 2025 as a 6.12 regression fix; release believed"),)),
+    Switch(
+        "vfio_huge_fault_align", ("host",),
+        "vfio-pci's huge_fault aligns the fault address down to the order and inserts the "
+        "block containing it when the block lies inside the VMA; before, only a fault at "
+        "an order-aligned address got a huge leaf", False,
+        (Change((6, 15), True, "c1d9dac0db16",
+                "vfio/pci: Align huge faults to order",
+                "applied to vfio for-linus for v6.15, Cc: stable"),)),
     Switch(
         "riscv_hugetlb_lookup", ("riscv",),
         "kvm_riscv_gstage_map keeps a hugetlb VMA's size whatever the slot's layout and "
@@ -333,7 +423,35 @@ class Variant:
     VM_PFNMAP" (mainline 7.3 cycle; stable down to 5.10)."""
     arm64_cacheable_pfnmap_check: bool = True
     """arm64 prepare refuses a cacheable VM_PFNMAP VMA (EINVAL) unless the CPU has FWB
-    and DIC (v6.17, KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED; hash not identified)."""
+    and DIC (v6.17, 2a8dfab26677, KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED)."""
+    arm64_cacheable_pfnmap_fault: bool = True
+    """arm64 ``user_mem_abort`` maps cacheable non-linear-map PFNMAP memory Normal-WB
+    with FWB and DIC, EFAULT without (v6.17, 0c67288e0c8b); before, as device memory."""
+    arm64_allow_any_uncached: bool = True
+    """vfio-pci sets VM_ALLOW_ANY_UNCACHED and arm64 maps such device memory Normal-NC
+    (v6.9, 8c47ce3e1d2c, a39d3a966a09)."""
+    arm64_dic_eager_exec: bool = True
+    """arm64 maps cacheable memory executable at once on a CPU with CTR_EL0.DIC (v5.10,
+    the generic page-table conversion of ``user_mem_abort``)."""
+    arm64_mte: bool = True
+    """KVM_CAP_ARM_MTE (v5.14, 673638f434ee): MTE VMs refuse VM_SHARED VMAs."""
+    arm64_mte_allowed_check: bool = True
+    """MTE VMs refuse VMAs without VM_MTE_ALLOWED instead (v6.2, d89585fbb308,
+    c911f0d46879)."""
+    hugetlb_mte_allowed: bool = True
+    """Host mm: anonymous MAP_HUGETLB gets VM_MTE_ALLOWED on an MTE CPU (v5.10 on;
+    dropped by the 5.10.y-6.12.y stable kernels)."""
+    vfio_pci_mmap: int = 3
+    """vfio-pci's BAR mapping (:data:`~kvmmem.host.vfio.VFIO_REMAP_AT_MMAP` and
+    friends): remapped at mmap (before v5.8), the whole VMA on the first fault with
+    ``vm_pgoff`` the pfn (v5.8, 11c4cd07ba11), the whole VMA page by page with the
+    region offset in ``vm_pgoff`` (v6.10, aac6db75a9fc), huge_fault (v6.12,
+    f9e54c3a2f5b)."""
+    vfio_huge_fault_pfn_check: bool = True
+    """vfio-pci's huge_fault checks the pfn's alignment (v6.13, 09dfc8a5f2ce)."""
+    vfio_huge_fault_align: bool = True
+    """vfio-pci's huge_fault aligns the address down to the order (v6.15,
+    c1d9dac0db16)."""
     x86_guest_memfd: bool = True
     """x86 has KVM_CREATE_GUEST_MEMFD (v6.8, "KVM: Add KVM_CREATE_GUEST_MEMFD ioctl() for
     guest-specific backing memory")."""
@@ -470,12 +588,18 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         "series: on the real arm64 5.10.223 machine a store to a VM_PFNMAP page whose "
         "host PTE became read-only faults (pfnmap-mprotect-after-premap.yaml)"),
     "debian-6.12": Distribution(
-        "debian-6.12", (6, 12), {"arm64_pfnmap_vma_block": False},
+        "debian-6.12", (6, 12), {"arm64_pfnmap_vma_block": False,
+                                 "hugetlb_mte_allowed": False,
+                                 "vfio_huge_fault_pfn_check": True,
+                                 "vfio_huge_fault_align": True},
         "Debian 6.12.117 (trixie) carries the stable backport of \"KVM: arm64: Don't use "
         "the VMA to size stage-2 block mappings for VM_PFNMAP\": on the real arm64 "
         "6.12.117 machine a DRM shmem buffer at a vm_pgoff-congruent address is mapped 4K "
         "and every page reads right (pfnmap-block-dmabuf.yaml); Debian 6.1.176 does not "
-        "carry it"),
+        "carry it.  The 6.12.y stable series also carries \"arm64: mte: Do not allow "
+        "PROT_MTE on MAP_HUGETLB user mappings\" (queued for 5.10.y-6.12.y in February "
+        "2025; release 6.12.17 or later) and, believed from their Fixes/Cc: stable tags, "
+        "the vfio-pci huge_fault fixes 09dfc8a5f2ce and c1d9dac0db16"),
 }
 """Debian's kernels that differ from their mainline release, by the machine version
 they stand for (``kvmmem machine list``); a machine without an entry is its mainline

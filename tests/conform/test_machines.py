@@ -66,6 +66,12 @@ MACHINE_UNSUPPORTED: dict[str, str] = {
     r"KVM_CAP_(USER_MEMORY2|GUEST_MEMFD|GUEST_MEMFD_FLAGS) is 0(x[0-9a-f]+)? ":
         "guest_memfd: the kernel or its default VM type has none (before v6.8; x86 6.12's "
         "default VM; riscv) or lacks a flag (mmap, init_shared: v6.18)",
+    r"host source cannot make a vfio-bar mapping|no vfio-pci device to map a BAR of":
+        "vfio-bar: the machine has no PCI device bound to vfio-pci for the BAR",
+    r"device-cacheable needs coherent device memory":
+        "device-cacheable: Grace-style coherent device memory exists on no machine",
+    r"this CPU has no MTE|does not offer KVM_CAP_ARM_MTE":
+        "mte: a machine booted without mte=on, or a kernel before v5.14",
 }
 """Reasons a scenario may be unsupported on a machine (regex -> justification)."""
 

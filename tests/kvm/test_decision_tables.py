@@ -569,11 +569,68 @@ def test_row_in_slot_write_pfnmap_writenotify_pte(arch: str) -> None:
         assert vm.mm.physmem.read_int(pte.pfn, 0, 4) == 0
 
 
-def test_row_in_slot_pfnmap_cacheable() -> None:
-    """§3.5.2 none / any / "VM_PFNMAP cacheable, non-RAM pfn": arm64 cacheable only with
-    FWB+DIC (``kvm_supports_cacheable_pfnmap``) else -EFAULT; x86/RISC-V mapped."""
-    pytest.skip("not modelled: device mappings have no cacheable pgprot (no "
-                "VM_ALLOW_ANY_UNCACHED / cacheable PFNMAP, no FWB/DIC CPU features)")
+@pytest.mark.parametrize("fwb_dic", [False, True])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_row_in_slot_pfnmap_cacheable(arch: str, fwb_dic: bool) -> None:
+    """§3.5.2 none / any / "VM_PFNMAP cacheable, non-RAM pfn" (``device-cacheable``:
+    Grace-style memory): arm64 (v6.17) cacheable only with FWB+DIC
+    (``kvm_supports_cacheable_pfnmap``: Normal write-back, FWB encoding) else -EFAULT at
+    the fault and EINVAL at prepare; x86 mapped (UC: ``kvm_is_mmio_pfn``); RISC-V
+    mapped (no memory type)."""
+    feats = ("fwb", "dic") if fwb_dic else ()
+    vm = Vm(arch, cpu_features=feats)
+    hva = vm.mm.mmap(4 * P, RW, "device-cacheable")
+    if arch == "arm64" and not fwb_dic:
+        with pytest.raises(KernelError, match="EINVAL"):
+            vm.set_user_memory_region(0, G, 4 * P, hva, 0)
+        ram = vm.mm.mmap(4 * P, RW, "anon")
+        vm.set_user_memory_region(0, G, 4 * P, ram, 0)
+        vm.mm.mmap(4 * P, RW, "device-cacheable", addr=ram, fixed=True)
+        assert access(vm, G, 4, READ) == {"result": "fault"}
+        return
+    vm.set_user_memory_region(0, G, 4 * P, hva, 0)
+    assert access(vm, G, 4, WRITE, 0x5A) == {"result": "ok"}
+    leaf = leaf_at(vm, G)
+    assert leaf.pfn == host_frame(vm, hva)
+    want = {"arm64": MemAttr.NORMAL, "x86": MemAttr.DEVICE, "riscv": MemAttr.NORMAL}[arch]
+    assert leaf.attr is want
+    if arch == "arm64":
+        assert "Normal-WB (FWB)" in vm.stage2.describe_entry(leaf.raw, leaf.level)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_row_in_slot_pfnmap_allow_any_uncached(arch: str) -> None:
+    """§3.5.2 none / read/write / "VM_PFNMAP/VM_IO, PTE present", the Normal-NC case: a
+    vfio-pci BAR (``VM_ALLOW_ANY_UNCACHED`` since v6.9) is mapped Normal-NC on arm64
+    (``KVM_PGTABLE_PROT_NORMAL_NC``), UC on x86, without memory type on RISC-V."""
+    vm, hva = slot_vm(arch, kind="vfio-bar")
+    assert access(vm, G, 4, WRITE, 0x11) == {"result": "ok"}
+    leaf = leaf_at(vm, G)
+    assert leaf.pfn == host_frame(vm, hva)
+    want = {"arm64": MemAttr.NORMAL_NC, "x86": MemAttr.DEVICE, "riscv": MemAttr.NORMAL}[arch]
+    assert leaf.attr is want
+
+
+@pytest.mark.parametrize(("kind", "slot", "later"), [
+    ("anon", "ok", None), ("memfd", "ok", None), ("file", "EINVAL", "fault"),
+    ("device", "EINVAL", "ok")])
+def test_row_in_slot_mte_vm(kind: str, slot: str, later: str | None) -> None:
+    """§3.2.2 step 15 and the prepare walk for an MTE VM (arm64, KVM_CAP_ARM_MTE): a VMA
+    without VM_MTE_ALLOWED is refused at prepare (EINVAL); when it replaces an accepted
+    one, a cacheable fault on it is -EFAULT, while device memory skips the tag check
+    (``!s2_force_noncacheable``) and is mapped.  Anonymous memory and shmem are mapped."""
+    vm = Vm("arm64", cpu_features=("mte",), mte=True)
+    hva = vm.mm.mmap(4 * P, RW, kind)
+    if slot != "ok":
+        with pytest.raises(KernelError, match=slot):
+            vm.set_user_memory_region(0, G, 4 * P, hva, 0)
+        ram = vm.mm.mmap(4 * P, RW, "anon")
+        vm.set_user_memory_region(0, G, 4 * P, ram, 0)
+        vm.mm.mmap(4 * P, RW, kind, addr=ram, fixed=True)
+        assert access(vm, G, 4, READ)["result"] == later
+        return
+    vm.set_user_memory_region(0, G, 4 * P, hva, 0)
+    assert access(vm, G, 4, WRITE, 3) == {"result": "ok"}
 
 
 # =====================================================================================

@@ -73,6 +73,17 @@ AROUND = [
     ("arm64_pfnmap_vma_block", "5.13", False, "5.14", True),
     ("arm64_pfnmap_vma_block", "7.2", True, "7.3", False),
     ("arm64_cacheable_pfnmap_check", "6.16", False, "6.17", True),
+    ("arm64_cacheable_pfnmap_fault", "6.16", False, "6.17", True),
+    ("arm64_allow_any_uncached", "6.8", False, "6.9", True),
+    ("arm64_dic_eager_exec", "5.9", False, "5.10", True),
+    ("arm64_mte", "5.13", False, "5.14", True),
+    ("arm64_mte_allowed_check", "6.1", False, "6.2", True),
+    ("hugetlb_mte_allowed", "5.9", False, "5.10", True),
+    ("vfio_pci_mmap", "5.7", 0, "5.8", 1),
+    ("vfio_pci_mmap", "6.9", 1, "6.10", 2),
+    ("vfio_pci_mmap", "6.11", 2, "6.12", 3),
+    ("vfio_huge_fault_pfn_check", "6.12", False, "6.13", True),
+    ("vfio_huge_fault_align", "6.14", False, "6.15", True),
     ("riscv_hugetlb_lookup", "6.16", 0, "6.17", 1),
     ("riscv_hugetlb_lookup", "7.1", 1, "7.2", 2),
     ("x86_guest_memfd", "6.7", False, "6.8", True),
@@ -400,7 +411,8 @@ def test_debian_6_12_carries_the_pfnmap_block_fix() -> None:
     differ = [f.name for f in dataclasses.fields(mainline)
               if f.name not in ("name", "description")
               and getattr(mainline, f.name) != getattr(debian, f.name)]
-    assert differ == ["arm64_pfnmap_vma_block"]
+    assert differ == ["arm64_pfnmap_vma_block", "hugetlb_mte_allowed",
+                      "vfio_huge_fault_pfn_check", "vfio_huge_fault_align"]
     assert mainline.arm64_pfnmap_vma_block and get_variant("6.1").arm64_pfnmap_vma_block
 
 

@@ -298,8 +298,8 @@ def test_invariant_violation_exits_3() -> None:
 def _leaf_lines(out: str) -> dict[int, tuple[int, int, str]]:
     """gpa -> (pfn, raw entry, decoded text) of every ``--show stage2`` leaf line."""
     leaves = {}
-    for m in re.finditer(r"^  gpa (0x[0-9a-f]+) size 0x1000 -> pfn (0x[0-9a-f]+)  "
-                         r"(0x[0-9a-f]{16})  (.*)$", out, re.M):
+    for m in re.finditer(r"^  gpa (0x[0-9a-f]+) size 0x1000 -> pfn (0x[0-9a-f]+) "
+                         r"\([a-zA-Z, ]+\)  (0x[0-9a-f]{16})  (.*)$", out, re.M):
         leaves[int(m[1], 16)] = (int(m[2], 16), int(m[3], 16), m[4])
     return leaves
 
@@ -449,3 +449,20 @@ def test_exit_status_is_the_worst_run() -> None:
     assert obj["setup"][0]["result"] == "error" and obj["setup"][0]["errno"] == "EPERM"
     code, _ = run(path, "--arch", "x86,riscv")
     assert code == 1
+
+
+def test_show_stage2_decodes_device_memory_types() -> None:
+    """``--show stage2`` names each leaf's frame kind and decodes the memory types of
+    issue 14: a vfio-pci BAR Normal-NC (MemAttr 0b0101, v6.9), another driver's BAR
+    Device-nGnRE (0b0001), Grace-style cacheable device memory Normal write-back in the
+    FEAT_S2FWB encoding (0b0110) with FWB and DIC (v6.17)."""
+    code, out = run(str(SCENARIOS / "vfio-bar-normal-nc.yaml"), "--show", "stage2")
+    assert code == 0, out
+    assert re.search(r"pfn 0x[0-9a-f]+ \(device\)  0x[0-9a-f]{16}  L3 PAGE .*"
+                     r"MemAttr=0b0101\(Normal-oNC-iNC\)", out)
+    assert "MemAttr=0b0001(Device-nGnRE)" in out
+    code, out = run(str(SCENARIOS / "device-cacheable-fwb-dic.yaml"), "--show", "stage2")
+    assert code == 0, out
+    assert "leaves (FEAT_S2FWB encodings):" in out
+    assert re.search(r"\(device, cacheable\)  0x[0-9a-f]{16}  L3 PAGE .* XN=0b00 .*"
+                     r"MemAttr=0b0110\(Normal-WB \(FWB\)\)", out)

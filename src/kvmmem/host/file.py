@@ -79,6 +79,7 @@ class File:
         device_base: int = 0,
         device_lazy: bool = False,
         dmabuf: bool = False,
+        vfio_bar: bool = False,
     ) -> None:
         self.physmem = physmem
         self.ino = ino
@@ -97,6 +98,9 @@ class File:
         self.anon_hugetlb = anon_hugetlb
         self.device_base = device_base
         self.device_lazy = device_lazy
+        self.vfio_bar = vfio_bar
+        """A vfio-pci device's BAR region (kvmmem.host.vfio): mapped only as kind
+        ``vfio-bar``, its frames inserted by vfio-pci's fault handler."""
         self.dmabuf = dmabuf
         """A shmem object exported by a driver (a DRM shmem buffer, a udmabuf):
         mapped only as kind ``dmabuf`` (VM_PFNMAP), its pages pinned by the driver."""

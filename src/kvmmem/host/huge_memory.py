@@ -51,7 +51,11 @@ def split_huge_pmd_op(mm: MmStruct, idx: int) -> Op[None]:
     rng = yield from invalidate_range_start_op(mm, haddr, haddr + pg.pmd_size,
                                                NotifierEvent.CLEAR)
     leaf = mm.pt.pmd.get(idx)
-    if isinstance(leaf, int):
+    if isinstance(leaf, int) and is_pfnmap_leaf(mm, leaf):
+        # __split_huge_pmd_locked on a special huge PFNMAP leaf (vma_is_special_huge):
+        # the entry is only cleared; the driver's fault handler refills the range
+        del mm.pt.pmd[idx]
+    elif isinstance(leaf, int):
         head = leaf >> PFN_SHIFT
         bits = leaf & ((1 << PFN_SHIFT) - 1)
         tbl = mm.pt.new_table(idx)
@@ -73,6 +77,12 @@ def split_huge_pmd_address_op(mm: MmStruct, addr: int) -> Op[None]:
         slot = pt.pmd.get(addr >> pt.pmd_shift)
         if isinstance(slot, int):
             yield from split_huge_pmd_op(mm, addr >> pt.pmd_shift)
+
+
+def is_pfnmap_leaf(mm: MmStruct, leaf: int) -> bool:
+    """The huge leaf is a special PFNMAP entry over device memory (``pmd_special``
+    outside RAM: a driver's ``huge_fault`` inserted it, v6.12), not a THP."""
+    return bool(leaf & _S) and not mm.physmem.pfn_valid(leaf >> PFN_SHIFT)
 
 
 def is_hugetlb_leaf(mm: MmStruct, leaf: int) -> bool:
@@ -122,6 +132,13 @@ def huge_pmd_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool, leaf: int) 
     if not write or leaf & _W:
         mm.pt.pmd[idx] = leaf | _Y | (_D if write else 0)
         return VM_FAULT_OK
+    if is_pfnmap_leaf(mm, leaf):
+        # wp_huge_pmd on a shared PFNMAP VMA: the driver's huge_fault finds the PMD
+        # present and leaves it (vmf_insert_pfn_pmd without write); a writable VMA has
+        # writable leaves (change_huge_pmd), so this is not reached through mprotect.
+        # Modelled as __split_huge_pmd's zap and a retry at the page level.
+        yield from split_huge_pmd_op(mm, idx)
+        return VM_FAULT_RETRY
     head = leaf >> PFN_SHIFT
     if pm.is_huge_zero(head):
         # do_huge_zero_wp_pmd (v6.12+): a fresh THP replaces the huge zero page

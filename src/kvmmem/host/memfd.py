@@ -45,16 +45,37 @@ def open_file(
                 writable=writable, fill=fill)
 
 
-def open_device(mm: MmStruct, name: str, npages: int, *, lazy: bool = False) -> File:
+def open_device(mm: MmStruct, name: str, npages: int, *, lazy: bool = False,
+                cacheable: bool = False) -> File:
     """A device node over a fresh device region of ``npages`` frames (a PCI BAR).
 
     mmap kind ``device`` remaps every frame up front (``remap_pfn_range``);
-    kind ``device-lazy`` inserts them from the fault handler."""
+    kind ``device-lazy`` inserts them from the fault handler.  ``cacheable``: memory
+    the device exposes coherently (kind ``device-cacheable``: nvgrace-gpu's usemem
+    region, remapped at mmap with the default cacheable type)."""
     if not isinstance(name, str):
         raise InputError(f"open_device: name must be a str, got {name!r}")
-    base = mm.physmem.add_device_region(npages)
+    bool_arg(cacheable, "open_device: cacheable")
+    base = mm.physmem.add_device_region(npages, cacheable=cacheable)
     return File(mm.physmem, mm.new_ino(), name, FileKind.DEVICE, npages * mm.page_size,
                 device_base=base, device_lazy=lazy)
+
+
+def open_vfio_bar(mm: MmStruct, name: str, size: int) -> File:
+    """A vfio-pci device fd's BAR region of ``size`` bytes (a power of two, at least a
+    page): the BAR's physical base is aligned to its size, as PCI assigns it.
+
+    Raises InputError for a size that is not a power of two."""
+    if not isinstance(name, str):
+        raise InputError(f"open_vfio_bar: name must be a str, got {name!r}")
+    size = size_arg(size, "open_vfio_bar")
+    if size < mm.page_size or size & (size - 1):
+        raise InputError(f"open_vfio_bar: a PCI BAR's size is a power of two of at least "
+                         f"{mm.page_size:#x} bytes, not {size:#x}")
+    npages = size >> mm.page_shift
+    base = mm.physmem.add_device_region(npages, align=npages)
+    return File(mm.physmem, mm.new_ino(), name, FileKind.DEVICE, size,
+                device_base=base, vfio_bar=True)
 
 
 def create_dmabuf(mm: MmStruct, name: str, size: int) -> File:

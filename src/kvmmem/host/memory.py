@@ -24,6 +24,7 @@ from kvmmem.host.huge_memory import (
 from kvmmem.host.hugetlb import hugetlb_fault_op
 from kvmmem.host.mm_types import (
     MIGRATION_WAIT,
+    VM_FAULT_FALLBACK,
     VM_FAULT_OK,
     VM_FAULT_RETRY,
     VM_FAULT_SIGBUS,
@@ -44,6 +45,7 @@ from kvmmem.host.pagetable import (
 )
 from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, RAM_BASE_PFN
 from kvmmem.host.rmap import anon_vma_prepare
+from kvmmem.host.vfio import is_vfio_bar, vfio_pci_mmap_fault, vfio_pci_mmap_huge_fault
 from kvmmem.host.vma import VM_HUGETLB, VM_SHARED, VM_WRITE, Vma, VmaKind
 from kvmmem.sync import Op
 
@@ -155,6 +157,12 @@ def handle_mm_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool) -> Op[int]
     if slot is None:
         if thp_suitable(mm, vma, hva):
             return do_huge_pmd_anonymous_page(mm, vma, hva, write)
+        # create_huge_pmd -> vm_ops->huge_fault(vmf, PMD_ORDER): a PFNMAP VMA with a
+        # huge_fault handler gets PMD orders on a page fault whatever the THP sysfs
+        # setting (v6.12, "mm: Allow THP orders for PFNMAPs")
+        if is_vfio_bar(vma.file) and "pmd" in mm.huge_pfnmap \
+                and vfio_pci_mmap_huge_fault(mm, vma, hva, pt.pmd_size) != VM_FAULT_FALLBACK:
+            return VM_FAULT_OK
         slot = pt.new_table(idx)
     i = (hva >> pt.page_shift) & pt.pte_mask
     e = slot[i]
@@ -187,6 +195,8 @@ def do_pte_missing(mm: MmStruct, vma: Vma, hva: int, write: bool, tbl: Any, i: i
     f = vma.file
     if f is None:
         return VM_FAULT_SIGBUS
+    if f.vfio_bar:
+        return vfio_pci_mmap_fault(mm, vma, hva)  # vm_ops->fault; vm_pgoff is no index
     index = vma.pgoff_of(hva)
     if index >= f.npages():
         return VM_FAULT_SIGBUS  # beyond EOF: filemap_fault / shmem_fault

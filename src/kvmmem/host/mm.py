@@ -128,9 +128,14 @@ class Mm(MmStruct):
         """:func:`kvmmem.host.memfd.open_file` for this process."""
         return memfd.open_file(self, name, size, writable=writable, fill=fill)
 
-    def open_device(self, name: str, npages: int, *, lazy: bool = False) -> File:
+    def open_device(self, name: str, npages: int, *, lazy: bool = False,
+                    cacheable: bool = False) -> File:
         """:func:`kvmmem.host.memfd.open_device` for this process."""
-        return memfd.open_device(self, name, npages, lazy=lazy)
+        return memfd.open_device(self, name, npages, lazy=lazy, cacheable=cacheable)
+
+    def open_vfio_bar(self, name: str, size: int) -> File:
+        """:func:`kvmmem.host.memfd.open_vfio_bar` for this process."""
+        return memfd.open_vfio_bar(self, name, size)
 
     def create_dmabuf(self, name: str, size: int) -> File:
         """:func:`kvmmem.host.memfd.create_dmabuf` for this process."""

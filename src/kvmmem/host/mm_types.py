@@ -48,6 +48,8 @@ VM_FAULT_SIGBUS = 0x2
 VM_FAULT_HWPOISON = 0x10
 VM_FAULT_SIGSEGV = 0x40
 VM_FAULT_RETRY = 0x400
+VM_FAULT_FALLBACK = 0x800
+"""A ``huge_fault`` handler declined the size: the fault goes on at the next level."""
 VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_HWPOISON | VM_FAULT_SIGSEGV
 
 MMAP_LOCK = "mmap_lock"
@@ -125,6 +127,23 @@ class MmStruct:
         """``MADV_DONTNEED`` works on hugetlb VMAs (v5.18, 90e7e7f5ef3f "mm: enable
         MADV_DONTNEED for hugetlb mappings"); before, EINVAL.  A VM sets it from its
         variant's release (kvmmem.variants, ``hugetlb_madv_dontneed``)."""
+        # --- the host kernel's release and CPU, as a VM sets them (kvmmem.kvm.vm) ---
+        self.vfio_pci_mmap = 3
+        """How vfio-pci maps a BAR (kvmmem.host.vfio, variant switch ``vfio_pci_mmap``)."""
+        self.vfio_huge_fault_pfn_check = True
+        """vfio-pci's huge_fault checks the pfn's alignment (v6.13, 09dfc8a5f2ce)."""
+        self.vfio_huge_fault_align = True
+        """vfio-pci's huge_fault aligns the address down to the order (v6.15,
+        c1d9dac0db16)."""
+        self.vfio_allow_any_uncached = True
+        """vfio-pci sets VM_ALLOW_ANY_UNCACHED on its BAR mappings (v6.9, a39d3a966a09)."""
+        self.huge_pfnmap: tuple[str, ...] = ("pmd",)
+        """The levels of special huge leaves a driver's ``huge_fault`` may insert
+        (``CONFIG_ARCH_SUPPORTS_PUD_PFNMAP``: x86; ``_PMD_PFNMAP``: x86 and arm64)."""
+        self.mte = False
+        """``system_supports_mte()``: the CPU has MTE (arm64 ``cpu_features`` mte)."""
+        self.hugetlb_mte_allowed = True
+        """Anonymous MAP_HUGETLB gets VM_MTE_ALLOWED (variant ``hugetlb_mte_allowed``)."""
         self.pt = PageTable(self.pg)
         self.notifiers = MmuNotifierSubscriptions()
         self.mm_mt: Any = SortedDict()  # start -> Vma

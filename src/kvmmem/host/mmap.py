@@ -13,7 +13,7 @@ from kvmmem.host.args import ULONG_MAX, bool_arg, page_align, ulong_arg
 from kvmmem.host.file import File, FileKind
 from kvmmem.host.huge_memory import split_huge_pmd_address_op, thp_suitable
 from kvmmem.host.hugetlb import hugetlb_vm_op_split
-from kvmmem.host.memfd import create_dmabuf, memfd_create, open_device, open_file
+from kvmmem.host.memfd import create_dmabuf, memfd_create, open_device, open_file, open_vfio_bar
 from kvmmem.host.memory import free_pgtables, remap_pfn_range, tlb_finish_mmu, zap_page_range_op
 from kvmmem.host.mm_types import (
     MMAP_MIN_ADDR,
@@ -40,10 +40,12 @@ from kvmmem.host.pagetable import (
 from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, RAM_BASE_PFN
 from kvmmem.host.rmap import anon_vma_prepare
 from kvmmem.host.uaccess import fault_in_op
+from kvmmem.host.vfio import vfio_pci_core_mmap, vfio_region_pgoff
 from kvmmem.host.vma import (
     PROT_WRITE,
     VM_ACCESS_FLAGS,
     VM_ACCOUNT,
+    VM_ALLOW_ANY_UNCACHED,
     VM_DONTDUMP,
     VM_DONTEXPAND,
     VM_HUGEPAGE,
@@ -53,6 +55,7 @@ from kvmmem.host.vma import (
     VM_MAYREAD,
     VM_MAYSHARE,
     VM_MAYWRITE,
+    VM_MTE_ALLOWED,
     VM_NORESERVE,
     VM_PFNMAP,
     VM_SHARED,
@@ -204,6 +207,9 @@ def mmap_op(
     length = page_align(length, pg.page_size)
     if length == 0 or length > TASK_SIZE:
         raise KernelError("ENOMEM", call, "length too large")
+    if vkind is VmaKind.VFIO_BAR and file is None and length & (length - 1):
+        raise InputError(f"mmap: kind vfio-bar maps a whole PCI BAR, whose size is a power "
+                         f"of two, not {length:#x}")
     pgoff = offset >> pg.page_shift
     if pgoff + (length >> pg.page_shift) > ULONG_MAX:
         raise KernelError("EOVERFLOW", call, "offset + length overflows")
@@ -238,10 +244,12 @@ def mmap_op(
     # --- the new VMA (__mmap_new_vma)
     if file is None and vkind in (VmaKind.MEMFD, VmaKind.FILE, VmaKind.FILE_SHARED,
                                   VmaKind.HUGETLB, VmaKind.DEVICE, VmaKind.DEVICE_LAZY,
-                                  VmaKind.DMABUF):
+                                  VmaKind.DMABUF, VmaKind.VFIO_BAR, VmaKind.DEVICE_CACHEABLE):
         file = _anon_file(mm, vkind, length)
     if vkind in (VmaKind.ANON, VmaKind.THP):
         pgoff = start >> pg.page_shift  # do_mmap: anonymous vm_pgoff is the address
+    if vkind is VmaKind.VFIO_BAR:
+        pgoff += vfio_region_pgoff(pg)  # the VMM mmaps the region's file offset
     vma = Vma(start, end, flags, vkind, file, pgoff, pg=pg)
     if hugetlb and not flags & VM_NORESERVE:
         first = pgoff >> (pg.pmd_shift - pg.page_shift)
@@ -253,8 +261,12 @@ def mmap_op(
         else:
             vma.resv = dict.fromkeys(keys)
     vma_link(mm, vma)
-    if vkind is VmaKind.DEVICE:
+    if vkind in (VmaKind.DEVICE, VmaKind.DEVICE_CACHEABLE):
+        # remap_pfn_range (DEVICE_CACHEABLE: nvgrace_gpu_mmap's usemem region, v6.9,
+        # which also sets vm_pgoff to the start pfn)
         remap_pfn_range(mm, vma)
+    elif vkind is VmaKind.VFIO_BAR:
+        vfio_pci_core_mmap(mm, vma)
     vma = vma_merge(mm, vma)
     yield MMAP_WRITE_UNLOCK
 
@@ -278,10 +290,19 @@ def _mmap_file_arg(kind: VmaKind, file: File | None) -> File | None:
         VmaKind.DEVICE_LAZY: (FileKind.DEVICE,),
         VmaKind.DMABUF: (FileKind.SHMEM,),
         VmaKind.GUEST_MEMFD: (FileKind.GUEST_MEMFD,),
+        VmaKind.VFIO_BAR: (FileKind.DEVICE,),
+        VmaKind.DEVICE_CACHEABLE: (FileKind.DEVICE,),
     }[kind]
-    if fk not in ok or (kind is VmaKind.DMABUF) != file.dmabuf:
-        what = "a dma-buf" if file.dmabuf else f"a {fk.value} file"
+    if fk not in ok or (kind is VmaKind.DMABUF) != file.dmabuf \
+            or (kind is VmaKind.VFIO_BAR) != file.vfio_bar:
+        what = "a dma-buf" if file.dmabuf else "a vfio-pci BAR" if file.vfio_bar \
+            else f"a {fk.value} file"
         raise InputError(f"mmap: kind {kind.value} cannot map {what}")
+    if kind is VmaKind.DEVICE_CACHEABLE and (file.device_lazy or not
+                                             file.physmem.is_cacheable_device(
+                                                 file.device_base)):
+        raise InputError("mmap: kind device-cacheable needs a device opened with "
+                         "cacheable=True, lazy=False")
     if kind is VmaKind.DEVICE and file.device_lazy:
         raise InputError("mmap: kind device needs a device opened with lazy=False")
     if kind is VmaKind.DEVICE_LAZY and not file.device_lazy:
@@ -298,9 +319,12 @@ def _anon_file(mm: MmStruct, kind: VmaKind, length: int) -> File:
         return f
     if kind is VmaKind.DMABUF:
         return create_dmabuf(mm, f"dmabuf:kvmmem-{mm.ino_seq + 1}", length)
-    if kind in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY):
+    if kind in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY, VmaKind.DEVICE_CACHEABLE):
         return open_device(mm, f"/dev/kvmmem-bar{mm.ino_seq + 1}",
-                           length >> mm.page_shift, lazy=kind is VmaKind.DEVICE_LAZY)
+                           length >> mm.page_shift, lazy=kind is VmaKind.DEVICE_LAZY,
+                           cacheable=kind is VmaKind.DEVICE_CACHEABLE)
+    if kind is VmaKind.VFIO_BAR:
+        return open_vfio_bar(mm, f"/dev/vfio/devices/kvmmem{mm.ino_seq + 1}", length)
     return open_file(mm, f"/tmp/kvmmem-file-{mm.ino_seq + 1}", length)
 
 
@@ -326,7 +350,8 @@ def _mmap_checks(
         start = got
     flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
     shared = kind in (VmaKind.MEMFD, VmaKind.FILE_SHARED, VmaKind.DEVICE,
-                      VmaKind.DEVICE_LAZY, VmaKind.DMABUF, VmaKind.GUEST_MEMFD) \
+                      VmaKind.DEVICE_LAZY, VmaKind.DMABUF, VmaKind.GUEST_MEMFD,
+                      VmaKind.VFIO_BAR, VmaKind.DEVICE_CACHEABLE) \
         or (hugetlb and file is not None)
     if shared:
         if prot & PROT_WRITE and file is not None and not file.writable:
@@ -344,10 +369,16 @@ def _mmap_checks(
         flags |= VM_ACCOUNT  # accountable_mapping
     if kind is VmaKind.THP:
         flags |= VM_HUGEPAGE  # the madvise(MADV_HUGEPAGE) that defines the kind
-    if kind in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY):
+    if kind in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY, VmaKind.DEVICE_CACHEABLE,
+                VmaKind.VFIO_BAR):
+        # remap_pfn_range's flags; vfio_pci_core_mmap and nvgrace_gpu_mmap set the same
+        # (vfio-pci since v6.9 with VM_ALLOW_ANY_UNCACHED, a39d3a966a09)
         flags |= VM_IO | VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP
+        if kind is VmaKind.VFIO_BAR and mm.vfio_allow_any_uncached:
+            flags |= VM_ALLOW_ANY_UNCACHED
         if file is not None and (pgoff + (length >> pg.page_shift)) > file.npages():
             raise KernelError("EINVAL", call, "beyond the device region")
+    flags |= arch_calc_vm_flag_bits(mm, kind)
     if kind is VmaKind.GUEST_MEMFD and (file is None or file.mmap_refused is not None):
         # kvm_gmem_mmap: only a guest_memfd created with GUEST_MEMFD_FLAG_MMAP
         raise KernelError("ENODEV", call, "guest_memfd without GUEST_MEMFD_FLAG_MMAP"
@@ -379,6 +410,21 @@ def _mmap_checks(
         if not mm.physmem.hugetlb_reserve(need):
             raise KernelError("ENOMEM", call, "hugetlb pool too small (nr_hugepages)")
     return start, flags
+
+
+def arch_calc_vm_flag_bits(mm: MmStruct, kind: VmaKind) -> int:
+    """arm64 ``arch_calc_vm_flag_bits`` (with ``shmem_mmap`` before v6.13) on a CPU with
+    MTE (``system_supports_mte``): VM_MTE_ALLOWED for memory that can hold tags:
+    anonymous mappings (MAP_ANONYMOUS), shmem (a memfd) and anonymous hugetlb
+    (MAP_ANONYMOUS | MAP_HUGETLB: ``hugetlb_mte_allowed``, which the 5.10.y-6.12.y
+    stable kernels dropped); never a regular file, a device or a dma-buf (9f3419315f3c,
+    v5.10).  0 without MTE."""
+    if not mm.mte:
+        return 0
+    if kind in (VmaKind.ANON, VmaKind.THP, VmaKind.MEMFD) \
+            or (kind is VmaKind.HUGETLB and mm.hugetlb_mte_allowed):
+        return VM_MTE_ALLOWED
+    return 0
 
 
 def detach_range_op(mm: MmStruct, start: int, end: int, vmas: list[Vma]) -> Op[None]:

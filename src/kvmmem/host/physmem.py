@@ -108,6 +108,8 @@ class PhysMem:
         self._top = 0  # frames [RAM_BASE_PFN, RAM_BASE_PFN + _top) exist
         self._dev_bases: list[int] = []
         self._dev_sizes: list[int] = []
+        self._dev_cacheable: set[int] = set()
+        """Indices of the device regions added ``cacheable``."""
         self._dev_top = DEVICE_BASE_PFN
         self._dev_content: dict[int, bytearray] = {}
         self._foreign: dict[int, bytearray] = {}
@@ -264,16 +266,25 @@ class PhysMem:
         hz = self._huge_zero
         return hz is not None and hz <= pfn < hz + self.pages_per_pmd
 
-    def add_device_region(self, npages: int) -> Pfn:
+    def add_device_region(self, npages: int, *, align: int = 1,
+                          cacheable: bool = False) -> Pfn:
         """A device memory region (a PCI BAR) of ``npages`` frames without struct page.
 
-        Returns its base pfn; the region is PMD aligned in pfn space."""
+        Returns its base pfn, aligned to ``align`` frames (default a PMD; a PCI BAR's
+        base is aligned to its size: pass the size).  ``cacheable``: memory the device
+        exposes coherently, to be mapped cacheable (Grace-style GPU memory, outside the
+        kernel's linear map all the same: ``pfn_is_map_memory`` is false)."""
         if not isinstance(npages, int) or isinstance(npages, bool) or npages <= 0:
             raise InputError(f"add_device_region: npages must be a positive int, got {npages!r}")
-        ppm = self.pages_per_pmd
-        base = (self._dev_top + ppm - 1) & ~(ppm - 1)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 \
+                or align & (align - 1):
+            raise InputError(f"add_device_region: align must be a power of two, got {align!r}")
+        a = max(align, self.pages_per_pmd)
+        base = (self._dev_top + a - 1) & ~(a - 1)
         self._dev_bases.append(base)
         self._dev_sizes.append(npages)
+        if cacheable:
+            self._dev_cacheable.add(len(self._dev_bases) - 1)
         self._dev_top = base + npages
         return Pfn(base)
 
@@ -287,6 +298,12 @@ class PhysMem:
         """The frame is device memory (inside a region from add_device_region)."""
         k = bisect.bisect_right(self._dev_bases, pfn) - 1
         return k >= 0 and pfn < self._dev_bases[k] + self._dev_sizes[k]
+
+    def is_cacheable_device(self, pfn: int) -> bool:
+        """The frame is device memory of a region added ``cacheable``."""
+        k = bisect.bisect_right(self._dev_bases, pfn) - 1
+        return k >= 0 and pfn < self._dev_bases[k] + self._dev_sizes[k] \
+            and k in self._dev_cacheable
 
     def _index(self, pfn: int, what: str) -> int:
         if not isinstance(pfn, int) or isinstance(pfn, bool):

@@ -60,6 +60,15 @@ VM_MIXEDMAP = 0x10000000
 VM_HUGEPAGE = 0x20000000
 VM_NOHUGEPAGE = 0x40000000
 VM_MERGEABLE = 0x80000000
+# the high flags of 64-bit kernels (VM_HIGH_ARCH_n = bit 32 + n)
+VM_MTE = 1 << 32
+"""arm64 ``VM_MTE`` (``VM_HIGH_ARCH_0``): the mapping uses tagged memory (PROT_MTE)."""
+VM_MTE_ALLOWED = 1 << 33
+"""arm64 ``VM_MTE_ALLOWED`` (``VM_HIGH_ARCH_1``): the memory can hold MTE tags
+(``arch_calc_vm_flag_bits``: anonymous memory, shmem; hugetlb as the release has it)."""
+VM_ALLOW_ANY_UNCACHED = 1 << 39
+"""``VM_ALLOW_ANY_UNCACHED`` (v6.9, 5c656fcdd6c6 "mm: Introduce new flag to indicate wc
+safe"): KVM may map the device memory with any non-cacheable type (arm64 Normal-NC)."""
 
 VM_ACCESS_FLAGS = VM_READ | VM_WRITE | VM_EXEC
 VM_SPECIAL = VM_IO | VM_DONTEXPAND | VM_PFNMAP | VM_MIXEDMAP
@@ -124,6 +133,8 @@ class VmaKind(StrEnum):
     DEVICE = "device"  # VM_IO|VM_PFNMAP, every frame remapped at mmap (remap_pfn_range)
     DEVICE_LAZY = "device-lazy"  # VM_IO|VM_PFNMAP, frames inserted by the fault handler
     DMABUF = "dmabuf"  # VM_PFNMAP over RAM pages a driver pinned, inserted on fault
+    VFIO_BAR = "vfio-bar"  # a PCI BAR mapped through vfio-pci (kvmmem.host.vfio)
+    DEVICE_CACHEABLE = "device-cacheable"  # cacheable device memory, remapped at mmap
     GUEST_MEMFD = "guest_memfd"  # MAP_SHARED of a guest_memfd (kvm_gmem_mmap)
 
     @classmethod
@@ -178,9 +189,10 @@ class Vma:
     @property
     def cacheable(self) -> bool:
         """The memory type of ``vm_page_prot`` is cacheable: everything but a device
-        driver's mapping (``pgprot_device`` / ``pgprot_noncached``); a dma-buf of RAM
-        pages keeps the default cacheable type."""
-        return self.kind not in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY)
+        driver's mapping (``pgprot_device`` / ``pgprot_noncached``: vfio-pci's BARs
+        too); a dma-buf of RAM pages and Grace-style device memory (``device-cacheable``,
+        nvgrace-gpu's usemem region) keep the default cacheable type."""
+        return self.kind not in (VmaKind.DEVICE, VmaKind.DEVICE_LAZY, VmaKind.VFIO_BAR)
 
     def __repr__(self) -> str:
         return (

@@ -14,9 +14,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvmmem.arch.pgtable import Perm
+from kvmmem.arch.pgtable import MemAttr, Perm
 from kvmmem.errors import KernelError
-from kvmmem.host.vma import VM_MIXEDMAP, VM_PFNMAP
+from kvmmem.host.vma import (
+    VM_ALLOW_ANY_UNCACHED,
+    VM_MIXEDMAP,
+    VM_MTE_ALLOWED,
+    VM_PFNMAP,
+    VM_SHARED,
+    Vma,
+)
 from kvmmem.kvm.arch_common import (
     fault_supports_stage2_huge_mapping,
     memslot_is_logging,
@@ -48,7 +55,6 @@ from kvmmem.types import align_down
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
-    from kvmmem.host.vma import Vma
     from kvmmem.kvm.kvm_host import Kvm, KvmVcpu
     from kvmmem.kvm.memslot import KvmMrChange, MemorySlot
 
@@ -124,19 +130,23 @@ def vma_pagesize(variant: Variant, slot: MemorySlot, vma: Vma, hva: int, logging
 
 
 def stage2_map(vm: Kvm, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
-               execute: bool, device: bool, access: Access | None) -> None:
+               execute: bool, device: bool, access: Access | None,
+               attr: MemAttr | None = None) -> None:
     """``user_mem_abort``'s last step, under mmu_lock: a permission fault on a leaf of
     the same size and output relaxes it (``kvm_pgtable_stage2_relax_perms``), where
-    ``kvm_pgtable_stage2_map`` would answer -EAGAIN; anything else is mapped."""
+    ``kvm_pgtable_stage2_map`` would answer -EAGAIN; anything else is mapped.  ``attr``
+    (default: Device if ``device`` else Normal) is the memory type."""
+    if attr is None:
+        attr = MemAttr.DEVICE if device else MemAttr.NORMAL
     old = vm.stage2.walk(gpa)
-    if old is not None and old.size == size and old.pfn == pfn and old.device == device:
+    if old is not None and old.size == size and old.pfn == pfn and old.attr is attr:
         vm.stage2.relax_perms(gpa & ~(size - 1),
                               Perm(True, write or old.perm.write, execute or old.perm.execute))
         if access is not None:
             vm.stats.pf_fixed += 1
         return
     vm.install(slot, gpa, pfn, size, write=write, execute=execute, device=device,
-               access=access)
+               access=access, attr=attr)
 
 
 class Arm64Kvm(ArchKvm):
@@ -149,6 +159,9 @@ class Arm64Kvm(ArchKvm):
     dirty_ring_with_bitmap = True
     max_user_slots = 32767
     break_before_make = True
+    huge_pfnmap = ("pmd",)
+    """``ARCH_SUPPORTS_PMD_PFNMAP`` only: arm64 has no transparent PUDs, so no PUD
+    special leaves."""
     default_phys_bits = 40
     splits_on_log_enable = True
     """``kvm_arch_commit_memory_region`` calls ``kvm_mmu_split_memory_region`` whenever
@@ -241,6 +254,9 @@ class Arm64Kvm(ArchKvm):
         exec_fault = access is Access.EXEC
         hva = slot.gfn_to_hva(gfn)
         logging = memslot_is_logging(slot)
+        # A permission fault (the ESR's FSC): a valid leaf is there and the access
+        # needs more rights than it gives.
+        fault_is_perm = vm.stage2.walk(gpa) is not None
 
         yield _MMAP_READ_LOCK
         vma = mm.vma_lookup(hva)
@@ -253,7 +269,10 @@ class Arm64Kvm(ArchKvm):
             # up: the block maps the frames that follow the pfn of its first page.
             gpa = align_down(gpa, size)
             gfn = gpa >> page_shift
+        # snapshots of the VMA (kvm_vma_mte_allowed, VM_ALLOW_ANY_UNCACHED,
+        # kvm_vma_is_cacheable), taken before mmap_lock is dropped
         vm_flags = vma.flags
+        is_vma_cacheable = vma.cacheable
         mmu_seq = vm.mmu_invalidate_seq
         yield _MMAP_READ_UNLOCK
 
@@ -263,8 +282,17 @@ class Arm64Kvm(ArchKvm):
         if is_error_noslot_pfn(fin.pfn):
             return EFAULT
         writable = fin.map_writable
+        # s2_force_noncacheable (v6.17; "device" before): a VM_PFNMAP/VM_MIXEDMAP pfn
+        # outside the kernel's linear map (!pfn_is_map_memory) is device memory, unless
+        # the VMA maps it cacheable, which since v6.17 needs FWB and DIC
+        # (kvm_supports_cacheable_pfnmap) and is EFAULT without them
         device = bool(vm_flags & (VM_PFNMAP | VM_MIXEDMAP)) and not mm.physmem.pfn_valid(fin.pfn)
-        if not device and logging and not write:
+        if device and is_vma_cacheable and variant.arm64_cacheable_pfnmap_fault:
+            if not kvm_supports_cacheable_pfnmap(vm):
+                kvm_release_faultin_page(mm, fin)
+                return EFAULT
+            device = False
+        elif not device and logging and not write:
             writable = False
         if exec_fault and device:
             kvm_release_faultin_page(mm, fin)
@@ -283,6 +311,17 @@ class Arm64Kvm(ArchKvm):
             size = pg.pmd_size
             gpa = align_down(gpa, size)
             pfn = align_down(pfn, size >> page_shift)
+        if not fault_is_perm and not device and vm.mte_enabled \
+                and not kvm_vma_mte_allowed(variant, vm_flags):
+            # "Check the VMM hasn't introduced a new disallowed VMA" (sanitise_mte_tags
+            # otherwise: tags are not modelled)
+            yield _MMU_READ_UNLOCK
+            kvm_release_faultin_page(mm, fin)
+            return EFAULT
+        attr = stage2_memattr(variant, device, vm_flags)
+        # CTR_EL0.DIC: cacheable memory is mapped executable at once
+        execute = exec_fault or (not device and variant.arm64_dic_eager_exec
+                                 and "dic" in vm.cpu_features)
         if size > page_size and pfn & ((size >> page_shift) - 1):
             # kvm_pgtable_stage2_map: kvm_block_mapping_supported refuses a block whose
             # output address is not aligned to it, and the walk descends to map one page
@@ -290,8 +329,8 @@ class Arm64Kvm(ArchKvm):
             # the first page's frame is not block aligned)
             for i in range(size >> page_shift):
                 stage2_map(vm, slot, gpa + (i << page_shift), pfn + i, page_size,
-                           write=writable, execute=exec_fault, device=device,
-                           access=access if i == 0 else None)
+                           write=writable, execute=execute, device=device,
+                           access=access if i == 0 else None, attr=attr)
         elif size not in vm.stage2.leaf_sizes:
             # a PUD-sized PFNMAP block with 16K/64K pages (64 GiB / 4 TiB): stage-2 has
             # no block that large (KVM_PGTABLE_MIN_BLOCK_LEVEL 2), so the walk maps the
@@ -299,11 +338,11 @@ class Arm64Kvm(ArchKvm):
             block = max(s for s in vm.stage2.leaf_sizes if s <= size)
             for i in range(size // block):
                 stage2_map(vm, slot, gpa + i * block, pfn + i * (block >> page_shift), block,
-                           write=writable, execute=exec_fault, device=device,
-                           access=access if i == 0 else None)
+                           write=writable, execute=execute, device=device,
+                           access=access if i == 0 else None, attr=attr)
         else:
-            stage2_map(vm, slot, gpa, pfn, size, write=writable, execute=exec_fault,
-                       device=device, access=access)
+            stage2_map(vm, slot, gpa, pfn, size, write=writable, execute=execute,
+                       device=device, access=access, attr=attr)
         if writable:
             vcpu.unmarked_dirty = gfn  # published until the mark below
         yield _MMU_READ_UNLOCK
@@ -329,12 +368,89 @@ class Arm64Kvm(ArchKvm):
         writable."""
         cacheable_refused = vm.variant.arm64_cacheable_pfnmap_check \
             and not kvm_supports_cacheable_pfnmap(vm)
+        mte_refuses = None
+        if vm.mte_enabled:
+            if kvm_slot_has_gmem(new):
+                # an MTE VM takes no guest_memfd slot (with arm64's guest_memfd, v6.18;
+                # release believed)
+                raise KernelError("EINVAL", CALL, "arm64: a guest_memfd slot in an MTE VM")
+            variant = vm.variant
+
+            def mte_refuses(vma: Vma) -> bool:
+                return not kvm_vma_mte_allowed(variant, vma.flags)
         yield from prepare_vma_walk(vm, new, change, premap=vm.variant.arm64_prepare_premap,
                                     check_write=vm.variant.arm64_prepare_write_check,
-                                    refuse_cacheable_pfnmap=cacheable_refused)
+                                    refuse_cacheable_pfnmap=cacheable_refused,
+                                    refuse_mte=mte_refuses)
+
+    # --- capabilities --------------------------------------------------------
+
+    def stage2_options(self, cpu_features: frozenset[str]) -> dict[str, bool]:
+        """FEAT_S2FWB changes the stage-2 MemAttr encodings (``stage2_has_fwb``)."""
+        return {"fwb": "fwb" in cpu_features}
+
+    def vm_ioctl_enable_cap(self, vm: Kvm, cap: int, flags: int, args: tuple[int, ...]
+                            ) -> None:
+        """``kvm_vm_ioctl_enable_cap`` (arch/arm64/kvm/arm.c): ``flags`` must be 0;
+        KVM_CAP_ARM_MTE (v5.14) makes an MTE VM: EINVAL on a CPU without MTE
+        (``system_supports_mte``) or once a vCPU exists (``kvm->created_vcpus``), and
+        with arm64's guest_memfd (v6.18) while a guest_memfd slot exists.  Any other
+        capability: EINVAL."""
+        if flags:
+            raise KernelError("EINVAL", "KVM_ENABLE_CAP", f"flags {flags:#x} must be 0")
+        if cap != KVM_CAP_ARM_MTE or not vm.variant.arm64_mte:
+            super().vm_ioctl_enable_cap(vm, cap, flags, args)
+            return
+        if "mte" not in vm.cpu_features:
+            raise KernelError("EINVAL", "KVM_ENABLE_CAP", "KVM_CAP_ARM_MTE: the CPU has no "
+                              "MTE (system_supports_mte)")
+        if vm.created_vcpus:
+            raise KernelError("EINVAL", "KVM_ENABLE_CAP", "KVM_CAP_ARM_MTE after "
+                              f"{vm.created_vcpus} vCPU(s) were created")
+        if vm.variant.arm64_guest_memfd and any(
+                kvm_slot_has_gmem(s) for s in vm.for_each_memslot()):
+            raise KernelError("EINVAL", "KVM_ENABLE_CAP", "KVM_CAP_ARM_MTE with a "
+                              "guest_memfd slot")
+        vm.mte_enabled = True
 
 
 def kvm_supports_cacheable_pfnmap(vm: Kvm) -> bool:
     """``kvm_supports_cacheable_pfnmap``: the CPU has FWB (stage-2 forced write-back)
     and ``CTR_EL0.DIC``, so KVM needs no cache maintenance through a kernel mapping."""
     return {"fwb", "dic"} <= vm.cpu_features
+
+
+KVM_CAP_ARM_MTE = 205
+KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED = 243
+
+
+def kvm_vm_ioctl_check_extension(vm: Kvm, cap: int) -> int:
+    """What ``KVM_CHECK_EXTENSION`` answers for the arm64 capabilities modelled here:
+    KVM_CAP_ARM_MTE (``system_supports_mte()``, v5.14) and
+    KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED (``kvm_supports_cacheable_pfnmap()``,
+    v6.17); 0 for either before it existed."""
+    if cap == KVM_CAP_ARM_MTE:
+        return int(vm.variant.arm64_mte and "mte" in vm.cpu_features)
+    if cap == KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED:
+        return int(vm.variant.arm64_cacheable_pfnmap_check and kvm_supports_cacheable_pfnmap(vm))
+    return 0
+
+
+def kvm_vma_mte_allowed(variant: Variant, vm_flags: int) -> bool:
+    """Whether an MTE VM may map the VMA: ``kvm_vma_mte_allowed`` (v6.2, d89585fbb308
+    and c911f0d46879): VM_MTE_ALLOWED; before, any VMA but a VM_SHARED one (v5.14,
+    the ``VM_SHARED`` tests of prepare and ``user_mem_abort``)."""
+    if variant.arm64_mte_allowed_check:
+        return bool(vm_flags & VM_MTE_ALLOWED)
+    return not vm_flags & VM_SHARED
+
+
+def stage2_memattr(variant: Variant, device: bool, vm_flags: int) -> MemAttr:
+    """The memory type ``user_mem_abort`` gives the leaf: Normal (write-back) for
+    cacheable memory; for device memory Device-nGnRE, or Normal-NC when the VMA is
+    VM_ALLOW_ANY_UNCACHED (v6.9, 8c47ce3e1d2c: ``KVM_PGTABLE_PROT_NORMAL_NC``)."""
+    if not device:
+        return MemAttr.NORMAL
+    if variant.arm64_allow_any_uncached and vm_flags & VM_ALLOW_ANY_UNCACHED:
+        return MemAttr.NORMAL_NC
+    return MemAttr.DEVICE

@@ -70,7 +70,8 @@ def kvm_vm_ioctl_enable_cap(vm: Kvm, cap: int, flags: int, args: tuple[int, ...]
         ring.kvm_vm_ioctl_enable_dirty_log_ring_with_bitmap(vm, flags)
         return
     if cap != KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
-        raise KernelError("EINVAL", call, f"capability {cap} is not enabled by the model")
+        vm.arch.vm_ioctl_enable_cap(vm, cap, flags, args)
+        return
     arg0 = args[0] if args else 0
     allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
     if arg0 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:

@@ -176,16 +176,21 @@ def validate_permission_containment(vm: Vm) -> None:
 
 def validate_memory_type(vm: Vm) -> None:
     """Invariant 3: frames without struct page are mapped device/uncached,
-    RAM normal cacheable (riscv G-stage has no attribute bits: its PMAs decide)."""
+    RAM normal cacheable (riscv G-stage has no attribute bits: its PMAs decide).
+    Device memory the device exposes cacheable (Grace-style, ``device-cacheable``) may
+    be mapped cacheable where the CPU needs no cache maintenance for it: FWB and DIC
+    (arm64 ``kvm_supports_cacheable_pfnmap``)."""
     if not vm.arch.has_memory_type:
         return
     pm = vm.mm.physmem
+    coherent = {"fwb", "dic"} <= vm.cpu_features
     for leaf in vm.stage2.for_each_leaf():
         is_ram = pm.pfn_valid(leaf.pfn)
         if is_ram and leaf.device:
             raise ValidationError("memory-type", f"gpa {leaf.gpa:#x}: RAM pfn {leaf.pfn:#x} "
                                   "mapped with a device memory type")
-        if not is_ram and not leaf.device:
+        if not is_ram and not leaf.device \
+                and not (coherent and pm.is_cacheable_device(leaf.pfn)):
             raise ValidationError("memory-type", f"gpa {leaf.gpa:#x}: device pfn "
                                   f"{leaf.pfn:#x} mapped as normal cacheable memory")
 

@@ -39,7 +39,7 @@ from kvmmem.sync import Op
 from kvmmem.variants import Variant
 
 if TYPE_CHECKING:
-    from kvmmem.arch.pgtable import Stage2, Translation
+    from kvmmem.arch.pgtable import MemAttr, Stage2, Translation
     from kvmmem.host import Mm
     from kvmmem.kvm.fault import Access, AccessResult, FaultResult
     from kvmmem.kvm.memslot import MemorySlot, VmMemslots
@@ -162,6 +162,7 @@ class Kvm(Protocol):
     dirty_ring_size: int
     dirty_ring_with_bitmap: bool
     created_vcpus: int
+    mte_enabled: bool
 
     @property
     def arch(self) -> ArchKvm: ...
@@ -224,7 +225,8 @@ class Kvm(Protocol):
 
     def install(self, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
                 execute: bool, device: bool, access: Access | None,
-                lookup: int | None = None, prefetch: bool = False) -> None: ...
+                lookup: int | None = None, prefetch: bool = False,
+                attr: MemAttr | None = None) -> None: ...
 
     def touch_frame(self, pfn: int, gpa: int, size: int, access: Access, value: int
                     ) -> AccessResult: ...
@@ -330,6 +332,23 @@ class ArchKvm:
     v6.1), not only as KVM_CAP_DIRTY_LOG_RING_ACQ_REL (arm64, riscv)."""
     dirty_ring_with_bitmap = False
     """KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is offered with the ring (arm64)."""
+
+    huge_pfnmap: tuple[str, ...] = ()
+    """The levels of special huge leaves the host kernel of this architecture can put in
+    a PFNMAP VMA (``CONFIG_ARCH_SUPPORTS_PMD_PFNMAP`` / ``_PUD_PFNMAP``, v6.12): a
+    driver's ``huge_fault`` (vfio-pci) inserts them."""
+
+    def stage2_options(self, cpu_features: frozenset[str]) -> dict[str, bool]:
+        """The stage-2 format options the CPU's features select (arm64 FEAT_S2FWB)."""
+        return {}
+
+    def vm_ioctl_enable_cap(self, vm: Kvm, cap: int, flags: int, args: tuple[int, ...]
+                            ) -> None:
+        """``kvm_vm_ioctl_enable_cap``, the arch part of KVM_ENABLE_CAP: a capability
+        the generic code does not know.  Raises KernelError EINVAL for one the arch
+        does not know either."""
+        raise KernelError("EINVAL", "KVM_ENABLE_CAP",
+                          f"capability {cap} is not enabled by the model on {self.name}")
 
     @staticmethod
     def switch_on(variant: Variant, switch: str) -> bool:

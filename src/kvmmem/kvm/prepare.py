@@ -17,17 +17,23 @@ from kvmmem.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmem.sync import Op, acquire, release
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kvmmem.host.vma import Vma
     from kvmmem.kvm.kvm_host import Kvm
     from kvmmem.kvm.memslot import MemorySlot
 
 
 def prepare_vma_walk(vm: Kvm, new: MemorySlot, change: KvmMrChange | str, *, premap: bool,
-                     check_write: bool, refuse_cacheable_pfnmap: bool = False) -> Op[None]:
+                     check_write: bool, refuse_cacheable_pfnmap: bool = False,
+                     refuse_mte: Callable[[Vma], bool] | None = None) -> Op[None]:
     """The prepare-time VMA walk shared by arm64 and riscv (v5.4 arm code,
     copied into riscv): per-VMA EPERM / EINVAL checks and, when ``premap``,
     the 4K Device premap of VM_PFNMAP ranges.  ``refuse_cacheable_pfnmap``: arm64
     v6.17+ on a CPU without FWB and DIC, EINVAL for a VM_PFNMAP VMA whose memory type
-    is cacheable (``kvm_vma_is_cacheable``).  (The IPA-range check before it is
+    is cacheable (``kvm_vma_is_cacheable``).  ``refuse_mte``: an arm64 MTE VM's test of
+    each VMA (EINVAL where it says so: VM_SHARED from v5.14, no VM_MTE_ALLOWED from
+    v6.2), made before the VM_PFNMAP checks.  (The IPA-range check before it is
     ``ArchKvm.prepare_memory_region``'s.)"""
     writable = not new.readonly
     refuse = vm.prepare_vma_checks
@@ -45,6 +51,9 @@ def prepare_vma_walk(vm: Kvm, new: MemorySlot, change: KvmMrChange | str, *, pre
             if refuse and check_write and writable and not vma.flags & VM_WRITE:
                 raise KernelError("EPERM", "KVM_SET_USER_MEMORY_REGION",
                                   f"writable slot over a VMA without VM_WRITE at {vma.start:#x}")
+            if refuse and refuse_mte is not None and refuse_mte(vma):
+                raise KernelError("EINVAL", "KVM_SET_USER_MEMORY_REGION",
+                                  f"an MTE VM and a VMA it may not tag at {vma.start:#x}")
             vm_start = max(hva, vma.start)
             vm_end = min(reg_end, vma.end)
             if vma.flags & VM_PFNMAP:

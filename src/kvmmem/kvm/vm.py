@@ -16,10 +16,11 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from kvmmem.arch import make_stage2
-from kvmmem.arch.pgtable import Tlbi, Translation
-from kvmmem.errors import InputError
+from kvmmem.arch.pgtable import MemAttr, Tlbi, Translation
+from kvmmem.errors import InputError, KernelError
 from kvmmem.host import Mm
 from kvmmem.kvm.arches import ArchMemslotHooks, make_arch_kvm
+from kvmmem.kvm.arm64 import KVM_CAP_ARM_MTE
 from kvmmem.kvm.guest_memfd import GmemFile, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_unbind
 from kvmmem.kvm.kvm_host import MemAttrArray
 from kvmmem.kvm.memory_attributes import kvm_vm_ioctl_set_mem_attributes_op
@@ -41,6 +42,23 @@ if TYPE_CHECKING:
     from kvmmem.kvm.kvm_host import ArchKvm
 
 ARCHES = ("x86", "arm64", "riscv")
+MTE_ENABLE_CALL = "KVM_ENABLE_CAP(KVM_CAP_ARM_MTE)"
+"""How a refused ``mte`` VM setup names the call (``Vm(mte=True)``)."""
+
+
+def configure_host(mm: Mm, variant: Variant, huge_pfnmap: tuple[str, ...],
+                   cpu_features: frozenset[str]) -> None:
+    """Give the host mm the release's driver behaviour (vfio-pci's BAR mapping) and the
+    CPU's: the huge PFNMAP leaf sizes the architecture has (``huge_pfnmap``, since
+    v6.12 with vfio-pci's huge_fault) and MTE (``system_supports_mte``, arm64
+    ``cpu_features`` mte)."""
+    mm.vfio_pci_mmap = variant.vfio_pci_mmap
+    mm.vfio_huge_fault_pfn_check = variant.vfio_huge_fault_pfn_check
+    mm.vfio_huge_fault_align = variant.vfio_huge_fault_align
+    mm.vfio_allow_any_uncached = variant.arm64_allow_any_uncached
+    mm.huge_pfnmap = huge_pfnmap
+    mm.mte = "mte" in cpu_features
+    mm.hugetlb_mte_allowed = variant.hugetlb_mte_allowed
 
 PAGE_SIZES: dict[str, tuple[int, ...]] = {"x86": (4096,), "arm64": (4096, 16384, 65536),
                                           "riscv": (4096,)}
@@ -89,6 +107,7 @@ class Vm:
         vm_type: str = "default",
         dirty_ring: int = 0,
         dirty_ring_with_bitmap: bool = False,
+        mte: bool = False,
     ) -> None:
         if arch not in ARCHES:
             raise InputError(f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
@@ -121,12 +140,16 @@ class Vm:
         self.pg: PageGeometry = self.mm.pg
         """The host's page geometry, the mm's (``PAGE_SIZE``, ``PMD_SIZE``, ...)."""
         check_page_size(arch, self.pg, granule)
-        # The host kernel is the variant's release too (host mm history).
+        # The host kernel is the variant's release too (host mm history), on this
+        # architecture's CPU.
         self.mm.hugetlb_madv_dontneed = self.variant.hugetlb_madv_dontneed
         self.arch: ArchKvm = make_arch_kvm(arch)
+        configure_host(self.mm, self.variant, self.arch.huge_pfnmap, self.cpu_features
+                       if arch == "arm64" else frozenset())
         # arm64 stage-2 always uses the host PAGE_SIZE as its granule (kvm_get_vtcr
         # picks VTCR_EL2.TG0 from it); x86 EPT and the riscv G-stage are 4K.
-        self.stage2 = make_stage2(arch, granule=self.pg.page_size, ipa_bits=ipa_bits)
+        self.stage2 = make_stage2(arch, granule=self.pg.page_size, ipa_bits=ipa_bits,
+                                  **self.arch.stage2_options(self.cpu_features))
         self.stage2.tlbi_listeners.append(self._on_tlbi)
         self.zapping = False
         self.prepare_vma_checks = True
@@ -154,6 +177,8 @@ class Vm:
         self.dirty_ring_with_bitmap = False
         """``kvm->dirty_ring_with_bitmap`` (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, arm64)."""
         self.created_vcpus = 0
+        self.mte_enabled = False
+        """``kvm_has_mte()``: KVM_CAP_ARM_MTE was enabled (arm64, kvm/arm64.py)."""
         if dirty_ring:
             # The VMM enables the ring right after KVM_CREATE_VM, before any vCPU
             # (KVM_ENABLE_CAP; KernelError as the kernel answers it).
@@ -170,6 +195,13 @@ class Vm:
             kvm_vm_ioctl_enable_dirty_log_ring(self, cap, dirty_ring)
             if dirty_ring_with_bitmap:
                 kvm_vm_ioctl_enable_dirty_log_ring_with_bitmap(self, 0)
+        if mte:
+            # KVM_ENABLE_CAP(KVM_CAP_ARM_MTE), also before any vCPU (kvm/arm64.py)
+            from kvmmem.kvm.dirty_log import kvm_vm_ioctl_enable_cap
+            try:
+                kvm_vm_ioctl_enable_cap(self, KVM_CAP_ARM_MTE, 0, ())
+            except KernelError as err:
+                raise KernelError(err.errno, MTE_ENABLE_CALL, err.reason) from None
         self.vcpus = [self._create_vcpu(i) for i in range(vcpus)]
         self.notifier = KvmMmuNotifier(self)
         self.mm.mmu_notifier_register(self.notifier)
@@ -277,18 +309,21 @@ class Vm:
 
     def install(self, slot: MemorySlot, gpa: int, pfn: int, size: int, *, write: bool,
                 execute: bool, device: bool, access: Access | None,
-                lookup: int | None = None, prefetch: bool = False) -> None:
+                lookup: int | None = None, prefetch: bool = False,
+                attr: MemAttr | None = None) -> None:
         """Install the leaf of ``size`` covering ``gpa`` -> ``pfn`` (caller holds
         mmu_lock).  ``access`` is the faulting access (None for a prefetch or
         a premap, which count no ``pf_fixed``); ``lookup`` as for
         :meth:`Stage2.map` (riscv); ``prefetch`` as for :meth:`Stage2.map` (x86
-        ``make_spte``: the leaf starts without its accessed bit).  The generic
-        install: what an architecture does around it (arm64's permission relaxing,
-        x86's ``kvmmmu`` tracepoints) is in its fault path."""
+        ``make_spte``: the leaf starts without its accessed bit); ``attr`` the memory
+        type where the arch chooses among more than two (arm64 Normal-NC), else
+        ``device`` picks Device or Normal.  The generic install: what an architecture
+        does around it (arm64's permission relaxing, x86's ``kvmmmu`` tracepoints) is
+        in its fault path."""
         base_gpa = gpa & ~(size - 1)
         base_pfn = pfn - ((gpa - base_gpa) >> self.pg.page_shift)
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
-                        device=device, prefetch=prefetch, lookup=lookup)
+                        device=device, prefetch=prefetch, lookup=lookup, attr=attr)
         if access is not None:
             self.stats.pf_fixed += 1
         del slot

@@ -60,7 +60,7 @@ _ARCH_MODULES = {
 _QEMU = {
     # arch: (binary, Debian package, machine args, console)
     "arm64": ("qemu-system-aarch64", "qemu-system-arm",
-              ("-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
+              ("-M", "virt,virtualization=on,gic-version=3,mte=on", "-cpu", "max,pauth-impdef=on",
                "-device", "virtio-gpu-pci"),
               "ttyAMA0"),
     "riscv": ("qemu-system-riscv64", "qemu-system-misc",

@@ -87,8 +87,8 @@ class ArchVm(HarnessVm):
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]] = (),
                  reserved_slots: Iterable[int] = (), timeout: float = DEFAULT_TIMEOUT,
                  kvm: Kvm | None = None, ipa_bits: int | None = None,
-                 dirty_ring: tuple[int, bool] = (0, False)) -> None:
-        super().__init__(reserved_gpas, reserved_slots, timeout, kvm, dirty_ring)
+                 dirty_ring: tuple[int, bool] = (0, False), mte: bool = False) -> None:
+        super().__init__(reserved_gpas, reserved_slots, timeout, kvm, dirty_ring, mte)
         self.ipa_bits = ipa_bits
         self.phys_bits = 40
         self.vcpus: list[Vcpu] = []

@@ -47,6 +47,7 @@ from typing import Any, Self
 
 from kvmmem.realkvm import libc
 from kvmmem.realkvm.ioctls import (
+    KVM_CAP_ARM_MTE,
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
@@ -160,7 +161,7 @@ class HarnessVm:
 
     def __init__(self, reserved_gpas: Iterable[tuple[int, int]], reserved_slots: Iterable[int],
                  timeout: float, kvm: Kvm | None,
-                 dirty_ring: tuple[int, bool] = (0, False)) -> None:
+                 dirty_ring: tuple[int, bool] = (0, False), mte: bool = False) -> None:
         self.reserved_gpas = tuple(reserved_gpas)
         self.reserved_slots = tuple(reserved_slots)
         self.timeout = timeout
@@ -175,6 +176,9 @@ class HarnessVm:
         self.dirty_ring_size = 0
         """Bytes of each vCPU's dirty ring (:meth:`enable_dirty_ring`), 0 without one."""
         self._ring_request = dirty_ring
+        self._mte_request = mte
+        """Enable KVM_CAP_ARM_MTE right after creating the VM, with the ring
+        (:meth:`enable_mte`)."""
         """``(size, with_bitmap)`` the subclass's ``_setup`` enables right after creating
         the VM (:meth:`_enable_requested_ring`): before the harness's own memslot, which
         WITH_BITMAP must precede, and before any vCPU."""
@@ -500,10 +504,28 @@ class HarnessVm:
                                      f"KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP failed with {err}")
 
     def _enable_requested_ring(self) -> None:
-        """The dirty ring asked for at construction, if any (:meth:`enable_dirty_ring`)."""
+        """The VM capabilities asked for at construction, right after KVM_CREATE_VM: the
+        dirty ring (:meth:`enable_dirty_ring`) and MTE (:meth:`enable_mte`)."""
         size, with_bitmap = self._ring_request
         if size:
             self.enable_dirty_ring(size, with_bitmap)
+        if self._mte_request:
+            self.enable_mte()
+
+    def enable_mte(self) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_ARM_MTE) before any vCPU, as a VMM does right after
+        KVM_CREATE_VM (QEMU's ``kvm_arm_enable_mte``).
+
+        Raises :class:`~kvmmem.realkvm.kvm.KvmUnsupported` when this KVM does not offer
+        it (KVM_CHECK_EXTENSION 0: no MTE in the CPU, or a kernel before v5.14) or
+        refuses it (the errno): the scenario is not applicable, as the model says."""
+        assert not self.vcpus, "MTE is enabled before any vCPU"
+        if not self.vm.check_extension(KVM_CAP_ARM_MTE):
+            raise KvmUnsupported("mte: this KVM does not offer KVM_CAP_ARM_MTE (0: no MTE "
+                                 "in the CPU, or a kernel before v5.14)")
+        err = self.vm.enable_cap(KVM_CAP_ARM_MTE)
+        if err is not None:
+            raise KvmUnsupported(f"mte: KVM_ENABLE_CAP of KVM_CAP_ARM_MTE failed with {err}")
 
     def ready_first_vcpu(self) -> None:
         """Create vCPU 0 now if no step has yet (the scenario's VM has it from the start)."""

@@ -48,6 +48,7 @@ from typing import Any
 from kvmmem.realkvm.harness import DEFAULT_TIMEOUT, HarnessVm
 from kvmmem.realkvm.host import HostMemory, MappingUnsupported, hugetlb_free_bytes
 from kvmmem.realkvm.ioctls import (
+    KVM_CAP_ARM_MTE,
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_GUEST_MEMFD,
@@ -133,6 +134,9 @@ def make_vm(program: Program, kvm: Kvm | None) -> HarnessVm:
     timeout = float(program.get("timeout", DEFAULT_TIMEOUT))
     vm_type = int(program.get("vm_type") or 0)
     ring = (int(program.get("dirty_ring") or 0), bool(program.get("dirty_ring_with_bitmap")))
+    mte = bool(program.get("mte"))
+    if mte and arch != "arm64":
+        raise KvmUnsupported(f"mte is arm64's (KVM_CAP_ARM_MTE); the program is for {arch}")
     if arch == "x86":
         return RealVm(ranges, slots, path=program.get("path", "native"), timeout=timeout,
                       kvm=kvm, code=program.get("x86_code"), vm_type=vm_type, dirty_ring=ring)
@@ -142,7 +146,7 @@ def make_vm(program: Program, kvm: Kvm | None) -> HarnessVm:
     if arch == "arm64":
         from kvmmem.realkvm.arm64 import Arm64Vm
         return Arm64Vm(ranges, slots, timeout=timeout, kvm=kvm,
-                       ipa_bits=program.get("ipa_bits"), dirty_ring=ring)
+                       ipa_bits=program.get("ipa_bits"), dirty_ring=ring, mte=mte)
     if arch == "riscv":
         from kvmmem.realkvm.riscv import RiscvVm
         return RiscvVm(ranges, slots, timeout=timeout, kvm=kvm, dirty_ring=ring)
@@ -203,12 +207,35 @@ def _check_capabilities(program: Program, vm: HarnessVm) -> None:
         raise _Unsupported("the scenario declares cpu_features fwb and dic; this CPU lacks "
                            "them (KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED is 0), so "
                            "cacheable VM_PFNMAP slots are refused here")
+    if program["arch"] == "arm64" and "mte" in program.get("cpu_features", ()) \
+            and kernel_version() >= (5, 14) and not vm.vm.check_extension(KVM_CAP_ARM_MTE):
+        raise _Unsupported("the scenario declares cpu_features mte; this CPU has no MTE "
+                           "(KVM_CAP_ARM_MTE is 0: QEMU's virt machine needs mte=on)")
+    _check_mapping_kinds(program)
     _check_guest_memfd(program, vm)
     _check_memory_attributes(program, vm)
     if "prefault" in program.get("needs", ()) and program["arch"] == "x86" \
             and kernel_version() >= (6, 10) and not vm.supports("KVM_PRE_FAULT_MEMORY"):
         raise _Unsupported("KVM_PRE_FAULT_MEMORY needs a TDP (EPT/NPT) MMU; this KVM uses "
                            "shadow paging (KVM_CAP_PRE_FAULT_MEMORY is 0)")
+
+
+def _check_mapping_kinds(program: Program) -> None:
+    """Raise :class:`_Unsupported` naming a mapping kind this machine cannot make:
+    ``device-cacheable`` (coherent device memory outside the kernel's linear map, a
+    Grace-style GPU's through nvgrace-gpu: no emulated machine has such memory) and any
+    kind the host source does not offer (:data:`~kvmmem.realkvm.host.KINDS`)."""
+    from kvmmem.realkvm.host import KINDS
+    mappings = [*program.get("memory", ()),
+                *(s["mapping"] for s in program.get("steps", ()) if s["op"] == "host_mmap")]
+    for m in mappings:
+        kind = m["kind"]
+        if kind == "device-cacheable":
+            raise _Unsupported("device-cacheable needs coherent device memory outside the "
+                               "kernel's linear map (a Grace-style GPU's, through "
+                               "nvgrace-gpu's usemem region); no machine here has any")
+        if kind not in KINDS and kind != "guest_memfd":
+            raise _Unsupported(f"this machine's host source cannot make a {kind} mapping")
 
 
 def guest_memfd_needs(program: Program) -> tuple[bool, bool, int]:

@@ -130,6 +130,7 @@ def scenario_program(scenario: Scenario, arch: str = "x86", path: str = "native"
         "vm_type": VM_TYPES[scenario.vm_type],
         "dirty_ring": scenario.dirty_ring,
         "dirty_ring_with_bitmap": scenario.dirty_ring_with_bitmap,
+        "mte": scenario.mte,
         "reserved_gpas": [list(r) for r in ranges],
         "reserved_slots": slots, "needs": needs,
         "memory": [_mapping(m) for m in scenario.memory.values()],

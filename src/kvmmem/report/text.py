@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kvmmem.arch.printer import format_entry
+from kvmmem.host.physmem import PhysMem
 from kvmmem.scenario.runner import RunResult
 
 _STYLE = {"ok": "green", "mmio": "cyan", "fault": "red", "error": "yellow", "signal": "magenta",
@@ -94,14 +95,30 @@ def maps_text(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+def frame_kind(physmem: PhysMem, pfn: int) -> str:
+    """What backs host frame ``pfn``: ``RAM`` (a struct page), ``device`` (no struct page:
+    a BAR), ``device, cacheable`` (coherent device memory), ``other`` (none of the
+    model's frames: a guessed premap's)."""
+    if physmem.pfn_valid(pfn):
+        return "RAM"
+    if physmem.is_cacheable_device(pfn):
+        return "device, cacheable"
+    return "device" if physmem.is_device(pfn) else "other"
+
+
 def stage2_text(result: RunResult) -> str:
     """Every stage-2 leaf as the hardware holds it: the entry in hex, then its
-    decoded fields (:func:`~kvmmem.arch.printer.format_entry`)."""
+    decoded fields (:func:`~kvmmem.arch.printer.format_entry`), after the kind of
+    memory its first frame is (:func:`frame_kind`: the memory type decoded in the entry
+    is what the guest gets for it; with FWB, arm64 prints the FWB forms)."""
     vm = result.vm
     assert vm is not None
-    lines = [f"stage-2 ({vm.arch_name}) leaves:"]
+    fwb = " (FEAT_S2FWB encodings)" if getattr(vm.stage2, "fwb", False) else ""
+    lines = [f"stage-2 ({vm.arch_name}) leaves{fwb}:"]
+    pm = vm.mm.physmem
     for leaf in vm.stage2.for_each_leaf():
-        lines.append(f"  gpa {leaf.gpa:#014x} size {leaf.size:#x} -> pfn {leaf.pfn:#x}  "
+        lines.append(f"  gpa {leaf.gpa:#014x} size {leaf.size:#x} -> pfn {leaf.pfn:#x} "
+                     f"({frame_kind(pm, leaf.pfn)})  "
                      f"{format_entry(vm.stage2, leaf.raw, leaf.level)}")
     if len(lines) == 1:
         lines.append("  (none)")

@@ -194,6 +194,8 @@ class _Checker(_ValueChecker):
             dirty_ring=values.get("dirty_ring", 0),
             dirty_ring_with_bitmap=values.get("dirty_ring_with_bitmap", False),
             dirty_ring_line=_line(top["dirty_ring"][1]) if "dirty_ring" in top else 0,
+            mte=values.get("mte", False),
+            mte_line=_line(top["mte"][1]) if "mte" in top else 0,
         )
 
     def check_version(self, root: MappingNode, top: dict[str, tuple[ScalarNode, Node]]) -> None:
@@ -245,6 +247,10 @@ class _Checker(_ValueChecker):
         if size % PAGE_SIZE:
             self.err(node, _join(path, "size"), f"{_show(node)} is not a multiple of the "
                                                 f"page size ({format_size(PAGE_SIZE)})")
+            return False
+        if rec["kind"][0] == "vfio-bar" and size & (size - 1):
+            self.err(node, _join(path, "size"), f"{_show(node)} is not a power of two (a "
+                                                "vfio-bar maps a whole PCI BAR)")
             return False
         return True
 

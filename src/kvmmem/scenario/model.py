@@ -30,7 +30,11 @@ what the contract says):
   KVM_CLEAR_DIRTY_LOG (``first_page`` defaults to 0; ``pages``, the bits set in the
   user bitmap, to the whole window).
 * ``enable_cap: {cap, args, flags}`` - KVM_ENABLE_CAP on the VM; ``cap`` names one of
-  :data:`VM_CAPS` (``manual_dirty_log_protect2``, the dirty ring's three).
+  :data:`VM_CAPS` (``manual_dirty_log_protect2``, the dirty ring's three, ``arm_mte``).
+* ``mte`` (top level, bool) - arm64 KVM_CAP_ARM_MTE enabled right after KVM_CREATE_VM;
+  ``cpu_features`` may name ``mte``; mapping kinds ``vfio-bar`` (a PCI BAR through
+  vfio-pci, kvmmem.host.vfio) and ``device-cacheable`` (Grace-style cacheable device
+  memory).
 * ``dirty_ring`` (top level, bytes) and ``dirty_ring_with_bitmap`` - the VM's dirty
   ring, enabled before any vCPU (kernel-semantics.md §7.2); ``harvest_dirty_ring:
   {vcpu}`` reads a vCPU's ring (``dirty``: gfns in ring order) and
@@ -77,14 +81,17 @@ MAPPING_KINDS = (
     "device-lazy",
     "dmabuf",
     "guest_memfd",
+    "vfio-bar",
+    "device-cacheable",
 )
 GMEM_FLAGS: dict[str, int] = {"mmap": 1 << 0, "init_shared": 1 << 1}
 """``KVM_CREATE_GUEST_MEMFD`` flags by name (GUEST_MEMFD_FLAG_MMAP, _INIT_SHARED, v6.18)."""
 VM_CAPS: dict[str, int] = {"manual_dirty_log_protect2": 168, "dirty_log_ring": 192,
                            "dirty_log_ring_acq_rel": 223,
-                           "dirty_log_ring_with_bitmap": 225}
+                           "dirty_log_ring_with_bitmap": 225, "arm_mte": 205}
 """``enable_cap`` capabilities by name -> their ``KVM_CAP_*`` number
-(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING, _ACQ_REL, _WITH_BITMAP)."""
+(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING, _ACQ_REL, _WITH_BITMAP,
+KVM_CAP_ARM_MTE)."""
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 ENABLE_CAP_ARGS = 4
@@ -576,6 +583,8 @@ class Scenario:
     dirty_ring: int = 0
     dirty_ring_with_bitmap: bool = False
     dirty_ring_line: int = 0
+    mte: bool = False
+    mte_line: int = 0
 
     @property
     def is_concurrent(self) -> bool:

@@ -33,7 +33,7 @@ from kvmmem.kvm.invariants import validate_coherence, validate_path_independence
 from kvmmem.kvm.prefault import PrefaultHang, kvm_vcpu_pre_fault_memory_op
 from kvmmem.kvm.stats import EventLog
 from kvmmem.kvm.vcpu import Access
-from kvmmem.kvm.vm import Vm
+from kvmmem.kvm.vm import MTE_ENABLE_CALL, Vm
 from kvmmem.scenario.model import (
     ClearDirtyLog,
     EnableCap,
@@ -151,8 +151,13 @@ class Runner:
                          granule=scenario.granule, ipa_bits=scenario.ipa_bits,
                          cpu_features=scenario.cpu_features, vm_type=scenario.vm_type,
                          dirty_ring=scenario.dirty_ring,
-                         dirty_ring_with_bitmap=scenario.dirty_ring_with_bitmap)
+                         dirty_ring_with_bitmap=scenario.dirty_ring_with_bitmap,
+                         mte=scenario.mte)
         except KernelError as err:
+            if err.call == MTE_ENABLE_CALL:
+                raise InputError(f"{scenario.source}:{scenario.mte_line}: mte: "
+                                 f"KVM_ENABLE_CAP(KVM_CAP_ARM_MTE) failed with {err.errno} "
+                                 f"({err.reason})") from None
             # The ring's KVM_ENABLE_CAP is part of the VM's setup, as a guest_memfd
             # memory entry's creation is (make_memory): a refusal is the file's problem.
             raise InputError(f"{scenario.source}:{scenario.dirty_ring_line}: dirty_ring: "
@@ -214,6 +219,10 @@ class Runner:
             file = mm.open_device(m.name, -(-m.size // mm.page_size), lazy=False)
         elif kind == "device-lazy":
             file = mm.open_device(m.name, -(-m.size // mm.page_size), lazy=True)
+        elif kind == "device-cacheable":
+            file = mm.open_device(m.name, -(-m.size // mm.page_size), cacheable=True)
+        elif kind == "vfio-bar":
+            file = mm.open_vfio_bar(m.name, m.size)
         elif kind == "dmabuf":
             file = mm.create_dmabuf(m.name, m.size)
         elif kind in ("file", "file-shared"):

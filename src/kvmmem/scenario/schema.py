@@ -75,7 +75,7 @@ TYPES: dict[str, str] = {
     "gmem_flags": "a list of guest_memfd flags: mmap, init_shared",
     "mem_attributes": "a list of memory attributes: private",
     "cap_args": "a list of at most 4 integers 0 .. 2^64 - 1",
-    "cpu_features": "a list of CPU features: fwb, dic",
+    "cpu_features": "a list of CPU features: fwb, dic, mte",
     "bool": "true or false",
     "errno": "an errno name (EINVAL, EEXIST, EFAULT, ...)",
     "signal": "a signal name (SIGSEGV, SIGBUS, ...)",
@@ -131,9 +131,11 @@ TOP_KEYS: tuple[Key, ...] = (
         "(arm64 KVM_VM_TYPE_ARM_IPA_SIZE); absent: the architecture's default",
         low=IPA_BITS_RANGE[0], high=IPA_BITS_RANGE[1]),
     Key("cpu_features", "cpu_features", "optional features of the host CPU the kernel "
-        "asks about: arm64 fwb (FEAT_S2FWB) and dic (CTR_EL0.DIC), which decide whether a "
-        "cacheable VM_PFNMAP slot is accepted (v6.17); ignored by x86 and riscv",
-        default="[] (none, as QEMU's -cpu max)"),
+        "asks about: arm64 fwb (FEAT_S2FWB: the stage-2 memory-type encodings) and dic "
+        "(CTR_EL0.DIC: cacheable memory mapped executable at once), which together decide "
+        "whether cacheable VM_PFNMAP memory is accepted and mapped cacheable (v6.17), and "
+        "mte (the Memory Tagging Extension: KVM_CAP_ARM_MTE, VM_MTE_ALLOWED); ignored by "
+        "x86 and riscv", default="[] (none, as QEMU's -cpu max)"),
     _choice("vm_type", tuple(VM_TYPES), "a VM type", "the KVM_CREATE_VM type: default, or "
             "sw_protected (x86 KVM_X86_SW_PROTECTED_VM, v6.8: private memory, memory "
             "attributes, guest_memfd slots before v6.18)", default="default"),
@@ -152,13 +154,18 @@ TOP_KEYS: tuple[Key, ...] = (
     Key("dirty_ring_with_bitmap", "bool", "with dirty_ring, enable "
         "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP too (arm64): logged slots keep a bitmap for "
         "writes without a running vCPU, and KVM_GET_DIRTY_LOG works", default="false"),
+    Key("mte", "bool", "arm64: KVM_ENABLE_CAP(KVM_CAP_ARM_MTE) right after KVM_CREATE_VM, "
+        "before any vCPU (v5.14): an MTE VM, whose memslots must be over VMAs that can hold "
+        "tags (VM_MTE_ALLOWED since v6.2, not VM_SHARED before); needs cpu_features mte, "
+        "else the kernel refuses (EINVAL) and the scenario is not applicable",
+        default="false"),
 )
 
 # --- host mappings ------------------------------------------------------------------------
 
 MAPPING_KEYS: tuple[Key, ...] = (
-    Key("size", "size", "bytes, a multiple of the page size (of 2M for hugetlb)",
-        required=True),
+    Key("size", "size", "bytes, a multiple of the page size (of 2M for hugetlb; a power "
+        "of two for vfio-bar)", required=True),
     _choice("kind", MAPPING_KINDS, "a mapping kind", "what backs the mapping "
             "(docs/scenarios.md, Mapping kinds)", required=True),
     Key("prot", "prot", "its protection", required=True),
@@ -279,7 +286,9 @@ STEP_KINDS: tuple[StepKind, ...] = (
                 "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE 1 | KVM_DIRTY_LOG_INITIALLY_SET 2), "
                 "dirty_log_ring / dirty_log_ring_acq_rel (KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]; "
                 "args[0]: the ring's size in bytes), dirty_log_ring_with_bitmap "
-                "(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, arm64)",
+                "(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, arm64), arm_mte (KVM_CAP_ARM_MTE, "
+                "arm64 v5.14: EINVAL once a vCPU exists, as in every step, or without "
+                "cpu_features mte)",
                 required=True),
         Key("args", "cap_args", "struct kvm_enable_cap's args; missing ones are 0",
             default="[]"),

@@ -1,0 +1,206 @@
+"""A PCI BAR mapped through vfio-pci (kvmmem.host.vfio): the VMA vfio_pci_core_mmap
+makes and how its fault handler fills it, per release (drivers/vfio/pci/vfio_pci_core.c,
+the switches ``vfio_pci_mmap``, ``vfio_huge_fault_pfn_check``, ``vfio_huge_fault_align``
+and ``arm64_allow_any_uncached``), and VM_MTE_ALLOWED per mapping kind on an MTE CPU
+(arm64 ``arch_calc_vm_flag_bits``).  Expected values are the kernel code's."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmmem.errors import InputError
+from kvmmem.host import PROT_READ, PROT_WRITE, Mm
+from kvmmem.host.huge_memory import split_huge_pmd_op
+from kvmmem.host.validate import validate_mm
+from kvmmem.host.vfio import (
+    VFIO_FAULT_INSERT_VMA,
+    VFIO_FAULT_REMAP,
+    VFIO_HUGE_FAULT,
+    VFIO_REMAP_AT_MMAP,
+)
+from kvmmem.host.vma import (
+    VM_ALLOW_ANY_UNCACHED,
+    VM_DONTDUMP,
+    VM_DONTEXPAND,
+    VM_IO,
+    VM_MTE_ALLOWED,
+    VM_PFNMAP,
+    VM_SHARED,
+)
+from kvmmem.sync import drive
+from kvmmem.types import PAGE_SIZE, PMD_SIZE
+
+RW = PROT_READ | PROT_WRITE
+M2 = PMD_SIZE
+HVA = 0x7E00_0000_0000  # 1G aligned
+
+
+def bar_mm(mode: int = VFIO_HUGE_FAULT, *, align: bool = True, pfn_check: bool = True,
+           size: int = 4 * M2, at: int = HVA) -> tuple[Mm, int]:
+    mm = Mm()
+    mm.vfio_pci_mmap, mm.vfio_huge_fault_align = mode, align
+    mm.vfio_huge_fault_pfn_check = pfn_check
+    hva = mm.mmap(size, RW, "vfio-bar", addr=at, fixed=True)
+    return mm, hva
+
+
+def test_vma_flags_and_bar_alignment() -> None:
+    """vfio_pci_core_mmap: VM_IO|VM_PFNMAP|VM_DONTEXPAND|VM_DONTDUMP, shared, since v6.9
+    VM_ALLOW_ANY_UNCACHED; the BAR's physical base is aligned to its size."""
+    mm, hva = bar_mm(size=8 * M2)
+    vma = mm.vma_lookup(hva)
+    assert vma is not None
+    want = VM_IO | VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP | VM_SHARED | VM_ALLOW_ANY_UNCACHED
+    assert vma.flags & want == want
+    assert not vma.cacheable
+    assert vma.file is not None and vma.file.device_base % (8 * M2 // PAGE_SIZE) == 0
+    mm.vfio_allow_any_uncached = False
+    other = mm.mmap(M2, RW, "vfio-bar")
+    vma2 = mm.vma_lookup(other)
+    assert vma2 is not None and not vma2.flags & VM_ALLOW_ANY_UNCACHED
+
+
+def test_bar_size_must_be_a_power_of_two() -> None:
+    with pytest.raises(InputError, match="power of two"):
+        Mm().mmap(3 * PAGE_SIZE, RW, "vfio-bar")
+
+
+@pytest.mark.parametrize(("mode", "pgoff_is_pfn", "present_at_mmap"), [
+    (VFIO_REMAP_AT_MMAP, True, True), (VFIO_FAULT_REMAP, True, False),
+    (VFIO_FAULT_INSERT_VMA, False, False), (VFIO_HUGE_FAULT, False, False)])
+def test_vm_pgoff_and_population_per_release(mode: int, pgoff_is_pfn: bool,
+                                             present_at_mmap: bool) -> None:
+    """vm_pgoff holds the pfn before v6.10 (aac6db75a9fc), the region offset since (BAR 0:
+    0); the VMA is remapped at mmap before v5.8 (11c4cd07ba11); from v5.8 to v6.11 the
+    first fault fills the whole VMA at 4K; since v6.12 a fault fills what it needs."""
+    mm, hva = bar_mm(mode)
+    vma = mm.vma_lookup(hva)
+    assert vma is not None and vma.file is not None
+    assert vma.pgoff == (vma.file.device_base if pgoff_is_pfn else 0)
+    assert (mm.host_pte(hva + PAGE_SIZE) is not None) == present_at_mmap
+    assert mm.host_read(hva + 3 * PAGE_SIZE, 8) == 0
+    last = mm.host_pte(hva + 4 * M2 - PAGE_SIZE)
+    if mode == VFIO_HUGE_FAULT:
+        assert last is None
+        pte = mm.host_pte(hva + 3 * PAGE_SIZE)
+        assert pte is not None and pte.huge_size == M2
+    else:
+        assert last is not None and last.huge_size == PAGE_SIZE
+        assert last.pfn == vma.file.device_base + 4 * 512 - 1
+    validate_mm(mm)
+
+
+@pytest.mark.parametrize(("align", "offset", "huge"), [
+    (False, 0, True), (False, 5 * PAGE_SIZE, False), (True, 5 * PAGE_SIZE, True)])
+def test_huge_fault_alignment(align: bool, offset: int, huge: bool) -> None:
+    """Before v6.15 only a fault at a 2M-aligned address gets the PMD leaf (and a page
+    fault first leaves a PTE table, so the 2M stays 4K); since c1d9dac0db16 the address
+    is aligned down."""
+    mm, hva = bar_mm(align=align)
+    mm.host_write(hva + offset, 4, 0xA5)
+    pte = mm.host_pte(hva + offset)
+    assert pte is not None and pte.huge_size == (M2 if huge else PAGE_SIZE)
+    assert pte.special and pte.writable
+    assert mm.mapping_size(hva + offset) == (M2 if huge else PAGE_SIZE)
+    assert mm.follow_pfnmap(hva + offset) == (pte.pfn, True)
+
+
+@pytest.mark.parametrize(("pfn_check", "leaf_pfn_shift"), [(True, None), (False, 0)])
+def test_unaligned_pfn(pfn_check: bool, leaf_pfn_shift: int | None) -> None:
+    """A BAR mapped at an hva 1M off a 2M boundary: the 2M-aligned address inside it has
+    an unaligned pfn.  Since v6.13 (09dfc8a5f2ce) that falls back to 4K; in v6.12 the
+    PMD is made and its output address aligned down (pfn_pmd), so it maps the frames 1M
+    before the intended ones."""
+    mm, hva = bar_mm(align=False, pfn_check=pfn_check, at=HVA + (M2 >> 1))
+    target = hva + (M2 >> 1)  # 2M aligned
+    mm.host_read(target, 8)
+    pte = mm.host_pte(target)
+    vma = mm.vma_lookup(hva)
+    assert pte is not None and vma is not None and vma.file is not None
+    intended = vma.file.device_base + 256
+    if leaf_pfn_shift is None:
+        assert pte.huge_size == PAGE_SIZE and pte.pfn == intended
+    else:
+        assert pte.huge_size == M2 and pte.pfn == intended - 256
+
+
+def test_partial_munmap_and_mprotect_of_a_special_pmd() -> None:
+    """Splitting a huge PFNMAP leaf only clears it (vma_is_special_huge); mprotect of the
+    whole 2M keeps it (change_huge_pmd) and takes the write bit away."""
+    mm, hva = bar_mm()
+    mm.host_read(hva, 8)
+    mm.host_read(hva + M2, 8)
+    mm.mprotect(hva + M2, M2, PROT_READ)
+    pte = mm.host_pte(hva + M2)
+    assert pte is not None and pte.huge_size == M2 and not pte.writable
+    mm.munmap(hva + PAGE_SIZE, PAGE_SIZE)
+    assert mm.host_pte(hva) is None
+    assert mm.host_read(hva, 8) == 0  # refaulted at 4K: the PMD slot holds a table now
+    pte = mm.host_pte(hva)
+    assert pte is not None and pte.huge_size == PAGE_SIZE
+    drive(split_huge_pmd_op(mm, (hva + M2) >> 21))
+    assert mm.host_pte(hva + M2) is None
+    validate_mm(mm)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pages=st.integers(1, 2048), fault=st.integers(0, 4 * 512 - 1),
+       align=st.booleans(), shift=st.sampled_from([0, 256, 511]))
+def test_a_leaf_maps_the_bar_frame_of_its_address(pages: int, fault: int, align: bool,
+                                                  shift: int) -> None:
+    """With the pfn check (v6.13+), whatever the mapping's placement and the fault's
+    address, the host entry at every address of the BAR maps the BAR frame of that
+    address: base + (address - start) / 4K."""
+    size = 1 << (pages - 1).bit_length() << 12
+    mm, hva = bar_mm(align=align, size=max(size, PAGE_SIZE), at=HVA + shift * PAGE_SIZE)
+    vma = mm.vma_lookup(hva)
+    assert vma is not None and vma.file is not None
+    addr = hva + (fault * PAGE_SIZE) % (vma.end - vma.start)
+    mm.host_read(addr, 4)
+    for probe in (addr, vma.start, vma.end - PAGE_SIZE):
+        pte = mm.host_pte(probe)
+        if pte is not None:
+            assert pte.pfn == vma.file.device_base + ((probe - vma.start) >> 12)
+    validate_mm(mm)
+
+
+@pytest.mark.parametrize(("kind", "allowed"), [
+    ("anon", True), ("thp", True), ("memfd", True), ("hugetlb", True), ("file", False),
+    ("file-shared", False), ("device", False), ("device-lazy", False), ("dmabuf", False),
+    ("vfio-bar", False), ("device-cacheable", False)])
+def test_vm_mte_allowed_per_kind(kind: str, allowed: bool) -> None:
+    """arm64 arch_calc_vm_flag_bits on a CPU with MTE (9f3419315f3c, v5.10): anonymous
+    memory, shmem and (mainline) anonymous hugetlb can hold tags; files, devices and
+    dma-bufs cannot.  Without MTE nothing gets the flag."""
+    mm = Mm()
+    mm.mte = True
+    hva = mm.mmap(M2, RW, kind)
+    vma = mm.vma_lookup(hva)
+    assert vma is not None and bool(vma.flags & VM_MTE_ALLOWED) == allowed
+    plain = Mm()
+    hva = plain.mmap(M2, RW, kind)
+    vma = plain.vma_lookup(hva)
+    assert vma is not None and not vma.flags & VM_MTE_ALLOWED
+
+
+def test_stable_kernels_drop_vm_mte_allowed_from_hugetlb() -> None:
+    """5.10.y-6.12.y (Debian 6.12.117): "arm64: mte: Do not allow PROT_MTE on MAP_HUGETLB
+    user mappings"."""
+    mm = Mm()
+    mm.mte, mm.hugetlb_mte_allowed = True, False
+    vma = mm.vma_lookup(mm.mmap(M2, RW, "hugetlb"))
+    assert vma is not None and not vma.flags & VM_MTE_ALLOWED
+
+
+def test_device_cacheable_is_remapped_cacheable() -> None:
+    """nvgrace-gpu's usemem region (v6.9): remap_pfn_range at mmap, vm_pgoff the start
+    pfn, the default cacheable memory type, no struct page."""
+    mm = Mm()
+    hva = mm.mmap(4 * PAGE_SIZE, RW, "device-cacheable")
+    vma = mm.vma_lookup(hva)
+    assert vma is not None and vma.cacheable and vma.flags & (VM_IO | VM_PFNMAP)
+    pte = mm.host_pte(hva + PAGE_SIZE)
+    assert pte is not None and pte.pfn == vma.pgoff + 1
+    assert mm.physmem.is_cacheable_device(pte.pfn) and not mm.physmem.pfn_valid(pte.pfn)
