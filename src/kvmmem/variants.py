@@ -598,8 +598,10 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         "and every page reads right (pfnmap-block-dmabuf.yaml); Debian 6.1.176 does not "
         "carry it.  The 6.12.y stable series also carries \"arm64: mte: Do not allow "
         "PROT_MTE on MAP_HUGETLB user mappings\" (queued for 5.10.y-6.12.y in February "
-        "2025; release 6.12.17 or later) and, believed from their Fixes/Cc: stable tags, "
-        "the vfio-pci huge_fault fixes 09dfc8a5f2ce and c1d9dac0db16"),
+        "2025): on the real arm64 6.12.117 machine (mte=on) an MTE VM's slot over "
+        "anonymous hugetlb memory is refused with EINVAL, where 7.3.4 maps it "
+        "(mte-hugetlb-slot.yaml); and, believed from their Fixes/Cc: stable tags, the "
+        "vfio-pci huge_fault fixes 09dfc8a5f2ce and c1d9dac0db16"),
 }
 """Debian's kernels that differ from their mainline release, by the machine version
 they stand for (``kvmmem machine list``); a machine without an entry is its mainline
