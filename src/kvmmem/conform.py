@@ -64,12 +64,16 @@ held against ``upstream``).  A machine stands for its own release
 
 
 def machine_variant(version: str) -> str:
-    """The variant of a machine's catalog version: its release ``X.Y`` (``7.3-16k`` ->
-    ``7.3``), or the Debian kernel's own variant where its backports differ from that
-    release (``5.10`` -> ``debian-5.10``: :data:`kvmmem.variants.DISTRIBUTIONS`)."""
-    from kvmmem.variants import DISTRIBUTIONS
-    release = version.split("-", 1)[0]
-    return f"debian-{release}" if f"debian-{release}" in DISTRIBUTIONS else release
+    """The variant of a machine's catalog version: its release ``X.Y``, or the Debian
+    kernel's own variant where its backports differ from that release (``5.10`` ->
+    ``debian-5.10``: :data:`kvmmem.variants.DISTRIBUTIONS`), with the kernel's page size
+    as a suffix when it is not 4 KiB (``7.3-16k`` -> ``7.3-16k``, Debian's
+    linux-image-arm64-16k: the model runs with 16 KiB host pages)."""
+    from kvmmem.variants import DISTRIBUTIONS, page_size_suffix, split_page_size
+    base, page_size = split_page_size(version)
+    release = base.split("-", 1)[0]
+    name = f"debian-{release}" if f"debian-{release}" in DISTRIBUTIONS else release
+    return name + page_size_suffix(page_size) if page_size is not None else name
 
 
 PATHS = ("native", "emulated")
@@ -252,8 +256,16 @@ class MachineTarget:
 
 def model_variant(scenario: Scenario, real: str = REAL_VARIANT) -> str:
     """The variant the model runs ``scenario`` as against a kernel standing for ``real``:
-    the file's own when it names one, else ``real``."""
-    return scenario.variant if scenario.variant_given else real
+    the file's own when it names one (with ``real``'s page-size suffix when the file's
+    names none: the page size is the target kernel's build), else ``real``."""
+    from kvmmem.variants import get_variant, page_size_suffix, split_page_size
+    if not scenario.variant_given:
+        return real
+    base, plus, mutation = scenario.variant.partition("+")
+    page_size = get_variant(real).page_size
+    if page_size is not None and split_page_size(base)[1] is None:
+        base += page_size_suffix(page_size)
+    return base + plus + mutation
 
 
 def unsupported_reason(scenario: Scenario, arch: str = HOST_ARCH,
@@ -266,10 +278,17 @@ def unsupported_reason(scenario: Scenario, arch: str = HOST_ARCH,
 
     if arch not in scenario.arches:
         return f"arch {', '.join(scenario.arches)} only: {where} is {arch}"
+    have = get_variant(real)
     if scenario.variant_given:
-        want, have = get_variant(scenario.variant), get_variant(real)
+        want = get_variant(scenario.variant)
         if want.mutation is not None or want.release != have.release:
             return f"variant {scenario.variant}: the real kernel is {real}"
+    pinned = scenario.page_size or (get_variant(scenario.variant).page_size
+                                    if scenario.variant_given else None)
+    real_pages = have.page_size or 4096
+    if pinned is not None and pinned != real_pages:
+        return (f"page_size {pinned >> 10}K: {where} runs a kernel built with "
+                f"{real_pages >> 10}K pages")
     if scenario.is_concurrent:
         return "the scenario has threads; real-KVM runs are sequential (use kvmmem explore)"
     return None

@@ -22,6 +22,11 @@ Names (docs/versions.md):
   ``no-tlb-flush`` - deliberately broken kernels; ``VERSION+MUTATION``
   (``6.1+no-tlb-flush``) applies one to a release, and a bare mutation name is
   ``upstream+MUTATION``.
+* a page-size suffix ``-4k``, ``-16k`` or ``-64k`` on the release (``7.3-16k``,
+  ``upstream-64k``, ``6.12-16k+no-tlb-flush``): the same kernel built with that host
+  page size (arm64 ``CONFIG_ARM64_{4K,16K,64K}_PAGES``; Debian ships
+  ``linux-image-arm64-16k``).  The page size is a property of the build, not of the
+  release's history: :attr:`Variant.page_size`, read by the model's host (``Mm``).
 
 An architecture that did not exist at a release is refused by
 :meth:`Variant.arch_unsupported` (riscv KVM was merged in v5.16).
@@ -393,6 +398,9 @@ class Variant:
     description: str
     release: Release = UPSTREAM_RELEASE
     mutation: str | None = None
+    page_size: int | None = None
+    """The host ``PAGE_SIZE`` the name asks for with a ``-4k``/``-16k``/``-64k`` suffix,
+    or None (not named: 4 KiB, unless a scenario pins another ``page_size``)."""
     # --- kernel history (SWITCHES) -------------------------------------------------
     arm64_prepare_write_check: bool = False
     """arm64 ``kvm_arch_prepare_memory_region``: EPERM for a writable slot over a VMA
@@ -611,6 +619,23 @@ every bundled scenario (docs/conformance.md)."""
 ALIASES: dict[str, Release] = {"upstream": UPSTREAM_RELEASE, "linux-5.4": (5, 4)}
 """Names of releases: ``upstream`` and the 2019 discussion's ``linux-5.4``."""
 _RELEASE = re.compile(r"(?:v|linux-)?(\d+)\.(\d+)")
+PAGE_SIZE_SUFFIXES: dict[str, int] = {"4k": 4096, "16k": 16384, "64k": 65536}
+"""Variant-name suffixes naming a host page size (``7.3-16k``)."""
+_PAGE_SUFFIX = re.compile(r"(.+)-(4k|16k|64k)", re.IGNORECASE)
+
+
+def split_page_size(name: str) -> tuple[str, int | None]:
+    """``"7.3-16k"`` -> ``("7.3", 16384)``; a name without a page-size suffix -> ``(name,
+    None)``."""
+    m = _PAGE_SUFFIX.fullmatch(name)
+    if m is None:
+        return name, None
+    return m.group(1), PAGE_SIZE_SUFFIXES[m.group(2).lower()]
+
+
+def page_size_suffix(page_size: int) -> str:
+    """``16384`` -> ``"-16k"`` (the suffix naming a host page size)."""
+    return f"-{page_size >> 10}k"
 
 
 def switch_values(release: Release) -> dict[str, bool | int]:
@@ -629,7 +654,8 @@ def parse_release(text: str) -> Release:
     if m is None:
         raise InputError(f"unknown variant {text!r} (known: upstream, linux-5.4, "
                          f"{', '.join(MUTATIONS)}, a release {first}..{last} such as 6.1, "
-                         "RELEASE+MUTATION)")
+                         "RELEASE+MUTATION, with an optional page-size suffix such as "
+                         "7.3-16k)")
     release = (int(m.group(1)), int(m.group(2)))
     if not FIRST_RELEASE <= release <= UPSTREAM_RELEASE \
             or release[1] > LAST_MINOR.get(release[0], -1):
@@ -651,11 +677,18 @@ def _release_variant(name: str, release: Release) -> Variant:
 def get_variant(name: str) -> Variant:
     """The variant called ``name``: a release (``6.1``), ``upstream``, ``linux-5.4``, a
     distribution kernel (``debian-5.10``: :data:`DISTRIBUTIONS`), a mutation (on
-    upstream) or ``RELEASE+MUTATION``.  Raises :class:`InputError` with one
-    line for anything else."""
+    upstream) or ``RELEASE+MUTATION``; any of them with a host page-size suffix
+    (``7.3-16k``, ``debian-6.12-16k+no-tlb-flush``).  Raises
+    :class:`InputError` with one line for anything else."""
     if not isinstance(name, str):
         raise InputError(f"unknown variant {name!r}")
     base, plus, mutation = name.partition("+")
+    base, page_size = split_page_size(base)
+    if page_size is not None:
+        variant = get_variant(base + plus + mutation)
+        return dataclasses.replace(
+            variant, name=name, page_size=page_size,
+            description=f"{variant.description}, built with {page_size >> 10} KiB pages")
     if not plus and base in MUTATION_FIELDS:
         base, mutation = "upstream", base
     distro = DISTRIBUTIONS.get(base)

@@ -336,7 +336,7 @@ def test_the_scenario_variant_key_takes_a_release() -> None:
 
 
 def test_conform_runs_the_machines_release() -> None:
-    assert machine_variant("7.3-16k") == "7.3" and machine_variant("6.1") == "6.1"
+    assert machine_variant("7.3-16k") == "7.3-16k" and machine_variant("6.1") == "6.1"
     # Debian's 6.12.117 carries the stable fix of the arm64 PFNMAP block sizing
     assert machine_variant("6.12") == "debian-6.12"
     plain = load_scenario(SCENARIOS / "quickstart.yaml")
@@ -354,6 +354,32 @@ def test_conform_runs_the_machines_release() -> None:
     assert unsupported_reason(mutated, "x86", "machine x86-7.3", "7.3") is not None
     same = load_scenario_text("kvmmem: 1\nname: t\nvariant: 6.12\nsteps: []\n")
     assert unsupported_reason(same, "x86", "machine x86-6.12", "6.12") is None
+
+
+def test_conform_runs_the_machines_page_size() -> None:
+    """The 16 KiB-page machine runs the model with 16 KiB host pages (its variant carries
+    the suffix); a scenario that pins another page size is not applicable there, naming
+    both, and a 16K-pinned one is not applicable on a 4K kernel."""
+    plain = load_scenario(SCENARIOS / "quickstart.yaml")
+    assert model_variant(plain, "7.3-16k") == "7.3-16k"
+    assert unsupported_reason(plain, "arm64", "machine arm64-7.3-16k", "7.3-16k") is None
+    named = load_scenario_text("kvmmem: 1\nname: t\narch: arm64\nvariant: 7.3\nsteps: []\n")
+    assert model_variant(named, "7.3-16k") == "7.3-16k"
+    mutated = load_scenario_text(
+        "kvmmem: 1\nname: t\narch: arm64\nvariant: 7.3+no-tlb-flush\nsteps: []\n")
+    assert model_variant(mutated, "7.3-16k") == "7.3-16k+no-tlb-flush"
+    pinned4 = load_scenario_text("kvmmem: 1\nname: t\narch: arm64\npage_size: 4K\nsteps: []\n")
+    assert unsupported_reason(pinned4, "arm64", "machine arm64-7.3-16k", "7.3-16k") == \
+        "page_size 4K: machine arm64-7.3-16k runs a kernel built with 16K pages"
+    pinned16 = load_scenario_text(
+        "kvmmem: 1\nname: t\narch: arm64\npage_size: 16K\nsteps: []\n")
+    assert unsupported_reason(pinned16, "arm64", "machine arm64-7.3", "7.3") == \
+        "page_size 16K: machine arm64-7.3 runs a kernel built with 4K pages"
+    assert unsupported_reason(pinned16, "arm64", "machine arm64-7.3-16k", "7.3-16k") is None
+    by_variant = load_scenario_text(
+        "kvmmem: 1\nname: t\narch: arm64\nvariant: 7.3-64k\nsteps: []\n")
+    assert unsupported_reason(by_variant, "arm64", "machine arm64-7.3-16k", "7.3-16k") == \
+        "page_size 64K: machine arm64-7.3-16k runs a kernel built with 16K pages"
 
 
 def test_riscv_premap_race_at_6_12() -> None:
@@ -392,7 +418,7 @@ def test_debian_5_10_carries_the_writable_pfnmap_fix() -> None:
     assert differ == ["remapped_always_writable"]
     assert set(DISTRIBUTIONS) == {"debian-5.10", "debian-6.12"}
     assert machine_variant("5.10") == "debian-5.10"
-    assert machine_variant("6.1") == "6.1" and machine_variant("7.3-16k") == "7.3"
+    assert machine_variant("6.1") == "6.1" and machine_variant("7.3-16k") == "7.3-16k"
     text = SCENARIOS / "pfnmap-mprotect-after-premap.yaml"
     for variant, outcome in (("5.10", "violation"), ("debian-5.10", "fault"),
                              ("upstream", "fault")):

@@ -168,7 +168,8 @@ def test_run_and_compare_take_the_same_variant_list() -> None:
         assert one_error_line(res) == (
             "kvmmem: error: --variant: unknown variant 'nope' (known: upstream, linux-5.4, "
             "no-invalidate-retry, remapped-no-write-check, no-tlb-flush, no-gmem-invalidate, "
-            "no-ring-reprotect, a release 5.4..7.3 such as 6.1, RELEASE+MUTATION)")
+            "no-ring-reprotect, a release 5.4..7.3 such as 6.1, RELEASE+MUTATION, with an "
+            "optional page-size suffix such as 7.3-16k)")
     res = kvmmem("run", QUICKSTART, "--arch", "arm64", "--variant", "upstream,linux-5.4",
                  "--json")
     assert res.exit_code == 0, res.output

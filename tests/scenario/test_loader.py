@@ -444,8 +444,8 @@ def test_loader_imports_no_model_code() -> None:
 
 # --- never a traceback --------------------------------------------------------------------
 
-KEYS = ["kvmmem", "name", "description", "arch", "variant", "granule", "vcpus", "ipa_bits",
-        "memory", "memslots", "steps", "threads", *STEP_TYPES, "expect", "gpa", "size",
+KEYS = ["kvmmem", "name", "description", "arch", "variant", "page_size", "granule", "vcpus",
+        "ipa_bits", "memory", "memslots", "steps", "threads", *STEP_TYPES, "expect", "gpa", "size",
         "value", "vcpu", "offset", "kind", "prot", "fill", "at", "advice", "slot", "hva",
         "flags", "first_page", "num_pages", "path", *EXPECT_KEYS, "ram", "buf", "<<", "="]
 WORDS = ["2M", "4K", "0x1000", "0x2M", "rw", "r", "rwx", "none", "anon", "hugetlb",

@@ -94,11 +94,14 @@ def vma_pagesize(variant: Variant, slot: MemorySlot, vma: Vma, hva: int, logging
     ``(vma_pagesize, force_pte)``.  Logging forces pages; VM_PFNMAP forces them
     before v5.14 (``arm64_pfnmap_force_pte``) and is sized from the host page table,
     not the VMA, once the 7.3-cycle fix is in (``arm64_pfnmap_vma_block`` false);
-    otherwise :func:`get_vma_page_shift`, then the kernel's ``switch (vma_shift)``: PUD
-    kept where :func:`fault_supports_stage2_huge_mapping` allows it, else PMD; a contiguous
-    PMD size (a CONT_PMD hugetlb page: 32 MiB with 4 KiB pages, 1 GiB with 16 KiB,
-    16 GiB with 64 KiB) is mapped as PMD blocks; a PMD the slot does not allow, or a
-    contiguous PTE size (CONT_PTE: 64 KiB / 2 MiB / 2 MiB), forces pages (``force_pte``).
+    otherwise :func:`get_vma_page_shift`, then the kernel's ``switch (vma_shift)``
+    (2f40c46021bb, "KVM: arm64: Use fallback mapping sizes for contiguous huge page
+    sizes", v5.10; before it a contiguous size was kept and mapped as one page: not
+    modelled, as the model's hugetlb pages are PMD-sized only): PUD kept where
+    :func:`fault_supports_stage2_huge_mapping` allows it, else PMD; a contiguous PMD
+    size (a CONT_PMD hugetlb page: 32 MiB with 4 KiB pages, 1 GiB with 16 KiB, 16 GiB
+    with 64 KiB) is mapped as PMD blocks; a PMD the slot does not allow, or a contiguous
+    PTE size (CONT_PTE: 64 KiB / 2 MiB / 2 MiB), forces pages (``force_pte``).
     Every size is the host's: stage-2 uses the host ``PAGE_SIZE`` as its granule."""
     pg = vma.pg
     force_pte = logging

@@ -53,7 +53,10 @@ COUNTERS: tuple[str, ...] = (
     "remote_tlb_flush",
     "mmu_shadow_zapped",
 )
-"""The counters a comparison shows, in this order (``kvmmem.kvm.stats``)."""
+"""The counters a comparison shows, in this order (``kvmmem.kvm.stats``); after
+``pages_1g`` come the leaf counters of a 16 KiB or 64 KiB host (``pages_16k``,
+``pages_32m``, ``pages_64k``, ``pages_512m``) when a column has that page size."""
+PAGE_SIZE_COUNTERS: tuple[str, ...] = ("pages_16k", "pages_32m", "pages_64k", "pages_512m")
 
 
 def summarize(outcome: dict[str, Any]) -> str:
@@ -215,7 +218,13 @@ def build_comparison(scenario: Scenario, columns: list[Column]) -> Comparison:
             failed.append(any(m.actual is outcome for m in c.result.mismatches))
         rows.append(_mark(Row("step", f"{step.index} {step.op}", cells, failed=failed,
                               step=step.index)))
-    for name in COUNTERS:
+    present: set[str] = set()
+    for c in columns:
+        if c.applicable and c.result.vm is not None:
+            present |= set(c.result.vm.stats_dict())
+    extra = tuple(n for n in PAGE_SIZE_COUNTERS if n in present)
+    at = COUNTERS.index("pages_1g") + 1
+    for name in COUNTERS[:at] + extra + COUNTERS[at:]:
         cells = []
         for c in columns:
             vm = c.result.vm

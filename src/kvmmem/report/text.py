@@ -12,6 +12,7 @@ from rich.text import Text
 from kvmmem.arch.printer import format_entry
 from kvmmem.host.physmem import PhysMem
 from kvmmem.scenario.runner import RunResult
+from kvmmem.types import format_size
 
 _STYLE = {"ok": "green", "mmio": "cyan", "fault": "red", "error": "yellow", "signal": "magenta",
           "abort": "red", "violation": "bold red"}
@@ -43,8 +44,9 @@ def steps_table(result: RunResult) -> Table:
     """One row per setup memslot (numbered ``s0``, ``s1``, ...) and per step
     (``0``, ``1``, ...): op, result, details, and the step's expectation, marked
     ``✓`` when met and ``✗`` (red) when not."""
-    table = Table(title=f"{result.scenario}  arch={result.arch}  variant={result.variant}",
-                  title_justify="left", expand=False)
+    pages = "" if result.page_size == 4096 else f"  page_size={format_size(result.page_size)}"
+    table = Table(title=f"{result.scenario}  arch={result.arch}  variant={result.variant}"
+                        f"{pages}", title_justify="left", expand=False)
     table.add_column("#", justify="right")
     table.add_column("step")
     table.add_column("result")
@@ -107,20 +109,27 @@ def frame_kind(physmem: PhysMem, pfn: int) -> str:
 
 
 def stage2_text(result: RunResult) -> str:
-    """Every stage-2 leaf as the hardware holds it: the entry in hex, then its
-    decoded fields (:func:`~kvmmem.arch.printer.format_entry`), after the kind of
-    memory its first frame is (:func:`frame_kind`: the memory type decoded in the entry
-    is what the guest gets for it; with FWB, arm64 prints the FWB forms)."""
+    """The stage-2 table's geometry (granule: the host page size on arm64; input size;
+    levels and start level; concatenated root pages), then every leaf as the hardware
+    holds it: the entry in hex, then its decoded fields
+    (:func:`~kvmmem.arch.printer.format_entry`), after the kind of memory its first
+    frame is (:func:`frame_kind`: the memory type decoded in the entry is what the guest
+    gets for it; with FWB, arm64 prints the FWB forms)."""
     vm = result.vm
     assert vm is not None
-    fwb = " (FEAT_S2FWB encodings)" if getattr(vm.stage2, "fwb", False) else ""
-    lines = [f"stage-2 ({vm.arch_name}) leaves{fwb}:"]
+    s2 = vm.stage2
+    fwb = " (FEAT_S2FWB encodings)" if getattr(s2, "fwb", False) else ""
+    lines = [f"stage-2 ({vm.arch_name}): granule {format_size(s2.granule)}, "
+             f"{s2.ipa_bits}-bit input, {s2.nlevels} levels from level {s2.levels[0]}"
+             f"{f', {s2.root_pages} concatenated root pages' if s2.root_pages > 1 else ''}, "
+             f"leaf sizes {', '.join(format_size(x) for x in s2.leaf_sizes)}",
+             f"stage-2 ({vm.arch_name}) leaves{fwb}:"]
     pm = vm.mm.physmem
     for leaf in vm.stage2.for_each_leaf():
         lines.append(f"  gpa {leaf.gpa:#014x} size {leaf.size:#x} -> pfn {leaf.pfn:#x} "
                      f"({frame_kind(pm, leaf.pfn)})  "
                      f"{format_entry(vm.stage2, leaf.raw, leaf.level)}")
-    if len(lines) == 1:
+    if len(lines) == 2:
         lines.append("  (none)")
     return "\n".join(lines)
 

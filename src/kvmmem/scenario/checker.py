@@ -44,6 +44,7 @@ from kvmmem.scenario.nodes import (
 )
 from kvmmem.scenario.values import _ValueChecker
 from kvmmem.types import PAGE_SIZE, PMD_SIZE, format_size
+from kvmmem.variants import split_page_size
 
 _TOP_KEYS = tuple(k.name for k in schema.TOP_KEYS)
 _STRUCTURAL = frozenset({"mappings", "memslots", "steps", "threads"})
@@ -83,7 +84,8 @@ class _Checker(_ValueChecker):
             "version": lambda n, p: None, "name": self.name, "string": self.string,
             "arches": self.arches,
             "variant": self.variant_name,
-            "granule": self.granule, "size": self.size, "u32": self.u32, "u64": self.u64,
+            "granule": self.granule, "page_size": self.page_size, "size": self.size,
+            "u32": self.u32, "u64": self.u64,
             "access_size": self.access_size, "vcpu": self.vcpu, "prot": self.prot,
             "fill": self.fill, "flags": self.flags, "cpu_features": self.cpu_features,
             "gmem_flags": self.gmem_flags, "mem_attributes": self.mem_attributes,
@@ -166,6 +168,7 @@ class _Checker(_ValueChecker):
             self.vcpus = values["vcpus"]
         if "name" not in top:
             self.err(root, "name", "required key missing", at_end=True)
+        self.check_page_size(values, top)
 
         mmap_sites = self.mmap_sites(top)
         memory = self.memory(top.get("memory"), mmap_sites)
@@ -196,7 +199,36 @@ class _Checker(_ValueChecker):
             dirty_ring_line=_line(top["dirty_ring"][1]) if "dirty_ring" in top else 0,
             mte=values.get("mte", False),
             mte_line=_line(top["mte"][1]) if "mte" in top else 0,
+            page_size=values.get("page_size"),
+            granule_given="granule" in values,
         )
+
+    def check_page_size(self, values: dict[str, Any],
+                        top: dict[str, tuple[ScalarNode, Node]]) -> None:
+        """``page_size`` against the architectures, the ``granule`` and a variant's
+        page-size suffix: 16K and 64K host pages are arm64's; the arm64 stage-2 granule
+        is the host's page size (``kvm_get_vtcr``), so a granule other than the pinned
+        page size is refused naming both, as is a variant built with another one."""
+        page_size = values.get("page_size")
+        if page_size is None:
+            return
+        node = top["page_size"][1]
+        others = [a for a in values.get("arch", ("x86",)) if a != "arm64"]
+        if page_size != 4096 and others:
+            self.err(node, "page_size", f"{format_size(page_size)} host pages are arm64's "
+                     f"(CONFIG_ARM64_{format_size(page_size)}_PAGES); {others[0]} hosts have "
+                     "4K pages: name arch: arm64 only")
+        granule = values.get("granule")
+        if granule is not None and granule != page_size:
+            self.err(top["granule"][1], "granule", f"{format_size(granule)} differs from "
+                     f"page_size {format_size(page_size)}: the stage-2 granule is the host's "
+                     "page size")
+        if "variant" in values:
+            suffixed = split_page_size(values["variant"].partition("+")[0])[1]
+            if suffixed is not None and suffixed != page_size:
+                self.err(node, "page_size", f"{format_size(page_size)} differs from variant "
+                         f"{values['variant']}, a kernel built with "
+                         f"{format_size(suffixed)} pages")
 
     def check_version(self, root: MappingNode, top: dict[str, tuple[ScalarNode, Node]]) -> None:
         """``kvmmem: 1`` first: a file of another version is not checked any further."""
@@ -221,6 +253,13 @@ class _Checker(_ValueChecker):
         value = self.size(node, path)
         if value not in GRANULES.values():
             raise self.err(node, path, f"{_show(node)} is not a stage-2 granule "
+                                       f"({_listing(GRANULES)})")
+        return value
+
+    def page_size(self, node: Node, path: str) -> int:
+        value = self.size(node, path)
+        if value not in GRANULES.values():
+            raise self.err(node, path, f"{_show(node)} is not a host page size "
                                        f"({_listing(GRANULES)})")
         return value
 

@@ -57,7 +57,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, TypeAlias
 
-from kvmmem.types import EXEC_FETCH_SIZE
+from kvmmem.errors import InputError
+from kvmmem.types import EXEC_FETCH_SIZE, format_size
+from kvmmem.variants import Variant, get_variant
 
 # --- vocabularies shared with the loader ---------------------------------------
 
@@ -562,7 +564,9 @@ class Scenario:
     ``variant`` names a variant (:func:`kvmmem.variants.get_variant`: a release such as
     ``6.1``, ``upstream``, ``linux-5.4``, a mutation); ``variant_given`` says whether the
     file named it (``kvmmem conform`` runs a scenario that names none at the real
-    kernel's release).
+    kernel's release).  ``page_size`` is the host page size the file pins (bytes), None
+    when it names none (the variant's suffix, else 4 KiB: :func:`host_page_size`);
+    ``granule_given`` says whether it named a ``granule``.
     """
 
     name: str
@@ -585,6 +589,8 @@ class Scenario:
     dirty_ring_line: int = 0
     mte: bool = False
     mte_line: int = 0
+    page_size: int | None = None
+    granule_given: bool = False
 
     @property
     def is_concurrent(self) -> bool:
@@ -598,3 +604,17 @@ class Scenario:
         if self.threads is not None:
             for steps in self.threads.values():
                 yield from steps
+
+
+def host_page_size(scenario: Scenario, variant: str | Variant) -> int:
+    """The host ``PAGE_SIZE`` a run of ``scenario`` as ``variant`` has: the variant's
+    page-size suffix (``7.3-16k``), else the file's ``page_size``, else 4 KiB.  Raises
+    :class:`InputError` naming both when the variant names a page size the file does
+    not pin (a scenario written for 16 KiB pages does not run on a 4 KiB kernel)."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    pinned = scenario.page_size
+    if v.page_size is not None and pinned is not None and v.page_size != pinned:
+        raise InputError(f"{scenario.source}: page_size: the scenario pins "
+                         f"{format_size(pinned)} host pages; variant {v.name} is a kernel "
+                         f"built with {format_size(v.page_size)} pages")
+    return v.page_size or pinned or 4096

@@ -58,8 +58,10 @@ from kvmmem.scenario.model import (
     SetMemslot,
     Step,
     as_step,
+    host_page_size,
 )
 from kvmmem.sync import Op, drive
+from kvmmem.types import format_size
 
 StepWrapper = Callable[[Step, bool, Callable[[], dict[str, Any]]], dict[str, Any]]
 """``(step, setup, do) -> outcome``: runs ``do`` (the step; ``setup``: a top-level
@@ -102,6 +104,8 @@ class RunResult:
     (kvmmem.report.explain)."""
     setup_explanations: dict[int, dict[str, Any]] = field(default_factory=dict)
     """The same for the top-level ``memslots`` entries, by their index."""
+    page_size: int = 4096
+    """The host ``PAGE_SIZE`` the run had (:func:`~kvmmem.scenario.model.host_page_size`)."""
 
     @property
     def exit_status(self) -> int:
@@ -120,6 +124,7 @@ class RunResult:
                     for o in outcomes]
 
         return {"scenario": self.scenario, "arch": self.arch, "variant": self.variant,
+                "page_size": format_size(self.page_size),
                 "steps": explained(self.steps, self.explanations),
                 "violations": self.violations,
                 "setup": explained(self.setup, self.setup_explanations), "notes": self.notes}
@@ -145,10 +150,13 @@ class Runner:
         self.scenario = scenario
         self.arch = arch
         self.variant = variant or scenario.variant
-        self.mm = Mm()
+        # The host kernel's page size: the variant's suffix, else the file's pin, else 4K
+        self.page_size = host_page_size(scenario, self.variant)
+        self.mm = Mm(page_size=self.page_size)
         try:
             self.vm = Vm(arch, variant=self.variant, mm=self.mm, vcpus=scenario.vcpus,
-                         granule=scenario.granule, ipa_bits=scenario.ipa_bits,
+                         granule=scenario.granule if scenario.granule_given else None,
+                         ipa_bits=scenario.ipa_bits,
                          cpu_features=scenario.cpu_features, vm_type=scenario.vm_type,
                          dirty_ring=scenario.dirty_ring,
                          dirty_ring_with_bitmap=scenario.dirty_ring_with_bitmap,
@@ -394,7 +402,7 @@ class Runner:
         scn = self.scenario
         self.check_arch_support()
         result = RunResult(scn.name, self.arch, self.vm.variant.name, vm=self.vm,
-                           events=self.vm.log)
+                           events=self.vm.log, page_size=self.page_size)
         self.make_memory()
         for slot in scn.memslots:
             if not self._run_step(result, slot, setup=True):

@@ -58,8 +58,10 @@ TYPES: dict[str, str] = {
     "string": "a string",
     "arches": "an architecture or a list of them",
     "variant": "a variant: a release 5.4 .. 7.3 (6.1), upstream, linux-5.4, a mutation, "
-               "or RELEASE+MUTATION (docs/versions.md)",
+               "or RELEASE+MUTATION, the release with an optional page-size suffix "
+               "(7.3-16k) (docs/versions.md)",
     "granule": "a stage-2 granule: 4K, 16K or 64K",
+    "page_size": "a host page size: 4K, 16K or 64K",
     "range": "an integer in a range",
     "size": "a size or address: an integer, hex (0x1000), or a K/M/G/T suffix (2M)",
     "u32": "an integer 0 .. 2^32 - 1",
@@ -124,8 +126,19 @@ TOP_KEYS: tuple[Key, ...] = (
     Key("arch", "arches", "the architecture(s) it runs on and whose behaviour its "
         f"expectations describe: {', '.join(ARCHES)}, or a list", default="x86"),
     Key("variant", "variant", "the behaviour set (docs/variants.md)", default="upstream"),
+    Key("page_size", "page_size", "the host kernel's page size (PAGE_SIZE, a property of "
+        "its build like the release: arm64 CONFIG_ARM64_16K_PAGES / _64K_PAGES, Debian's "
+        "linux-image-arm64-16k); 16K and 64K are arm64 only (x86 and riscv hosts have 4K "
+        "pages).  It sets memslot alignment (EINVAL unless gpa, size and hva are "
+        "page-aligned), mmap/munmap/mprotect granularity, the THP and hugetlb size (the "
+        "PMD: 2M, 32M, 512M), gfns and the arm64 stage-2 granule and blocks.  Absent: the "
+        "variant's page-size suffix (--variant 7.3-16k), else 4K; a variant naming "
+        "another page size does not run the scenario (naming both)",
+        default="4K (or the variant's -16k/-64k suffix)"),
     Key("granule", "granule", "arm64 stage-2 granule (the translation granule of the "
-        "stage-2 tables); ignored by x86 and riscv", default="4K"),
+        "stage-2 tables): always the host's page size (kvm_get_vtcr), so it may only "
+        "repeat page_size (another value is refused naming both); ignored by x86 and "
+        "riscv", default="the page size"),
     Key("vcpus", "range", "how many vCPUs the VM has", default="1", low=1, high=MAX_VCPUS),
     Key("ipa_bits", "range", "the guest physical address size asked for at VM creation "
         "(arm64 KVM_VM_TYPE_ARM_IPA_SIZE); absent: the architecture's default",
@@ -362,8 +375,9 @@ def _value_schema(key: Key) -> dict[str, Any]:
         release = r"(\d+\.\d+|upstream|linux-5\.4)"
         mutation = "(" + "|".join(MUTATIONS) + ")"
         out = {"anyOf": [{"enum": list(VARIANTS)}, {"type": "number"},
-                         {"type": "string", "pattern": rf"^{release}(\+{mutation})?$"}]}
-    elif t == "granule":
+                         {"type": "string",
+                          "pattern": rf"^{release}(-(4k|16k|64k))?(\+{mutation})?$"}]}
+    elif t in ("granule", "page_size"):
         out = {"enum": list(GRANULES)}
     elif t == "range":
         out = {"type": "integer", "minimum": key.low, "maximum": key.high}
