@@ -16,7 +16,15 @@ from kvmmem.machine import (
     load_manifest,
     machine_dir,
 )
-from kvmmem.machine.cache import MANIFEST, Manifest, write_manifest
+from kvmmem.machine.cache import (
+    MANIFEST,
+    VFIO_CPIO,
+    VFIO_INFO,
+    Manifest,
+    load_vfio_info,
+    write_manifest,
+    write_vfio_info,
+)
 
 
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -31,8 +39,10 @@ def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert cache_root() == tmp_path / "home/.cache/kvmmem/machines"
 
 
-def make_manifest(root: Path, arch: str = "riscv", version: str = "7.2") -> Manifest:
-    """A fetched-looking machine in ``root`` with small fake files."""
+def make_manifest(root: Path, arch: str = "riscv", version: str = "7.2",
+                  vfio: bool = True) -> Manifest:
+    """A fetched-looking machine in ``root`` with small fake files (and a fake vfio
+    archive unless ``vfio`` is false)."""
     directory = root / f"{arch}-{version}"
     directory.mkdir(parents=True)
     (directory / "vmlinuz").write_bytes(b"k" * 100)
@@ -45,6 +55,10 @@ def make_manifest(root: Path, arch: str = "riscv", version: str = "7.2") -> Mani
         fetch_seconds=1.0, fetched_at="2026-12-07T00:00:00+00:00",
         requested=list(get_machine(arch, version).modules))
     write_manifest(directory, manifest)
+    if vfio:
+        (directory / VFIO_CPIO).write_bytes(b"v" * 512)
+        write_vfio_info(directory, {"release": manifest.kernel_release,
+                                    "modules": ["vfio", "vfio_pci"], "size": 512})
     return manifest
 
 
@@ -102,3 +116,45 @@ def test_fetch_of_a_cached_machine_downloads_nothing(tmp_path: Path,
     assert lines == []
     with pytest.raises(UnknownMachine):
         fetch("riscv", "7.3", root=tmp_path)
+
+
+def test_vfio_archive_belongs_to_the_kernel(tmp_path: Path) -> None:
+    """The vfio archive lives beside the manifest (a manifest without it stays valid);
+    it counts only for the manifest's kernel release and at its recorded size."""
+    manifest = make_manifest(tmp_path)
+    spec = get_machine("riscv", "7.2")
+    directory = machine_dir(spec, tmp_path)
+    assert load_vfio_info(spec, manifest, tmp_path) == {
+        "release": "7.2.13+deb14-riscv64", "modules": ["vfio", "vfio_pci"], "size": 512}
+    (directory / VFIO_CPIO).write_bytes(b"short")
+    assert load_vfio_info(spec, manifest, tmp_path) is None
+    (directory / VFIO_CPIO).unlink()
+    assert load_vfio_info(spec, manifest, tmp_path) is None
+    write_vfio_info(directory, {"release": "7.2.1+deb14-riscv64", "modules": [], "size": 0})
+    assert load_vfio_info(spec, manifest, tmp_path) is None
+    write_vfio_info(directory, {"release": manifest.kernel_release, "error": "gone"})
+    assert load_vfio_info(spec, manifest, tmp_path) == {
+        "release": manifest.kernel_release, "error": "gone"}
+    (directory / VFIO_INFO).write_text("{not json")
+    assert load_vfio_info(spec, manifest, tmp_path) is None
+    assert load_manifest(spec, tmp_path) == manifest
+
+
+def test_fetch_without_the_vfio_archive_fails_softly(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine fetched before the vfio archive existed gets it from the next fetch;
+    when that cannot download (here: no apt), the machine is still returned, the reason
+    is said and recorded, and a later fetch tries again."""
+    written = make_manifest(tmp_path, vfio=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    lines: list[str] = []
+    assert fetch("riscv", "7.2", progress=lines.append, root=tmp_path) == written
+    assert lines[0] == "riscv-7.2: vfio modules: downloading linux-image-riscv64=7.2.13-1"
+    assert lines[-1] == ("riscv-7.2: vfio modules not fetched: apt-get not found: this "
+                         "needs a Debian host with apt")
+    said = len(lines)
+    spec = get_machine("riscv", "7.2")
+    info = load_vfio_info(spec, written, tmp_path)
+    assert info is not None and "apt" in info["error"]
+    assert fetch("riscv", "7.2", progress=lines.append, root=tmp_path) == written
+    assert len(lines) == 2 * said

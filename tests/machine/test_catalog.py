@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmmem.machine import MachineError, UnknownMachine, get_machine, machines
-from kvmmem.machine.catalog import known_machines_text, versions
+from kvmmem.machine.catalog import VFIO_MODULES, known_machines_text, versions
 
 
 def test_catalog_lists_every_supported_machine() -> None:
@@ -30,8 +30,9 @@ def test_debian_names_and_qemu() -> None:
     assert (arm.debian_arch, arm.metapackage, arm.page_size) == (
         "arm64", "linux-image-arm64-16k", 16384)
     assert arm.qemu_machine_args == (
-        "-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
-        "-device", "virtio-gpu-pci")
+        "-M", "virt,virtualization=on,gic-version=3,iommu=smmuv3", "-cpu",
+        "max,pauth-impdef=on", "-device", "virtio-gpu-pci")
+    assert arm.kernel_args == ()
     assert "virtio_gpu" in arm.modules
     assert (arm.qemu_binary, arm.qemu_package, arm.console) == (
         "qemu-system-aarch64", "qemu-system-arm", "ttyAMA0")
@@ -43,6 +44,11 @@ def test_debian_names_and_qemu() -> None:
     assert (x86.debian_arch, x86.metapackage, x86.qemu_binary) == (
         "amd64", "linux-image-amd64", "qemu-system-x86_64")
     assert x86.modules[-4:] == ("irqbypass", "kvm", "ccp", "kvm_amd")
+    # VT-d on q35 gives the vfio device an IOMMU group (Debian sets no
+    # CONFIG_VFIO_NOIOMMU, nor CONFIG_INTEL_IOMMU_DEFAULT_ON)
+    assert x86.qemu_machine_args == ("-M", "q35", "-cpu", "max", "-device", "intel-iommu")
+    assert x86.kernel_args == ("intel_iommu=on",)
+    assert not set(VFIO_MODULES) & set(x86.modules)  # loaded on demand, not at boot
     assert "kvm" not in get_machine("arm64", "6.1").modules
 
 

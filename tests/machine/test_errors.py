@@ -52,11 +52,16 @@ def test_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
                    "virtserialport,chardev=ch0,name=kvmmem",
                    f"local,path={tmp_path},mount_tag=kvmmem,security_model=none,readonly=on",
                    "virtio-blk-pci,drive=scratch", "ivshmem-plain,memdev=ivmem",
-                   "memory-backend-ram,id=ivmem,size=16M"):
+                   "memory-backend-ram,id=ivmem,size=16M",
+                   "memory-backend-ram,id=vfiomem,size=1024M",
+                   "ivshmem-plain,memdev=vfiomem,addr=0x10"):
         assert needle in joined, needle
     append = cmd[cmd.index("-append") + 1]
     assert append == ("console=ttyS0 rdinit=/init panic=-1 quiet cryptomgr.notests "
-                      "rodata=off hugepages=16")
+                      "rodata=off hugepages=16 kvmmem.vfio=0000:00:10.0")
+    bare = Machine("riscv", "7.2", share=tmp_path, vfio_bar_mib=0)
+    assert "vfiomem" not in " ".join(bare.qemu_command(tmp_path / "w"))
+    assert "kvmmem.vfio" not in bare.kernel_cmdline()
     assert "kvmmem.shell" in machine.kernel_cmdline(shell=True)
     assert "mon:stdio" not in joined and "-nographic" in machine.qemu_command(
         tmp_path / "w", shell=True)
@@ -92,3 +97,23 @@ def test_cli_list_shows_fetched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     out = CliRunner().invoke(app, ["machine", "list"]).output
     row = next(line for line in out.splitlines() if "riscv" in line and "7.2" in line)
     assert "yes" in row and "7.2.13-1" in row
+
+
+def test_initrd_carries_the_vfio_archive(monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    """The cached initramfs, then the vfio modules' archive (when fetched for this
+    kernel and the machine has the vfio device), then the current /init."""
+    make_manifest(tmp_path / "cache")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "qemu-system-riscv64").write_text("#!/bin/sh\n")
+    (bindir / "qemu-system-riscv64").chmod(0o755)
+    monkeypatch.setenv("KVMMEM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    for vfio_bar_mib, archive in ((1024, b"v" * 512), (0, b"")):
+        work = tmp_path / f"w{vfio_bar_mib}"
+        work.mkdir()
+        Machine("riscv", "7.2", share=tmp_path, scratch_mib=0,
+                vfio_bar_mib=vfio_bar_mib)._prepare(work)
+        initrd = (work / "initrd.cpio").read_bytes()
+        assert initrd.startswith(b"i" * 512 + archive + b"070701")

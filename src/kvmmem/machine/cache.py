@@ -12,6 +12,14 @@ from kvmmem.machine.catalog import MachineSpec, machines
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+VFIO_CPIO = "vfio.cpio"
+"""The vfio modules of a machine's kernel (``/lib/modules/vfio/NAME.ko`` and its
+``load`` list), a cpio archive appended to the initramfs at boot.  It lives beside the
+manifest, not in it, so a machine fetched before it existed stays valid and gets it
+from ``kvmmem machine fetch``."""
+VFIO_INFO = "vfio.json"
+"""What :data:`VFIO_CPIO` holds: ``{"release", "modules", "size"}``, or ``{"release",
+"error"}`` when the modules could not be fetched."""
 
 
 def cache_root() -> Path:
@@ -109,3 +117,34 @@ def fetched_machines(root: Path | None = None) -> list[MachineSpec]:
     """Returns the machines of the catalog that are completely fetched, in catalog
     order."""
     return [spec for spec in machines() if load_manifest(spec, root) is not None]
+
+
+def load_vfio_info(spec: MachineSpec, manifest: Manifest,
+                   root: Path | None = None) -> dict[str, Any] | None:
+    """Returns the machine's :data:`VFIO_INFO` when it belongs to the manifest's kernel
+    (and, unless it records an ``error``, its archive has the recorded size); ``None``
+    when absent, stale or damaged."""
+    directory = machine_dir(spec, root)
+    try:
+        info = json.loads((directory / VFIO_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("release") != manifest.kernel_release:
+        return None
+    if "error" in info:
+        return info
+    try:
+        if (directory / VFIO_CPIO).stat().st_size != info.get("size"):
+            return None
+    except OSError:
+        return None
+    return info
+
+
+def write_vfio_info(directory: Path, info: dict[str, Any]) -> Path:
+    """Writes :data:`VFIO_INFO` in ``directory`` atomically; returns its path."""
+    path = directory / VFIO_INFO
+    tmp = directory / (VFIO_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

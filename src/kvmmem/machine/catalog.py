@@ -57,19 +57,31 @@ _ARCH_MODULES = {
     "x86": ("crc32c_intel", "irqbypass", "kvm", "ccp", "kvm_amd"),
 }
 
+VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
+"""Modules a ``vfio-bar`` mapping needs (with their closure; ``vfio_iommu_type1`` is the
+Type1 IOMMU backend, ``vfio_pci_core`` exists since v5.15).  They are not loaded at
+boot: they travel in a separate archive (:data:`~kvmmem.machine.cache.VFIO_CPIO`) and
+the agent loads them on the first ``vfio-bar`` mapping."""
+
 _QEMU = {
     # arch: (binary, Debian package, machine args, console)
+    # The IOMMU (arm64 SMMUv3, x86 VT-d on q35) gives the vfio device an IOMMU group:
+    # Debian builds no kernel with CONFIG_VFIO_NOIOMMU.  QEMU 7.2 has none for riscv.
     "arm64": ("qemu-system-aarch64", "qemu-system-arm",
-              ("-M", "virt,virtualization=on,gic-version=3,mte=on", "-cpu", "max,pauth-impdef=on",
-               "-device", "virtio-gpu-pci"),
+              ("-M", "virt,virtualization=on,gic-version=3,mte=on,iommu=smmuv3",
+               "-cpu", "max,pauth-impdef=on", "-device", "virtio-gpu-pci"),
               "ttyAMA0"),
     "riscv": ("qemu-system-riscv64", "qemu-system-misc",
               ("-M", "virt", "-cpu", "rv64,h=true", "-bios", "default"),
               "ttyS0"),
     "x86": ("qemu-system-x86_64", "qemu-system-x86",
-            ("-M", "pc", "-cpu", "max"),
+            ("-M", "q35", "-cpu", "max", "-device", "intel-iommu"),
             "ttyS0"),
 }
+
+_KERNEL_ARGS = {"arm64": (), "riscv": (), "x86": ("intel_iommu=on",)}
+"""Kernel command-line words of each architecture (Debian's x86 kernels leave VT-d off
+unless asked: ``CONFIG_INTEL_IOMMU_DEFAULT_ON`` is unset)."""
 
 _DEBIAN_ARCH = {"arm64": "arm64", "riscv": "riscv64", "x86": "amd64"}
 
@@ -132,6 +144,11 @@ class MachineSpec:
     def qemu_machine_args(self) -> tuple[str, ...]:
         """``-M`` / ``-cpu`` / firmware arguments of kernel-matrix.md."""
         return _QEMU[self.arch][2]
+
+    @property
+    def kernel_args(self) -> tuple[str, ...]:
+        """Architecture-specific kernel command-line words."""
+        return _KERNEL_ARGS[self.arch]
 
     @property
     def console(self) -> str:

@@ -14,8 +14,23 @@ from pathlib import Path
 
 from kvmmem.machine import initramfs as ir
 from kvmmem.machine.apt import AptConfig, depends, mirror_uri
-from kvmmem.machine.cache import Manifest, cache_root, load_manifest, machine_dir, write_manifest
-from kvmmem.machine.catalog import PYTHON_VERSION, USERLAND_SUITE, MachineSpec, get_machine
+from kvmmem.machine.cache import (
+    VFIO_CPIO,
+    Manifest,
+    cache_root,
+    load_manifest,
+    load_vfio_info,
+    machine_dir,
+    write_manifest,
+    write_vfio_info,
+)
+from kvmmem.machine.catalog import (
+    PYTHON_VERSION,
+    USERLAND_SUITE,
+    VFIO_MODULES,
+    MachineSpec,
+    get_machine,
+)
 from kvmmem.machine.cpio import write_cpio
 from kvmmem.machine.errors import MachineError
 from kvmmem.machine.kmod import resolve
@@ -108,11 +123,11 @@ def fetch(arch: str, version: str, progress: Progress | None = None, *,
     :class:`~kvmmem.machine.errors.MachineUnavailable` when a host tool is missing."""
     spec = get_machine(arch, version)
     root = root or cache_root()
+    say = progress if progress is not None else (terminal_progress() or (lambda _l: None))
     if not force:
         done = load_manifest(spec, root)
-        if done is not None:
+        if done is not None and _has_vfio(spec, done, root):
             return done
-    say = progress if progress is not None else (terminal_progress() or (lambda _l: None))
     root.mkdir(parents=True, exist_ok=True)
     # One fetch at a time per cache: machines share the private apt lists (apt's own
     # locking is off, the lists are ours) and the host's two cores.
@@ -121,6 +136,8 @@ def fetch(arch: str, version: str, progress: Progress | None = None, *,
         if not force:
             done = load_manifest(spec, root)
             if done is not None:
+                if not _has_vfio(spec, done, root):
+                    fetch_vfio_modules(spec, done, root, say)
                 return done
         tmp = root / f".{spec.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,6 +194,7 @@ def _fetch_into(spec: MachineSpec, root: Path, tmp: Path, say: Progress) -> Mani
 
     out = tmp / "out"
     out.mkdir()
+    _write_vfio(moddir, release, work / "vfio", out)
     shutil.copy2(image, out / "vmlinuz")
     config = next(iter([*sorted(kroot.glob("boot/config-*")), moddir / "config"]), None)
     files = ["vmlinuz", "initramfs.cpio"]
@@ -205,6 +223,55 @@ def _fetch_into(spec: MachineSpec, root: Path, tmp: Path, say: Progress) -> Mani
     say(f"{spec.name}: fetched {release} ({manifest.size / 2**20:.0f} MiB, "
         f"{manifest.fetch_seconds:.0f} s) into {final}")
     return manifest
+
+
+def _has_vfio(spec: MachineSpec, manifest: Manifest, root: Path) -> bool:
+    """Whether the machine has its vfio archive (or a recorded reason it cannot)."""
+    info = load_vfio_info(spec, manifest, root)
+    return info is not None and "error" not in info
+
+
+def _write_vfio(moddir: Path, release: str, work: Path, out: Path) -> list[str]:
+    """Builds :data:`~kvmmem.machine.cache.VFIO_CPIO` of the :data:`VFIO_MODULES` closure
+    found in ``moddir`` (those the kernel lacks are left out: riscv has no
+    ``vfio_iommu_type1``) into ``out``, with its info file; returns the modules in load
+    order."""
+    target = work / "usr/lib/modules/vfio"
+    loaded = resolve(moddir, VFIO_MODULES, target)
+    (target / "load").write_text("".join(m + "\n" for m in loaded), encoding="utf-8")
+    size = write_cpio(work, out / VFIO_CPIO)
+    write_vfio_info(out, {"release": release, "modules": loaded, "size": size})
+    return loaded
+
+
+def fetch_vfio_modules(spec: MachineSpec, manifest: Manifest, root: Path,
+                       progress: Progress) -> None:
+    """Adds the vfio archive to a machine fetched without it: downloads the exact kernel
+    packages of its manifest again (their modules must match the cached kernel) and
+    keeps only the vfio modules.  A failure does not fail the fetch (the machine runs
+    everything else): it is said on ``progress`` and recorded in the info file, whose
+    ``error`` a ``vfio-bar`` mapping then reports; the next fetch tries again."""
+    directory = machine_dir(spec, root)
+    tmp = root / f".{spec.name}.vfio-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        kapt = AptConfig(root / "apt" / f"{spec.suite}-{spec.debian_arch}", spec.suite,
+                         spec.debian_arch, mirror_uri())
+        wanted = [f"{name}={version}" for name, version in sorted(manifest.packages.items())
+                  if name.startswith(("linux-image-", "linux-modules-"))]
+        progress(f"{spec.name}: vfio modules: downloading {', '.join(wanted)}")
+        kapt.update()
+        for deb in kapt.download(wanted, tmp / "debs"):
+            ir.dpkg_extract(deb, tmp / "kernel")
+            deb.unlink()
+        moddir = _module_dir(tmp / "kernel", manifest.kernel_release)
+        loaded = _write_vfio(moddir, manifest.kernel_release, tmp / "vfio", directory)
+        progress(f"{spec.name}: vfio modules {', '.join(loaded)}")
+    except MachineError as exc:
+        progress(f"{spec.name}: vfio modules not fetched: {exc}")
+        write_vfio_info(directory, {"release": manifest.kernel_release, "error": str(exc)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _python_libraries(apt: AptConfig, rootfs: Path, debdir: Path, packages: dict[str, str],

@@ -32,12 +32,15 @@ from types import TracebackType
 from typing import Any
 
 import kvmmem
-from kvmmem.machine.cache import Manifest, load_manifest, machine_dir
+from kvmmem.machine.cache import VFIO_CPIO, Manifest, load_manifest, load_vfio_info, machine_dir
 from kvmmem.machine.catalog import MachineSpec, get_machine
 from kvmmem.machine.errors import AgentError, MachineError, MachineUnavailable
 from kvmmem.machine.initramfs import PORT_NAME, SHARE_TAG, SHELL_FLAG, init_overlay
 
 PR_SET_PDEATHSIG = 1
+VFIO_SLOT = 0x10
+"""PCI slot of the ivshmem-plain device set aside for ``vfio-bar`` mappings (bus 0 on
+every machine); the kernel command line names it as ``kvmmem.vfio=0000:00:10.0``."""
 DEFAULT_READY_TIMEOUT = 120.0
 DEFAULT_REQUEST_TIMEOUT = 60.0
 
@@ -137,7 +140,8 @@ class Machine:
     def __init__(self, arch: str, version: str, *, root: Path | None = None,
                  share: Path | None = None, ready_timeout: float = DEFAULT_READY_TIMEOUT,
                  memory: str = "1G", scratch_mib: int = 64, ivshmem_mib: int = 16,
-                 cmdline: Sequence[str] = (), console_log: Path | None = None) -> None:
+                 vfio_bar_mib: int = 1024, cmdline: Sequence[str] = (),
+                 console_log: Path | None = None) -> None:
         self.spec = get_machine(arch, version)
         self.manifest = require_manifest(self.spec, root)
         self.qemu = require_qemu(self.spec)
@@ -147,6 +151,10 @@ class Machine:
         self.memory = memory
         self.scratch_mib = scratch_mib
         self.ivshmem_mib = ivshmem_mib
+        self.vfio_bar_mib = vfio_bar_mib
+        """Size of the second ivshmem-plain device's BAR 2, the ``vfio-bar`` source
+        (a power of two; 0: no such device).  1 GiB lets a mapping take a PUD leaf; its
+        pages cost the host nothing until a scenario touches them."""
         self.extra_cmdline = tuple(cmdline)
         self._console_log = console_log
         self.ready: dict[str, Any] | None = None
@@ -214,7 +222,10 @@ class Machine:
     def kernel_cmdline(self, shell: bool = False) -> str:
         """Returns the kernel command line (kernel-matrix.md §2)."""
         args = [f"console={self.spec.console}", "rdinit=/init", "panic=-1", "quiet",
-                "cryptomgr.notests", "rodata=off", f"hugepages={self.spec.hugepages}"]
+                "cryptomgr.notests", "rodata=off", f"hugepages={self.spec.hugepages}",
+                *self.spec.kernel_args]
+        if self.vfio_bar_mib:
+            args.append(f"kvmmem.vfio=0000:00:{VFIO_SLOT:02x}.0")
         if shell:
             args.append(SHELL_FLAG)
         return " ".join([*args, *self.extra_cmdline])
@@ -245,14 +256,20 @@ class Machine:
         if self.ivshmem_mib:
             cmd += ["-object", f"memory-backend-ram,id=ivmem,size={self.ivshmem_mib}M",
                     "-device", "ivshmem-plain,memdev=ivmem"]
+        if self.vfio_bar_mib:
+            cmd += ["-object", f"memory-backend-ram,id=vfiomem,size={self.vfio_bar_mib}M",
+                    "-device", f"ivshmem-plain,memdev=vfiomem,addr={VFIO_SLOT:#x}"]
         return cmd
 
     def _prepare(self, workdir: Path) -> None:
-        """Writes the boot's initrd (the cached initramfs and the current ``/init``)
-        and the scratch disk into ``workdir``."""
+        """Writes the boot's initrd (the cached initramfs, the vfio modules' archive when
+        fetched, and the current ``/init``) and the scratch disk into ``workdir``."""
         initrd = workdir / "initrd.cpio"
         shutil.copyfile(self.directory / self.manifest.initramfs, initrd)
+        vfio = load_vfio_info(self.spec, self.manifest, self.directory.parent)
         with open(initrd, "ab") as f:
+            if self.vfio_bar_mib and vfio is not None and "error" not in vfio:
+                f.write((self.directory / VFIO_CPIO).read_bytes())
             f.write(init_overlay())
         self._make_scratch(workdir)
 

@@ -44,12 +44,29 @@ SCRATCH = "/mnt/scratch"
 """Where the machine's init mounts its ext4 scratch disk (``file`` mappings)."""
 IVSHMEM_IDS = ("0x1af4", "0x1110")
 """PCI vendor and device id of QEMU's ivshmem-plain: its BAR 2 is the ``device`` source."""
+VFIO_PARAMETER = "kvmmem.vfio="
+"""The kernel command-line word naming the PCI device for ``vfio-bar`` mappings."""
+VFIO_MODULE_DIR = "/lib/modules/vfio"
+"""Where the machine's initramfs holds the vfio modules and their ``load`` list."""
+
+
+def vfio_device(cmdline: str = "/proc/cmdline") -> str | None:
+    """The PCI device the machine set aside for ``vfio-bar`` (``kvmmem.vfio=BDF`` on
+    the kernel command line), or None."""
+    try:
+        with open(cmdline) as f:
+            words = f.read().split()
+    except OSError:
+        return None
+    return next((w[len(VFIO_PARAMETER):] for w in words if w.startswith(VFIO_PARAMETER)),
+                None)
 
 
 def environment() -> dict[str, str | None]:
-    """Where this machine's ``file`` and ``device`` mappings come from:
+    """Where this machine's ``file``, ``device`` and ``vfio-bar`` mappings come from:
     ``{"file_dir": the scratch mount or None, "device_bar": ivshmem's resource2 or
-    None}``."""
+    None, "vfio_bar": the PCI device for vfio or None, "vfio_modules": the directory of
+    the vfio modules or None}``."""
     file_dir = None
     try:
         with open("/proc/self/mounts") as f:
@@ -68,7 +85,10 @@ def environment() -> dict[str, str | None]:
         if ids == IVSHMEM_IDS and os.path.exists(f"{base}/{dev}/resource2"):
             device_bar = f"{base}/{dev}/resource2"
             break
-    return {"file_dir": file_dir, "device_bar": device_bar}
+    vfio_bar = vfio_device()
+    vfio_modules = VFIO_MODULE_DIR if os.path.exists(f"{VFIO_MODULE_DIR}/load") else None
+    return {"file_dir": file_dir, "device_bar": device_bar, "vfio_bar": vfio_bar,
+            "vfio_modules": vfio_modules}
 
 
 def _probe(request: Request) -> Any:
@@ -81,7 +101,8 @@ def _run(request: Request) -> Any:
     from kvmmem.realkvm.program import run_program
     env = environment()
     return run_program(request["program"], file_dir=env["file_dir"],
-                       device_bar=env["device_bar"]).as_dict()
+                       device_bar=env["device_bar"], vfio_bar=env["vfio_bar"],
+                       vfio_modules=env["vfio_modules"]).as_dict()
 
 
 def _ping(request: Request) -> Any:

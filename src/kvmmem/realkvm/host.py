@@ -20,6 +20,17 @@ Every mapping kind of SCENARIOS.md is made for real with libc calls
   ``ivshmem-plain`` device), slices of that BAR instead:
   ``pci_mmap_resource_range`` maps them with ``io_remap_pfn_range``, every
   frame present, no struct page.
+* ``vfio-bar`` - a PCI BAR mapped through VFIO as a VMM maps a passed-through device
+  (:mod:`kvmmem.realkvm.vfio`): given ``vfio_bar`` (a PCI device's name, as inside an
+  emulated machine with a second ``ivshmem-plain`` device behind an emulated IOMMU),
+  the device is bound to ``vfio-pci`` on first use and each mapping is the next slice
+  of its BAR 2 aligned to the mapping's size (up to 1 GiB: a BAR is aligned to its
+  size, and so is the model's; :class:`BarSlices`), reading zero (a slice an earlier
+  run used is zeroed through the device fd: no user page is touched, for
+  ``vfio_pci_core_mmap`` maps nothing and its fault handler inserts the frames) and
+  ``mmap``-ed from the device fd at the region's offset; the host address is aligned
+  the same way.  Refused (:class:`MappingUnsupported`, naming the step and errno)
+  where no such device is, or VFIO cannot take it.
 * ``device-lazy`` - no source here; :class:`MappingUnsupported` says why.
 * ``guest_memfd`` - a file ``KVM_CREATE_GUEST_MEMFD`` made on the scenario's VM
   (:meth:`HostMemory.adopt_guest_memfd` takes the fd), ``MAP_SHARED`` in place when
@@ -59,8 +70,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from kvmmem.realkvm import libc
-from kvmmem.types import PAGE_GEOMETRIES, PAGE_SIZE, PAGES_4K, align_up
+from kvmmem.realkvm import libc, vfio
+from kvmmem.types import PAGE_GEOMETRIES, PAGE_SIZE, PAGES_4K, PUD_SIZE, align_up
 
 HOST_PAGES = PAGE_GEOMETRIES.get(_mmap.PAGESIZE, PAGES_4K)
 """The page geometry of the kernel this runs on (an arm64 machine may run 16 KiB pages).
@@ -82,7 +93,10 @@ MAX_DEVICE_SIZE = 64 << 20
 """A device mapping takes one perf event per page; larger ones are refused."""
 
 KINDS = ("anon", "memfd", "file", "file-shared", "hugetlb", "thp", "device", "device-lazy",
-         "dmabuf")
+         "dmabuf", "vfio-bar")
+VFIO_BAR_INDEX = 2
+"""The BAR of the ``vfio_bar`` device that ``vfio-bar`` mappings slice (ivshmem's
+shared memory)."""
 DRM_CARD = "/dev/dri/card0"
 UDMABUF = "/dev/udmabuf"
 
@@ -132,6 +146,57 @@ ADVICE = {
 
 class MappingUnsupported(RuntimeError):
     """This host cannot make the mapping kind asked for; ``str()`` says why."""
+
+
+class BarSlices:
+    """Which slices of a RAM-like BAR (ivshmem's) the ``vfio-bar`` mappings of this boot
+    have used: each new mapping takes the next slice aligned to its size
+    (:func:`vfio_slice_alignment`), wrapping to the start when the BAR is used up.  The
+    BAR is zero at boot and slices are handed out in order, so only a slice below the
+    high-water mark of earlier ones can hold old data and needs zeroing: zeroing
+    through the device fd takes about 45 s per GiB under TCG, so each byte is zeroed
+    at most once per wrap."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.next = 0
+        self.dirty_end = 0
+        """Everything at or above it is untouched since boot."""
+
+    def take(self, size: int, held: list[tuple[int, int]]) -> tuple[int, int]:
+        """``(offset, bytes to zero from offset)`` of a new slice of ``size`` bytes that
+        overlaps none of ``held`` (slices still mapped).  Raises ``ValueError`` when no
+        such slice exists."""
+        align = vfio_slice_alignment(size)
+        offset = align_up(self.next, align)
+        if offset + size > self.size:
+            offset = 0
+        if offset + size > self.size or any(o < offset + size and offset < o + n
+                                            for o, n in held):
+            used = sum(n for _, n in held)
+            raise ValueError(f"a {size >> 10} KiB slice aligned to {align >> 10} KiB does "
+                             f"not fit the {self.size >> 20} MiB BAR beside the "
+                             f"{used >> 10} KiB this run maps")
+        self.next = offset + size
+        dirty = max(0, min(offset + size, self.dirty_end) - offset)
+        self.dirty_end = max(self.dirty_end, offset + size)
+        return offset, dirty
+
+
+BAR_SLICES: dict[str, BarSlices] = {}
+"""The slices of each vfio device's BAR used since boot (the agent process lives as long
+as the machine), by PCI device name."""
+
+
+def vfio_slice_alignment(size: int) -> int:
+    """Where a ``vfio-bar`` mapping of ``size`` bytes starts in the BAR and in the
+    arena: the smallest power of two not below ``size``, at least 2 MiB, at most
+    1 GiB (a BAR is aligned to its size; the host's huge PFNMAP leaves are 2 MiB and
+    1 GiB)."""
+    align = PMD_SIZE
+    while align < size and align < PUD_SIZE:
+        align <<= 1
+    return align
 
 
 @dataclass(slots=True)
@@ -202,12 +267,21 @@ class HostMemory:
     mapping, fd and the pipe are released on every path."""
 
     def __init__(self, arena_size: int = ARENA_SIZE, file_dir: str | None = None,
-                 device_bar: str | None = None) -> None:
+                 device_bar: str | None = None, vfio_bar: str | None = None,
+                 vfio_modules: str | None = None) -> None:
         self.mappings: dict[str, HostMapping] = {}
         self._file_dir = file_dir
         """Where ``file`` mappings get their (unlinked) file: a page-cache filesystem."""
         self._device_bar = device_bar
         self._bar_next = 0
+        self._vfio_bar = vfio_bar
+        """The PCI device (``DDDD:BB:SS.F``) whose BAR ``vfio-bar`` mappings slice."""
+        self._vfio_modules = vfio_modules
+        """Where the vfio modules and their ``load`` list are (None: built in or loaded)."""
+        self._vfio: vfio.VfioPciDevice | None = None
+        """The :class:`~kvmmem.realkvm.vfio.VfioPciDevice` once a vfio-bar is mapped."""
+        self._vfio_slices: list[tuple[int, int]] = []
+        """``(offset, size)`` of the BAR slices this object's mappings hold."""
         self._arena = 0
         self._arena_size = arena_size
         self._pipe: tuple[int, int] | None = None
@@ -250,6 +324,9 @@ class HostMemory:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        if self._vfio is not None:
+            self._vfio.close()  # after the arena: no mapping of the device is left
+            self._vfio = None
         self.mappings.clear()
 
     def __enter__(self) -> HostMemory:
@@ -264,8 +341,8 @@ class HostMemory:
         """The host address ``offset`` bytes into mapping ``name``.  Raises ``KeyError``."""
         return self.mappings[name].hva + offset
 
-    def _place(self, size: int) -> int:
-        base = self._next
+    def _place(self, size: int, align: int = PMD_SIZE) -> int:
+        base = align_up(self._next, align)
         end = base + align_up(size, PMD_SIZE)
         if end + GUARD > self._arena + self._arena_size:
             raise MappingUnsupported(f"the {self._arena_size >> 30} GiB mapping arena is full")
@@ -285,11 +362,14 @@ class HostMemory:
         if size <= 0 or size % PAGE_SIZE:
             return {"result": "error", "errno": "EINVAL"}
         self._check_supported(kind, size)
-        hva = at if at is not None else self._place(size)
+        align = vfio_slice_alignment(size) if kind == "vfio-bar" else PMD_SIZE
+        hva = at if at is not None else self._place(size, align)
         map_prot = prot | libc.PROT_WRITE if fill is not None else prot
         fd = -1
         if kind == "device":
             err = self._map_device(hva, size, map_prot)
+        elif kind == "vfio-bar":
+            err = self._map_vfio_bar(hva, size, map_prot)
         elif kind == "dmabuf":
             err = self._map_dmabuf(hva, size, map_prot)
         else:
@@ -328,6 +408,10 @@ class HostMemory:
             raise MappingUnsupported(
                 f"a device mapping is built from one perf-event page per 4 KiB; "
                 f"{size >> 20} MiB is more than the {MAX_DEVICE_SIZE >> 20} MiB kvmmem makes")
+        elif kind == "vfio-bar" and self._vfio_bar is None:
+            raise MappingUnsupported(
+                "no PCI device here may be bound to vfio-pci for vfio-bar mappings (the "
+                "machines give one: an ivshmem-plain device behind an emulated IOMMU)")
         elif kind == "device-lazy" and self._device_bar is not None:
             raise MappingUnsupported(
                 "no VM_PFNMAP source inside the machine inserts device frames lazily the "
@@ -503,6 +587,45 @@ class HostMemory:
                 f"{libc.errno_name(exc.errno or 0)}") from None
         return handle, struct.unpack_from("=IIQ", mapped)[2]
 
+    def _vfio_device(self) -> vfio.VfioPciDevice:
+        """The vfio-pci device of ``vfio_bar``, opened on first use: modules loaded,
+        the device bound to vfio-pci, container, group and device fds.  Raises
+        :class:`MappingUnsupported` with the step that failed."""
+        if self._vfio is None:
+            assert self._vfio_bar is not None
+            try:
+                if self._vfio_modules is not None:
+                    vfio.load_vfio_modules(self._vfio_modules)
+                vfio.bind_vfio_pci(self._vfio_bar)
+                self._vfio = vfio.VfioPciDevice(self._vfio_bar)
+            except vfio.VfioUnavailable as exc:
+                hint = "" if self._vfio_modules is not None else (
+                    " (no vfio modules were found to load: in a machine, kvmmem machine "
+                    "fetch ARCH VERSION adds them)")
+                raise MappingUnsupported(f"vfio-bar: {exc}{hint}") from None
+        return self._vfio
+
+    def _map_vfio_bar(self, hva: int, size: int, prot: int) -> int:
+        """The next slice of the vfio device's BAR (aligned to the mapping's size; see
+        :class:`BarSlices`), ``mmap``-ed from the device fd at ``hva``."""
+        device = self._vfio_device()
+        assert self._vfio_bar is not None
+        try:
+            bar_size = device.region_info(vfio.VFIO_PCI_BAR0_REGION_INDEX + VFIO_BAR_INDEX).size
+            slices = BAR_SLICES.setdefault(self._vfio_bar, BarSlices(bar_size))
+            offset, dirty = slices.take(size, self._vfio_slices)
+            if dirty:
+                device.zero_bar(VFIO_BAR_INDEX, offset, dirty)
+        except vfio.VfioUnavailable as exc:
+            raise MappingUnsupported(f"vfio-bar: {exc}") from None
+        except ValueError as exc:
+            raise MappingUnsupported(f"vfio-bar: {exc} (BAR {VFIO_BAR_INDEX} of "
+                                     f"{self._vfio_bar})") from None
+        err = device.mmap_bar(VFIO_BAR_INDEX, offset, size, hva, prot)
+        if not err:
+            self._vfio_slices.append((offset, size))
+        return err
+
     def _map_bar(self, hva: int, size: int, prot: int) -> int:
         assert self._device_bar is not None
         offset = self._bar_next
@@ -523,7 +646,7 @@ class HostMemory:
         return libc.mprotect(hva, size, prot)
 
     def _fill(self, hva: int, size: int, kind: str, byte: int) -> None:
-        if kind != "device":
+        if kind not in ("device", "vfio-bar"):
             libc.memset(hva, byte, size)
             return
         page = bytes([byte]) * PAGE_SIZE

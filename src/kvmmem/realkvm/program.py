@@ -154,16 +154,20 @@ def make_vm(program: Program, kvm: Kvm | None) -> HarnessVm:
 
 
 def run_program(program: Program, kvm: Kvm | None = None, file_dir: str | None = None,
-                device_bar: str | None = None) -> RealRun:
+                device_bar: str | None = None, vfio_bar: str | None = None,
+                vfio_modules: str | None = None) -> RealRun:
     """Perform ``program`` on this machine's real KVM.  ``file_dir``: where ``file``
     mappings get their file (a page-cache filesystem; default the temp dir);
     ``device_bar``: a PCI BAR's sysfs resource file for ``device`` mappings (default:
-    perf-event pages).  Every fd and mapping is released before returning.
+    perf-event pages); ``vfio_bar``: the PCI device whose BAR ``vfio-bar`` mappings
+    slice through vfio-pci, ``vfio_modules`` the directory of the modules it needs
+    (default: none here).  Every fd and mapping is released before returning.
 
     Raises :class:`~kvmmem.realkvm.kvm.KvmUnavailable` without a usable /dev/kvm."""
     out = RealRun(program["scenario"], program.get("path", "native"))
     try:
-        with HostMemory(file_dir=file_dir, device_bar=device_bar) as host:
+        with HostMemory(file_dir=file_dir, device_bar=device_bar, vfio_bar=vfio_bar,
+                        vfio_modules=vfio_modules) as host:
             vm = make_vm(program, kvm)
             faults: EventCounter | None = None
             try:
@@ -445,10 +449,12 @@ def probe_capabilities(kvm: Kvm | None = None) -> dict[str, dict[str, int]]:
             dev.close()
 
 
-def probe(file_dir: str | None = None, device_bar: str | None = None) -> dict[str, Any]:
+def probe(file_dir: str | None = None, device_bar: str | None = None,
+          vfio_bar: str | None = None, vfio_modules: str | None = None) -> dict[str, Any]:
     """What this machine offers scenarios: ``arch``, ``release``, free hugetlb bytes,
-    where ``file`` and ``device`` mappings come from, and the memory capabilities
-    (:func:`probe_capabilities`)."""
+    where ``file``, ``device`` and ``vfio-bar`` mappings come from, and the memory
+    capabilities (:func:`probe_capabilities`)."""
     return {"arch": host_arch(), "release": os.uname().release,
             "hugetlb_free": hugetlb_free_bytes(), "file_dir": file_dir,
-            "device_bar": device_bar, "capabilities": probe_capabilities()}
+            "device_bar": device_bar, "vfio_bar": vfio_bar, "vfio_modules": vfio_modules,
+            "capabilities": probe_capabilities()}
