@@ -22,7 +22,8 @@ from kvmmem.scenario.loader import load_scenario
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 
 ALLOWED_UNSUPPORTED: dict[str, str] = {
-    r"host source cannot make a vfio-bar mapping|no vfio-pci device to map a BAR of":
+    r"host source cannot make a vfio-bar mapping|no vfio-pci device to map a BAR of|"
+    r"no PCI device here may be bound to vfio-pci":
         "vfio-bar: this host has no PCI device bound to vfio-pci (a VFIO BAR is made "
         "inside the emulated machines, issue 14)",
     r"device-cacheable needs coherent device memory":

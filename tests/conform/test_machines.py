@@ -68,6 +68,11 @@ MACHINE_UNSUPPORTED: dict[str, str] = {
         "default VM; riscv) or lacks a flag (mmap, init_shared: v6.18)",
     r"host source cannot make a vfio-bar mapping|no vfio-pci device to map a BAR of":
         "vfio-bar: the machine has no PCI device bound to vfio-pci for the BAR",
+    r"^vfio-bar: 0000:00:10\.0 has no IOMMU group .* CONFIG_VFIO_NOIOMMU":
+        "vfio-bar on riscv: QEMU 7.2 emulates no riscv IOMMU and Debian builds no "
+        "CONFIG_VFIO_NOIOMMU, so vfio-pci refuses the device (docs/conformance.md)",
+    r"^vfio-bar: .*no vfio modules were found to load":
+        "vfio-bar: the machine's vfio archive is not fetched (kvmmem machine fetch)",
     r"device-cacheable needs coherent device memory":
         "device-cacheable: Grace-style coherent device memory exists on no machine",
     r"this CPU has no MTE|does not offer KVM_CAP_ARM_MTE":

@@ -30,7 +30,7 @@ def test_debian_names_and_qemu() -> None:
     assert (arm.debian_arch, arm.metapackage, arm.page_size) == (
         "arm64", "linux-image-arm64-16k", 16384)
     assert arm.qemu_machine_args == (
-        "-M", "virt,virtualization=on,gic-version=3,iommu=smmuv3", "-cpu",
+        "-M", "virt,virtualization=on,gic-version=3,mte=on,iommu=smmuv3", "-cpu",
         "max,pauth-impdef=on", "-device", "virtio-gpu-pci")
     assert arm.kernel_args == ()
     assert "virtio_gpu" in arm.modules
