@@ -380,8 +380,11 @@ SWITCHES: tuple[Switch, ...] = (
         "arm64_dirty_ring", ("arm64",),
         "arm64 offers the dirty ring as KVM_CAP_DIRTY_LOG_RING_ACQ_REL, with "
         "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP; before, both are EINVAL", False,
-        (Change((6, 1), True, None, "KVM: arm64: Enable ring-based dirty memory tracking",
-                "Gavin Shan; release believed, hash not identified"),)),
+        (Change((6, 2), True, None, "KVM: arm64: Enable ring-based dirty memory tracking",
+                "Gavin Shan's series, posted November 2022 after the 6.1 merge window, "
+                "with 86bdf3ebcfe1 (\"KVM: Support dirty ring in conjunction with "
+                "bitmap\"); hash not identified; real arm64 6.1.176 refuses the ring "
+                "(a 2 MiB size is EINVAL there, E2BIG on 7.3)"),)),
 )
 """Every switch, in the order of docs/versions.md."""
 

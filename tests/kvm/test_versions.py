@@ -95,7 +95,7 @@ AROUND = [
     ("riscv_dirty_log_initially_set", "6.18", False, "6.19", True),
     ("x86_dirty_ring", "5.10", False, "5.11", True),
     ("dirty_ring_acq_rel", "6.0", False, "6.1", True),
-    ("arm64_dirty_ring", "6.0", False, "6.1", True),
+    ("arm64_dirty_ring", "6.1", False, "6.2", True),
     ("riscv_dirty_ring", "6.16", False, "6.17", True),
 ]
 
