@@ -198,6 +198,14 @@ SOURCES: dict[str, Source] = {
     "kvmmem.host.notifier:MmuNotifierSubscriptions.invalidate_range_end": _s(
         "mmu_notifier_invalidate_range_end", "mm/mmu_notifier.c"),
     "kvmmem.host.truncate:vfs_fallocate_op": _s("vfs_fallocate", "fs/open.c"),
+    # --- drivers -------------------------------------------------------------------------
+    "kvmmem.host.vfio:vfio_pci_core_mmap": _s(
+        "vfio_pci_core_mmap", "drivers/vfio/pci/vfio_pci_core.c"),
+    "kvmmem.host.vfio:vfio_pci_mmap_fault": _s(
+        (((6, 12), "vfio_pci_mmap_page_fault"), ((0, 0), "vfio_pci_mmap_fault")),
+        "drivers/vfio/pci/vfio_pci_core.c"),
+    "kvmmem.host.vfio:vfio_pci_mmap_huge_fault": _s(
+        "vfio_pci_mmap_huge_fault", "drivers/vfio/pci/vfio_pci_core.c", "size"),
 }
 """``"module:Qualified.name"`` of a model function -> its kernel source."""
 
