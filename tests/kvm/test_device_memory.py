@@ -110,13 +110,14 @@ def test_x86_vfio_bar_level_follows_the_host_leaf(variant: str, offset: int,
     assert vm.mm.host_read(hva + offset, 4) == 0x77
 
 
-@pytest.mark.parametrize(("variant", "size"), [("6.11", M2), ("7.2", M2), ("7.3", P)])
+@pytest.mark.parametrize(("variant", "size"), [("6.11", M2), ("7.2", M2), ("7.3", M2)])
 def test_arm64_vfio_bar_block_from_the_vma(variant: str, size: int) -> None:
     """arm64 sizes a VM_PFNMAP fault from the VMA until the 7.3-cycle fix: with the
     post-v6.10 vm_pgoff (region offset 0) get_vma_page_shift's guessed address is
     congruent with the hva whenever vm_start is 2M aligned, so a 2M Normal-NC block
-    whatever the host's leaves (6.11: 4K PTEs); from 7.3 the model maps device memory
-    page by page (no host-leaf sizing for it: see docs/findings.md)."""
+    whatever the host's leaves (6.11: 4K PTEs); from 7.3 the host's leaf sizes it, and
+    vfio's huge_fault gave the host a PMD special leaf: a 2M block again (real arm64
+    6.12.117, 7.2 and 7.3: docs/findings.md 14)."""
     vm, hva = vm_with("arm64", "vfio-bar", variant=variant)
     assert access(vm, G + 5 * P) == {"result": "ok", "value": 0}
     leaf = vm.stage2.walk(G + 5 * P)
@@ -280,3 +281,22 @@ def test_vfio_bar_sequences_keep_the_invariants(ops: list[tuple[str, int]], arch
             if op == "read" and out["result"] == "ok":
                 assert out["value"] == vm.mm.host_read(addr, 4)
         validate_vm(vm)
+
+
+@pytest.mark.parametrize(("variant", "offset", "size"), [
+    ("7.3", 0, M2), ("debian-6.12", 0, M2), ("7.3", P, P), ("debian-6.12", P, P)])
+def test_arm64_pfnmap_block_follows_the_host_leaf(variant: str, offset: int,
+                                                  size: int) -> None:
+    """Since "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" the host's
+    leaf sizes the block: a vfio BAR mapped at a 2M-aligned hva gets PMD special leaves
+    and 2M blocks, one mapped 4K off gets 4K PTEs and 4K pages (huge_fault cannot
+    align the pfn with the address).  Real arm64 6.12.117 and 7.3: one stage-2 fault
+    per 2 MiB (docs/findings.md 14)."""
+    vm = Vm("arm64", variant=variant)
+    hole = vm.mm.mmap(3 * M2, RW, "anon", addr=HVA, fixed=True)
+    hva = vm.mm.mmap(M2, RW, "vfio-bar", addr=hole + offset, fixed=True)
+    vm.set_user_memory_region(0, G, M2, hva, 0)
+    assert access(vm, G + 5 * P) == {"result": "ok", "value": 0}
+    assert vm.mm.mapping_size(hva + 5 * P) == size
+    leaf = vm.stage2.walk(G + 5 * P)
+    assert leaf is not None and leaf.size == size and leaf.attr is MemAttr.NORMAL_NC

@@ -314,6 +314,18 @@ class Arm64Kvm(ArchKvm):
             size = pg.pmd_size
             gpa = align_down(gpa, size)
             pfn = align_down(pfn, size >> page_shift)
+        elif size == page_size and not force_pte and device and vm_flags & VM_PFNMAP \
+                and not variant.arm64_pfnmap_vma_block \
+                and mm.mapping_size(hva) >= pg.pmd_size \
+                and fault_supports_stage2_huge_mapping(slot, hva, pg.pmd_size):
+            # Since "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" the
+            # host's leaf sizes a VM_PFNMAP block: a PMD special leaf (vfio-pci's
+            # huge_fault, v6.12) gives a PMD block.  Read from real arm64 6.12.117, 7.2
+            # and 7.3 (docs/findings.md 14): one fault maps a vfio BAR's 2 MiB (32 MiB
+            # with 16 KiB pages), a 1 GiB BAR too (arm64 has no PUD special leaves).
+            size = pg.pmd_size
+            gpa = align_down(gpa, size)
+            pfn = align_down(pfn, size >> page_shift)
         if not fault_is_perm and not device and vm.mte_enabled \
                 and not kvm_vma_mte_allowed(variant, vm_flags):
             # "Check the VMM hasn't introduced a new disallowed VMA" (sanitise_mte_tags
