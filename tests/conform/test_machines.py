@@ -77,6 +77,13 @@ MACHINE_UNSUPPORTED: dict[str, str] = {
         "device-cacheable: Grace-style coherent device memory exists on no machine",
     r"this CPU has no MTE|does not offer KVM_CAP_ARM_MTE":
         "mte: a machine booted without mte=on, or a kernel before v5.14",
+    r"^page_size \d+K: machine [\w.-]+ runs a kernel built with \d+K pages$":
+        "a scenario pinned to another host page size (16K ones run on arm64-7.3-16k; no "
+        "machine has 64K pages)",
+    r"dirty_ring: KVM_ENABLE_CAP of KVM_CAP_DIRTY_LOG_RING\w* \(4096 bytes\) failed with "
+    r"EINVAL":
+        "a 4 KiB dirty ring on a 16 KiB-page kernel: below PAGE_SIZE, EINVAL (the model "
+        "refuses it too)",
 }
 """Reasons a scenario may be unsupported on a machine (regex -> justification)."""
 

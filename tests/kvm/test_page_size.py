@@ -186,3 +186,33 @@ def test_dirty_log_counts_host_pages(geometry: PageGeometry) -> None:
         assert vm.guest_access(gpa + off, 4, Access.WRITE, 1).result == "ok"
     assert kvm_get_dirty_log(vm, 0) == [(gpa >> geometry.page_shift) + i for i in (0, 5, 7)]
     assert {leaf.size for leaf in vm.stage2.for_each_leaf()} == {page}
+
+
+RACE = """kvmmem: 1
+name: race-16k
+arch: arm64
+page_size: 16K
+memory:
+  ram: {size: 32K, kind: anon, prot: rw, fill: 0x5a}
+memslots:
+  - {slot: 0, gpa: 0x0, size: 32K, memory: ram}
+threads:
+  vcpu:
+    - guest_read: {gpa: 0x4000, size: 4}
+  host:
+    - host_munmap: {memory: ram}
+"""
+
+
+@pytest.mark.parametrize(("variant", "verdict"), [("upstream", "exhausted"),
+                                                  ("no-invalidate-retry", "violation")])
+def test_the_invariants_hold_and_catch_at_16k(variant: str, verdict: str) -> None:
+    """Every interleaving of a fault against munmap with 16 KiB host pages: the
+    invalidation retry keeps the fault from installing the freed page; without it the
+    stale translation is found (the same race as race-fault-vs-munmap.yaml at 4K)."""
+    from kvmmem.explore import SearchParams, explore
+    from kvmmem.scenario.loader import load_scenario_text
+
+    found = explore(load_scenario_text(RACE, "race-16k.yaml"), "arm64", variant,
+                    SearchParams(strategy="dpor"))
+    assert found.verdict == verdict

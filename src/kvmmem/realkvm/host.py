@@ -539,8 +539,10 @@ class HostMemory:
             # PMD_SIZE: a padding buffer fills the offset space up to the next multiple.
             # (Buffers are kept until the card is closed: a freed offset is not reused at
             # once.)
-            _, offset = self._dumb_buffer(PAGE_SIZE)
-            pad = -(offset + PAGE_SIZE) % PMD_SIZE
+            # (a buffer takes whole pages of the offset space: the kernel's, 16 KiB on
+            # a 16K-page kernel)
+            _, offset = self._dumb_buffer(HOST_PAGES.page_size)
+            pad = -(offset + HOST_PAGES.page_size) % PMD_SIZE
             if pad:
                 self._dumb_buffer(pad)
             _, offset = self._dumb_buffer(size)
