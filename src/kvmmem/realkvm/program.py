@@ -62,7 +62,7 @@ from kvmmem.realkvm.structs import (
     KVM_MEM_GUEST_MEMFD,
     guest_memfd_flag_names,
 )
-from kvmmem.realkvm.tracefs import FAULT_EVENTS, EventCounter
+from kvmmem.realkvm.tracefs import FAULT_EVENTS, EventCounter, tdp_enabled
 from kvmmem.realkvm.x86 import RealVm
 from kvmmem.types import EXEC_FETCH_SIZE, PAGE_SIZE
 
@@ -304,11 +304,14 @@ def _check_memory_attributes(program: Program, vm: HarnessVm) -> None:
 
 def _fault_counter(program: Program) -> EventCounter | None:
     """The tracepoint counter ``count_faults`` steps need on this architecture, or None
-    (no such step, no such tracepoint: their outcomes then carry no ``faults``)."""
+    (no such step, no such tracepoint, x86 without TDP: their outcomes then carry no
+    ``faults``)."""
     event = FAULT_EVENTS.get(program["arch"])
     if event is None or not any(s.get("count_faults") for s in program.get("steps", ())):
         return None
-    return EventCounter.open(event)
+    if program["arch"] == "x86" and not tdp_enabled():
+        return None
+    return EventCounter.open(*event)
 
 
 def _counted_step(host: HostMemory, vm: HarnessVm, step: dict[str, Any],

@@ -5,8 +5,11 @@ KVM took for it.  On arm64 every stage-2 abort KVM handles passes
 ``kvm_handle_guest_abort``'s ``kvm_guest_fault`` tracepoint (all releases the
 machines run, 5.10 to 7.3) with the faulting IPA, so counting the events inside
 the access's pages is exact: a premapped page or a page under an existing block
-takes none.  The other architectures have no
-tracepoint of the same reach here, so their real outcomes carry no count.
+takes none.  On x86 with two-dimensional paging every nested page fault passes
+``npf_interception``'s (``handle_ept_violation``'s) ``kvm_page_fault`` with the
+faulting gpa as ``address``; under shadow paging the same tracepoint reports guest
+virtual addresses, so it is used only where the TDP MMU is on (:func:`tdp_enabled`).
+riscv has no tracepoint of the same reach here, so its real outcomes carry no count.
 """
 
 from __future__ import annotations
@@ -15,8 +18,24 @@ import contextlib
 import os
 
 ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-FAULT_EVENTS = {"arm64": "kvm/kvm_guest_fault"}
-"""The tracepoint that fires once per stage-2 fault KVM handles, per architecture."""
+FAULT_EVENTS = {"arm64": ("kvm/kvm_guest_fault", "ipa"),
+                "x86": ("kvm/kvm_page_fault", "address")}
+"""The tracepoint that fires once per stage-2 fault KVM handles, per architecture, and
+the field holding the faulting guest physical address."""
+TDP_PARAMETERS = ("/sys/module/kvm_amd/parameters/npt", "/sys/module/kvm_intel/parameters/ept")
+
+
+def tdp_enabled(parameters: tuple[str, ...] = TDP_PARAMETERS) -> bool:
+    """Whether x86 KVM here uses two-dimensional paging (``kvm_amd npt`` or ``kvm_intel
+    ept`` is ``Y``)."""
+    for path in parameters:
+        try:
+            with open(path) as f:
+                if f.read().strip() in ("Y", "1"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 class EventCounter:
@@ -24,19 +43,22 @@ class EventCounter:
     :meth:`close` disables it again.  :meth:`open` returns None where tracefs or the
     event is missing (not mounted, not root, tracing compiled out)."""
 
-    def __init__(self, root: str, event: str) -> None:
+    def __init__(self, root: str, event: str, field: str = "ipa") -> None:
         self.root = root
         self.event = event
         self.name = event.rsplit("/", 1)[1]
+        self.field = field
+        """The event's field holding the guest physical address (printed ``field 0x...``)."""
         self._write(f"events/{event}/enable", "1")
 
     @classmethod
-    def open(cls, event: str) -> EventCounter | None:
-        """An enabled counter of ``event``, or None when this kernel cannot give one."""
+    def open(cls, event: str, field: str = "ipa") -> EventCounter | None:
+        """An enabled counter of ``event`` reading ``field``, or None when this kernel
+        cannot give one."""
         for root in ROOTS:
             if os.path.exists(f"{root}/events/{event}/enable"):
                 try:
-                    return cls(root, event)
+                    return cls(root, event, field)
                 except OSError:
                     return None
         return None
@@ -50,7 +72,7 @@ class EventCounter:
         self._write("trace", "")
 
     def count(self, lo: int, hi: int) -> int:
-        """The events of :attr:`event` since the last :meth:`reset` whose ``ipa`` field
+        """The events of :attr:`event` since the last :meth:`reset` whose :attr:`field`
         lies in ``[lo, hi)`` (the harness's own exits, its doorbell and code pages,
         fault elsewhere and are not counted)."""
         marker = f" {self.name}:"
@@ -59,7 +81,7 @@ class EventCounter:
             for line in f:
                 if line.startswith("#") or marker not in line:
                     continue
-                _, _, rest = line.partition(" ipa ")
+                _, _, rest = line.partition(f" {self.field} ")
                 try:
                     ipa = int(rest.split(",", 1)[0].split()[0], 16)
                 except (ValueError, IndexError):

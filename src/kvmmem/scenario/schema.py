@@ -338,7 +338,8 @@ EXPECT_KEYS: tuple[Key, ...] = (
     Key("exit_reason", "string", "exit: the KVM_EXIT_* name"),
     Key("suberror", "u64", "exit: the internal error's suberror"),
     Key("faults", "u64", "a guest access with count_faults: the stage-2 faults KVM took "
-        "for it (real kernels report it on arm64: kvm_guest_fault events)"),
+        "for it (real kernels report it on arm64: kvm_guest_fault events, and on x86 "
+        "with TDP: kvm_page_fault events)"),
     Key("reset", "u64", "reset_dirty_rings: the entries reset (the ioctl's return value)"),
 )
 """The keys ``expect`` takes: every outcome key (RESULT_KEYS says which result has which)."""
