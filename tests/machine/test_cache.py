@@ -158,3 +158,33 @@ def test_fetch_without_the_vfio_archive_fails_softly(tmp_path: Path,
     assert info is not None and "apt" in info["error"]
     assert fetch("riscv", "7.2", progress=lines.append, root=tmp_path) == written
     assert len(lines) == 2 * said
+
+
+def test_vfio_archive_holds_the_closure_and_its_load_list(tmp_path: Path) -> None:
+    """What ``kvmmem machine fetch`` adds beside a machine: the vfio modules of its kernel
+    with their dependencies (those the kernel lacks are left out) and the load order."""
+    import lzma
+
+    from kvmmem.machine.cpio import read_cpio
+    from kvmmem.machine.fetch import write_vfio_archive
+
+    from .test_kmod import fake_module
+
+    moddir = tmp_path / "usr/lib/modules/7.2.13+deb14-riscv64"
+    mods = {"drivers/vfio/vfio.ko.xz": "", "virt/lib/irqbypass.ko.xz": "",
+            "drivers/vfio/pci/vfio-pci-core.ko.xz": "vfio,irqbypass",
+            "drivers/vfio/pci/vfio-pci.ko.xz": "vfio,vfio-pci-core"}
+    for rel, dep in mods.items():
+        path = moddir / "kernel" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(lzma.compress(fake_module({"depends": dep})))
+    out = tmp_path / "out"
+    out.mkdir()
+    loaded = write_vfio_archive(moddir, "7.2.13+deb14-riscv64", tmp_path / "work", out)
+    assert loaded == ["vfio", "irqbypass", "vfio_pci_core", "vfio_pci"]  # no type1 here
+    entries = read_cpio(out / VFIO_CPIO)
+    assert entries["usr/lib/modules/vfio/load"][1] == b"vfio\nirqbypass\nvfio_pci_core\nvfio_pci\n"
+    assert entries["usr/lib/modules/vfio/vfio_pci.ko"][1][:4] == b"\x7fELF"
+    info = json.loads((out / VFIO_INFO).read_text())
+    assert info == {"release": "7.2.13+deb14-riscv64", "modules": loaded,
+                    "size": (out / VFIO_CPIO).stat().st_size}

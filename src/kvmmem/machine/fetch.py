@@ -194,7 +194,7 @@ def _fetch_into(spec: MachineSpec, root: Path, tmp: Path, say: Progress) -> Mani
 
     out = tmp / "out"
     out.mkdir()
-    _write_vfio(moddir, release, work / "vfio", out)
+    write_vfio_archive(moddir, release, work / "vfio", out)
     shutil.copy2(image, out / "vmlinuz")
     config = next(iter([*sorted(kroot.glob("boot/config-*")), moddir / "config"]), None)
     files = ["vmlinuz", "initramfs.cpio"]
@@ -231,7 +231,7 @@ def _has_vfio(spec: MachineSpec, manifest: Manifest, root: Path) -> bool:
     return info is not None and "error" not in info
 
 
-def _write_vfio(moddir: Path, release: str, work: Path, out: Path) -> list[str]:
+def write_vfio_archive(moddir: Path, release: str, work: Path, out: Path) -> list[str]:
     """Builds :data:`~kvmmem.machine.cache.VFIO_CPIO` of the :data:`VFIO_MODULES` closure
     found in ``moddir`` (those the kernel lacks are left out: riscv has no
     ``vfio_iommu_type1``) into ``out``, with its info file; returns the modules in load
@@ -265,7 +265,7 @@ def fetch_vfio_modules(spec: MachineSpec, manifest: Manifest, root: Path,
             ir.dpkg_extract(deb, tmp / "kernel")
             deb.unlink()
         moddir = _module_dir(tmp / "kernel", manifest.kernel_release)
-        loaded = _write_vfio(moddir, manifest.kernel_release, tmp / "vfio", directory)
+        loaded = write_vfio_archive(moddir, manifest.kernel_release, tmp / "vfio", directory)
         progress(f"{spec.name}: vfio modules {', '.join(loaded)}")
     except MachineError as exc:
         progress(f"{spec.name}: vfio modules not fetched: {exc}")
