@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmmem.errors import InputError
-from kvmmem.host import PROT_READ, PROT_WRITE, Mm
+from kvmmem.host import PROT_READ, PROT_WRITE, Mm, NotifierEvent, RecordingNotifier
 from kvmmem.host.huge_memory import split_huge_pmd_op
 from kvmmem.host.validate import validate_mm
 from kvmmem.host.vfio import (
@@ -142,6 +142,93 @@ def test_partial_munmap_and_mprotect_of_a_special_pmd() -> None:
     assert pte is not None and pte.huge_size == PAGE_SIZE
     drive(split_huge_pmd_op(mm, (hva + M2) >> 21))
     assert mm.host_pte(hva + M2) is None
+    validate_mm(mm)
+
+
+G1 = 1 << 30
+
+
+def pud_mm(*, align: bool = True) -> tuple[Mm, int, RecordingNotifier]:
+    """A 1 GiB BAR at a 1 GiB-aligned address on an x86-like mm (PMD and PUD leaves)."""
+    mm, hva = bar_mm(align=align, size=G1)
+    mm.huge_pfnmap = ("pud", "pmd")
+    rec = RecordingNotifier()
+    mm.mmu_notifier_register(rec)
+    return mm, hva, rec
+
+
+@pytest.mark.parametrize(("align", "offset", "size"), [
+    (False, 0, G1), (False, 0x5000, PAGE_SIZE), (False, 3 * M2, M2),
+    (True, 0x5000, G1), (True, G1 - PAGE_SIZE, G1)])
+def test_pud_leaf_on_x86(align: bool, offset: int, size: int) -> None:
+    """x86 (ARCH_SUPPORTS_PUD_PFNMAP, v6.12): the fault tries huge_fault(PUD_ORDER) while
+    the PUD is empty, then PMD_ORDER.  Before v6.15 only a fault at the aligned address
+    gets the leaf (at 3*2M: the PMD; at 0x5000: a page); since then the block around it."""
+    mm, hva, _ = pud_mm(align=align)
+    mm.host_read(hva + offset, 8)
+    pte = mm.host_pte(hva + offset)
+    vma = mm.vma_lookup(hva)
+    assert pte is not None and vma is not None and vma.file is not None
+    assert pte.huge_size == size and mm.mapping_size(hva + offset) == size
+    assert pte.pfn == vma.file.device_base + (offset >> 12)
+    validate_mm(mm)
+
+
+def test_arm64_has_no_pud_pfnmap_leaves() -> None:
+    """arm64 selects ARCH_SUPPORTS_PMD_PFNMAP only: a 1 GiB BAR gets PMD leaves."""
+    mm, hva = bar_mm(size=G1)
+    mm.huge_pfnmap = ("pmd",)
+    mm.host_read(hva + 0x5000, 8)
+    assert mm.mapping_size(hva + 0x5000) == M2
+
+
+def test_a_cut_pud_leaf_is_cleared_whole() -> None:
+    """zap_pud_range / change_pud_range: a range that does not cover the PUD leaf splits
+    it, and splitting a special PUD clears it (__split_huge_pud_locked): one
+    MMU_NOTIFY_CLEAR over the whole 1 GiB; the next fault (the PUD is no longer empty
+    in the kernel once a PMD table is there) refills it."""
+    mm, hva, rec = pud_mm()
+    mm.host_read(hva, 8)
+    rec.log.clear()
+    mm.mprotect(hva + M2, M2, PROT_READ)
+    assert (hva, hva + G1, NotifierEvent.CLEAR) in rec.starts()
+    assert mm.host_pte(hva) is None and mm.host_pte(hva + G1 - PAGE_SIZE) is None
+    mm.host_read(hva + M2, 8)  # the mprotected PMD: read-only now, PMD-sized
+    pte = mm.host_pte(hva + M2)
+    assert pte is not None and pte.huge_size == M2 and not pte.writable
+    validate_mm(mm)
+    mm2, hva2, rec2 = pud_mm()
+    mm2.host_read(hva2, 8)
+    rec2.log.clear()
+    mm2.munmap(hva2 + G1 - M2, M2)
+    assert (hva2, hva2 + G1, NotifierEvent.CLEAR) in rec2.starts()
+    assert mm2.host_pte(hva2) is None
+    validate_mm(mm2)
+
+
+def test_mprotect_of_a_whole_pud_leaf_keeps_it() -> None:
+    """change_huge_pud: mprotect over the whole 1 GiB rewrites the leaf in place."""
+    mm, hva, _ = pud_mm()
+    mm.host_write(hva, 8, 5)
+    mm.mprotect(hva, G1, PROT_READ)
+    pte = mm.host_pte(hva + 0x1234_5000)
+    assert pte is not None and pte.huge_size == G1 and not pte.writable
+    assert mm.host_read(hva, 8) == 5
+    validate_mm(mm)
+
+
+@pytest.mark.parametrize(("dest", "kept"), [(HVA + 4 * G1, True),
+                                             (HVA + 4 * G1 + M2, False)])
+def test_mremap_moves_a_pud_leaf_whole_or_clears_it(dest: int, kept: bool) -> None:
+    """move_page_tables: a PUD leaf moves as one entry when the whole of it moves to a
+    PUD-aligned place (move_pgt_entry HPAGE_PUD); otherwise it is split (cleared) and
+    the new place refaults."""
+    mm, hva, _ = pud_mm()
+    mm.host_write(hva + 0x3000, 8, 9)
+    new = mm.mremap(hva, G1, G1, maymove=True, fixed_addr=dest)
+    pte = mm.host_pte(new + 0x3000)
+    assert (pte is not None and pte.huge_size == G1) is kept
+    assert mm.host_read(new + 0x3000, 8) == 9
     validate_mm(mm)
 
 

@@ -110,19 +110,52 @@ def test_x86_vfio_bar_level_follows_the_host_leaf(variant: str, offset: int,
     assert vm.mm.host_read(hva + offset, 4) == 0x77
 
 
-@pytest.mark.parametrize(("variant", "size"), [("6.11", M2), ("7.2", M2), ("7.3", M2)])
-def test_arm64_vfio_bar_block_from_the_vma(variant: str, size: int) -> None:
+@pytest.mark.parametrize(("variant", "offset", "size"), [
+    ("6.11", 0, P), ("6.12", 0, 1 << 30), ("6.12", 0x5000, P), ("upstream", 0x5000, 1 << 30)])
+def test_x86_vfio_bar_1g_spte_from_a_pud_leaf(variant: str, offset: int, size: int) -> None:
+    """x86 host_pfn_mapping_level reads a PUD special leaf too (v6.12): a 1 GiB BAR at a
+    1 GiB-aligned address behind a 1 GiB-aligned slot gets a 1G SPTE (pages_1g), as on
+    real x86 6.12 and 7.x; 6.11's 4K PTEs give 4K SPTEs.  Until v6.15 a fault that is
+    not at the PUD's start inserts a page."""
+    vm, hva = vm_with("x86", "vfio-bar", variant=variant, size=1 << 30,
+                      hva=0x7E00_0000_0000)
+    assert access(vm, G + offset, WRITE, 3) == {"result": "ok"}
+    leaf = vm.stage2.walk(G + offset)
+    assert leaf is not None and leaf.size == size and leaf.attr is MemAttr.DEVICE
+    assert vm.stats.pages_1g == (1 if size == 1 << 30 else 0)
+    assert vm.mm.host_read(hva + offset, 4) == 3
+
+
+@pytest.mark.parametrize(("variant", "size"), [("6.11", M2), ("7.2", M2), ("7.3", M2),
+                                                ("debian-6.12", M2)])
+def test_arm64_vfio_bar_block(variant: str, size: int) -> None:
     """arm64 sizes a VM_PFNMAP fault from the VMA until the 7.3-cycle fix: with the
     post-v6.10 vm_pgoff (region offset 0) get_vma_page_shift's guessed address is
     congruent with the hva whenever vm_start is 2M aligned, so a 2M Normal-NC block
-    whatever the host's leaves (6.11: 4K PTEs); from 7.3 the host's leaf sizes it, and
-    vfio's huge_fault gave the host a PMD special leaf: a 2M block again (real arm64
-    6.12.117, 7.2 and 7.3: docs/findings.md 14)."""
+    whatever the host's leaves (6.11: 4K PTEs).  After the fix (7.3, Debian 6.12.117)
+    the host's leaf sizes it: vfio-pci's PMD special leaf (v6.12), the same 2M block,
+    as real arm64 6.12.117, 7.2 and 7.3 show (one fault per 2 MiB)."""
     vm, hva = vm_with("arm64", "vfio-bar", variant=variant)
     assert access(vm, G + 5 * P) == {"result": "ok", "value": 0}
     leaf = vm.stage2.walk(G + 5 * P)
     assert leaf is not None and leaf.size == size
     assert leaf.pfn == vm.mm.follow_pfnmap(hva + 5 * P)[0]
+    assert access(vm, G + 511 * P) == {"result": "ok", "value": 0}
+    assert vm.stats.pf_fixed == 1
+
+
+@pytest.mark.parametrize(("variant", "size"), [("7.2", M2), ("7.3", P)])
+def test_arm64_pfnmap_behind_ptes_after_the_fix(variant: str, size: int) -> None:
+    """A VM_PFNMAP VMA whose host mapping is 4K PTEs (``remap_pfn_range`` at mmap, kind
+    ``device``), at a 2M-aligned address with a congruent vm_pgoff: the VMA guess maps a
+    2M block until the fix (7.2), the host's PTE maps one page after it (7.3)."""
+    vm, hva = vm_with("arm64", "device", variant=variant)
+    vma = vm.mm.vma_lookup(hva)
+    assert vma is not None and (vma.pgoff << 12) % M2 == 0
+    assert access(vm, G + 5 * P) == {"result": "ok", "value": 0}
+    leaf = vm.stage2.walk(G + 5 * P)
+    assert leaf is not None and leaf.size == size
+    assert vm.mm.mapping_size(hva + 5 * P) == P
 
 
 # --- cacheable device memory ------------------------------------------------------------

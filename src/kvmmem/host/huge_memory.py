@@ -25,9 +25,11 @@ from kvmmem.host.pagetable import (
     PTE_DIRTY,
     PTE_MIGRATION,
     PTE_PRESENT,
+    PTE_PUD,
     PTE_SPECIAL,
     PTE_WRITE,
     PTE_YOUNG,
+    pud_slot_range,
 )
 from kvmmem.host.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_HUGETLB, RAM_BASE_PFN
 from kvmmem.host.rmap import anon_vma_prepare
@@ -45,6 +47,9 @@ def split_huge_pmd_op(mm: MmStruct, idx: int) -> Op[None]:
     zero-page PTEs."""
     leaf = mm.pt.pmd.get(idx)
     if not isinstance(leaf, int) or is_hugetlb_leaf(mm, leaf):
+        return
+    if leaf & PTE_PUD:
+        yield from split_huge_pud_op(mm, idx)
         return
     pg = mm.pg
     haddr = idx << pg.pmd_shift
@@ -67,6 +72,23 @@ def split_huge_pmd_op(mm: MmStruct, idx: int) -> Op[None]:
             arr[:] = ((np.arange(ppm, dtype=np.int64) + head) << PFN_SHIFT) | bits
             if not bits & PTE_MIGRATION:
                 mm.physmem.get_pages(np.array([head], dtype=np.int64), ppm - 1)
+    yield from invalidate_range_end_op(mm, rng)
+
+
+def split_huge_pud_op(mm: MmStruct, idx: int) -> Op[None]:
+    """``__split_huge_pud()`` on a special PFNMAP PUD leaf (the only PUD leaves the
+    model holds; PMD index ``idx`` lies in it): MMU_NOTIFY_CLEAR over the PUD, then the
+    entry is cleared (``__split_huge_pud_locked``: ``vma_is_special_huge``), all of its
+    PMD slots; the driver's fault handler refills the range."""
+    pt = mm.pt
+    slots = pud_slot_range(pt, idx)
+    haddr = slots.start << pt.pmd_shift
+    rng = yield from invalidate_range_start_op(mm, haddr, haddr + mm.pg.pud_size,
+                                               NotifierEvent.CLEAR)
+    for i in slots:
+        leaf = pt.pmd.get(i)
+        if isinstance(leaf, int) and leaf & PTE_PUD:
+            del pt.pmd[i]
     yield from invalidate_range_end_op(mm, rng)
 
 

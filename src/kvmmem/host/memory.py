@@ -38,6 +38,7 @@ from kvmmem.host.pagetable import (
     PTE_DIRTY,
     PTE_MIGRATION,
     PTE_PRESENT,
+    PTE_PUD,
     PTE_SPECIAL,
     PTE_WRITE,
     PTE_YOUNG,
@@ -73,6 +74,13 @@ def zap_page_range_op(
         lo = max(start, base)
         hi = min(end, base + pmd_size)
         if isinstance(slot, int):
+            if slot & PTE_PUD:
+                # zap_pud_range: a PUD leaf the range does not cover is split (a
+                # special one is cleared whole); a covered one goes slot by slot below
+                pud_base = base & ~(mm.pg.pud_size - 1)
+                if start > pud_base or end < pud_base + mm.pg.pud_size:
+                    yield from split_huge_pmd_op(mm, idx)
+                    continue
             if hi - lo != pmd_size:
                 if is_hugetlb_leaf(mm, slot):
                     continue  # callers align hugetlb ranges
@@ -157,12 +165,20 @@ def handle_mm_fault_op(mm: MmStruct, vma: Vma, hva: int, write: bool) -> Op[int]
     if slot is None:
         if thp_suitable(mm, vma, hva):
             return do_huge_pmd_anonymous_page(mm, vma, hva, write)
-        # create_huge_pmd -> vm_ops->huge_fault(vmf, PMD_ORDER): a PFNMAP VMA with a
-        # huge_fault handler gets PMD orders on a page fault whatever the THP sysfs
-        # setting (v6.12, "mm: Allow THP orders for PFNMAPs")
-        if is_vfio_bar(vma.file) and "pmd" in mm.huge_pfnmap \
-                and vfio_pci_mmap_huge_fault(mm, vma, hva, pt.pmd_size) != VM_FAULT_FALLBACK:
-            return VM_FAULT_OK
+        # create_huge_pud / create_huge_pmd -> vm_ops->huge_fault(vmf, PUD_ORDER, then
+        # PMD_ORDER): a PFNMAP VMA with a huge_fault handler gets those orders on a page
+        # fault whatever the THP sysfs setting (v6.12, "mm: Allow THP orders for
+        # PFNMAPs"); the PUD order only while the PUD is empty (pud_none: the model
+        # reads that as no PMD slot in the PUD's range)
+        if is_vfio_bar(vma.file):
+            if "pud" in mm.huge_pfnmap \
+                    and not pt.pud_populated(hva >> mm.pg.pud_shift) \
+                    and vfio_pci_mmap_huge_fault(mm, vma, hva, mm.pg.pud_size) \
+                    != VM_FAULT_FALLBACK:
+                return VM_FAULT_OK
+            if "pmd" in mm.huge_pfnmap and vfio_pci_mmap_huge_fault(
+                    mm, vma, hva, pt.pmd_size) != VM_FAULT_FALLBACK:
+                return VM_FAULT_OK
         slot = pt.new_table(idx)
     i = (hva >> pt.page_shift) & pt.pte_mask
     e = slot[i]

@@ -24,6 +24,7 @@ from kvmmem.host.pagetable import (
     PTE_MIGRATION,
     PTE_PRESENT,
     PTE_PROTNONE,
+    PTE_PUD,
     PTE_SPECIAL,
     PTE_WRITE,
     PTE_YOUNG,
@@ -203,6 +204,13 @@ def change_pte_range_op(mm: MmStruct, vma: Vma, start: int, end: int) -> Op[None
         base = idx << pmd_shift
         lo, hi = max(start, base), min(end, base + pmd_size)
         if isinstance(slot, int):
+            if slot & PTE_PUD:
+                # change_pud_range: a PUD leaf the range does not cover is split (a
+                # special one is cleared whole); change_huge_pud rewrites a covered one
+                pud_base = base & ~(mm.pg.pud_size - 1)
+                if start > pud_base or end < pud_base + mm.pg.pud_size:
+                    yield from split_huge_pmd_op(mm, idx)
+                    continue
             if hi - lo != pmd_size and not vma.is_hugetlb():
                 yield from split_huge_pmd_op(mm, idx)
                 slot = pt.pmd.get(idx)

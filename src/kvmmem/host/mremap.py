@@ -19,7 +19,7 @@ from kvmmem.host.mm_types import (
 )
 from kvmmem.host.mmap import detach_range_op, do_munmap_op, get_unmapped_area
 from kvmmem.host.notifier import NotifierEvent
-from kvmmem.host.pagetable import set_pte
+from kvmmem.host.pagetable import PTE_PUD, set_pte
 from kvmmem.host.vma import VM_DONTEXPAND, VM_MAYSHARE, VM_PFNMAP, VM_SHARED, Vma
 from kvmmem.host.vma_tree import vma_link, vma_merge
 from kvmmem.sync import Op, drive
@@ -231,8 +231,16 @@ def move_page_tables_op(mm: MmStruct, old: int, new: int, length: int) -> Op[Non
         slot = pt.pmd.get(idx)
         base = idx << pmd_shift
         if isinstance(slot, int):
-            if (base >= old and base + pmd_size <= old + length
-                    and (base + delta) % pmd_size == 0):
+            # a PUD leaf moves whole when its whole range moves PUD-aligned (move_pgt_entry
+            # HPAGE_PUD), else it is split (cleared: special) first
+            whole = pmd_size
+            if slot & PTE_PUD:
+                whole = mm.pg.pud_size
+                base_w = base & ~(whole - 1)
+            else:
+                base_w = base
+            if (base_w >= old and base_w + whole <= old + length
+                    and (base_w + delta) % whole == 0):
                 del pt.pmd[idx]
                 pt.pmd[(base + delta) >> pmd_shift] = slot
                 continue

@@ -43,6 +43,11 @@ PTE_PROTNONE = 1 << 5
 """``pte_protnone``: present but inaccessible (PROT_NONE VMA)."""
 PTE_MIGRATION = 1 << 6
 """A migration entry (non-present; faults wait for the migration to end)."""
+PTE_PUD = 1 << 7
+"""Part of a PUD leaf (``pud_leaf``: a 1 GiB special PFNMAP entry that
+``vmf_insert_pfn_pud`` installed, v6.12, x86).  The model holds it as the PMD slots it
+covers, each a huge leaf of its own frames with this bit; they are made, cleared and
+changed together (:func:`kvmmem.host.huge_memory.split_huge_pud_op`)."""
 PFN_SHIFT = 12
 PTE_FLAGS_MASK = (1 << PFN_SHIFT) - 1
 
@@ -93,7 +98,8 @@ def decode(entry: int, hva: int, huge: bool, pg: PageGeometry = PAGES_4K) -> Hos
         writable=bool(entry & PTE_WRITE),
         dirty=bool(entry & PTE_DIRTY),
         young=bool(entry & PTE_YOUNG),
-        huge_size=pg.pmd_size if huge else pg.page_size,
+        huge_size=(pg.pud_size if entry & PTE_PUD else pg.pmd_size) if huge
+        else pg.page_size,
         special=bool(entry & PTE_SPECIAL),
         protnone=bool(entry & PTE_PROTNONE),
         page_shift=pg.page_shift,
@@ -215,9 +221,19 @@ def touch_pte(pt: PageTable, addr: int, write: bool) -> None:
 
 
 def mapping_size(pt: PageTable, addr: int) -> int:
-    """``host_pfn_mapping_level`` as bytes: ``PMD_SIZE`` for a huge leaf, ``PAGE_SIZE``
-    for a PTE, 0 when nothing usable is present (none, or a migration entry)."""
+    """``host_pfn_mapping_level`` as bytes: ``PUD_SIZE`` / ``PMD_SIZE`` for a huge leaf,
+    ``PAGE_SIZE`` for a PTE, 0 when nothing usable is present (none, or a migration
+    entry)."""
     e, huge = pt.entry(addr)
     if not e & PTE_PRESENT or e & PTE_MIGRATION:
         return 0
-    return pt.pmd_size if huge else 1 << pt.page_shift
+    if huge:
+        return pt.pg.pud_size if e & PTE_PUD else pt.pmd_size
+    return 1 << pt.page_shift
+
+
+def pud_slot_range(pt: PageTable, idx: int) -> range:
+    """The PMD indices of the PUD-sized region that PMD index ``idx`` lies in."""
+    n = 1 << (pt.pg.pud_shift - pt.pmd_shift)
+    lo = idx & ~(n - 1)
+    return range(lo, lo + n)

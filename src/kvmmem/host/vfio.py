@@ -37,6 +37,7 @@ from kvmmem.host.pagetable import (
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_PRESENT,
+    PTE_PUD,
     PTE_SPECIAL,
     PTE_WRITE,
     PTE_YOUNG,
@@ -132,9 +133,10 @@ def vfio_pci_mmap_fault(mm: MmStruct, vma: Vma, hva: int) -> int:
 
 
 def vfio_pci_mmap_huge_fault(mm: MmStruct, vma: Vma, hva: int, size: int) -> int:
-    """``vfio_pci_mmap_huge_fault(vmf, order)`` for a PMD (or PUD) ``size``: a special
-    leaf of that size, or VM_FAULT_FALLBACK.  The caller found the slot empty
-    (``pmd_none``); the leaf is stored at the aligned address.
+    """``vfio_pci_mmap_huge_fault(vmf, order)`` for a PMD or PUD ``size``: a special
+    leaf of that size, or VM_FAULT_FALLBACK (also where the architecture has no such
+    leaves: ``mm.huge_pfnmap``).  The caller found the entry empty (``pmd_none`` /
+    ``pud_none``); the leaf is stored at the aligned address.
 
     Before v6.15 the fault address itself must be aligned and the block fit the VMA
     (and from v6.13 its pfn be aligned); since v6.15 the aligned-down block must lie in
@@ -143,9 +145,8 @@ def vfio_pci_mmap_huge_fault(mm: MmStruct, vma: Vma, hva: int, size: int) -> int
     (x86 masks it with ``PHYSICAL_PMD_PAGE_MASK``; arm64 block descriptors hold no
     bits below the block), so the block maps the frames before the intended ones."""
     pg = mm.pg
-    if mm.vfio_pci_mmap < VFIO_HUGE_FAULT or size != pg.pmd_size \
-            or "pmd" not in mm.huge_pfnmap:
-        # a PUD order is not offered: the host page table model holds no PUD leaves
+    level = {pg.pmd_size: "pmd", pg.pud_size: "pud"}.get(size)
+    if mm.vfio_pci_mmap < VFIO_HUGE_FAULT or level not in mm.huge_pfnmap:
         return VM_FAULT_FALLBACK
     npages = size >> pg.page_shift
     page = hva & pg.page_mask
@@ -161,7 +162,13 @@ def vfio_pci_mmap_huge_fault(mm: MmStruct, vma: Vma, hva: int, size: int) -> int
                 or (mm.vfio_huge_fault_pfn_check and pfn & (npages - 1)):
             return VM_FAULT_FALLBACK
     leaf = ((pfn & ~(npages - 1)) << PFN_SHIFT) | _leaf_bits(vma)
-    mm.pt.pmd[addr >> pg.pmd_shift] = leaf
+    if level == "pmd":
+        mm.pt.pmd[addr >> pg.pmd_shift] = leaf
+        return VM_FAULT_OK
+    # vmf_insert_pfn_pud: one PUD leaf, held as the PMD slots it covers (PTE_PUD)
+    for i in range(size >> pg.pmd_shift):
+        mm.pt.pmd[(addr >> pg.pmd_shift) + i] = \
+            (leaf + ((i * pg.pages_per_pmd) << PFN_SHIFT)) | PTE_PUD
     return VM_FAULT_OK
 
 

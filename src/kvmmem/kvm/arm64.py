@@ -112,7 +112,8 @@ def vma_pagesize(variant: Variant, slot: MemorySlot, vma: Vma, hva: int, logging
         force_pte = True
     elif vma.flags & VM_PFNMAP and not variant.arm64_pfnmap_vma_block:
         # "Don't use the VMA to size stage-2 block mappings for VM_PFNMAP" (7.3
-        # cycle, stable down to 5.10): the host page table's leaf decides, below
+        # cycle, stable down to 5.10): the host page table's leaf decides, once the
+        # pfn is known (in user_mem_abort)
         vma_shift = pg.page_shift
     else:
         vma_shift = get_vma_page_shift(vma, hva)

@@ -104,9 +104,9 @@ class X86Kvm(ArchKvm):
     nr_address_spaces = 2
     has_pre_fault_memory = True
     max_level_size = PUD_SIZE
-    huge_pfnmap = ("pmd",)
-    """x86 has PMD and PUD special PFNMAP leaves (v6.12); the host page table model holds
-    no PUD leaves, so a PUD ``huge_fault`` falls back to PMDs here."""
+    huge_pfnmap = ("pud", "pmd")
+    """x86 has PMD and PUD special PFNMAP leaves (``CONFIG_ARCH_SUPPORTS_PMD_PFNMAP`` /
+    ``_PUD_PFNMAP``, v6.12)."""
 
     def elide_tlb_flush_if_young(self, vm: Kvm) -> bool:
         """x86 selects ``CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`` (v6.13;
