@@ -396,3 +396,27 @@ def test_compare_explain_names_where_the_paths_part() -> None:
     assert setup["decided"][1] is None  # upstream makes the slot: nothing refused it
     assert "divergences" in cmp.to_json()
     assert "divergences" not in compare_runs(scn, ["arm64"], ["upstream"]).to_json()
+
+
+def test_cli_explain_without_and_with_step_numbers() -> None:
+    """Through the console entry point: ``--explain`` followed by another option explains
+    every step; ``--explain 1`` only step 1; ``explore --explain`` needs ``--replay``."""
+    import json
+    import subprocess
+
+    path = str(SCENARIOS / "pfnmap-dmabuf-no-fwb.yaml")
+
+    def kvmmem(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kvmmem", *args], capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    every = json.loads(kvmmem("run", path, "--explain", "--json").stdout)
+    assert all("explain" in o for o in every["steps"] + every["setup"])
+    one = json.loads(kvmmem("run", path, "--explain", "1", "--json").stdout)
+    assert ["explain" in o for o in one["steps"]] == [False, True, False]
+    assert not any("explain" in o for o in one["setup"])
+    bad = kvmmem("run", path, "--explain", "7")
+    assert bad.returncode == 2 and "steps 0 .. 2, not 7" in bad.stderr
+    race = kvmmem("explore", str(SCENARIOS / "race-device-write-vs-mprotect.yaml"),
+                  "--explain")
+    assert race.returncode == 2 and "--replay" in race.stderr

@@ -87,7 +87,8 @@ def optional_values(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console entry point: kvmmem's own errors become one line and exit 2."""
     try:
-        app(optional_values(sys.argv[1:]))
+        sys.argv[1:] = optional_values(sys.argv[1:])
+        app()
     except (InputError, KernelError) as exc:
         typer.echo(f"kvmmem: error: {exc}", err=True)
         sys.exit(2)
