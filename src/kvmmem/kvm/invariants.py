@@ -17,6 +17,7 @@ an error once no invalidation covers it.  Slots being deleted or moved
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from kvmmem.errors import KernelError, ValidationError
@@ -37,6 +38,7 @@ from kvmmem.kvm.mmu_notifier import INVALID_GPA
 from kvmmem.kvm.vm import Vm
 
 if TYPE_CHECKING:
+    from kvmmem.arch.pgtable_types import Leaf
     from kvmmem.kvm.memslot import MemorySlot
 
 INVARIANTS = (
@@ -63,17 +65,37 @@ def _slot_of(vm: Vm, gfn: int) -> MemorySlot | None:
     return vm.memslots.gfn_to_memslot(gfn, 0, include_invalid=True)
 
 
-def _for_each_mapped_page(vm: Vm) -> list[tuple[int, int, bool, bool, str]]:
-    """(gfn, pfn, writable, device, source) for every stage-2 page and TLB entry."""
+def _for_each_mapped_page(vm: Vm, gfns: Collection[int] | None = None
+                          ) -> list[tuple[int, int, bool, bool, str]]:
+    """(gfn, pfn, writable, device, source) for every stage-2 page and TLB entry
+    (of the pages ``gfns`` only, when given)."""
     out: list[tuple[int, int, bool, bool, str]] = []
     shift = vm.pg.page_shift
-    for leaf in vm.stage2.for_each_leaf():
+    for leaf in _leaves(vm, gfns):
         for i in range(leaf.size >> shift):
-            out.append(((leaf.gpa >> shift) + i, leaf.pfn + i, leaf.writable,
-                        leaf.device, "stage-2"))
+            gfn = (leaf.gpa >> shift) + i
+            if gfns is None or gfn in gfns:
+                out.append((gfn, leaf.pfn + i, leaf.writable, leaf.device, "stage-2"))
     for vcpu in vm.vcpus:
         for gfn, entry in vcpu.tlb.items():
+            if gfns is not None and gfn not in gfns:
+                continue
             out.append((gfn, entry.pfn, entry.writable, False, f"vcpu{vcpu.index} TLB"))
+    return out
+
+
+def _leaves(vm: Vm, gfns: Collection[int] | None) -> list[Leaf]:
+    """The stage-2 leaves (covering one of ``gfns``, when given), in gpa order."""
+    if gfns is None:
+        return list(vm.stage2.for_each_leaf())
+    shift = vm.pg.page_shift
+    out: list[Leaf] = []
+    seen: set[int] = set()
+    for gfn in sorted(gfns):
+        for leaf in vm.stage2.for_each_leaf(gfn << shift, (gfn + 1) << shift):
+            if leaf.gpa not in seen:
+                seen.add(leaf.gpa)
+                out.append(leaf)
     return out
 
 
@@ -86,12 +108,13 @@ def served_from_gmem(vm: Vm, slot: MemorySlot, gfn: int) -> bool:
     return kvm_slot_has_gmem(slot) and vm.has_private_mem and kvm_mem_is_private(vm, gfn)
 
 
-def validate_no_stale_translation(vm: Vm) -> None:
+def validate_no_stale_translation(vm: Vm, gfns: Collection[int] | None = None) -> None:
     """Invariant 1: every valid stage-2 leaf and TLB entry maps its gfn to the
-    pfn the host page table maps the slot's hva to; no freed frame is mapped."""
+    pfn the host page table maps the slot's hva to; no freed frame is mapped.
+    ``gfns``: check only the entries of these pages."""
     mm = vm.mm
     pm = mm.physmem
-    for gfn, pfn, _w, _d, source in _for_each_mapped_page(vm):
+    for gfn, pfn, _w, _d, source in _for_each_mapped_page(vm, gfns):
         if _invalidation_covers(vm, gfn):
             continue
         slot = _slot_of(vm, gfn)
@@ -128,11 +151,12 @@ def validate_no_stale_translation(vm: Vm) -> None:
                                   f"maps hva {hva:#x} to {host}")
 
 
-def validate_permission_containment(vm: Vm) -> None:
+def validate_permission_containment(vm: Vm, gfns: Collection[int] | None = None) -> None:
     """Invariant 2: a writable entry needs a writable slot, a VMA with
-    VM_WRITE, a writable host PTE and, under dirty logging, a dirty bit."""
+    VM_WRITE, a writable host PTE and, under dirty logging, a dirty bit.
+    ``gfns``: check only the entries of these pages."""
     mm = vm.mm
-    for gfn, _pfn, writable, _d, source in _for_each_mapped_page(vm):
+    for gfn, _pfn, writable, _d, source in _for_each_mapped_page(vm, gfns):
         if not writable or _invalidation_covers(vm, gfn):
             continue
         slot = _slot_of(vm, gfn)
@@ -174,17 +198,18 @@ def validate_permission_containment(vm: Vm) -> None:
                                   "write through it would be missed")
 
 
-def validate_memory_type(vm: Vm) -> None:
+def validate_memory_type(vm: Vm, gfns: Collection[int] | None = None) -> None:
     """Invariant 3: frames without struct page are mapped device/uncached,
     RAM normal cacheable (riscv G-stage has no attribute bits: its PMAs decide).
     Device memory the device exposes cacheable (Grace-style, ``device-cacheable``) may
     be mapped cacheable where the CPU needs no cache maintenance for it: FWB and DIC
-    (arm64 ``kvm_supports_cacheable_pfnmap``)."""
+    (arm64 ``kvm_supports_cacheable_pfnmap``).  ``gfns``: check only the leaves
+    covering these pages."""
     if not vm.arch.has_memory_type:
         return
     pm = vm.mm.physmem
     coherent = {"fwb", "dic"} <= vm.cpu_features
-    for leaf in vm.stage2.for_each_leaf():
+    for leaf in _leaves(vm, gfns):
         is_ram = pm.pfn_valid(leaf.pfn)
         if is_ram and leaf.device:
             raise ValidationError("memory-type", f"gpa {leaf.gpa:#x}: RAM pfn {leaf.pfn:#x} "
@@ -202,11 +227,15 @@ def validate_break_before_make(vm: Vm) -> None:
         vm.stage2.validate_bbm()
 
 
-def validate_vm(vm: Vm) -> None:
-    """Every per-step invariant (1, 2, 3, 6, 7); raises ValidationError."""
-    validate_no_stale_translation(vm)
-    validate_permission_containment(vm)
-    validate_memory_type(vm)
+def validate_vm(vm: Vm, gfns: Collection[int] | None = None) -> None:
+    """Every per-step invariant (1, 2, 3, 6, 7); raises ValidationError.
+
+    ``gfns``: only the entries of these pages (and break-before-make), for a
+    caller that knows nothing else changed since the last full check
+    (the explorer's incremental check, kvmmem.explore.execution)."""
+    validate_no_stale_translation(vm, gfns)
+    validate_permission_containment(vm, gfns)
+    validate_memory_type(vm, gfns)
     validate_break_before_make(vm)
 
 
