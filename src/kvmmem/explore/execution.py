@@ -54,6 +54,11 @@ step types: the model publishes each while it is open, and
 from __future__ import annotations
 
 import copy
+import copyreg
+import hashlib
+import io
+import pickle
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,15 +70,21 @@ from kvmmem.scenario.model import (
     MEMSLOT_FLAGS,
     STEP_TYPES,
     GuestAccess,
+    GuestExec,
+    GuestRead,
+    GuestWrite,
+    Prefault,
     Scenario,
     Step,
     prot_letters,
 )
 from kvmmem.scenario.runner import Runner, expectation_holds
 from kvmmem.sync import Sync, SyncKind, acquire, point
+from kvmmem.types import EXEC_FETCH_SIZE, PageGeometry, page_geometry
 
 from .fingerprint import Canon, StatePickler
-from .threads import Footprint, LockOp, LockProtocolError, OpThread, Threads
+from .footprint import FRAME_FIELDS, Footprint, Key, Tracker, View
+from .threads import LockOp, LockProtocolError, OpThread, Threads
 
 EXPECTATION = "expectation"
 """The name a failed step expectation is reported under (not an invariant:
@@ -115,6 +126,19 @@ class Violation:
         return {"invariant": self.invariant, "step": self.after, "detail": self.detail}
 
 
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """A state as the search sees it: its page-keyed :class:`~kvmmem.explore.footprint.View`,
+    the digest of the rest of the host and VM (``glob``), of all of the host and VM
+    (``data``) and of everything, threads and locks included (``full``)."""
+
+    view: View
+    glob: bytes
+    data: bytes
+    full: bytes
+    windows: Windows | None
+
+
 # --- threads -----------------------------------------------------------------------------
 
 
@@ -153,12 +177,10 @@ class Execution:
             raise InputError(f"{scenario.source}: {scenario.name} has steps, not threads: "
                              "run it with `kvmmem run`")
         self.scenario = scenario
-        self.runner = runner = Runner(scenario, arch, variant, trace=trace)
+        runner, setup = _set_up(scenario, arch, variant, trace)
+        self.runner = runner
         self.vm = runner.vm
-        runner.make_memory()
-        self.setup: list[dict[str, Any]] = []
-        for slot in scenario.memslots:
-            self.setup.append({"step": slot.index, "op": "set_memslot", **runner.do(slot)})
+        self.setup: list[dict[str, Any]] = setup
         self.sched = Threads()
         self.locks = self.sched.locks
         self.threads: list[ThreadState] = []
@@ -179,7 +201,12 @@ class Execution:
         self._opaque_self = dict(self._opaque)
         self._opaque_self[id(self)] = len(self._opaque)
         self._done_steps: list[tuple[Step, dict[str, Any]]] = []
-        self._pickler = _state_pickler(type(self), self.vm)
+        self.tracker = Tracker(self.vm)
+        self._pickler = _state_pickler(type(self), self.vm, self.tracker.frames_keyed)
+        self._observed: Observation | None = None
+        self._observed_at = -1
+        self._checked: tuple[int, Observation, Windows | None] | None = None
+        """(transitions, observation, windows) of the last state that passed the checks."""
         try:
             validate_vm(self.vm)
         except ValidationError as err:
@@ -200,9 +227,9 @@ class Execution:
     def step(self, tid: int) -> Footprint | None:
         """Run one transition of thread ``tid`` (which must be enabled).
 
-        Returns the lock part of its footprint (``writes`` is filled by the
-        caller, who fingerprints states) or None when it broke something:
-        then :attr:`violation` says what."""
+        Returns the lock part of its footprint (the rest is filled by the
+        caller, who observes states: :meth:`observe`, :meth:`reads`) or None
+        when it broke something: then :attr:`violation` says what."""
         th = self.threads[tid]
         sync = th.pending
         assert sync is not None
@@ -259,7 +286,7 @@ class Execution:
             failed.state = self.state_lines()
             self.violation = failed
             return None
-        return Footprint(False, tuple(ops))
+        return Footprint(frozenset(), False, None, tuple(ops))
 
     def _record(self, tid: int, step: Step, outcome: dict[str, Any]) -> None:
         out = {"step": step.index, "op": step.op, **outcome}
@@ -289,24 +316,76 @@ class Execution:
 
     # --- checks ------------------------------------------------------------------------
 
+    cross_check = False
+    """Tests: after every incremental check also run the full one, and raise
+    AssertionError if they disagree."""
+
     def check(self) -> bool:
         """The per-step invariants on the current state; False (and
-        :attr:`violation` set) when one breaks."""
-        try:
-            validate_vm(self.vm)
-            return True
-        except ValidationError as err:
-            first = err
+        :attr:`violation` set) when one breaks.
+
+        Incremental where the change is local: when the state before this
+        transition passed, nothing but page keys changed (no global write, see
+        :mod:`kvmmem.explore.footprint`) and the exempt windows are the same,
+        only the pages whose stage-2 leaf, TLB entries or host PTE changed are
+        checked - the invariants of a page read nothing else that is not global
+        (frames only name themselves in the messages).  Otherwise, and for the
+        windows, everything is."""
         windows = self._windows()
-        if windows is not None:
-            try:
-                validate_vm(_close_windows(self.vm, windows))
-                return True
-            except ValidationError as err:
-                first = err
+        gfns = self._changed_pages(windows)
+        first = self._validate(gfns, windows)
+        if self.cross_check and gfns is not None:
+            full = self._validate(None, windows)
+            said = None if first is None else (first.invariant, first.detail)
+            if said != (None if full is None else (full.invariant, full.detail)):
+                raise AssertionError(f"incremental check of {sorted(gfns)} says {said}, "
+                                     f"the full check {full}")
+        if first is None:
+            self._checked = (self.transitions, self.observe(), windows)
+            return True
         self.violation = Violation(first.invariant, first.detail, self.transitions, self.last,
                                    self.state_lines())
         return False
+
+    def _validate(self, gfns: set[int] | None, windows: Windows | None
+                  ) -> ValidationError | None:
+        """What :func:`validate_vm` (of ``gfns``) finds, looked at again with the
+        exempt windows closed."""
+        first = _validate(self.vm, gfns)
+        if first is not None and windows is not None:
+            first = _validate(_close_windows(self.vm, windows), None)
+        return first
+
+    def _changed_pages(self, windows: Windows | None) -> set[int] | None:
+        """The pages an incremental check must look at, or None for all (see :meth:`check`)."""
+        prev = self._checked
+        if prev is None or prev[0] != self.transitions - 1 or prev[2] != windows:
+            return None
+        before = prev[1]
+        obs = self.observe()
+        if obs.glob != before.glob:
+            return None
+        keys, glob = self.tracker.writes(before.view, obs.view)
+        if glob:
+            return None
+        gfns: set[int] = set()
+        slots = self.vm.memslots
+        shift = self.vm.pg.page_shift
+        for kind, n in keys:
+            if kind == "g":
+                gfns.add(n)
+            elif kind == "h":
+                hva = n << shift
+                for slot in slots.slots_for_hva_range(hva, hva + (1 << shift)):
+                    gfns.add(slot.base_gfn + ((hva - slot.userspace_addr) >> shift))
+        return gfns
+
+    def checked_before(self, obs: Observation) -> None:
+        """The state before the next transition is ``obs`` and passed the checks
+        (a search replaying a known prefix says so: the next check may be
+        incremental)."""
+        self._observed, self._observed_at = obs, self.transitions
+        self._checked = (self.transitions, obs, obs.windows)
 
     def check_end(self) -> bool:
         """The end-of-run invariant (path independence); False on a violation.
@@ -351,17 +430,52 @@ class Execution:
         """``(data, full)`` digests of the current state: ``data`` covers the
         host and the VM (the shared data), ``full`` adds the lock table and
         every thread (where it is paused, its locals, its retry wait)."""
+        obs = self.observe()
+        return obs.data, obs.full
+
+    def observe(self, near: View | None = None) -> Observation:
+        """The current state's :class:`Observation` (computed once per state).
+        ``near``: the view of a state close to this one (the digests of the
+        parts they share are reused), when this execution observed none yet."""
+        if self._observed is not None and self._observed_at == self.transitions:
+            return self._observed
+        prev = self._observed.view if self._observed is not None else near
+        view = self.tracker.view(prev)
         rest = (self.locks.canonical(),
                 tuple((th.step, str(th.pending), th.blocked,
                        th.gen if th.pending is not None else None) for th in self.threads))
         try:
-            return self._pickler.digests((self.runner,), rest)
+            glob, everything = self._pickler.digests((self.runner,), rest)
         except Exception:  # an object pickle cannot encode: the slower generic walk
             canon = Canon(self._opaque_self)
             canon.walk(self.runner)
             data_end = canon.mark()
             canon.walk(rest)
-            return canon.digest(0, data_end), canon.digest()
+            glob, everything = canon.digest(0, data_end), canon.digest()
+        vd = view.digest()
+        obs = Observation(view, glob, _hash(glob, vd), _hash(everything, vd), self._windows())
+        self._observed = obs
+        self._observed_at = self.transitions
+        return obs
+
+    def reads(self, tid: int) -> frozenset[Key] | None:
+        """What the next transition of thread ``tid`` reads, as page keys (None:
+        anything; see :mod:`kvmmem.explore.footprint`): a guest access or a
+        prefault reads its pages, every other step anything."""
+        th = self.threads[tid]
+        if th.pending is None:
+            return None
+        index = th.step + 1 if th.pending is STEP_BEGIN else th.step
+        if not 0 <= index < len(th.steps):
+            return None
+        step = th.steps[index]
+        if isinstance(step, GuestRead | GuestWrite):
+            return self.tracker.scope(step.gpa, step.size)
+        if isinstance(step, GuestExec):
+            return self.tracker.scope(step.gpa, EXEC_FETCH_SIZE)
+        if isinstance(step, Prefault):
+            return self.tracker.scope(step.gpa, step.size)
+        return None
 
     # --- reporting -----------------------------------------------------------------------
 
@@ -413,23 +527,76 @@ class Execution:
         return out
 
 
-_PICKLERS: dict[tuple[type, ...], StatePickler] = {}
+_SETUPS: OrderedDict[tuple[int, str, str], tuple[Scenario, bytes, list[dict[str, Any]]]] = \
+    OrderedDict()
+_SETUPS_KEPT = 8
 
 
-def _state_pickler(execution: type, vm: Any) -> StatePickler:
+def _set_up(scenario: Scenario, arch: str, variant: str,
+            trace: bool) -> tuple[Runner, list[dict[str, Any]]]:
+    """A runner with the scenario's ``memory`` mapped and its ``memslots`` made,
+    and the outcomes of those memslot steps.  The model is deterministic, so
+    after the first time (per scenario, architecture and variant, in this
+    process) the result is a copy of a pickle of the first one: three times
+    cheaper than doing the setup again.  A traced runner is always made anew
+    (its event log starts empty)."""
+    key = (id(scenario), arch, variant)
+    hit = None if trace else _SETUPS.get(key)
+    if hit is not None and hit[0] is scenario:
+        _SETUPS.move_to_end(key)
+        runner: Runner = pickle.loads(hit[1])
+        return runner, [dict(out) for out in hit[2]]
+    runner = Runner(scenario, arch, variant, trace=trace)
+    runner.make_memory()
+    setup = [{"step": slot.index, "op": "set_memslot", **runner.do(slot)}
+             for slot in scenario.memslots]
+    if not trace:
+        try:
+            blob = _dumps(runner)
+        except (pickle.PicklingError, TypeError, AttributeError):  # pragma: no cover
+            return runner, setup
+        _SETUPS[key] = (scenario, blob, [dict(out) for out in setup])
+        while len(_SETUPS) > _SETUPS_KEPT:
+            _SETUPS.popitem(last=False)
+    return runner, setup
+
+
+_PICKLERS: dict[tuple[Any, ...], StatePickler] = {}
+
+
+def _state_pickler(execution: type, vm: Any, frames_keyed: bool) -> StatePickler:
     """The :class:`StatePickler` for executions of this kind (cached): the
-    scenario, its steps and the execution are opaque; the VM, the mm, the
-    stage-2 table and the memslots lose their counters, logs and in-flight
-    bookkeeping."""
-    skipping = (type(vm), type(vm.mm), type(vm.stage2), type(vm.memslots))
-    key = (execution, *skipping)
+    scenario, its steps and the execution are opaque; the VM, the mm and the
+    memslots lose their counters, logs and in-flight bookkeeping; what the
+    page-keyed :class:`~kvmmem.explore.footprint.View` holds is left out (the
+    stage-2 table, the host page table, the vCPUs' TLBs and, when keyed, the
+    frames), so that the digest tells whether anything *else* changed."""
+    skipping = (type(vm), type(vm.mm), type(vm.memslots))
+    key = (execution, *skipping, type(vm.stage2), type(vm.mm.pt), type(vm.mm.physmem),
+           type(vm.vcpus[0]) if vm.vcpus else None, frames_keyed)
     pickler = _PICKLERS.get(key)
     if pickler is None:
-        opaque: dict[type, Any] = {Scenario: lambda s: "scenario", execution: lambda e: "execution"}
+        # the variant and the memslot limits are fixed for the VM's life (and the
+        # same in every execution of a search): their names stand for them
+        opaque: dict[type, Any] = {Scenario: lambda s: "scenario", execution: lambda e: "execution",
+                                   type(vm.stage2): lambda s: "stage2",
+                                   type(vm.mm.pt): lambda p: "pt",
+                                   type(vm.variant): lambda v: ("variant", v.name),
+                                   type(vm.memslots.limits): lambda m: "limits",
+                                   PageGeometry: lambda g: ("pg", g.name)}
         for cls in STEP_TYPES.values():
             opaque[cls] = lambda st: (st.thread, st.index, st.op)
-        pickler = _PICKLERS[key] = StatePickler(opaque, skipping)
+        leave_out: dict[type, frozenset[str]] = {}
+        if vm.vcpus:
+            leave_out[type(vm.vcpus[0])] = frozenset({"tlb"})
+        if frames_keyed:
+            leave_out[type(vm.mm.physmem)] = FRAME_FIELDS
+        pickler = _PICKLERS[key] = StatePickler(opaque, skipping, leave_out)
     return pickler
+
+
+def _hash(a: bytes, b: bytes) -> bytes:
+    return hashlib.blake2b(a + b, digest_size=16).digest()
 
 
 def opaque_objects(scenario: Scenario) -> dict[int, int]:
@@ -459,6 +626,39 @@ class Windows:
         return bool(self.premap or self.logging or self.dirty or self.mm_change)
 
 
+def _validate(vm: Any, gfns: set[int] | None) -> ValidationError | None:
+    try:
+        validate_vm(vm, gfns)
+    except ValidationError as err:
+        return err
+    return None
+
+
+def _copy_vm(vm: Any) -> Any:
+    """An independent copy of ``vm`` (and its host): a pickle round trip, about
+    ten times faster than ``copy.deepcopy`` on the model's object graph."""
+    try:
+        return pickle.loads(_dumps(vm))
+    except (pickle.PicklingError, TypeError, AttributeError):  # pragma: no cover
+        return copy.deepcopy(vm)
+
+
+_COPY_TABLE: dict[type, Any] = {
+    PageGeometry: lambda g: (page_geometry, (g.page_size,)),
+}
+"""What a copy shares with the original: the page geometry (one instance per page
+size, as ``copy.deepcopy`` keeps it)."""
+
+
+def _dumps(obj: object) -> bytes:
+    """``pickle.dumps`` for copies of the model (see :data:`_COPY_TABLE`)."""
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table, **_COPY_TABLE}
+    pickler.dump(obj)
+    return buf.getvalue()
+
+
 def _close_windows(vm: Any, w: Windows) -> Any:
     """A copy of ``vm`` with the exempt windows closed: no stage-2 or TLB entry
     for a gfn of an in-flight memslot update that no slot covers yet, nor for
@@ -467,7 +667,7 @@ def _close_windows(vm: Any, w: Windows) -> Any:
     entries are checked again once it drops mmap_lock); every page of a slot
     whose logging is being switched, and of a guest write between install and
     mark_page_dirty, marked dirty (in the bitmap, or in ring mode as pushed)."""
-    clone = copy.deepcopy(vm)
+    clone = _copy_vm(vm)
 
     def drop(start: int, end: int) -> None:
         clone.zap_gfn_range(start, end)

@@ -223,10 +223,23 @@ def _reduce_generator(gen: types.GeneratorType[Any, Any, Any]) -> tuple[Any, ...
 
 
 def _reduce_skipping(obj: Any) -> tuple[Any, ...]:
-    state = {k: v for k, v in obj.__dict__.items() if k not in SKIPPED_ATTRIBUTES}
+    state = {k: v for k, v in getattr(obj, "__dict__", {}).items()
+             if k not in SKIPPED_ATTRIBUTES}
     for name in _slot_fields(type(obj)):
         state[name] = getattr(obj, name, None)
     return (_without_skipped, (type(obj).__qualname__,), state)
+
+
+def _reducer_leaving_out(names: frozenset[str]) -> Any:
+    """A reducer like :func:`_reduce_skipping` that also leaves out ``names``."""
+    def reduce(obj: Any) -> tuple[Any, ...]:
+        state = {k: v for k, v in getattr(obj, "__dict__", {}).items()
+                 if k not in SKIPPED_ATTRIBUTES and k not in names}
+        for name in _slot_fields(type(obj)):
+            if name not in names:
+                state[name] = getattr(obj, name, None)
+        return (_without_skipped, (type(obj).__qualname__,), state)
+    return reduce
 
 
 class StatePickler:
@@ -234,15 +247,19 @@ class StatePickler:
     objects are encoded field by field with pickle's memo for aliasing, and
     ``reducers`` replace what must not be encoded as is - generators become
     their code, offset, locals and delegate; classes that carry counters or
-    logs lose them; ``opaque`` types (the scenario, its steps, the execution)
-    become a fixed key.  About three times faster than :class:`Canon`; an
-    object graph pickle cannot encode raises (the caller falls back)."""
+    logs lose them (``leave_out``: and the fields named); ``opaque`` types (the
+    scenario, its steps, the execution) become a fixed key.  About three times
+    faster than :class:`Canon`; an object graph pickle cannot encode raises (the
+    caller falls back)."""
 
-    def __init__(self, opaque: dict[type, Any], skipping: tuple[type, ...]) -> None:
+    def __init__(self, opaque: dict[type, Any], skipping: tuple[type, ...],
+                 leave_out: dict[type, frozenset[str]] | None = None) -> None:
         table: dict[type, Any] = dict(copyreg.dispatch_table)
         table[types.GeneratorType] = _reduce_generator
         for cls in skipping:
             table[cls] = _reduce_skipping
+        for cls, names in (leave_out or {}).items():
+            table[cls] = _reducer_leaving_out(names)
         for cls, key_of in opaque.items():
             table[cls] = (lambda f: (lambda obj: (_opaque, (f(obj),))))(key_of)
         self.table = table

@@ -20,7 +20,7 @@ from kvmmem.errors import InputError
 from kvmmem.scenario.model import Scenario
 
 from .execution import Execution, opaque_objects
-from .threads import Footprint
+from .footprint import Footprint
 
 
 @dataclass(slots=True)

@@ -62,7 +62,8 @@ from typing import Any
 from kvmmem.errors import InputError
 from kvmmem.scenario.model import Scenario
 
-from .execution import Execution, Violation, opaque_objects
+from .execution import Execution, Observation, Violation, opaque_objects
+from .footprint import Footprint, Key
 from .schedule import (
     Chooser,
     Run,
@@ -71,18 +72,19 @@ from .schedule import (
     estimate_dfs_executions,
     run_execution,
 )
-from .threads import Footprint
 
 __all__ = ["STRATEGIES", "Combined", "Combiner", "SearchParams", "Stop", "Task",
            "count_dfs_executions", "estimate_dfs_executions", "root_tasks", "run_task"]
 
 STRATEGIES = ("dfs", "dpor", "random", "pct")
-DEFAULT_SPLIT = 4096
+DEFAULT_SPLIT = 1 << 16
 """Executions a systematic task runs before it splits (see above).  Large on
 purpose: a subtask starts from a copy of its parent's state cache and does not
-see what its siblings explore, so every split costs ``dpor`` some reduction
-(a three-thread race: 4550 executions as one task, 5114 split at 4096, 16968
-split at 2048)."""
+see what its siblings explore, so every split costs ``dpor`` reduction, and the
+more so the larger the search (two vCPUs writing two pages while userspace
+write-protects them, x86: 17,323 executions as one task, 136,838 split every
+4096).  A search within 65,536 executions is one task: parallel workers help
+the larger ones."""
 RANDOM_CHUNK = 32
 """Executions per task for ``random`` and ``pct``."""
 DEFAULT_MAX_EXECUTIONS = {"dfs": 200_000, "dpor": 200_000, "random": 1000, "pct": 1000}
@@ -177,8 +179,11 @@ class _Node:
     footprints: dict[int, Footprint]
     last: int | None
     preempt: int
-    data: bytes
+    obs: Observation | None
+    """The state (None in a subtask's forced prefix, which is only replayed)."""
     frozen: bool = False
+    reads: dict[int, frozenset[Key] | None] = field(default_factory=dict)
+    """What each thread's transition from here reads (taken before it runs)."""
 
 
 Tick = Callable[[], None]
@@ -344,11 +349,20 @@ class _Systematic(_Explorer):
         self.finish(ex, len(run.schedule),
                     run.before_last if run.end == "transition" else run.preemptions)
 
-    def _close(self, node: _Node, data: bytes) -> dict[int, Footprint]:
-        """Complete the footprint of the transition taken at ``node`` (did it
-        change shared data?) and return the sleep set of the state it led to."""
+    def _close(self, node: _Node, ex: Execution, obs: Observation) -> dict[int, Footprint]:
+        """Complete the footprint of the transition taken at ``node`` (what it
+        changed, from the states before and after; what it reads) and return
+        the sleep set of the state it led to."""
         lock_part = node.footprints[node.choice]
-        fp = Footprint(data != node.data, lock_part.locks)
+        before = node.obs
+        if before is None:
+            fp = Footprint(frozenset(), True, None, lock_part.locks)
+        else:
+            writes, glob = ex.tracker.writes(before.view, obs.view)
+            reads = node.reads.get(node.choice)
+            glob = glob or obs.glob != before.glob \
+                or (reads is not None and not writes <= reads)
+            fp = Footprint(writes, glob, reads, lock_part.locks)
         node.footprints[node.choice] = fp
         if not self.sleep_sets:
             return {}
@@ -440,16 +454,16 @@ class _Walk(Chooser):
         self.pending: _Node | None = None
         """The node whose transition led to the current state."""
         self.node: _Node | None = None
-        self.data = b""
+        self.obs: Observation | None = None
         self.sleep: dict[int, Footprint] = {}
-        self.full = b""
 
     def visit(self, ex: Execution, run: Run) -> None:
         if len(run.schedule) < self.known:
             return
-        self.data, self.full = ex.fingerprint()
-        self.search.seen(self.full)
-        self.sleep = self.search._close(self.pending, self.data) \
+        near = self.pending.obs if self.pending is not None else None
+        self.obs = obs = ex.observe(near.view if near is not None else None)
+        self.search.seen(obs.full)
+        self.sleep = self.search._close(self.pending, ex, obs) \
             if self.pending is not None else {}
 
     def choose(self, ex: Execution, enabled: list[int], run: Run) -> int | None:
@@ -457,6 +471,11 @@ class _Walk(Chooser):
         if depth < self.known:
             self.verify = depth == self.known - 1
             self.node = self.stack[depth] if self.verify else None
+            if self.node is not None:
+                if self.search.reduce:
+                    self.node.reads[self.node.choice] = ex.reads(self.node.choice)
+                if self.node.obs is not None:
+                    ex.checked_before(self.node.obs)
             return self.stack[depth].choice
         self.verify = True
         search = self.search
@@ -470,14 +489,16 @@ class _Walk(Chooser):
             frozen = True
         else:
             frozen = False
-            only = search._cached(self.full, last, enabled, preempt, self.sleep) \
-                if search.reduce else None
+            only = search._cached(self.obs.full, last, enabled, preempt, self.sleep) \
+                if search.reduce and self.obs is not None else None
             candidates = [t for t in allowed(enabled, last, preempt, search.params.preemptions)
                           if t not in self.sleep and (only is None or t in only)]
             if not candidates:
                 return None
         node = _Node(tuple(enabled), candidates[0], candidates[1:], [], self.sleep, {}, last,
-                     preempt, self.data, frozen)
+                     preempt, self.obs, frozen)
+        if search.reduce:
+            node.reads[node.choice] = ex.reads(node.choice)
         self.stack.append(node)
         self.node = node
         return node.choice
@@ -488,7 +509,8 @@ class _Walk(Chooser):
             self.pending = self.node
 
     def end(self, ex: Execution, run: Run) -> bool:
-        return self.search.end_check(ex, self.data)
+        assert self.obs is not None
+        return self.search.end_check(ex, self.obs.data)
 
 
 class _Sample(Chooser):

@@ -107,28 +107,6 @@ class LockOp:
     acquire: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Footprint:
-    """What one transition did to shared state: whether it changed any
-    shared data at all (``writes``) and which locks it took or dropped."""
-
-    writes: bool
-    locks: tuple[LockOp, ...]
-
-    def independent(self, other: Footprint) -> bool:
-        """Two transitions of different threads commute: neither changed shared
-        data (each read everything, so each would see the same state in the
-        other order) and their lock operations commute (different locks, or
-        both on the shared side)."""
-        if self.writes or other.writes:
-            return False
-        for a in self.locks:
-            for b in other.locks:
-                if a.name == b.name and not (a.shared and b.shared):
-                    return False
-        return True
-
-
 class LockProtocolError(Exception):
     """An operation released a lock it did not hold (a model bug)."""
 
