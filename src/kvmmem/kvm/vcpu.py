@@ -97,6 +97,7 @@ class Vcpu:
     path: str = "native"
     tlb: dict[int, TlbEntry] = field(default_factory=dict)
     page_shift: int = field(default=12, init=False)
+    page_size: int = field(default=4096, init=False)
     _last_used_slot: tuple[MemslotSet, int, MemorySlot] | None = field(
         default=None, init=False, repr=False, compare=False)
     """``vcpu->last_used_slot`` with the set and generation it was found in
@@ -116,6 +117,7 @@ class Vcpu:
 
     def __post_init__(self) -> None:
         self.page_shift = self.vm.pg.page_shift
+        self.page_size = self.vm.pg.page_size
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -185,10 +187,10 @@ class Vcpu:
         entering the operation machinery (what the hardware does on a hit), unless a
         pending request stops the entry (the dirty ring's soft-full exit)."""
         ring = self.dirty_ring
-        shift = self.page_shift
-        if (path or self.path) == "native" and (gpa & ((1 << shift) - 1)) + size <= 1 << shift \
+        page_size = self.page_size
+        if (path or self.path) == "native" and (gpa & (page_size - 1)) + size <= page_size \
                 and (ring is None or not ring.soft_full_request):
-            entry = self.tlb.get(gpa >> shift)
+            entry = self.tlb.get(gpa >> self.page_shift)
             if entry is not None and (access is Access.READ or (
                     entry.writable if access is Access.WRITE else entry.executable)):
                 return self.vm.touch_frame(entry.pfn, gpa, size, access, value)
@@ -206,7 +208,7 @@ class Vcpu:
         if emulated and not vm.arch.has_emulated_path:
             raise InputError(f"path: the emulated access path is x86's instruction emulator; "
                              f"{vm.arch_name} has none (use path: native)")
-        page_size = 1 << self.page_shift
+        page_size = self.page_size
         if not emulated and not vm.arch.emulates_page_crossing \
                 and (gpa & (page_size - 1)) + size > page_size:
             return (yield from self._whole_access_op(gpa, size, access, value))
@@ -253,7 +255,7 @@ class Vcpu:
         instruction).  Seen on real arm64 6.1, 6.12, 7.3 and riscv 6.12, 7.2
         (``selftest-readonly-mem``, ``row-no-slot-mmio``)."""
         vm = self.vm
-        frags = _page_fragments(gpa, size, 1 << self.page_shift)
+        frags = _page_fragments(gpa, size, self.page_size)
         data = value & ((1 << (8 * size)) - 1)
         for _ in range(MAX_FAULT_RETRIES):
             for frag_gpa, frag_len, _off in frags:

@@ -139,6 +139,8 @@ class Vm:
         self.mm = mm if mm is not None else Mm()
         self.pg: PageGeometry = self.mm.pg
         """The host's page geometry, the mm's (``PAGE_SIZE``, ``PMD_SIZE``, ...)."""
+        self.page_shift = self.pg.page_shift
+        self.page_size = self.pg.page_size
         check_page_size(arch, self.pg, granule)
         # The host kernel is the variant's release too (host mm history), on this
         # architecture's CPU.
@@ -321,7 +323,7 @@ class Vm:
         does around it (arm64's permission relaxing, x86's ``kvmmmu`` tracepoints) is
         in its fault path."""
         base_gpa = gpa & ~(size - 1)
-        base_pfn = pfn - ((gpa - base_gpa) >> self.pg.page_shift)
+        base_pfn = pfn - ((gpa - base_gpa) >> self.page_shift)
         self.stage2.map(base_gpa, base_pfn, size, read=True, write=write, execute=execute,
                         device=device, prefetch=prefetch, lookup=lookup, attr=attr)
         if access is not None:
@@ -331,7 +333,7 @@ class Vm:
     def touch_frame(self, pfn: int, gpa: int, size: int, access: Access, value: int
                     ) -> AccessResult:
         """Perform the access on host frame ``pfn`` (the memory the guest reaches)."""
-        offset = gpa & (self.pg.page_size - 1)
+        offset = gpa & (self.page_size - 1)
         pm = self.mm.physmem
         if access is Access.WRITE:
             pm.write_int(pfn, offset, size, value)
